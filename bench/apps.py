@@ -1,0 +1,41 @@
+"""The durable-tiers app that benchmark worker processes run (`bench.apps:retrier`)."""
+
+from __future__ import annotations
+
+import os
+from datetime import timedelta
+from functools import cache
+from typing import Any
+
+from retrier import Retrier
+
+
+def build(url: str, **options: Any) -> Retrier:
+    retrier = Retrier(url, poll_interval=timedelta(milliseconds=20), **options)
+
+    @retrier.action(name="noop")
+    async def noop() -> None:
+        return None
+
+    @retrier.action(name="noop_sync")
+    def noop_sync() -> None:
+        return None
+
+    @retrier.action(name="fail_once")
+    def fail_once(key: int, fail: bool) -> None:
+        if fail:
+            raise RuntimeError("fail once")
+
+    return retrier
+
+
+@cache
+def _from_env() -> Retrier:
+    concurrency = int(os.environ.get("TIERS_BENCH_C", "16"))
+    return build(os.environ["TIERS_BENCH_DB"], concurrency=concurrency)
+
+
+def __getattr__(name: str) -> Any:
+    if name == "retrier":
+        return _from_env()
+    raise AttributeError(name)

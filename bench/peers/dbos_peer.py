@@ -1,0 +1,162 @@
+"""DBOS Transact peer: queued workflows, sequential steps, step-retry backoff.
+
+DBOS runs workflows inside the application process (its standard mechanism: the
+process that calls ``DBOS.launch()`` dequeues from its queues in background threads),
+so there is no separate worker subprocess.  Backends: ``sqlite`` (file in a temp dir)
+and ``postgres`` (a fresh database, dropped afterwards).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import random
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+
+from dbos import DBOS, DBOSConfig
+
+from bench.peers import common
+from bench.peers.common import Args, JsonDict
+
+PEER = "dbos"
+QUEUE_NAME = "peers_bench"
+BACKENDS = ("sqlite", "postgres")
+HANDLE_POLL_S = 0.01
+
+_attempts: dict[str, int] = {}
+_marks: dict[tuple[str, str], float] = {}
+
+
+@DBOS.step()
+def noop_step() -> int:
+    return 1
+
+
+@DBOS.workflow()
+def noop_workflow() -> int:
+    return noop_step()
+
+
+@DBOS.workflow()
+def steps_workflow(count: int) -> int:
+    for _ in range(count):
+        noop_step()
+    return count
+
+
+@DBOS.step(
+    retries_allowed=True, interval_seconds=common.BACKOFF_DELAY_S, backoff_rate=1.0, max_attempts=3
+)
+def flaky_step(key: str) -> int:
+    now = time.time()
+    attempt = _attempts.get(key, 0) + 1
+    _attempts[key] = attempt
+    if attempt == 1:
+        _marks[("end1", key)] = time.time()
+        raise RuntimeError("planned first-attempt failure")
+    _marks.setdefault(("start2", key), now)
+    return attempt
+
+
+@DBOS.workflow()
+def backoff_workflow(key: str) -> int:
+    return flaky_step(key)
+
+
+# ------------------------------------------------------------------ lifecycle
+
+
+@contextlib.contextmanager
+def system_database(backend: str) -> Iterator[str]:
+    if backend == "sqlite":
+        with common.temp_dir("dbos") as tmp:
+            yield f"sqlite:///{tmp / 'dbos_sys.sqlite'}"
+    else:
+        with common.pg_database("bench_dbos") as url:
+            yield url
+
+
+@contextlib.contextmanager
+def launched(url: str) -> Iterator[None]:
+    config: DBOSConfig = {
+        "name": "peers-bench",
+        "system_database_url": url,
+        "log_level": "WARNING",
+        "executor_id": f"peers-bench-{uuid.uuid4().hex[:8]}",
+    }
+    DBOS(config=config)
+    try:
+        DBOS.launch()
+        yield
+    finally:
+        DBOS.destroy(destroy_registry=False)
+
+
+# ------------------------------------------------------------------ workloads
+
+
+def bench_noop(args: Args) -> JsonDict:
+    queue = DBOS.register_queue(
+        QUEUE_NAME, worker_concurrency=args.concurrency, polling_interval_sec=args.poll
+    )
+    # Warm-up: the queue manager starts a queue's worker thread up to ~1 s after
+    # registration; one job through the queue makes sure it is running.
+    queue.enqueue(noop_workflow).get_result(polling_interval_sec=HANDLE_POLL_S)
+    watch = common.Stopwatch()
+    handles = [queue.enqueue(noop_workflow) for _ in range(args.n)]
+    enqueue_s = watch.elapsed()
+    for handle in handles:
+        handle.get_result(polling_interval_sec=HANDLE_POLL_S)
+    out = common.throughput(args.n, watch.elapsed())
+    out.update(
+        enqueue_s=round(enqueue_s, 4),
+        concurrency=args.concurrency,
+        poll_s=args.poll,
+        limit="worker_concurrency",
+    )
+    return out
+
+
+def bench_steps(args: Args) -> JsonDict:
+    steps_workflow(1)  # warm-up (imports, connection pool)
+    watch = common.Stopwatch()
+    assert steps_workflow(args.n) == args.n
+    elapsed = watch.elapsed()
+    return {"elapsed_s": round(elapsed, 4), "ms_per_step": round(elapsed * 1000 / args.n, 3)}
+
+
+def bench_backoff(args: Args) -> JsonDict:
+    rng = random.Random(1234)
+    keys = [f"s{i}" for i in range(args.n)]
+    for key in keys:
+        common.sample_gap(rng, args.gap)
+        backoff_workflow(key)
+    lateness = common.backoff_lateness(_marks, keys)
+    out = common.lateness_summary(lateness)
+    out.update(
+        delay_s=common.BACKOFF_DELAY_S,
+        mechanism="@DBOS.step(retries_allowed, interval_seconds=0.25, backoff_rate=1)",
+    )
+    return out
+
+
+WORKLOADS = {"noop": bench_noop, "steps": bench_steps, "backoff": bench_backoff}
+
+
+def bench(args: Args) -> JsonDict:
+    if args.backend not in BACKENDS:
+        return common.unsupported(PEER, args, f"backend must be one of {BACKENDS}")
+    result = common.base_result(PEER, args, "dbos")
+    with system_database(args.backend) as url, launched(url):
+        result.update(WORKLOADS[args.workload](args))
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    return common.run_main(PEER, "sqlite", bench, argv=argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,100 @@
+"""Workflow benchmarks: per-step overhead and concurrent workflow throughput.
+
+    python -m bench.workflow                        # SQLite and PostgreSQL
+    python -m bench.workflow --db sqlite --steps 1000 --workflows 1000
+
+1. One workflow of N sequential no-op steps (default 1,000): ms per step, measured
+   from start to completion through an in-process worker.
+2. M concurrent 5-step workflows (default 1,000): workflows per second.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import time
+import uuid
+
+from bench.throughput import fresh_database
+from retrier import Retrier
+from workflow import WorkflowContext, WorkflowManager
+from workpool import Workpool
+
+
+def build(url: str) -> tuple[Retrier, WorkflowManager]:
+    retrier = Retrier(url, concurrency=64)
+    pool = Workpool(retrier, f"bench-{uuid.uuid4().hex[:6]}", max_parallelism=200)
+    workflows = WorkflowManager(pool)
+
+    @retrier.action(name="noop")
+    async def noop(i: int) -> int:
+        return i
+
+    @workflows.define(name="sequential")
+    async def sequential(ctx: WorkflowContext, n: int) -> int:
+        for i in range(n):
+            await ctx.step("s", noop, {"i": i})
+        return n
+
+    @workflows.define(name="five")
+    async def five(ctx: WorkflowContext) -> int:
+        for i in range(5):
+            await ctx.step("s", noop, {"i": i})
+        return 5
+
+    return retrier, workflows
+
+
+def bench_sequential(workflows: WorkflowManager, steps: int) -> float:
+    t = time.perf_counter()
+    wf_id = workflows.start("sequential", {"n": steps})
+    workflows.wait(wf_id, timeout=600)
+    return (time.perf_counter() - t) * 1000 / steps
+
+
+def bench_concurrent(workflows: WorkflowManager, count: int) -> float:
+    t = time.perf_counter()
+
+    async def start_all() -> list[str]:
+        return [await workflows.start_async("five") for _ in range(count)]
+
+    ids = asyncio.run(start_all())
+    for wf_id in ids:
+        workflows.wait(wf_id, timeout=600)
+    return count / (time.perf_counter() - t)
+
+
+def sequential_ms_per_step(kind: str, steps: int) -> float:
+    """ms per step of one workflow of `steps` sequential no-op steps, on a fresh database."""
+    with fresh_database(kind) as url:
+        retrier, workflows = build(url)
+        try:
+            with retrier:
+                bench_sequential(workflows, 50)  # warm up
+                return bench_sequential(workflows, steps)
+        finally:
+            retrier.close()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--db", choices=["sqlite", "postgresql", "both"], default="both")
+    parser.add_argument("--steps", type=int, default=1000)
+    parser.add_argument("--workflows", type=int, default=1000)
+    args = parser.parse_args()
+    kinds = ["sqlite", "postgresql"] if args.db == "both" else [args.db]
+    for kind in kinds:
+        with fresh_database(kind) as url:
+            retrier, workflows = build(url)
+            with retrier:
+                bench_sequential(workflows, 50)  # warm up
+                per_step = bench_sequential(workflows, args.steps)
+                print(f"{kind}: {args.steps} sequential no-op steps: {per_step:.3f} ms/step")
+                rate = bench_concurrent(workflows, args.workflows)
+                print(f"{kind}: {args.workflows} concurrent 5-step workflows: "
+                      f"{rate:.0f} workflows/s")
+            retrier.close()
+
+
+if __name__ == "__main__":
+    main()

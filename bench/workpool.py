@@ -1,0 +1,138 @@
+"""Workpool throughput and latency: 10,000 no-op items through a pool of 10.
+
+    python bench/workpool.py                 # SQLite and PostgreSQL, 1 and 4 workers
+    python bench/workpool.py --db sqlite --workers 1 --items 2000
+
+Workers are real processes (`python -m retrier worker bench.workpool_app:pool`).
+Two measurements per configuration:
+
+- backlog: all items enqueued in one `enqueue_batch`, then workers start; items/s is
+  items divided by the time from the first start to the last completion, read from
+  the engine's stamps (so process start-up is not counted);
+- trickle: with the workers idle and warm, items enqueued one by one at a steady
+  rate well below capacity; enqueue -> start latency (started_ms - created_ms) p50/p95.
+  (In a backlog the latency is just queueing time, which says nothing.)
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+from sqlalchemy import text
+
+ROOT = Path(__file__).resolve().parent.parent
+PG = os.environ.get("TIERS_TEST_PG", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
+
+
+def fresh_db(kind: str, tmp: Path) -> tuple[str, str | None]:
+    if kind == "sqlite":
+        return f"sqlite:///{tmp / f'bench-{uuid.uuid4().hex[:6]}.db'}", None
+    import psycopg
+
+    schema = f"bench_{uuid.uuid4().hex[:10]}"
+    with psycopg.connect(PG.replace("+psycopg", ""), autocommit=True) as conn:
+        conn.execute(f"CREATE SCHEMA {schema}")
+    return f"{PG}?options=-csearch_path%3D{schema}", schema
+
+
+def drop_db(schema: str | None) -> None:
+    if schema is None:
+        return
+    import psycopg
+
+    with psycopg.connect(PG.replace("+psycopg", ""), autocommit=True) as conn:
+        conn.execute(f"DROP SCHEMA {schema} CASCADE")
+
+
+def completed(engine, n_expected: int) -> int:  # type: ignore[no-untyped-def]
+    with engine.connect() as conn:
+        return int(conn.execute(
+            text("SELECT count(*) FROM tiers_runs WHERE state = 'completed'")).scalar() or 0)
+
+
+def start_workers(url: str, n: int) -> list[subprocess.Popen[bytes]]:
+    env = {**os.environ, "BENCH_DB_URL": url, "TIERS_LOG_LEVEL": "ERROR"}
+    cmd = [sys.executable, "-m", "retrier", "worker", "bench.workpool_app:pool"]
+    return [subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL) for _ in range(n)]
+
+
+def stop(procs: list[subprocess.Popen[bytes]]) -> None:
+    for p in procs:
+        p.terminate()
+    for p in procs:
+        p.wait(timeout=30)
+
+
+def pct(values: list[float], q: float) -> float:
+    return statistics.quantiles(values, n=100)[int(q) - 1] if len(values) > 1 else values[0]
+
+
+def run(kind: str, workers: int, items: int, trickle: int) -> dict[str, float]:
+    os.environ["BENCH_DB_URL"] = "sqlite:///unused.db"
+    with tempfile.TemporaryDirectory() as tmp:
+        url, schema = fresh_db(kind, Path(tmp))
+        try:
+            os.environ["BENCH_DB_URL"] = url
+            sys.path.insert(0, str(ROOT))
+            import importlib
+
+            import bench.workpool_app as app
+
+            app = importlib.reload(app)
+            t = time.perf_counter()
+            app.pool.enqueue_batch([("noop", {"i": i}) for i in range(items)])
+            enqueue_s = time.perf_counter() - t
+            procs = start_workers(url, workers)
+            try:
+                while completed(app.retrier.engine, items) < items:
+                    time.sleep(0.05)
+                with app.retrier.engine.connect() as conn:
+                    first, last = conn.execute(text(
+                        "SELECT min(a.started_ms), max(r.finished_ms) FROM tiers_runs r "
+                        "JOIN tiers_attempts a ON a.run_id = r.id")).one()
+                rate = items / max((last - first) / 1000, 1e-3)
+                # trickle: idle, warm workers; one item every 5 ms
+                ids = []
+                for i in range(trickle):
+                    ids.append(app.pool.enqueue("noop", {"i": i}))
+                    time.sleep(0.005)
+                while completed(app.retrier.engine, items + trickle) < items + trickle:
+                    time.sleep(0.05)
+                rows = app.retrier.store.get_many(ids).values()
+                lat = [float(r.started_ms - r.created_ms) for r in rows if r.started_ms]
+            finally:
+                stop(procs)
+            app.retrier.close()
+            return {"enqueue_s": enqueue_s, "items_per_s": rate,
+                    "p50_ms": pct(lat, 50), "p95_ms": pct(lat, 95)}
+        finally:
+            drop_db(schema)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--db", choices=["sqlite", "postgresql", "both"], default="both")
+    parser.add_argument("--workers", type=int, nargs="*", default=[1, 4])
+    parser.add_argument("--items", type=int, default=10_000)
+    parser.add_argument("--trickle", type=int, default=300)
+    args = parser.parse_args()
+    kinds = ["sqlite", "postgresql"] if args.db == "both" else [args.db]
+    print(f"{args.items} no-op items, pool of 10; latency from {args.trickle} trickled items")
+    print(f"{'db':<11}{'workers':>8}{'enqueue s':>11}{'items/s':>10}{'p50 ms':>9}{'p95 ms':>9}")
+    for kind in kinds:
+        for n in args.workers:
+            r = run(kind, n, args.items, args.trickle)
+            print(f"{kind:<11}{n:>8}{r['enqueue_s']:>11.2f}{r['items_per_s']:>10.0f}"
+                  f"{r['p50_ms']:>9.1f}{r['p95_ms']:>9.1f}", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,64 @@
+"""durable-tiers, tier 1: durable retries of actions with exponential backoff.
+
+The engine the higher tiers build on lives here too: the store (`_store`, with
+`_dialects` for SQLite and PostgreSQL), the registry (`_registry`), the worker
+(`_worker`) and its timers (`_timers`).
+"""
+
+from __future__ import annotations
+
+from ._clock import Clock, FakeClock, SystemClock
+from ._errors import (
+    DuplicateRegistration,
+    InvalidArguments,
+    InvalidDatabaseURL,
+    InvalidSettings,
+    NonRetryableError,
+    RetryAfter,
+    RunNotFinished,
+    RunNotFound,
+    SchemaTooNew,
+    TiersError,
+    UnregisteredFunction,
+    WaitTimeout,
+)
+from ._policy import RetryPolicy
+from ._results import (
+    Canceled,
+    Completed,
+    Failed,
+    InProgress,
+    RunResult,
+    RunStatus,
+    Success,
+)
+from ._retrier import Retrier
+from ._worker import Worker
+
+__all__ = [
+    "Canceled",
+    "Clock",
+    "Completed",
+    "DuplicateRegistration",
+    "Failed",
+    "FakeClock",
+    "InProgress",
+    "InvalidArguments",
+    "InvalidDatabaseURL",
+    "InvalidSettings",
+    "NonRetryableError",
+    "Retrier",
+    "RetryAfter",
+    "RetryPolicy",
+    "RunNotFinished",
+    "RunNotFound",
+    "RunResult",
+    "RunStatus",
+    "SchemaTooNew",
+    "Success",
+    "SystemClock",
+    "TiersError",
+    "UnregisteredFunction",
+    "WaitTimeout",
+    "Worker",
+]

@@ -1,0 +1,5 @@
+"""`python -m retrier` is the `tiers` command."""
+
+from ._cli import main
+
+main()

@@ -1,0 +1,239 @@
+"""The `tiers` command line: workers and a look at stored runs.
+
+Higher tiers add their own command groups (`pools`, `workflows`) through the
+`tiers.cli` entry-point group, so this module never imports them.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import signal
+import sys
+from datetime import timedelta
+from importlib.metadata import entry_points
+from typing import Any
+
+import anyio
+import click
+from rich.console import Console
+from rich.table import Column, Table
+
+from ._clock import SystemClock, ms_to_datetime
+from ._errors import TiersError
+from ._models import RunRow
+from ._retrier import Retrier
+from ._store import Store
+
+console = Console()
+# Status and errors go to stderr, so stdout carries only what was asked for.
+err_console = Console(stderr=True)
+
+
+def load_app(spec: str) -> Any:
+    """Import `module:attribute` (the current directory is importable, as for uvicorn)."""
+    if ":" not in spec:
+        raise click.BadParameter(f"expected module:attribute, got {spec!r}")
+    module_name, _, attr = spec.partition(":")
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise click.BadParameter(f"cannot import {module_name!r}: {exc}") from None
+    try:
+        return getattr(module, attr)
+    except AttributeError:
+        raise click.BadParameter(f"{module_name!r} has no attribute {attr!r}") from None
+
+
+def retrier_of(app: Any) -> Retrier:
+    """The Retrier behind a Retrier, Workpool or WorkflowManager object."""
+    for _ in range(3):
+        if isinstance(app, Retrier):
+            return app
+        app = getattr(app, "retrier", None)
+    raise click.BadParameter("the app object is not a Retrier, Workpool or WorkflowManager")
+
+
+class Context:
+    """What every subcommand needs: a way to reach the database."""
+
+    def __init__(self, db: str | None, app: str | None) -> None:
+        self._db = db
+        self._app = app
+        self._store: Store | None = None
+
+    def store(self) -> Store:
+        if self._store is None:
+            if self._app:
+                self._store = retrier_of(load_app(self._app)).store
+            elif self._db:
+                self._store = Store(self._db, SystemClock())
+            else:
+                raise click.UsageError(
+                    "say which database: --db URL (or TIERS_DATABASE_URL) or --app module:attr"
+                )
+        return self._store
+
+    def app(self) -> Any:
+        if not self._app:
+            raise click.UsageError("this command needs --app module:attr (or TIERS_APP)")
+        return load_app(self._app)
+
+
+@click.group()
+@click.option("--db", envvar="TIERS_DATABASE_URL", help="Database URL.")
+@click.option("--app", envvar="TIERS_APP", help="module:attribute of your Retrier.")
+@click.pass_context
+def main(ctx: click.Context, db: str | None, app: str | None) -> None:
+    """durable-tiers: durable retries, workpools and workflows."""
+    ctx.obj = Context(db, app)
+
+
+@main.command()
+@click.argument("app")
+@click.option("--concurrency", type=click.IntRange(min=1), help="Runs executed at once.")
+@click.option("--lease", type=click.FloatRange(min=0.3), help="Lease length in seconds.")
+@click.option("--poll", type=click.FloatRange(min=0.01), help="Poll interval in seconds.")
+def worker(app: str, concurrency: int | None, lease: float | None, poll: float | None) -> None:
+    """Run a worker for APP (module:attribute) until SIGINT or SIGTERM."""
+    retrier = retrier_of(load_app(app))
+    options: dict[str, Any] = {}
+    if concurrency:
+        options["concurrency"] = concurrency
+    if lease:
+        options["lease"] = timedelta(seconds=lease)
+    if poll:
+        options["poll_interval"] = timedelta(seconds=poll)
+    the_worker = retrier.worker(**options)
+
+    async def serve() -> None:
+        async with anyio.create_task_group() as tg:
+            await tg.start(the_worker.serve)
+            with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+                async for _ in signals:
+                    if the_worker.stopping:
+                        err_console.print("second signal: exiting now")
+                        os._exit(1)
+                    err_console.print("stopping: finishing running work (signal again to force)")
+                    the_worker.stop()
+                    break
+
+    anyio.run(serve)
+
+
+@main.group()
+def runs() -> None:
+    """Inspect and manage stored runs."""
+
+
+@runs.command("list")
+@click.option("--state", type=click.Choice(["pending", "running", "delivering", "finishing",
+                                            "completed"]))
+@click.option("--fn", "fn", help="Only runs of this function name.")
+@click.option("--limit", default=50, show_default=True)
+@click.pass_obj
+def runs_list(obj: Context, state: str | None, fn: str | None, limit: int) -> None:
+    """The most recent runs, newest first."""
+    rows = obj.store().list_runs(state=state, fn=fn, limit=limit)
+    table = Table(Column("id", no_wrap=True, min_width=32), "function", "state", "outcome",
+                  "attempts", Column("created", no_wrap=True), "error")
+    for row in rows:
+        table.add_row(
+            row.id, row.fn, _state(row), row.outcome or "", str(row.attempts),
+            _when(row.created_ms), _short(row.error),
+        )
+    console.print(table)
+    console.print(f"{len(rows)} run(s)")
+
+
+@runs.command("show")
+@click.argument("run_id")
+@click.pass_obj
+def runs_show(obj: Context, run_id: str) -> None:
+    """One run, with every attempt."""
+    store = obj.store()
+    row = _or_exit(store.get, run_id)
+    info = Table(Column(no_wrap=True), Column(overflow="fold"), show_header=False)
+    for name, value in [
+        ("id", row.id), ("function", row.fn), ("state", _state(row)),
+        ("outcome", row.outcome or ""), ("args", str(row.args)),
+        ("result", "" if row.result is None else str(row.result)),
+        ("error", row.error or ""), ("queue", row.queue or "(retrier)"),
+        ("attempts", str(row.attempts)), ("failures", f"{row.failures} of {row.max_failures}"),
+        ("next due", _when(row.due_ms) if row.state == "pending" else ""),
+        ("on_complete", row.on_complete or ""), ("handler error", row.handler_error or ""),
+        ("created", _when(row.created_ms)), ("finished", _when(row.finished_ms)),
+    ]:
+        info.add_row(name, value)
+    console.print(info)
+    attempts = Table("#", "outcome", "started", "took", "worker", "error", title="attempts")
+    for a in store.attempts(run_id):
+        attempts.add_row(
+            str(a.number), a.outcome, _when(a.started_ms), f"{a.finished_ms - a.started_ms} ms",
+            a.worker or "", a.error or "",
+        )
+    console.print(attempts)
+
+
+@runs.command("cancel")
+@click.argument("run_id")
+@click.pass_obj
+def runs_cancel(obj: Context, run_id: str) -> None:
+    """Cancel a pending or running run."""
+    changed = _or_exit(obj.store().cancel, run_id)
+    console.print("canceled" if changed else "already finished; nothing to cancel")
+
+
+@runs.command("cleanup")
+@click.argument("run_ids", nargs=-1)
+@click.option("--older-than", type=float, default=7.0, show_default=True,
+              help="Days since completion (when no RUN_IDS are given).")
+@click.pass_obj
+def runs_cleanup(obj: Context, run_ids: tuple[str, ...], older_than: float) -> None:
+    """Delete finished runs: the given ones, or all completed longer ago than --older-than."""
+    store = obj.store()
+    if run_ids:
+        for run_id in run_ids:
+            _or_exit(store.delete, run_id)
+        console.print(f"deleted {len(run_ids)} run(s)")
+        return
+    with err_console.status("deleting completed runs..."):
+        removed = store.purge_completed(int(older_than * 86_400_000))
+    console.print(f"deleted {removed} run(s) completed more than {older_than:g} day(s) ago")
+
+
+def _or_exit(fn: Any, *args: Any) -> Any:
+    try:
+        return fn(*args)
+    except TiersError as exc:
+        err_console.print(f"[red]error:[/red] {exc}")
+        raise SystemExit(1) from None
+
+
+def _state(row: RunRow) -> str:
+    return f"{row.state} (cancel requested)" if row.cancel_requested else row.state
+
+
+def _when(ms: int | None) -> str:
+    return "" if ms is None else ms_to_datetime(ms).strftime("%Y-%m-%d %H:%M:%S.%f")[:-3]
+
+
+def _short(text: str | None, width: int = 60) -> str:
+    if not text:
+        return ""
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def _load_plugins() -> None:
+    for ep in entry_points(group="tiers.cli"):
+        try:
+            main.add_command(ep.load(), ep.name)
+        except Exception as exc:  # a broken plugin must not take the CLI down
+            err_console.print(
+                f"[yellow]warning:[/yellow] cannot load tiers command {ep.name}: {exc}"
+            )
+
+
+_load_plugins()

@@ -1,0 +1,87 @@
+"""The library's exceptions: one root, one subclass per problem a user can act on."""
+
+from __future__ import annotations
+
+
+class TiersError(Exception):
+    """Root of every error raised by durable-tiers."""
+
+
+class RunNotFound(TiersError, LookupError):
+    """No run with this id is stored (it never existed, or it was cleaned up)."""
+
+    def __init__(self, run_id: str) -> None:
+        super().__init__(f"no run with id {run_id!r}")
+        self.run_id = run_id
+
+
+class RunNotFinished(TiersError):
+    """The run is still in progress, so its state cannot be cleaned up yet."""
+
+    def __init__(self, run_id: str) -> None:
+        super().__init__(f"run {run_id!r} has not finished; cancel it or wait for it first")
+        self.run_id = run_id
+
+
+class UnregisteredFunction(TiersError, LookupError):
+    """A function was used (or named by a stored row) that is not registered."""
+
+    def __init__(self, name: str, kind: str = "action") -> None:
+        super().__init__(
+            f"{kind} {name!r} is not registered; decorate it with @retrier.{kind} "
+            f"in the module the worker imports"
+        )
+        self.name = name
+
+
+class DuplicateRegistration(TiersError, ValueError):
+    """Two different functions were registered under one name."""
+
+
+class InvalidArguments(TiersError, ValueError):
+    """The arguments given for a function do not match its signature."""
+
+
+class InvalidSettings(TiersError, ValueError):
+    """A retry policy, pool setting or other option is negative or absurd."""
+
+
+class InvalidDatabaseURL(TiersError, ValueError):
+    """The database URL cannot be parsed or names an unsupported backend."""
+
+
+class SchemaTooNew(TiersError):
+    """The database was written by a newer durable-tiers than this one."""
+
+    def __init__(self, found: int, known: int) -> None:
+        super().__init__(
+            f"the database schema is version {found}, but this durable-tiers only knows "
+            f"versions up to {known}; upgrade durable-tiers before using this database"
+        )
+        self.found = found
+        self.known = known
+
+
+class WaitTimeout(TiersError, TimeoutError):
+    """`wait` gave up before the run completed."""
+
+    def __init__(self, run_id: str, timeout: float) -> None:
+        super().__init__(f"run {run_id!r} did not complete within {timeout:g} s")
+        self.run_id = run_id
+
+
+class NonRetryableError(Exception):
+    """Raise from an action to fail its run at once, without further retries."""
+
+
+class RetryAfter(Exception):
+    """Raise from an action to retry after `seconds` instead of the computed backoff.
+
+    The attempt still counts as a failure toward `max_failures`.
+    """
+
+    def __init__(self, seconds: float, message: str = "") -> None:
+        if seconds < 0:
+            raise InvalidSettings(f"RetryAfter needs a non-negative delay, got {seconds}")
+        super().__init__(message or f"retry after {seconds:g} s")
+        self.seconds = seconds

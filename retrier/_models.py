@@ -1,0 +1,162 @@
+"""The engine's tables. Times are integer epoch milliseconds: indexable, tz-free.
+
+A run moves through these states::
+
+    pending --claim--> running --outcome--> delivering --handler--> completed
+       ^                  |                                  (no on_complete: straight
+       +--retry (backoff)-+                                   to completed)
+
+`finishing` is a `delivering` run whose handler must be (re)tried by any worker:
+its worker died, or the handler raised.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import JSON, BigInteger, Column, Index, text
+from sqlmodel import Field, SQLModel
+
+SCHEMA_VERSION = 1
+
+PENDING = "pending"
+RUNNING = "running"
+DELIVERING = "delivering"
+FINISHING = "finishing"
+COMPLETED = "completed"
+
+SUCCESS = "success"
+FAILED = "failed"
+CANCELED = "canceled"
+
+CLAIMABLE = (PENDING, FINISHING)
+LEASED = (RUNNING, DELIVERING)
+
+
+class MetaRow(SQLModel, table=True):
+    """Key/value facts about the database itself, such as its schema version."""
+
+    __tablename__ = "tiers_meta"
+
+    key: str = Field(primary_key=True)
+    value: int
+
+
+class RunRow(SQLModel, table=True):
+    """One durable run of a registered action."""
+
+    __tablename__ = "tiers_runs"
+    # Indexes are partial where they can be, so each holds only the rows its query
+    # needs and stays small however many finished runs are stored. (Defined after the
+    # class, since the claim index needs a descending column.)
+
+    id: str = Field(primary_key=True, max_length=40)
+    fn: str = Field(max_length=200)
+    args: dict[str, Any] = Field(sa_column=Column(JSON, nullable=False))
+    state: str = Field(default=PENDING, max_length=16)
+    outcome: str | None = Field(default=None, max_length=16)
+    result: Any = Field(default=None, sa_column=Column(JSON, nullable=True))
+    error: str | None = None
+    attempts: int = 0
+    failures: int = 0
+    due_ms: int = Field(sa_type=BigInteger)
+    priority: int = 0
+    queue: str = Field(default="", max_length=200)
+    key: str | None = Field(default=None, max_length=200)
+    owner: str | None = Field(default=None, max_length=200)
+    lease_owner: str | None = Field(default=None, max_length=120)
+    lease_until_ms: int | None = Field(default=None, sa_type=BigInteger)
+    fence: int = 0
+    cancel_requested: bool = False
+    initial_backoff_ms: int = 250
+    base: float = 2.0
+    max_failures: int = 4
+    jitter: bool = False
+    max_backoff_ms: int = Field(default=3_600_000, sa_type=BigInteger)
+    on_complete: str | None = Field(default=None, max_length=200)
+    context: Any = Field(default=None, sa_column=Column(JSON, nullable=True))
+    handler_failures: int = 0
+    handler_error: str | None = None
+    created_ms: int = Field(sa_type=BigInteger)
+    started_ms: int | None = Field(default=None, sa_type=BigInteger)
+    finished_ms: int | None = Field(default=None, sa_type=BigInteger)
+
+
+_runs = RunRow.__table__  # type: ignore[attr-defined]
+# Claiming: the due runs in due order, then priority.
+Index(
+    "ix_tiers_runs_claim",
+    _runs.c.due_ms,
+    _runs.c.priority.desc(),
+    sqlite_where=text("state IN ('pending', 'finishing')"),
+    postgresql_where=text("state IN ('pending', 'finishing')"),
+)
+# Per-queue and per-key running counts, for pool limits.
+Index(
+    "ix_tiers_runs_running",
+    _runs.c.queue,
+    _runs.c.key,
+    sqlite_where=text("state = 'running'"),
+    postgresql_where=text("state = 'running'"),
+)
+# Lease reaping.
+Index(
+    "ix_tiers_runs_leased",
+    _runs.c.lease_until_ms,
+    sqlite_where=text("state IN ('running', 'delivering')"),
+    postgresql_where=text("state IN ('running', 'delivering')"),
+)
+# Retention.
+Index(
+    "ix_tiers_runs_finished",
+    _runs.c.finished_ms,
+    sqlite_where=text("state = 'completed'"),
+    postgresql_where=text("state = 'completed'"),
+)
+# Listing, newest first; and the runs of one owner (a workflow's steps).
+Index("ix_tiers_runs_created", _runs.c.created_ms)
+Index("ix_tiers_runs_owner", _runs.c.owner)
+
+
+class AttemptRow(SQLModel, table=True):
+    """One finished attempt of a run: when it ran, where, and how it ended."""
+
+    __tablename__ = "tiers_attempts"
+    __table_args__ = (
+        Index("ix_tiers_attempts_run", "run_id", "number"),
+        Index("ix_tiers_attempts_queue_started", "queue", "started_ms"),
+    )
+
+    id: int | None = Field(default=None, primary_key=True)
+    run_id: str = Field(max_length=40)
+    number: int
+    queue: str = Field(default="", max_length=200)
+    worker: str | None = Field(default=None, max_length=120)
+    started_ms: int = Field(sa_type=BigInteger)
+    finished_ms: int = Field(sa_type=BigInteger)
+    outcome: str = Field(max_length=16)  # success | failed | canceled | lost | released
+    error: str | None = None
+
+
+class QueueRow(SQLModel, table=True):
+    """Limits that every worker sharing the database enforces on one queue.
+
+    The retrier's own runs use the unlimited queue ''. Workpools are queues.
+    """
+
+    __tablename__ = "tiers_queues"
+
+    name: str = Field(primary_key=True, max_length=200)
+    max_parallelism: int | None = None
+    rate_limit: int | None = None
+    rate_period_ms: int | None = Field(default=None, sa_type=BigInteger)
+    max_per_key: int | None = None
+    updated_ms: int = Field(sa_type=BigInteger)
+
+
+ENGINE_TABLES = [
+    MetaRow.__table__,  # type: ignore[attr-defined]
+    RunRow.__table__,  # type: ignore[attr-defined]
+    AttemptRow.__table__,  # type: ignore[attr-defined]
+    QueueRow.__table__,  # type: ignore[attr-defined]
+]

@@ -1,0 +1,104 @@
+"""Retry policy: when the next attempt of a failing run is due."""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass
+from datetime import timedelta
+
+from ._errors import InvalidSettings
+
+_DAY_MS = 86_400_000
+
+
+@dataclass(frozen=True, slots=True)
+class RetryPolicy:
+    """Exponential backoff, as in Convex's action-retrier.
+
+    The delay before attempt k (k >= 2) is ``initial_backoff_ms * base ** (k - 2)``,
+    capped at ``max_backoff``; with the defaults: immediate, 250 ms, 500 ms, 1000 ms,
+    and the run fails after ``max_failures`` = 4 failed attempts. ``jitter=True``
+    multiplies each delay by a random factor in [0.5, 1.5).
+    """
+
+    initial_backoff_ms: int = 250
+    base: float = 2.0
+    max_failures: int = 4
+    jitter: bool = False
+    max_backoff: timedelta = timedelta(hours=1)
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.initial_backoff_ms <= _DAY_MS:
+            raise InvalidSettings(
+                f"initial_backoff_ms must be between 0 and {_DAY_MS} (one day), "
+                f"got {self.initial_backoff_ms}"
+            )
+        if not 1 <= self.base <= 100:
+            raise InvalidSettings(f"base must be between 1 and 100, got {self.base}")
+        if not 1 <= self.max_failures <= 1000:
+            raise InvalidSettings(
+                f"max_failures must be between 1 and 1000, got {self.max_failures}"
+            )
+        if not timedelta(0) <= self.max_backoff <= timedelta(days=30):
+            raise InvalidSettings(
+                f"max_backoff must be between 0 and 30 days, got {self.max_backoff}"
+            )
+
+    @property
+    def max_backoff_ms(self) -> int:
+        return int(self.max_backoff / timedelta(milliseconds=1))
+
+    def delay_ms(self, failures: int, rng: random.Random | None = None) -> int:
+        """Delay after the `failures`-th failure, before the next attempt."""
+        return backoff_ms(
+            failures,
+            self.initial_backoff_ms,
+            self.base,
+            self.max_backoff_ms,
+            self.jitter,
+            rng,
+        )
+
+    def with_overrides(
+        self,
+        *,
+        initial_backoff_ms: int | None = None,
+        base: float | None = None,
+        max_failures: int | None = None,
+        jitter: bool | None = None,
+        max_backoff: timedelta | None = None,
+    ) -> RetryPolicy:
+        """A copy with the given settings replaced (None keeps the current one)."""
+        return RetryPolicy(
+            initial_backoff_ms=self.initial_backoff_ms
+            if initial_backoff_ms is None
+            else initial_backoff_ms,
+            base=self.base if base is None else base,
+            max_failures=self.max_failures if max_failures is None else max_failures,
+            jitter=self.jitter if jitter is None else jitter,
+            max_backoff=self.max_backoff if max_backoff is None else max_backoff,
+        )
+
+
+def backoff_ms(
+    failures: int,
+    initial_backoff_ms: int,
+    base: float,
+    max_backoff_ms: int,
+    jitter: bool,
+    rng: random.Random | None = None,
+) -> int:
+    """The stored-row form of `RetryPolicy.delay_ms`, safe against overflow."""
+    if failures < 1:
+        return 0
+    exponent = failures - 1
+    # base ** exponent overflows floats for large exponents; the cap wins long before.
+    if base > 1 and exponent * math.log2(base) > 64:
+        delay = float(max_backoff_ms)
+    else:
+        delay = min(initial_backoff_ms * base**exponent, float(max_backoff_ms))
+    if jitter:
+        delay *= (rng or random).uniform(0.5, 1.5)
+    return int(delay)
+

@@ -1,0 +1,195 @@
+"""The registry of actions and completion handlers of one Retrier.
+
+Functions are stored by name in run rows; a worker executes only names registered
+here, so a row can never make a worker import or call anything else.
+"""
+
+from __future__ import annotations
+
+import inspect
+import typing
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import pydantic
+from pydantic import BaseModel, ConfigDict, TypeAdapter
+from pydantic_core import PydanticSerializationError
+
+from ._errors import DuplicateRegistration, InvalidArguments, UnregisteredFunction
+
+Fn = Callable[..., Any]
+
+
+class ResultNotSerializable(TypeError):
+    """An action returned a value that cannot be stored as JSON."""
+
+
+@dataclass(frozen=True, slots=True)
+class Registered:
+    """A registered function with what is needed to validate and call it."""
+
+    name: str
+    fn: Fn
+    is_async: bool
+    args_model: type[BaseModel]
+    result_adapter: TypeAdapter[Any]
+    takes_session: bool
+
+    def validate_args(self, args: dict[str, Any] | None) -> dict[str, Any]:
+        """Validate `args` against the signature; return their JSON form for storage."""
+        if args is not None and not isinstance(args, dict):
+            raise InvalidArguments(
+                f"arguments for {self.name!r} must be a dict of parameter names, "
+                f"got {type(args).__name__}"
+            )
+        try:
+            model = self.args_model.model_validate(args or {})
+        except pydantic.ValidationError as exc:
+            raise InvalidArguments(f"invalid arguments for {self.name!r}: {exc}") from None
+        dumped: dict[str, Any] = model.model_dump(mode="json")
+        return dumped
+
+    def decode_args(self, stored: dict[str, Any]) -> dict[str, Any]:
+        """Typed keyword arguments from their stored JSON form."""
+        model = self.args_model.model_validate(stored)
+        return {name: getattr(model, name) for name in type(model).model_fields}
+
+    def encode_result(self, value: Any) -> Any:
+        try:
+            return self.result_adapter.dump_python(value, mode="json")
+        except (PydanticSerializationError, ValueError, TypeError) as exc:
+            raise ResultNotSerializable(
+                f"the result of {self.name!r} is not JSON-serializable: {exc}"
+            ) from None
+
+    def decode_result(self, stored: Any) -> Any:
+        try:
+            return self.result_adapter.validate_python(stored)
+        except pydantic.ValidationError:
+            return stored
+
+
+def arguments_model(fn: Fn, name: str, skip: int = 0) -> type[BaseModel]:
+    """A pydantic model of `fn`'s parameters (after the first `skip` ones)."""
+    signature = inspect.signature(fn)
+    hints = _type_hints(fn)
+    fields: dict[str, Any] = {}
+    for param in list(signature.parameters.values())[skip:]:
+        if param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD):
+            raise InvalidArguments(
+                f"{name!r} takes *args or **kwargs; registered functions take named "
+                f"parameters only"
+            )
+        if param.kind is param.POSITIONAL_ONLY:
+            raise InvalidArguments(f"{name!r} has positional-only parameters")
+        annotation = hints.get(param.name, Any)
+        default = ... if param.default is param.empty else param.default
+        fields[param.name] = (annotation, default)
+    model: type[BaseModel] = pydantic.create_model(
+        f"{name}_args",
+        __config__=ConfigDict(extra="forbid", arbitrary_types_allowed=False),
+        **fields,
+    )
+    return model
+
+
+def describe(fn: Fn, name: str, skip: int = 0) -> Registered:
+    """`fn` with its arguments model (after the first `skip` parameters) and result
+    adapter: what validating, calling and storing it needs."""
+    return Registered(
+        name=name,
+        fn=fn,
+        is_async=inspect.iscoroutinefunction(fn),
+        args_model=arguments_model(fn, name, skip),
+        result_adapter=TypeAdapter(return_hint(fn)),
+        takes_session=False,
+    )
+
+
+def return_hint(fn: Fn) -> Any:
+    """The return annotation of `fn`, resolved (Any if it has none)."""
+    return _type_hints(fn).get("return", Any)
+
+
+def default_name(fn: Fn) -> str:
+    """The name a function is registered under unless given one: its qualified name,
+    without the `outer.<locals>.` part of a function defined inside another."""
+    qualname = str(getattr(fn, "__qualname__", None) or getattr(fn, "__name__", repr(fn)))
+    return qualname.rpartition("<locals>.")[2]
+
+
+def _type_hints(fn: Fn) -> dict[str, Any]:
+    try:
+        return typing.get_type_hints(fn)
+    except Exception:  # unresolvable forward references: fall back to Any
+        return {}
+
+
+class Registry:
+    """Names to functions, for actions and for completion handlers."""
+
+    def __init__(self) -> None:
+        self._actions: dict[str, Registered] = {}
+        self._handlers: dict[str, Registered] = {}
+        self._names: dict[Fn, str] = {}
+
+    def add_action(self, fn: Fn, name: str | None = None) -> Registered:
+        reg = describe(fn, name or default_name(fn))
+        self._add(self._actions, reg, "action")
+        return reg
+
+    def add_handler(self, fn: Fn, name: str | None = None) -> Registered:
+        name = name or default_name(fn)
+        params = inspect.signature(fn).parameters
+        takes_session = "session" in params
+        is_async = inspect.iscoroutinefunction(fn)
+        if takes_session and is_async:
+            raise InvalidArguments(
+                f"on_complete handler {name!r} takes a session, so it must be a plain "
+                f"'def': its writes commit in the worker's own transaction"
+            )
+        if len([p for p in params if p != "session"]) != 3:
+            raise InvalidArguments(
+                f"on_complete handler {name!r} must take (run_id, result, context"
+                f"[, session]), got ({', '.join(params)})"
+            )
+        reg = Registered(
+            name=name,
+            fn=fn,
+            is_async=is_async,
+            args_model=BaseModel,
+            result_adapter=TypeAdapter(Any),
+            takes_session=takes_session,
+        )
+        self._add(self._handlers, reg, "on_complete")
+        return reg
+
+    def _add(self, table: dict[str, Registered], reg: Registered, kind: str) -> None:
+        existing = table.get(reg.name)
+        if existing is not None and existing.fn is not reg.fn:
+            raise DuplicateRegistration(
+                f"another {kind} is already registered as {reg.name!r}; "
+                f"pass name=... to register this one under a different name"
+            )
+        table[reg.name] = reg
+        self._names[reg.fn] = reg.name
+
+    def action(self, fn_or_name: Fn | str) -> Registered:
+        return self._lookup(self._actions, fn_or_name, "action")
+
+    def handler(self, fn_or_name: Fn | str) -> Registered:
+        return self._lookup(self._handlers, fn_or_name, "on_complete")
+
+    def has_action(self, name: str) -> bool:
+        return name in self._actions
+
+    def _lookup(self, table: dict[str, Registered], fn_or_name: Fn | str, kind: str) -> Registered:
+        if isinstance(fn_or_name, str):
+            name = fn_or_name
+        else:
+            name = self._names.get(fn_or_name) or default_name(fn_or_name)
+        reg = table.get(name)
+        if reg is None or (not isinstance(fn_or_name, str) and reg.fn is not fn_or_name):
+            raise UnregisteredFunction(name, kind)
+        return reg

@@ -1,0 +1,472 @@
+"""`Retrier`: tier 1's public API, and the engine the higher tiers build on."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future
+from contextlib import AbstractContextManager
+from datetime import datetime, timedelta
+from functools import partial
+from types import TracebackType
+from typing import Any, ParamSpec, TypeVar, overload
+
+import anyio
+import anyio.from_thread
+from sqlalchemy import Engine, event
+from sqlmodel import Session
+
+from ._clock import Clock, SystemClock, datetime_to_ms, to_ms
+from ._errors import InvalidSettings, RunNotFound, WaitTimeout
+from ._log import configure_logging
+from ._models import CANCELED, COMPLETED, FAILED, PENDING, RUNNING, SUCCESS, RunRow
+from ._policy import RetryPolicy
+from ._registry import Fn, Registry
+from ._results import Canceled, Completed, Failed, InProgress, RunResult, RunStatus, Success
+from ._store import NewRun, Store
+from ._worker import Worker
+
+log = logging.getLogger("tiers")
+
+P = ParamSpec("P")
+R = TypeVar("R")
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+class Retrier:
+    """Durable retries of actions, stored in SQLite or PostgreSQL.
+
+    >>> retrier = Retrier("sqlite:///tiers.db")
+    >>> @retrier.action
+    ... def send_email(to: str) -> dict: ...
+    >>> with retrier:                                   # an in-process worker
+    ...     run_id = retrier.run(send_email, {"to": "a@b.c"})
+    ...     retrier.wait(run_id, timeout=10)
+
+    Defaults follow Convex's action-retrier: first backoff 250 ms, base 2, and the
+    run fails after 4 failed attempts.
+    """
+
+    def __init__(
+        self,
+        url: str = "sqlite:///tiers.db",
+        *,
+        initial_backoff_ms: int = 250,
+        base: float = 2,
+        max_failures: int = 4,
+        jitter: bool = False,
+        max_backoff: timedelta = timedelta(hours=1),
+        retention: timedelta = timedelta(days=7),
+        concurrency: int = 16,
+        lease: timedelta = timedelta(seconds=30),
+        poll_interval: timedelta | None = None,
+        clock: Clock | None = None,
+    ) -> None:
+        configure_logging()
+        self.policy = RetryPolicy(
+            initial_backoff_ms=initial_backoff_ms,
+            base=base,
+            max_failures=max_failures,
+            jitter=jitter,
+            max_backoff=max_backoff,
+        )
+        if retention < timedelta(0):
+            raise InvalidSettings(f"retention must not be negative, got {retention}")
+        if lease < timedelta(milliseconds=300):
+            raise InvalidSettings(f"lease must be at least 300 ms, got {lease}")
+        self.retention = retention
+        self.concurrency = concurrency
+        self.lease = lease
+        self.clock: Clock = clock or SystemClock()
+        self.store = Store(url, self.clock)
+        if poll_interval is None:
+            # PostgreSQL pushes wake-ups; SQLite workers in other processes must poll.
+            poll_interval = timedelta(
+                seconds=1.0 if self.store.dialect.name == "postgresql" else 0.1
+            )
+        self.poll_interval = poll_interval
+        self.registry = Registry()
+        self._tables_ready = False
+        self._extra_tables: list[Any] = []
+        self._workers: list[Worker] = []
+        self._done = threading.Condition()
+        self._portal_cm: AbstractContextManager[anyio.from_thread.BlockingPortal] | None = None
+        self._serving: Future[None] | None = None
+        self._serving_worker: Worker | None = None
+        self._ensure_schema()
+
+    # -- schema and engine ------------------------------------------------------------
+
+    @property
+    def engine(self) -> Engine:
+        """The SQLAlchemy engine; use it for sessions whose writes enqueue runs."""
+        return self.store.engine
+
+    def session(self) -> Session:
+        """A new SQLModel session on this database (for `run(..., session=...)`)."""
+        return Session(self.store.engine)
+
+    def add_tables(self, tables: Sequence[Any]) -> None:
+        """Create a higher tier's tables alongside the engine's (idempotent)."""
+        self._extra_tables.extend(t for t in tables if t not in self._extra_tables)
+        self.store.create_schema(self._extra_tables)
+
+    def _ensure_schema(self) -> None:
+        self.store.create_schema(self._extra_tables)
+
+    def close(self) -> None:
+        """Release database connections."""
+        self.store.dispose()
+
+    # -- registration --------------------------------------------------------------------
+
+    @overload
+    def action(self, fn: F, /) -> F: ...
+    @overload
+    def action(self, fn: None = None, /, *, name: str | None = None) -> Callable[[F], F]: ...
+    def action(self, fn: F | None = None, /, *, name: str | None = None) -> F | Callable[[F], F]:
+        """Register an action (a `def` or `async def`) under a stable name.
+
+        The name defaults to the function's qualified name; pass `name=` to keep it
+        stable across renames. Stored runs refer to actions by this name only.
+        """
+
+        def register(f: F) -> F:
+            self.registry.add_action(f, name)
+            return f
+
+        return register(fn) if fn is not None else register
+
+    @overload
+    def on_complete(self, fn: F, /) -> F: ...
+    @overload
+    def on_complete(self, fn: None = None, /, *, name: str | None = None) -> Callable[[F], F]: ...
+    def on_complete(
+        self, fn: F | None = None, /, *, name: str | None = None
+    ) -> F | Callable[[F], F]:
+        """Register a completion handler `(run_id, result, context[, session])`.
+
+        It runs exactly once per run. If it declares `session`, its writes through that
+        session commit in the transaction that marks the completion delivered.
+        """
+
+        def register(f: F) -> F:
+            self.registry.add_handler(f, name)
+            return f
+
+        return register(fn) if fn is not None else register
+
+    # -- enqueue --------------------------------------------------------------------------
+
+    def run(
+        self,
+        fn: Fn | str,
+        args: dict[str, Any] | None = None,
+        *,
+        on_complete: Fn | str | None = None,
+        context: Any = None,
+        session: Session | None = None,
+        initial_backoff_ms: int | None = None,
+        base: float | None = None,
+        max_failures: int | None = None,
+        jitter: bool | None = None,
+        max_backoff: timedelta | None = None,
+    ) -> str:
+        """Start a durable run of a registered action now; returns its run id.
+
+        With `session=`, the run is written in that session's transaction and exists
+        only if the caller commits it.
+        """
+        policy = self.policy.with_overrides(
+            initial_backoff_ms=initial_backoff_ms,
+            base=base,
+            max_failures=max_failures,
+            jitter=jitter,
+            max_backoff=max_backoff,
+        )
+        new = self.prepare(
+            fn, args, on_complete=on_complete, context=context, policy=policy
+        )
+        self.submit([new], session=session)
+        return new.id
+
+    def run_at(
+        self, when: datetime, fn: Fn | str, args: dict[str, Any] | None = None, **options: Any
+    ) -> str:
+        """Like `run`, but the first attempt starts at `when` (a timezone-aware datetime)."""
+        return self._run_due(datetime_to_ms(when), fn, args, options)
+
+    def run_after(
+        self,
+        delay: timedelta | float,
+        fn: Fn | str,
+        args: dict[str, Any] | None = None,
+        **options: Any,
+    ) -> str:
+        """Like `run`, but the first attempt starts after `delay` (timedelta or seconds)."""
+        ms = to_ms(delay)
+        if ms < 0:
+            raise InvalidSettings(f"run_after needs a non-negative delay, got {delay}")
+        return self._run_due(self.clock.now_ms() + ms, fn, args, options)
+
+    def _run_due(
+        self, due_ms: int, fn: Fn | str, args: dict[str, Any] | None, options: dict[str, Any]
+    ) -> str:
+        session = options.pop("session", None)
+        on_complete = options.pop("on_complete", None)
+        context = options.pop("context", None)
+        policy = self.policy.with_overrides(**options)
+        new = self.prepare(
+            fn, args, on_complete=on_complete, context=context, policy=policy, due_ms=due_ms
+        )
+        self.submit([new], session=session)
+        return new.id
+
+    def prepare(
+        self,
+        fn: Fn | str,
+        args: dict[str, Any] | None,
+        *,
+        on_complete: Fn | str | None = None,
+        context: Any = None,
+        policy: RetryPolicy | None = None,
+        due_ms: int | None = None,
+        queue: str = "",
+        key: str | None = None,
+        owner: str | None = None,
+        priority: int = 0,
+        run_id: str | None = None,
+    ) -> NewRun:
+        """Validate a run and build its row, writing nothing. For higher tiers.
+
+        Raises `UnregisteredFunction` or `InvalidArguments` before anything is stored.
+        """
+        reg = self.registry.action(fn)
+        stored_args = reg.validate_args(args)
+        handler = self.registry.handler(on_complete).name if on_complete is not None else None
+        policy = policy or self.policy
+        return NewRun(
+            id=run_id or uuid.uuid4().hex,
+            fn=reg.name,
+            args=stored_args,
+            due_ms=self.clock.now_ms() if due_ms is None else due_ms,
+            initial_backoff_ms=policy.initial_backoff_ms,
+            base=policy.base,
+            max_failures=policy.max_failures,
+            jitter=policy.jitter,
+            max_backoff_ms=policy.max_backoff_ms,
+            queue=queue,
+            key=key,
+            owner=owner,
+            priority=priority,
+            on_complete=handler,
+            context=_json_context(context),
+        )
+
+    def submit(self, new: Sequence[NewRun], *, session: Session | None = None) -> None:
+        """Store prepared runs in one transaction (the caller's, if `session` is given)."""
+        if session is None:
+            self.store.insert_runs(new)
+            self.wake_workers()
+            return
+        self.store.insert_runs(new, conn=session.connection())
+        event.listen(session, "after_commit", lambda _s: self.wake_workers(), once=True)
+
+    # -- status, cancel, cleanup, wait --------------------------------------------------
+
+    def status(self, run_id: str) -> RunStatus:
+        """`InProgress()` or `Completed(result)`; raises `RunNotFound` for unknown ids."""
+        return self.status_of(self.store.get(run_id))
+
+    def status_of(self, row: RunRow) -> RunStatus:
+        """The status a stored run row stands for."""
+        if row.state in (PENDING, RUNNING):
+            return Completed(Canceled()) if row.cancel_requested else InProgress()
+        return Completed(self.result_of(row))
+
+    def result_of(self, row: RunRow) -> RunResult:
+        if row.outcome == SUCCESS:
+            value = row.result
+            if self.registry.has_action(row.fn):
+                value = self.registry.action(row.fn).decode_result(row.result)
+            return Success(value)
+        if row.outcome == FAILED:
+            return Failed(row.error or "failed")
+        if row.outcome == CANCELED or row.cancel_requested:
+            return Canceled()
+        raise AssertionError(f"run {row.id} in state {row.state} has no outcome")
+
+    def cancel(self, run_id: str) -> None:
+        """Cancel a run. Pending: canceled now. Running: best effort (an async action's
+        task is cancelled; a sync one finishes but its result is discarded). Either way
+        its status reads canceled at once. Finished runs are left as they are."""
+        if self.store.cancel(run_id):
+            for worker in list(self._workers):
+                worker.cancel_local(run_id)
+            self.wake_workers()
+
+    def cleanup(self, run_id: str) -> None:
+        """Delete a finished run's stored state. Raises `RunNotFinished` if it has not."""
+        self.store.delete(run_id)
+
+    def wait(self, run_id: str, timeout: float | None = None) -> Completed:
+        """Block until the run has completed and its on_complete has run.
+
+        Raises `WaitTimeout` (a `TimeoutError`) after `timeout` seconds.
+        """
+        self.wait_all([run_id], timeout=timeout)
+        status = self.status(run_id)
+        assert isinstance(status, Completed)
+        return status
+
+    def wait_all(self, run_ids: Sequence[str], timeout: float | None = None) -> None:
+        """Block until every run has completed (see `wait`)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        remaining = set(run_ids)
+        pause = 0.002
+        while True:
+            states = self.store.states(remaining)
+            for rid in remaining - states.keys():
+                raise RunNotFound(rid)
+            remaining = {rid for rid, state in states.items() if state != COMPLETED}
+            if not remaining:
+                return
+            now = time.monotonic()
+            if deadline is not None and now >= deadline:
+                raise WaitTimeout(next(iter(remaining)), timeout or 0)
+            limit = pause if deadline is None else min(pause, deadline - now)
+            with self._done:
+                self._done.wait(timeout=limit)
+            pause = min(pause * 2, 0.1)
+
+    def _runs_completed(self, _ids: list[str]) -> None:
+        with self._done:
+            self._done.notify_all()
+
+    # -- async twins ------------------------------------------------------------------
+
+    async def run_async(self, fn: Fn | str, args: dict[str, Any] | None = None, **kw: Any) -> str:
+        return await anyio.to_thread.run_sync(partial(self.run, fn, args, **kw))
+
+    async def run_at_async(
+        self, when: datetime, fn: Fn | str, args: dict[str, Any] | None = None, **kw: Any
+    ) -> str:
+        return await anyio.to_thread.run_sync(partial(self.run_at, when, fn, args, **kw))
+
+    async def run_after_async(
+        self, delay: timedelta | float, fn: Fn | str, args: dict[str, Any] | None = None,
+        **kw: Any,
+    ) -> str:
+        return await anyio.to_thread.run_sync(partial(self.run_after, delay, fn, args, **kw))
+
+    async def status_async(self, run_id: str) -> RunStatus:
+        return await anyio.to_thread.run_sync(self.status, run_id)
+
+    async def cancel_async(self, run_id: str) -> None:
+        await anyio.to_thread.run_sync(self.cancel, run_id)
+
+    async def cleanup_async(self, run_id: str) -> None:
+        await anyio.to_thread.run_sync(self.cleanup, run_id)
+
+    async def wait_async(
+        self,
+        run_id: str,
+        timeout: float | None = None,  # noqa: ASYNC109 - mirrors wait(run_id, timeout=...)
+    ) -> Completed:
+        return await anyio.to_thread.run_sync(
+            partial(self.wait, run_id, timeout), abandon_on_cancel=True
+        )
+
+    # -- workers ------------------------------------------------------------------------
+
+    def worker(self, **options: Any) -> Worker:
+        """A new worker for this retrier's database and registry (not yet started)."""
+        settings: dict[str, Any] = {
+            "concurrency": self.concurrency,
+            "lease": self.lease,
+            "poll_interval": self.poll_interval,
+            "retention": self.retention,
+        }
+        settings.update(options)
+        worker = Worker(
+            self.store, self.registry, on_completed=self._runs_completed, **settings
+        )
+        self._workers.append(worker)
+        return worker
+
+    def forget_worker(self, worker: Worker) -> None:
+        if worker in self._workers:
+            self._workers.remove(worker)
+
+    def wake_workers(self) -> None:
+        """Make this process's workers look for due work now (after a higher tier has
+        committed runs through its own connection)."""
+        for worker in list(self._workers):
+            worker.wake()
+
+
+    def __enter__(self) -> Retrier:
+        """Run an in-process worker on a background thread until the block exits."""
+        self._portal_cm = anyio.from_thread.start_blocking_portal()
+        portal = self._portal_cm.__enter__()
+        worker = self.worker()
+        self._serving, _ = portal.start_task(worker.serve)
+        self._serving_worker = worker
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        assert self._portal_cm is not None and self._serving is not None
+        worker = self._serving_worker
+        assert worker is not None
+        worker.stop()
+        try:
+            self._serving.result()
+        finally:
+            self.forget_worker(worker)
+            self._portal_cm.__exit__(None, None, None)
+            self._portal_cm = None
+            self._serving = None
+            self._serving_worker = None
+
+    async def __aenter__(self) -> Retrier:
+        """Run a worker as a task of the current event loop until the block exits."""
+        from contextlib import AsyncExitStack
+
+        stack = AsyncExitStack()
+        tg = await stack.enter_async_context(anyio.create_task_group())
+        worker = self.worker()
+        await tg.start(worker.serve)
+        stack.callback(self.forget_worker, worker)
+        stack.push_async_callback(_stop_worker, worker)
+        self._async_stack = stack
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self._async_stack.__aexit__(exc_type, exc, tb)
+
+
+async def _stop_worker(worker: Worker) -> None:
+    worker.stop()
+
+
+def _json_context(context: Any) -> Any:
+    import json
+
+    try:
+        json.dumps(context)
+    except (TypeError, ValueError) as exc:
+        raise InvalidSettings(f"context must be JSON-serializable: {exc}") from None
+    return context

@@ -1,0 +1,1265 @@
+"""The store: every read and write of run state, as short transactions.
+
+One class for both databases; what differs lives in `_dialects`. Hot paths use
+SQLAlchemy Core statements on the SQLModel tables and work in batches: one claim
+transaction takes many runs, one record transaction finishes many.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from sqlalchemy import (
+    BindParameter,
+    ColumnElement,
+    Connection,
+    Row,
+    Select,
+    Table,
+    and_,
+    bindparam,
+    delete,
+    func,
+    insert,
+    literal_column,
+    not_,
+    or_,
+    select,
+    update,
+)
+from sqlmodel import SQLModel
+
+from ._clock import Clock
+from ._dialects import CANCEL_CHANNEL, WAKE_CHANNEL, Dialect, open_dialect
+from ._errors import RunNotFinished, RunNotFound, SchemaTooNew
+from ._models import (
+    CANCELED,
+    CLAIMABLE,
+    COMPLETED,
+    DELIVERING,
+    ENGINE_TABLES,
+    FAILED,
+    FINISHING,
+    LEASED,
+    PENDING,
+    RUNNING,
+    SCHEMA_VERSION,
+    SUCCESS,
+    AttemptRow,
+    MetaRow,
+    QueueRow,
+    RunRow,
+)
+from ._policy import backoff_ms
+
+runs: Table = RunRow.__table__  # type: ignore[attr-defined]
+attempts_t: Table = AttemptRow.__table__  # type: ignore[attr-defined]
+queues_t: Table = QueueRow.__table__  # type: ignore[attr-defined]
+meta_t: Table = MetaRow.__table__  # type: ignore[attr-defined]
+
+# Fetch rounds of one claim; each round after the first follows a queue running out.
+_CLAIM_ROUNDS = 4
+
+# A handler that fails this many times is given up on; the run stays completed.
+MAX_HANDLER_FAILURES = 5
+
+# An on_complete run inside the transaction that records the completion: it gets the
+# transaction's connection (the worker wraps user handlers in a SQLModel Session).
+SessionHandler = Callable[["Finished", Connection], None]
+
+
+@dataclass(frozen=True, slots=True)
+class NewRun:
+    """A run to insert."""
+
+    id: str
+    fn: str
+    args: dict[str, Any]
+    due_ms: int
+    initial_backoff_ms: int
+    base: float
+    max_failures: int
+    jitter: bool
+    max_backoff_ms: int
+    queue: str = ""
+    key: str | None = None
+    owner: str | None = None
+    priority: int = 0
+    on_complete: str | None = None
+    context: Any = None
+
+
+@dataclass(frozen=True, slots=True)
+class Claimed:
+    """A run this worker now holds a lease on, to execute or to deliver."""
+
+    id: str
+    fn: str
+    args: dict[str, Any]
+    state: str  # RUNNING: execute the action; DELIVERING: run its on_complete
+    fence: int
+    attempts: int
+    failures: int
+    queue: str
+    owner: str | None
+    on_complete: str | None
+    context: Any
+    outcome: str | None
+    result: Any
+    error: str | None
+    started_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """How one attempt ended, as the worker saw it."""
+
+    run_id: str
+    fence: int
+    kind: str  # success | failure | fatal | canceled | released
+    started_ms: int
+    result: Any = None
+    error: str | None = None
+    retry_after_ms: int | None = None
+    handler_in_txn: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Finished:
+    """A run whose outcome is final and whose on_complete must now run."""
+
+    id: str
+    fn: str
+    fence: int
+    outcome: str
+    result: Any
+    error: str | None
+    on_complete: str
+    context: Any
+    queue: str
+    owner: str | None
+
+
+@dataclass(slots=True)
+class Recorded:
+    """What a record transaction did: what to deliver next, and what is done."""
+
+    to_deliver: list[Finished] = field(default_factory=list)
+    completed: list[str] = field(default_factory=list)
+    stale: list[str] = field(default_factory=list)
+    # Runs claimed in the same transaction, into the slots the outcomes freed.
+    claimed: list[Claimed] = field(default_factory=list)
+    wake_at_ms: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Heartbeat:
+    lost: set[str]
+    cancel_requested: set[str]
+
+
+@dataclass(frozen=True, slots=True)
+class QueueLimits:
+    name: str
+    max_parallelism: int | None = None
+    rate_limit: int | None = None
+    rate_period_ms: int | None = None
+    max_per_key: int | None = None
+
+
+_CLAIM_COLUMNS = (
+    runs.c.id,
+    runs.c.fn,
+    runs.c.args,
+    runs.c.state,
+    runs.c.fence,
+    runs.c.attempts,
+    runs.c.failures,
+    runs.c.queue,
+    runs.c.key,
+    runs.c.owner,
+    runs.c.on_complete,
+    runs.c.context,
+    runs.c.outcome,
+    runs.c.result,
+    runs.c.error,
+)
+
+# Columns a decision about a run's next state needs.
+_DECIDE_COLUMNS = (
+    runs.c.id,
+    runs.c.fn,
+    runs.c.fence,
+    runs.c.state,
+    runs.c.attempts,
+    runs.c.failures,
+    runs.c.max_failures,
+    runs.c.initial_backoff_ms,
+    runs.c.base,
+    runs.c.jitter,
+    runs.c.max_backoff_ms,
+    runs.c.cancel_requested,
+    runs.c.on_complete,
+    runs.c.context,
+    runs.c.queue,
+    runs.c.owner,
+    runs.c.started_ms,
+    runs.c.lease_owner,
+    runs.c.handler_failures,
+    runs.c.outcome,
+    runs.c.result,
+    runs.c.error,
+)
+
+# One statement shape for every state change of a leased run, so a batch of them
+# goes to the database as a single executemany.
+_SETTLE = (
+    update(runs)
+    .where(runs.c.id == bindparam("b_id"))
+    .values(
+        state=bindparam("b_state"),
+        outcome=bindparam("b_outcome"),
+        result=bindparam("b_result", type_=runs.c.result.type),
+        error=bindparam("b_error"),
+        failures=bindparam("b_failures"),
+        attempts=bindparam("b_attempts"),
+        due_ms=bindparam("b_due_ms"),
+        fence=bindparam("b_fence"),
+        lease_owner=bindparam("b_lease_owner"),
+        lease_until_ms=bindparam("b_lease_until_ms"),
+        finished_ms=bindparam("b_finished_ms"),
+        handler_failures=bindparam("b_handler_failures"),
+        handler_error=bindparam("b_handler_error"),
+    )
+)
+
+
+def in_state(*states: str) -> ColumnElement[bool]:
+    """`state IN ('a', 'b')` with the states as SQL literals, not bound parameters.
+
+    Partial indexes are defined on literal state predicates; a query can use one only
+    if the database can see that its own predicate implies the index's. With bound
+    parameters neither SQLite nor a generic PostgreSQL plan can, and claims would
+    scan every stored run.
+    """
+    literals: list[ColumnElement[Any]] = [literal_column(f"'{state}'") for state in states]
+    # SQLite matches `state = 'x'` to an index on `state = 'x'`, but not `state IN ('x')`.
+    return runs.c.state == literals[0] if len(literals) == 1 else runs.c.state.in_(literals)
+
+
+# Hot statements, built once: SQLAlchemy then skips construction and cache-key work.
+_IDS: BindParameter[Any] = bindparam("ids", expanding=True)
+_DUE_ORDERED = (
+    select(*_CLAIM_COLUMNS)
+    .where(in_state(*CLAIMABLE), runs.c.due_ms <= bindparam("now"))
+    .order_by(runs.c.due_ms, runs.c.priority.desc())
+)
+_DUE_CANDIDATES = _DUE_ORDERED.limit(bindparam("limit"))
+_NEXT_DUE_AFTER = select(func.min(runs.c.due_ms)).where(
+    in_state(*CLAIMABLE), runs.c.due_ms > bindparam("now")
+)
+_START_RUNS = (
+    update(runs)
+    .where(runs.c.id.in_(_IDS))
+    .values(
+        state=RUNNING,
+        fence=runs.c.fence + 1,
+        attempts=runs.c.attempts + 1,
+        lease_owner=bindparam("worker"),
+        lease_until_ms=bindparam("until"),
+        started_ms=bindparam("now"),
+    )
+)
+_START_DELIVERIES = (
+    update(runs)
+    .where(runs.c.id.in_(_IDS))
+    .values(
+        state=DELIVERING,
+        fence=runs.c.fence + 1,
+        lease_owner=bindparam("worker"),
+        lease_until_ms=bindparam("until"),
+    )
+)
+_ROWS_BY_ID = select(*_DECIDE_COLUMNS).where(runs.c.id.in_(_IDS))
+# One queue's limits with its running count, in one round trip.
+_QUEUE_WITH_RUNNING = select(
+    queues_t,
+    select(func.count())
+    .where(runs.c.queue == queues_t.c.name, in_state(RUNNING))
+    .scalar_subquery()
+    .label("running"),
+).where(queues_t.c.name == bindparam("queue"))
+
+
+class Store:
+    """All durable state of one database, for every tier."""
+
+    def __init__(self, url: str, clock: Clock) -> None:
+        self.url = url
+        self.clock = clock
+        self.dialect: Dialect = open_dialect(url)
+        self.engine = self.dialect.engine
+        self._rng = random.Random()
+        self._due_candidates = self.dialect.lock_for_claim(_DUE_CANDIDATES)
+        self._rows_by_id = self.dialect.lock_rows(_ROWS_BY_ID)
+        self._queue_with_running = self.dialect.lock_rows(_QUEUE_WITH_RUNNING)
+
+    # -- schema -----------------------------------------------------------------
+
+    def create_schema(self, extra_tables: Sequence[Table] = ()) -> None:
+        """Create missing tables; refuse a database written by a newer version."""
+        with self.dialect.write() as conn:
+            self.dialect.lock_schema(conn)
+            SQLModel.metadata.create_all(conn, tables=[*ENGINE_TABLES, *extra_tables])
+            self.dialect.create_extras(conn)
+            found = conn.execute(
+                select(meta_t.c.value).where(meta_t.c.key == "schema_version")
+            ).scalar()
+            if found is None:
+                conn.execute(insert(meta_t).values(key="schema_version", value=SCHEMA_VERSION))
+            elif found > SCHEMA_VERSION:
+                raise SchemaTooNew(found, SCHEMA_VERSION)
+
+    def dispose(self) -> None:
+        self.dialect.dispose()
+
+    def checked_out(self) -> int:
+        """Connections in use right now; zero once every transaction has ended."""
+        return self.dialect.checked_out()
+
+    # -- enqueue ------------------------------------------------------------------
+
+    def insert_runs(self, new: Sequence[NewRun], conn: Connection | None = None) -> None:
+        """Insert runs, in `conn`'s transaction if given, else in a transaction of our own."""
+        now = self.clock.now_ms()
+        rows = [_new_row(r, now) for r in new]
+        if not rows:
+            return
+        if conn is not None:
+            conn.execute(insert(runs), rows)
+            return
+        # Workers learn of new runs from the Retrier (same process), from a trigger's
+        # NOTIFY (PostgreSQL) or by polling (SQLite in other processes).
+        with self.dialect.write_one() if len(rows) == 1 else self.dialect.write() as own:
+            own.execute(insert(runs), rows)
+
+    def insert_running(
+        self, new: NewRun, worker: str, lease_ms: int, conn: Connection
+    ) -> Claimed | None:
+        """Insert `new` already claimed by `worker`, if its queue has room now.
+
+        For a caller that will execute the run itself at once (a workflow's fast
+        path): the run counts against its queue's limits like any claimed run, and
+        `None` means the queue is full, so nothing was written. The caller runs it
+        with `Worker.execute_claimed`.
+        """
+        now = self.clock.now_ms()
+        if new.queue and not self._queue_has_room(conn, new.queue, new.key):
+            return None
+        row = _new_row(new, now)
+        row.update(
+            state=RUNNING,
+            attempts=1,
+            fence=1,
+            lease_owner=worker,
+            lease_until_ms=now + lease_ms,
+            started_ms=now,
+            due_ms=now,
+        )
+        conn.execute(insert(runs), [row])
+        return Claimed(
+            id=new.id,
+            fn=new.fn,
+            args=new.args,
+            state=RUNNING,
+            fence=1,
+            attempts=1,
+            failures=0,
+            queue=new.queue,
+            owner=new.owner,
+            on_complete=new.on_complete,
+            context=new.context,
+            outcome=None,
+            result=None,
+            error=None,
+            started_ms=now,
+        )
+
+    def _queue_has_room(self, conn: Connection, queue: str, key: str | None) -> bool:
+        # Locks the queue's row as a claim does, so the two cannot both take its last slot.
+        lim = conn.execute(self._queue_with_running, {"queue": queue}).first()
+        if lim is None or (lim.rate_limit is None and lim.max_per_key is None):
+            return lim is None or lim.max_parallelism is None or lim.running < lim.max_parallelism
+        return _QueueBudget.load(conn, self.dialect, self.clock).take(queue, key)
+
+    def insert_finished(
+        self,
+        new: NewRun,
+        outcome: str,
+        conn: Connection,
+        *,
+        result: Any = None,
+        error: str | None = None,
+    ) -> None:
+        """Insert a run whose outcome is already known; only its on_complete is left.
+
+        Any worker delivers the on_complete (exactly once, as for any run). A higher
+        tier uses this to report an outcome it reached by itself, such as a workflow's.
+        """
+        now = self.clock.now_ms()
+        row = _new_row(new, now)
+        row.update(
+            state=FINISHING if new.on_complete else COMPLETED,
+            outcome=outcome,
+            result=result,
+            error=error,
+            finished_ms=now,
+            due_ms=now,
+        )
+        conn.execute(insert(runs), [row])  # the PostgreSQL trigger wakes the workers
+
+
+    # -- claim ----------------------------------------------------------------------
+
+    def claim(self, worker: str, limit: int, lease_ms: int) -> tuple[list[Claimed], int | None]:
+        """Lease up to `limit` due runs, honouring every queue's limits.
+
+        Returns the claimed runs and, if fewer than `limit` could start now, when
+        the worker should look again: the next due time, or the moment a rate
+        limit lets more start (None: only new work or freed slots can help).
+        """
+        if limit <= 0:
+            return [], None
+        with self.dialect.write_internal() as conn:
+            return self._claim(conn, worker, limit, lease_ms)
+
+    def _claim(
+        self, conn: Connection, worker: str, limit: int, lease_ms: int
+    ) -> tuple[list[Claimed], int | None]:
+        budget = _QueueBudget.load(conn, self.dialect, self.clock)
+        now = budget.now
+        if budget.limits:
+            chosen = self._choose_limited(conn, budget, limit)
+        else:
+            chosen = list(conn.execute(self._due_candidates, {"now": now, "limit": limit}).all())
+        until = now + lease_ms
+        to_run = [r.id for r in chosen if r.state == PENDING]
+        to_deliver = [r.id for r in chosen if r.state == FINISHING]
+        lease = {"worker": worker, "until": until, "now": now}
+        if to_run:
+            conn.execute(_START_RUNS, {"ids": to_run, **lease})
+        if to_deliver:
+            conn.execute(_START_DELIVERIES, {"ids": to_deliver, **lease})
+        wake_at = budget.rate_retry_ms
+        if len(chosen) < limit:
+            later = conn.execute(_NEXT_DUE_AFTER, {"now": now}).scalar()
+            if later is not None:
+                wake_at = min(int(later), wake_at or int(later))
+        claimed = [
+            Claimed(
+                id=r.id,
+                fn=r.fn,
+                args=r.args,
+                state=RUNNING if r.state == PENDING else DELIVERING,
+                fence=r.fence + 1,
+                attempts=r.attempts + (1 if r.state == PENDING else 0),
+                failures=r.failures,
+                queue=r.queue,
+                owner=r.owner,
+                on_complete=r.on_complete,
+                context=r.context,
+                outcome=r.outcome,
+                result=r.result,
+                error=r.error,
+                started_ms=now,
+            )
+            for r in chosen
+        ]
+        return claimed, wake_at
+
+    def _choose_limited(
+        self, conn: Connection, budget: _QueueBudget, limit: int
+    ) -> list[Row[Any]]:
+        """Due runs to claim when some queues have limits; uses `budget`'s slots.
+
+        A busy queue can fill a whole fetch with rows it has no slot left for. When a
+        queue (or key) runs out during a round, fetch again without it, so the work
+        of other queues behind it is not starved.
+        """
+        chosen: list[Row[Any]] = []
+        for _ in range(_CLAIM_ROUNDS):
+            want = limit - len(chosen)
+            over = want * 2 + 8
+            stmt = self._claimable(budget, [r.id for r in chosen]).limit(over)
+            rows = conn.execute(self.dialect.lock_for_claim(stmt), {"now": budget.now}).all()
+            exhausted = budget.exhausted
+            for r in rows:
+                if len(chosen) == limit:
+                    break
+                if r.state == FINISHING or budget.take(r.queue, r.key):
+                    chosen.append(r)
+            if len(chosen) == limit or len(rows) < over or budget.exhausted == exhausted:
+                break
+        return chosen
+
+    def _claimable(self, budget: _QueueBudget, taken: list[str]) -> Select[Any]:
+        """Due runs in claim order, without those of exhausted queues and keys."""
+        stmt = _DUE_ORDERED
+        if taken:
+            stmt = stmt.where(runs.c.id.not_in(taken))
+        if budget.blocked:
+            stmt = stmt.where(or_(runs.c.state == FINISHING, runs.c.queue.not_in(budget.blocked)))
+        for queue, keys in budget.full_keys.items():
+            # key IS NOT NULL: for a keyless row `key IN (...)` is NULL, and
+            # NOT NULL would filter it out with the full keys.
+            full = and_(
+                runs.c.state == PENDING,
+                runs.c.queue == queue,
+                runs.c.key.is_not(None),
+                runs.c.key.in_(keys),
+            )
+            stmt = stmt.where(not_(full))
+        return stmt
+
+    def next_due_ms(self) -> int | None:
+        """The earliest due time of any claimable run."""
+        with self.dialect.read() as conn:
+            value = conn.execute(
+                select(func.min(runs.c.due_ms)).where(in_state(*CLAIMABLE))
+            ).scalar()
+        return int(value) if value is not None else None
+
+    # -- outcomes ---------------------------------------------------------------------
+
+    def record(
+        self,
+        outcomes: Sequence[Outcome],
+        worker: str,
+        lease_ms: int,
+        session_handler: SessionHandler | None = None,
+        claim_limit: int = 0,
+        handler_savepoint: bool = True,
+    ) -> Recorded:
+        """Store the outcomes of attempts, fenced: a stale worker's outcome is dropped.
+
+        Runs whose on_complete takes a session have it called here, inside this
+        transaction (each in a savepoint), so its writes commit with the completion.
+        With `claim_limit`, the same transaction then claims up to that many due runs
+        (less the on_complete deliveries this worker keeps): one transaction where a
+        busy worker would otherwise need two. `handler_savepoint=False` is for the
+        engine's own handlers: one that raises then rolls back the whole record.
+        """
+        done = Recorded()
+        if not outcomes:
+            return done
+        with self.dialect.write_internal() as conn:
+            now = self.clock.now_ms()
+            current = self._rows_for_update(conn, [o.run_id for o in outcomes])
+            settles: list[dict[str, Any]] = []
+            attempt_rows: list[dict[str, Any]] = []
+            in_txn: list[Finished] = []
+            freed: set[str] = set()  # limited queues this record frees a slot of
+            for o in outcomes:
+                row = current.get(o.run_id)
+                if row is None or row.fence != o.fence or row.state != RUNNING:
+                    done.stale.append(o.run_id)
+                    continue
+                if o.kind == "released":
+                    settles.append(
+                        _settle(row, state=PENDING, attempts=row.attempts - 1, due_ms=now)
+                    )
+                    continue
+                settle, finished = self._decide(row, o, now, lease_ms, worker)
+                settles.append(settle)
+                attempt_rows.append(
+                    {
+                        "run_id": row.id,
+                        "number": row.attempts,
+                        "queue": row.queue,
+                        "worker": worker,
+                        "started_ms": o.started_ms,
+                        "finished_ms": now,
+                        "outcome": _attempt_outcome(o, row),
+                        "error": o.error,
+                    }
+                )
+                if row.queue:
+                    freed.add(row.queue)
+                if finished is None:
+                    if settle["b_state"] == COMPLETED:
+                        done.completed.append(row.id)
+                elif o.handler_in_txn and session_handler is not None:
+                    # Settled as completed at once; a handler that fails (the rare case)
+                    # moves it back to finishing below, and its writes roll back.
+                    settle.update(b_state=COMPLETED, b_lease_owner=None, b_lease_until_ms=None)
+                    in_txn.append(finished)
+                else:
+                    done.to_deliver.append(finished)
+            if settles:
+                conn.execute(_SETTLE, settles)
+            if attempt_rows:
+                conn.execute(insert(attempts_t), attempt_rows)
+            for finished in in_txn:
+                assert session_handler is not None
+                if not handler_savepoint:
+                    session_handler(finished, conn)
+                    done.completed.append(finished.id)
+                    continue
+                error = _call_in_savepoint(conn, finished, session_handler)
+                if error is None:
+                    done.completed.append(finished.id)
+                else:
+                    self._handler_failed(conn, finished, error, now)
+            room = claim_limit - len(done.to_deliver)
+            if room > 0:
+                done.claimed, done.wake_at_ms = self._claim(conn, worker, room, lease_ms)
+                # Fewer than asked: nothing due is left that any worker could start
+                # (queue limits are global). Exactly as many: more may be waiting.
+                notify = len(done.claimed) == room
+            else:
+                # Slots freed and not refilled here: worth a wake-up only if work is
+                # waiting for them.
+                notify = bool(freed) and self._waiting_in(conn, freed, now)
+            if notify:
+                self.dialect.notify(conn, WAKE_CHANNEL)
+        return done
+
+    def _waiting_in(self, conn: Connection, queues: set[str], now: int) -> bool:
+        found = conn.execute(
+            select(runs.c.id)
+            .where(in_state(*CLAIMABLE), runs.c.due_ms <= now, runs.c.queue.in_(sorted(queues)))
+            .limit(1)
+        ).first()
+        return found is not None
+
+    def _decide(
+        self, row: Row[Any], o: Outcome, now: int, lease_ms: int, worker: str
+    ) -> tuple[dict[str, Any], Finished | None]:
+        """The next state of a run after an attempt ended as `o`."""
+        if row.cancel_requested or o.kind == "canceled":
+            return self._finish(row, CANCELED, None, None, now, lease_ms, worker)
+        if o.kind == "success":
+            return self._finish(row, SUCCESS, o.result, None, now, lease_ms, worker)
+        failures = row.failures + 1
+        if o.kind == "fatal" or failures >= row.max_failures:
+            settle, finished = self._finish(row, FAILED, None, o.error, now, lease_ms, worker)
+            settle["b_failures"] = failures
+            return settle, finished
+        delay = o.retry_after_ms
+        if delay is None:
+            delay = backoff_ms(
+                failures,
+                row.initial_backoff_ms,
+                row.base,
+                row.max_backoff_ms,
+                row.jitter,
+                self._rng,
+            )
+        return (
+            _settle(row, state=PENDING, failures=failures, due_ms=now + delay, error=o.error),
+            None,
+        )
+
+    def _finish(
+        self,
+        row: Row[Any],
+        outcome: str,
+        result: Any,
+        error: str | None,
+        now: int,
+        lease_ms: int,
+        worker: str,
+    ) -> tuple[dict[str, Any], Finished | None]:
+        if row.on_complete is None:
+            return (
+                _settle(
+                    row,
+                    state=COMPLETED,
+                    outcome=outcome,
+                    result=result,
+                    error=error,
+                    finished_ms=now,
+                ),
+                None,
+            )
+        # Keep the lease: this worker delivers the on_complete next.
+        fence = row.fence + 1
+        settle = _settle(
+            row,
+            state=DELIVERING,
+            outcome=outcome,
+            result=result,
+            error=error,
+            finished_ms=now,
+            fence=fence,
+            lease_owner=worker,
+            lease_until_ms=now + lease_ms,
+        )
+        return settle, Finished(
+            id=row.id,
+            fn=row.fn,
+            fence=fence,
+            outcome=outcome,
+            result=result,
+            error=error,
+            on_complete=row.on_complete,
+            context=row.context,
+            queue=row.queue,
+            owner=row.owner,
+        )
+
+    def delivered(self, finished: Sequence[Finished], failures: dict[str, str]) -> list[str]:
+        """Mark on_complete deliveries done (or failed, to be retried); fenced."""
+        if not finished:
+            return []
+        completed: list[str] = []
+        with self.dialect.write_internal() as conn:
+            now = self.clock.now_ms()
+            for f in finished:
+                if f.id in failures:
+                    self._handler_failed(conn, f, failures[f.id], now)
+                    continue
+                result = conn.execute(
+                    update(runs)
+                    .where(
+                        runs.c.id == f.id, runs.c.fence == f.fence, runs.c.state == DELIVERING
+                    )
+                    .values(state=COMPLETED, lease_owner=None, lease_until_ms=None)
+                )
+                if result.rowcount:
+                    completed.append(f.id)
+        return completed
+
+    def run_session_delivery(
+        self, finished: Finished, session_handler: SessionHandler
+    ) -> bool:
+        """Deliver one on_complete that takes a session, in its own transaction."""
+        with self.dialect.write_internal() as conn:
+            row = conn.execute(
+                self.dialect.lock_rows(
+                    select(runs.c.fence, runs.c.state).where(runs.c.id == finished.id)
+                )
+            ).first()
+            if row is None or row.fence != finished.fence or row.state != DELIVERING:
+                return False
+            error = _call_in_savepoint(conn, finished, session_handler)
+            if error is not None:
+                self._handler_failed(conn, finished, error, self.clock.now_ms())
+                return False
+            conn.execute(
+                update(runs)
+                .where(runs.c.id == finished.id, runs.c.fence == finished.fence)
+                .values(state=COMPLETED, lease_owner=None, lease_until_ms=None)
+            )
+        return True
+
+    def _handler_failed(self, conn: Connection, f: Finished, error: str, now: int) -> None:
+        row = conn.execute(
+            select(runs.c.handler_failures, runs.c.fence).where(runs.c.id == f.id)
+        ).first()
+        if row is None or row.fence != f.fence:
+            return
+        failures = row.handler_failures + 1
+        give_up = failures >= MAX_HANDLER_FAILURES
+        conn.execute(
+            update(runs)
+            .where(runs.c.id == f.id, runs.c.fence == f.fence)
+            .values(
+                state=COMPLETED if give_up else FINISHING,
+                handler_failures=failures,
+                handler_error=error,
+                due_ms=now + backoff_ms(failures, 250, 2.0, 60_000, False),
+                lease_owner=None,
+                lease_until_ms=None,
+            )
+        )
+
+    # -- leases ---------------------------------------------------------------------------
+
+    def heartbeat(self, worker: str, held: dict[str, int], lease_ms: int) -> Heartbeat:
+        """Extend this worker's leases; report the ones it lost and those to cancel."""
+        if not held:
+            return Heartbeat(set(), set())
+        ids = list(held)
+        with self.dialect.write_internal() as conn:
+            now = self.clock.now_ms()
+            conn.execute(
+                update(runs)
+                .where(
+                    runs.c.id.in_(ids),
+                    runs.c.lease_owner == worker,
+                    in_state(*LEASED),
+                )
+                .values(lease_until_ms=now + lease_ms)
+            )
+            rows = conn.execute(
+                select(runs.c.id, runs.c.fence, runs.c.lease_owner, runs.c.cancel_requested)
+                .where(runs.c.id.in_(ids))
+            ).all()
+        seen = {r.id: r for r in rows}
+        lost = {
+            i
+            for i, fence in held.items()
+            if i not in seen or seen[i].fence != fence or seen[i].lease_owner != worker
+        }
+        cancel = {r.id for r in rows if r.cancel_requested and r.id not in lost}
+        return Heartbeat(lost, cancel)
+
+    def reap(self, limit: int = 500) -> int:
+        """Recover runs whose worker stopped renewing its lease (it died or hung).
+
+        A lost attempt counts as a failure; a lost on_complete is delivered again.
+        """
+        with self.dialect.write_internal() as conn:
+            now = self.clock.now_ms()
+            stmt = (
+                select(*_DECIDE_COLUMNS)
+                .where(in_state(*LEASED), runs.c.lease_until_ms < now)
+                .limit(limit)
+            )
+            rows = conn.execute(self.dialect.lock_for_claim(stmt)).all()
+            if not rows:
+                return 0
+            settles = []
+            attempt_rows = []
+            for row in rows:
+                if row.state == DELIVERING:
+                    settles.append(_settle(row, state=FINISHING, due_ms=now, fence=row.fence + 1))
+                    continue
+                lost = Outcome(
+                    run_id=row.id,
+                    fence=row.fence,
+                    kind="failure",
+                    started_ms=row.started_ms or now,
+                    error=f"worker {row.lease_owner} stopped renewing its lease (lost)",
+                )
+                settle, _ = self._decide(row, lost, now, 0, "")
+                if settle["b_state"] == DELIVERING:  # nobody holds it: any worker delivers
+                    settle.update(b_state=FINISHING, b_lease_owner=None, b_lease_until_ms=None)
+                settle["b_fence"] = row.fence + 1
+                settle["b_due_ms"] = max(settle["b_due_ms"], now)
+                settles.append(settle)
+                attempt_rows.append(
+                    {
+                        "run_id": row.id,
+                        "number": row.attempts,
+                        "queue": row.queue,
+                        "worker": row.lease_owner,
+                        "started_ms": row.started_ms or now,
+                        "finished_ms": now,
+                        "outcome": "lost",
+                        "error": lost.error,
+                    }
+                )
+            conn.execute(_SETTLE, settles)
+            if attempt_rows:
+                conn.execute(insert(attempts_t), attempt_rows)
+            self.dialect.notify(conn, WAKE_CHANNEL)
+        return len(rows)
+
+    # -- cancel, read, delete ------------------------------------------------------------
+
+    def cancel(self, run_id: str) -> bool:
+        """Cancel a run: pending at once; running best effort. False if already over."""
+        with self.dialect.write() as conn:
+            row = self._rows_for_update(conn, [run_id]).get(run_id)
+            if row is None:
+                raise RunNotFound(run_id)
+            if row.state == PENDING:
+                now = self.clock.now_ms()
+                settle = _settle(
+                    row,
+                    state=FINISHING if row.on_complete else COMPLETED,
+                    outcome=CANCELED,
+                    finished_ms=now,
+                    fence=row.fence + 1,
+                    due_ms=now,
+                )
+                conn.execute(_SETTLE, [settle])
+                self.dialect.notify(conn, WAKE_CHANNEL)
+                return True
+            if row.state == RUNNING and not row.cancel_requested:
+                conn.execute(
+                    update(runs).where(runs.c.id == run_id).values(cancel_requested=True)
+                )
+                self.dialect.notify(conn, CANCEL_CHANNEL, run_id)
+                return True
+            return False
+
+    def unfinished(self, *conditions: Any, limit: int | None = None) -> list[str]:
+        """Ids of pending and running runs matching `conditions`, running ones first
+        (they hold slots), at most `limit`."""
+        stmt = (
+            select(runs.c.id)
+            .where(in_state(PENDING, RUNNING), *conditions)
+            .order_by(runs.c.state.desc())
+        )
+        if limit is not None:
+            stmt = stmt.limit(limit)
+        with self.dialect.read() as conn:
+            return list(conn.execute(stmt).scalars())
+
+    def get(self, run_id: str) -> RunRow:
+        rows = self.get_many([run_id])
+        if run_id not in rows:
+            raise RunNotFound(run_id)
+        return rows[run_id]
+
+    def get_many(self, run_ids: Iterable[str]) -> dict[str, RunRow]:
+        ids = list(run_ids)
+        found: dict[str, RunRow] = {}
+        with self.dialect.read() as conn:
+            for chunk in _chunks(ids, 500):
+                for row in conn.execute(select(runs).where(runs.c.id.in_(chunk))).mappings():
+                    found[row["id"]] = RunRow.model_validate(dict(row))
+        return found
+
+    def states(self, run_ids: Iterable[str]) -> dict[str, str]:
+        """Just the state of each run; cheap enough to poll."""
+        ids = list(run_ids)
+        out: dict[str, str] = {}
+        with self.dialect.read() as conn:
+            for chunk in _chunks(ids, 500):
+                stmt = select(runs.c.id, runs.c.state).where(runs.c.id.in_(chunk))
+                out.update({r.id: r.state for r in conn.execute(stmt)})
+        return out
+
+    def attempts(self, run_id: str) -> list[AttemptRow]:
+        with self.dialect.read() as conn:
+            rows = conn.execute(
+                select(attempts_t)
+                .where(attempts_t.c.run_id == run_id)
+                .order_by(attempts_t.c.number, attempts_t.c.id)
+            ).mappings()
+            return [AttemptRow.model_validate(dict(r)) for r in rows]
+
+    def list_runs(
+        self,
+        *,
+        state: str | None = None,
+        fn: str | None = None,
+        queue: str | None = None,
+        owner: str | None = None,
+        limit: int = 50,
+    ) -> list[RunRow]:
+        stmt = select(runs).order_by(runs.c.created_ms.desc()).limit(limit)
+        if state is not None:
+            stmt = stmt.where(runs.c.state == state)
+        if fn is not None:
+            stmt = stmt.where(runs.c.fn == fn)
+        if queue is not None:
+            stmt = stmt.where(runs.c.queue == queue)
+        if owner is not None:
+            stmt = stmt.where(runs.c.owner == owner)
+        with self.dialect.read() as conn:
+            return [RunRow.model_validate(dict(r)) for r in conn.execute(stmt).mappings()]
+
+    def delete(self, run_id: str) -> None:
+        """Delete a finished run and its attempts."""
+        with self.dialect.write() as conn:
+            state = conn.execute(select(runs.c.state).where(runs.c.id == run_id)).scalar()
+            if state is None:
+                raise RunNotFound(run_id)
+            if state != COMPLETED:
+                raise RunNotFinished(run_id)
+            conn.execute(delete(attempts_t).where(attempts_t.c.run_id == run_id))
+            conn.execute(delete(runs).where(runs.c.id == run_id))
+
+    def purge_completed(self, older_than_ms: int, batch: int = 1000) -> int:
+        """Delete runs completed more than `older_than_ms` ago; in batches."""
+        cutoff = self.clock.now_ms() - older_than_ms
+        total = 0
+        while True:
+            with self.dialect.write_internal() as conn:
+                ids = list(
+                    conn.execute(
+                        select(runs.c.id)
+                        .where(in_state(COMPLETED), runs.c.finished_ms < cutoff)
+                        .limit(batch)
+                    ).scalars()
+                )
+                if not ids:
+                    return total
+                conn.execute(delete(attempts_t).where(attempts_t.c.run_id.in_(ids)))
+                conn.execute(delete(runs).where(runs.c.id.in_(ids)))
+                total += len(ids)
+
+    # -- queues -------------------------------------------------------------------------
+
+    def set_queue(self, limits: QueueLimits) -> None:
+        values = {
+            "max_parallelism": limits.max_parallelism,
+            "rate_limit": limits.rate_limit,
+            "rate_period_ms": limits.rate_period_ms,
+            "max_per_key": limits.max_per_key,
+            "updated_ms": self.clock.now_ms(),
+        }
+        with self.dialect.write() as conn:
+            changed = conn.execute(
+                update(queues_t).where(queues_t.c.name == limits.name).values(**values)
+            ).rowcount
+            if not changed:
+                conn.execute(insert(queues_t).values(name=limits.name, **values))
+            self.dialect.notify(conn, WAKE_CHANNEL)
+
+    def get_queue(self, name: str) -> QueueLimits | None:
+        with self.dialect.read() as conn:
+            row = conn.execute(select(queues_t).where(queues_t.c.name == name)).first()
+        return _limits(row) if row is not None else None
+
+    def list_queues(self) -> list[QueueLimits]:
+        with self.dialect.read() as conn:
+            rows = conn.execute(select(queues_t).order_by(queues_t.c.name)).all()
+        return [_limits(r) for r in rows]
+
+    def queue_counts(self, name: str, since_ms: int) -> dict[str, int]:
+        """Running, pending and recently failed counts of one queue."""
+        with self.dialect.read() as conn:
+            by_state: dict[str, int] = dict(
+                conn.execute(
+                    select(runs.c.state, func.count())
+                    .where(runs.c.queue == name, in_state(PENDING, RUNNING))
+                    .group_by(runs.c.state)
+                ).all()
+            )
+            failed = conn.execute(
+                select(func.count()).where(
+                    attempts_t.c.queue == name,
+                    attempts_t.c.outcome.in_(("failed", "lost")),
+                    attempts_t.c.finished_ms >= since_ms,
+                )
+            ).scalar()
+        return {
+            "running": int(by_state.get(RUNNING, 0)),
+            "pending": int(by_state.get(PENDING, 0)),
+            "failed": int(failed or 0),
+        }
+
+    # -- helpers --------------------------------------------------------------------------
+
+    def _rows_for_update(self, conn: Connection, ids: list[str]) -> dict[str, Row[Any]]:
+        found: dict[str, Row[Any]] = {}
+        for chunk in _chunks(ids, 500):
+            found.update({r.id: r for r in conn.execute(self._rows_by_id, {"ids": chunk})})
+        return found
+
+
+@dataclass
+class _QueueBudget:
+    """How many more runs each limited queue may start now, within one claim."""
+
+    limits: dict[str, QueueLimits]
+    slots: dict[str, int]
+    key_running: dict[tuple[str, str], int]
+    blocked: set[str]
+    full_keys: dict[str, list[str]]
+    rate_retry_ms: int | None
+    now: int
+
+    @classmethod
+    def load(cls, conn: Connection, dialect: Dialect, clock: Clock) -> _QueueBudget:
+        """Lock the limited queues' rows, then read the clock and count their slots.
+
+        The clock is read after the lock: a claim that waited for another claim's
+        locks must not stamp its runs as started before that claim committed.
+        """
+        rows = conn.execute(
+            dialect.lock_rows(
+                select(queues_t)
+                .where(
+                    or_(
+                        queues_t.c.max_parallelism.is_not(None),
+                        queues_t.c.rate_limit.is_not(None),
+                        queues_t.c.max_per_key.is_not(None),
+                    )
+                )
+                .order_by(queues_t.c.name)
+            )
+        ).all()
+        now = clock.now_ms()
+        limits = {r.name: _limits(r) for r in rows}
+        budget = cls(limits, {}, {}, set(), {}, None, now)
+        if not limits:
+            return budget
+        names = list(limits)
+        running: dict[str, int] = dict(
+            conn.execute(
+                select(runs.c.queue, func.count())
+                .where(in_state(RUNNING), runs.c.queue.in_(names))
+                .group_by(runs.c.queue)
+            ).all()
+        )
+        for name, lim in limits.items():
+            slots = 1 << 30
+            if lim.max_parallelism is not None:
+                slots = lim.max_parallelism - int(running.get(name, 0))
+            if lim.rate_limit is not None and lim.rate_period_ms:
+                slots = min(slots, budget._rate_slots(conn, lim, now))
+            budget.slots[name] = slots
+            if slots <= 0:
+                budget.blocked.add(name)
+        keyed = [n for n, lim in limits.items() if lim.max_per_key is not None]
+        if keyed:
+            for queue, key, count in conn.execute(
+                select(runs.c.queue, runs.c.key, func.count())
+                .where(in_state(RUNNING), runs.c.queue.in_(keyed), runs.c.key.is_not(None))
+                .group_by(runs.c.queue, runs.c.key)
+            ).all():
+                budget.key_running[(queue, key)] = int(count)
+                max_per_key = limits[queue].max_per_key
+                if max_per_key is not None and count >= max_per_key:
+                    budget.full_keys.setdefault(queue, []).append(key)
+        return budget
+
+    def _rate_slots(self, conn: Connection, lim: QueueLimits, now: int) -> int:
+        assert lim.rate_limit is not None and lim.rate_period_ms is not None
+        since = now - lim.rate_period_ms
+        # One statement, so one snapshot: with two, on PostgreSQL (READ COMMITTED) an
+        # attempt recorded between them was in neither, and let one more start through.
+        finished = select(attempts_t.c.started_ms).where(
+            attempts_t.c.queue == lim.name,
+            attempts_t.c.started_ms > since,
+            attempts_t.c.outcome != "released",
+        )
+        current = select(runs.c.started_ms).where(
+            runs.c.queue == lim.name, in_state(RUNNING), runs.c.started_ms > since
+        )
+        starts = sorted(conn.execute(finished.union_all(current)).scalars())
+        free = lim.rate_limit - len(starts)
+        if free <= 0:
+            # The window (now - period, now] lets one more start once the limit-th
+            # newest start falls out of it, at exactly that start + period.
+            retry = starts[-lim.rate_limit] + lim.rate_period_ms
+            self.rate_retry_ms = min(self.rate_retry_ms or retry, retry)
+        return free
+
+    @property
+    def exhausted(self) -> int:
+        """How many queues and keys have no slot left; grows as `take` uses them."""
+        return len(self.blocked) + sum(len(keys) for keys in self.full_keys.values())
+
+    def take(self, queue: str, key: str | None) -> bool:
+        """Use one slot of `queue` (and of its `key`) if one is free."""
+        lim = self.limits.get(queue)
+        if lim is None:
+            return True
+        if self.slots.get(queue, 0) <= 0:
+            return False
+        if lim.max_per_key is not None and key is not None:
+            used = self.key_running.get((queue, key), 0)
+            if used >= lim.max_per_key:
+                return False
+            self.key_running[(queue, key)] = used + 1
+            if used + 1 >= lim.max_per_key:
+                self.full_keys.setdefault(queue, []).append(key)
+        self.slots[queue] -= 1
+        if self.slots[queue] <= 0:
+            self.blocked.add(queue)
+        return True
+
+
+def _new_row(r: NewRun, now: int) -> dict[str, Any]:
+    """The column values of a new pending run."""
+    return {
+        "id": r.id,
+        "fn": r.fn,
+        "args": r.args,
+        "state": PENDING,
+        "due_ms": r.due_ms,
+        "priority": r.priority,
+        "queue": r.queue,
+        "key": r.key,
+        "owner": r.owner,
+        "initial_backoff_ms": r.initial_backoff_ms,
+        "base": r.base,
+        "max_failures": r.max_failures,
+        "jitter": r.jitter,
+        "max_backoff_ms": r.max_backoff_ms,
+        "on_complete": r.on_complete,
+        "context": r.context,
+        "created_ms": now,
+        "attempts": 0,
+        "failures": 0,
+        "fence": 0,
+        "cancel_requested": False,
+        "handler_failures": 0,
+    }
+
+
+def _call_in_savepoint(
+    conn: Connection, finished: Finished, session_handler: SessionHandler
+) -> str | None:
+    """Run an in-transaction on_complete on `conn`, inside a savepoint of its own.
+
+    If it raises, its writes roll back and the error is returned; the enclosing
+    transaction goes on and commits the rest.
+    """
+    savepoint = conn.begin_nested()
+    try:
+        session_handler(finished, conn)
+    except Exception as exc:
+        savepoint.rollback()
+        return _describe(exc)
+    savepoint.commit()
+    return None
+
+
+def _limits(row: Any) -> QueueLimits:
+    return QueueLimits(
+        name=row.name,
+        max_parallelism=row.max_parallelism,
+        rate_limit=row.rate_limit,
+        rate_period_ms=row.rate_period_ms,
+        max_per_key=row.max_per_key,
+    )
+
+
+def _settle(row: Row[Any], **changes: Any) -> dict[str, Any]:
+    """Parameters for `_SETTLE`: the row's current values with `changes` applied."""
+    values = {
+        "state": row.state,
+        "outcome": row.outcome,
+        "result": row.result,
+        "error": row.error,
+        "failures": row.failures,
+        "attempts": row.attempts,
+        "due_ms": 0,
+        "fence": row.fence,
+        "lease_owner": None,
+        "lease_until_ms": None,
+        "finished_ms": None,
+        "handler_failures": row.handler_failures,
+        "handler_error": None,
+    }
+    values.update(changes)
+    return {"b_id": row.id, **{f"b_{k}": v for k, v in values.items()}}
+
+
+def _attempt_outcome(o: Outcome, row: Row[Any]) -> str:
+    if row.cancel_requested or o.kind == "canceled":
+        return "canceled"
+    return "success" if o.kind == "success" else "failed"
+
+
+def _describe(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"
+
+
+def _chunks(items: list[str], size: int) -> Iterable[list[str]]:
+    for i in range(0, len(items), size):
+        yield items[i : i + size]
+
+
+__all__ = [
+    "Claimed",
+    "Finished",
+    "Heartbeat",
+    "NewRun",
+    "Outcome",
+    "QueueLimits",
+    "Recorded",
+    "Store",
+]

@@ -1,0 +1,82 @@
+"""Each worker's timers, on APScheduler 3.x. The only module that imports APScheduler.
+
+Timers only wake the worker or start maintenance; the database stays the single
+source of truth, so a scheduler lost with its process loses nothing.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from apscheduler.executors.pool import ThreadPoolExecutor
+from apscheduler.schedulers.background import BackgroundScheduler
+
+_WAKE_JOB = "wake"
+
+
+class Timers:
+    """One-off wake-ups at due times, and periodic jobs, run on a background thread."""
+
+    def __init__(self, name: str = "tiers") -> None:
+        self._scheduler = BackgroundScheduler(
+            timezone=UTC,
+            executors={"default": ThreadPoolExecutor(max_workers=4)},
+            job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": None},
+        )
+        self._lock = threading.Lock()
+        self._wake_due_ms: int | None = None
+        self._name = name
+
+    def start(self) -> None:
+        self._scheduler.start()
+
+    def shutdown(self) -> None:
+        if self._scheduler.running:
+            self._scheduler.shutdown(wait=True)
+
+    def wake_at(self, due_ms: int, wake: Callable[[], None]) -> None:
+        """Call `wake` at `due_ms` (epoch ms), unless an earlier wake-up is pending."""
+        with self._lock:
+            now_ms = datetime.now(UTC).timestamp() * 1000
+            pending = self._wake_due_ms
+            if pending is not None and pending <= due_ms and pending > now_ms:
+                return
+            self._wake_due_ms = due_ms
+        self._scheduler.add_job(
+            self._fire,
+            "date",
+            args=(wake,),
+            run_date=datetime.fromtimestamp(due_ms / 1000, tz=UTC),
+            id=_WAKE_JOB,
+            replace_existing=True,
+            # A wake-up replaced while the previous one is still firing must not be
+            # skipped as "already running": that would lose it.
+            max_instances=100,
+        )
+
+    def _fire(self, wake: Callable[[], None]) -> None:
+        with self._lock:
+            self._wake_due_ms = None
+        wake()
+
+    def every(
+        self, name: str, interval: timedelta, job: Callable[[], Any], *, now: bool = False
+    ) -> None:
+        """Run `job` every `interval` (and once right away if `now`)."""
+        # APScheduler reads an explicit next_run_time=None as "paused", so pass it only
+        # to run at once.
+        extra: dict[str, Any] = {"next_run_time": datetime.now(UTC)} if now else {}
+        self._scheduler.add_job(
+            job, "interval", seconds=interval.total_seconds(), id=name, replace_existing=True,
+            **extra,
+        )
+
+    def cron(self, name: str, job: Callable[[], Any], **fields: Any) -> None:
+        """Run `job` on a cron schedule (APScheduler's cron fields: minute=, hour=, ...)."""
+        self._scheduler.add_job(job, "cron", id=name, replace_existing=True, **fields)
+
+    def job_names(self) -> list[str]:
+        return sorted(job.id for job in self._scheduler.get_jobs())

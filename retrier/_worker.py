@@ -1,0 +1,571 @@
+"""The worker: claims due runs, executes them, records outcomes, delivers on_complete.
+
+One async loop per worker. Database calls run in threads (the store is synchronous),
+sync actions run in threads, async actions run as tasks. Every outcome is recorded
+under a shielded cancel scope, so shutdown or cancellation never loses one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import os
+import socket
+import threading
+import uuid
+from collections.abc import Callable
+from contextvars import ContextVar
+from dataclasses import replace
+from datetime import timedelta
+from functools import partial
+from typing import Any
+
+import anyio
+from anyio.abc import TaskGroup, TaskStatus
+from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
+from sqlalchemy import Connection
+from sqlmodel import Session
+
+from ._clock import to_ms
+from ._dialects import CANCEL_CHANNEL
+from ._errors import NonRetryableError, RetryAfter, UnregisteredFunction
+from ._models import CANCELED, DELIVERING, FAILED, SUCCESS
+from ._registry import Registry, ResultNotSerializable
+from ._results import Canceled, Failed, RunResult, Success
+from ._store import Claimed, Finished, Outcome, Recorded, SessionHandler, Store
+from ._timers import Timers
+
+log = logging.getLogger("tiers.worker")
+
+_BATCH = 256
+
+current_worker: ContextVar[Worker | None] = ContextVar("tiers_current_worker", default=None)
+"""The worker executing the current action, seen from inside the action (or None)."""
+
+
+class Worker:
+    """Executes the runs of one database, alongside any number of other workers.
+
+    Make one with `Retrier.worker()`, or let `with retrier:` / `tiers worker` do it.
+    """
+
+    def __init__(
+        self,
+        store: Store,
+        registry: Registry,
+        *,
+        concurrency: int = 16,
+        lease: timedelta = timedelta(seconds=30),
+        poll_interval: timedelta = timedelta(seconds=1),
+        retention: timedelta = timedelta(days=7),
+        shutdown_grace: timedelta = timedelta(seconds=30),
+        on_completed: Callable[[list[str]], None] | None = None,
+    ) -> None:
+        if concurrency < 1:
+            raise ValueError(f"concurrency must be at least 1, got {concurrency}")
+        self.store = store
+        self.registry = registry
+        self.concurrency = concurrency
+        self.lease_ms = to_ms(lease)
+        self.poll_interval = poll_interval
+        self.retention = retention
+        self.shutdown_grace = shutdown_grace
+        self.id = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+        self._on_completed = on_completed or (lambda ids: None)
+        self._held: dict[str, int] = {}  # run id -> fence, for every lease we hold
+        self._scopes: dict[str, anyio.CancelScope] = {}
+        self._cancel_reason: dict[str, str] = {}
+        self._async_runs: set[str] = set()
+        self._stopping = False
+        self._wake = anyio.Event()
+        self._idle = anyio.Event()
+        self._call_soon: Callable[[Callable[[], None]], None] | None = None
+        self._loop_thread: int | None = None
+        self._tg: TaskGroup | None = None
+        self._outcomes: MemoryObjectSendStream[Outcome] | None = None
+        self._limiter = anyio.CapacityLimiter(concurrency)
+        self._timers: Timers | None = None
+
+    # -- lifecycle -----------------------------------------------------------------
+
+    async def serve(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        """Run until `stop()`; then finish (or release) running work and return."""
+        self._bind_loop()
+        timers = Timers()
+        self._timers = timers
+        send, receive = anyio.create_memory_object_stream[Outcome](math.inf)
+        self._outcomes = send
+        stop_listener = self.store.dialect.start_listener(self._on_notify)
+        timers.start()
+        lease_s = self.lease_ms / 1000
+        timers.every("heartbeat", timedelta(seconds=lease_s / 3), self._heartbeat)
+        timers.every("reap", timedelta(seconds=lease_s / 2), self._reap, now=True)
+        timers.every("retention", timedelta(days=1), self._purge, now=True)
+        timers.every("poll", self.poll_interval, self._poll)
+        log.info("worker %s started (concurrency %d)", self.id, self.concurrency)
+        try:
+            async with anyio.create_task_group() as tg:
+                self._tg = tg
+                tg.start_soon(self._record_loop, receive)
+                task_status.started()
+                await self._claim_loop()
+                await self._drain()
+                send.close()
+        finally:
+            timers.shutdown()
+            if stop_listener is not None:
+                stop_listener()
+            self._tg = None
+            self._call_soon = None
+            log.info("worker %s stopped", self.id)
+
+    @property
+    def stopping(self) -> bool:
+        return self._stopping
+
+    def stop(self) -> None:
+        """Ask the worker to stop claiming and shut down gracefully; thread-safe."""
+        self._stopping = True
+        self.wake()
+
+    async def run_until_idle(self, *, max_rounds: int = 10_000) -> None:
+        """Claim and finish due work until none is left; for tests with a fake clock.
+
+        Runs without timers or listeners: time moves only when the test moves it.
+        """
+        self._bind_loop()
+        send, receive = anyio.create_memory_object_stream[Outcome](math.inf)
+        self._outcomes = send
+        async with anyio.create_task_group() as tg:
+            self._tg = tg
+            tg.start_soon(self._record_loop, receive)
+            for _ in range(max_rounds):
+                claimed = await self._claim_batch()
+                if not claimed and not self._held:
+                    break
+                await self._wait_idle()
+            send.close()
+        self._tg = None
+
+    def _bind_loop(self) -> None:
+        self._loop_thread = threading.get_ident()
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # not asyncio: anyio's other backend is trio
+            import trio  # type: ignore[import-not-found,unused-ignore]
+
+            self._call_soon = trio.lowlevel.current_trio_token().run_sync_soon
+        else:
+
+            def call_soon(fn: Callable[[], None]) -> None:
+                loop.call_soon_threadsafe(fn)
+
+            self._call_soon = call_soon
+
+    def wake(self) -> None:
+        """Make the worker look for due work now; thread-safe, never blocks."""
+        if threading.get_ident() == self._loop_thread:
+            self._wake.set()
+            return
+        call_soon = self._call_soon
+        if call_soon is not None:
+            try:
+                call_soon(self._set_wake)
+            except RuntimeError:  # the loop has closed
+                pass
+
+    def _set_wake(self) -> None:
+        self._wake.set()
+
+    def cancel_local(self, run_id: str) -> None:
+        """Cancel our running attempt of `run_id`, if we hold one; thread-safe."""
+        if threading.get_ident() == self._loop_thread:
+            self._cancel_scope(run_id, "canceled")
+        elif self._call_soon is not None:
+            try:
+                self._call_soon(partial(self._cancel_scope, run_id, "canceled"))
+            except RuntimeError:
+                pass
+
+    # -- claiming --------------------------------------------------------------------
+
+    async def _claim_loop(self) -> None:
+        pause = 0.1
+        while not self._stopping:
+            self._wake = anyio.Event()
+            free = self.concurrency - len(self._held)
+            wanted = min(free, _BATCH)
+            try:
+                claimed = await self._claim_batch() if wanted > 0 else []
+            except Exception:
+                # The database may be restarting: keep running work, retry claims later.
+                log.exception("claiming failed; retrying in %.1f s", pause)
+                with anyio.move_on_after(pause):
+                    await self._wake.wait()  # stop() wakes us early
+                pause = min(pause * 2, 5.0)
+                continue
+            pause = 0.1
+            if wanted > 0 and len(claimed) == wanted:
+                continue  # there may be more
+            await self._wake.wait()
+
+    async def _claim_batch(self) -> list[Claimed]:
+        wanted = min(self.concurrency - len(self._held), _BATCH)
+        if wanted <= 0:
+            return []
+        claimed, wake_at_ms = await anyio.to_thread.run_sync(
+            self.store.claim, self.id, wanted, self.lease_ms
+        )
+        self._start(claimed, wake_at_ms)
+        return claimed
+
+    def _start(self, claimed: list[Claimed], wake_at_ms: int | None) -> None:
+        """Start executing (or delivering) claimed runs; look again at `wake_at_ms`."""
+        if wake_at_ms is not None and self._timers is not None:
+            self._timers.wake_at(wake_at_ms, self.wake)
+        assert self._tg is not None
+        for c in claimed:
+            self._hold(c.id, c.fence)
+            if c.state == DELIVERING:
+                self._tg.start_soon(self._deliver, _finished_from(c))
+            else:
+                self._tg.start_soon(self._execute, c)
+
+    # -- executing --------------------------------------------------------------------
+
+    async def _execute(self, c: Claimed) -> None:
+        token = current_worker.set(self)
+        outcome = self._interrupted(c)  # if shutdown cancels us from outside
+        try:
+            outcome = await self._run_attempt(c)
+        finally:
+            current_worker.reset(token)
+            with anyio.CancelScope(shield=True):
+                await self._record(outcome)
+
+    async def execute_claimed(
+        self, c: Claimed, session_handler: SessionHandler
+    ) -> tuple[Outcome, bool]:
+        """Execute a run this worker holds (from `Store.insert_running`) here and now.
+
+        The attempt is leased, heartbeated and cancellable like a claimed one. Its
+        outcome is recorded at once, even if the caller is cancelled meanwhile; if it
+        is final, `session_handler` stands in for the run's on_complete, inside the
+        recording transaction. Returns the outcome and whether the run completed
+        (False: it will be retried, its lease was lost, or the handler failed and
+        the registered on_complete will be delivered later).
+        """
+        self._hold(c.id, c.fence)
+        record = partial(self._record_inline, c, session_handler)
+        try:
+            outcome = await self._run_attempt(c)
+        except BaseException:
+            # Cancelled from outside (shutdown), perhaps natively by asyncio, where no
+            # await is safe any more: release the attempt right here, synchronously.
+            record(self._interrupted(c))
+            raise
+        with anyio.CancelScope(shield=True):
+            recorded = await anyio.to_thread.run_sync(record, outcome)
+        if recorded.completed:
+            self._on_completed(recorded.completed)
+        return outcome, c.id in recorded.completed
+
+    def _record_inline(
+        self, c: Claimed, session_handler: SessionHandler, outcome: Outcome
+    ) -> Recorded:
+        try:
+            return self.store.record(
+                [replace(outcome, handler_in_txn=True)],
+                self.id,
+                self.lease_ms,
+                session_handler,
+                handler_savepoint=False,
+            )
+        except Exception:
+            # Nothing was recorded: the run stays leased until its lease expires, then
+            # it is retried like any lost attempt (and its on_complete journals it).
+            log.exception("recording inline run %s failed; it will be retried", c.id)
+            return Recorded()
+        finally:
+            # No wake-up: the caller goes on with its own work, and a claim round per
+            # inline run would cost a transaction each.
+            self._release(c.id, wake=False)
+
+    async def _run_attempt(self, c: Claimed) -> Outcome:
+        """One attempt under a cancel scope of its own, which cancel requests and lost
+        leases cancel; such an interruption becomes an outcome too."""
+        scope = anyio.CancelScope()
+        self._scopes[c.id] = scope
+        try:
+            with scope:
+                return await self._attempt(c)
+            return self._interrupted(c)  # our scope was cancelled
+        finally:
+            self._scopes.pop(c.id, None)
+            self._async_runs.discard(c.id)
+
+    def _interrupted(self, c: Claimed) -> Outcome:
+        """The outcome of an attempt cut short: canceled (a cancel request), released
+        (shutdown, or any cancellation from outside: it runs again elsewhere and is not
+        a failure) or, for a lost lease, a failure."""
+        reason = self._cancel_reason.pop(c.id, "released")
+        return Outcome(
+            run_id=c.id,
+            fence=c.fence,
+            kind=reason if reason in ("canceled", "released") else "failure",
+            started_ms=c.started_ms,
+            error=f"attempt interrupted ({reason})",
+        )
+
+    async def _attempt(self, c: Claimed) -> Outcome:
+        in_txn = self._handler_in_txn(c.on_complete)
+
+        def outcome(kind: str, **fields: Any) -> Outcome:
+            return Outcome(c.id, c.fence, kind, c.started_ms, handler_in_txn=in_txn, **fields)
+
+        try:
+            reg = self.registry.action(c.fn)
+        except UnregisteredFunction as exc:
+            return outcome("fatal", error=_describe(exc))
+        try:
+            kwargs = reg.decode_args(c.args)
+            if reg.is_async:
+                self._async_runs.add(c.id)
+                value = await reg.fn(**kwargs)
+            else:
+                value = await anyio.to_thread.run_sync(
+                    partial(reg.fn, **kwargs), limiter=self._limiter
+                )
+            result = reg.encode_result(value)
+        except (NonRetryableError, ResultNotSerializable) as exc:
+            return outcome("fatal", error=_describe(exc))
+        except RetryAfter as exc:
+            return outcome("failure", error=_describe(exc), retry_after_ms=to_ms(exc.seconds))
+        except Exception as exc:
+            log.debug("run %s attempt %d failed: %s", c.id, c.attempts, exc)
+            return outcome("failure", error=_describe(exc))
+        return outcome("success", result=result)
+
+    def _handler_in_txn(self, name: str | None) -> bool:
+        if name is None:
+            return False
+        try:
+            return self.registry.handler(name).takes_session
+        except UnregisteredFunction:
+            return False
+
+    async def _record(self, outcome: Outcome) -> None:
+        assert self._outcomes is not None
+        await self._outcomes.send(outcome)
+
+    async def _record_loop(self, receive: MemoryObjectReceiveStream[Outcome]) -> None:
+        async with receive:
+            async for first in receive:
+                batch = [first]
+                while len(batch) < 512:
+                    try:
+                        batch.append(receive.receive_nowait())
+                    except anyio.WouldBlock:
+                        break
+                with anyio.CancelScope(shield=True):
+                    await self._record_batch(batch)
+
+    async def _record_batch(self, batch: list[Outcome]) -> None:
+        # The slots these outcomes free are refilled in the same transaction.
+        room = 0 if self._stopping else self.concurrency - len(self._held) + len(batch)
+        try:
+            recorded = await anyio.to_thread.run_sync(
+                partial(
+                    self.store.record,
+                    batch,
+                    self.id,
+                    self.lease_ms,
+                    self._call_session_handler,
+                    claim_limit=min(room, _BATCH),
+                )
+            )
+        except Exception:
+            log.exception("could not record %d outcomes; their leases will expire", len(batch))
+            for o in batch:
+                self._release(o.run_id)
+            return
+        delivering = {f.id for f in recorded.to_deliver}
+        for o in batch:
+            if o.run_id not in delivering:
+                # No wake-up: this transaction already claimed what was due.
+                self._release(o.run_id, wake=False)
+        assert self._tg is not None
+        for f in recorded.to_deliver:
+            self._hold(f.id, f.fence)
+            self._tg.start_soon(self._deliver, f)
+        self._start(recorded.claimed, recorded.wake_at_ms)
+        if recorded.completed:
+            self._on_completed(recorded.completed)
+
+    # -- on_complete ---------------------------------------------------------------------
+
+    async def _deliver(self, f: Finished) -> None:
+        with anyio.CancelScope(shield=True):
+            try:
+                completed = await self._deliver_once(f)
+            except Exception:
+                log.exception("delivering on_complete of run %s failed", f.id)
+                completed = []
+            finally:
+                self._release(f.id)
+            if completed:
+                self._on_completed(completed)
+
+    async def _deliver_once(self, f: Finished) -> list[str]:
+        try:
+            reg = self.registry.handler(f.on_complete)
+        except UnregisteredFunction as exc:
+            return await anyio.to_thread.run_sync(
+                self.store.delivered, [f], {f.id: _describe(exc)}
+            )
+        if reg.takes_session:
+            ok = await anyio.to_thread.run_sync(
+                self.store.run_session_delivery, f, self._call_session_handler
+            )
+            return [f.id] if ok else []
+        failures: dict[str, str] = {}
+        try:
+            args = (f.id, self._run_result(f), f.context)
+            if reg.is_async:
+                await reg.fn(*args)
+            else:
+                await anyio.to_thread.run_sync(partial(reg.fn, *args))
+        except Exception as exc:
+            log.warning("on_complete %s of run %s raised: %s", f.on_complete, f.id, exc)
+            failures[f.id] = _describe(exc)
+        return await anyio.to_thread.run_sync(self.store.delivered, [f], failures)
+
+    def _call_session_handler(self, f: Finished, conn: Connection) -> None:
+        reg = self.registry.handler(f.on_complete)
+        # The session joins the store's savepoint: its writes commit or roll back with it.
+        with Session(bind=conn, join_transaction_mode="rollback_only") as session:
+            reg.fn(f.id, self._run_result(f), f.context, session=session)
+            session.flush()
+
+    def _run_result(self, f: Finished) -> RunResult:
+        if f.outcome == SUCCESS:
+            try:
+                value = self.registry.action(f.fn).decode_result(f.result)
+            except UnregisteredFunction:
+                value = f.result
+            return Success(value)
+        if f.outcome == FAILED:
+            return Failed(f.error or "failed")
+        return Canceled()
+
+    # -- leases, cancellation, maintenance -------------------------------------------------
+
+    def _hold(self, run_id: str, fence: int) -> None:
+        if not self._held:
+            self._idle = anyio.Event()  # the previous one was set when we went idle
+        self._held[run_id] = fence
+
+    def _release(self, run_id: str, *, wake: bool = True) -> None:
+        self._held.pop(run_id, None)
+        if not self._held:
+            self._idle.set()
+        if wake:
+            self.wake()
+
+    def _cancel_scope(self, run_id: str, reason: str) -> None:
+        scope = self._scopes.get(run_id)
+        if scope is not None:
+            self._cancel_reason.setdefault(run_id, reason)
+            scope.cancel()
+
+    def _lease_lost(self, run_id: str, fence: int) -> None:
+        # The heartbeat read a snapshot; the attempt may have finished since.
+        if self._held.get(run_id) == fence and run_id in self._scopes:
+            log.warning("lost the lease of run %s; abandoning its attempt", run_id)
+            self._cancel_scope(run_id, "lost")
+
+    def _on_notify(self, channel: str, payload: str) -> None:
+        if channel == CANCEL_CHANNEL:
+            if payload in self._held:
+                self.cancel_local(payload)
+        else:
+            self.wake()
+
+    def _heartbeat(self) -> None:
+        held = dict(self._held)
+        if not held:
+            return
+        try:
+            beat = self.store.heartbeat(self.id, held, self.lease_ms)
+        except Exception:
+            log.exception("heartbeat failed")
+            return
+        for run_id in beat.lost:
+            self._from_thread(partial(self._lease_lost, run_id, held[run_id]))
+        for run_id in beat.cancel_requested:
+            self._from_thread(partial(self._cancel_scope, run_id, "canceled"))
+
+    def _poll(self) -> None:
+        # A read first: an idle worker must not take SQLite's write lock ten times a
+        # second just to find nothing due.
+        try:
+            due = self.store.next_due_ms()
+        except Exception:
+            log.exception("polling for due work failed")
+            return
+        if due is not None and due <= self.store.clock.now_ms():
+            self.wake()
+
+    def _reap(self) -> None:
+        try:
+            if self.store.reap():
+                self.wake()
+        except Exception:
+            log.exception("reaping expired leases failed")
+
+    def _purge(self) -> None:
+        try:
+            removed = self.store.purge_completed(to_ms(self.retention))
+            if removed:
+                log.info("retention: deleted %d completed runs", removed)
+        except Exception:
+            log.exception("retention cleanup failed")
+
+    def _from_thread(self, fn: Callable[[], None]) -> None:
+        if self._call_soon is not None:
+            try:
+                self._call_soon(fn)
+            except RuntimeError:
+                pass
+
+    async def _wait_idle(self) -> None:
+        while self._held:
+            await self._idle.wait()
+
+    async def _drain(self) -> None:
+        """Let running work finish; after the grace period, release async attempts."""
+        with anyio.move_on_after(self.shutdown_grace.total_seconds()):
+            await self._wait_idle()
+        for run_id in list(self._async_runs):
+            self._cancel_scope(run_id, "released")
+        await self._wait_idle()
+
+
+def _finished_from(c: Claimed) -> Finished:
+    return Finished(
+        id=c.id,
+        fn=c.fn,
+        fence=c.fence,
+        outcome=c.outcome or CANCELED,
+        result=c.result,
+        error=c.error,
+        on_complete=c.on_complete or "",
+        context=c.context,
+        queue=c.queue,
+        owner=c.owner,
+    )
+
+
+def _describe(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"

@@ -1,0 +1,88 @@
+"""Engine hooks the workflow tier builds on: runs started inline by the worker that
+executes them, runs inserted with a known outcome, and the current-worker contextvar."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import text
+
+from retrier import Completed, Failed, Retrier, Success
+from retrier._store import Finished, QueueLimits
+from retrier._worker import Worker, current_worker
+from tests.support import drain
+
+
+def test_insert_running_respects_the_queue_limit(retrier: Retrier) -> None:
+    @retrier.action
+    def work() -> None: ...
+
+    retrier.store.set_queue(QueueLimits("q", max_parallelism=1))
+    first = retrier.prepare(work, {}, queue="q")
+    second = retrier.prepare(work, {}, queue="q")
+    with retrier.store.dialect.write() as conn:
+        claimed = retrier.store.insert_running(first, "me", 5000, conn)
+    assert claimed is not None and claimed.fence == 1
+    with retrier.store.dialect.write() as conn:
+        assert retrier.store.insert_running(second, "me", 5000, conn) is None
+    row = retrier.store.get(first.id)
+    assert (row.state, row.lease_owner, row.attempts) == ("running", "me", 1)
+    assert retrier.store.states([second.id]) == {}, "nothing written when the queue is full"
+
+
+def test_execute_claimed_records_with_the_given_handler(retrier: Retrier) -> None:
+    @retrier.action
+    def double(x: int) -> int:
+        return 2 * x
+
+    @retrier.on_complete
+    def registered(run_id: str, result: Any, context: Any, session: Any) -> None:
+        raise AssertionError("the inline handler stands in for this one")
+
+    seen: list[tuple[str, Any]] = []
+    workers: list[Worker | None] = []
+
+    @retrier.action
+    async def outer() -> int:
+        worker = current_worker.get()
+        workers.append(worker)
+        assert worker is not None
+        new = retrier.prepare(double, {"x": 21}, on_complete=registered)
+        with retrier.store.dialect.write() as conn:
+            claimed = retrier.store.insert_running(new, worker.id, 5000, conn)
+        assert claimed is not None
+
+        def inline(f: Finished, session: Any) -> None:
+            seen.append((f.id, f.result))
+            session.execute(text("SELECT 1"))
+
+        outcome, completed = await worker.execute_claimed(claimed, inline)
+        assert completed and outcome.kind == "success"
+        return int(outcome.result)
+
+    run_id = retrier.run(outer)
+    drain(retrier)
+    assert retrier.status(run_id) == Completed(Success(42))
+    assert len(seen) == 1 and seen[0][1] == 42
+    assert retrier.status(seen[0][0]) == Completed(Success(42))
+    assert workers[0] is not None
+    assert current_worker.get() is None
+
+
+def test_insert_finished_delivers_its_on_complete_once(retrier: Retrier) -> None:
+    @retrier.action
+    def noop() -> None: ...
+
+    calls: list[Any] = []
+
+    @retrier.on_complete
+    def done(run_id: str, result: Any, context: Any) -> None:
+        calls.append((run_id, result, context))
+
+    new = retrier.prepare(noop, {}, on_complete=done, context={"k": 1})
+    with retrier.store.dialect.write() as conn:
+        retrier.store.insert_finished(new, "failed", conn, error="boom")
+    drain(retrier)
+    drain(retrier)
+    assert calls == [(new.id, Failed("boom"), {"k": 1})]
+    assert retrier.status(new.id) == Completed(Failed("boom"))

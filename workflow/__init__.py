@@ -1,0 +1,42 @@
+"""durable-tiers, tier 3: durable multi-step workflows on the workpool and retrier.
+
+>>> workflows = WorkflowManager(pool)
+>>> @workflows.define
+... async def process_order(ctx: WorkflowContext, order_id: str, amount: int) -> dict:
+...     charge = await ctx.step("charge-customer", charge_card, {"amount": amount})
+...     await ctx.sleep("wait-day", timedelta(days=1))
+...     return {"charge": charge}
+>>> wf_id = workflows.start(process_order, {"order_id": "o1", "amount": 100})
+
+See docs/workflow.md for every option and the determinism rules.
+"""
+
+from __future__ import annotations
+
+from ._context import WorkflowContext
+from ._errors import (
+    InvalidEvent,
+    InvalidWorkflow,
+    StepFailed,
+    UnregisteredWorkflow,
+    WorkflowDiverged,
+    WorkflowNotFinished,
+    WorkflowNotFound,
+)
+from ._listeners import WorkflowEvent
+from ._manager import StepInfo, WorkflowInfo, WorkflowManager
+
+__all__ = [
+    "InvalidEvent",
+    "InvalidWorkflow",
+    "StepFailed",
+    "StepInfo",
+    "UnregisteredWorkflow",
+    "WorkflowContext",
+    "WorkflowDiverged",
+    "WorkflowEvent",
+    "WorkflowInfo",
+    "WorkflowManager",
+    "WorkflowNotFinished",
+    "WorkflowNotFound",
+]

@@ -1,0 +1,149 @@
+"""`tiers workflows ...`: list, show, cancel, retrigger and send events.
+
+Loaded by `retrier._cli` through the `tiers.cli` entry-point group. Reading needs only
+a database (`--db`); cancel and retrigger need the app (`--app module:workflows`),
+whose definitions and handlers they use.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import click
+from rich.table import Table
+
+from retrier._cli import Context, _or_exit, _short, _when, console
+
+from ._journal import Journal
+from ._manager import WorkflowManager
+
+
+def _journal(obj: Context) -> Journal:
+    return Journal(obj.store())
+
+
+def _manager(obj: Context) -> WorkflowManager:
+    app = obj.app()
+    if not isinstance(app, WorkflowManager):
+        raise click.BadParameter("--app must name a WorkflowManager for this command")
+    return app
+
+
+@click.group()
+def workflows() -> None:
+    """Inspect and manage workflows."""
+
+
+@workflows.command("list")
+@click.option("--state", type=click.Choice(["running", "completed", "failed", "canceled"]))
+@click.option("--name", help="Only workflows of this name.")
+@click.option("--limit", default=50, show_default=True)
+@click.pass_obj
+def list_(obj: Context, state: str | None, name: str | None, limit: int) -> None:
+    """The most recent workflows, newest first."""
+    rows = _journal(obj).list(state=state, name=name, limit=limit)
+    table = Table("id", "name", "state", "created", "finished", "error")
+    for r in rows:
+        table.add_row(
+            r.id, r.name, r.state, _when(r.created_ms), _when(r.finished_ms), _short(r.error)
+        )
+    console.print(table)
+    console.print(f"{len(rows)} workflow(s)")
+
+
+@workflows.command("show")
+@click.argument("workflow_id")
+@click.pass_obj
+def show(obj: Context, workflow_id: str) -> None:
+    """One workflow with its journal: each step, attempts, results, errors, times."""
+    journal = _journal(obj)
+    row = _or_exit(journal.get, workflow_id)
+    info = Table(show_header=False)
+    for name, value in [
+        ("id", row.id),
+        ("name", row.name),
+        ("state", row.state),
+        ("pool", row.pool),
+        ("args", json.dumps(row.args)),
+        ("result", _json(row.result)),
+        ("error", row.error or ""),
+        ("key", row.key or ""),
+        ("parent", row.parent_id or ""),
+        ("retrigger of", row.retrigger_of or ""),
+        ("on_complete", row.on_complete or ""),
+        ("created", _when(row.created_ms)),
+        ("finished", _when(row.finished_ms)),
+    ]:
+        info.add_row(name, value)
+    console.print(info)
+    steps = Table(
+        "step",
+        "kind",
+        "state",
+        "attempts",
+        "started",
+        "finished",
+        "result / error",
+        title="journal",
+    )
+    for s in journal.steps(workflow_id):
+        detail = s["error"] or _json(s["result"])
+        if s["kind"] in ("sleep", "event") and s["state"] == "waiting" and s["wake_ms"]:
+            detail = f"until {_when(s['wake_ms'])}"
+        if s["kind"] == "invoke":
+            detail = f"child {s['child_id']} {detail}".strip()
+        steps.add_row(
+            s["name"],
+            s["kind"],
+            s["state"],
+            str(s["attempts"]),
+            _when(s["started_ms"]),
+            _when(s["finished_ms"]),
+            _short(detail, 80),
+        )
+    console.print(steps)
+
+
+@workflows.command("cancel")
+@click.argument("workflow_id")
+@click.pass_obj
+def cancel(obj: Context, workflow_id: str) -> None:
+    """Cancel a running workflow (needs --app)."""
+    manager = _manager(obj)
+    _or_exit(manager.cancel, workflow_id)
+    console.print(f"{workflow_id}: {_or_exit(manager.status, workflow_id)}")
+
+
+@workflows.command("retrigger")
+@click.argument("workflow_id")
+@click.pass_obj
+def retrigger(obj: Context, workflow_id: str) -> None:
+    """Start a fresh run of a workflow with the same input (needs --app)."""
+    new_id = _or_exit(_manager(obj).retrigger, workflow_id)
+    console.print(f"started {new_id}")
+
+
+@workflows.command("send-event")
+@click.argument("name")
+@click.argument("data", default="{}")
+@click.pass_obj
+def send_event(obj: Context, name: str, data: str) -> None:
+    """Send event NAME with DATA (a JSON object) to waiting workflows."""
+    try:
+        payload = json.loads(data)
+    except json.JSONDecodeError as exc:
+        raise click.BadParameter(f"DATA is not JSON: {exc}") from None
+    from ._context import _check_event
+
+    _or_exit(_check_event, name, payload)
+    journal = _journal(obj)
+    if obj._app:
+        event_id = _or_exit(_manager(obj).send_event, name, payload)
+    else:
+        event_id = journal.send_event_alone(name, payload)
+    console.print(f"sent event {event_id}")
+
+
+def _json(value: Any) -> str:
+    return "" if value is None else json.dumps(value)

@@ -1,0 +1,444 @@
+"""`WorkflowContext`: what a workflow function calls to run steps, sleep, wait and fan out.
+
+Every call is identified by its name and occurrence (`fetch[0]`, `fetch[1]`) and
+assigned when it is *made*, not when it is awaited, so `asyncio.gather` of several
+calls journals them in a deterministic order. Each call returns an awaitable that is
+already under way (like a JavaScript promise): journaled results come back at once;
+new work is journaled and started.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import uuid
+from collections.abc import Awaitable, Coroutine
+from datetime import datetime, timedelta
+from typing import TYPE_CHECKING, Any
+
+import anyio.to_thread
+from sqlalchemy import Connection
+
+from retrier import InvalidArguments
+from retrier._clock import datetime_to_ms, to_ms
+from retrier._registry import Fn
+from retrier._store import Finished, NewRun
+from retrier._worker import Worker
+
+from ._errors import InvalidEvent, StepFailed, WorkflowDiverged
+from ._journal import Conflict, Entry, Loaded, NotRunning
+from ._listeners import WorkflowEvent
+from ._models import (
+    COMPLETED,
+    EVENT,
+    FAILED,
+    INVOKE,
+    RUNNING,
+    SEND,
+    SLEEP,
+    STEP,
+    WAITING,
+)
+
+if TYPE_CHECKING:
+    from workpool import RetryBehavior
+
+    from ._driver import Driver
+
+
+class Suspend(BaseException):
+    """Unwinds a workflow function that must wait for something outside this run.
+
+    A BaseException, so that `except Exception` in workflow code never swallows it.
+    """
+
+
+class WorkflowContext:
+    """The first argument of every workflow function.
+
+    >>> @workflows.define
+    ... async def onboard(ctx: WorkflowContext, user_id: str) -> None:
+    ...     await ctx.step("welcome", send_email, {"to": user_id})
+    ...     await ctx.sleep("wait-a-day", timedelta(days=1))
+    ...     await ctx.step("follow-up", send_email, {"to": user_id})
+
+    Code outside steps must be deterministic: it runs again on every replay.
+    """
+
+    def __init__(self, driver: Driver, loaded: Loaded, worker: Worker | None) -> None:
+        self._driver = driver
+        self._workflow = loaded.workflow
+        self._entries = loaded.entries
+        self._worker = worker
+        self._counts: dict[str, int] = {}
+        self._calls = 0
+        self._last_position = -1
+        self._futures: list[asyncio.Future[Any]] = []
+        self.diverged: WorkflowDiverged | None = None
+
+    @property
+    def workflow_id(self) -> str:
+        """The id of the running workflow."""
+        return self._workflow.id
+
+    @property
+    def workflow_name(self) -> str:
+        """The defined name of the running workflow."""
+        return self._workflow.name
+
+    # -- steps -------------------------------------------------------------------------
+
+    def step(
+        self,
+        name: str,
+        fn: Fn | str,
+        args: dict[str, Any] | None = None,
+        *,
+        retry: bool | RetryBehavior | None = None,
+    ) -> Awaitable[Any]:
+        """Run a registered action as a checkpointed step in the manager's pool.
+
+        Returns its result (typed by the action's return annotation). On a replay a
+        finished step returns its journaled result without running. `retry`: True
+        uses the pool's default `RetryBehavior`, False makes one attempt, a
+        `RetryBehavior` sets its own; None follows the pool's
+        `retry_actions_by_default`. A step that exhausts its attempts raises
+        `StepFailed` here.
+        """
+        full, position, entry = self._call(name, STEP)
+        reg = self._driver.retrier.registry.action(fn)
+        if entry is not None:
+            if entry.fn != reg.name:
+                self._diverge(
+                    full, f"the journal ran {entry.fn!r} there, the code runs {reg.name!r}"
+                )
+            return self._replayed(full, entry, reg.decode_result)
+        new = self._driver.retrier.prepare(
+            reg.name,
+            args,
+            on_complete=self._driver.step_handler,
+            context={"wf": self.workflow_id, "step": full},
+            policy=self._driver.policy_for(retry),
+            queue=self._driver.pool_name,
+            owner=self.workflow_id,
+        )
+        row = self._entry_row(full, position, STEP, RUNNING, fn=reg.name, run_id=new.id)
+        return self._spawn(self._run_step(full, position, row, new, reg.decode_result))
+
+    async def _run_step(
+        self, full: str, position: int, row: dict[str, Any], new: NewRun, decode: Any
+    ) -> Any:
+        worker = self._worker
+        try:
+            claimed = await anyio.to_thread.run_sync(
+                self._driver.journal.start_step,
+                self.workflow_id,
+                row,
+                new,
+                None if worker is None else worker.id,
+                0 if worker is None else worker.lease_ms,
+            )
+        except (Conflict, NotRunning):
+            raise Suspend from None
+        if claimed is None or worker is None:
+            self._driver.retrier.wake_workers()
+            raise Suspend
+        settled: list[Entry] = []
+
+        def inline(f: Finished, conn: Connection) -> None:
+            entry = self._driver.journal.settle_step(
+                conn,
+                self.workflow_id,
+                full,
+                f.outcome,
+                f.result,
+                f.error,
+                f.id,
+                attempts=1,  # an inline run that is over at once had one attempt
+            )
+            if entry is not None:
+                settled.append(entry)
+
+        _, completed = await worker.execute_claimed(claimed, inline)
+        if not completed or not settled:
+            # Retried later, or its handler will journal it: the step's on_complete
+            # wakes this workflow when it is over.
+            self._driver.retrier.wake_workers()
+            raise Suspend
+        entry = settled[0]
+        entry.position, entry.fn = position, new.fn
+        self._entries[full] = entry
+        if entry.state != COMPLETED:
+            self._driver.step_failed(self._workflow, full, entry.error)
+            raise StepFailed(full, entry.error or entry.state)
+        return decode(entry.result)
+
+    # -- sleeping ------------------------------------------------------------------------
+
+    def sleep(self, name: str, duration: timedelta | float) -> Awaitable[None]:
+        """Sleep for a timedelta or a number of seconds, holding no worker or slot."""
+        ms = to_ms(duration)
+        if ms < 0:
+            raise InvalidArguments(f"sleep {name!r} needs a non-negative duration, got {duration}")
+        return self._sleep(name, lambda: self._now() + ms)
+
+    def sleep_until(self, name: str, when: datetime) -> Awaitable[None]:
+        """Sleep until a timezone-aware datetime, holding no worker or slot."""
+        try:
+            due = datetime_to_ms(when)
+        except ValueError as exc:
+            raise InvalidArguments(str(exc)) from None
+        return self._sleep(name, lambda: due)
+
+    def _sleep(self, name: str, due: Any) -> Awaitable[None]:
+        full, position, entry = self._call(name, SLEEP)
+        if entry is not None:
+            if entry.state == COMPLETED:
+                return self._resolved(None)
+            return self._spawn(self._sleep_more(full, entry.wake_ms or 0))
+        wake_ms: int = due()
+        if wake_ms <= self._now():
+            row = self._entry_row(full, position, SLEEP, COMPLETED, wake_ms=wake_ms)
+            row["finished_ms"] = self._now()
+            return self._spawn(self._journal_done(full, row))
+        row = self._entry_row(full, position, SLEEP, WAITING, wake_ms=wake_ms)
+        return self._spawn(self._wait_new(row, wake_ms))
+
+    async def _sleep_more(self, full: str, wake_ms: int) -> None:
+        if self._now() < wake_ms:
+            raise Suspend
+        await anyio.to_thread.run_sync(
+            self._driver.journal.complete_waiting, self.workflow_id, full
+        )
+        self._entries[full].state = COMPLETED
+
+    async def _wait_new(self, row: dict[str, Any], wake_ms: int | None) -> None:
+        try:
+            await anyio.to_thread.run_sync(
+                self._driver.journal.add_waiting, self.workflow_id, row, wake_ms
+            )
+        except (Conflict, NotRunning):
+            raise Suspend from None
+        self._driver.retrier.wake_workers()  # so they set a timer for the wake-up
+        raise Suspend
+
+    async def _journal_done(self, full: str, row: dict[str, Any]) -> Any:
+        try:
+            await anyio.to_thread.run_sync(self._driver.journal.add_entry, self.workflow_id, row)
+        except (Conflict, NotRunning):
+            raise Suspend from None
+        return row.get("result")
+
+    # -- events ------------------------------------------------------------------------
+
+    def wait_for_event(
+        self,
+        name: str,
+        event: str,
+        *,
+        match: str | dict[str, Any] | None = None,
+        timeout: timedelta | float | None = None,
+    ) -> Awaitable[dict[str, Any] | None]:
+        """Wait for the first event named `event` sent after this workflow started.
+
+        `match="order_id"` takes only events whose `data["order_id"]` equals this
+        workflow's own `order_id` argument; `match={"k": v}` takes exact values; None
+        takes any. Returns the event's data, or None once `timeout` has elapsed.
+        An event sent before the wait began (but after the start) still matches.
+        """
+        full, position, entry = self._call(name, EVENT)
+        if entry is not None and entry.state == COMPLETED:
+            return self._resolved(entry.result)
+        wanted = self._match(name, match)
+        timeout_ms = None if timeout is None else to_ms(timeout)
+        if timeout_ms is not None and timeout_ms < 0:
+            raise InvalidArguments(f"wait {name!r} needs a non-negative timeout, got {timeout}")
+        row = self._entry_row(full, position, EVENT, WAITING, event_name=event, match=wanted)
+        return self._spawn(self._event(full, position, row, timeout_ms))
+
+    async def _event(
+        self, full: str, position: int, row: dict[str, Any], timeout_ms: int | None
+    ) -> Any:
+        try:
+            done, data = await anyio.to_thread.run_sync(
+                self._driver.journal.try_event, self._workflow, row, timeout_ms
+            )
+        except (Conflict, NotRunning):
+            raise Suspend from None
+        if not done:
+            self._driver.retrier.wake_workers()
+            raise Suspend
+        self._entries[full] = Entry(full, position, EVENT, COMPLETED, result=data)
+        return data
+
+    def _match(self, name: str, match: str | dict[str, Any] | None) -> dict[str, Any]:
+        if match is None:
+            return {}
+        if isinstance(match, str):
+            if match not in self._workflow.args:
+                raise InvalidArguments(
+                    f"wait {name!r} matches on {match!r}, which is not an argument of "
+                    f"workflow {self.workflow_name!r}"
+                )
+            return {match: self._workflow.args[match]}
+        if isinstance(match, dict):
+            _check_json(match, f"the match of wait {name!r}")
+            return dict(match)
+        raise InvalidArguments(f"match must be a field name or a dict, got {type(match).__name__}")
+
+    def send_event(self, name: str, event: str, data: dict[str, Any]) -> Awaitable[int]:
+        """Send an event once (journaled as a step); returns the stored event's id."""
+        full, position, entry = self._call(name, SEND)
+        if entry is not None:
+            return self._resolved(entry.result)
+        _check_event(event, data)
+        row = self._entry_row(full, position, SEND, COMPLETED, event_name=event)
+        row["finished_ms"] = self._now()
+        journal = self._driver.journal
+        return self._spawn(
+            self._send(full, row, lambda conn: journal.send_event(conn, event, data))
+        )
+
+    async def _send(self, full: str, row: dict[str, Any], send: Any) -> int:
+        try:
+            event_id = await anyio.to_thread.run_sync(
+                self._driver.journal.add_entry, self.workflow_id, row, send
+            )
+        except (Conflict, NotRunning):
+            raise Suspend from None
+        self._driver.retrier.wake_workers()
+        return int(event_id)
+
+    # -- child workflows -------------------------------------------------------------------
+
+    def invoke(
+        self, name: str, workflow: Any, args: dict[str, Any] | None = None
+    ) -> Awaitable[Any]:
+        """Start a child workflow and wait (holding nothing) for its result.
+
+        A child that fails or is canceled raises `StepFailed` here.
+        """
+        full, position, entry = self._call(name, INVOKE)
+        child = self._driver.defs.get(workflow)
+        if entry is not None:
+            return self._replayed(full, entry, child.decode_result)
+        stored = child.validate_args(args)
+        child_id = uuid.uuid4().hex
+        child_row = self._driver.workflow_row(
+            child_id, child.name, stored, parent_id=self.workflow_id, parent_step=full
+        )
+        row = self._entry_row(full, position, INVOKE, WAITING, fn=child.name, child_id=child_id)
+        return self._spawn(self._invoke(row, child_row))
+
+    async def _invoke(self, row: dict[str, Any], child_row: dict[str, Any]) -> Any:
+        try:
+            await anyio.to_thread.run_sync(
+                self._driver.journal.start_child, self.workflow_id, row, child_row
+            )
+        except (Conflict, NotRunning):
+            raise Suspend from None
+        self._driver.retrier.wake_workers()
+        raise Suspend
+
+    # -- identity, replay, divergence ------------------------------------------------------
+
+    def _call(self, name: str, kind: str) -> tuple[str, int, Entry | None]:
+        if not isinstance(name, str) or not name:
+            raise InvalidArguments(f"a {kind} needs a non-empty name, got {name!r}")
+        occurrence = self._counts.get(name, 0)
+        self._counts[name] = occurrence + 1
+        full = f"{name}[{occurrence}]"
+        position = max(self._calls, self._last_position)
+        self._calls += 1
+        entry = self._entries.get(full)
+        if entry is None:
+            return full, position, None
+        if entry.kind != kind:
+            self._diverge(full, f"the journal has a {entry.kind} there, the code asks for a {kind}")
+        if entry.position < self._last_position:
+            self._diverge(
+                full, "it was journaled before a step that this replay has already passed"
+            )
+        self._last_position = entry.position
+        return full, entry.position, entry
+
+    def _diverge(self, step: str, detail: str) -> None:
+        exc = WorkflowDiverged(self.workflow_id, self.workflow_name, step, detail)
+        self.diverged = self.diverged or exc  # fails the workflow even if caught
+        raise exc
+
+    def _replayed(self, full: str, entry: Entry, decode: Any) -> Awaitable[Any]:
+        if entry.state == COMPLETED:
+            return self._resolved(decode(entry.result))
+        if entry.state in (FAILED, "canceled"):
+            return self._rejected(StepFailed(full, entry.error or entry.state))
+        return self._spawn(_suspend())  # running or waiting: its end wakes us
+
+    def _entry_row(
+        self, full: str, position: int, kind: str, state: str, **more: Any
+    ) -> dict[str, Any]:
+        return {
+            "workflow_id": self.workflow_id,
+            "name": full,
+            "position": position,
+            "kind": kind,
+            "state": state,
+            "started_ms": self._now(),
+            "attempts": 0,
+            **more,
+        }
+
+    def _now(self) -> int:
+        return self._driver.retrier.clock.now_ms()
+
+    # -- futures ---------------------------------------------------------------------------
+
+    def _spawn(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Future[Any]:
+        task = asyncio.ensure_future(coro)
+        self._futures.append(task)
+        return task
+
+    def _resolved(self, value: Any) -> asyncio.Future[Any]:
+        future = asyncio.get_running_loop().create_future()
+        future.set_result(value)
+        return future
+
+    def _rejected(self, exc: BaseException) -> asyncio.Future[Any]:
+        future = asyncio.get_running_loop().create_future()
+        future.set_exception(exc)
+        self._futures.append(future)
+        return future
+
+    async def drain(self) -> None:
+        """Wait for every call still under way (so none is orphaned when the driver
+        returns), and retrieve their exceptions."""
+        pending = [f for f in self._futures if not f.done()]
+        if pending:
+            await asyncio.wait(pending)
+        for f in self._futures:
+            if not f.cancelled():
+                f.exception()
+        self._futures.clear()
+
+
+async def _suspend() -> Any:
+    raise Suspend
+
+
+def _check_json(value: Any, what: str) -> None:
+    try:
+        json.dumps(value, allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        raise InvalidEvent(f"{what} is not JSON: {exc}") from None
+
+
+def _check_event(event: str, data: Any) -> None:
+    if not isinstance(event, str) or not event:
+        raise InvalidEvent(f"an event needs a non-empty name, got {event!r}")
+    if not isinstance(data, dict):
+        raise InvalidEvent(f"the data of event {event!r} must be a JSON object (a dict)")
+    _check_json(data, f"the data of event {event!r}")
+
+
+def step_failed_event(workflow: Any, step: str, error: str | None) -> WorkflowEvent:
+    return WorkflowEvent("step:fail", workflow.id, workflow.name, step=step, error=error)

@@ -1,0 +1,205 @@
+"""The driver: the engine action that runs a workflow function until it ends or waits.
+
+A workflow is moved forward by driver runs (`tiers.workflow.drive:<pool>`), ordinary
+engine runs in the unlimited queue `tiers.workflow`. A driver loads the journal once
+and calls the workflow function: journaled calls return at once; a new step whose pool
+has room is run inline by the same worker (two transactions per step, no replay per
+step); anything that must wait journals itself, makes sure a driver will come back
+(the step's on_complete, or a driver run due at a wake-up time) and unwinds the
+function with `Suspend`. A waiting workflow is only rows.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import anyio.to_thread
+from sqlalchemy import select
+
+from retrier import Retrier, RetryPolicy
+from retrier._registry import ResultNotSerializable
+from retrier._store import NewRun, runs
+from retrier._worker import current_worker
+
+from ._context import Suspend, WorkflowContext, step_failed_event
+from ._definitions import Definitions
+from ._errors import UnregisteredWorkflow
+from ._journal import DRIVER_QUEUE, Journal, driver_name
+from ._listeners import Listeners, WorkflowEvent
+from ._models import COMPLETED, FAILED, RUNNING, WorkflowRow
+
+log = logging.getLogger("tiers.workflow")
+
+class Driver:
+    """Runs the workflows of one manager: its driver action and step handler."""
+
+    def __init__(
+        self,
+        retrier: Retrier,
+        pool_name: str,
+        defs: Definitions,
+        listeners: Listeners,
+        default_retry: Any,
+        retry_by_default: bool,
+    ) -> None:
+        self.retrier = retrier
+        self.pool_name = pool_name
+        self.defs = defs
+        self.listeners = listeners
+        self.default_retry = default_retry
+        self.retry_by_default = retry_by_default
+        self.drive_name = driver_name(pool_name)
+        self.step_handler = f"tiers.workflow.step_done:{pool_name}"
+        self._policies: dict[Any, RetryPolicy] = {}
+        retrier.registry.add_action(self.drive, name=self.drive_name)
+        retrier.registry.add_handler(self.step_done, name=self.step_handler)
+        self.journal = Journal(retrier.store)
+
+    # -- rows ------------------------------------------------------------------------
+
+    def workflow_row(
+        self,
+        workflow_id: str,
+        name: str,
+        args: dict[str, Any],
+        *,
+        on_complete: str | None = None,
+        context: Any = None,
+        key: str | None = None,
+        parent_id: str | None = None,
+        parent_step: str | None = None,
+        retrigger_of: str | None = None,
+    ) -> dict[str, Any]:
+        return {
+            "id": workflow_id,
+            "name": name,
+            "pool": self.pool_name,
+            "args": args,
+            "state": RUNNING,
+            "key": key,
+            "parent_id": parent_id,
+            "parent_step": parent_step,
+            "retrigger_of": retrigger_of,
+            "on_complete": on_complete,
+            "context": context,
+            "created_ms": self.retrier.clock.now_ms(),
+        }
+
+    def completion(self, row: Any) -> NewRun | None:
+        """The run that delivers a finished workflow's on_complete (its id is the
+        workflow's, so the handler gets the workflow id)."""
+        if row.on_complete is None:
+            return None
+        return NewRun(
+            id=row.id,
+            fn=result_action_name(row.name),
+            args={},
+            due_ms=self.retrier.clock.now_ms(),
+            initial_backoff_ms=250,
+            base=2,
+            max_failures=1,
+            jitter=False,
+            max_backoff_ms=60_000,
+            queue=DRIVER_QUEUE,
+            on_complete=row.on_complete,
+            context=row.context,
+        )
+
+    def policy_for(self, retry: Any) -> RetryPolicy:
+        if retry is None:
+            retry = self.retry_by_default
+        if retry is False:
+            retry = ("once",)
+        elif retry is True:
+            retry = self.default_retry
+        policy = self._policies.get(retry)
+        if policy is None:
+            if retry == ("once",):
+                policy = RetryPolicy(max_failures=1)
+            else:
+                policy = RetryPolicy(
+                    initial_backoff_ms=retry.initial_backoff_ms,
+                    base=retry.base,
+                    max_failures=retry.max_attempts,
+                )
+            self._policies[retry] = policy
+        return policy
+
+    # -- the driver action -----------------------------------------------------------
+
+    async def drive(self, workflow_id: str) -> str:
+        """Run the workflow until it finishes or must wait."""
+        loaded = await anyio.to_thread.run_sync(self.journal.load, workflow_id)
+        if loaded is None or loaded.workflow.state != RUNNING:
+            return "idle"
+        wf = loaded.workflow
+        ctx = WorkflowContext(self, loaded, current_worker.get())
+        state, result, error = COMPLETED, None, None
+        try:
+            definition = self.defs.get(wf.name)
+            value = await definition.fn(ctx, **definition.decode_args(wf.args))
+        except Suspend:
+            await ctx.drain()
+            if ctx.diverged is None:
+                return "waiting"
+            state, error = FAILED, _describe(ctx.diverged)
+        except UnregisteredWorkflow as exc:
+            state, error = FAILED, _describe(exc)
+        except Exception as exc:
+            await ctx.drain()
+            state, error = FAILED, _describe(ctx.diverged or exc)
+        else:
+            await ctx.drain()
+            if ctx.diverged is not None:
+                state, error = FAILED, _describe(ctx.diverged)
+            else:
+                try:
+                    result = definition.encode_result(value)
+                except ResultNotSerializable as exc:
+                    state, error = FAILED, str(exc)
+        if state == FAILED:
+            log.info("workflow %s (%s) failed: %s", wf.name, wf.id, error)
+        ended = await anyio.to_thread.run_sync(
+            self.journal.finish, wf.id, state, result, error, self.completion
+        )
+        if ended:
+            self.retrier.wake_workers()
+            kind = "run:complete" if state == COMPLETED else "run:fail"
+            self.listeners.emit(WorkflowEvent(kind, wf.id, wf.name, error=error, result=result))
+        return state
+
+    # -- a step's run is over -----------------------------------------------------------
+
+    def step_done(self, run_id: str, result: Any, context: Any, session: Any) -> None:
+        """on_complete of every step run: journal its outcome and wake the workflow,
+        in the transaction that completes the run (so exactly once)."""
+        conn = session.connection()
+        row = conn.execute(
+            select(runs.c.outcome, runs.c.result, runs.c.error).where(runs.c.id == run_id)
+        ).first()
+        if row is None:
+            return
+        workflow_id, step = context["wf"], context["step"]
+        entry = self.journal.settle_step(
+            conn, workflow_id, step, row.outcome, row.result, row.error, run_id
+        )
+        if entry is None:
+            return
+        self.journal.wake(conn, workflow_id)
+        if entry.state != COMPLETED:
+            self.listeners.emit(
+                WorkflowEvent("step:fail", workflow_id, "", step=step, error=entry.error)
+            )
+
+    def step_failed(self, workflow: WorkflowRow, step: str, error: str | None) -> None:
+        self.listeners.emit(step_failed_event(workflow, step, error))
+
+
+def result_action_name(workflow: str) -> str:
+    """The engine action standing for a workflow's result (it types its on_complete)."""
+    return f"tiers.workflow.result:{workflow}"
+
+
+def _describe(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"

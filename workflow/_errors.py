@@ -1,0 +1,64 @@
+"""The workflow tier's exceptions; all share the retrier's `TiersError` root."""
+
+from __future__ import annotations
+
+from retrier import RunNotFinished, RunNotFound, TiersError, UnregisteredFunction
+
+
+class StepFailed(TiersError):
+    """A step exhausted its retries (or was canceled). Raised inside the workflow at
+    the step's `await`; catch it to compensate, or let it fail the workflow."""
+
+    def __init__(self, step: str, error: str) -> None:
+        super().__init__(f"step {step!r} failed: {error}")
+        self.step = step
+        self.error = error
+
+
+class WorkflowDiverged(TiersError):
+    """A replay reached a different step sequence than the journal recorded: the
+    workflow's code changed, or it is not deterministic outside its steps."""
+
+    def __init__(self, workflow_id: str, workflow: str, step: str, detail: str) -> None:
+        super().__init__(
+            f"workflow {workflow!r} ({workflow_id}) diverged from its journal at step "
+            f"{step!r}: {detail}. Code outside steps must be deterministic; to change a "
+            f"workflow's steps, give changed steps new names or retrigger it"
+        )
+        self.workflow_id = workflow_id
+        self.step = step
+
+
+class WorkflowNotFound(RunNotFound):
+    """No workflow with this id is stored (it never existed, or it was cleaned up)."""
+
+    def __init__(self, workflow_id: str) -> None:
+        super().__init__(workflow_id)
+        self.args = (f"no workflow with id {workflow_id!r}",)
+
+
+class WorkflowNotFinished(RunNotFinished):
+    """The workflow is still running, so its state cannot be cleaned up yet."""
+
+    def __init__(self, workflow_id: str) -> None:
+        super().__init__(workflow_id)
+        self.args = (f"workflow {workflow_id!r} has not finished; cancel it or wait for it first",)
+
+
+class UnregisteredWorkflow(UnregisteredFunction):
+    """A workflow function was used (or named by a stored row) that is not defined."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(name, "workflow")
+        self.args = (
+            f"workflow {name!r} is not defined; decorate it with @workflows.define in the "
+            f"module the worker imports",
+        )
+
+
+class InvalidWorkflow(TiersError, TypeError):
+    """A function given to `@workflows.define` cannot be a workflow."""
+
+
+class InvalidEvent(TiersError, ValueError):
+    """An event's name or payload cannot be stored (the payload must be a JSON object)."""

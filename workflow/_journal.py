@@ -1,0 +1,618 @@
+"""Every read and write of workflow state, as short transactions on the engine's database.
+
+Each write that moves a workflow forward also makes sure a driver run will look at it
+again (`wake`), in the same transaction: a committed step result can never be left
+without a driver to consume it.
+"""
+
+from __future__ import annotations
+
+import builtins
+import contextlib
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+from sqlalchemy import Connection, bindparam, delete, func, insert, select, text, update
+from sqlalchemy.exc import IntegrityError
+
+from retrier import RetryPolicy
+from retrier._models import CANCELED as RUN_CANCELED
+from retrier._models import COMPLETED as RUN_COMPLETED
+from retrier._models import FAILED as RUN_FAILED
+from retrier._models import PENDING as RUN_PENDING
+from retrier._models import RUNNING as RUN_RUNNING
+from retrier._models import SUCCESS as RUN_SUCCESS
+from retrier._store import Claimed, NewRun, Store, runs
+
+from ._errors import WorkflowNotFinished, WorkflowNotFound
+from ._models import (
+    CANCELED,
+    COMPLETED,
+    EVENT,
+    FAILED,
+    RUNNING,
+    WAITING,
+    WorkflowRow,
+    events_t,
+    steps_t,
+    workflows_t,
+)
+
+DRIVER_QUEUE = "tiers.workflow"
+# Driver runs fail only on infrastructure errors (workflow code errors fail the
+# workflow instead), so they retry long and patiently.
+DRIVER_POLICY = RetryPolicy(
+    initial_backoff_ms=250, base=2, max_failures=100, max_backoff=timedelta(seconds=30)
+)
+
+
+def driver_name(pool: str) -> str:
+    """The engine action that drives the workflows whose steps run in `pool`."""
+    return f"tiers.workflow.drive:{pool}"
+
+
+def driver_run(workflow_id: str, pool: str, due_ms: int) -> NewRun:
+    """A run of the workflow's driver, due at `due_ms`, in the unlimited driver queue."""
+    p = DRIVER_POLICY
+    return NewRun(
+        id=uuid.uuid4().hex,
+        fn=driver_name(pool),
+        args={"workflow_id": workflow_id},
+        due_ms=due_ms,
+        initial_backoff_ms=p.initial_backoff_ms,
+        base=p.base,
+        max_failures=p.max_failures,
+        jitter=False,
+        max_backoff_ms=p.max_backoff_ms,
+        queue=DRIVER_QUEUE,
+        owner=workflow_id,
+    )
+
+
+_STEP_STATE = {RUN_SUCCESS: COMPLETED, RUN_FAILED: FAILED, RUN_CANCELED: CANCELED}
+
+
+class Conflict(Exception):
+    """Another driver of the same workflow wrote this journal entry first."""
+
+
+class NotRunning(Exception):
+    """The workflow is no longer running (canceled, or finished by another driver)."""
+
+
+@dataclass(slots=True)
+class Entry:
+    """One journal entry, as a driver sees it."""
+
+    name: str
+    position: int
+    kind: str
+    state: str
+    fn: str | None = None
+    result: Any = None
+    error: str | None = None
+    wake_ms: int | None = None
+    child_id: str | None = None
+
+
+@dataclass(slots=True)
+class Loaded:
+    """A workflow and its whole journal, read in one transaction."""
+
+    workflow: WorkflowRow
+    entries: dict[str, Entry]
+
+
+_ENTRY_COLUMNS = (
+    steps_t.c.name,
+    steps_t.c.position,
+    steps_t.c.kind,
+    steps_t.c.state,
+    steps_t.c.fn,
+    steps_t.c.result,
+    steps_t.c.error,
+    steps_t.c.wake_ms,
+    steps_t.c.child_id,
+)
+
+
+# Hot statements, built once (SQLAlchemy then skips construction and cache keys).
+_SETTLE_STEP = (
+    update(steps_t)
+    .where(
+        steps_t.c.workflow_id == bindparam("b_wf"),
+        steps_t.c.name == bindparam("b_name"),
+        steps_t.c.state == RUNNING,
+    )
+    .values(  # bind names differ from column names, which UPDATE reserves
+        state=bindparam("b_state"),
+        result=bindparam("b_result", type_=steps_t.c.result.type),
+        error=bindparam("b_error"),
+        attempts=bindparam("b_attempts"),
+        finished_ms=bindparam("b_finished_ms"),
+    )
+)
+_LOCK_WORKFLOW = select(
+    workflows_t.c.id,
+    workflows_t.c.state,
+    workflows_t.c.parent_id,
+    workflows_t.c.parent_step,
+    workflows_t.c.on_complete,
+    workflows_t.c.context,
+    workflows_t.c.name,
+).where(workflows_t.c.id == bindparam("wf"))
+
+
+class Journal:
+    """Workflow rows, journal entries and events of one database."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self.dialect = store.dialect
+        self.clock = store.clock
+        self._lock_workflow = self.dialect.lock_rows(_LOCK_WORKFLOW)
+
+    # -- reading -------------------------------------------------------------------
+
+    def load(self, workflow_id: str) -> Loaded | None:
+        with self.dialect.read() as conn:
+            row = (
+                conn.execute(select(workflows_t).where(workflows_t.c.id == workflow_id))
+                .mappings()
+                .first()
+            )
+            if row is None:
+                return None
+            entries = {
+                r.name: Entry(*r)
+                for r in conn.execute(
+                    select(*_ENTRY_COLUMNS).where(steps_t.c.workflow_id == workflow_id)
+                )
+            }
+        return Loaded(WorkflowRow.model_validate(dict(row)), entries)
+
+    def get(self, workflow_id: str) -> WorkflowRow:
+        with self.dialect.read() as conn:
+            row = (
+                conn.execute(select(workflows_t).where(workflows_t.c.id == workflow_id))
+                .mappings()
+                .first()
+            )
+        if row is None:
+            raise WorkflowNotFound(workflow_id)
+        return WorkflowRow.model_validate(dict(row))
+
+    def states(self, workflow_ids: list[str]) -> dict[str, str]:
+        with self.dialect.read() as conn:
+            rows = conn.execute(
+                select(workflows_t.c.id, workflows_t.c.state).where(
+                    workflows_t.c.id.in_(workflow_ids)
+                )
+            ).all()
+        return {r.id: r.state for r in rows}
+
+    def steps(self, workflow_id: str) -> list[Any]:
+        """Every journal entry of a workflow, in call order, as row mappings."""
+        with self.dialect.read() as conn:
+            return list(
+                conn.execute(
+                    select(steps_t)
+                    .where(steps_t.c.workflow_id == workflow_id)
+                    .order_by(steps_t.c.position, steps_t.c.id)
+                ).mappings()
+            )
+
+    def list(
+        self,
+        *,
+        state: str | None = None,
+        name: str | None = None,
+        pool: str | None = None,
+        limit: int = 100,
+    ) -> list[WorkflowRow]:
+        stmt = select(workflows_t).order_by(workflows_t.c.created_ms.desc()).limit(limit)
+        if state is not None:
+            stmt = stmt.where(workflows_t.c.state == state)
+        if name is not None:
+            stmt = stmt.where(workflows_t.c.name == name)
+        if pool is not None:
+            stmt = stmt.where(workflows_t.c.pool == pool)
+        with self.dialect.read() as conn:
+            return [WorkflowRow.model_validate(dict(r)) for r in conn.execute(stmt).mappings()]
+
+    # -- starting workflows --------------------------------------------------------
+
+    def create(self, row: dict[str, Any], conn: Connection | None = None) -> str:
+        """Insert a workflow and its first driver run; with a key, return the existing
+        workflow's id instead if one has it."""
+        if conn is not None:
+            return self._create(conn, row)
+        try:
+            with self.dialect.write() as own:
+                return self._create(own, row)
+        except IntegrityError:
+            if row.get("key") is None:
+                raise
+            with self.dialect.read() as own:  # a concurrent start with the same key won
+                found = own.execute(
+                    select(workflows_t.c.id).where(workflows_t.c.key == row["key"])
+                ).scalar()
+            if found is None:
+                raise
+            return str(found)
+
+    def _create(self, conn: Connection, row: dict[str, Any]) -> str:
+        if row.get("key") is not None:
+            found = conn.execute(
+                select(workflows_t.c.id).where(workflows_t.c.key == row["key"])
+            ).scalar()
+            if found is not None:
+                return str(found)
+        conn.execute(insert(workflows_t), [row])
+        self.store.insert_runs([driver_run(row["id"], row["pool"], row["created_ms"])], conn)
+        return str(row["id"])
+
+    # -- steps -----------------------------------------------------------------------
+
+    def start_step(
+        self,
+        workflow_id: str,
+        entry: dict[str, Any],
+        new: NewRun,
+        worker: str | None,
+        lease_ms: int,
+    ) -> Claimed | None:
+        """Journal a new step and store its run: claimed by `worker` if its pool has
+        room now (the caller runs it inline), else pending in the pool."""
+        # Internal: lost in a database crash, the step simply runs again.
+        with self._write(internal=True) as conn:
+            self._lock_running(conn, workflow_id)
+            conn.execute(insert(steps_t), [entry])
+            claimed = None
+            if worker is not None:
+                claimed = self.store.insert_running(new, worker, lease_ms, conn)
+            if claimed is None:
+                self.store.insert_runs([new], conn)
+            return claimed
+
+    def settle_step(
+        self,
+        conn: Connection,
+        workflow_id: str,
+        name: str,
+        outcome: str,
+        result: Any,
+        error: str | None,
+        run_id: str,
+        attempts: int | None = None,
+    ) -> Entry | None:
+        """Journal the final outcome of a step's run; None if it was journaled already."""
+        if attempts is None:
+            attempts = conn.execute(select(runs.c.attempts).where(runs.c.id == run_id)).scalar()
+        state = _STEP_STATE[outcome]
+        changed = conn.execute(
+            _SETTLE_STEP,
+            {
+                "b_wf": workflow_id,
+                "b_name": name,
+                "b_state": state,
+                "b_result": result,
+                "b_error": error,
+                "b_attempts": attempts or 0,
+                "b_finished_ms": self.clock.now_ms(),
+            },
+        ).rowcount
+        if not changed:
+            return None
+        return Entry(name, 0, "step", state, result=result, error=error)
+
+    def wake(self, conn: Connection, workflow_id: str, due_ms: int | None = None) -> None:
+        """Make sure a driver run of the workflow is pending, due by `due_ms` (now)."""
+        due = self.clock.now_ms() if due_ms is None else due_ms
+        pool = conn.execute(
+            select(workflows_t.c.pool).where(workflows_t.c.id == workflow_id)
+        ).scalar()
+        if pool is None:
+            return
+        driver = driver_run(workflow_id, pool, due)
+        pending = conn.execute(
+            self.dialect.lock_rows(
+                select(runs.c.due_ms).where(
+                    runs.c.owner == workflow_id,
+                    runs.c.fn == driver.fn,
+                    runs.c.state == RUN_PENDING,
+                )
+            )
+        ).scalars()
+        if any(d <= due for d in pending):
+            return
+        self.store.insert_runs([driver], conn)
+
+    # -- sleeps, events, children, sends -------------------------------------------
+
+    def add_waiting(
+        self,
+        workflow_id: str,
+        entry: dict[str, Any],
+        wake_ms: int | None,
+        extra: Callable[[Connection], None] | None = None,
+    ) -> None:
+        """Journal a waiting entry (with a driver due at `wake_ms`, if given)."""
+        with self._write() as conn:
+            self._lock_running(conn, workflow_id)
+            conn.execute(insert(steps_t), [entry])
+            if wake_ms is not None:
+                self.wake(conn, workflow_id, wake_ms)
+            if extra is not None:
+                extra(conn)
+
+    def add_entry(
+        self,
+        workflow_id: str,
+        entry: dict[str, Any],
+        extra: Callable[[Connection], Any] | None = None,
+    ) -> Any:
+        """Journal a finished entry (with `extra` writes in the same transaction)."""
+        with self._write() as conn:
+            self._lock_running(conn, workflow_id)
+            out = extra(conn) if extra is not None else None
+            if out is not None:
+                entry = {**entry, "result": out}
+            conn.execute(insert(steps_t), [entry])
+            return out
+
+    def complete_waiting(self, workflow_id: str, name: str, result: Any = None) -> bool:
+        with self._write() as conn:
+            return bool(
+                conn.execute(
+                    update(steps_t)
+                    .where(
+                        steps_t.c.workflow_id == workflow_id,
+                        steps_t.c.name == name,
+                        steps_t.c.state == WAITING,
+                    )
+                    .values(state=COMPLETED, result=result, finished_ms=self.clock.now_ms())
+                ).rowcount
+            )
+
+    def try_event(
+        self,
+        workflow: WorkflowRow,
+        entry: dict[str, Any],
+        timeout_ms: int | None,
+    ) -> tuple[bool, Any]:
+        """Resolve an event wait: (True, data) on a match, (True, None) on timeout, or
+        (False, None) when the workflow must wait (the wait is journaled)."""
+        event_name: str = entry["event_name"]
+        match: dict[str, Any] = entry["match"]
+        with self._write() as conn:
+            self._event_lock(conn, event_name)
+            self._lock_running(conn, workflow.id)
+            now = self.clock.now_ms()
+            current = conn.execute(
+                select(steps_t.c.state, steps_t.c.wake_ms, steps_t.c.result).where(
+                    steps_t.c.workflow_id == workflow.id, steps_t.c.name == entry["name"]
+                )
+            ).first()
+            if current is not None and current.state == COMPLETED:
+                return True, current.result
+            last = conn.execute(
+                select(func.max(steps_t.c.event_id)).where(
+                    steps_t.c.workflow_id == workflow.id, steps_t.c.event_name == event_name
+                )
+            ).scalar()
+            found = self._first_event(conn, event_name, workflow.created_ms, last or 0, match)
+            done = {"state": COMPLETED, "finished_ms": now}
+            if found is not None:
+                done.update(result=found[1], event_id=found[0])
+            elif current is not None and current.wake_ms is not None and now >= current.wake_ms:
+                done.update(result=None)
+            elif current is None:
+                wake_ms = None if timeout_ms is None else now + timeout_ms
+                conn.execute(insert(steps_t), [{**entry, "state": WAITING, "wake_ms": wake_ms}])
+                if wake_ms is not None:
+                    self.wake(conn, workflow.id, wake_ms)
+                return False, None
+            else:
+                return False, None
+            if current is None:
+                conn.execute(insert(steps_t), [{**entry, **done}])
+            else:
+                conn.execute(
+                    update(steps_t)
+                    .where(steps_t.c.workflow_id == workflow.id, steps_t.c.name == entry["name"])
+                    .values(**done)
+                )
+            return True, done["result"]
+
+    def _first_event(
+        self, conn: Connection, name: str, since_ms: int, after_id: int, match: dict[str, Any]
+    ) -> tuple[int, Any] | None:
+        while True:
+            rows = conn.execute(
+                select(events_t.c.id, events_t.c.data, events_t.c.created_ms)
+                .where(events_t.c.name == name, events_t.c.id > after_id)
+                .order_by(events_t.c.id)
+                .limit(500)
+            ).all()
+            for r in rows:
+                if r.created_ms >= since_ms and matches(match, r.data):
+                    return int(r.id), r.data
+            if len(rows) < 500:
+                return None
+            after_id = rows[-1].id
+
+    def send_event(self, conn: Connection, name: str, data: dict[str, Any]) -> int:
+        """Store an event and wake every workflow waiting for one like it."""
+        self._event_lock(conn, name)
+        now = self.clock.now_ms()
+        event_id = conn.execute(
+            insert(events_t).values(name=name, data=data, created_ms=now)
+        ).inserted_primary_key
+        assert event_id is not None
+        waiting = conn.execute(
+            select(steps_t.c.workflow_id, steps_t.c.match).where(
+                steps_t.c.event_name == name,
+                steps_t.c.state == WAITING,
+                steps_t.c.kind == EVENT,
+            )
+        ).all()
+        for w in {r.workflow_id for r in waiting if matches(r.match or {}, data)}:
+            self.wake(conn, w, now)
+        return int(event_id[0])
+
+    def send_event_alone(self, name: str, data: dict[str, Any]) -> int:
+        with self._write() as conn:
+            return self.send_event(conn, name, data)
+
+    def start_child(self, parent_id: str, entry: dict[str, Any], child: dict[str, Any]) -> None:
+        """Journal an `invoke` and start the child workflow, in one transaction."""
+        with self._write() as conn:
+            self._lock_running(conn, parent_id)
+            conn.execute(insert(steps_t), [entry])
+            self._create(conn, child)
+
+    # -- finishing -------------------------------------------------------------------
+
+    def finish(
+        self,
+        workflow_id: str,
+        state: str,
+        result: Any,
+        error: str | None,
+        completion: Callable[[Any], NewRun | None],
+    ) -> bool:
+        """Record a workflow's end: its row, its on_complete run, and its parent's
+        journal entry. False if it had already ended (canceled, or another driver)."""
+        with self.dialect.write() as conn:
+            row = self._lock(conn, workflow_id)
+            if row is None or row.state != RUNNING:
+                return False
+            self._end(conn, row, state, result, error, completion)
+            return True
+
+    def cancel(
+        self, workflow_id: str, completion: Callable[[Any], NewRun | None], driver_fn: str
+    ) -> tuple[bool, builtins.list[str], builtins.list[str]]:
+        """Mark a running workflow canceled. Returns whether it was, its running
+        children, and its unfinished runs (steps, and drivers not running) to cancel."""
+        with self.dialect.write() as conn:
+            row = self._lock(conn, workflow_id)
+            if row is None:
+                raise WorkflowNotFound(workflow_id)
+            if row.state != RUNNING:
+                return False, [], []
+            self._end(conn, row, CANCELED, None, None, completion)
+            children = list(
+                conn.execute(
+                    select(workflows_t.c.id).where(
+                        workflows_t.c.parent_id == workflow_id, workflows_t.c.state == RUNNING
+                    )
+                ).scalars()
+            )
+            owned = conn.execute(
+                select(runs.c.id, runs.c.fn, runs.c.state).where(
+                    runs.c.owner == workflow_id, runs.c.state.in_((RUN_PENDING, RUN_RUNNING))
+                )
+            ).all()
+        run_ids = [r.id for r in owned if not (r.fn == driver_fn and r.state == RUN_RUNNING)]
+        return True, children, run_ids
+
+    def _end(
+        self,
+        conn: Connection,
+        row: Any,
+        state: str,
+        result: Any,
+        error: str | None,
+        completion: Callable[[Any], NewRun | None],
+    ) -> None:
+        now = self.clock.now_ms()
+        conn.execute(
+            update(workflows_t)
+            .where(workflows_t.c.id == row.id)
+            .values(state=state, result=result, error=error, finished_ms=now)
+        )
+        new = completion(row)
+        if new is not None:
+            outcome = {COMPLETED: RUN_SUCCESS, FAILED: RUN_FAILED, CANCELED: RUN_CANCELED}[state]
+            self.store.insert_finished(new, outcome, conn, result=result, error=error)
+        if row.parent_id is not None and row.parent_step is not None:
+            if state == COMPLETED:
+                values: dict[str, Any] = {"state": COMPLETED, "result": result}
+            else:
+                why = error if state == FAILED else "child workflow was canceled"
+                values = {"state": FAILED, "error": why}
+            conn.execute(
+                update(steps_t)
+                .where(
+                    steps_t.c.workflow_id == row.parent_id,
+                    steps_t.c.name == row.parent_step,
+                    steps_t.c.state == WAITING,
+                )
+                .values(finished_ms=now, **values)
+            )
+            self.wake(conn, row.parent_id, now)
+
+    def delete(self, workflow_id: str) -> None:
+        """Delete a finished workflow, its journal and its finished runs."""
+        with self.dialect.write() as conn:
+            row = self._lock(conn, workflow_id)
+            if row is None:
+                raise WorkflowNotFound(workflow_id)
+            if row.state == RUNNING:
+                raise WorkflowNotFinished(workflow_id)
+            done = select(runs.c.id).where(
+                (runs.c.owner == workflow_id) | (runs.c.id == workflow_id),
+                runs.c.state == RUN_COMPLETED,
+            )
+            ids = list(conn.execute(done).scalars())
+            from retrier._store import attempts_t
+
+            for chunk in _chunks(ids, 500):
+                conn.execute(delete(attempts_t).where(attempts_t.c.run_id.in_(chunk)))
+                conn.execute(delete(runs).where(runs.c.id.in_(chunk)))
+            conn.execute(delete(steps_t).where(steps_t.c.workflow_id == workflow_id))
+            conn.execute(delete(workflows_t).where(workflows_t.c.id == workflow_id))
+
+    # -- helpers ---------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _write(self, *, internal: bool = False) -> Iterator[Connection]:
+        """A write transaction whose unique-key violation surfaces as `Conflict`.
+
+        `internal`: the engine's own bookkeeping, which may commit without waiting
+        for the disk (see `Dialect.write_internal`).
+        """
+        try:
+            with self.dialect.write_internal() if internal else self.dialect.write() as conn:
+                yield conn
+        except IntegrityError as exc:
+            raise Conflict(str(exc)) from None
+
+    def _lock(self, conn: Connection, workflow_id: str) -> Any:
+        return conn.execute(self._lock_workflow, {"wf": workflow_id}).first()
+
+    def _lock_running(self, conn: Connection, workflow_id: str) -> None:
+        row = self._lock(conn, workflow_id)
+        if row is None or row.state != RUNNING:
+            raise NotRunning(workflow_id)
+
+    def _event_lock(self, conn: Connection, name: str) -> None:
+        # Serializes a wait's check-then-journal with send_event's insert-then-scan, so
+        # neither can miss the other. SQLite writers are serialized already.
+        if self.dialect.name == "postgresql":
+            conn.execute(text("SELECT pg_advisory_xact_lock(hashtext(:n))"), {"n": name})
+
+
+def matches(match: dict[str, Any], data: Any) -> bool:
+    """Whether event `data` has every key of `match` with an equal value."""
+    return isinstance(data, dict) and all(k in data and data[k] == v for k, v in match.items())
+
+
+def _chunks(items: list[str], size: int) -> Iterator[list[str]]:
+    for i in range(0, len(items), size):
+        yield items[i : i + size]

@@ -1,0 +1,375 @@
+"""`WorkflowManager`: tier 3's public API."""
+
+from __future__ import annotations
+
+import builtins
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime
+from functools import partial
+from typing import Any, TypeVar, overload
+
+import anyio.to_thread
+from sqlalchemy import event
+from sqlmodel import Session
+
+from retrier import (
+    Canceled,
+    Completed,
+    Failed,
+    InProgress,
+    RunNotFound,
+    RunStatus,
+    Success,
+    WaitTimeout,
+)
+from retrier._clock import ms_to_datetime
+from retrier._retrier import _json_context
+
+from ._context import _check_event
+from ._definitions import Definitions, WorkflowDef, define
+from ._driver import Driver, result_action_name
+from ._errors import UnregisteredWorkflow, WorkflowNotFound
+from ._listeners import Listener, Listeners
+from ._models import CANCELED, COMPLETED, FAILED, FINISHED, TABLES, WorkflowRow
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+@dataclass(frozen=True, slots=True)
+class WorkflowInfo:
+    """A stored workflow, as `list` returns it."""
+
+    id: str
+    name: str
+    state: str  # running | completed | failed | canceled
+    args: dict[str, Any]
+    result: Any
+    error: str | None
+    key: str | None
+    parent_id: str | None
+    created: datetime
+    finished: datetime | None
+
+
+@dataclass(frozen=True, slots=True)
+class StepInfo:
+    """One journal entry of a workflow, as `steps` returns it."""
+
+    name: str
+    kind: str  # step | sleep | event | invoke | send
+    state: str  # running | waiting | completed | failed | canceled
+    fn: str | None
+    result: Any
+    error: str | None
+    attempts: int
+    started: datetime
+    finished: datetime | None
+    wake_at: datetime | None
+    run_id: str | None
+    child_id: str | None
+
+
+class WorkflowManager:
+    """Durable multi-step workflows whose steps run in `pool`.
+
+    >>> workflows = WorkflowManager(pool)
+    >>> @workflows.define
+    ... async def process_order(ctx: WorkflowContext, order_id: str) -> dict: ...
+    >>> wf_id = workflows.start(process_order, {"order_id": "o1"}, key="order-o1")
+    >>> workflows.wait(wf_id, timeout=60)
+
+    Steps are registered actions (`@retrier.action`). Whether a step is retried
+    follows the pool's `retry_actions_by_default` and `default_retry_behavior`, unless
+    given here or per step.
+    """
+
+    def __init__(
+        self,
+        pool: Any,
+        *,
+        retry_steps_by_default: bool | None = None,
+        default_retry_behavior: Any = None,
+    ) -> None:
+        from workpool import RetryBehavior
+
+        self.pool = pool
+        self.retrier = pool.retrier
+        if retry_steps_by_default is None:
+            retry_steps_by_default = bool(getattr(pool, "retry_actions_by_default", False))
+        if default_retry_behavior is None:
+            default_retry_behavior = getattr(pool, "default_retry_behavior", None)
+        self._defs = Definitions()
+        self._listeners = Listeners()
+        self._driver = Driver(
+            self.retrier,
+            pool.name,
+            self._defs,
+            self._listeners,
+            default_retry_behavior or RetryBehavior(),
+            retry_steps_by_default,
+        )
+        self._journal = self._driver.journal
+        self.retrier.add_tables(TABLES)
+
+    # -- definitions -----------------------------------------------------------------------
+
+    @overload
+    def define(self, fn: F, /) -> F: ...
+    @overload
+    def define(self, fn: None = None, /, *, name: str | None = None) -> Callable[[F], F]: ...
+    def define(self, fn: F | None = None, /, *, name: str | None = None) -> F | Callable[[F], F]:
+        """Define a workflow: an `async def f(ctx, **args)`, stored under a stable name
+        (its qualified name unless `name=` is given)."""
+
+        def register(f: F) -> F:
+            d = define(f, name)
+            self._defs.add(d)
+            self.retrier.registry.add_action(_result_stub(d), name=result_action_name(d.name))
+            return f
+
+        return register(fn) if fn is not None else register
+
+    # -- starting ------------------------------------------------------------------------
+
+    def start(
+        self,
+        workflow: Callable[..., Any] | str,
+        args: dict[str, Any] | None = None,
+        *,
+        on_complete: Callable[..., Any] | str | None = None,
+        context: Any = None,
+        key: str | None = None,
+        session: Session | None = None,
+    ) -> str:
+        """Start a workflow; returns its id. With `key`, a workflow already started with
+        that key is not started again: its id comes back. `on_complete` (a registered
+        `@retrier.on_complete` handler) runs exactly once with the workflow's id, its
+        result and `context`. With `session=`, it starts only if the caller commits."""
+        d = self._defs.get(workflow)
+        return self._start(d, d.validate_args(args), on_complete, context, key, session)
+
+    def _start(
+        self,
+        d: WorkflowDef,
+        stored: dict[str, Any],
+        on_complete: Callable[..., Any] | str | None,
+        context: Any,
+        key: str | None,
+        session: Session | None,
+        retrigger_of: str | None = None,
+    ) -> str:
+        handler = None
+        if on_complete is not None:
+            handler = self.retrier.registry.handler(on_complete).name
+        row = self._driver.workflow_row(
+            uuid.uuid4().hex,
+            d.name,
+            stored,
+            on_complete=handler,
+            context=_json_context(context),
+            key=key,
+            retrigger_of=retrigger_of,
+        )
+        if session is None:
+            workflow_id = self._journal.create(row)
+            self.retrier.wake_workers()
+            return workflow_id
+        workflow_id = self._journal.create(row, conn=session.connection())
+        event.listen(session, "after_commit", lambda _s: self.retrier.wake_workers(), once=True)
+        return workflow_id
+
+    def retrigger(self, workflow_id: str) -> str:
+        """Start a fresh run of a workflow with the same input, on_complete and context;
+        returns the new id. The original stays as it is."""
+        row = self._journal.get(workflow_id)
+        d = self._defs.get(row.name)
+        return self._start(
+            d, row.args, row.on_complete, row.context, None, None, retrigger_of=workflow_id
+        )
+
+    # -- status ------------------------------------------------------------------------
+
+    def status(self, workflow_id: str) -> RunStatus:
+        """`InProgress()` or `Completed(Success(value) | Failed(error) | Canceled())`;
+        raises `WorkflowNotFound` (a `LookupError`) for unknown ids."""
+        return self._status_of(self._journal.get(workflow_id))
+
+    def _status_of(self, row: WorkflowRow) -> RunStatus:
+        if row.state == COMPLETED:
+            value = row.result
+            try:
+                value = self._defs.get(row.name).decode_result(row.result)
+            except UnregisteredWorkflow:
+                pass
+            return Completed(Success(value))
+        if row.state == FAILED:
+            return Completed(Failed(row.error or "failed"))
+        if row.state == CANCELED:
+            return Completed(Canceled())
+        return InProgress()
+
+    def wait(self, workflow_id: str, timeout: float | None = None) -> Completed:
+        """Block until the workflow has finished and its on_complete has run.
+
+        Raises `WaitTimeout` (a `TimeoutError`) after `timeout` seconds.
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        pause = 0.002
+        while True:
+            states = self._journal.states([workflow_id])
+            if workflow_id not in states:
+                raise WorkflowNotFound(workflow_id)
+            if states[workflow_id] in FINISHED:
+                break
+            now = time.monotonic()
+            if deadline is not None and now >= deadline:
+                raise WaitTimeout(workflow_id, timeout or 0)
+            time.sleep(pause if deadline is None else max(0.0, min(pause, deadline - now)))
+            pause = min(pause * 2, 0.05)
+        row = self._journal.get(workflow_id)
+        if row.on_complete is not None:
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            try:
+                self.retrier.wait(workflow_id, timeout=left)
+            except RunNotFound:
+                pass  # cleaned up meanwhile
+        status = self._status_of(row)
+        assert isinstance(status, Completed)
+        return status
+
+    def list(
+        self, *, state: str | None = None, name: str | None = None, limit: int = 100
+    ) -> list[WorkflowInfo]:
+        """This manager's workflows, newest first; optionally by state and name."""
+        rows = self._journal.list(state=state, name=name, pool=self.pool.name, limit=limit)
+        return [workflow_info(r) for r in rows]
+
+    def steps(self, workflow_id: str) -> builtins.list[StepInfo]:
+        """The journal of a workflow, in call order."""
+        self._journal.get(workflow_id)
+        return [step_info(r) for r in self._journal.steps(workflow_id)]
+
+    # -- cancel, cleanup ---------------------------------------------------------------
+
+    def cancel(self, workflow_id: str) -> None:
+        """Cancel a running workflow (and its running children): no further step starts,
+        pending steps are canceled, running ones best effort. Its status reads canceled
+        at once and its on_complete gets `Canceled()`. Finished workflows are left."""
+        changed, children, run_ids = self._journal.cancel(
+            workflow_id, self._driver.completion, self._driver.drive_name
+        )
+        if not changed:
+            return
+        for run_id in run_ids:
+            try:
+                self.retrier.cancel(run_id)
+            except RunNotFound:
+                pass
+        for child in children:
+            self.cancel(child)
+        self.retrier.wake_workers()
+
+    def cleanup(self, workflow_id: str) -> None:
+        """Delete a finished workflow's journal and runs. Raises `WorkflowNotFinished`."""
+        self._journal.delete(workflow_id)
+
+    # -- events and listeners ------------------------------------------------------------
+
+    def send_event(self, name: str, data: dict[str, Any]) -> int:
+        """Store an event and wake the workflows waiting for it; returns its id.
+
+        `data` must be a JSON object. Workflows that start waiting later still see it
+        if they started before it was sent.
+        """
+        _check_event(name, data)
+        event_id = self._journal.send_event_alone(name, data)
+        self.retrier.wake_workers()
+        return event_id
+
+    def on(self, kind: str, handler: Listener) -> None:
+        """Call `handler(WorkflowEvent)` in this process on `run:complete`, `run:fail`
+        or `step:fail`."""
+        self._listeners.add(kind, handler)
+
+    # -- async twins ---------------------------------------------------------------------
+
+    async def start_async(
+        self, workflow: Callable[..., Any] | str, args: dict[str, Any] | None = None, **kw: Any
+    ) -> str:
+        return await anyio.to_thread.run_sync(partial(self.start, workflow, args, **kw))
+
+    async def status_async(self, workflow_id: str) -> RunStatus:
+        return await anyio.to_thread.run_sync(self.status, workflow_id)
+
+    async def wait_async(
+        self,
+        workflow_id: str,
+        timeout: float | None = None,  # noqa: ASYNC109 - mirrors wait(id, timeout=...)
+    ) -> Completed:
+        return await anyio.to_thread.run_sync(
+            partial(self.wait, workflow_id, timeout), abandon_on_cancel=True
+        )
+
+    async def list_async(self, **kw: Any) -> builtins.list[WorkflowInfo]:
+        return await anyio.to_thread.run_sync(partial(self.list, **kw))
+
+    async def cancel_async(self, workflow_id: str) -> None:
+        await anyio.to_thread.run_sync(self.cancel, workflow_id)
+
+    async def cleanup_async(self, workflow_id: str) -> None:
+        await anyio.to_thread.run_sync(self.cleanup, workflow_id)
+
+    async def retrigger_async(self, workflow_id: str) -> str:
+        return await anyio.to_thread.run_sync(self.retrigger, workflow_id)
+
+    async def send_event_async(self, name: str, data: dict[str, Any]) -> int:
+        return await anyio.to_thread.run_sync(self.send_event, name, data)
+
+
+def workflow_info(r: WorkflowRow) -> WorkflowInfo:
+    return WorkflowInfo(
+        id=r.id,
+        name=r.name,
+        state=r.state,
+        args=r.args,
+        result=r.result,
+        error=r.error,
+        key=r.key,
+        parent_id=r.parent_id,
+        created=ms_to_datetime(r.created_ms),
+        finished=None if r.finished_ms is None else ms_to_datetime(r.finished_ms),
+    )
+
+
+def step_info(r: Any) -> StepInfo:
+    return StepInfo(
+        name=r["name"],
+        kind=r["kind"],
+        state=r["state"],
+        fn=r["fn"],
+        result=r["result"],
+        error=r["error"],
+        attempts=r["attempts"],
+        started=ms_to_datetime(r["started_ms"]),
+        finished=None if r["finished_ms"] is None else ms_to_datetime(r["finished_ms"]),
+        wake_at=None if r["wake_ms"] is None else ms_to_datetime(r["wake_ms"]),
+        run_id=r["run_id"],
+        child_id=r["child_id"],
+    )
+
+
+def _result_stub(d: WorkflowDef) -> Callable[[], Any]:
+    """An action never executed: it stands for the workflow's result in the run that
+    delivers its on_complete, so the handler's `Success(value)` is typed."""
+
+    def result() -> Any:
+        from retrier import NonRetryableError
+
+        raise NonRetryableError(f"the result of workflow {d.name!r} is not an action")
+
+    result.__annotations__ = {"return": d.return_hint}
+    result.__qualname__ = result_action_name(d.name)
+    return result

@@ -1,0 +1,108 @@
+"""The workflow tier's tables: workflows, their step journal, and events.
+
+Times are integer epoch milliseconds, as in the engine's tables.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import JSON, BigInteger, Column, Index, Table, UniqueConstraint, text
+from sqlmodel import Field, SQLModel
+
+# Workflow states.
+RUNNING = "running"
+COMPLETED = "completed"
+FAILED = "failed"
+CANCELED = "canceled"
+FINISHED = (COMPLETED, FAILED, CANCELED)
+
+# Journal entry kinds and states.
+STEP = "step"
+SLEEP = "sleep"
+EVENT = "event"
+INVOKE = "invoke"
+SEND = "send"
+WAITING = "waiting"  # a sleep, an event wait or a child workflow not yet over
+# RUNNING, COMPLETED, FAILED and CANCELED are shared with workflows.
+
+
+class WorkflowRow(SQLModel, table=True):
+    """One run of a workflow function."""
+
+    __tablename__ = "tiers_workflows"
+    __table_args__ = (
+        Index("ix_tiers_workflows_state_created", "state", "created_ms"),
+        Index("ix_tiers_workflows_name", "name", "created_ms"),
+        Index("ix_tiers_workflows_parent", "parent_id"),
+    )
+
+    id: str = Field(primary_key=True, max_length=40)
+    name: str = Field(max_length=200)
+    pool: str = Field(max_length=200)
+    args: dict[str, Any] = Field(sa_column=Column(JSON, nullable=False))
+    state: str = Field(default=RUNNING, max_length=16)
+    result: Any = Field(default=None, sa_column=Column(JSON, nullable=True))
+    error: str | None = None
+    key: str | None = Field(default=None, max_length=200, unique=True)
+    parent_id: str | None = Field(default=None, max_length=40)
+    parent_step: str | None = Field(default=None, max_length=200)
+    retrigger_of: str | None = Field(default=None, max_length=40)
+    on_complete: str | None = Field(default=None, max_length=200)
+    context: Any = Field(default=None, sa_column=Column(JSON, nullable=True))
+    created_ms: int = Field(sa_type=BigInteger)
+    finished_ms: int | None = Field(default=None, sa_type=BigInteger)
+
+
+class StepRow(SQLModel, table=True):
+    """One journal entry: a step, sleep, event wait, child workflow or sent event."""
+
+    __tablename__ = "tiers_workflow_steps"
+    __table_args__ = (
+        UniqueConstraint("workflow_id", "name", name="uq_tiers_workflow_steps_name"),
+        # send_event finds the workflows waiting for an event by its name.
+        Index(
+            "ix_tiers_workflow_steps_waiting",
+            "event_name",
+            sqlite_where=text("state = 'waiting' AND kind = 'event'"),
+            postgresql_where=text("state = 'waiting' AND kind = 'event'"),
+        ),
+    )
+
+    id: int | None = Field(default=None, primary_key=True)
+    workflow_id: str = Field(max_length=40)
+    name: str = Field(max_length=240)  # the step's name and occurrence: "fetch[1]"
+    position: int  # order of the call in the workflow, for divergence checks
+    kind: str = Field(max_length=16)
+    state: str = Field(max_length=16)
+    fn: str | None = Field(default=None, max_length=200)
+    run_id: str | None = Field(default=None, max_length=40)
+    result: Any = Field(default=None, sa_column=Column(JSON, nullable=True))
+    error: str | None = None
+    attempts: int = 0
+    started_ms: int = Field(sa_type=BigInteger)
+    finished_ms: int | None = Field(default=None, sa_type=BigInteger)
+    wake_ms: int | None = Field(default=None, sa_type=BigInteger)
+    event_name: str | None = Field(default=None, max_length=200)
+    match: Any = Field(default=None, sa_column=Column(JSON, nullable=True))
+    event_id: int | None = Field(default=None, sa_type=BigInteger)
+    child_id: str | None = Field(default=None, max_length=40)
+
+
+class EventRow(SQLModel, table=True):
+    """An event sent with `send_event`, kept for workflows that wait for it later."""
+
+    __tablename__ = "tiers_workflow_events"
+    __table_args__ = (Index("ix_tiers_workflow_events_name", "name", "id"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    name: str = Field(max_length=200)
+    data: dict[str, Any] = Field(sa_column=Column(JSON, nullable=False))
+    created_ms: int = Field(sa_type=BigInteger)
+
+
+workflows_t: Table = WorkflowRow.__table__  # type: ignore[attr-defined]
+steps_t: Table = StepRow.__table__  # type: ignore[attr-defined]
+events_t: Table = EventRow.__table__  # type: ignore[attr-defined]
+
+TABLES = [workflows_t, steps_t, events_t]

@@ -1,0 +1,82 @@
+"""`tiers pools ...`: the workpool's commands, loaded through the `tiers.cli` entry point."""
+
+from __future__ import annotations
+
+import click
+from rich.table import Table
+
+from retrier._cli import Context, _or_exit, _when, console
+from retrier._models import RUNNING
+from retrier._store import QueueLimits, Store
+
+from ._errors import PoolNotFound
+
+_HOUR_MS = 3_600_000
+
+
+@click.group()
+def pools() -> None:
+    """Inspect workpools: their limits and what they are doing."""
+
+
+@pools.command("list")
+@click.pass_obj
+def pools_list(obj: Context) -> None:
+    """Every pool: its cap, running and pending items, failures in the last hour."""
+    store = obj.store()
+    since = store.clock.now_ms() - _HOUR_MS
+    table = Table("pool", "cap", "running", "pending", "failed (1 h)")
+    queues = store.list_queues()
+    for limits in queues:
+        counts = store.queue_counts(limits.name, since)
+        table.add_row(
+            limits.name, _cap(limits), str(counts["running"]), str(counts["pending"]),
+            str(counts["failed"]),
+        )
+    console.print(table)
+    console.print(f"{len(queues)} pool(s)")
+
+
+@pools.command("show")
+@click.argument("name")
+@click.pass_obj
+def pools_show(obj: Context, name: str) -> None:
+    """One pool: its limits, counts and the items running now."""
+    store = obj.store()
+    limits = _or_exit(_get, store, name)
+    counts = store.queue_counts(name, store.clock.now_ms() - _HOUR_MS)
+    info = Table(show_header=False)
+    for label, value in [
+        ("pool", name),
+        ("max_parallelism", _cap(limits)),
+        ("rate_limit", _rate(limits)),
+        ("max_per_key", "none" if limits.max_per_key is None else str(limits.max_per_key)),
+        ("running", str(counts["running"])),
+        ("pending", str(counts["pending"])),
+        ("failed (1 h)", str(counts["failed"])),
+    ]:
+        info.add_row(label, value)
+    console.print(info)
+    running = Table("id", "function", "key", "attempt", "started", title="running")
+    for row in store.list_runs(state=RUNNING, queue=name, limit=50):
+        running.add_row(row.id, row.fn, row.key or "", str(row.attempts), _when(row.started_ms))
+    console.print(running)
+
+
+def _get(store: Store, name: str) -> QueueLimits:
+    limits = store.get_queue(name)
+    if limits is None:
+        raise PoolNotFound(name)
+    return limits
+
+
+def _cap(limits: QueueLimits) -> str:
+    if limits.max_parallelism is None:
+        return "unlimited"
+    return "0 (paused)" if limits.max_parallelism == 0 else str(limits.max_parallelism)
+
+
+def _rate(limits: QueueLimits) -> str:
+    if limits.rate_limit is None or not limits.rate_period_ms:
+        return "none"
+    return f"{limits.rate_limit} per {limits.rate_period_ms / 1000:g} s"

@@ -1,0 +1,258 @@
+"""`Workpool`: tier 2's public API. A pool is an engine queue with persisted limits.
+
+Every limit lives in the `tiers_queues` row of the pool and is enforced by the
+engine's claim transaction, so every worker process sharing the database honours
+the same cap, rate limit and per-key limit; nothing here runs in the worker.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterable, Mapping, Sequence
+from datetime import datetime, timedelta
+from functools import partial
+from typing import Any
+
+import anyio
+from sqlmodel import Session
+
+from retrier import Completed, InvalidSettings, Retrier, RunNotFound
+from retrier._models import RunRow
+from retrier._registry import Fn
+from retrier._store import NewRun, QueueLimits, runs
+
+from ._behavior import RetryBehavior
+from ._enqueue import Preparer, Retry
+from ._errors import InvalidBatchItem, NotInPool
+from ._settings import RateLimit, check_parallelism, pool_limits
+from ._status import WorkStatus, status_of
+
+BatchItem = tuple[Fn | str, dict[str, Any] | None] | tuple[
+    Fn | str, dict[str, Any] | None, Mapping[str, Any]
+]
+
+
+class Workpool:
+    """Many actions, at most `max_parallelism` running at once across every process.
+
+    >>> pool = Workpool(retrier, "emails", max_parallelism=10)
+    >>> work_id = pool.enqueue(send_email, {"to": "a@b.c"}, on_complete=done, context={"u": 7})
+    >>> pool.status(work_id)
+    Pending(previous_attempts=0)
+
+    The settings are stored in the database when the pool is constructed (and
+    whenever `set_max_parallelism` is called): the last writer wins, and workers
+    apply a change at their next claim, without a restart. `max_parallelism=0`
+    pauses the pool: nothing new starts, running items finish.
+
+    Items start in due order, then by higher `priority`. Failed items are retried
+    only if `retry=` (or `retry_actions_by_default`) says so; a retry waiting for
+    its backoff holds no slot.
+    """
+
+    def __init__(
+        self,
+        retrier: Retrier,
+        name: str,
+        *,
+        max_parallelism: int = 10,
+        retry_actions_by_default: bool = False,
+        default_retry_behavior: RetryBehavior | None = None,
+        rate_limit: RateLimit | None = None,
+        max_per_key: int | None = None,
+    ) -> None:
+        self.retrier = retrier
+        self.name = name
+        self.retry_actions_by_default = retry_actions_by_default
+        self.default_retry_behavior = default_retry_behavior or RetryBehavior()
+        if not isinstance(self.default_retry_behavior, RetryBehavior):
+            raise InvalidSettings(
+                f"default_retry_behavior must be a RetryBehavior, got {default_retry_behavior!r}"
+            )
+        self._limits = pool_limits(name, max_parallelism, rate_limit, max_per_key)
+        self._preparer = Preparer(
+            retrier, name, retry_actions_by_default, self.default_retry_behavior
+        )
+        if retrier.store.get_queue(name) != self._limits:
+            self._store_limits(self._limits)
+
+    # -- settings ------------------------------------------------------------------------
+
+    @property
+    def max_parallelism(self) -> int:
+        """The cap this object last wrote (another process may have changed it since)."""
+        assert self._limits.max_parallelism is not None
+        return self._limits.max_parallelism
+
+    @property
+    def limits(self) -> QueueLimits:
+        """The limits as stored in the database now."""
+        return self.retrier.store.get_queue(self.name) or self._limits
+
+    def set_max_parallelism(self, max_parallelism: int) -> None:
+        """Change the cap for every worker, at their next claim; 0 pauses the pool.
+
+        Lowering it never stops running items: no new one starts until fewer than
+        the new cap are running.
+        """
+        check_parallelism(max_parallelism)
+        current = self.retrier.store.get_queue(self.name) or self._limits
+        self._store_limits(dataclasses.replace(current, max_parallelism=max_parallelism))
+
+    def _store_limits(self, limits: QueueLimits) -> None:
+        self.retrier.store.set_queue(limits)
+        self._limits = limits
+        self.retrier.wake_workers()  # in-process workers; others get NOTIFY or poll
+
+    # -- enqueue -------------------------------------------------------------------------
+
+    def enqueue(
+        self,
+        fn: Fn | str,
+        args: dict[str, Any] | None = None,
+        *,
+        on_complete: Fn | str | None = None,
+        context: Any = None,
+        retry: Retry = None,
+        run_at: datetime | None = None,
+        run_after: timedelta | float | None = None,
+        priority: int = 0,
+        key: str | None = None,
+        session: Session | None = None,
+    ) -> str:
+        """Add one item to the pool; returns its work id.
+
+        `retry`: True (the pool's default behaviour), False (one attempt) or a
+        `RetryBehavior`; None follows `retry_actions_by_default`. `key` groups items
+        for `max_per_key`. With `session=`, the item is written in that session's
+        transaction and exists only if the caller commits.
+        """
+        options = {
+            "on_complete": on_complete,
+            "context": context,
+            "retry": retry,
+            "run_at": run_at,
+            "run_after": run_after,
+            "priority": priority,
+            "key": key,
+        }
+        new = self._preparer.prepare(fn, args, options, self.retrier.clock.now_ms())
+        self.retrier.submit([new], session=session)
+        return new.id
+
+    def enqueue_batch(
+        self, items: Iterable[BatchItem], *, session: Session | None = None
+    ) -> list[str]:
+        """Add many items in one transaction; returns their work ids, in order.
+
+        Each item is `(fn, args)` or `(fn, args, options)`, where `options` holds
+        keyword arguments of `enqueue`. Every item is validated before anything is
+        written: if one is invalid, `InvalidBatchItem` names it and nothing is stored.
+        Items of one batch share one due time, so `priority` orders them.
+        """
+        listed = list(items)
+        now = self.retrier.clock.now_ms()
+        prepared: list[NewRun] = []
+        for index, item in enumerate(listed):
+            try:
+                prepared.append(self._prepare_item(item, now))
+            except Exception as exc:
+                raise InvalidBatchItem(index, len(listed), exc) from exc
+        self.retrier.submit(prepared, session=session)
+        return [new.id for new in prepared]
+
+    def _prepare_item(self, item: BatchItem, now: int) -> NewRun:
+        if not isinstance(item, tuple) or len(item) not in (2, 3):
+            raise InvalidSettings(f"expected (fn, args) or (fn, args, options), got {item!r}")
+        options: Mapping[str, Any] = item[2] if len(item) == 3 else {}
+        if not isinstance(options, Mapping):
+            raise InvalidSettings(f"options must be a dict, got {options!r}")
+        return self._preparer.prepare(item[0], item[1], options, now)
+
+    # -- status, cancel, wait ----------------------------------------------------------------
+
+    def status(self, work_id: str) -> WorkStatus:
+        """`Pending(previous_attempts)`, `Running(previous_attempts)` or `Finished()`.
+
+        Raises `RunNotFound` for an unknown id, `NotInPool` for another pool's item.
+        """
+        return status_of(self._own(work_id))
+
+    def status_batch(self, work_ids: Sequence[str]) -> list[WorkStatus]:
+        """The status of each id, in order (errors as for `status`)."""
+        rows = self.retrier.store.get_many(work_ids)
+        return [status_of(self._check(rows.get(work_id), work_id)) for work_id in work_ids]
+
+    def cancel(self, work_id: str) -> None:
+        """Cancel an item: a pending one never starts; a running one may finish, but
+        is not retried, and its result is discarded. on_complete gets `Canceled()`."""
+        self._own(work_id)
+        self.retrier.cancel(work_id)
+
+    def cancel_all(self, limit: int | None = None) -> int:
+        """Cancel every unfinished item of the pool (at most `limit`); returns how many."""
+        ids = self.retrier.store.unfinished(runs.c.queue == self.name, limit=limit)
+        canceled = 0
+        for work_id in ids:
+            try:
+                self.retrier.cancel(work_id)
+                canceled += 1
+            except RunNotFound:  # cleaned up meanwhile
+                pass
+        return canceled
+
+    def wait(self, work_id: str, timeout: float | None = None) -> Completed:
+        """Block until the item has finished and its on_complete has run.
+
+        Returns the retrier's `Completed(Success(value) | Failed(error) | Canceled())`;
+        raises `WaitTimeout` after `timeout` seconds.
+        """
+        self._own(work_id)
+        return self.retrier.wait(work_id, timeout=timeout)
+
+    def _own(self, work_id: str) -> RunRow:
+        return self._check(self.retrier.store.get_many([work_id]).get(work_id), work_id)
+
+    def _check(self, row: RunRow | None, work_id: str) -> RunRow:
+        if row is None:
+            raise RunNotFound(work_id)
+        if row.queue != self.name:
+            raise NotInPool(work_id, self.name, row.queue)
+        return row
+
+    # -- async twins ---------------------------------------------------------------------------
+
+    async def enqueue_async(
+        self, fn: Fn | str, args: dict[str, Any] | None = None, **options: Any
+    ) -> str:
+        return await anyio.to_thread.run_sync(partial(self.enqueue, fn, args, **options))
+
+    async def enqueue_batch_async(self, items: Iterable[BatchItem]) -> list[str]:
+        return await anyio.to_thread.run_sync(self.enqueue_batch, list(items))
+
+    async def status_async(self, work_id: str) -> WorkStatus:
+        return await anyio.to_thread.run_sync(self.status, work_id)
+
+    async def status_batch_async(self, work_ids: Sequence[str]) -> list[WorkStatus]:
+        return await anyio.to_thread.run_sync(self.status_batch, work_ids)
+
+    async def cancel_async(self, work_id: str) -> None:
+        await anyio.to_thread.run_sync(self.cancel, work_id)
+
+    async def cancel_all_async(self, limit: int | None = None) -> int:
+        return await anyio.to_thread.run_sync(self.cancel_all, limit)
+
+    async def set_max_parallelism_async(self, max_parallelism: int) -> None:
+        await anyio.to_thread.run_sync(self.set_max_parallelism, max_parallelism)
+
+    async def wait_async(
+        self,
+        work_id: str,
+        timeout: float | None = None,  # noqa: ASYNC109 - mirrors wait(work_id, timeout=...)
+    ) -> Completed:
+        return await anyio.to_thread.run_sync(
+            partial(self.wait, work_id, timeout), abandon_on_cancel=True
+        )
+
+    def __repr__(self) -> str:
+        return f"Workpool({self.name!r}, max_parallelism={self.max_parallelism})"

@@ -1,0 +1,72 @@
+"""A pool's persisted limits, validated before they reach the database."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+from retrier import InvalidSettings
+from retrier._clock import to_ms
+from retrier._store import QueueLimits
+
+MAX_NAME = 200
+MAX_PARALLELISM = 100_000
+
+RateLimit = tuple[int, timedelta | float]
+
+
+def pool_limits(
+    name: str,
+    max_parallelism: int,
+    rate_limit: RateLimit | None,
+    max_per_key: int | None,
+) -> QueueLimits:
+    """The engine's `QueueLimits` for a pool; raises `InvalidSettings` on bad values."""
+    if not isinstance(name, str) or not name.strip() or len(name) > MAX_NAME:
+        raise InvalidSettings(f"a pool name must be 1 to {MAX_NAME} characters, got {name!r}")
+    check_parallelism(max_parallelism)
+    rate, period_ms = None, None
+    if rate_limit is not None:
+        rate, period_ms = _rate(rate_limit)
+    if max_per_key is not None and (_not_int(max_per_key) or max_per_key < 1):
+        raise InvalidSettings(
+            f"max_per_key must be a positive integer or None, got {max_per_key!r}"
+        )
+    return QueueLimits(
+        name=name,
+        max_parallelism=max_parallelism,
+        rate_limit=rate,
+        rate_period_ms=period_ms,
+        max_per_key=max_per_key,
+    )
+
+
+def check_parallelism(value: int) -> None:
+    if _not_int(value) or not 0 <= value <= MAX_PARALLELISM:
+        raise InvalidSettings(
+            f"max_parallelism must be an integer from 0 (paused) to {MAX_PARALLELISM}, "
+            f"got {value!r}"
+        )
+
+
+def _rate(rate_limit: RateLimit) -> tuple[int, int]:
+    try:
+        limit, period = rate_limit
+    except (TypeError, ValueError):
+        raise InvalidSettings(
+            f"rate_limit must be (limit, period), e.g. (100, timedelta(minutes=1)), "
+            f"got {rate_limit!r}"
+        ) from None
+    if _not_int(limit) or limit < 1:
+        raise InvalidSettings(f"a rate limit must allow at least 1 start, got {limit!r}")
+    if not isinstance(period, timedelta | int | float) or isinstance(period, bool):
+        raise InvalidSettings(f"a rate limit period is a timedelta or seconds, got {period!r}")
+    period_ms = to_ms(period)
+    if period_ms < 1:
+        raise InvalidSettings(f"a rate limit period must be at least 1 ms, got {period!r}")
+    if period_ms > 30 * 86_400_000:
+        raise InvalidSettings(f"a rate limit period must be at most 30 days, got {period!r}")
+    return limit, period_ms
+
+
+def _not_int(value: object) -> bool:
+    return isinstance(value, bool) or not isinstance(value, int)
