@@ -256,10 +256,15 @@ def test_two_pools_sharing_workers_do_not_starve_each_other(make_retrier: MakeRe
     busy = Workpool(retrier, "busy", max_parallelism=2)
     quiet = Workpool(retrier, "quiet", max_parallelism=2)
     order = Calls()
+    # The first four starts meet here, so none of them can finish (and free a slot for a
+    # later item) before all four have started: order.items[:4] is the first claimed batch.
+    first_batch = threading.Barrier(4, timeout=10)
 
     @retrier.action
     def work(tag: str) -> None:
         order.add(tag)
+        if len(order.items) <= 4:
+            first_batch.wait()
 
     busy.enqueue_batch([(work, {"tag": "busy"})] * 100)
     clock.advance(timedelta(milliseconds=1))  # quiet's items are due after all of busy's
