@@ -284,6 +284,27 @@ _START_DELIVERIES = (
     )
 )
 _ROWS_BY_ID = select(*_DECIDE_COLUMNS).where(runs.c.id.in_(_IDS))
+INSERT_RUNS = insert(runs)
+INSERT_ATTEMPTS = insert(attempts_t)
+# Whether any run of these queues is due now (a freed slot is worth a wake-up).
+_WAITING_IN = (
+    select(runs.c.id)
+    .where(
+        in_state(*CLAIMABLE),
+        runs.c.due_ms <= bindparam("now"),
+        runs.c.queue.in_(bindparam("queues", expanding=True)),
+    )
+    .limit(1)
+)
+_COMPLETE_DELIVERY = (
+    update(runs)
+    .where(
+        runs.c.id == bindparam("b_id"),
+        runs.c.fence == bindparam("b_fence"),
+        runs.c.state == DELIVERING,
+    )
+    .values(state=COMPLETED, lease_owner=None, lease_until_ms=None)
+)
 # One queue's limits with its running count, in one round trip.
 _QUEUE_WITH_RUNNING = select(
     queues_t,
@@ -339,7 +360,7 @@ class Store:
         if not rows:
             return
         if conn is not None:
-            conn.execute(insert(runs), rows)
+            conn.execute(INSERT_RUNS, rows)
             return
         # Workers learn of new runs from the Retrier (same process), from a trigger's
         # NOTIFY (PostgreSQL) or by polling (SQLite in other processes).
@@ -369,7 +390,7 @@ class Store:
             started_ms=now,
             due_ms=now,
         )
-        conn.execute(insert(runs), [row])
+        conn.execute(INSERT_RUNS, [row])
         return Claimed(
             id=new.id,
             fn=new.fn,
@@ -419,7 +440,7 @@ class Store:
             finished_ms=now,
             due_ms=now,
         )
-        conn.execute(insert(runs), [row])  # the PostgreSQL trigger wakes the workers
+        conn.execute(INSERT_RUNS, [row])  # the PostgreSQL trigger wakes the workers
 
 
     # -- claim ----------------------------------------------------------------------
@@ -493,8 +514,10 @@ class Store:
         for _ in range(_CLAIM_ROUNDS):
             want = limit - len(chosen)
             over = want * 2 + 8
-            stmt = self._claimable(budget, [r.id for r in chosen]).limit(over)
-            rows = conn.execute(self.dialect.lock_for_claim(stmt), {"now": budget.now}).all()
+            stmt = self._claimable(budget, [r.id for r in chosen])
+            if stmt is not self._due_candidates:
+                stmt = self.dialect.lock_for_claim(stmt.limit(bindparam("limit")))
+            rows = conn.execute(stmt, {"now": budget.now, "limit": over}).all()
             exhausted = budget.exhausted
             for r in rows:
                 if len(chosen) == limit:
@@ -507,6 +530,8 @@ class Store:
 
     def _claimable(self, budget: _QueueBudget, taken: list[str]) -> Select[Any]:
         """Due runs in claim order, without those of exhausted queues and keys."""
+        if not taken and not budget.blocked and not budget.full_keys:
+            return self._due_candidates
         stmt = _DUE_ORDERED
         if taken:
             stmt = stmt.where(runs.c.id.not_in(taken))
@@ -552,87 +577,102 @@ class Store:
         busy worker would otherwise need two. `handler_savepoint=False` is for the
         engine's own handlers: one that raises then rolls back the whole record.
         """
+        if not outcomes:
+            return Recorded()
+        with self.dialect.write_internal() as conn:
+            return self.record_in(
+                conn, outcomes, worker, lease_ms, session_handler, claim_limit, handler_savepoint
+            )
+
+    def record_in(
+        self,
+        conn: Connection,
+        outcomes: Sequence[Outcome],
+        worker: str,
+        lease_ms: int,
+        session_handler: SessionHandler | None = None,
+        claim_limit: int = 0,
+        handler_savepoint: bool = True,
+    ) -> Recorded:
+        """`record`, inside the caller's write transaction."""
         done = Recorded()
         if not outcomes:
             return done
-        with self.dialect.write_internal() as conn:
-            now = self.clock.now_ms()
-            current = self._rows_for_update(conn, [o.run_id for o in outcomes])
-            settles: list[dict[str, Any]] = []
-            attempt_rows: list[dict[str, Any]] = []
-            in_txn: list[Finished] = []
-            freed: set[str] = set()  # limited queues this record frees a slot of
-            for o in outcomes:
-                row = current.get(o.run_id)
-                if row is None or row.fence != o.fence or row.state != RUNNING:
-                    done.stale.append(o.run_id)
-                    continue
-                if o.kind == "released":
-                    settles.append(
-                        _settle(row, state=PENDING, attempts=row.attempts - 1, due_ms=now)
-                    )
-                    continue
-                settle, finished = self._decide(row, o, now, lease_ms, worker)
-                settles.append(settle)
-                attempt_rows.append(
-                    {
-                        "run_id": row.id,
-                        "number": row.attempts,
-                        "queue": row.queue,
-                        "worker": worker,
-                        "started_ms": o.started_ms,
-                        "finished_ms": now,
-                        "outcome": _attempt_outcome(o, row),
-                        "error": o.error,
-                    }
+        now = self.clock.now_ms()
+        current = self._rows_for_update(conn, [o.run_id for o in outcomes])
+        settles: list[dict[str, Any]] = []
+        attempt_rows: list[dict[str, Any]] = []
+        in_txn: list[Finished] = []
+        freed: set[str] = set()  # limited queues this record frees a slot of
+        for o in outcomes:
+            row = current.get(o.run_id)
+            if row is None or row.fence != o.fence or row.state != RUNNING:
+                done.stale.append(o.run_id)
+                continue
+            if o.kind == "released":
+                settles.append(
+                    _settle(row, state=PENDING, attempts=row.attempts - 1, due_ms=now)
                 )
-                if row.queue:
-                    freed.add(row.queue)
-                if finished is None:
-                    if settle["b_state"] == COMPLETED:
-                        done.completed.append(row.id)
-                elif o.handler_in_txn and session_handler is not None:
-                    # Settled as completed at once; a handler that fails (the rare case)
-                    # moves it back to finishing below, and its writes roll back.
-                    settle.update(b_state=COMPLETED, b_lease_owner=None, b_lease_until_ms=None)
-                    in_txn.append(finished)
-                else:
-                    done.to_deliver.append(finished)
-            if settles:
-                conn.execute(_SETTLE, settles)
-            if attempt_rows:
-                conn.execute(insert(attempts_t), attempt_rows)
-            for finished in in_txn:
-                assert session_handler is not None
-                if not handler_savepoint:
-                    session_handler(finished, conn)
-                    done.completed.append(finished.id)
-                    continue
-                error = _call_in_savepoint(conn, finished, session_handler)
-                if error is None:
-                    done.completed.append(finished.id)
-                else:
-                    self._handler_failed(conn, finished, error, now)
-            room = claim_limit - len(done.to_deliver)
-            if room > 0:
-                done.claimed, done.wake_at_ms = self._claim(conn, worker, room, lease_ms)
-                # Fewer than asked: nothing due is left that any worker could start
-                # (queue limits are global). Exactly as many: more may be waiting.
-                notify = len(done.claimed) == room
+                continue
+            settle, finished = self._decide(row, o, now, lease_ms, worker)
+            settles.append(settle)
+            attempt_rows.append(
+                {
+                    "run_id": row.id,
+                    "number": row.attempts,
+                    "queue": row.queue,
+                    "worker": worker,
+                    "started_ms": o.started_ms,
+                    "finished_ms": now,
+                    "outcome": _attempt_outcome(o, row),
+                    "error": o.error,
+                }
+            )
+            if row.queue:
+                freed.add(row.queue)
+            if finished is None:
+                if settle["b_state"] == COMPLETED:
+                    done.completed.append(row.id)
+            elif o.handler_in_txn and session_handler is not None:
+                # Settled as completed at once; a handler that fails (the rare case)
+                # moves it back to finishing below, and its writes roll back.
+                settle.update(b_state=COMPLETED, b_lease_owner=None, b_lease_until_ms=None)
+                in_txn.append(finished)
             else:
-                # Slots freed and not refilled here: worth a wake-up only if work is
-                # waiting for them.
-                notify = bool(freed) and self._waiting_in(conn, freed, now)
-            if notify:
-                self.dialect.notify(conn, WAKE_CHANNEL)
+                done.to_deliver.append(finished)
+        if settles:
+            conn.execute(_SETTLE, settles)
+        if attempt_rows:
+            conn.execute(INSERT_ATTEMPTS, attempt_rows)
+        for finished in in_txn:
+            assert session_handler is not None
+            if not handler_savepoint:
+                session_handler(finished, conn)
+                done.completed.append(finished.id)
+                continue
+            error = _call_in_savepoint(conn, finished, session_handler)
+            if error is None:
+                done.completed.append(finished.id)
+            else:
+                self._handler_failed(conn, finished, error, now)
+        room = claim_limit - len(done.to_deliver)
+        if room > 0:
+            done.claimed, done.wake_at_ms = self._claim(conn, worker, room, lease_ms)
+            # Fewer than asked: nothing due is left that any worker could start
+            # (queue limits are global). Exactly as many: more may be waiting.
+            notify = len(done.claimed) == room
+        else:
+            # Slots freed and not refilled here: worth a wake-up only if work is
+            # waiting for them.
+            notify = (
+                self.dialect.can_notify and bool(freed) and self._waiting_in(conn, freed, now)
+            )
+        if notify:
+            self.dialect.notify(conn, WAKE_CHANNEL)
         return done
 
     def _waiting_in(self, conn: Connection, queues: set[str], now: int) -> bool:
-        found = conn.execute(
-            select(runs.c.id)
-            .where(in_state(*CLAIMABLE), runs.c.due_ms <= now, runs.c.queue.in_(sorted(queues)))
-            .limit(1)
-        ).first()
+        found = conn.execute(_WAITING_IN, {"now": now, "queues": sorted(queues)}).first()
         return found is not None
 
     def _decide(
@@ -722,13 +762,7 @@ class Store:
                 if f.id in failures:
                     self._handler_failed(conn, f, failures[f.id], now)
                     continue
-                result = conn.execute(
-                    update(runs)
-                    .where(
-                        runs.c.id == f.id, runs.c.fence == f.fence, runs.c.state == DELIVERING
-                    )
-                    .values(state=COMPLETED, lease_owner=None, lease_until_ms=None)
-                )
+                result = conn.execute(_COMPLETE_DELIVERY, {"b_id": f.id, "b_fence": f.fence})
                 if result.rowcount:
                     completed.append(f.id)
         return completed
@@ -856,7 +890,7 @@ class Store:
                 )
             conn.execute(_SETTLE, settles)
             if attempt_rows:
-                conn.execute(insert(attempts_t), attempt_rows)
+                conn.execute(INSERT_ATTEMPTS, attempt_rows)
             self.dialect.notify(conn, WAKE_CHANNEL)
         return len(rows)
 

@@ -28,7 +28,7 @@ from sqlalchemy import Connection
 from sqlmodel import Session
 
 from ._clock import to_ms
-from ._dialects import CANCEL_CHANNEL
+from ._dialects import CANCEL_CHANNEL, WouldBlock
 from ._errors import NonRetryableError, RetryAfter, UnregisteredFunction
 from ._models import CANCELED, DELIVERING, FAILED, SUCCESS
 from ._registry import Registry, ResultNotSerializable
@@ -256,41 +256,77 @@ class Worker:
         (False: it will be retried, its lease was lost, or the handler failed and
         the registered on_complete will be delivered later).
         """
+        outcome = await self.attempt_claimed(c, session_handler)
+        with anyio.CancelScope(shield=True):
+            recorded = await self.store.dialect.call(
+                self.settle_claimed, [outcome], session_handler
+            )
+        return outcome, c.id in recorded.completed
+
+    async def attempt_claimed(self, c: Claimed, session_handler: SessionHandler) -> Outcome:
+        """Execute a run this worker holds (from `Store.insert_running`), and keep
+        holding it: the caller records the outcome, in a transaction of its own
+        choosing, with `record_claimed` and then `release_claimed`.
+
+        Cancelled from outside, it records the interruption itself.
+        """
         self._hold(c.id, c.fence)
-        record = partial(self._record_inline, c, session_handler)
         try:
-            outcome = await self._run_attempt(c)
+            return await self._run_attempt(c)
         except BaseException:
             # Cancelled from outside (shutdown), perhaps natively by asyncio, where no
             # await is safe any more: release the attempt right here, synchronously.
-            record(self._interrupted(c))
+            self.settle_claimed([self._interrupted(c)], session_handler)
             raise
-        with anyio.CancelScope(shield=True):
-            recorded = await anyio.to_thread.run_sync(record, outcome)
-        if recorded.completed:
-            self._on_completed(recorded.completed)
-        return outcome, c.id in recorded.completed
 
-    def _record_inline(
-        self, c: Claimed, session_handler: SessionHandler, outcome: Outcome
+    def record_claimed(
+        self,
+        conn: Connection,
+        outcomes: list[Outcome],
+        session_handler: SessionHandler,
     ) -> Recorded:
+        """Record outcomes of runs held after `attempt_claimed` inside the caller's
+        transaction; `session_handler` stands in for their on_complete there."""
+        return self.store.record_in(
+            conn,
+            [replace(o, handler_in_txn=True) for o in outcomes],
+            self.id,
+            self.lease_ms,
+            session_handler,
+            handler_savepoint=False,
+        )
+
+    def release_claimed(self, run_ids: list[str], completed: list[str]) -> None:
+        """After the transaction of `record_claimed` has committed (or if it did not,
+        for runs whose outcome is left to their lease expiring)."""
+        for run_id in run_ids:
+            self._release(run_id, wake=False)
+        if completed:
+            self._on_completed(completed)
+
+    def settle_claimed(
+        self, outcomes: list[Outcome], session_handler: SessionHandler
+    ) -> Recorded:
+        """Record outcomes of runs held after `attempt_claimed` in a transaction of
+        their own, then release them (blocking: call it through `Dialect.call`)."""
         try:
-            return self.store.record(
-                [replace(outcome, handler_in_txn=True)],
-                self.id,
-                self.lease_ms,
-                session_handler,
-                handler_savepoint=False,
-            )
+            with self.store.dialect.write_internal() as conn:
+                recorded = self.record_claimed(conn, outcomes, session_handler)
+        except WouldBlock:
+            raise  # nothing was done: Dialect.call runs it again on a thread
         except Exception:
-            # Nothing was recorded: the run stays leased until its lease expires, then
-            # it is retried like any lost attempt (and its on_complete journals it).
-            log.exception("recording inline run %s failed; it will be retried", c.id)
-            return Recorded()
-        finally:
-            # No wake-up: the caller goes on with its own work, and a claim round per
-            # inline run would cost a transaction each.
-            self._release(c.id, wake=False)
+            # Nothing was recorded: the runs stay leased until their lease expires,
+            # then they are retried like any lost attempt (their on_complete journals
+            # them).
+            log.exception(
+                "recording inline runs %s failed; they will be retried",
+                [o.run_id for o in outcomes],
+            )
+            recorded = Recorded()
+        # No wake-up: the caller goes on with its own work, and a claim round per
+        # inline run would cost a transaction each.
+        self.release_claimed([o.run_id for o in outcomes], recorded.completed)
+        return recorded
 
     async def _run_attempt(self, c: Claimed) -> Outcome:
         """One attempt under a cancel scope of its own, which cancel requests and lost

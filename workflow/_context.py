@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import uuid
-from collections.abc import Awaitable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
@@ -22,11 +22,11 @@ from sqlalchemy import Connection
 from retrier import InvalidArguments
 from retrier._clock import datetime_to_ms, to_ms
 from retrier._registry import Fn
-from retrier._store import Finished, NewRun
+from retrier._store import Finished, NewRun, Outcome
 from retrier._worker import Worker
 
 from ._errors import InvalidEvent, StepFailed, WorkflowDiverged
-from ._journal import Conflict, Entry, Loaded, NotRunning
+from ._journal import Conflict, Entry, Loaded, NotRunning, Unsettled
 from ._listeners import WorkflowEvent
 from ._models import (
     COMPLETED,
@@ -74,6 +74,9 @@ class WorkflowContext:
         self._calls = 0
         self._last_position = -1
         self._futures: list[asyncio.Future[Any]] = []
+        self._unsettled: list[Outcome] = []  # see "outcomes of inline steps"
+        self._inline_steps: dict[str, str] = {}  # run id -> step name
+        self._journaled: dict[str, Entry] = {}  # run id -> its journal entry, once stored
         self.diverged: WorkflowDiverged | None = None
 
     @property
@@ -129,49 +132,129 @@ class WorkflowContext:
         self, full: str, position: int, row: dict[str, Any], new: NewRun, decode: Any
     ) -> Any:
         worker = self._worker
+        taken = self.take_unsettled()
         try:
-            claimed = await anyio.to_thread.run_sync(
+            claimed = await self._driver.store_call(
                 self._driver.journal.start_step,
                 self.workflow_id,
                 row,
                 new,
                 None if worker is None else worker.id,
                 0 if worker is None else worker.lease_ms,
+                self.settler(taken),
             )
-        except (Conflict, NotRunning):
-            raise Suspend from None
+        except BaseException as exc:
+            await self.settle_alone(taken)
+            if isinstance(exc, (Conflict, NotRunning, Unsettled)):
+                raise Suspend from None
+            raise
+        self.settled(taken)
         if claimed is None or worker is None:
             self._driver.retrier.wake_workers()
             raise Suspend
-        settled: list[Entry] = []
-
-        def inline(f: Finished, conn: Connection) -> None:
-            entry = self._driver.journal.settle_step(
-                conn,
-                self.workflow_id,
-                full,
-                f.outcome,
-                f.result,
-                f.error,
-                f.id,
-                attempts=1,  # an inline run that is over at once had one attempt
+        self._inline_steps[claimed.id] = full
+        outcome = await worker.attempt_claimed(claimed, self._journal_inline)
+        if outcome.kind == "success":
+            # Not stored yet: the transaction of this workflow's next write stores it
+            # first, and commits only if it completes (see `settler`).
+            self._unsettled.append(outcome)
+            self._entries[full] = Entry(
+                full, position, STEP, COMPLETED, fn=new.fn, result=outcome.result
             )
-            if entry is not None:
-                settled.append(entry)
-
-        _, completed = await worker.execute_claimed(claimed, inline)
-        if not completed or not settled:
-            # Retried later, or its handler will journal it: the step's on_complete
-            # wakes this workflow when it is over.
+            return decode(outcome.result)
+        if not await self.settle_alone([outcome]):
+            # Retried later: the step's on_complete wakes this workflow when it is over.
             self._driver.retrier.wake_workers()
             raise Suspend
-        entry = settled[0]
+        entry = self._journaled.pop(claimed.id)
         entry.position, entry.fn = position, new.fn
         self._entries[full] = entry
         if entry.state != COMPLETED:
             self._driver.step_failed(self._workflow, full, entry.error)
             raise StepFailed(full, entry.error or entry.state)
         return decode(entry.result)
+
+    # -- outcomes of inline steps --------------------------------------------------------
+    #
+    # A step that succeeds inline returns to the workflow function at once; its
+    # outcome is stored in the transaction of the workflow's next write (the next
+    # step's start, a sleep, the workflow's end), which commits only if every such
+    # outcome completes. So a step costs one transaction, and nothing is journaled
+    # after a step whose result is not stored. Until then the worker holds (and
+    # heartbeats) its run; a crash leaves it to its lease, and it runs again.
+
+    def take_unsettled(self) -> list[Outcome]:
+        taken, self._unsettled = self._unsettled, []
+        return taken
+
+    def settler(self, taken: list[Outcome]) -> Callable[[Connection], None] | None:
+        """What stores `taken` inside another write's transaction; it raises
+        `Unsettled` (rolling that transaction back) unless each completes."""
+        if not taken:
+            return None
+        worker = self._worker
+        assert worker is not None
+
+        def settle(conn: Connection) -> None:
+            recorded = worker.record_claimed(conn, taken, self._journal_inline)
+            ok = [self._journaled.pop(i, None) for i in recorded.completed]
+            if len(ok) != len(taken) or any(e is None or e.state != COMPLETED for e in ok):
+                raise Unsettled
+
+        return settle
+
+    def settled(self, taken: list[Outcome]) -> None:
+        """After the transaction of `settler(taken)` committed."""
+        if taken:
+            assert self._worker is not None
+            ids = [o.run_id for o in taken]
+            self._worker.release_claimed(ids, ids)
+            for run_id in ids:
+                self._inline_steps.pop(run_id, None)
+
+    async def settle_alone(self, outcomes: list[Outcome]) -> bool:
+        """Store outcomes in a transaction of their own; whether each completed."""
+        if not outcomes:
+            return True
+        assert self._worker is not None
+        with anyio.CancelScope(shield=True):
+            recorded = await self._driver.store_call(
+                self._worker.settle_claimed, outcomes, self._journal_inline
+            )
+        for o in outcomes:
+            self._inline_steps.pop(o.run_id, None)
+        return len(recorded.completed) == len(outcomes)
+
+    def settle_now(self) -> None:
+        """Store any unsettled outcome, blocking (for a driver cancelled from outside)."""
+        taken = self.take_unsettled()
+        if taken:
+            assert self._worker is not None
+            self._worker.settle_claimed(taken, self._journal_inline)
+
+    async def _flush(self) -> None:
+        """Store unsettled outcomes before a write that cannot include them."""
+        taken = self.take_unsettled()
+        if taken and not await self.settle_alone(taken):
+            raise Suspend
+
+    def _journal_inline(self, f: Finished, conn: Connection) -> None:
+        """The on_complete of an inline step's run, in the transaction recording it."""
+        name = self._inline_steps.get(f.id)
+        if name is None:
+            return
+        entry = self._driver.journal.settle_step(
+            conn,
+            self.workflow_id,
+            name,
+            f.outcome,
+            f.result,
+            f.error,
+            f.id,
+            attempts=1,  # an inline run that is over at once had one attempt
+        )
+        if entry is not None:
+            self._journaled[f.id] = entry
 
     # -- sleeping ------------------------------------------------------------------------
 
@@ -207,12 +290,14 @@ class WorkflowContext:
     async def _sleep_more(self, full: str, wake_ms: int) -> None:
         if self._now() < wake_ms:
             raise Suspend
+        await self._flush()
         await anyio.to_thread.run_sync(
             self._driver.journal.complete_waiting, self.workflow_id, full
         )
         self._entries[full].state = COMPLETED
 
     async def _wait_new(self, row: dict[str, Any], wake_ms: int | None) -> None:
+        await self._flush()
         try:
             await anyio.to_thread.run_sync(
                 self._driver.journal.add_waiting, self.workflow_id, row, wake_ms
@@ -223,6 +308,7 @@ class WorkflowContext:
         raise Suspend
 
     async def _journal_done(self, full: str, row: dict[str, Any]) -> Any:
+        await self._flush()
         try:
             await anyio.to_thread.run_sync(self._driver.journal.add_entry, self.workflow_id, row)
         except (Conflict, NotRunning):
@@ -259,6 +345,7 @@ class WorkflowContext:
     async def _event(
         self, full: str, position: int, row: dict[str, Any], timeout_ms: int | None
     ) -> Any:
+        await self._flush()
         try:
             done, data = await anyio.to_thread.run_sync(
                 self._driver.journal.try_event, self._workflow, row, timeout_ms
@@ -300,6 +387,7 @@ class WorkflowContext:
         )
 
     async def _send(self, full: str, row: dict[str, Any], send: Any) -> int:
+        await self._flush()
         try:
             event_id = await anyio.to_thread.run_sync(
                 self._driver.journal.add_entry, self.workflow_id, row, send
@@ -331,6 +419,7 @@ class WorkflowContext:
         return self._spawn(self._invoke(row, child_row))
 
     async def _invoke(self, row: dict[str, Any], child_row: dict[str, Any]) -> Any:
+        await self._flush()
         try:
             await anyio.to_thread.run_sync(
                 self._driver.journal.start_child, self.workflow_id, row, child_row

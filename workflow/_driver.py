@@ -14,7 +14,6 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-import anyio.to_thread
 from sqlalchemy import select
 
 from retrier import Retrier, RetryPolicy
@@ -25,7 +24,7 @@ from retrier._worker import current_worker
 from ._context import Suspend, WorkflowContext, step_failed_event
 from ._definitions import Definitions
 from ._errors import UnregisteredWorkflow
-from ._journal import DRIVER_QUEUE, Journal, driver_name
+from ._journal import DRIVER_QUEUE, Journal, Unsettled, driver_name
 from ._listeners import Listeners, WorkflowEvent
 from ._models import COMPLETED, FAILED, RUNNING, WorkflowRow
 
@@ -55,6 +54,8 @@ class Driver:
         retrier.registry.add_action(self.drive, name=self.drive_name)
         retrier.registry.add_handler(self.step_done, name=self.step_handler)
         self.journal = Journal(retrier.store)
+        # Runs a journal call (one transaction) from the driver's async code.
+        self.store_call = retrier.store.dialect.call
 
     # -- rows ------------------------------------------------------------------------
 
@@ -130,11 +131,16 @@ class Driver:
 
     async def drive(self, workflow_id: str) -> str:
         """Run the workflow until it finishes or must wait."""
-        loaded = await anyio.to_thread.run_sync(self.journal.load, workflow_id)
+        loaded = await self.store_call(self.journal.load, workflow_id)
         if loaded is None or loaded.workflow.state != RUNNING:
             return "idle"
-        wf = loaded.workflow
         ctx = WorkflowContext(self, loaded, current_worker.get())
+        try:
+            return await self._drive(ctx, loaded.workflow)
+        finally:
+            ctx.settle_now()  # only if cancelled from outside with outcomes unstored
+
+    async def _drive(self, ctx: WorkflowContext, wf: WorkflowRow) -> str:
         state, result, error = COMPLETED, None, None
         try:
             definition = self.defs.get(wf.name)
@@ -142,6 +148,7 @@ class Driver:
         except Suspend:
             await ctx.drain()
             if ctx.diverged is None:
+                await ctx.settle_alone(ctx.take_unsettled())
                 return "waiting"
             state, error = FAILED, _describe(ctx.diverged)
         except UnregisteredWorkflow as exc:
@@ -160,13 +167,31 @@ class Driver:
                     state, error = FAILED, str(exc)
         if state == FAILED:
             log.info("workflow %s (%s) failed: %s", wf.name, wf.id, error)
-        ended = await anyio.to_thread.run_sync(
-            self.journal.finish, wf.id, state, result, error, self.completion
-        )
-        if ended:
-            self.retrier.wake_workers()
-            kind = "run:complete" if state == COMPLETED else "run:fail"
-            self.listeners.emit(WorkflowEvent(kind, wf.id, wf.name, error=error, result=result))
+        # The last inline steps' outcomes are stored with the end, or not at all.
+        taken = ctx.take_unsettled()
+        try:
+            ended = await self.store_call(
+                self.journal.finish,
+                wf.id,
+                state,
+                result,
+                error,
+                self.completion,
+                ctx.settler(taken),
+            )
+        except Unsettled:
+            await ctx.settle_alone(taken)
+            return "waiting"  # a step is not over after all: its end wakes us again
+        except BaseException:
+            await ctx.settle_alone(taken)
+            raise
+        if not ended:
+            await ctx.settle_alone(taken)
+            return state
+        ctx.settled(taken)
+        self.retrier.wake_workers()
+        kind = "run:complete" if state == COMPLETED else "run:fail"
+        self.listeners.emit(WorkflowEvent(kind, wf.id, wf.name, error=error, result=result))
         return state
 
     # -- a step's run is over -----------------------------------------------------------

@@ -79,6 +79,10 @@ class Conflict(Exception):
     """Another driver of the same workflow wrote this journal entry first."""
 
 
+class Unsettled(Exception):
+    """An inline step's outcome did not complete; its transaction must roll back."""
+
+
 class NotRunning(Exception):
     """The workflow is no longer running (canceled, or finished by another driver)."""
 
@@ -135,6 +139,16 @@ _SETTLE_STEP = (
         finished_ms=bindparam("b_finished_ms"),
     )
 )
+_INSERT_STEP = insert(steps_t)
+_INSERT_WORKFLOW = insert(workflows_t)
+_WORKFLOW_BY_ID = select(workflows_t).where(workflows_t.c.id == bindparam("wf"))
+_ENTRIES_OF = select(*_ENTRY_COLUMNS).where(steps_t.c.workflow_id == bindparam("wf"))
+_POOL_OF = select(workflows_t.c.pool).where(workflows_t.c.id == bindparam("wf"))
+_DRIVERS_PENDING = select(runs.c.due_ms).where(
+    runs.c.owner == bindparam("wf"),
+    runs.c.fn == bindparam("fn"),
+    runs.c.state == RUN_PENDING,
+)
 _LOCK_WORKFLOW = select(
     workflows_t.c.id,
     workflows_t.c.state,
@@ -154,24 +168,18 @@ class Journal:
         self.dialect = store.dialect
         self.clock = store.clock
         self._lock_workflow = self.dialect.lock_rows(_LOCK_WORKFLOW)
+        self._drivers_pending = self.dialect.lock_rows(_DRIVERS_PENDING)
 
     # -- reading -------------------------------------------------------------------
 
     def load(self, workflow_id: str) -> Loaded | None:
         with self.dialect.read() as conn:
             row = (
-                conn.execute(select(workflows_t).where(workflows_t.c.id == workflow_id))
-                .mappings()
-                .first()
+                conn.execute(_WORKFLOW_BY_ID, {"wf": workflow_id}).mappings().first()
             )
             if row is None:
                 return None
-            entries = {
-                r.name: Entry(*r)
-                for r in conn.execute(
-                    select(*_ENTRY_COLUMNS).where(steps_t.c.workflow_id == workflow_id)
-                )
-            }
+            entries = {r.name: Entry(*r) for r in conn.execute(_ENTRIES_OF, {"wf": workflow_id})}
         return Loaded(WorkflowRow.model_validate(dict(row)), entries)
 
     def get(self, workflow_id: str) -> WorkflowRow:
@@ -251,7 +259,7 @@ class Journal:
             ).scalar()
             if found is not None:
                 return str(found)
-        conn.execute(insert(workflows_t), [row])
+        conn.execute(_INSERT_WORKFLOW, [row])
         self.store.insert_runs([driver_run(row["id"], row["pool"], row["created_ms"])], conn)
         return str(row["id"])
 
@@ -264,13 +272,17 @@ class Journal:
         new: NewRun,
         worker: str | None,
         lease_ms: int,
+        before: Callable[[Connection], None] | None = None,
     ) -> Claimed | None:
         """Journal a new step and store its run: claimed by `worker` if its pool has
-        room now (the caller runs it inline), else pending in the pool."""
+        room now (the caller runs it inline), else pending in the pool. `before`
+        writes first in the same transaction (the outcomes of earlier inline steps)."""
         # Internal: lost in a database crash, the step simply runs again.
         with self._write(internal=True) as conn:
             self._lock_running(conn, workflow_id)
-            conn.execute(insert(steps_t), [entry])
+            if before is not None:
+                before(conn)
+            conn.execute(_INSERT_STEP, [entry])
             claimed = None
             if worker is not None:
                 claimed = self.store.insert_running(new, worker, lease_ms, conn)
@@ -312,20 +324,12 @@ class Journal:
     def wake(self, conn: Connection, workflow_id: str, due_ms: int | None = None) -> None:
         """Make sure a driver run of the workflow is pending, due by `due_ms` (now)."""
         due = self.clock.now_ms() if due_ms is None else due_ms
-        pool = conn.execute(
-            select(workflows_t.c.pool).where(workflows_t.c.id == workflow_id)
-        ).scalar()
+        pool = conn.execute(_POOL_OF, {"wf": workflow_id}).scalar()
         if pool is None:
             return
         driver = driver_run(workflow_id, pool, due)
         pending = conn.execute(
-            self.dialect.lock_rows(
-                select(runs.c.due_ms).where(
-                    runs.c.owner == workflow_id,
-                    runs.c.fn == driver.fn,
-                    runs.c.state == RUN_PENDING,
-                )
-            )
+            self._drivers_pending, {"wf": workflow_id, "fn": driver.fn}
         ).scalars()
         if any(d <= due for d in pending):
             return
@@ -343,7 +347,7 @@ class Journal:
         """Journal a waiting entry (with a driver due at `wake_ms`, if given)."""
         with self._write() as conn:
             self._lock_running(conn, workflow_id)
-            conn.execute(insert(steps_t), [entry])
+            conn.execute(_INSERT_STEP, [entry])
             if wake_ms is not None:
                 self.wake(conn, workflow_id, wake_ms)
             if extra is not None:
@@ -361,7 +365,7 @@ class Journal:
             out = extra(conn) if extra is not None else None
             if out is not None:
                 entry = {**entry, "result": out}
-            conn.execute(insert(steps_t), [entry])
+            conn.execute(_INSERT_STEP, [entry])
             return out
 
     def complete_waiting(self, workflow_id: str, name: str, result: Any = None) -> bool:
@@ -412,14 +416,14 @@ class Journal:
                 done.update(result=None)
             elif current is None:
                 wake_ms = None if timeout_ms is None else now + timeout_ms
-                conn.execute(insert(steps_t), [{**entry, "state": WAITING, "wake_ms": wake_ms}])
+                conn.execute(_INSERT_STEP, [{**entry, "state": WAITING, "wake_ms": wake_ms}])
                 if wake_ms is not None:
                     self.wake(conn, workflow.id, wake_ms)
                 return False, None
             else:
                 return False, None
             if current is None:
-                conn.execute(insert(steps_t), [{**entry, **done}])
+                conn.execute(_INSERT_STEP, [{**entry, **done}])
             else:
                 conn.execute(
                     update(steps_t)
@@ -472,7 +476,7 @@ class Journal:
         """Journal an `invoke` and start the child workflow, in one transaction."""
         with self._write() as conn:
             self._lock_running(conn, parent_id)
-            conn.execute(insert(steps_t), [entry])
+            conn.execute(_INSERT_STEP, [entry])
             self._create(conn, child)
 
     # -- finishing -------------------------------------------------------------------
@@ -484,13 +488,17 @@ class Journal:
         result: Any,
         error: str | None,
         completion: Callable[[Any], NewRun | None],
+        before: Callable[[Connection], None] | None = None,
     ) -> bool:
         """Record a workflow's end: its row, its on_complete run, and its parent's
-        journal entry. False if it had already ended (canceled, or another driver)."""
+        journal entry. False if it had already ended (canceled, or another driver).
+        `before` writes first in the same transaction."""
         with self.dialect.write() as conn:
             row = self._lock(conn, workflow_id)
             if row is None or row.state != RUNNING:
                 return False
+            if before is not None:
+                before(conn)
             self._end(conn, row, state, result, error, completion)
             return True
 
