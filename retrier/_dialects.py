@@ -25,6 +25,9 @@ from ._errors import InvalidDatabaseURL
 log = logging.getLogger("tiers.store")
 
 _BUSY_TIMEOUT_MS = 30_000
+# How long a store call on the event loop retries a locked SQLite database before it
+# waits on a thread instead.
+_LOOP_PATIENCE_S = 0.25
 
 WAKE_CHANNEL = "tiers_wake"
 CANCEL_CHANNEL = "tiers_cancel"
@@ -162,16 +165,24 @@ class SQLiteDialect:
         A short SQLite transaction is CPU work under the GIL wherever it runs, so a
         worker thread adds only two thread hand-overs (measured: a third of a
         workflow step's cost). On the loop, a write that finds the database locked
-        raises WouldBlock before it has done anything, and the call moves to a
-        thread, where it waits without stalling the loop.
+        raises WouldBlock before it has done anything; the call tries again after a
+        short async sleep (other tasks run meanwhile) and, if the database stays
+        locked, moves to a thread, where it waits without stalling the loop. `fn`
+        must open at most one write transaction.
         """
-        token = _ON_LOOP.set(True)
-        try:
-            return fn(*args, **kwargs)
-        except WouldBlock:
-            pass
-        finally:
-            _ON_LOOP.reset(token)
+        pause, waited = 0.0, 0.0
+        while waited < _LOOP_PATIENCE_S:
+            token = _ON_LOOP.set(True)
+            try:
+                return fn(*args, **kwargs)
+            except WouldBlock:
+                pass
+            finally:
+                _ON_LOOP.reset(token)
+            # Let the holder finish (it is often another task's call, on a thread).
+            await anyio.sleep(pause)
+            waited += pause
+            pause = min(max(pause * 2, 0.0001), 0.002)
         return await anyio.to_thread.run_sync(lambda: fn(*args, **kwargs))
 
     def create_extras(self, conn: Connection) -> None:

@@ -214,7 +214,7 @@ class Worker:
         wanted = min(self.concurrency - len(self._held), _BATCH)
         if wanted <= 0:
             return []
-        claimed, wake_at_ms = await anyio.to_thread.run_sync(
+        claimed, wake_at_ms = await self.store.dialect.call(
             self.store.claim, self.id, wanted, self.lease_ms
         )
         self._start(claimed, wake_at_ms)
@@ -410,17 +410,20 @@ class Worker:
     async def _record_batch(self, batch: list[Outcome]) -> None:
         # The slots these outcomes free are refilled in the same transaction.
         room = 0 if self._stopping else self.concurrency - len(self._held) + len(batch)
+        record = partial(
+            self.store.record,
+            batch,
+            self.id,
+            self.lease_ms,
+            self._call_session_handler,
+            claim_limit=min(room, _BATCH),
+        )
         try:
-            recorded = await anyio.to_thread.run_sync(
-                partial(
-                    self.store.record,
-                    batch,
-                    self.id,
-                    self.lease_ms,
-                    self._call_session_handler,
-                    claim_limit=min(room, _BATCH),
-                )
-            )
+            if any(o.handler_in_txn for o in batch):
+                # An app's on_complete runs in this transaction: keep it off the loop.
+                recorded = await anyio.to_thread.run_sync(record)
+            else:
+                recorded = await self.store.dialect.call(record)
         except Exception:
             log.exception("could not record %d outcomes; their leases will expire", len(batch))
             for o in batch:
@@ -475,7 +478,7 @@ class Worker:
         except Exception as exc:
             log.warning("on_complete %s of run %s raised: %s", f.on_complete, f.id, exc)
             failures[f.id] = _describe(exc)
-        return await anyio.to_thread.run_sync(self.store.delivered, [f], failures)
+        return await self.store.dialect.call(self.store.delivered, [f], failures)
 
     def _call_session_handler(self, f: Finished, conn: Connection) -> None:
         reg = self.registry.handler(f.on_complete)
