@@ -19,7 +19,7 @@ from typing import Any
 import anyio
 import pytest
 from pydantic import BaseModel
-from sqlalchemy import func, select
+from sqlalchemy import func, select, update
 
 from retrier import (
     Canceled,
@@ -738,9 +738,9 @@ def test_bad_step_input_fails_the_workflow_clearly(app: App) -> None:
 # -- performance shape, async API, real workers ------------------------------------------
 
 
-def test_sequential_steps_take_one_driver_run_and_two_transactions_each(app: App) -> None:
+def test_sequential_steps_take_one_driver_run_and_one_transaction_each(app: App) -> None:
     r, wf = app.retrier, app.workflows
-    from sqlalchemy import event
+    from sqlalchemy import Engine, event
 
     @r.action
     def noop(i: int) -> int:
@@ -758,15 +758,57 @@ def test_sequential_steps_take_one_driver_run_and_two_transactions_each(app: App
         commits[0] += 1
 
     wf_id = wf.start(long, {"n": 200})
-    event.listen(r.engine, "commit", count)
+    event.listen(Engine, "commit", count)  # every engine: PostgreSQL has two
     try:
         app.drain()
     finally:
-        event.remove(r.engine, "commit", count)
+        event.remove(Engine, "commit", count)
     assert wf.status(wf_id) == Completed(Success(200))
     assert app.count_runs(fn=f"tiers.workflow.drive:{app.pool.name}") == 1
-    # 2 per step, plus a handful for claiming, loading and finishing; never O(n^2).
-    assert commits[0] <= 2 * 200 + 12, commits[0]
+    # Each step's outcome commits with the next step's start (the last with the end),
+    # plus a handful for claiming, loading and finishing; never O(n^2).
+    assert 200 <= commits[0] <= 200 + 12, commits[0]
+
+
+def test_no_step_starts_after_one_whose_outcome_could_not_be_stored(app: App) -> None:
+    """An inline step's outcome is stored with the next step's start. If it cannot be
+    (here: its lease passed to another attempt meanwhile), the next step must not
+    start on a result that was never stored; the step runs again and the workflow
+    goes on from its stored result."""
+    r, wf = app.retrier, app.workflows
+    firsts, seconds = Calls(), Calls()
+
+    @r.action
+    def first(attempt_marker: str) -> int:
+        firsts.add(attempt_marker)
+        if len(firsts.items) == 1:
+            with r.engine.begin() as conn:  # as if the lease was lost and taken over
+                conn.execute(
+                    update(runs)
+                    .where(runs.c.fn == "first", runs.c.state == "running")
+                    .values(fence=runs.c.fence + 1)
+                )
+        return len(firsts.items)
+
+    @r.action
+    def second(value: int) -> int:
+        seconds.add(value)
+        return value
+
+    @wf.define
+    async def chain(ctx: WorkflowContext) -> int:
+        value = await ctx.step("first", first, {"attempt_marker": "x"})
+        return int(await ctx.step("second", second, {"value": value}))
+
+    wf_id = wf.start(chain, {})
+    app.drain()
+    assert seconds.items == [], "the second step started on an unstored result"
+    assert [s.name for s in wf.steps(wf_id)] == ["first[0]"]
+    app.clock.advance(timedelta(minutes=5))  # the lease expires: the step runs again
+    assert r.store.reap() == 1
+    app.later(timedelta(minutes=5))  # after its backoff
+    assert wf.status(wf_id) == Completed(Success(2))
+    assert firsts.items == ["x", "x"] and seconds.items == [2]
 
 
 @pytest.mark.anyio
