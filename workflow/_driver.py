@@ -3,7 +3,7 @@
 A workflow is moved forward by driver runs (`tiers.workflow.drive:<pool>`), ordinary
 engine runs in the unlimited queue `tiers.workflow`. A driver loads the journal once
 and calls the workflow function: journaled calls return at once; a new step whose pool
-has room is run inline by the same worker (two transactions per step, no replay per
+has room is run inline by the same worker (one transaction per step, no replay per
 step); anything that must wait journals itself, makes sure a driver will come back
 (the step's on_complete, or a driver run due at a wake-up time) and unwinds the
 function with `Suspend`. A waiting workflow is only rows.
