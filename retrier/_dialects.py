@@ -114,11 +114,16 @@ class SQLiteDialect:
                 "an in-memory SQLite database cannot be shared with workers; "
                 "give a file: sqlite:///tiers.db"
             )
-        self.engine = create_engine(
-            url, pool_size=8, max_overflow=32, pool_timeout=60, pool_use_lifo=True
+        self.engine = create_engine(url, pool_size=8, max_overflow=32, pool_timeout=60)
+        # The engine's own writes (claims, records, workflow steps) have connections
+        # of their own, reused most-recent-first: one that wrote last keeps its page
+        # cache, which any other connection's write would have invalidated.
+        self._internal = create_engine(
+            url, pool_size=4, max_overflow=16, pool_timeout=60, pool_use_lifo=True
         )
-        event.listen(self.engine, "connect", _sqlite_connect)
-        event.listen(self.engine, "begin", _sqlite_begin)
+        for engine in (self.engine, self._internal):
+            event.listen(engine, "connect", _sqlite_connect)
+            event.listen(engine, "begin", _sqlite_begin)
         # SQLite admits one writer at a time. This process's engine-internal writers
         # queue on a lock of our own, which hands over at once (see write_internal).
         self._write_lock = threading.RLock()
@@ -140,9 +145,10 @@ class SQLiteDialect:
 
     def dispose(self) -> None:
         self.engine.dispose()
+        self._internal.dispose()
 
     def checked_out(self) -> int:
-        return int(self.engine.pool.checkedout())  # type: ignore[attr-defined]
+        return int(self.engine.pool.checkedout() + self._internal.pool.checkedout())  # type: ignore[attr-defined]
 
     @contextlib.contextmanager
     def write_internal(self) -> Iterator[Connection]:
@@ -154,7 +160,7 @@ class SQLiteDialect:
         if not self._write_lock.acquire(blocking=not _ON_LOOP.get()):
             raise WouldBlock
         try:
-            with self.engine.begin() as conn:
+            with self._internal.begin() as conn:
                 yield conn
         finally:
             self._write_lock.release()

@@ -284,6 +284,8 @@ _START_DELIVERIES = (
     )
 )
 _ROWS_BY_ID = select(*_DECIDE_COLUMNS).where(runs.c.id.in_(_IDS))
+# The same for one id: an expanding IN is re-rendered on every execution.
+_ROW_BY_ID = select(*_DECIDE_COLUMNS).where(runs.c.id == bindparam("id"))
 INSERT_RUNS = insert(runs)
 INSERT_ATTEMPTS = insert(attempts_t)
 # Whether any run of these queues is due now (a freed slot is worth a wake-up).
@@ -326,6 +328,7 @@ class Store:
         self._rng = random.Random()
         self._due_candidates = self.dialect.lock_for_claim(_DUE_CANDIDATES)
         self._rows_by_id = self.dialect.lock_rows(_ROWS_BY_ID)
+        self._row_by_id = self.dialect.lock_rows(_ROW_BY_ID)
         self._queue_with_running = self.dialect.lock_rows(_QUEUE_WITH_RUNNING)
 
     # -- schema -----------------------------------------------------------------
@@ -1076,6 +1079,9 @@ class Store:
 
     def _rows_for_update(self, conn: Connection, ids: list[str]) -> dict[str, Row[Any]]:
         found: dict[str, Row[Any]] = {}
+        if len(ids) == 1:
+            row = conn.execute(self._row_by_id, {"id": ids[0]}).first()
+            return {} if row is None else {row.id: row}
         for chunk in _chunks(ids, 500):
             found.update({r.id: r for r in conn.execute(self._rows_by_id, {"ids": chunk})})
         return found

@@ -162,11 +162,12 @@ class WorkflowContext:
                 full, position, STEP, COMPLETED, fn=new.fn, result=outcome.result
             )
             return decode(outcome.result)
-        if not await self.settle_alone([outcome]):
+        stored = await self.settle_alone([outcome])
+        entry = self._journaled.pop(claimed.id, None)
+        if not stored or entry is None:
             # Retried later: the step's on_complete wakes this workflow when it is over.
             self._driver.retrier.wake_workers()
             raise Suspend
-        entry = self._journaled.pop(claimed.id)
         entry.position, entry.fn = position, new.fn
         self._entries[full] = entry
         if entry.state != COMPLETED:
