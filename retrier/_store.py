@@ -21,7 +21,9 @@ from sqlalchemy import (
     Table,
     and_,
     bindparam,
+    case,
     delete,
+    false,
     func,
     insert,
     literal_column,
@@ -298,6 +300,33 @@ _WAITING_IN = (
     )
     .limit(1)
 )
+# A held run's successful attempt, when it can simply complete (fenced, not canceled):
+# one statement where the general record reads the row first.
+_COMPLETE_SUCCESS = (
+    update(runs)
+    .where(
+        runs.c.id == bindparam("b_id"),
+        runs.c.fence == bindparam("b_fence"),
+        runs.c.state == RUNNING,
+        runs.c.cancel_requested == false(),
+    )
+    .values(
+        state=COMPLETED,
+        outcome=SUCCESS,
+        result=bindparam("b_result", type_=runs.c.result.type),
+        error=None,
+        due_ms=0,
+        fence=case((runs.c.on_complete.is_(None), runs.c.fence), else_=runs.c.fence + 1),
+        lease_owner=None,
+        lease_until_ms=None,
+        finished_ms=bindparam("b_now"),
+        handler_error=None,
+    )
+    .returning(
+        runs.c.fn, runs.c.fence, runs.c.attempts, runs.c.on_complete, runs.c.context,
+        runs.c.queue, runs.c.owner,
+    )
+)
 _COMPLETE_DELIVERY = (
     update(runs)
     .where(
@@ -329,6 +358,7 @@ class Store:
         self._due_candidates = self.dialect.lock_for_claim(_DUE_CANDIDATES)
         self._rows_by_id = self.dialect.lock_rows(_ROWS_BY_ID)
         self._row_by_id = self.dialect.lock_rows(_ROW_BY_ID)
+        self._update_returning = bool(self.engine.dialect.update_returning)
         self._queue_with_running = self.dialect.lock_rows(_QUEUE_WITH_RUNNING)
 
     # -- schema -----------------------------------------------------------------
@@ -596,12 +626,32 @@ class Store:
         session_handler: SessionHandler | None = None,
         claim_limit: int = 0,
         handler_savepoint: bool = True,
+        wake_waiting: bool = True,
     ) -> Recorded:
-        """`record`, inside the caller's write transaction."""
+        """`record`, inside the caller's write transaction. `wake_waiting=False`: the
+        caller takes the freed slot again in this transaction (a workflow's next
+        inline step), so no other worker needs waking for it."""
         done = Recorded()
         if not outcomes:
             return done
         now = self.clock.now_ms()
+        if (
+            len(outcomes) == 1
+            and outcomes[0].kind == "success"
+            and outcomes[0].handler_in_txn
+            and session_handler is not None
+            and not handler_savepoint
+            and claim_limit == 0
+            and self._update_returning
+        ):
+            queue = self._complete_success(conn, outcomes[0], worker, now, session_handler)
+            if queue is not None:
+                done.completed.append(outcomes[0].run_id)
+                if wake_waiting and queue and self.dialect.can_notify:
+                    if self._waiting_in(conn, {queue}, now):
+                        self.dialect.notify(conn, WAKE_CHANNEL)
+                return done
+            # Stale, or cancel requested: the general path below decides.
         current = self._rows_for_update(conn, [o.run_id for o in outcomes])
         settles: list[dict[str, Any]] = []
         attempt_rows: list[dict[str, Any]] = []
@@ -668,11 +718,62 @@ class Store:
             # Slots freed and not refilled here: worth a wake-up only if work is
             # waiting for them.
             notify = (
-                self.dialect.can_notify and bool(freed) and self._waiting_in(conn, freed, now)
+                wake_waiting
+                and self.dialect.can_notify
+                and bool(freed)
+                and self._waiting_in(conn, freed, now)
             )
         if notify:
             self.dialect.notify(conn, WAKE_CHANNEL)
         return done
+
+    def _complete_success(
+        self,
+        conn: Connection,
+        o: Outcome,
+        worker: str,
+        now: int,
+        session_handler: SessionHandler,
+    ) -> str | None:
+        """Complete a held run whose attempt succeeded, calling `session_handler` for
+        its on_complete in this transaction; its queue, or None if the run could not
+        simply complete (then nothing was written)."""
+        row = conn.execute(
+            _COMPLETE_SUCCESS,
+            {"b_id": o.run_id, "b_fence": o.fence, "b_result": o.result, "b_now": now},
+        ).first()
+        if row is None:
+            return None
+        conn.execute(
+            INSERT_ATTEMPTS,
+            {
+                "run_id": o.run_id,
+                "number": row.attempts,
+                "queue": row.queue,
+                "worker": worker,
+                "started_ms": o.started_ms,
+                "finished_ms": now,
+                "outcome": SUCCESS,
+                "error": None,
+            },
+        )
+        if row.on_complete is not None:
+            session_handler(
+                Finished(
+                    id=o.run_id,
+                    fn=row.fn,
+                    fence=row.fence,
+                    outcome=SUCCESS,
+                    result=o.result,
+                    error=None,
+                    on_complete=row.on_complete,
+                    context=row.context,
+                    queue=row.queue,
+                    owner=row.owner,
+                ),
+                conn,
+            )
+        return str(row.queue or "")
 
     def _waiting_in(self, conn: Connection, queues: set[str], now: int) -> bool:
         found = conn.execute(_WAITING_IN, {"now": now, "queues": sorted(queues)}).first()

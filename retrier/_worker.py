@@ -284,9 +284,12 @@ class Worker:
         conn: Connection,
         outcomes: list[Outcome],
         session_handler: SessionHandler,
+        *,
+        wake_waiting: bool = True,
     ) -> Recorded:
         """Record outcomes of runs held after `attempt_claimed` inside the caller's
-        transaction; `session_handler` stands in for their on_complete there."""
+        transaction; `session_handler` stands in for their on_complete there.
+        `wake_waiting`: see `Store.record_in`."""
         return self.store.record_in(
             conn,
             [replace(o, handler_in_txn=True) for o in outcomes],
@@ -294,6 +297,7 @@ class Worker:
             self.lease_ms,
             session_handler,
             handler_savepoint=False,
+            wake_waiting=wake_waiting,
         )
 
     def release_claimed(self, run_ids: list[str], completed: list[str]) -> None:

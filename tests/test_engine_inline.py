@@ -7,7 +7,7 @@ from typing import Any
 
 from sqlalchemy import text
 
-from retrier import Completed, Failed, Retrier, Success
+from retrier import Canceled, Completed, Failed, Retrier, Success
 from retrier._store import Finished, QueueLimits
 from retrier._worker import Worker, current_worker
 from tests.support import drain
@@ -86,3 +86,42 @@ def test_insert_finished_delivers_its_on_complete_once(retrier: Retrier) -> None
     drain(retrier)
     assert calls == [(new.id, Failed("boom"), {"k": 1})]
     assert retrier.status(new.id) == Completed(Failed("boom"))
+
+
+def test_an_inline_run_canceled_while_it_ran_is_recorded_canceled(retrier: Retrier) -> None:
+    """A success that races a cancel request must not complete the run as a success
+    (the one-statement completion of inline runs excludes cancel-requested rows)."""
+    ids: list[str] = []
+
+    @retrier.action
+    def work() -> int:
+        retrier.cancel(ids[0])  # requested while running: best effort, noticed at record
+        return 1
+
+    seen: list[str] = []
+
+    @retrier.on_complete
+    def registered(run_id: str, result: Any, context: Any, session: Any) -> None:
+        raise AssertionError("the inline handler stands in for this one")
+
+    @retrier.action
+    async def outer() -> bool:
+        worker = current_worker.get()
+        assert worker is not None
+        new = retrier.prepare(work, {}, on_complete=registered)
+        ids.append(new.id)
+        with retrier.store.dialect.write() as conn:
+            claimed = retrier.store.insert_running(new, worker.id, 5000, conn)
+        assert claimed is not None
+
+        def inline(f: Finished, session: Any) -> None:
+            seen.append(f.outcome)
+
+        _, completed = await worker.execute_claimed(claimed, inline)
+        return completed
+
+    run_id = retrier.run(outer)
+    drain(retrier)
+    assert retrier.status(run_id) == Completed(Success(True))
+    assert seen == ["canceled"]
+    assert retrier.status(ids[0]) == Completed(Canceled())

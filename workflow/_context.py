@@ -141,7 +141,7 @@ class WorkflowContext:
                 new,
                 None if worker is None else worker.id,
                 0 if worker is None else worker.lease_ms,
-                self.settler(taken),
+                self.settler(taken, starts_step=True),
             )
         except BaseException as exc:
             await self.settle_alone(taken)
@@ -188,16 +188,22 @@ class WorkflowContext:
         taken, self._unsettled = self._unsettled, []
         return taken
 
-    def settler(self, taken: list[Outcome]) -> Callable[[Connection], None] | None:
+    def settler(
+        self, taken: list[Outcome], *, starts_step: bool = False
+    ) -> Callable[[Connection], None] | None:
         """What stores `taken` inside another write's transaction; it raises
-        `Unsettled` (rolling that transaction back) unless each completes."""
+        `Unsettled` (rolling that transaction back) unless each completes.
+        `starts_step`: that transaction starts a step, which takes a freed slot again."""
         if not taken:
             return None
         worker = self._worker
         assert worker is not None
+        wake_waiting = not starts_step or len(taken) > 1
 
         def settle(conn: Connection) -> None:
-            recorded = worker.record_claimed(conn, taken, self._journal_inline)
+            recorded = worker.record_claimed(
+                conn, taken, self._journal_inline, wake_waiting=wake_waiting
+            )
             ok = [self._journaled.pop(i, None) for i in recorded.completed]
             if len(ok) != len(taken) or any(e is None or e.state != COMPLETED for e in ok):
                 raise Unsettled
