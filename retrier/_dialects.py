@@ -14,7 +14,9 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any, ParamSpec, Protocol, TypeVar
 
+import anyio
 import anyio.to_thread
+from anyio.lowlevel import RunVar
 from sqlalchemy import Connection, Engine, create_engine, event, text
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError
@@ -40,6 +42,20 @@ T = TypeVar("T")
 # Set while a store call runs on the event loop's own thread (see SQLiteDialect.call):
 # there, a write that would have to wait for a lock raises WouldBlock instead.
 _ON_LOOP: contextvars.ContextVar[bool] = contextvars.ContextVar("tiers_on_loop", default=False)
+
+
+# Per event loop: how many PostgreSQL store calls may run on threads at once.
+_PG_CALLS: RunVar[anyio.CapacityLimiter] = RunVar("tiers_pg_calls")
+_PG_CALL_THREADS = 8
+
+
+def _pg_call_limiter() -> anyio.CapacityLimiter:
+    try:
+        return _PG_CALLS.get()
+    except LookupError:
+        limiter = anyio.CapacityLimiter(_PG_CALL_THREADS)
+        _PG_CALLS.set(limiter)
+        return limiter
 
 
 class WouldBlock(Exception):
@@ -329,7 +345,11 @@ class PostgresDialect:
 
     async def call(self, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
         # Every statement is a network round trip, during which a thread frees the GIL.
-        return await anyio.to_thread.run_sync(lambda: fn(*args, **kwargs))
+        # A few threads suffice to keep the server busy; dozens only fight over the
+        # GIL while some of them hold row locks that the others wait for.
+        return await anyio.to_thread.run_sync(
+            lambda: fn(*args, **kwargs), limiter=_pg_call_limiter()
+        )
 
     def lock_for_claim(self, stmt: Select[Any]) -> Select[Any]:
         return stmt.with_for_update(skip_locked=True)

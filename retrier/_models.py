@@ -91,6 +91,23 @@ Index(
     sqlite_where=text("state IN ('pending', 'finishing')"),
     postgresql_where=text("state IN ('pending', 'finishing')"),
 )
+# Claiming from some queues while others are at their limit: each queue's due runs in
+# due order, and the set of queues that have claimable runs (a few index seeks).
+Index(
+    "ix_tiers_runs_queue_due",
+    _runs.c.queue,
+    _runs.c.due_ms,
+    _runs.c.priority.desc(),
+    sqlite_where=text("state IN ('pending', 'finishing')"),
+    postgresql_where=text("state IN ('pending', 'finishing')"),
+)
+# on_complete deliveries waiting to run again, which no queue limit holds back.
+Index(
+    "ix_tiers_runs_finishing",
+    _runs.c.due_ms,
+    sqlite_where=text("state = 'finishing'"),
+    postgresql_where=text("state = 'finishing'"),
+)
 # Per-queue and per-key running counts, for pool limits.
 Index(
     "ix_tiers_runs_running",

@@ -30,6 +30,7 @@ from sqlalchemy import (
     not_,
     or_,
     select,
+    text,
     update,
 )
 from sqlmodel import SQLModel
@@ -173,6 +174,8 @@ class QueueLimits:
 
 
 _CLAIM_COLUMNS = (
+    runs.c.priority,
+    runs.c.due_ms,
     runs.c.id,
     runs.c.fn,
     runs.c.args,
@@ -260,6 +263,33 @@ _DUE_ORDERED = (
     .order_by(runs.c.due_ms, runs.c.priority.desc())
 )
 _DUE_CANDIDATES = _DUE_ORDERED.limit(bindparam("limit"))
+# One queue's due runs in claim order (index ix_tiers_runs_queue_due).
+_DUE_IN_QUEUE = (
+    select(*_CLAIM_COLUMNS)
+    .where(
+        in_state(*CLAIMABLE),
+        runs.c.queue == bindparam("queue"),
+        runs.c.due_ms <= bindparam("now"),
+    )
+    .order_by(runs.c.due_ms, runs.c.priority.desc())
+)
+# Due deliveries of every queue (index ix_tiers_runs_finishing).
+_DUE_DELIVERIES = (
+    select(*_CLAIM_COLUMNS)
+    .where(in_state(FINISHING), runs.c.due_ms <= bindparam("now"))
+    .order_by(runs.c.due_ms)
+    .limit(bindparam("limit"))
+)
+# The queues that have claimable runs: a loose index scan, one seek per queue.
+_CLAIMABLE_QUEUES = text(
+    "WITH RECURSIVE q(name) AS ("
+    " SELECT (SELECT min(queue) FROM tiers_runs WHERE state IN ('pending', 'finishing'))"
+    " UNION ALL"
+    " SELECT (SELECT min(r.queue) FROM tiers_runs r"
+    "         WHERE r.state IN ('pending', 'finishing') AND r.queue > q.name)"
+    " FROM q WHERE q.name IS NOT NULL"
+    ") SELECT name FROM q WHERE name IS NOT NULL"
+)
 _NEXT_DUE_AFTER = select(func.min(runs.c.due_ms)).where(
     in_state(*CLAIMABLE), runs.c.due_ms > bindparam("now")
 )
@@ -356,6 +386,8 @@ class Store:
         self.engine = self.dialect.engine
         self._rng = random.Random()
         self._due_candidates = self.dialect.lock_for_claim(_DUE_CANDIDATES)
+        self._due_in_queue = self.dialect.lock_for_claim(_DUE_IN_QUEUE.limit(bindparam("limit")))
+        self._due_deliveries = self.dialect.lock_for_claim(_DUE_DELIVERIES)
         self._rows_by_id = self.dialect.lock_rows(_ROWS_BY_ID)
         self._row_by_id = self.dialect.lock_rows(_ROW_BY_ID)
         self._update_returning = bool(self.engine.dialect.update_returning)
@@ -368,6 +400,9 @@ class Store:
         with self.dialect.write() as conn:
             self.dialect.lock_schema(conn)
             SQLModel.metadata.create_all(conn, tables=[*ENGINE_TABLES, *extra_tables])
+            for table in (*ENGINE_TABLES, *extra_tables):
+                for index in table.indexes:  # added since the table was created
+                    index.create(conn, checkfirst=True)
             self.dialect.create_extras(conn)
             found = conn.execute(
                 select(meta_t.c.value).where(meta_t.c.key == "schema_version")
@@ -547,10 +582,13 @@ class Store:
         for _ in range(_CLAIM_ROUNDS):
             want = limit - len(chosen)
             over = want * 2 + 8
-            stmt = self._claimable(budget, [r.id for r in chosen])
-            if stmt is not self._due_candidates:
-                stmt = self.dialect.lock_for_claim(stmt.limit(bindparam("limit")))
-            rows = conn.execute(stmt, {"now": budget.now, "limit": over}).all()
+            if budget.blocked:
+                rows = self._due_outside(conn, budget, {r.id for r in chosen}, over)
+            else:
+                stmt = self._claimable(budget, [r.id for r in chosen])
+                if stmt is not self._due_candidates:
+                    stmt = self.dialect.lock_for_claim(stmt.limit(bindparam("limit")))
+                rows = list(conn.execute(stmt, {"now": budget.now, "limit": over}).all())
             exhausted = budget.exhausted
             for r in rows:
                 if len(chosen) == limit:
@@ -560,6 +598,35 @@ class Store:
             if len(chosen) == limit or len(rows) < over or budget.exhausted == exhausted:
                 break
         return chosen
+
+    def _due_outside(
+        self, conn: Connection, budget: _QueueBudget, taken: set[str], limit: int
+    ) -> list[Row[Any]]:
+        """Up to `limit` due runs in claim order, leaving out the queues at their limit
+        (but not their deliveries) and runs in `taken`.
+
+        `queue NOT IN (blocked)` on the claim index would read past every waiting run
+        of the blocked queues, which in a backlog is all of them, on every claim.
+        Instead: the queues that have claimable runs (one index seek each), then each
+        open queue's first due runs, merged.
+        """
+        params = {"now": budget.now, "limit": limit + len(taken)}
+        rows: dict[str, Row[Any]] = {}
+        for queue in conn.execute(_CLAIMABLE_QUEUES).scalars():
+            if queue in budget.blocked:
+                continue
+            stmt = self._due_in_queue
+            keys = budget.full_keys.get(queue)
+            if keys:
+                full = and_(runs.c.state == PENDING, runs.c.key.is_not(None), runs.c.key.in_(keys))
+                stmt = self.dialect.lock_for_claim(
+                    _DUE_IN_QUEUE.where(not_(full)).limit(bindparam("limit"))
+                )
+            rows.update((r.id, r) for r in conn.execute(stmt, {"queue": queue, **params}))
+        rows.update((r.id, r) for r in conn.execute(self._due_deliveries, params))
+        fresh = (r for r in rows.values() if r.id not in taken)
+        ordered = sorted(fresh, key=lambda r: (r.due_ms, -r.priority))
+        return ordered[:limit]
 
     def _claimable(self, budget: _QueueBudget, taken: list[str]) -> Select[Any]:
         """Due runs in claim order, without those of exhausted queues and keys."""
@@ -1188,6 +1255,24 @@ class Store:
         return found
 
 
+_LIMITED_QUEUES = (
+    select(queues_t)
+    .where(
+        or_(
+            queues_t.c.max_parallelism.is_not(None),
+            queues_t.c.rate_limit.is_not(None),
+            queues_t.c.max_per_key.is_not(None),
+        )
+    )
+    .order_by(queues_t.c.name)
+)
+_RUNNING_PER_QUEUE = (
+    select(runs.c.queue, func.count())
+    .where(in_state(RUNNING), runs.c.queue.in_(bindparam("names", expanding=True)))
+    .group_by(runs.c.queue)
+)
+
+
 @dataclass
 class _QueueBudget:
     """How many more runs each limited queue may start now, within one claim."""
@@ -1207,19 +1292,7 @@ class _QueueBudget:
         The clock is read after the lock: a claim that waited for another claim's
         locks must not stamp its runs as started before that claim committed.
         """
-        rows = conn.execute(
-            dialect.lock_rows(
-                select(queues_t)
-                .where(
-                    or_(
-                        queues_t.c.max_parallelism.is_not(None),
-                        queues_t.c.rate_limit.is_not(None),
-                        queues_t.c.max_per_key.is_not(None),
-                    )
-                )
-                .order_by(queues_t.c.name)
-            )
-        ).all()
+        rows = conn.execute(dialect.lock_rows(_LIMITED_QUEUES)).all()
         now = clock.now_ms()
         limits = {r.name: _limits(r) for r in rows}
         budget = cls(limits, {}, {}, set(), {}, None, now)
@@ -1227,11 +1300,7 @@ class _QueueBudget:
             return budget
         names = list(limits)
         running: dict[str, int] = dict(
-            conn.execute(
-                select(runs.c.queue, func.count())
-                .where(in_state(RUNNING), runs.c.queue.in_(names))
-                .group_by(runs.c.queue)
-            ).all()
+            conn.execute(_RUNNING_PER_QUEUE, {"names": names}).all()
         )
         for name, lim in limits.items():
             slots = 1 << 30
