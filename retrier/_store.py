@@ -17,7 +17,6 @@ from sqlalchemy import (
     ColumnElement,
     Connection,
     Row,
-    Select,
     Table,
     and_,
     bindparam,
@@ -582,13 +581,7 @@ class Store:
         for _ in range(_CLAIM_ROUNDS):
             want = limit - len(chosen)
             over = want * 2 + 8
-            if budget.blocked:
-                rows = self._due_outside(conn, budget, {r.id for r in chosen}, over)
-            else:
-                stmt = self._claimable(budget, [r.id for r in chosen])
-                if stmt is not self._due_candidates:
-                    stmt = self.dialect.lock_for_claim(stmt.limit(bindparam("limit")))
-                rows = list(conn.execute(stmt, {"now": budget.now, "limit": over}).all())
+            rows = self._due_outside(conn, budget, {r.id for r in chosen}, over)
             exhausted = budget.exhausted
             for r in rows:
                 if len(chosen) == limit:
@@ -603,18 +596,22 @@ class Store:
         self, conn: Connection, budget: _QueueBudget, taken: set[str], limit: int
     ) -> list[Row[Any]]:
         """Up to `limit` due runs in claim order, leaving out the queues at their limit
-        (but not their deliveries) and runs in `taken`.
+        (but not their deliveries) and runs in `taken`, and no more of a limited queue
+        than its free slots.
 
         `queue NOT IN (blocked)` on the claim index would read past every waiting run
         of the blocked queues, which in a backlog is all of them, on every claim.
         Instead: the queues that have claimable runs (one index seek each), then each
         open queue's first due runs, merged.
         """
-        params = {"now": budget.now, "limit": limit + len(taken)}
+        wanted = limit + len(taken)
+        params = {"now": budget.now, "limit": wanted}
         rows: dict[str, Row[Any]] = {}
         for queue in conn.execute(_CLAIMABLE_QUEUES).scalars():
             if queue in budget.blocked:
                 continue
+            # No more than its free slots (its deliveries come from their own fetch).
+            params["limit"] = min(wanted, budget.slots.get(queue, wanted) + len(taken))
             stmt = self._due_in_queue
             keys = budget.full_keys.get(queue)
             if keys:
@@ -623,31 +620,11 @@ class Store:
                     _DUE_IN_QUEUE.where(not_(full)).limit(bindparam("limit"))
                 )
             rows.update((r.id, r) for r in conn.execute(stmt, {"queue": queue, **params}))
+        params["limit"] = wanted
         rows.update((r.id, r) for r in conn.execute(self._due_deliveries, params))
         fresh = (r for r in rows.values() if r.id not in taken)
         ordered = sorted(fresh, key=lambda r: (r.due_ms, -r.priority))
         return ordered[:limit]
-
-    def _claimable(self, budget: _QueueBudget, taken: list[str]) -> Select[Any]:
-        """Due runs in claim order, without those of exhausted queues and keys."""
-        if not taken and not budget.blocked and not budget.full_keys:
-            return self._due_candidates
-        stmt = _DUE_ORDERED
-        if taken:
-            stmt = stmt.where(runs.c.id.not_in(taken))
-        if budget.blocked:
-            stmt = stmt.where(or_(runs.c.state == FINISHING, runs.c.queue.not_in(budget.blocked)))
-        for queue, keys in budget.full_keys.items():
-            # key IS NOT NULL: for a keyless row `key IN (...)` is NULL, and
-            # NOT NULL would filter it out with the full keys.
-            full = and_(
-                runs.c.state == PENDING,
-                runs.c.queue == queue,
-                runs.c.key.is_not(None),
-                runs.c.key.in_(keys),
-            )
-            stmt = stmt.where(not_(full))
-        return stmt
 
     def next_due_ms(self) -> int | None:
         """The earliest due time of any claimable run."""
