@@ -2,7 +2,7 @@
 
     pip install -e '.[bench]'
     python -m bench.compare                     # every workload, 3 alternating rounds
-    python -m bench.compare --workloads noop --rounds 5 --png bench/results/compare.png
+    python -m bench.compare --workloads noop --rounds 5 --png /tmp/noop.png
 
 Workloads (each peer where it has the feature):
   noop     2,000 no-op jobs end to end, concurrency 10             (runs/s, higher wins)
@@ -172,7 +172,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--timeout", type=float, default=300)
     parser.add_argument("--peers", nargs="+", help="only these peer modules (e.g. huey_peer)")
-    parser.add_argument("--png", type=Path, default=ROOT / "bench" / "results" / "compare.png")
+    parser.add_argument("--png", type=Path, default=ROOT / "docs" / "compare.png")
     parser.add_argument("--json", type=Path, help="also write every raw result here")
     parser.add_argument("--replot", type=Path, nargs="+", metavar="JSON",
                         help="measure nothing: report and draw results saved with --json")
