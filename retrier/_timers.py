@@ -6,6 +6,7 @@ source of truth, so a scheduler lost with its process loses nothing.
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
@@ -17,6 +18,22 @@ from apscheduler.schedulers.background import BackgroundScheduler
 _WAKE_JOB = "wake"
 
 
+class _SchedulerNotices(logging.Filter):
+    """Keep APScheduler's warnings and errors, under the `tiers` logger (so that
+    TIERS_LOG_LEVEL governs them), but drop its INFO chatter (every job added or
+    removed: one per wake-up) and its notice that a periodic job (a poll, a heartbeat)
+    was skipped because its previous run had not ended, which under load is intended."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno < logging.WARNING:
+            return False
+        return "maximum number of running instances reached" not in record.getMessage()
+
+
+_scheduler_log = logging.getLogger("tiers.timers")
+_scheduler_log.addFilter(_SchedulerNotices())
+
+
 class Timers:
     """One-off wake-ups at due times, and periodic jobs, run on a background thread."""
 
@@ -25,6 +42,7 @@ class Timers:
             timezone=UTC,
             executors={"default": ThreadPoolExecutor(max_workers=4)},
             job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": None},
+            logger=_scheduler_log,
         )
         self._lock = threading.Lock()
         self._wake_due_ms: int | None = None
