@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import builtins
+import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -113,6 +114,11 @@ class WorkflowManager:
         )
         self._journal = self._driver.journal
         self.retrier.add_tables(TABLES)
+        # Workflows that ended in this process wake `wait` at once (others are polled).
+        self._ended = threading.Condition()
+        self._ends = 0
+        self._listeners.add("run:complete", self._workflow_ended)
+        self._listeners.add("run:fail", self._workflow_ended)
 
     # -- definitions -----------------------------------------------------------------------
 
@@ -219,6 +225,7 @@ class WorkflowManager:
         deadline = None if timeout is None else time.monotonic() + timeout
         pause = 0.002
         while True:
+            ends = self._ends
             states = self._journal.states([workflow_id])
             if workflow_id not in states:
                 raise WorkflowNotFound(workflow_id)
@@ -227,7 +234,10 @@ class WorkflowManager:
             now = time.monotonic()
             if deadline is not None and now >= deadline:
                 raise WaitTimeout(workflow_id, timeout or 0)
-            time.sleep(pause if deadline is None else max(0.0, min(pause, deadline - now)))
+            limit = pause if deadline is None else max(0.0, min(pause, deadline - now))
+            with self._ended:
+                if self._ends == ends:  # no workflow ended here since we looked
+                    self._ended.wait(timeout=limit)
             pause = min(pause * 2, 0.05)
         row = self._journal.get(workflow_id)
         if row.on_complete is not None:
@@ -271,6 +281,12 @@ class WorkflowManager:
         for child in children:
             self.cancel(child)
         self.retrier.wake_workers()
+        self._workflow_ended()
+
+    def _workflow_ended(self, _event: Any = None) -> None:
+        with self._ended:
+            self._ends += 1
+            self._ended.notify_all()
 
     def cleanup(self, workflow_id: str) -> None:
         """Delete a finished workflow's journal and runs. Raises `WorkflowNotFinished`."""
