@@ -329,16 +329,20 @@ _WAITING_IN = (
     )
     .limit(1)
 )
+
+
+def _held_in(state: str) -> ColumnElement[bool]:
+    """The run `b_id`, still in `state` under the fence `b_fence` its holder knows."""
+    return and_(
+        runs.c.id == bindparam("b_id"), runs.c.fence == bindparam("b_fence"), runs.c.state == state
+    )
+
+
 # A held run's successful attempt, when it can simply complete (fenced, not canceled):
 # one statement where the general record reads the row first.
 _COMPLETE_SUCCESS = (
     update(runs)
-    .where(
-        runs.c.id == bindparam("b_id"),
-        runs.c.fence == bindparam("b_fence"),
-        runs.c.state == RUNNING,
-        runs.c.cancel_requested == false(),
-    )
+    .where(_held_in(RUNNING), runs.c.cancel_requested == false())
     .values(
         state=COMPLETED,
         outcome=SUCCESS,
@@ -358,11 +362,7 @@ _COMPLETE_SUCCESS = (
 )
 _COMPLETE_DELIVERY = (
     update(runs)
-    .where(
-        runs.c.id == bindparam("b_id"),
-        runs.c.fence == bindparam("b_fence"),
-        runs.c.state == DELIVERING,
-    )
+    .where(_held_in(DELIVERING))
     .values(state=COMPLETED, lease_owner=None, lease_until_ms=None)
 )
 # One queue's limits with its running count, in one round trip.
