@@ -127,6 +127,11 @@ class Outcome:
     error: str | None = None
     retry_after_ms: int | None = None
     handler_in_txn: bool = False
+    # What the worker knew of the run when it claimed it, for recording a plain
+    # success (no on_complete) without reading the row back; the fence guards it.
+    attempt: int | None = None
+    queue: str = ""
+    plain: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -360,6 +365,22 @@ _COMPLETE_SUCCESS = (
         runs.c.queue, runs.c.owner,
     )
 )
+# Many successes of runs without an on_complete, executed as one batch.
+_COMPLETE_PLAIN_SUCCESS = (
+    update(runs)
+    .where(_held_in(RUNNING), runs.c.cancel_requested == false(), runs.c.on_complete.is_(None))
+    .values(
+        state=COMPLETED,
+        outcome=SUCCESS,
+        result=bindparam("b_result", type_=runs.c.result.type),
+        error=None,
+        due_ms=0,
+        lease_owner=None,
+        lease_until_ms=None,
+        finished_ms=bindparam("b_now"),
+        handler_error=None,
+    )
+)
 _COMPLETE_DELIVERY = (
     update(runs)
     .where(_held_in(DELIVERING))
@@ -390,6 +411,7 @@ class Store:
         self._rows_by_id = self.dialect.lock_rows(_ROWS_BY_ID)
         self._row_by_id = self.dialect.lock_rows(_ROW_BY_ID)
         self._update_returning = bool(self.engine.dialect.update_returning)
+        self._batch_rowcount = bool(self.engine.dialect.supports_sane_multi_rowcount)
         self._queue_with_running = self.dialect.lock_rows(_QUEUE_WITH_RUNNING)
 
     # -- schema -----------------------------------------------------------------
@@ -696,11 +718,49 @@ class Store:
                         self.dialect.notify(conn, WAKE_CHANNEL)
                 return done
             # Stale, or cancel requested: the general path below decides.
+        freed: set[str] = set()  # limited queues this record frees a slot of
+        outcomes = self._complete_plain(conn, outcomes, worker, now, done, freed)
+        if outcomes:
+            self._record_read(
+                conn, outcomes, worker, lease_ms, session_handler, handler_savepoint, now, done,
+                freed,
+            )
+        room = claim_limit - len(done.to_deliver)
+        if room > 0:
+            done.claimed, done.wake_at_ms = self._claim(conn, worker, room, lease_ms)
+            # Fewer than asked: nothing due is left that any worker could start
+            # (queue limits are global). Exactly as many: more may be waiting.
+            notify = len(done.claimed) == room
+        else:
+            # Slots freed and not refilled here: worth a wake-up only if work is
+            # waiting for them.
+            notify = (
+                wake_waiting
+                and self.dialect.can_notify
+                and bool(freed)
+                and self._waiting_in(conn, freed, now)
+            )
+        if notify:
+            self.dialect.notify(conn, WAKE_CHANNEL)
+        return done
+
+    def _record_read(
+        self,
+        conn: Connection,
+        outcomes: Sequence[Outcome],
+        worker: str,
+        lease_ms: int,
+        session_handler: SessionHandler | None,
+        handler_savepoint: bool,
+        now: int,
+        done: Recorded,
+        freed: set[str],
+    ) -> None:
+        """The general record: read each run, decide its next state, write it."""
         current = self._rows_for_update(conn, [o.run_id for o in outcomes])
         settles: list[dict[str, Any]] = []
         attempt_rows: list[dict[str, Any]] = []
         in_txn: list[Finished] = []
-        freed: set[str] = set()  # limited queues this record frees a slot of
         for o in outcomes:
             row = current.get(o.run_id)
             if row is None or row.fence != o.fence or row.state != RUNNING:
@@ -752,24 +812,61 @@ class Store:
                 done.completed.append(finished.id)
             else:
                 self._handler_failed(conn, finished, error, now)
-        room = claim_limit - len(done.to_deliver)
-        if room > 0:
-            done.claimed, done.wake_at_ms = self._claim(conn, worker, room, lease_ms)
-            # Fewer than asked: nothing due is left that any worker could start
-            # (queue limits are global). Exactly as many: more may be waiting.
-            notify = len(done.claimed) == room
-        else:
-            # Slots freed and not refilled here: worth a wake-up only if work is
-            # waiting for them.
-            notify = (
-                wake_waiting
-                and self.dialect.can_notify
-                and bool(freed)
-                and self._waiting_in(conn, freed, now)
-            )
-        if notify:
-            self.dialect.notify(conn, WAKE_CHANNEL)
-        return done
+
+    def _complete_plain(
+        self,
+        conn: Connection,
+        outcomes: Sequence[Outcome],
+        worker: str,
+        now: int,
+        done: Recorded,
+        freed: set[str],
+    ) -> Sequence[Outcome]:
+        """Complete, in one batch and without reading them, the successes of runs that
+        have no on_complete; return the outcomes left for the general record.
+
+        Those that could not (a lost lease, a cancel request: rare) are found by
+        reading the batch back, and go the general way."""
+        plain = [o for o in outcomes if o.kind == "success" and o.plain and o.attempt]
+        if len(plain) < 2 or not self._batch_rowcount:
+            return outcomes
+        changed = conn.execute(
+            _COMPLETE_PLAIN_SUCCESS,
+            [
+                {"b_id": o.run_id, "b_fence": o.fence, "b_result": o.result, "b_now": now}
+                for o in plain
+            ],
+        ).rowcount
+        if changed != len(plain):
+            rows = self._rows_for_update(conn, [o.run_id for o in plain])
+            plain = [
+                o
+                for o in plain
+                if (row := rows.get(o.run_id)) is not None
+                # Only this worker, holding this fence, records a success for it (the
+                # reaper completes a lost attempt as failed).
+                and (row.fence, row.state, row.outcome) == (o.fence, COMPLETED, SUCCESS)
+            ]
+        conn.execute(
+            INSERT_ATTEMPTS,
+            [
+                {
+                    "run_id": o.run_id,
+                    "number": o.attempt,
+                    "queue": o.queue,
+                    "worker": worker,
+                    "started_ms": o.started_ms,
+                    "finished_ms": now,
+                    "outcome": SUCCESS,
+                    "error": None,
+                }
+                for o in plain
+            ],
+        )
+        done.completed.extend(o.run_id for o in plain)
+        freed.update(o.queue for o in plain if o.queue)
+        completed = {o.run_id for o in plain}
+        return [o for o in outcomes if o.run_id not in completed]
 
     def _complete_success(
         self,

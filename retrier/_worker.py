@@ -362,7 +362,17 @@ class Worker:
         in_txn = self._handler_in_txn(c.on_complete)
 
         def outcome(kind: str, **fields: Any) -> Outcome:
-            return Outcome(c.id, c.fence, kind, c.started_ms, handler_in_txn=in_txn, **fields)
+            return Outcome(
+                c.id,
+                c.fence,
+                kind,
+                c.started_ms,
+                handler_in_txn=in_txn,
+                attempt=c.attempts,
+                queue=c.queue,
+                plain=c.on_complete is None,
+                **fields,
+            )
 
         try:
             reg = self.registry.action(c.fn)

@@ -125,3 +125,42 @@ def test_an_inline_run_canceled_while_it_ran_is_recorded_canceled(retrier: Retri
     assert retrier.status(run_id) == Completed(Success(True))
     assert seen == ["canceled"]
     assert retrier.status(ids[0]) == Completed(Canceled())
+
+
+def test_a_batch_of_plain_successes_leaves_stale_and_canceled_runs_to_the_general_record(
+    retrier: Retrier,
+) -> None:
+    """Plain successes (no on_complete) are completed in one batch without reading the
+    rows; one whose lease moved on, or whose cancel was requested, must still be found
+    and recorded as stale or canceled."""
+    from sqlalchemy import update
+
+    from retrier._store import Outcome, runs
+
+    @retrier.action
+    def work(i: int) -> int:
+        return i
+
+    ids = [retrier.run(work, {"i": i}) for i in range(4)]
+    claimed, _ = retrier.store.claim("me", 10, 5000)
+    assert sorted(c.id for c in claimed) == sorted(ids)
+    stale, canceled = ids[0], ids[1]
+    with retrier.engine.begin() as conn:
+        conn.execute(update(runs).where(runs.c.id == stale).values(fence=runs.c.fence + 1))
+    retrier.cancel(canceled)
+    outcomes = [
+        Outcome(c.id, c.fence, "success", c.started_ms, result=7, attempt=c.attempts,
+                queue=c.queue, plain=True)
+        for c in claimed
+    ]
+    recorded = retrier.store.record(outcomes, "me", 5000)
+    assert sorted(recorded.completed) == sorted([ids[1], ids[2], ids[3]])
+    assert recorded.stale == [stale]
+    assert retrier.status(ids[2]) == Completed(Success(7))
+    assert retrier.status(canceled) == Completed(Canceled())
+    assert retrier.store.get(stale).state == "running"
+    with retrier.engine.connect() as conn:
+        attempts = conn.execute(text("SELECT run_id, outcome FROM tiers_attempts")).all()
+    assert sorted(attempts) == sorted(
+        [(ids[1], "canceled"), (ids[2], "success"), (ids[3], "success")]
+    )
