@@ -85,7 +85,7 @@ class Retrier:
         if poll_interval is None:
             # PostgreSQL pushes wake-ups; SQLite workers in other processes must poll.
             poll_interval = timedelta(
-                seconds=1.0 if self.store.dialect.name == "postgresql" else 0.1
+                seconds=1.0 if self.store.dialect.name == "postgresql" else 0.025
             )
         self.poll_interval = poll_interval
         self.registry = Registry()

@@ -13,6 +13,7 @@ import math
 import os
 import socket
 import threading
+import time
 import uuid
 from collections.abc import Callable
 from contextvars import ContextVar
@@ -74,6 +75,7 @@ class Worker:
         self.id = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
         self._on_completed = on_completed or (lambda ids: None)
         self._held: dict[str, int] = {}  # run id -> fence, for every lease we hold
+        self._claimed_at = 0.0  # time.monotonic() of the last claim
         self._scopes: dict[str, anyio.CancelScope] = {}
         self._cancel_reason: dict[str, str] = {}
         self._async_runs: set[str] = set()
@@ -214,6 +216,7 @@ class Worker:
         wanted = min(self.concurrency - len(self._held), _BATCH)
         if wanted <= 0:
             return []
+        self._claimed_at = time.monotonic()
         claimed, wake_at_ms = await self.store.dialect.call(
             self.store.claim, self.id, wanted, self.lease_ms
         )
@@ -424,6 +427,8 @@ class Worker:
     async def _record_batch(self, batch: list[Outcome]) -> None:
         # The slots these outcomes free are refilled in the same transaction.
         room = 0 if self._stopping else self.concurrency - len(self._held) + len(batch)
+        if room > 0:
+            self._claimed_at = time.monotonic()
         record = partial(
             self.store.record,
             batch,
@@ -560,7 +565,10 @@ class Worker:
             self._from_thread(partial(self._cancel_scope, run_id, "canceled"))
 
     def _poll(self) -> None:
-        # A read first: an idle worker must not take SQLite's write lock ten times a
+        # A busy worker claims anyway after every batch: nothing for a poll to add.
+        if time.monotonic() - self._claimed_at < self.poll_interval.total_seconds():
+            return
+        # A read first: an idle worker must not take SQLite's write lock forty times a
         # second just to find nothing due.
         try:
             due = self.store.next_due_ms()

@@ -651,7 +651,7 @@ def test_a_run_enqueued_elsewhere_starts_within_milliseconds(
     make_retrier: MakeRetrier, db_url: str
 ) -> None:
     if not db_url.startswith("postgresql"):
-        pytest.skip("SQLite workers in other processes poll (every 100 ms by default)")
+        pytest.skip("SQLite workers in other processes poll (every 25 ms by default)")
     worker_side = make_retrier(poll_interval=timedelta(seconds=30))
     app_side = make_retrier()
     for r in (worker_side, app_side):
