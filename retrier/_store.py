@@ -343,22 +343,26 @@ def _held_in(state: str) -> ColumnElement[bool]:
     )
 
 
+# The columns of a run that completes with a success (result in `b_result`).
+_SUCCESS_VALUES: dict[str, Any] = {
+    "state": COMPLETED,
+    "outcome": SUCCESS,
+    "result": bindparam("b_result", type_=runs.c.result.type),
+    "error": None,
+    "due_ms": 0,
+    "lease_owner": None,
+    "lease_until_ms": None,
+    "finished_ms": bindparam("b_now"),
+    "handler_error": None,
+}
 # A held run's successful attempt, when it can simply complete (fenced, not canceled):
 # one statement where the general record reads the row first.
 _COMPLETE_SUCCESS = (
     update(runs)
     .where(_held_in(RUNNING), runs.c.cancel_requested == false())
     .values(
-        state=COMPLETED,
-        outcome=SUCCESS,
-        result=bindparam("b_result", type_=runs.c.result.type),
-        error=None,
-        due_ms=0,
+        **_SUCCESS_VALUES,
         fence=case((runs.c.on_complete.is_(None), runs.c.fence), else_=runs.c.fence + 1),
-        lease_owner=None,
-        lease_until_ms=None,
-        finished_ms=bindparam("b_now"),
-        handler_error=None,
     )
     .returning(
         runs.c.fn, runs.c.fence, runs.c.attempts, runs.c.on_complete, runs.c.context,
@@ -369,17 +373,7 @@ _COMPLETE_SUCCESS = (
 _COMPLETE_PLAIN_SUCCESS = (
     update(runs)
     .where(_held_in(RUNNING), runs.c.cancel_requested == false(), runs.c.on_complete.is_(None))
-    .values(
-        state=COMPLETED,
-        outcome=SUCCESS,
-        result=bindparam("b_result", type_=runs.c.result.type),
-        error=None,
-        due_ms=0,
-        lease_owner=None,
-        lease_until_ms=None,
-        finished_ms=bindparam("b_now"),
-        handler_error=None,
-    )
+    .values(**_SUCCESS_VALUES)
 )
 _COMPLETE_DELIVERY = (
     update(runs)
