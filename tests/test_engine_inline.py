@@ -3,8 +3,10 @@ executes them, runs inserted with a known outcome, and the current-worker contex
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
+import pytest
 from sqlalchemy import text
 
 from retrier import Canceled, Completed, Failed, Retrier, Success
@@ -164,3 +166,47 @@ def test_a_batch_of_plain_successes_leaves_stale_and_canceled_runs_to_the_genera
     assert sorted(attempts) == sorted(
         [(ids[1], "canceled"), (ids[2], "success"), (ids[3], "success")]
     )
+
+
+@pytest.mark.anyio
+async def test_sqlite_store_calls_wait_for_a_locked_database_without_stalling_the_loop(
+    tmp_path: Path,
+) -> None:
+    """On SQLite a store call runs on the event loop while the database is free. When
+    another connection holds the write lock, the call must neither fail nor block the
+    loop: it retries after async sleeps, then waits on a thread, and completes once
+    the lock is released. (PostgreSQL store calls always run on threads.)"""
+    retrier = Retrier(f"sqlite:///{tmp_path / 'locked.db'}")
+    import sqlite3
+    import threading
+
+    import anyio
+
+    @retrier.action
+    def work() -> None: ...
+
+    run_id = retrier.run(work)
+    path = retrier.engine.url.database
+    assert path is not None
+    holder = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    holder.execute("BEGIN IMMEDIATE")  # another process's writer, as far as we know
+    threading.Timer(0.6, holder.rollback).start()
+    ticks = 0
+
+    async def tick() -> None:
+        nonlocal ticks
+        while True:
+            await anyio.sleep(0.01)
+            ticks += 1
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(tick)
+        started = anyio.current_time()
+        claimed, _ = await retrier.store.dialect.call(retrier.store.claim, "me", 5, 5000)
+        waited = anyio.current_time() - started
+        tg.cancel_scope.cancel()
+    holder.close()
+    retrier.close()
+    assert [c.id for c in claimed] == [run_id]
+    assert waited >= 0.5, "the claim went through while another writer held the lock"
+    assert ticks >= 0.5 * waited / 0.01, f"the loop stalled: {ticks} ticks in {waited:.2f} s"
