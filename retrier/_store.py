@@ -17,6 +17,7 @@ from sqlalchemy import (
     ColumnElement,
     Connection,
     Row,
+    Select,
     Table,
     and_,
     bindparam,
@@ -268,15 +269,7 @@ _DUE_ORDERED = (
 )
 _DUE_CANDIDATES = _DUE_ORDERED.limit(bindparam("limit"))
 # One queue's due runs in claim order (index ix_tiers_runs_queue_due).
-_DUE_IN_QUEUE = (
-    select(*_CLAIM_COLUMNS)
-    .where(
-        in_state(*CLAIMABLE),
-        runs.c.queue == bindparam("queue"),
-        runs.c.due_ms <= bindparam("now"),
-    )
-    .order_by(runs.c.due_ms, runs.c.priority.desc())
-)
+_DUE_IN_QUEUE = _DUE_ORDERED.where(runs.c.queue == bindparam("queue"))
 # Due deliveries of every queue (index ix_tiers_runs_finishing).
 _DUE_DELIVERIES = (
     select(*_CLAIM_COLUMNS)
@@ -407,6 +400,7 @@ class Store:
         self._update_returning = bool(self.engine.dialect.update_returning)
         self._batch_rowcount = bool(self.engine.dialect.supports_sane_multi_rowcount)
         self._queue_with_running = self.dialect.lock_rows(_QUEUE_WITH_RUNNING)
+        self._limited_queues = self.dialect.lock_rows(_LIMITED_QUEUES)
 
     # -- schema -----------------------------------------------------------------
 
@@ -497,7 +491,7 @@ class Store:
         lim = conn.execute(self._queue_with_running, {"queue": queue}).first()
         if lim is None or (lim.rate_limit is None and lim.max_per_key is None):
             return lim is None or lim.max_parallelism is None or lim.running < lim.max_parallelism
-        return _QueueBudget.load(conn, self.dialect, self.clock).take(queue, key)
+        return _QueueBudget.load(conn, self._limited_queues, self.clock).take(queue, key)
 
     def insert_finished(
         self,
@@ -543,7 +537,7 @@ class Store:
     def _claim(
         self, conn: Connection, worker: str, limit: int, lease_ms: int
     ) -> tuple[list[Claimed], int | None]:
-        budget = _QueueBudget.load(conn, self.dialect, self.clock)
+        budget = _QueueBudget.load(conn, self._limited_queues, self.clock)
         now = budget.now
         if budget.limits:
             chosen = self._choose_limited(conn, budget, limit)
@@ -695,24 +689,21 @@ class Store:
         if not outcomes:
             return done
         now = self.clock.now_ms()
+        freed: set[str] = set()  # limited queues this record frees a slot of
         if (
             len(outcomes) == 1
             and outcomes[0].kind == "success"
             and outcomes[0].handler_in_txn
             and session_handler is not None
             and not handler_savepoint
-            and claim_limit == 0
             and self._update_returning
         ):
             queue = self._complete_success(conn, outcomes[0], worker, now, session_handler)
             if queue is not None:
                 done.completed.append(outcomes[0].run_id)
-                if wake_waiting and queue and self.dialect.can_notify:
-                    if self._waiting_in(conn, {queue}, now):
-                        self.dialect.notify(conn, WAKE_CHANNEL)
-                return done
-            # Stale, or cancel requested: the general path below decides.
-        freed: set[str] = set()  # limited queues this record frees a slot of
+                freed.update([queue] if queue else [])
+                outcomes = []
+            # Else stale, or cancel requested: the general path below decides.
         outcomes = self._complete_plain(conn, outcomes, worker, now, done, freed)
         if outcomes:
             self._record_read(
@@ -768,16 +759,10 @@ class Store:
             settle, finished = self._decide(row, o, now, lease_ms, worker)
             settles.append(settle)
             attempt_rows.append(
-                {
-                    "run_id": row.id,
-                    "number": row.attempts,
-                    "queue": row.queue,
-                    "worker": worker,
-                    "started_ms": o.started_ms,
-                    "finished_ms": now,
-                    "outcome": _attempt_outcome(o, row),
-                    "error": o.error,
-                }
+                _attempt_row(
+                    row.id, row.attempts, row.queue, worker, o.started_ms, now,
+                    _attempt_outcome(o, row), o.error,
+                )
             )
             if row.queue:
                 freed.add(row.queue)
@@ -844,16 +829,7 @@ class Store:
         conn.execute(
             INSERT_ATTEMPTS,
             [
-                {
-                    "run_id": o.run_id,
-                    "number": o.attempt,
-                    "queue": o.queue,
-                    "worker": worker,
-                    "started_ms": o.started_ms,
-                    "finished_ms": now,
-                    "outcome": SUCCESS,
-                    "error": None,
-                }
+                _attempt_row(o.run_id, o.attempt, o.queue, worker, o.started_ms, now, SUCCESS)
                 for o in plain
             ],
         )
@@ -881,16 +857,7 @@ class Store:
             return None
         conn.execute(
             INSERT_ATTEMPTS,
-            {
-                "run_id": o.run_id,
-                "number": row.attempts,
-                "queue": row.queue,
-                "worker": worker,
-                "started_ms": o.started_ms,
-                "finished_ms": now,
-                "outcome": SUCCESS,
-                "error": None,
-            },
+            _attempt_row(o.run_id, row.attempts, row.queue, worker, o.started_ms, now, SUCCESS),
         )
         if row.on_complete is not None:
             session_handler(
@@ -1116,16 +1083,10 @@ class Store:
                 settle["b_due_ms"] = max(settle["b_due_ms"], now)
                 settles.append(settle)
                 attempt_rows.append(
-                    {
-                        "run_id": row.id,
-                        "number": row.attempts,
-                        "queue": row.queue,
-                        "worker": row.lease_owner,
-                        "started_ms": row.started_ms or now,
-                        "finished_ms": now,
-                        "outcome": "lost",
-                        "error": lost.error,
-                    }
+                    _attempt_row(
+                        row.id, row.attempts, row.queue, row.lease_owner,
+                        row.started_ms or now, now, "lost", lost.error,
+                    )
                 )
             conn.execute(_SETTLE, settles)
             if attempt_rows:
@@ -1354,13 +1315,14 @@ class _QueueBudget:
     now: int
 
     @classmethod
-    def load(cls, conn: Connection, dialect: Dialect, clock: Clock) -> _QueueBudget:
-        """Lock the limited queues' rows, then read the clock and count their slots.
+    def load(cls, conn: Connection, limited_queues: Select[Any], clock: Clock) -> _QueueBudget:
+        """Lock the limited queues' rows (`limited_queues`: `_LIMITED_QUEUES` as the
+        dialect locks rows), then read the clock and count their slots.
 
         The clock is read after the lock: a claim that waited for another claim's
         locks must not stamp its runs as started before that claim committed.
         """
-        rows = conn.execute(dialect.lock_rows(_LIMITED_QUEUES)).all()
+        rows = conn.execute(limited_queues).all()
         now = clock.now_ms()
         limits = {r.name: _limits(r) for r in rows}
         budget = cls(limits, {}, {}, set(), {}, None, now)
@@ -1514,6 +1476,29 @@ def _settle(row: Row[Any], **changes: Any) -> dict[str, Any]:
     }
     values.update(changes)
     return {"b_id": row.id, **{f"b_{k}": v for k, v in values.items()}}
+
+
+def _attempt_row(
+    run_id: str,
+    number: int | None,
+    queue: str,
+    worker: str | None,
+    started_ms: int,
+    finished_ms: int,
+    outcome: str,
+    error: str | None = None,
+) -> dict[str, Any]:
+    """Parameters for `INSERT_ATTEMPTS`: one attempt of a run, as it ended."""
+    return {
+        "run_id": run_id,
+        "number": number,
+        "queue": queue,
+        "worker": worker,
+        "started_ms": started_ms,
+        "finished_ms": finished_ms,
+        "outcome": outcome,
+        "error": error,
+    }
 
 
 def _attempt_outcome(o: Outcome, row: Row[Any]) -> str:
