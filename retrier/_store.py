@@ -452,7 +452,7 @@ class Store:
         For a caller that will execute the run itself at once (a workflow's fast
         path): the run counts against its queue's limits like any claimed run, and
         `None` means the queue is full, so nothing was written. The caller runs it
-        with `Worker.execute_claimed`.
+        with `Worker.attempt_claimed`.
         """
         now = self.clock.now_ms()
         if new.queue and not self._queue_has_room(conn, new.queue, new.key):

@@ -247,30 +247,14 @@ class Worker:
             with anyio.CancelScope(shield=True):
                 await self._record(outcome)
 
-    async def execute_claimed(
-        self, c: Claimed, session_handler: SessionHandler
-    ) -> tuple[Outcome, bool]:
-        """Execute a run this worker holds (from `Store.insert_running`) here and now.
-
-        The attempt is leased, heartbeated and cancellable like a claimed one. Its
-        outcome is recorded at once, even if the caller is cancelled meanwhile; if it
-        is final, `session_handler` stands in for the run's on_complete, inside the
-        recording transaction. Returns the outcome and whether the run completed
-        (False: it will be retried, its lease was lost, or the handler failed and
-        the registered on_complete will be delivered later).
-        """
-        outcome = await self.attempt_claimed(c, session_handler)
-        with anyio.CancelScope(shield=True):
-            recorded = await self.store.dialect.call(
-                self.settle_claimed, [outcome], session_handler
-            )
-        return outcome, c.id in recorded.completed
-
     async def attempt_claimed(self, c: Claimed, session_handler: SessionHandler) -> Outcome:
-        """Execute a run this worker holds (from `Store.insert_running`), and keep
-        holding it: the caller records the outcome, in a transaction of its own
-        choosing, with `record_claimed` and then `release_claimed`.
+        """Execute a run this worker holds (from `Store.insert_running`) here and now,
+        and keep holding it: the caller records the outcome, in a transaction of its
+        own (`settle_claimed`) or inside another write (`record_claimed`, then
+        `release_claimed`). `session_handler` stands in for the run's on_complete in
+        that transaction.
 
+        The attempt is leased, heartbeated and cancellable like a claimed one.
         Cancelled from outside, it records the interruption itself.
         """
         self._hold(c.id, c.fence)

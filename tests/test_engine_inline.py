@@ -32,7 +32,9 @@ def test_insert_running_respects_the_queue_limit(retrier: Retrier) -> None:
     assert retrier.store.states([second.id]) == {}, "nothing written when the queue is full"
 
 
-def test_execute_claimed_records_with_the_given_handler(retrier: Retrier) -> None:
+def test_a_claimed_run_attempted_inline_records_with_the_given_handler(
+    retrier: Retrier,
+) -> None:
     @retrier.action
     def double(x: int) -> int:
         return 2 * x
@@ -58,8 +60,9 @@ def test_execute_claimed_records_with_the_given_handler(retrier: Retrier) -> Non
             seen.append((f.id, f.result))
             session.execute(text("SELECT 1"))
 
-        outcome, completed = await worker.execute_claimed(claimed, inline)
-        assert completed and outcome.kind == "success"
+        outcome = await worker.attempt_claimed(claimed, inline)
+        recorded = await retrier.store.dialect.call(worker.settle_claimed, [outcome], inline)
+        assert claimed.id in recorded.completed and outcome.kind == "success"
         return int(outcome.result)
 
     run_id = retrier.run(outer)
@@ -119,8 +122,9 @@ def test_an_inline_run_canceled_while_it_ran_is_recorded_canceled(retrier: Retri
         def inline(f: Finished, session: Any) -> None:
             seen.append(f.outcome)
 
-        _, completed = await worker.execute_claimed(claimed, inline)
-        return completed
+        outcome = await worker.attempt_claimed(claimed, inline)
+        recorded = await retrier.store.dialect.call(worker.settle_claimed, [outcome], inline)
+        return claimed.id in recorded.completed
 
     run_id = retrier.run(outer)
     drain(retrier)
