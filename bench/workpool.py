@@ -1,10 +1,10 @@
 """Workpool throughput and latency: 10,000 no-op items through a pool of 10.
 
-    python bench/workpool.py                 # SQLite and PostgreSQL, 1 and 4 workers
-    python bench/workpool.py --db sqlite --workers 1 --items 2000
+    python -m bench.workpool                 # SQLite and PostgreSQL, 1 and 4 workers
+    python -m bench.workpool --db sqlite --workers 1 --items 2000 --cpu-items 0
 
 Workers are real processes (`python -m retrier worker bench.workpool_app:pool`).
-Two measurements per configuration:
+Two measurements per configuration of the no-op table:
 
 - backlog: all items enqueued in one `enqueue_batch`, then workers start; items/s is
   items divided by the time from the first start to the last completion, read from
@@ -12,6 +12,13 @@ Two measurements per configuration:
 - trickle: with the workers idle and warm, items enqueued one by one at a steady
   rate well below capacity; enqueue -> start latency (started_ms - created_ms) p50/p95.
   (In a backlog the latency is just queueing time, which says nothing.)
+
+No-op items measure the engine: each worker's record-and-claim transaction costs about
+the same for 2 items as for 10, so the pool goes fastest when one process holds all of
+its slots. The CPU-bound table measures what more processes are for: actions whose
+own CPU time, held to one core per process by the GIL, is the bottleneck. It runs
+workers at the default concurrency (the first worker takes all ten slots) and at
+`--concurrency 1` (the slots, and the work, spread over the processes).
 """
 
 from __future__ import annotations
@@ -58,9 +65,11 @@ def completed(engine, n_expected: int) -> int:  # type: ignore[no-untyped-def]
             text("SELECT count(*) FROM tiers_runs WHERE state = 'completed'")).scalar() or 0)
 
 
-def start_workers(url: str, n: int) -> list[subprocess.Popen[bytes]]:
+def start_workers(url: str, n: int, concurrency: int | None) -> list[subprocess.Popen[bytes]]:
     env = {**os.environ, "BENCH_DB_URL": url, "TIERS_LOG_LEVEL": "ERROR"}
     cmd = [sys.executable, "-m", "retrier", "worker", "bench.workpool_app:pool"]
+    if concurrency:
+        cmd += ["--concurrency", str(concurrency)]
     return [subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL) for _ in range(n)]
 
 
@@ -75,7 +84,10 @@ def pct(values: list[float], q: float) -> float:
     return statistics.quantiles(values, n=100)[int(q) - 1] if len(values) > 1 else values[0]
 
 
-def run(kind: str, workers: int, items: int, trickle: int) -> dict[str, float]:
+def run(
+    kind: str, workers: int, items: int, trickle: int, cpu_ms: float = 0.0,
+    concurrency: int | None = None,
+) -> dict[str, float]:
     os.environ["BENCH_DB_URL"] = "sqlite:///unused.db"
     with tempfile.TemporaryDirectory() as tmp:
         url, schema = fresh_db(kind, Path(tmp))
@@ -88,9 +100,12 @@ def run(kind: str, workers: int, items: int, trickle: int) -> dict[str, float]:
 
             app = importlib.reload(app)
             t = time.perf_counter()
-            app.pool.enqueue_batch([("noop", {"i": i}) for i in range(items)])
+            if cpu_ms:
+                app.pool.enqueue_batch([("burn", {"i": i, "ms": cpu_ms}) for i in range(items)])
+            else:
+                app.pool.enqueue_batch([("noop", {"i": i}) for i in range(items)])
             enqueue_s = time.perf_counter() - t
-            procs = start_workers(url, workers)
+            procs = start_workers(url, workers, concurrency)
             try:
                 while completed(app.retrier.engine, items) < items:
                     time.sleep(0.05)
@@ -100,7 +115,7 @@ def run(kind: str, workers: int, items: int, trickle: int) -> dict[str, float]:
                         "JOIN tiers_attempts a ON a.run_id = r.id")).one()
                 rate = items / max((last - first) / 1000, 1e-3)
                 # trickle: idle, warm workers; one item every 5 ms
-                ids = []
+                ids: list[str] = []
                 for i in range(trickle):
                     ids.append(app.pool.enqueue("noop", {"i": i}))
                     time.sleep(0.005)
@@ -108,6 +123,7 @@ def run(kind: str, workers: int, items: int, trickle: int) -> dict[str, float]:
                     time.sleep(0.05)
                 rows = app.retrier.store.get_many(ids).values()
                 lat = [float(r.started_ms - r.created_ms) for r in rows if r.started_ms]
+                lat = lat or [float("nan")]
             finally:
                 stop(procs)
             app.retrier.close()
@@ -123,6 +139,10 @@ def main() -> None:
     parser.add_argument("--workers", type=int, nargs="*", default=[1, 4])
     parser.add_argument("--items", type=int, default=10_000)
     parser.add_argument("--trickle", type=int, default=300)
+    parser.add_argument("--cpu-items", type=int, default=3_000,
+                        help="items of the CPU-bound table (0: skip it)")
+    parser.add_argument("--cpu-ms", type=float, default=2.0,
+                        help="CPU time each item of the CPU-bound table burns")
     args = parser.parse_args()
     kinds = ["sqlite", "postgresql"] if args.db == "both" else [args.db]
     print(f"{args.items} no-op items, pool of 10; latency from {args.trickle} trickled items")
@@ -132,6 +152,20 @@ def main() -> None:
             r = run(kind, n, args.items, args.trickle)
             print(f"{kind:<11}{n:>8}{r['enqueue_s']:>11.2f}{r['items_per_s']:>10.0f}"
                   f"{r['p50_ms']:>9.1f}{r['p95_ms']:>9.1f}", flush=True)
+    if not args.cpu_items:
+        return
+    print(f"\n{args.cpu_items} CPU-bound items ({args.cpu_ms:g} ms of CPU each), pool of 10")
+    print(f"{'db':<11}{'workers':>8}{'concurrency':>13}{'items/s':>10}")
+    for kind in kinds:
+        for n, concurrency in _CPU_CONFIGS:
+            r = run(kind, n, args.cpu_items, 1, cpu_ms=args.cpu_ms, concurrency=concurrency)
+            shown = str(concurrency or "default")
+            print(f"{kind:<11}{n:>8}{shown:>13}{r['items_per_s']:>10.0f}", flush=True)
+
+
+# Default concurrency (16) lets the first worker take every slot of the pool; with
+# --concurrency 1 each process holds one, so the slots (and the CPU work) spread.
+_CPU_CONFIGS: list[tuple[int, int | None]] = [(1, None), (4, None), (1, 1), (2, 1), (4, 1)]
 
 
 if __name__ == "__main__":
