@@ -279,6 +279,69 @@ def test_two_pools_sharing_workers_do_not_starve_each_other(make_retrier: MakeRe
     assert order.items[:4].count("quiet") == 2, order.items[:10]
 
 
+def test_a_pools_slots_spread_over_workers_as_far_as_their_concurrency_lets_them(
+    make_retrier: MakeRetrier,
+) -> None:
+    """How a pool's work spreads over processes (for CPU-bound actions): a worker holds
+    no more of the pool than its concurrency, at its first claim and whenever its record
+    refills the slots it freed, so the other worker gets the rest of the pool. (With
+    the default concurrency the first worker would take all four.)"""
+    retrier = make_retrier()
+    pool = Workpool(retrier, "spread", max_parallelism=4)
+    released: dict[int, anyio.Event] = {}
+
+    @retrier.action
+    async def hold(i: int) -> None:
+        await released[i].wait()
+
+    def running_per_worker() -> dict[str, list[int]]:
+        with retrier.engine.connect() as conn:
+            rows = conn.execute(
+                text("SELECT lease_owner, id FROM tiers_runs WHERE state = 'running'")
+            ).all()
+        held: dict[str, list[int]] = {}
+        for owner, run_id in rows:
+            held.setdefault(owner, []).append(items[run_id])
+        return held
+
+    async def two_each() -> dict[str, list[int]]:
+        while True:
+            held = running_per_worker()
+            assert all(len(i) <= 2 for i in held.values()), held
+            if sorted(len(i) for i in held.values()) == [2, 2]:
+                return held
+            await anyio.sleep(0.005)
+
+    items: dict[str, int] = {}
+
+    async def scenario() -> None:
+        released.update((i, anyio.Event()) for i in range(10))
+        ids = pool.enqueue_batch([(hold, {"i": i}) for i in range(10)])
+        items.update((run_id, i) for i, run_id in enumerate(ids))
+        workers = [retrier.worker(concurrency=2), retrier.worker(concurrency=2)]
+        with anyio.fail_after(30):
+            async with anyio.create_task_group() as tg:
+                for worker in workers:
+                    await tg.start(worker.serve)
+                held = await two_each()
+                # One item of each worker finishes at once; each worker's record
+                # refills the slot it freed, and no worker ever holds more than two.
+                for _ in range(3):
+                    for running in held.values():
+                        released[running[0]].set()
+                    held = await two_each()
+                for event in released.values():
+                    event.set()
+                while not all(isinstance(pool.status(i), Finished) for i in ids):
+                    await anyio.sleep(0.01)
+                for worker in workers:
+                    worker.stop()
+        for worker in workers:
+            retrier.forget_worker(worker)
+
+    anyio.run(scenario)
+
+
 def test_a_steady_stream_of_new_work_does_not_starve_older_work(
     make_retrier: MakeRetrier,
 ) -> None:
