@@ -332,8 +332,8 @@ def test_a_pools_slots_spread_over_workers_as_far_as_their_concurrency_lets_them
                     held = await two_each()
                 for event in released.values():
                     event.set()
-                while not all(isinstance(pool.status(i), Finished) for i in ids):
-                    await anyio.sleep(0.01)
+                for work_id in ids:
+                    await pool.wait_async(work_id, timeout=20)
                 for worker in workers:
                     worker.stop()
         for worker in workers:
