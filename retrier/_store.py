@@ -373,14 +373,14 @@ _COMPLETE_DELIVERY = (
     .where(_held_in(DELIVERING))
     .values(state=COMPLETED, lease_owner=None, lease_until_ms=None)
 )
-# One queue's limits with its running count, in one round trip.
-_QUEUE_WITH_RUNNING = select(
-    queues_t,
-    select(func.count())
-    .where(runs.c.queue == queues_t.c.name, in_state(RUNNING))
-    .scalar_subquery()
-    .label("running"),
-).where(queues_t.c.name == bindparam("queue"))
+# One queue's limits (to lock its row), and then, in a statement of its own, its
+# running count: on PostgreSQL a statement that waits for a row lock still reads from
+# the snapshot it took before the wait, so a count read with the lock would miss what
+# the transaction it waited for had just started.
+_QUEUE = select(queues_t).where(queues_t.c.name == bindparam("queue"))
+_RUNNING_IN_QUEUE = select(func.count()).where(
+    runs.c.queue == bindparam("queue"), in_state(RUNNING)
+)
 
 
 class Store:
@@ -399,7 +399,7 @@ class Store:
         self._row_by_id = self.dialect.lock_rows(_ROW_BY_ID)
         self._update_returning = bool(self.engine.dialect.update_returning)
         self._batch_rowcount = bool(self.engine.dialect.supports_sane_multi_rowcount)
-        self._queue_with_running = self.dialect.lock_rows(_QUEUE_WITH_RUNNING)
+        self._locked_queue = self.dialect.lock_rows(_QUEUE)
         self._limited_queues = self.dialect.lock_rows(_LIMITED_QUEUES)
 
     # -- schema -----------------------------------------------------------------
@@ -488,9 +488,12 @@ class Store:
 
     def _queue_has_room(self, conn: Connection, queue: str, key: str | None) -> bool:
         # Locks the queue's row as a claim does, so the two cannot both take its last slot.
-        lim = conn.execute(self._queue_with_running, {"queue": queue}).first()
+        lim = conn.execute(self._locked_queue, {"queue": queue}).first()
         if lim is None or (lim.rate_limit is None and lim.max_per_key is None):
-            return lim is None or lim.max_parallelism is None or lim.running < lim.max_parallelism
+            if lim is None or lim.max_parallelism is None:
+                return True
+            running = conn.execute(_RUNNING_IN_QUEUE, {"queue": queue}).scalar() or 0
+            return int(running) < int(lim.max_parallelism)
         return _QueueBudget.load(conn, self._limited_queues, self.clock).take(queue, key)
 
     def insert_finished(

@@ -3,6 +3,8 @@ executes them, runs inserted with a known outcome, and the current-worker contex
 
 from __future__ import annotations
 
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +32,64 @@ def test_insert_running_respects_the_queue_limit(retrier: Retrier) -> None:
     row = retrier.store.get(first.id)
     assert (row.state, row.lease_owner, row.attempts) == ("running", "me", 1)
     assert retrier.store.states([second.id]) == {}, "nothing written when the queue is full"
+
+
+def test_an_inline_start_that_waits_for_a_claim_counts_what_the_claim_started(
+    retrier: Retrier,
+) -> None:
+    """The queue's row lock orders a claim and an inline start; the inline start must
+    count running runs after it has the lock. (On PostgreSQL a count read in the
+    locking statement itself comes from before the wait, and missed the claimed run.)"""
+
+    @retrier.action
+    def work() -> None: ...
+
+    store = retrier.store
+    store.set_queue(QueueLimits("q", max_parallelism=1))
+    store.insert_runs([retrier.prepare(work, {}, queue="q")])
+    inline = retrier.prepare(work, {}, queue="q")
+    claimed, commit = threading.Event(), threading.Event()
+    started: list[Any] = []
+
+    def claim_and_hold() -> None:
+        with store.dialect.write_internal() as conn:
+            started.extend(store._claim(conn, "claimer", 10, 5000)[0])
+            claimed.set()
+            assert commit.wait(10)
+
+    def start_inline() -> None:
+        with store.dialect.write() as conn:
+            started.append(store.insert_running(inline, "inline", 5000, conn))
+
+    claimer = threading.Thread(target=claim_and_hold)
+    claimer.start()
+    assert claimed.wait(10)
+    starter = threading.Thread(target=start_inline)
+    starter.start()
+    _until_a_writer_waits(retrier)
+    commit.set()
+    claimer.join(10)
+    starter.join(10)
+    assert len(started) == 2 and started[1] is None, started
+    assert store.queue_counts("q", 0)["running"] == 1
+
+
+def _until_a_writer_waits(retrier: Retrier) -> None:
+    """Return once another connection is blocked on a lock (PostgreSQL), or after a
+    moment (SQLite, where the waiter is in its busy handler and invisible)."""
+    if retrier.store.dialect.name != "postgresql":
+        time.sleep(0.2)
+        return
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        with retrier.engine.connect() as conn:
+            waiting = conn.execute(
+                text("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'")
+            ).scalar()
+        if waiting:
+            return
+        time.sleep(0.01)
+    raise AssertionError("the inline start never waited for the claim's lock")
 
 
 def test_a_claimed_run_attempted_inline_records_with_the_given_handler(
