@@ -277,16 +277,28 @@ _DUE_DELIVERIES = (
     .order_by(runs.c.due_ms)
     .limit(bindparam("limit"))
 )
-# The queues that have claimable runs: a loose index scan, one seek per queue.
-_CLAIMABLE_QUEUES = text(
+# What a claim of limited queues reads once it holds their rows' locks, in one round
+# trip: the queues that have claimable runs (a loose index scan: one seek per queue),
+# each limited queue's running count, whether any delivery is due, and the earliest
+# claimable run due after now.
+_CLAIM_SURVEY = text(
     "WITH RECURSIVE q(name) AS ("
     " SELECT (SELECT min(queue) FROM tiers_runs WHERE state IN ('pending', 'finishing'))"
     " UNION ALL"
     " SELECT (SELECT min(r.queue) FROM tiers_runs r"
     "         WHERE r.state IN ('pending', 'finishing') AND r.queue > q.name)"
     " FROM q WHERE q.name IS NOT NULL"
-    ") SELECT name FROM q WHERE name IS NOT NULL"
-)
+    ") SELECT 'queue' AS kind, name, 0 AS n FROM q WHERE name IS NOT NULL"
+    " UNION ALL"
+    " SELECT 'running', queue, count(*) FROM tiers_runs"
+    "  WHERE state = 'running' AND queue IN :names GROUP BY queue"
+    " UNION ALL"
+    " SELECT 'deliveries', '', count(*) FROM (SELECT 1 AS one FROM tiers_runs"
+    "  WHERE state = 'finishing' AND due_ms <= :now LIMIT 1) AS due"
+    " UNION ALL"
+    " SELECT 'next', '', min(due_ms) FROM tiers_runs"
+    "  WHERE state IN ('pending', 'finishing') AND due_ms > :now"
+).bindparams(bindparam("names", expanding=True))
 _NEXT_DUE_AFTER = select(func.min(runs.c.due_ms)).where(
     in_state(*CLAIMABLE), runs.c.due_ms > bindparam("now")
 )
@@ -540,10 +552,14 @@ class Store:
     def _claim(
         self, conn: Connection, worker: str, limit: int, lease_ms: int
     ) -> tuple[list[Claimed], int | None]:
-        budget = _QueueBudget.load(conn, self._limited_queues, self.clock)
-        now = budget.now
-        if budget.limits:
-            chosen = self._choose_limited(conn, budget, limit)
+        limits, now = _QueueBudget.lock(conn, self._limited_queues, self.clock)
+        survey: _Survey | None = None
+        rate_retry_ms: int | None = None
+        if limits:
+            survey = _Survey.read(conn, list(limits), now)
+            budget = _QueueBudget.build(conn, limits, survey.running, now)
+            chosen = self._choose_limited(conn, budget, survey, limit)
+            rate_retry_ms = budget.rate_retry_ms
         else:
             chosen = list(conn.execute(self._due_candidates, {"now": now, "limit": limit}).all())
         until = now + lease_ms
@@ -554,9 +570,13 @@ class Store:
             conn.execute(_START_RUNS, {"ids": to_run, **lease})
         if to_deliver:
             conn.execute(_START_DELIVERIES, {"ids": to_deliver, **lease})
-        wake_at = budget.rate_retry_ms
+        wake_at = rate_retry_ms
         if len(chosen) < limit:
-            later = conn.execute(_NEXT_DUE_AFTER, {"now": now}).scalar()
+            later = (
+                survey.next_due_ms
+                if survey is not None
+                else conn.execute(_NEXT_DUE_AFTER, {"now": now}).scalar()
+            )
             if later is not None:
                 wake_at = min(int(later), wake_at or int(later))
         claimed = [
@@ -582,7 +602,7 @@ class Store:
         return claimed, wake_at
 
     def _choose_limited(
-        self, conn: Connection, budget: _QueueBudget, limit: int
+        self, conn: Connection, budget: _QueueBudget, survey: _Survey, limit: int
     ) -> list[Row[Any]]:
         """Due runs to claim when some queues have limits; uses `budget`'s slots.
 
@@ -594,7 +614,7 @@ class Store:
         for _ in range(_CLAIM_ROUNDS):
             want = limit - len(chosen)
             over = want * 2 + 8
-            rows = self._due_outside(conn, budget, {r.id for r in chosen}, over)
+            rows = self._due_outside(conn, budget, survey, {r.id for r in chosen}, over)
             exhausted = budget.exhausted
             for r in rows:
                 if len(chosen) == limit:
@@ -606,7 +626,12 @@ class Store:
         return chosen
 
     def _due_outside(
-        self, conn: Connection, budget: _QueueBudget, taken: set[str], limit: int
+        self,
+        conn: Connection,
+        budget: _QueueBudget,
+        survey: _Survey,
+        taken: set[str],
+        limit: int,
     ) -> list[Row[Any]]:
         """Up to `limit` due runs in claim order, leaving out the queues at their limit
         (but not their deliveries) and runs in `taken`, and no more of a limited queue
@@ -614,13 +639,13 @@ class Store:
 
         `queue NOT IN (blocked)` on the claim index would read past every waiting run
         of the blocked queues, which in a backlog is all of them, on every claim.
-        Instead: the queues that have claimable runs (one index seek each), then each
-        open queue's first due runs, merged.
+        Instead: the survey's queues that have claimable runs, then each open queue's
+        first due runs, merged.
         """
         wanted = limit + len(taken)
         params = {"now": budget.now, "limit": wanted}
         rows: dict[str, Row[Any]] = {}
-        for queue in conn.execute(_CLAIMABLE_QUEUES).scalars():
+        for queue in survey.queues:
             if queue in budget.blocked:
                 continue
             # No more than its free slots (its deliveries come from their own fetch).
@@ -633,8 +658,9 @@ class Store:
                     _DUE_IN_QUEUE.where(not_(full)).limit(bindparam("limit"))
                 )
             rows.update((r.id, r) for r in conn.execute(stmt, {"queue": queue, **params}))
-        params["limit"] = wanted
-        rows.update((r.id, r) for r in conn.execute(self._due_deliveries, params))
+        if survey.deliveries:
+            params["limit"] = wanted
+            rows.update((r.id, r) for r in conn.execute(self._due_deliveries, params))
         fresh = (r for r in rows.values() if r.id not in taken)
         ordered = sorted(fresh, key=lambda r: (r.due_ms, -r.priority))
         return ordered[:limit]
@@ -1305,6 +1331,33 @@ _RUNNING_PER_QUEUE = (
 )
 
 
+@dataclass(frozen=True, slots=True)
+class _Survey:
+    """What a claim of limited queues reads in one statement (`_CLAIM_SURVEY`) once it
+    holds their locks."""
+
+    queues: list[str]  # the queues that have claimable runs, due now or later
+    running: dict[str, int]  # running runs of each limited queue that has any
+    deliveries: bool  # whether an on_complete delivery is due now
+    next_due_ms: int | None  # the earliest claimable run due after now
+
+    @classmethod
+    def read(cls, conn: Connection, limited: list[str], now: int) -> _Survey:
+        queues: list[str] = []
+        running: dict[str, int] = {}
+        deliveries, next_due = False, None
+        for kind, name, n in conn.execute(_CLAIM_SURVEY, {"names": limited, "now": now}):
+            if kind == "queue":
+                queues.append(name)
+            elif kind == "running":
+                running[name] = int(n)
+            elif kind == "deliveries":
+                deliveries = bool(n)
+            elif n is not None:
+                next_due = int(n)
+        return cls(queues, running, deliveries, next_due)
+
+
 @dataclass
 class _QueueBudget:
     """How many more runs each limited queue may start now, within one claim."""
@@ -1319,22 +1372,40 @@ class _QueueBudget:
 
     @classmethod
     def load(cls, conn: Connection, limited_queues: Select[Any], clock: Clock) -> _QueueBudget:
+        """Lock the limited queues' rows and count their slots (see `lock`)."""
+        limits, now = cls.lock(conn, limited_queues, clock)
+        if not limits:
+            return cls.build(conn, limits, {}, now)
+        running = conn.execute(_RUNNING_PER_QUEUE, {"names": list(limits)}).all()
+        return cls.build(conn, limits, {q: int(n) for q, n in running}, now)
+
+    @staticmethod
+    def lock(
+        conn: Connection, limited_queues: Select[Any], clock: Clock
+    ) -> tuple[dict[str, QueueLimits], int]:
         """Lock the limited queues' rows (`limited_queues`: `_LIMITED_QUEUES` as the
-        dialect locks rows), then read the clock and count their slots.
+        dialect locks rows); return their limits and the time, read after the lock.
 
         The clock is read after the lock: a claim that waited for another claim's
-        locks must not stamp its runs as started before that claim committed.
+        locks must not stamp its runs as started before that claim committed. What
+        the queues' slots are counted from must be read after it too, in statements
+        of their own: on PostgreSQL a statement that waits for a lock reads from the
+        snapshot it took before the wait.
         """
         rows = conn.execute(limited_queues).all()
-        now = clock.now_ms()
-        limits = {r.name: _limits(r) for r in rows}
+        return {r.name: _limits(r) for r in rows}, clock.now_ms()
+
+    @classmethod
+    def build(
+        cls,
+        conn: Connection,
+        limits: dict[str, QueueLimits],
+        running: dict[str, int],
+        now: int,
+    ) -> _QueueBudget:
+        """The budget of the locked `limits`, given each one's `running` count (rate
+        and per-key limits are read here)."""
         budget = cls(limits, {}, {}, set(), {}, None, now)
-        if not limits:
-            return budget
-        names = list(limits)
-        running: dict[str, int] = dict(
-            conn.execute(_RUNNING_PER_QUEUE, {"names": names}).all()
-        )
         for name, lim in limits.items():
             slots = 1 << 30
             if lim.max_parallelism is not None:
