@@ -167,6 +167,31 @@ def test_claims_never_exceed_the_cap_and_a_change_applies_at_once(retrier: Retri
     assert store.queue_counts("p", 0) == {"running": 1, "pending": 6, "failed": 0}
 
 
+def test_a_claim_says_when_the_next_item_falls_due(make_retrier: MakeRetrier) -> None:
+    """A claim that took fewer runs than it asked for returns the due time of the next
+    claimable run, and the worker sets its timer for it; without it, a delayed item
+    would wait for the next poll."""
+    clock = FakeClock()
+    retrier = make_retrier(clock=clock)
+    pool = Workpool(retrier, "later", max_parallelism=5)
+
+    @retrier.action
+    def noop() -> None: ...
+
+    now = clock.now_ms()
+    pool.enqueue(noop, run_after=timedelta(seconds=3))
+    pool.enqueue(noop, run_after=timedelta(seconds=1))
+    pool.enqueue(noop)
+    claimed, wake_at = retrier.store.claim("w", 10, 5000)
+    assert len(claimed) == 1 and wake_at == now + 1000
+    clock.advance(timedelta(seconds=1))
+    claimed, wake_at = retrier.store.claim("w", 10, 5000)
+    assert len(claimed) == 1 and wake_at == now + 3000
+    clock.advance(timedelta(seconds=2))
+    claimed, wake_at = retrier.store.claim("w", 10, 5000)
+    assert len(claimed) == 1 and wake_at is None
+
+
 def test_zero_pauses_the_pool(make_retrier: MakeRetrier) -> None:
     retrier = make_retrier()
     pool = Workpool(retrier, "paused", max_parallelism=0)
