@@ -86,9 +86,13 @@ def pct(values: list[float], q: float) -> float:
 
 def run(
     kind: str, workers: int, items: int, trickle: int, cpu_ms: float = 0.0,
-    concurrency: int | None = None,
+    concurrency: int | None = None, max_per_worker: int | None = None,
 ) -> dict[str, float]:
     os.environ["BENCH_DB_URL"] = "sqlite:///unused.db"
+    # The pool's settings: this process and the workers build the same pool.
+    os.environ.pop("BENCH_MAX_PER_WORKER", None)
+    if max_per_worker:
+        os.environ["BENCH_MAX_PER_WORKER"] = str(max_per_worker)
     with tempfile.TemporaryDirectory() as tmp:
         url, schema = fresh_db(kind, Path(tmp))
         try:
@@ -155,17 +159,27 @@ def main() -> None:
     if not args.cpu_items:
         return
     print(f"\n{args.cpu_items} CPU-bound items ({args.cpu_ms:g} ms of CPU each), pool of 10")
-    print(f"{'db':<11}{'workers':>8}{'concurrency':>13}{'items/s':>10}")
+    print(f"{'db':<11}{'workers':>8}  {'each worker holds':<22}{'items/s':>10}")
     for kind in kinds:
-        for n, concurrency in _CPU_CONFIGS:
-            r = run(kind, n, args.cpu_items, 1, cpu_ms=args.cpu_ms, concurrency=concurrency)
-            shown = str(concurrency or "default")
-            print(f"{kind:<11}{n:>8}{shown:>13}{r['items_per_s']:>10.0f}", flush=True)
+        for n, concurrency, per_worker in _CPU_CONFIGS:
+            r = run(kind, n, args.cpu_items, 1, cpu_ms=args.cpu_ms, concurrency=concurrency,
+                    max_per_worker=per_worker)
+            shown = (
+                f"--concurrency {concurrency}" if concurrency
+                else f"max_per_worker={per_worker}" if per_worker
+                else "up to 16 (default)"
+            )
+            print(f"{kind:<11}{n:>8}  {shown:<22}{r['items_per_s']:>10.0f}", flush=True)
 
 
-# Default concurrency (16) lets the first worker take every slot of the pool; with
-# --concurrency 1 each process holds one, so the slots (and the CPU work) spread.
-_CPU_CONFIGS: list[tuple[int, int | None]] = [(1, None), (4, None), (1, 1), (2, 1), (4, 1)]
+# The default concurrency (16) lets the first worker take every slot of the pool; with
+# --concurrency 1, or the pool's max_per_worker=1, each process holds one, so the slots
+# (and the CPU work) spread over the processes.
+_CPU_CONFIGS: list[tuple[int, int | None, int | None]] = [
+    (1, None, None), (4, None, None),
+    (1, 1, None), (2, 1, None), (4, 1, None),
+    (2, None, 1), (4, None, 1),
+]
 
 
 if __name__ == "__main__":

@@ -24,4 +24,8 @@ def burn(i: int, ms: float) -> None:
         pass
 
 
-pool = Workpool(retrier, "bench", max_parallelism=10)
+# BENCH_MAX_PER_WORKER spreads the pool over the worker processes (see docs/workpool.md).
+_per_worker = os.environ.get("BENCH_MAX_PER_WORKER")
+pool = Workpool(
+    retrier, "bench", max_parallelism=10, max_per_worker=int(_per_worker) if _per_worker else None
+)

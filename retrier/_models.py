@@ -168,6 +168,7 @@ class QueueRow(SQLModel, table=True):
     rate_limit: int | None = None
     rate_period_ms: int | None = Field(default=None, sa_type=BigInteger)
     max_per_key: int | None = None
+    max_per_worker: int | None = None
     updated_ms: int = Field(sa_type=BigInteger)
 
 

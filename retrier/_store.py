@@ -26,6 +26,7 @@ from sqlalchemy import (
     false,
     func,
     insert,
+    inspect,
     literal_column,
     not_,
     or_,
@@ -33,6 +34,7 @@ from sqlalchemy import (
     text,
     update,
 )
+from sqlalchemy.schema import CreateColumn
 from sqlmodel import SQLModel
 
 from ._clock import Clock
@@ -176,6 +178,7 @@ class QueueLimits:
     rate_limit: int | None = None
     rate_period_ms: int | None = None
     max_per_key: int | None = None
+    max_per_worker: int | None = None
 
 
 _CLAIM_COLUMNS = (
@@ -279,8 +282,8 @@ _DUE_DELIVERIES = (
 )
 # What a claim of limited queues reads once it holds their rows' locks, in one round
 # trip: the queues that have claimable runs (a loose index scan: one seek per queue),
-# each limited queue's running count, whether any delivery is due, and the earliest
-# claimable run due after now.
+# each limited queue's running count (and how many of those the claiming worker
+# holds), whether any delivery is due, and the earliest claimable run due after now.
 _CLAIM_SURVEY = text(
     "WITH RECURSIVE q(name) AS ("
     " SELECT (SELECT min(queue) FROM tiers_runs WHERE state IN ('pending', 'finishing'))"
@@ -288,15 +291,16 @@ _CLAIM_SURVEY = text(
     " SELECT (SELECT min(r.queue) FROM tiers_runs r"
     "         WHERE r.state IN ('pending', 'finishing') AND r.queue > q.name)"
     " FROM q WHERE q.name IS NOT NULL"
-    ") SELECT 'queue' AS kind, name, 0 AS n FROM q WHERE name IS NOT NULL"
+    ") SELECT 'queue' AS kind, name, 0 AS n, 0 AS mine FROM q WHERE name IS NOT NULL"
     " UNION ALL"
-    " SELECT 'running', queue, count(*) FROM tiers_runs"
+    " SELECT 'running', queue, count(*),"
+    "  sum(CASE WHEN lease_owner = :worker THEN 1 ELSE 0 END) FROM tiers_runs"
     "  WHERE state = 'running' AND queue IN :names GROUP BY queue"
     " UNION ALL"
-    " SELECT 'deliveries', '', count(*) FROM (SELECT 1 AS one FROM tiers_runs"
+    " SELECT 'deliveries', '', count(*), 0 FROM (SELECT 1 AS one FROM tiers_runs"
     "  WHERE state = 'finishing' AND due_ms <= :now LIMIT 1) AS due"
     " UNION ALL"
-    " SELECT 'next', '', min(due_ms) FROM tiers_runs"
+    " SELECT 'next', '', min(due_ms), 0 FROM tiers_runs"
     "  WHERE state IN ('pending', 'finishing') AND due_ms > :now"
 ).bindparams(bindparam("names", expanding=True))
 _NEXT_DUE_AFTER = select(func.min(runs.c.due_ms)).where(
@@ -420,8 +424,10 @@ class Store:
         """Create missing tables; refuse a database written by a newer version."""
         with self.dialect.write() as conn:
             self.dialect.lock_schema(conn)
-            SQLModel.metadata.create_all(conn, tables=[*ENGINE_TABLES, *extra_tables])
-            for table in (*ENGINE_TABLES, *extra_tables):
+            tables = [*ENGINE_TABLES, *extra_tables]
+            SQLModel.metadata.create_all(conn, tables=tables)
+            _add_missing_columns(conn, tables)
+            for table in tables:
                 for index in table.indexes:  # added since the table was created
                     index.create(conn, checkfirst=True)
             self.dialect.create_extras(conn)
@@ -467,7 +473,7 @@ class Store:
         with `Worker.attempt_claimed`.
         """
         now = self.clock.now_ms()
-        if new.queue and not self._queue_has_room(conn, new.queue, new.key):
+        if new.queue and not self._queue_has_room(conn, new.queue, new.key, worker):
             return None
         row = _new_row(new, now)
         row.update(
@@ -498,15 +504,20 @@ class Store:
             started_ms=now,
         )
 
-    def _queue_has_room(self, conn: Connection, queue: str, key: str | None) -> bool:
+    def _queue_has_room(
+        self, conn: Connection, queue: str, key: str | None, worker: str
+    ) -> bool:
         # Locks the queue's row as a claim does, so the two cannot both take its last slot.
         lim = conn.execute(self._locked_queue, {"queue": queue}).first()
-        if lim is None or (lim.rate_limit is None and lim.max_per_key is None):
+        if lim is None or (
+            lim.rate_limit is None and lim.max_per_key is None and lim.max_per_worker is None
+        ):
             if lim is None or lim.max_parallelism is None:
                 return True
             running = conn.execute(_RUNNING_IN_QUEUE, {"queue": queue}).scalar() or 0
             return int(running) < int(lim.max_parallelism)
-        return _QueueBudget.load(conn, self._limited_queues, self.clock).take(queue, key)
+        budget = _QueueBudget.load(conn, self._limited_queues, self.clock, worker)
+        return budget.take(queue, key)
 
     def insert_finished(
         self,
@@ -556,8 +567,8 @@ class Store:
         survey: _Survey | None = None
         rate_retry_ms: int | None = None
         if limits:
-            survey = _Survey.read(conn, list(limits), now)
-            budget = _QueueBudget.build(conn, limits, survey.running, now)
+            survey = _Survey.read(conn, list(limits), worker, now)
+            budget = _QueueBudget.build(conn, limits, survey.running, survey.mine, now)
             chosen = self._choose_limited(conn, budget, survey, limit)
             rate_retry_ms = budget.rate_retry_ms
         else:
@@ -1258,6 +1269,7 @@ class Store:
             "rate_limit": limits.rate_limit,
             "rate_period_ms": limits.rate_period_ms,
             "max_per_key": limits.max_per_key,
+            "max_per_worker": limits.max_per_worker,
             "updated_ms": self.clock.now_ms(),
         }
         with self.dialect.write() as conn:
@@ -1320,12 +1332,18 @@ _LIMITED_QUEUES = (
             queues_t.c.max_parallelism.is_not(None),
             queues_t.c.rate_limit.is_not(None),
             queues_t.c.max_per_key.is_not(None),
+            queues_t.c.max_per_worker.is_not(None),
         )
     )
     .order_by(queues_t.c.name)
 )
+# Each queue's running runs, and how many of them the worker `worker` holds.
 _RUNNING_PER_QUEUE = (
-    select(runs.c.queue, func.count())
+    select(
+        runs.c.queue,
+        func.count(),
+        func.sum(case((runs.c.lease_owner == bindparam("worker"), 1), else_=0)),
+    )
     .where(in_state(RUNNING), runs.c.queue.in_(bindparam("names", expanding=True)))
     .group_by(runs.c.queue)
 )
@@ -1338,24 +1356,27 @@ class _Survey:
 
     queues: list[str]  # the queues that have claimable runs, due now or later
     running: dict[str, int]  # running runs of each limited queue that has any
+    mine: dict[str, int]  # how many of those the claiming worker holds
     deliveries: bool  # whether an on_complete delivery is due now
     next_due_ms: int | None  # the earliest claimable run due after now
 
     @classmethod
-    def read(cls, conn: Connection, limited: list[str], now: int) -> _Survey:
+    def read(cls, conn: Connection, limited: list[str], worker: str, now: int) -> _Survey:
         queues: list[str] = []
         running: dict[str, int] = {}
+        mine: dict[str, int] = {}
         deliveries, next_due = False, None
-        for kind, name, n in conn.execute(_CLAIM_SURVEY, {"names": limited, "now": now}):
+        params = {"names": limited, "worker": worker, "now": now}
+        for kind, name, n, held in conn.execute(_CLAIM_SURVEY, params):
             if kind == "queue":
                 queues.append(name)
             elif kind == "running":
-                running[name] = int(n)
+                running[name], mine[name] = int(n), int(held)
             elif kind == "deliveries":
                 deliveries = bool(n)
             elif n is not None:
                 next_due = int(n)
-        return cls(queues, running, deliveries, next_due)
+        return cls(queues, running, mine, deliveries, next_due)
 
 
 @dataclass
@@ -1371,13 +1392,18 @@ class _QueueBudget:
     now: int
 
     @classmethod
-    def load(cls, conn: Connection, limited_queues: Select[Any], clock: Clock) -> _QueueBudget:
-        """Lock the limited queues' rows and count their slots (see `lock`)."""
+    def load(
+        cls, conn: Connection, limited_queues: Select[Any], clock: Clock, worker: str
+    ) -> _QueueBudget:
+        """Lock the limited queues' rows and count their slots for `worker` (see
+        `lock`)."""
         limits, now = cls.lock(conn, limited_queues, clock)
         if not limits:
-            return cls.build(conn, limits, {}, now)
-        running = conn.execute(_RUNNING_PER_QUEUE, {"names": list(limits)}).all()
-        return cls.build(conn, limits, {q: int(n) for q, n in running}, now)
+            return cls.build(conn, limits, {}, {}, now)
+        rows = conn.execute(_RUNNING_PER_QUEUE, {"names": list(limits), "worker": worker}).all()
+        running = {q: int(n) for q, n, _ in rows}
+        mine = {q: int(held) for q, _, held in rows}
+        return cls.build(conn, limits, running, mine, now)
 
     @staticmethod
     def lock(
@@ -1401,15 +1427,19 @@ class _QueueBudget:
         conn: Connection,
         limits: dict[str, QueueLimits],
         running: dict[str, int],
+        mine: dict[str, int],
         now: int,
     ) -> _QueueBudget:
-        """The budget of the locked `limits`, given each one's `running` count (rate
-        and per-key limits are read here)."""
+        """The budget of the locked `limits`, given each one's `running` count and how
+        many of those the claiming worker holds (`mine`); rate and per-key limits are
+        read here."""
         budget = cls(limits, {}, {}, set(), {}, None, now)
         for name, lim in limits.items():
             slots = 1 << 30
             if lim.max_parallelism is not None:
-                slots = lim.max_parallelism - int(running.get(name, 0))
+                slots = lim.max_parallelism - running.get(name, 0)
+            if lim.max_per_worker is not None:
+                slots = min(slots, lim.max_per_worker - mine.get(name, 0))
             if lim.rate_limit is not None and lim.rate_period_ms:
                 slots = min(slots, budget._rate_slots(conn, lim, now))
             budget.slots[name] = slots
@@ -1475,6 +1505,23 @@ class _QueueBudget:
         return True
 
 
+def _add_missing_columns(conn: Connection, tables: Sequence[Table]) -> None:
+    """Add the columns a later release added to tables created before it. Such columns
+    must be nullable, so that the rows already there stay valid."""
+    inspector = inspect(conn)
+    preparer = conn.dialect.identifier_preparer
+    for table in tables:
+        present = {c["name"] for c in inspector.get_columns(table.name)}
+        for column in table.columns:
+            if column.name in present:
+                continue
+            if not column.nullable:
+                raise RuntimeError(f"cannot add NOT NULL column {table.name}.{column.name}")
+            definition = CreateColumn(column).compile(dialect=conn.dialect)
+            name = preparer.format_table(table)
+            conn.execute(text(f"ALTER TABLE {name} ADD COLUMN {definition}"))
+
+
 def _new_row(r: NewRun, now: int) -> dict[str, Any]:
     """The column values of a new pending run."""
     return {
@@ -1528,6 +1575,7 @@ def _limits(row: Any) -> QueueLimits:
         rate_limit=row.rate_limit,
         rate_period_ms=row.rate_period_ms,
         max_per_key=row.max_per_key,
+        max_per_worker=row.max_per_worker,
     )
 
 

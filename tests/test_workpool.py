@@ -167,6 +167,32 @@ def test_claims_never_exceed_the_cap_and_a_change_applies_at_once(retrier: Retri
     assert store.queue_counts("p", 0) == {"running": 1, "pending": 6, "failed": 0}
 
 
+def test_max_per_worker_caps_what_one_worker_holds_of_a_pool(retrier: Retrier) -> None:
+    pool = Workpool(retrier, "shared", max_parallelism=5, max_per_worker=2)
+
+    @retrier.action
+    def noop() -> None: ...
+
+    pool.enqueue_batch([(noop, {})] * 10)
+    store = retrier.store
+    first, _ = store.claim("w1", 100, 5000)
+    second, _ = store.claim("w2", 100, 5000)
+    assert (len(first), len(second)) == (2, 2)
+    assert store.claim("w1", 100, 5000)[0] == [], "w1 holds its two"
+    assert len(store.claim("w3", 100, 5000)[0]) == 1, "the pool's cap (5) comes first"
+    succeed(retrier, first)
+    assert len(store.claim("w1", 100, 5000)[0]) == 2
+    # An inline start (a workflow step run by the worker itself) counts the same way.
+    inline = [retrier.prepare(noop, {}, queue="shared") for _ in range(2)]
+    succeed(retrier, second)
+    with store.dialect.write() as conn:
+        assert store.insert_running(inline[0], "w2", 5000, conn) is not None
+    with store.dialect.write() as conn:
+        assert store.insert_running(inline[1], "w1", 5000, conn) is None, "w1 holds two"
+    pool.set_max_per_worker(None)  # live, like the cap
+    assert len(store.claim("w1", 100, 5000)[0]) == 1
+
+
 def test_a_claim_says_when_the_next_item_falls_due(make_retrier: MakeRetrier) -> None:
     """A claim that took fewer runs than it asked for returns the due time of the next
     claimable run, and the worker sets its timer for it; without it, a delayed item
@@ -217,11 +243,11 @@ def test_constructing_a_pool_with_new_settings_updates_them(make_retrier: MakeRe
     first = Workpool(make_retrier(), "p", max_parallelism=4, max_per_key=2)
     assert first.limits.max_parallelism == 4
     second = Workpool(make_retrier(), "p", max_parallelism=7,
-                      rate_limit=(10, timedelta(seconds=2)))
+                      rate_limit=(10, timedelta(seconds=2)), max_per_worker=3)
     for pool in (first, second):
         limits = pool.limits
         assert (limits.max_parallelism, limits.rate_limit, limits.rate_period_ms,
-                limits.max_per_key) == (7, 10, 2000, None)
+                limits.max_per_key, limits.max_per_worker) == (7, 10, 2000, None, 3)
     assert second.max_parallelism == 7
 
 
@@ -304,15 +330,17 @@ def test_two_pools_sharing_workers_do_not_starve_each_other(make_retrier: MakeRe
     assert order.items[:4].count("quiet") == 2, order.items[:10]
 
 
-def test_a_pools_slots_spread_over_workers_as_far_as_their_concurrency_lets_them(
-    make_retrier: MakeRetrier,
+@pytest.mark.parametrize("bound", ["concurrency", "max_per_worker"])
+def test_a_pools_slots_spread_over_workers_as_far_as_their_share_lets_them(
+    make_retrier: MakeRetrier, bound: str
 ) -> None:
     """How a pool's work spreads over processes (for CPU-bound actions): a worker holds
-    no more of the pool than its concurrency, at its first claim and whenever its record
-    refills the slots it freed, so the other worker gets the rest of the pool. (With
-    the default concurrency the first worker would take all four.)"""
+    no more of the pool than its concurrency or the pool's max_per_worker, at its first
+    claim and whenever its record refills the slots it freed, so the other worker gets
+    the rest of the pool. (Unbounded, the first worker would take all four.)"""
     retrier = make_retrier()
-    pool = Workpool(retrier, "spread", max_parallelism=4)
+    per_worker = 2 if bound == "max_per_worker" else None
+    pool = Workpool(retrier, "spread", max_parallelism=4, max_per_worker=per_worker)
     released: dict[int, anyio.Event] = {}
 
     @retrier.action
@@ -343,7 +371,8 @@ def test_a_pools_slots_spread_over_workers_as_far_as_their_concurrency_lets_them
         released.update((i, anyio.Event()) for i in range(10))
         ids = pool.enqueue_batch([(hold, {"i": i}) for i in range(10)])
         items.update((run_id, i) for i, run_id in enumerate(ids))
-        workers = [retrier.worker(concurrency=2), retrier.worker(concurrency=2)]
+        concurrency = 2 if bound == "concurrency" else 16
+        workers = [retrier.worker(concurrency=concurrency) for _ in range(2)]
         with anyio.fail_after(30):
             async with anyio.create_task_group() as tg:
                 for worker in workers:
@@ -573,6 +602,9 @@ def test_bad_settings_are_refused(retrier: Retrier) -> None:
         {"rate_limit": (-5, 1)},
         {"rate_limit": 10},
         {"max_per_key": 0},
+        {"max_per_worker": 0},
+        {"max_per_worker": -2},
+        {"max_per_worker": 1.5},
     ):
         with pytest.raises(InvalidSettings):
             Workpool(retrier, "bad", **bad)
@@ -654,7 +686,9 @@ async def test_async_twins(retrier: Retrier) -> None:
 
 
 def test_cli_lists_and_shows_pools(retrier: Retrier, db_url: str) -> None:
-    pool = Workpool(retrier, "emails", max_parallelism=3, rate_limit=(5, 60), max_per_key=2)
+    pool = Workpool(
+        retrier, "emails", max_parallelism=3, rate_limit=(5, 60), max_per_key=2, max_per_worker=7
+    )
 
     @retrier.action
     def fails() -> None:
@@ -672,7 +706,7 @@ def test_cli_lists_and_shows_pools(retrier: Retrier, db_url: str) -> None:
     assert [c for c in row.replace("│", " ").split() if c.isdigit()] == ["0", "0", "1", "4"]
     shown = runner.invoke(cli, ["--db", db_url, "pools", "show", "emails"])
     assert shown.exit_code == 0, shown.output
-    for expected in ("5 per 60 s", "max_per_key", "2"):
+    for expected in ("5 per 60 s", "max_per_key", "2", "max_per_worker", "7"):
         assert expected in shown.output
     missing = runner.invoke(cli, ["--db", db_url, "pools", "show", "nope"])
     assert missing.exit_code == 1 and "no pool named 'nope'" in missing.output

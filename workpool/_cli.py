@@ -50,7 +50,8 @@ def pools_show(obj: Context, name: str) -> None:
         ("pool", name),
         ("max_parallelism", _cap(limits)),
         ("rate_limit", _rate(limits)),
-        ("max_per_key", "none" if limits.max_per_key is None else str(limits.max_per_key)),
+        ("max_per_key", _or_none(limits.max_per_key)),
+        ("max_per_worker", _or_none(limits.max_per_worker)),
         ("running", str(counts["running"])),
         ("pending", str(counts["pending"])),
         ("failed (1 h)", str(counts["failed"])),
@@ -74,6 +75,10 @@ def _cap(limits: QueueLimits) -> str:
     if limits.max_parallelism is None:
         return "unlimited"
     return "0 (paused)" if limits.max_parallelism == 0 else str(limits.max_parallelism)
+
+
+def _or_none(limit: int | None) -> str:
+    return "none" if limit is None else str(limit)
 
 
 def _rate(limits: QueueLimits) -> str:

@@ -24,7 +24,7 @@ from retrier._store import NewRun, QueueLimits, runs
 from ._behavior import RetryBehavior
 from ._enqueue import Preparer, Retry
 from ._errors import InvalidBatchItem, NotInPool
-from ._settings import RateLimit, check_parallelism, pool_limits
+from ._settings import RateLimit, check_parallelism, check_per_worker, pool_limits
 from ._status import WorkStatus, status_of
 
 BatchItem = tuple[Fn | str, dict[str, Any] | None] | tuple[
@@ -41,9 +41,11 @@ class Workpool:
     Pending(previous_attempts=0)
 
     The settings are stored in the database when the pool is constructed (and
-    whenever `set_max_parallelism` is called): the last writer wins, and workers
-    apply a change at their next claim, without a restart. `max_parallelism=0`
-    pauses the pool: nothing new starts, running items finish.
+    whenever `set_max_parallelism` or `set_max_per_worker` is called): the last
+    writer wins, and workers apply a change at their next claim, without a restart.
+    `max_parallelism=0` pauses the pool: nothing new starts, running items finish.
+    `max_per_worker` spreads the pool over worker processes (for CPU-bound actions):
+    no worker runs more than that many of its items at once.
 
     Items start in due order, then by higher `priority`. Failed items are retried
     only if `retry=` (or `retry_actions_by_default`) says so; a retry waiting for
@@ -60,6 +62,7 @@ class Workpool:
         default_retry_behavior: RetryBehavior | None = None,
         rate_limit: RateLimit | None = None,
         max_per_key: int | None = None,
+        max_per_worker: int | None = None,
     ) -> None:
         self.retrier = retrier
         self.name = name
@@ -69,7 +72,9 @@ class Workpool:
             raise InvalidSettings(
                 f"default_retry_behavior must be a RetryBehavior, got {default_retry_behavior!r}"
             )
-        self._limits = pool_limits(name, max_parallelism, rate_limit, max_per_key)
+        self._limits = pool_limits(
+            name, max_parallelism, rate_limit, max_per_key, max_per_worker
+        )
         self._preparer = Preparer(
             retrier, name, retry_actions_by_default, self.default_retry_behavior
         )
@@ -98,6 +103,14 @@ class Workpool:
         check_parallelism(max_parallelism)
         current = self.retrier.store.get_queue(self.name) or self._limits
         self._store_limits(dataclasses.replace(current, max_parallelism=max_parallelism))
+
+    def set_max_per_worker(self, max_per_worker: int | None) -> None:
+        """Change how many of the pool's items one worker may run at once (None: no
+        limit but the pool's cap and the worker's concurrency), at every worker's next
+        claim. Lowering it never stops running items."""
+        check_per_worker(max_per_worker)
+        current = self.retrier.store.get_queue(self.name) or self._limits
+        self._store_limits(dataclasses.replace(current, max_per_worker=max_per_worker))
 
     def _store_limits(self, limits: QueueLimits) -> None:
         self.retrier.store.set_queue(limits)

@@ -19,6 +19,7 @@ def pool_limits(
     max_parallelism: int,
     rate_limit: RateLimit | None,
     max_per_key: int | None,
+    max_per_worker: int | None = None,
 ) -> QueueLimits:
     """The engine's `QueueLimits` for a pool; raises `InvalidSettings` on bad values."""
     if not isinstance(name, str) or not name.strip() or len(name) > MAX_NAME:
@@ -31,13 +32,23 @@ def pool_limits(
         raise InvalidSettings(
             f"max_per_key must be a positive integer or None, got {max_per_key!r}"
         )
+    check_per_worker(max_per_worker)
     return QueueLimits(
         name=name,
         max_parallelism=max_parallelism,
         rate_limit=rate,
         rate_period_ms=period_ms,
         max_per_key=max_per_key,
+        max_per_worker=max_per_worker,
     )
+
+
+def check_per_worker(value: int | None) -> None:
+    if value is not None and (_not_int(value) or not 1 <= value <= MAX_PARALLELISM):
+        raise InvalidSettings(
+            f"max_per_worker must be an integer from 1 to {MAX_PARALLELISM} or None, "
+            f"got {value!r}"
+        )
 
 
 def check_parallelism(value: int) -> None:
