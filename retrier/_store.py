@@ -389,14 +389,9 @@ _COMPLETE_DELIVERY = (
     .where(_held_in(DELIVERING))
     .values(state=COMPLETED, lease_owner=None, lease_until_ms=None)
 )
-# One queue's limits (to lock its row), and then, in a statement of its own, its
-# running count: on PostgreSQL a statement that waits for a row lock still reads from
-# the snapshot it took before the wait, so a count read with the lock would miss what
-# the transaction it waited for had just started.
+# One queue's limits, to lock its row (its budget is then counted in statements of
+# their own, see _QueueBudget.lock).
 _QUEUE = select(queues_t).where(queues_t.c.name == bindparam("queue"))
-_RUNNING_IN_QUEUE = select(func.count()).where(
-    runs.c.queue == bindparam("queue"), in_state(RUNNING)
-)
 
 
 class Store:
@@ -507,17 +502,10 @@ class Store:
     def _queue_has_room(
         self, conn: Connection, queue: str, key: str | None, worker: str
     ) -> bool:
-        # Locks the queue's row as a claim does, so the two cannot both take its last slot.
-        lim = conn.execute(self._locked_queue, {"queue": queue}).first()
-        if lim is None or (
-            lim.rate_limit is None and lim.max_per_key is None and lim.max_per_worker is None
-        ):
-            if lim is None or lim.max_parallelism is None:
-                return True
-            running = conn.execute(_RUNNING_IN_QUEUE, {"queue": queue}).scalar() or 0
-            return int(running) < int(lim.max_parallelism)
-        budget = _QueueBudget.load(conn, self._limited_queues, self.clock, worker)
-        return budget.take(queue, key)
+        # Locks the queue's row as a claim does, so the two cannot both take its last slot
+        # (a claim locks every limited queue's row, this one included).
+        locked = (self._locked_queue, {"queue": queue})
+        return _QueueBudget.load(conn, locked, self.clock, worker).take(queue, key)
 
     def insert_finished(
         self,
@@ -563,7 +551,7 @@ class Store:
     def _claim(
         self, conn: Connection, worker: str, limit: int, lease_ms: int
     ) -> tuple[list[Claimed], int | None]:
-        limits, now = _QueueBudget.lock(conn, self._limited_queues, self.clock)
+        limits, now = _QueueBudget.lock(conn, self._limited_queues, clock=self.clock)
         survey: _Survey | None = None
         rate_retry_ms: int | None = None
         if limits:
@@ -1393,11 +1381,15 @@ class _QueueBudget:
 
     @classmethod
     def load(
-        cls, conn: Connection, limited_queues: Select[Any], clock: Clock, worker: str
+        cls,
+        conn: Connection,
+        queues: tuple[Select[Any], dict[str, Any]],
+        clock: Clock,
+        worker: str,
     ) -> _QueueBudget:
-        """Lock the limited queues' rows and count their slots for `worker` (see
-        `lock`)."""
-        limits, now = cls.lock(conn, limited_queues, clock)
+        """Lock the rows of `queues` (a locking statement and its parameters) and
+        count their slots for `worker` (see `lock`)."""
+        limits, now = cls.lock(conn, *queues, clock=clock)
         if not limits:
             return cls.build(conn, limits, {}, {}, now)
         rows = conn.execute(_RUNNING_PER_QUEUE, {"names": list(limits), "worker": worker}).all()
@@ -1407,9 +1399,13 @@ class _QueueBudget:
 
     @staticmethod
     def lock(
-        conn: Connection, limited_queues: Select[Any], clock: Clock
+        conn: Connection,
+        queues: Select[Any],
+        params: dict[str, Any] | None = None,
+        *,
+        clock: Clock,
     ) -> tuple[dict[str, QueueLimits], int]:
-        """Lock the limited queues' rows (`limited_queues`: `_LIMITED_QUEUES` as the
+        """Lock the rows `queues` selects (`_LIMITED_QUEUES` or one queue, as the
         dialect locks rows); return their limits and the time, read after the lock.
 
         The clock is read after the lock: a claim that waited for another claim's
@@ -1418,7 +1414,7 @@ class _QueueBudget:
         of their own: on PostgreSQL a statement that waits for a lock reads from the
         snapshot it took before the wait.
         """
-        rows = conn.execute(limited_queues).all()
+        rows = conn.execute(queues, params or {}).all()
         return {r.name: _limits(r) for r in rows}, clock.now_ms()
 
     @classmethod
