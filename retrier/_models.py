@@ -14,8 +14,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import JSON, BigInteger, Column, Index, text
+from sqlalchemy import BigInteger, Column, Index, text
 from sqlmodel import Field, SQLModel
+
+from ._stored_json import StoredJSON
 
 SCHEMA_VERSION = 1
 
@@ -52,10 +54,11 @@ class RunRow(SQLModel, table=True):
 
     id: str = Field(primary_key=True, max_length=40)
     fn: str = Field(max_length=200)
-    args: dict[str, Any] = Field(sa_column=Column(JSON, nullable=False))
+    # Any, not dict: a row whose value cannot be decoded reads as a CorruptValue.
+    args: Any = Field(sa_column=Column(StoredJSON, nullable=False))
     state: str = Field(default=PENDING, max_length=16)
     outcome: str | None = Field(default=None, max_length=16)
-    result: Any = Field(default=None, sa_column=Column(JSON, nullable=True))
+    result: Any = Field(default=None, sa_column=Column(StoredJSON, nullable=True))
     error: str | None = None
     attempts: int = 0
     failures: int = 0
@@ -74,7 +77,7 @@ class RunRow(SQLModel, table=True):
     jitter: bool = False
     max_backoff_ms: int = Field(default=3_600_000, sa_type=BigInteger)
     on_complete: str | None = Field(default=None, max_length=200)
-    context: Any = Field(default=None, sa_column=Column(JSON, nullable=True))
+    context: Any = Field(default=None, sa_column=Column(StoredJSON, nullable=True))
     handler_failures: int = 0
     handler_error: str | None = None
     created_ms: int = Field(sa_type=BigInteger)
@@ -153,6 +156,7 @@ class AttemptRow(SQLModel, table=True):
     finished_ms: int = Field(sa_type=BigInteger)
     outcome: str = Field(max_length=16)  # success | failed | canceled | lost | released
     error: str | None = None
+    traceback: str | None = None  # of a failed attempt, its last lines if long
 
 
 class QueueRow(SQLModel, table=True):
@@ -172,9 +176,30 @@ class QueueRow(SQLModel, table=True):
     updated_ms: int = Field(sa_type=BigInteger)
 
 
+class WorkerRow(SQLModel, table=True):
+    """A live worker: what it can run, refreshed by its heartbeat, deleted when it stops.
+
+    A run whose function no live worker has registered is left pending; only after a
+    grace period with no such worker does it fail (see `Store.fail_unrunnable`).
+    """
+
+    __tablename__ = "tiers_workers"
+
+    id: str = Field(primary_key=True, max_length=120)
+    host: str = Field(max_length=200)
+    pid: int
+    concurrency: int
+    lease_ms: int = Field(sa_type=BigInteger)
+    functions: Any = Field(sa_column=Column(StoredJSON, nullable=False))
+    handlers: Any = Field(sa_column=Column(StoredJSON, nullable=False))
+    started_ms: int = Field(sa_type=BigInteger)
+    heartbeat_ms: int = Field(sa_type=BigInteger)
+
+
 ENGINE_TABLES = [
     MetaRow.__table__,  # type: ignore[attr-defined]
     RunRow.__table__,  # type: ignore[attr-defined]
     AttemptRow.__table__,  # type: ignore[attr-defined]
     QueueRow.__table__,  # type: ignore[attr-defined]
+    WorkerRow.__table__,  # type: ignore[attr-defined]
 ]

@@ -27,6 +27,7 @@ from ._policy import RetryPolicy
 from ._registry import Fn, Registry
 from ._results import Canceled, Completed, Failed, InProgress, RunResult, RunStatus, Success
 from ._store import NewRun, Store
+from ._stored_json import unreadable
 from ._worker import Worker
 
 log = logging.getLogger("tiers")
@@ -288,6 +289,9 @@ class Retrier:
         return Completed(self.result_of(row))
 
     def result_of(self, row: RunRow) -> RunResult:
+        corrupt = unreadable("result", row.result) if row.outcome == SUCCESS else None
+        if corrupt is not None:
+            return Failed(f"CorruptRun: {corrupt}")
         if row.outcome == SUCCESS:
             value = row.result
             if self.registry.has_action(row.fn):

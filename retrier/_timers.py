@@ -16,6 +16,10 @@ from apscheduler.executors.pool import ThreadPoolExecutor
 from apscheduler.schedulers.background import BackgroundScheduler
 
 _WAKE_JOB = "wake"
+# A wake-up further ahead than this is set for this far ahead: the worker looks at the
+# database then and sets the next one. Due times near the end of what datetime can
+# hold (a bad row, seconds taken for milliseconds) then never reach APScheduler.
+_LONGEST_WAKE_MS = 3_600_000
 
 
 class _SchedulerNotices(logging.Filter):
@@ -56,9 +60,20 @@ class Timers:
             self._scheduler.shutdown(wait=True)
 
     def wake_at(self, due_ms: int, wake: Callable[[], None]) -> None:
-        """Call `wake` at `due_ms` (epoch ms), unless an earlier wake-up is pending."""
+        """Call `wake` at `due_ms` (epoch ms), unless an earlier wake-up is pending.
+
+        Never raises: a wake-up that cannot be set is logged, and the worker's poll
+        finds the work instead.
+        """
+        try:
+            self._wake_at(due_ms, wake)
+        except Exception:
+            _scheduler_log.exception("could not set a wake-up at %r; polling instead", due_ms)
+
+    def _wake_at(self, due_ms: int, wake: Callable[[], None]) -> None:
         with self._lock:
             now_ms = datetime.now(UTC).timestamp() * 1000
+            due_ms = int(min(due_ms, now_ms + _LONGEST_WAKE_MS))
             pending = self._wake_due_ms
             if pending is not None and pending <= due_ms and pending > now_ms:
                 return

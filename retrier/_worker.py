@@ -23,6 +23,7 @@ from functools import partial
 from typing import Any
 
 import anyio
+import pydantic
 from anyio.abc import TaskGroup, TaskStatus
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 from sqlalchemy import Connection
@@ -35,6 +36,7 @@ from ._models import CANCELED, DELIVERING, FAILED, SUCCESS
 from ._registry import Registry, ResultNotSerializable
 from ._results import Canceled, Failed, RunResult, Success
 from ._store import Claimed, Finished, Outcome, Recorded, SessionHandler, Store
+from ._stored_json import unreadable
 from ._timers import Timers
 
 log = logging.getLogger("tiers.worker")
@@ -224,9 +226,10 @@ class Worker:
         return claimed
 
     def _start(self, claimed: list[Claimed], wake_at_ms: int | None) -> None:
-        """Start executing (or delivering) claimed runs; look again at `wake_at_ms`."""
-        if wake_at_ms is not None and self._timers is not None:
-            self._timers.wake_at(wake_at_ms, self.wake)
+        """Start executing (or delivering) claimed runs; look again at `wake_at_ms`.
+
+        The runs start first: nothing after a claim has committed may strand them.
+        """
         assert self._tg is not None
         for c in claimed:
             self._hold(c.id, c.fence)
@@ -234,6 +237,8 @@ class Worker:
                 self._tg.start_soon(self._deliver, _finished_from(c))
             else:
                 self._tg.start_soon(self._execute, c)
+        if wake_at_ms is not None and self._timers is not None:
+            self._timers.wake_at(wake_at_ms, self.wake)  # never raises
 
     # -- executing --------------------------------------------------------------------
 
@@ -365,8 +370,15 @@ class Worker:
             reg = self.registry.action(c.fn)
         except UnregisteredFunction as exc:
             return outcome("fatal", error=_describe(exc))
+        corrupt = unreadable("args", c.args, need_object=True) or unreadable("context", c.context)
+        if corrupt is not None:
+            # Retrying cannot help: fail this run alone; every other run goes on.
+            return outcome("fatal", error=f"CorruptRun: {corrupt}")
         try:
             kwargs = reg.decode_args(c.args)
+        except pydantic.ValidationError as exc:
+            return outcome("fatal", error=f"CorruptRun: the stored args do not fit {c.fn!r}: {exc}")
+        try:
             if reg.is_async:
                 self._async_runs.add(c.id)
                 value = await reg.fn(**kwargs)
@@ -473,7 +485,7 @@ class Worker:
             return [f.id] if ok else []
         failures: dict[str, str] = {}
         try:
-            args = (f.id, self._run_result(f), f.context)
+            args = (f.id, self._run_result(f), _context_of(f))
             if reg.is_async:
                 await reg.fn(*args)
             else:
@@ -487,10 +499,13 @@ class Worker:
         reg = self.registry.handler(f.on_complete)
         # The session joins the store's savepoint: its writes commit or roll back with it.
         with Session(bind=conn, join_transaction_mode="rollback_only") as session:
-            reg.fn(f.id, self._run_result(f), f.context, session=session)
+            reg.fn(f.id, self._run_result(f), _context_of(f), session=session)
             session.flush()
 
     def _run_result(self, f: Finished) -> RunResult:
+        corrupt = unreadable("result", f.result) if f.outcome == SUCCESS else None
+        if corrupt is not None:
+            return Failed(f"CorruptRun: {corrupt}")
         if f.outcome == SUCCESS:
             try:
                 value = self.registry.action(f.fn).decode_result(f.result)
@@ -610,6 +625,12 @@ def _finished_from(c: Claimed) -> Finished:
         queue=c.queue,
         owner=c.owner,
     )
+
+
+def _context_of(f: Finished) -> Any:
+    """The context an on_complete gets: None if the stored one cannot be decoded (the
+    run has failed with that error then)."""
+    return None if unreadable("context", f.context) else f.context
 
 
 def _describe(exc: BaseException) -> str:

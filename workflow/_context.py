@@ -23,6 +23,7 @@ from retrier import InvalidArguments
 from retrier._clock import datetime_to_ms, to_ms
 from retrier._registry import Fn
 from retrier._store import Finished, NewRun, Outcome
+from retrier._stored_json import unreadable
 from retrier._worker import Worker
 
 from ._errors import InvalidEvent, StepFailed, WorkflowDiverged
@@ -464,6 +465,9 @@ class WorkflowContext:
         raise exc
 
     def _replayed(self, full: str, entry: Entry, decode: Any) -> Awaitable[Any]:
+        corrupt = unreadable("result", entry.result)
+        if entry.state == COMPLETED and corrupt is not None:
+            return self._rejected(StepFailed(full, corrupt))
         if entry.state == COMPLETED:
             return self._resolved(decode(entry.result))
         if entry.state in (FAILED, "canceled"):

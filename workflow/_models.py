@@ -7,8 +7,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import JSON, BigInteger, Column, Index, Table, UniqueConstraint, text
+from sqlalchemy import BigInteger, Column, Index, Table, UniqueConstraint, text
 from sqlmodel import Field, SQLModel
+
+from retrier._stored_json import StoredJSON
 
 # Workflow states.
 RUNNING = "running"
@@ -40,16 +42,16 @@ class WorkflowRow(SQLModel, table=True):
     id: str = Field(primary_key=True, max_length=40)
     name: str = Field(max_length=200)
     pool: str = Field(max_length=200)
-    args: dict[str, Any] = Field(sa_column=Column(JSON, nullable=False))
+    args: Any = Field(sa_column=Column(StoredJSON, nullable=False))  # CorruptValue if bad
     state: str = Field(default=RUNNING, max_length=16)
-    result: Any = Field(default=None, sa_column=Column(JSON, nullable=True))
+    result: Any = Field(default=None, sa_column=Column(StoredJSON, nullable=True))
     error: str | None = None
     key: str | None = Field(default=None, max_length=200, unique=True)
     parent_id: str | None = Field(default=None, max_length=40)
     parent_step: str | None = Field(default=None, max_length=200)
     retrigger_of: str | None = Field(default=None, max_length=40)
     on_complete: str | None = Field(default=None, max_length=200)
-    context: Any = Field(default=None, sa_column=Column(JSON, nullable=True))
+    context: Any = Field(default=None, sa_column=Column(StoredJSON, nullable=True))
     created_ms: int = Field(sa_type=BigInteger)
     finished_ms: int | None = Field(default=None, sa_type=BigInteger)
 
@@ -77,14 +79,14 @@ class StepRow(SQLModel, table=True):
     state: str = Field(max_length=16)
     fn: str | None = Field(default=None, max_length=200)
     run_id: str | None = Field(default=None, max_length=40)
-    result: Any = Field(default=None, sa_column=Column(JSON, nullable=True))
+    result: Any = Field(default=None, sa_column=Column(StoredJSON, nullable=True))
     error: str | None = None
     attempts: int = 0
     started_ms: int = Field(sa_type=BigInteger)
     finished_ms: int | None = Field(default=None, sa_type=BigInteger)
     wake_ms: int | None = Field(default=None, sa_type=BigInteger)
     event_name: str | None = Field(default=None, max_length=200)
-    match: Any = Field(default=None, sa_column=Column(JSON, nullable=True))
+    match: Any = Field(default=None, sa_column=Column(StoredJSON, nullable=True))
     event_id: int | None = Field(default=None, sa_type=BigInteger)
     child_id: str | None = Field(default=None, max_length=40)
 
@@ -97,7 +99,7 @@ class EventRow(SQLModel, table=True):
 
     id: int | None = Field(default=None, primary_key=True)
     name: str = Field(max_length=200)
-    data: dict[str, Any] = Field(sa_column=Column(JSON, nullable=False))
+    data: Any = Field(sa_column=Column(StoredJSON, nullable=False))
     created_ms: int = Field(sa_type=BigInteger)
 
 

@@ -1,0 +1,407 @@
+"""Single faults that must never stop or lose other work, on SQLite and PostgreSQL.
+
+Each test here reproduces a failure a fault campaign found: a far-future run, a row
+that cannot be decoded, a database blip while recording, a forged notification,
+cancel_all under load, many async waiters, two concurrent wake-ups of one workflow.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import replace
+from datetime import timedelta
+from typing import Any
+
+import anyio
+import pytest
+from click.testing import CliRunner
+from sqlalchemy import text
+from sqlalchemy.exc import OperationalError
+
+from retrier import Canceled, Completed, Failed, FakeClock, Retrier, Success
+from retrier._cli import main
+from tests.support import Calls, drain
+from workpool import Workpool
+
+MakeRetrier = Callable[..., Retrier]
+
+
+def set_column(retrier: Retrier, run_id: str, column: str, raw: str) -> None:
+    """Overwrite one stored column with raw text, as a hand edit or a bug would."""
+    with retrier.engine.begin() as conn:
+        if retrier.store.dialect.name == "postgresql":
+            conn.execute(text(f"UPDATE tiers_runs SET {column} = CAST(:v AS json) WHERE id = :i"),
+                         {"v": raw, "i": run_id})
+        else:
+            conn.execute(text(f"UPDATE tiers_runs SET {column} = :v WHERE id = :i"),
+                         {"v": raw, "i": run_id})
+
+
+def corrupt_json(retrier: Retrier) -> str:
+    """Text that the backend stores but that is not what the column must hold: invalid
+    JSON on SQLite; on PostgreSQL (whose json type refuses invalid text) a JSON value
+    of the wrong shape."""
+    return "42" if retrier.store.dialect.name == "postgresql" else "{not json"
+
+
+# -- 1. a far-future run -----------------------------------------------------------------
+
+
+def test_a_far_future_row_neither_stops_the_worker_nor_strands_claimed_runs(
+    make_retrier: MakeRetrier,
+) -> None:
+    retrier = make_retrier(lease=timedelta(seconds=30))
+
+    @retrier.action
+    def work(i: int) -> int:
+        return i
+
+    # Seconds taken for milliseconds, written by an older release or by hand: due in the
+    # year 59066, past what datetime (and APScheduler) can represent.
+    far = retrier.prepare(work, {"i": -1})
+    retrier.submit([replace(far, due_ms=1_800_000_000_000_000)])
+    with retrier:
+        ids = [retrier.run(work, {"i": i}) for i in range(20)]
+        retrier.wait_all(ids, timeout=10)
+        later = retrier.run(work, {"i": 99})  # the worker still claims new work
+        assert retrier.wait(later, timeout=10) == Completed(Success(99))
+    for run_id in ids:
+        assert [a.outcome for a in retrier.store.attempts(run_id)] == ["success"]
+    assert retrier.store.get(far.id).state == "pending"
+
+
+def test_a_timer_that_raises_loses_no_claimed_run(
+    make_retrier: MakeRetrier, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from apscheduler.schedulers.base import BaseScheduler
+
+    real_add_job = BaseScheduler.add_job
+
+    def add_job(self: BaseScheduler, func: Any, trigger: Any = None, **kw: Any) -> Any:
+        if trigger == "date":  # every one-off wake-up fails to be set
+            raise ValueError("year 59066 is out of range")
+        return real_add_job(self, func, trigger, **kw)
+
+    monkeypatch.setattr(BaseScheduler, "add_job", add_job)
+    retrier = make_retrier(lease=timedelta(seconds=30))
+
+    @retrier.action
+    def work(i: int) -> int:
+        return i
+
+    retrier.run_after(timedelta(hours=1), work, {"i": 0})  # gives every claim a wake-up
+    with retrier:
+        ids = [retrier.run(work, {"i": i}) for i in range(10)]
+        retrier.wait_all(ids, timeout=10)
+
+
+# -- 2. a row that cannot be decoded -------------------------------------------------------
+
+
+@pytest.mark.parametrize("column", ["args", "context"])
+def test_a_run_that_cannot_be_decoded_fails_alone(retrier: Retrier, column: str) -> None:
+    if column == "context" and retrier.store.dialect.name == "postgresql":
+        pytest.skip("any JSON value is a valid context; PostgreSQL stores only valid JSON")
+    calls = Calls()
+
+    @retrier.action
+    def work(i: int) -> int:
+        calls.add(i)
+        return i
+
+    @retrier.on_complete
+    def done(run_id: str, result: Any, context: Any) -> None:
+        calls.add((run_id, result, context))
+
+    bad = retrier.run(work, {"i": -1}, on_complete=done, context={"n": 1})
+    good = [retrier.run(work, {"i": i}, on_complete=done, context={"n": 1}) for i in range(5)]
+    set_column(retrier, bad, column, corrupt_json(retrier))
+    drain(retrier)
+    for i, run_id in enumerate(good):
+        assert retrier.status(run_id) == Completed(Success(i))
+    status = retrier.status(bad)
+    assert isinstance(status, Completed) and isinstance(status.result, Failed)
+    assert f"stored {column}" in status.result.error and "cannot be decoded" in status.result.error
+    assert -1 not in calls.items, "the action never runs with arguments it cannot read"
+    delivered = [c for c in calls.items if isinstance(c, tuple) and c[0] == bad]
+    assert len(delivered) == 1 and isinstance(delivered[0][1], Failed)
+    assert [a.outcome for a in retrier.store.attempts(bad)] == ["failed"]
+
+
+def test_a_result_that_cannot_be_decoded_reads_as_a_failure(retrier: Retrier, db_url: str) -> None:
+    if retrier.store.dialect.name == "postgresql":
+        pytest.skip("PostgreSQL's json type stores only valid JSON; any JSON is a result")
+
+    @retrier.action
+    def work() -> int:
+        return 1
+
+    run_id = retrier.run(work)
+    drain(retrier)
+    set_column(retrier, run_id, "result", "{truncated")
+    status = retrier.status(run_id)
+    assert isinstance(status, Completed) and isinstance(status.result, Failed)
+    assert "stored result" in status.result.error
+    cli = CliRunner()
+    listed = cli.invoke(main, ["--db", db_url, "runs", "list"])
+    assert listed.exit_code == 0 and run_id[:8] in listed.output, listed.output
+    shown = cli.invoke(main, ["--db", db_url, "runs", "show", run_id])
+    assert shown.exit_code == 0, shown.output
+    assert "Traceback" not in shown.output and "corrupt" in shown.output
+
+
+def test_a_corrupt_row_is_listed_and_shown_without_a_traceback(
+    retrier: Retrier, db_url: str
+) -> None:
+    @retrier.action
+    def work(i: int) -> int:
+        return i
+
+    bad = retrier.run_after(timedelta(hours=1), work, {"i": 1})
+    set_column(retrier, bad, "args", corrupt_json(retrier))
+    cli = CliRunner()
+    for command in (["runs", "list"], ["runs", "show", bad]):
+        shown = cli.invoke(main, ["--db", db_url, *command])
+        assert shown.exit_code == 0, shown.output
+        assert bad[:8] in shown.output and "Traceback" not in shown.output
+    assert retrier.status(bad) is not None
+
+
+# -- 4. notifications are hints -------------------------------------------------------------
+
+
+def test_a_forged_cancel_notification_cancels_nothing(retrier: Retrier) -> None:
+    if retrier.store.dialect.name != "postgresql":
+        pytest.skip("only PostgreSQL has notifications from outside the process")
+    started = threading.Event()
+    release = threading.Event()
+
+    @retrier.action
+    def wait_for_release() -> str:
+        started.set()
+        release.wait(10)
+        return "finished"
+
+    with retrier:
+        run_id = retrier.run(wait_for_release)
+        assert started.wait(10)
+        with retrier.engine.connect() as conn:
+            conn.execute(text("SELECT pg_notify('tiers_cancel', :id)"), {"id": run_id})
+            conn.commit()
+        time.sleep(0.3)  # the listener would have acted by now
+        release.set()
+        assert retrier.wait(run_id, timeout=10) == Completed(Success("finished"))
+
+
+def test_a_real_cancel_still_reaches_a_running_action_in_another_process(
+    make_retrier: MakeRetrier,
+) -> None:
+    worker_side = make_retrier()
+    app_side = make_retrier()
+    if worker_side.store.dialect.name != "postgresql":
+        pytest.skip("only PostgreSQL has notifications from outside the process")
+    cancelled = threading.Event()
+    started = threading.Event()
+
+    @worker_side.action(name="forever")
+    async def forever() -> None:
+        started.set()
+        try:
+            await anyio.sleep(3600)
+        except anyio.get_cancelled_exc_class():
+            cancelled.set()
+            raise
+
+    @app_side.action(name="forever")
+    async def forever_app() -> None: ...
+
+    with worker_side:
+        run_id = app_side.run("forever")
+        assert started.wait(10)
+        app_side.cancel(run_id)  # another Retrier: only the database connects them
+        assert cancelled.wait(5)
+        assert worker_side.wait(run_id, timeout=10) == Completed(Canceled())
+
+
+# -- 5. a database blip while recording -----------------------------------------------------
+
+
+def test_an_outcome_whose_record_fails_for_a_moment_is_recorded_not_rerun(
+    make_retrier: MakeRetrier, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    retrier = make_retrier(lease=timedelta(seconds=60))
+    calls = Calls()
+    real_record = retrier.store.record
+    failures = {"left": 3}
+
+    def flaky_record(*args: Any, **kwargs: Any) -> Any:
+        if failures["left"] > 0:
+            failures["left"] -= 1
+            raise OperationalError("COMMIT", {}, Exception("server closed the connection"))
+        return real_record(*args, **kwargs)
+
+    monkeypatch.setattr(retrier.store, "record", flaky_record)
+
+    @retrier.action
+    def work(i: int) -> int:
+        calls.add(i)
+        return i
+
+    with retrier:
+        started = time.monotonic()
+        ids = [retrier.run(work, {"i": i}) for i in range(10)]
+        retrier.wait_all(ids, timeout=20)
+        took = time.monotonic() - started
+    assert failures["left"] == 0
+    assert sorted(calls.items) == list(range(10)), "each action ran exactly once"
+    assert took < 10, f"recorded after {took:.1f} s: it waited for the lease"
+
+
+def test_a_terminated_database_connection_does_not_rerun_finished_work(
+    db_url: str, make_retrier: MakeRetrier
+) -> None:
+    if not db_url.startswith("postgresql"):
+        pytest.skip("terminates PostgreSQL backends")
+    name = f"tiers-blip-{time.monotonic_ns()}"
+    retrier = Retrier(f"{db_url}&application_name={name}", lease=timedelta(seconds=60))
+    calls = Calls()
+    release = threading.Event()
+    running = threading.Semaphore(0)
+
+    @retrier.action
+    def work(i: int) -> int:
+        calls.add(i)
+        running.release()
+        release.wait(10)
+        return i
+
+    try:
+        with retrier:
+            ids = [retrier.run(work, {"i": i}) for i in range(8)]
+            for _ in range(8):
+                assert running.acquire(timeout=10)
+            with make_retrier().engine.connect() as conn:
+                killed = conn.execute(
+                    text("SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                         "WHERE application_name = :n"),
+                    {"n": name},
+                ).scalar()
+                conn.commit()
+            assert killed and killed > 0
+            release.set()
+            retrier.wait_all(ids, timeout=20)
+        assert sorted(calls.items) == list(range(8)), "each action ran exactly once"
+    finally:
+        checked_out = retrier.store.checked_out()
+        retrier.close()
+        assert checked_out == 0
+
+
+# -- 6. cancel_all under load ----------------------------------------------------------------
+
+
+def test_cancel_all_while_items_run_frees_their_slots_at_once(make_retrier: MakeRetrier) -> None:
+    retrier = make_retrier(lease=timedelta(seconds=60))
+    pool = Workpool(retrier, "busy", max_parallelism=3)
+    release = threading.Event()
+    running = threading.Semaphore(0)
+
+    @retrier.action
+    def block(i: int) -> int:
+        running.release()
+        release.wait(10)
+        return i
+
+    @retrier.action
+    def quick() -> str:
+        return "ok"
+
+    with retrier:
+        ids = pool.enqueue_batch([(block, {"i": i}) for i in range(8)])
+        for _ in range(3):
+            assert running.acquire(timeout=10)
+        finished_meanwhile = ids[:3]
+        assert pool.cancel_all() == 8
+        assert pool.cancel_all() == 0, "nothing is left to cancel"
+        release.set()
+        retrier.wait_all(ids, timeout=10)
+        for work_id in ids:
+            assert pool.wait(work_id, timeout=5) == Completed(Canceled())
+        # The canceled items' slots are free again: new items start at once.
+        started = time.monotonic()
+        after = pool.enqueue_batch([(quick, {}) for _ in range(3)])
+        retrier.wait_all(after, timeout=10)
+        assert time.monotonic() - started < 5
+    assert all(retrier.store.get(i).state == "completed" for i in finished_meanwhile)
+
+
+def test_cancel_all_counts_only_what_it_canceled(make_retrier: MakeRetrier) -> None:
+    clock = FakeClock()
+    retrier = make_retrier(clock=clock)
+    pool = Workpool(retrier, "p", max_parallelism=2)
+
+    @retrier.action
+    def work(i: int) -> int:
+        return i
+
+    done = pool.enqueue_batch([(work, {"i": i}) for i in range(2)])
+    drain(retrier)
+    later = pool.enqueue_batch([(work, {"i": i}, {"run_after": 60}) for i in range(3)])
+    assert all(pool.wait(i, timeout=5) == Completed(Success(n)) for n, i in enumerate(done))
+    assert pool.cancel_all(limit=2) == 2
+    assert pool.cancel_all() == 1
+    assert [retrier.status(i) for i in later] == [Completed(Canceled())] * 3
+
+
+# -- 7. many async waiters ---------------------------------------------------------------------
+
+
+@pytest.mark.anyio
+async def test_many_async_waiters_do_not_starve_the_worker(retrier: Retrier) -> None:
+    delivered = Calls()
+    gate = anyio.Event()
+
+    @retrier.action
+    async def work(i: int) -> int:
+        await gate.wait()
+        return i
+
+    @retrier.on_complete
+    def done(run_id: str, result: Any, context: Any) -> None:  # runs in a worker thread
+        delivered.add(run_id)
+
+    results: dict[str, Any] = {}
+
+    async def wait_one(run_id: str) -> None:
+        results[run_id] = await retrier.wait_async(run_id, timeout=30)
+
+    with anyio.fail_after(30):
+        async with retrier:
+            ids = [await retrier.run_async(work, {"i": i}, on_complete=done) for i in range(80)]
+            async with anyio.create_task_group() as tg:
+                for run_id in ids:
+                    tg.start_soon(wait_one, run_id)
+                await anyio.sleep(0.3)  # every waiter is waiting now
+                gate.set()
+    assert len(results) == 80 and len(delivered.items) == 80
+
+
+# -- 8. a body that raises inside `async with retrier:` ---------------------------------------
+
+
+@pytest.mark.anyio
+async def test_an_error_in_the_async_with_body_comes_out_as_itself(retrier: Retrier) -> None:
+    @retrier.action
+    async def work() -> None: ...
+
+    with pytest.raises(KeyError, match="from the body"):
+        async with retrier:
+            await retrier.run_async(work)
+            raise KeyError("from the body")
+
+
+def test_an_error_in_the_with_body_comes_out_as_itself(retrier: Retrier) -> None:
+    with pytest.raises(KeyError, match="from the body"), retrier:
+        raise KeyError("from the body")
