@@ -18,6 +18,7 @@ import anyio
 import anyio.to_thread
 from anyio.lowlevel import RunVar
 from sqlalchemy import Connection, Engine, create_engine, event, text
+from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError
 from sqlalchemy.sql import Select
@@ -56,6 +57,17 @@ def _pg_call_limiter() -> anyio.CapacityLimiter:
         limiter = anyio.CapacityLimiter(_PG_CALL_THREADS)
         _PG_CALLS.set(limiter)
         return limiter
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Whether trying again later may succeed: the server restarted or dropped the
+    connection, the pool was exhausted, the file was locked or full. Not: a constraint
+    violated, a statement that is wrong, a bug."""
+    if isinstance(exc, sa_exc.DBAPIError) and exc.connection_invalidated:
+        return True
+    return isinstance(
+        exc, sa_exc.OperationalError | sa_exc.InterfaceError | sa_exc.TimeoutError
+    )
 
 
 class WouldBlock(Exception):

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import logging
-import threading
-import time
 import uuid
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
@@ -26,8 +24,9 @@ from ._models import CANCELED, COMPLETED, FAILED, PENDING, RUNNING, SUCCESS, Run
 from ._policy import RetryPolicy
 from ._registry import Fn, Registry
 from ._results import Canceled, Completed, Failed, InProgress, RunResult, RunStatus, Success
-from ._store import NewRun, Store
+from ._store import NewRun, Store, runs_in_queue
 from ._stored_json import unreadable
+from ._waiting import Changes, poll_until, poll_until_async
 from ._worker import Worker
 
 log = logging.getLogger("tiers")
@@ -93,7 +92,7 @@ class Retrier:
         self._tables_ready = False
         self._extra_tables: list[Any] = []
         self._workers: list[Worker] = []
-        self._done = threading.Condition()
+        self._completions = Changes()  # runs completed in this process
         self._portal_cm: AbstractContextManager[anyio.from_thread.BlockingPortal] | None = None
         self._serving: Future[None] | None = None
         self._serving_worker: Worker | None = None
@@ -312,6 +311,18 @@ class Retrier:
                 worker.cancel_local(run_id)
             self.wake_workers()
 
+    def cancel_queue(self, queue: str, limit: int | None = None) -> int:
+        """Cancel every unfinished run of `queue` (at most `limit`, running ones
+        first), in one transaction; returns how many were canceled. For higher tiers
+        (`Workpool.cancel_all`)."""
+        done = self.store.cancel_many(runs_in_queue(queue), limit=limit)
+        for run_id in done.running:
+            for worker in list(self._workers):
+                worker.cancel_local(run_id)
+        if done.count:
+            self.wake_workers()
+        return done.count
+
     def cleanup(self, run_id: str) -> None:
         """Delete a finished run's stored state. Raises `RunNotFinished` if it has not."""
         self.store.delete(run_id)
@@ -328,27 +339,24 @@ class Retrier:
 
     def wait_all(self, run_ids: Sequence[str], timeout: float | None = None) -> None:
         """Block until every run has completed (see `wait`)."""
-        deadline = None if timeout is None else time.monotonic() + timeout
         remaining = set(run_ids)
-        pause = 0.002
-        while True:
-            states = self.store.states(remaining)
-            for rid in remaining - states.keys():
-                raise RunNotFound(rid)
-            remaining = {rid for rid, state in states.items() if state != COMPLETED}
-            if not remaining:
-                return
-            now = time.monotonic()
-            if deadline is not None and now >= deadline:
-                raise WaitTimeout(next(iter(remaining)), timeout or 0)
-            limit = pause if deadline is None else min(pause, deadline - now)
-            with self._done:
-                self._done.wait(timeout=limit)
-            pause = min(pause * 2, 0.1)
+        poll_until(
+            partial(self._all_completed, remaining),
+            self._completions,
+            timeout,
+            lambda: WaitTimeout(next(iter(remaining)), timeout or 0),
+        )
+
+    def _all_completed(self, remaining: set[str]) -> bool | None:
+        """True once every run in `remaining` has completed; removes those that have."""
+        states = self.store.states(remaining)
+        for rid in remaining - states.keys():
+            raise RunNotFound(rid)
+        remaining.difference_update(rid for rid, state in states.items() if state == COMPLETED)
+        return True if not remaining else None
 
     def _runs_completed(self, _ids: list[str]) -> None:
-        with self._done:
-            self._done.notify_all()
+        self._completions.notify()
 
     # -- async twins ------------------------------------------------------------------
 
@@ -380,8 +388,24 @@ class Retrier:
         run_id: str,
         timeout: float | None = None,  # noqa: ASYNC109 - mirrors wait(run_id, timeout=...)
     ) -> Completed:
-        return await anyio.to_thread.run_sync(
-            partial(self.wait, run_id, timeout), abandon_on_cancel=True
+        await self.wait_all_async([run_id], timeout)
+        status = await self.status_async(run_id)
+        assert isinstance(status, Completed)
+        return status
+
+    async def wait_all_async(
+        self,
+        run_ids: Sequence[str],
+        timeout: float | None = None,  # noqa: ASYNC109 - mirrors wait_all(ids, timeout=...)
+    ) -> None:
+        """`wait_all` without holding a thread while waiting (only during each short
+        read), so any number of waiters leaves the worker's threads to the worker."""
+        remaining = set(run_ids)
+        await poll_until_async(
+            partial(self._all_completed, remaining),
+            self._completions,
+            timeout,
+            lambda: WaitTimeout(next(iter(remaining)), timeout or 0),
         )
 
     # -- workers ------------------------------------------------------------------------
@@ -459,7 +483,14 @@ class Retrier:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        await self._async_stack.__aexit__(exc_type, exc, tb)
+        # The worker stops and finishes its work whatever the body did, so an error of
+        # the body comes out as itself, not wrapped with the worker's own shutdown.
+        # Only a cancellation goes into the task group: it cancels the worker's tasks.
+        cancelled = exc is not None and isinstance(exc, anyio.get_cancelled_exc_class())
+        if cancelled:
+            await self._async_stack.__aexit__(exc_type, exc, tb)
+        else:
+            await self._async_stack.__aexit__(None, None, None)
 
 
 async def _stop_worker(worker: Worker) -> None:

@@ -165,6 +165,15 @@ class Recorded:
     wake_at_ms: int | None = None
 
 
+@dataclass(slots=True)
+class Canceling:
+    """What `cancel_many` did: how many runs it canceled, and which of them were
+    running (their cancel is best effort, by the worker that holds them)."""
+
+    count: int = 0
+    running: list[str] = field(default_factory=list)
+
+
 @dataclass(frozen=True, slots=True)
 class Heartbeat:
     lost: set[str]
@@ -345,6 +354,11 @@ _WAITING_IN = (
 )
 
 
+def runs_in_queue(queue: str) -> ColumnElement[bool]:
+    """The runs of one queue (a pool), as a condition for `Store.cancel_many`."""
+    return runs.c.queue == queue
+
+
 def _held_in(state: str) -> ColumnElement[bool]:
     """The run `b_id`, still in `state` under the fence `b_fence` its holder knows."""
     return and_(
@@ -389,6 +403,26 @@ _COMPLETE_DELIVERY = (
     .where(_held_in(DELIVERING))
     .values(state=COMPLETED, lease_owner=None, lease_until_ms=None)
 )
+# Runs about to be canceled, locked in id order.
+_LOCK_TO_CANCEL = (
+    select(runs.c.id, runs.c.state, runs.c.cancel_requested)
+    .where(runs.c.id.in_(_IDS))
+    .order_by(runs.c.id)
+)
+_CANCEL_PENDING = (
+    update(runs)
+    .where(runs.c.id.in_(_IDS), in_state(PENDING))
+    .values(
+        state=case((runs.c.on_complete.is_(None), COMPLETED), else_=FINISHING),
+        outcome=CANCELED,
+        finished_ms=bindparam("now"),
+        due_ms=bindparam("now"),
+        fence=runs.c.fence + 1,
+    )
+)
+_REQUEST_CANCEL = (
+    update(runs).where(runs.c.id.in_(_IDS), in_state(RUNNING)).values(cancel_requested=True)
+)
 # One queue's limits, to lock its row (its budget is then counted in statements of
 # their own, see _QueueBudget.lock).
 _QUEUE = select(queues_t).where(queues_t.c.name == bindparam("queue"))
@@ -411,6 +445,7 @@ class Store:
         self._update_returning = bool(self.engine.dialect.update_returning)
         self._batch_rowcount = bool(self.engine.dialect.supports_sane_multi_rowcount)
         self._locked_queue = self.dialect.lock_rows(_QUEUE)
+        self._lock_to_cancel = self.dialect.lock_rows(_LOCK_TO_CANCEL)
         self._limited_queues = self.dialect.lock_rows(_LIMITED_QUEUES)
 
     # -- schema -----------------------------------------------------------------
@@ -854,13 +889,14 @@ class Store:
                 # reaper completes a lost attempt as failed).
                 and (row.fence, row.state, row.outcome) == (o.fence, COMPLETED, SUCCESS)
             ]
-        conn.execute(
-            INSERT_ATTEMPTS,
-            [
-                _attempt_row(o.run_id, o.attempt, o.queue, worker, o.started_ms, now, SUCCESS)
-                for o in plain
-            ],
-        )
+        if plain:  # all of them may have been canceled meanwhile
+            conn.execute(
+                INSERT_ATTEMPTS,
+                [
+                    _attempt_row(o.run_id, o.attempt, o.queue, worker, o.started_ms, now, SUCCESS)
+                    for o in plain
+                ],
+            )
         done.completed.extend(o.run_id for o in plain)
         freed.update(o.queue for o in plain if o.queue)
         completed = {o.run_id for o in plain}
@@ -1150,6 +1186,37 @@ class Store:
                 self.dialect.notify(conn, CANCEL_CHANNEL, run_id)
                 return True
             return False
+
+    def cancel_many(self, *conditions: Any, limit: int | None = None) -> Canceling:
+        """Cancel the unfinished runs matching `conditions` (at most `limit`, running
+        ones first), in one transaction: pending ones are canceled, running ones get a
+        cancel request. Runs that finish meanwhile are left alone and not counted."""
+        pick = (
+            select(runs.c.id)
+            .where(in_state(PENDING, RUNNING), runs.c.cancel_requested == false(), *conditions)
+            .order_by(runs.c.state.desc(), runs.c.id)  # 'running' sorts before 'pending'
+        )
+        if limit is not None:
+            pick = pick.limit(limit)
+        done = Canceling()
+        with self.dialect.write() as conn:
+            now = self.clock.now_ms()
+            ids = list(conn.execute(pick).scalars())
+            for chunk in _chunks(sorted(ids), 500):  # locked in id order, as records lock
+                rows = conn.execute(self._lock_to_cancel, {"ids": chunk}).all()
+                pending = [r.id for r in rows if r.state == PENDING and not r.cancel_requested]
+                running = [r.id for r in rows if r.state == RUNNING and not r.cancel_requested]
+                if pending:
+                    conn.execute(_CANCEL_PENDING, {"ids": pending, "now": now})
+                if running:
+                    conn.execute(_REQUEST_CANCEL, {"ids": running})
+                done.count += len(pending) + len(running)
+                done.running.extend(running)
+            if done.count:
+                self.dialect.notify(conn, WAKE_CHANNEL)
+                if done.running:
+                    self.dialect.notify(conn, CANCEL_CHANNEL)
+        return done
 
     def unfinished(self, *conditions: Any, limit: int | None = None) -> list[str]:
         """Ids of pending and running runs matching `conditions`, running ones first
@@ -1635,6 +1702,7 @@ def _chunks(items: list[str], size: int) -> Iterable[list[str]]:
 
 
 __all__ = [
+    "Canceling",
     "Claimed",
     "Finished",
     "Heartbeat",

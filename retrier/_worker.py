@@ -7,7 +7,6 @@ under a shielded cancel scope, so shutdown or cancellation never loses one.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import math
 import os
@@ -15,12 +14,12 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from contextvars import ContextVar
 from dataclasses import replace
 from datetime import timedelta
 from functools import partial
-from typing import Any
+from typing import Any, TypeVar
 
 import anyio
 import pydantic
@@ -30,7 +29,7 @@ from sqlalchemy import Connection
 from sqlmodel import Session
 
 from ._clock import to_ms
-from ._dialects import CANCEL_CHANNEL, WouldBlock
+from ._dialects import CANCEL_CHANNEL, WouldBlock, is_transient
 from ._errors import NonRetryableError, RetryAfter, UnregisteredFunction
 from ._models import CANCELED, DELIVERING, FAILED, SUCCESS
 from ._registry import Registry, ResultNotSerializable
@@ -38,8 +37,11 @@ from ._results import Canceled, Failed, RunResult, Success
 from ._store import Claimed, Finished, Outcome, Recorded, SessionHandler, Store
 from ._stored_json import unreadable
 from ._timers import Timers
+from ._waiting import loop_caller
 
 log = logging.getLogger("tiers.worker")
+
+T = TypeVar("T")
 
 _BATCH = 256
 
@@ -63,6 +65,7 @@ class Worker:
         poll_interval: timedelta = timedelta(seconds=1),
         retention: timedelta = timedelta(days=7),
         shutdown_grace: timedelta = timedelta(seconds=30),
+        record_patience: timedelta = timedelta(minutes=5),
         on_completed: Callable[[list[str]], None] | None = None,
     ) -> None:
         if concurrency < 1:
@@ -74,6 +77,7 @@ class Worker:
         self.poll_interval = poll_interval
         self.retention = retention
         self.shutdown_grace = shutdown_grace
+        self.record_patience = record_patience
         self.id = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
         self._on_completed = on_completed or (lambda ids: None)
         self._held: dict[str, int] = {}  # run id -> fence, for every lease we hold
@@ -154,18 +158,7 @@ class Worker:
 
     def _bind_loop(self) -> None:
         self._loop_thread = threading.get_ident()
-        try:
-            loop = asyncio.get_running_loop()
-        except RuntimeError:  # not asyncio: anyio's other backend is trio
-            import trio  # type: ignore[import-not-found,unused-ignore]
-
-            self._call_soon = trio.lowlevel.current_trio_token().run_sync_soon
-        else:
-
-            def call_soon(fn: Callable[[], None]) -> None:
-                loop.call_soon_threadsafe(fn)
-
-            self._call_soon = call_soon
+        self._call_soon = loop_caller()
 
     def wake(self) -> None:
         """Make the worker look for due work now; thread-safe, never blocks."""
@@ -420,9 +413,14 @@ class Worker:
                 with anyio.CancelScope(shield=True):
                     await self._record_batch(batch)
 
-    async def _record_batch(self, batch: list[Outcome]) -> None:
+    async def _record_batch(self, batch: list[Outcome], *, refill: bool = True) -> None:
+        """Store a batch of outcomes, retrying through a database blip; one outcome
+        that cannot be stored must not sink the others, so a batch that fails for
+        another reason is stored one outcome at a time."""
         # The slots these outcomes free are refilled in the same transaction.
-        room = 0 if self._stopping else self.concurrency - len(self._held) + len(batch)
+        room = 0 if self._stopping or not refill else (
+            self.concurrency - len(self._held) + len(batch)
+        )
         if room > 0:
             self._claimed_at = time.monotonic()
         record = partial(
@@ -433,22 +431,29 @@ class Worker:
             self._call_session_handler,
             claim_limit=min(room, _BATCH),
         )
+        if any(o.handler_in_txn for o in batch):
+            # An app's on_complete runs in this transaction: keep it off the loop.
+            call: Callable[[], Awaitable[Recorded]] = partial(anyio.to_thread.run_sync, record)
+        else:
+            call = partial(self.store.dialect.call, record)
         try:
-            if any(o.handler_in_txn for o in batch):
-                # An app's on_complete runs in this transaction: keep it off the loop.
-                recorded = await anyio.to_thread.run_sync(record)
-            else:
-                recorded = await self.store.dialect.call(record)
+            recorded = await self._persist(call, f"recording {len(batch)} outcome(s)")
         except Exception:
-            log.exception("could not record %d outcomes; their leases will expire", len(batch))
-            for o in batch:
-                self._release(o.run_id)
+            if len(batch) > 1:
+                log.exception("recording %d outcomes failed; recording each alone", len(batch))
+                for o in batch:
+                    await self._record_batch([o], refill=False)
+                self.wake()
+                return
+            log.exception("could not record the outcome of run %s; its lease will expire, "
+                          "then it runs again", batch[0].run_id)
+            self._release(batch[0].run_id)
             return
         delivering = {f.id for f in recorded.to_deliver}
         for o in batch:
             if o.run_id not in delivering:
                 # No wake-up: this transaction already claimed what was due.
-                self._release(o.run_id, wake=False)
+                self._release(o.run_id, wake=not refill)
         assert self._tg is not None
         for f in recorded.to_deliver:
             self._hold(f.id, f.fence)
@@ -456,6 +461,23 @@ class Worker:
         self._start(recorded.claimed, recorded.wake_at_ms)
         if recorded.completed:
             self._on_completed(recorded.completed)
+
+    async def _persist(self, call: Callable[[], Awaitable[T]], what: str) -> T:
+        """`call()`, retried with backoff while the database is unreachable or busy
+        (a restart, a terminated connection, a locked file), for up to
+        `record_patience`: an outcome already reached must not be thrown away and
+        run again for a blip. Other errors are raised at once."""
+        deadline = time.monotonic() + self.record_patience.total_seconds()
+        pause = 0.05
+        while True:
+            try:
+                return await call()
+            except Exception as exc:
+                if not is_transient(exc) or time.monotonic() + pause > deadline:
+                    raise
+                log.warning("%s failed (%s); retrying in %.2f s", what, _first_line(exc), pause)
+            await anyio.sleep(pause)
+            pause = min(pause * 2, 2.0)
 
     # -- on_complete ---------------------------------------------------------------------
 
@@ -478,10 +500,14 @@ class Worker:
             return await anyio.to_thread.run_sync(
                 self.store.delivered, [f], {f.id: _describe(exc)}
             )
+        what = f"delivering on_complete of run {f.id}"
         if reg.takes_session:
-            ok = await anyio.to_thread.run_sync(
+            # The handler's writes commit with the delivery: retrying the whole
+            # transaction after a blip cannot apply them twice.
+            session_delivery = partial(
                 self.store.run_session_delivery, f, self._call_session_handler
             )
+            ok = await self._persist(partial(anyio.to_thread.run_sync, session_delivery), what)
             return [f.id] if ok else []
         failures: dict[str, str] = {}
         try:
@@ -493,7 +519,8 @@ class Worker:
         except Exception as exc:
             log.warning("on_complete %s of run %s raised: %s", f.on_complete, f.id, exc)
             failures[f.id] = _describe(exc)
-        return await self.store.dialect.call(self.store.delivered, [f], failures)
+        delivered = partial(self.store.delivered, [f], failures)
+        return await self._persist(partial(self.store.dialect.call, delivered), what)
 
     def _call_session_handler(self, f: Finished, conn: Connection) -> None:
         reg = self.registry.handler(f.on_complete)
@@ -543,9 +570,11 @@ class Worker:
             self._cancel_scope(run_id, "lost")
 
     def _on_notify(self, channel: str, payload: str) -> None:
+        # A notification is only a hint to look at the database (any role that can
+        # connect can send one): a cancel is acted on only if the run says so.
         if channel == CANCEL_CHANNEL:
-            if payload in self._held:
-                self.cancel_local(payload)
+            if self._held and (not payload or payload in self._held):
+                self._heartbeat()  # reads each held run's cancel request
         else:
             self.wake()
 
@@ -631,6 +660,11 @@ def _context_of(f: Finished) -> Any:
     """The context an on_complete gets: None if the stored one cannot be decoded (the
     run has failed with that error then)."""
     return None if unreadable("context", f.context) else f.context
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}"
 
 
 def _describe(exc: BaseException) -> str:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import builtins
-import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -28,6 +27,7 @@ from retrier import (
 )
 from retrier._clock import ms_to_datetime
 from retrier._retrier import _json_context
+from retrier._waiting import Changes, poll_until, poll_until_async
 
 from ._context import _check_event
 from ._definitions import Definitions, WorkflowDef, define
@@ -115,8 +115,7 @@ class WorkflowManager:
         self._journal = self._driver.journal
         self.retrier.add_tables(TABLES)
         # Workflows that ended in this process wake `wait` at once (others are polled).
-        self._ended = threading.Condition()
-        self._ends = 0
+        self._ended = Changes()
         self._listeners.add("run:complete", self._workflow_ended)
         self._listeners.add("run:fail", self._workflow_ended)
 
@@ -223,29 +222,46 @@ class WorkflowManager:
         Raises `WaitTimeout` (a `TimeoutError`) after `timeout` seconds.
         """
         deadline = None if timeout is None else time.monotonic() + timeout
-        pause = 0.002
-        while True:
-            ends = self._ends
-            states = self._journal.states([workflow_id])
-            if workflow_id not in states:
-                raise WorkflowNotFound(workflow_id)
-            if states[workflow_id] in FINISHED:
-                break
-            now = time.monotonic()
-            if deadline is not None and now >= deadline:
-                raise WaitTimeout(workflow_id, timeout or 0)
-            limit = pause if deadline is None else max(0.0, min(pause, deadline - now))
-            with self._ended:
-                if self._ends == ends:  # no workflow ended here since we looked
-                    self._ended.wait(timeout=limit)
-            pause = min(pause * 2, 0.05)
-        row = self._journal.get(workflow_id)
+        row = poll_until(
+            partial(self._finished_row, workflow_id),
+            self._ended,
+            timeout,
+            lambda: WaitTimeout(workflow_id, timeout or 0),
+        )
         if row.on_complete is not None:
-            left = None if deadline is None else max(0.0, deadline - time.monotonic())
             try:
-                self.retrier.wait(workflow_id, timeout=left)
+                self.retrier.wait(workflow_id, timeout=_left(deadline))
             except RunNotFound:
                 pass  # cleaned up meanwhile
+        return self._completed(row)
+
+    async def wait_async(
+        self,
+        workflow_id: str,
+        timeout: float | None = None,  # noqa: ASYNC109 - mirrors wait(id, timeout=...)
+    ) -> Completed:
+        """`wait` without holding a thread while waiting."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        row = await poll_until_async(
+            partial(self._finished_row, workflow_id),
+            self._ended,
+            timeout,
+            lambda: WaitTimeout(workflow_id, timeout or 0),
+        )
+        if row.on_complete is not None:
+            try:
+                await self.retrier.wait_async(workflow_id, _left(deadline))
+            except RunNotFound:
+                pass
+        return self._completed(row)
+
+    def _finished_row(self, workflow_id: str) -> WorkflowRow | None:
+        states = self._journal.states([workflow_id])
+        if workflow_id not in states:
+            raise WorkflowNotFound(workflow_id)
+        return self._journal.get(workflow_id) if states[workflow_id] in FINISHED else None
+
+    def _completed(self, row: WorkflowRow) -> Completed:
         status = self._status_of(row)
         assert isinstance(status, Completed)
         return status
@@ -284,9 +300,7 @@ class WorkflowManager:
         self._workflow_ended()
 
     def _workflow_ended(self, _event: Any = None) -> None:
-        with self._ended:
-            self._ends += 1
-            self._ended.notify_all()
+        self._ended.notify()
 
     def cleanup(self, workflow_id: str) -> None:
         """Delete a finished workflow's journal and runs. Raises `WorkflowNotFinished`."""
@@ -320,15 +334,6 @@ class WorkflowManager:
     async def status_async(self, workflow_id: str) -> RunStatus:
         return await anyio.to_thread.run_sync(self.status, workflow_id)
 
-    async def wait_async(
-        self,
-        workflow_id: str,
-        timeout: float | None = None,  # noqa: ASYNC109 - mirrors wait(id, timeout=...)
-    ) -> Completed:
-        return await anyio.to_thread.run_sync(
-            partial(self.wait, workflow_id, timeout), abandon_on_cancel=True
-        )
-
     async def list_async(self, **kw: Any) -> builtins.list[WorkflowInfo]:
         return await anyio.to_thread.run_sync(partial(self.list, **kw))
 
@@ -343,6 +348,10 @@ class WorkflowManager:
 
     async def send_event_async(self, name: str, data: dict[str, Any]) -> int:
         return await anyio.to_thread.run_sync(self.send_event, name, data)
+
+
+def _left(deadline: float | None) -> float | None:
+    return None if deadline is None else max(0.0, deadline - time.monotonic())
 
 
 def workflow_info(r: WorkflowRow) -> WorkflowInfo:

@@ -19,7 +19,7 @@ from sqlmodel import Session
 from retrier import Completed, InvalidSettings, Retrier, RunNotFound
 from retrier._models import RunRow
 from retrier._registry import Fn
-from retrier._store import NewRun, QueueLimits, runs
+from retrier._store import NewRun, QueueLimits
 
 from ._behavior import RetryBehavior
 from ._enqueue import Preparer, Retry
@@ -203,16 +203,10 @@ class Workpool:
         self.retrier.cancel(work_id)
 
     def cancel_all(self, limit: int | None = None) -> int:
-        """Cancel every unfinished item of the pool (at most `limit`); returns how many."""
-        ids = self.retrier.store.unfinished(runs.c.queue == self.name, limit=limit)
-        canceled = 0
-        for work_id in ids:
-            try:
-                self.retrier.cancel(work_id)
-                canceled += 1
-            except RunNotFound:  # cleaned up meanwhile
-                pass
-        return canceled
+        """Cancel every unfinished item of the pool (at most `limit`, running ones
+        first), in one transaction: no item starts while it runs, and items that
+        finish meanwhile are not counted. Returns how many were canceled."""
+        return self.retrier.cancel_queue(self.name, limit)
 
     def wait(self, work_id: str, timeout: float | None = None) -> Completed:
         """Block until the item has finished and its on_complete has run.
@@ -263,9 +257,9 @@ class Workpool:
         work_id: str,
         timeout: float | None = None,  # noqa: ASYNC109 - mirrors wait(work_id, timeout=...)
     ) -> Completed:
-        return await anyio.to_thread.run_sync(
-            partial(self.wait, work_id, timeout), abandon_on_cancel=True
-        )
+        """`wait` without holding a thread while waiting."""
+        await anyio.to_thread.run_sync(self._own, work_id)
+        return await self.retrier.wait_async(work_id, timeout)
 
     def __repr__(self) -> str:
         return f"Workpool({self.name!r}, max_parallelism={self.max_parallelism})"
