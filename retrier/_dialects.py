@@ -8,10 +8,12 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import logging
+import re
 import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterator
+from functools import partial
 from typing import Any, ParamSpec, Protocol, TypeVar
 
 import anyio
@@ -23,7 +25,7 @@ from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError
 from sqlalchemy.sql import Select
 
-from ._errors import InvalidDatabaseURL
+from ._errors import InvalidDatabaseURL, InvalidSettings
 
 log = logging.getLogger("tiers.store")
 
@@ -32,10 +34,16 @@ _BUSY_TIMEOUT_MS = 30_000
 # waits on a thread instead.
 _LOOP_PATIENCE_S = 0.25
 
-WAKE_CHANNEL = "tiers_wake"
-CANCEL_CHANNEL = "tiers_cancel"
+# Notification kinds: look for due work; look at your runs' cancel requests. Each is
+# only a hint to read the database (anyone who can connect can send one).
+WAKE = "wake"
+CANCEL = "cancel"
 
 Listener = Callable[[str, str], None]
+"""Called with a notification's kind (WAKE or CANCEL) and payload."""
+
+# A namespace becomes a PostgreSQL schema name and part of channel names.
+_NAMESPACE = re.compile(r"[a-z_][a-z0-9_]{0,39}")
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -79,6 +87,8 @@ class Dialect(Protocol):
     engine: Engine
     can_notify: bool
     """Whether `notify` reaches other processes (else they find work by polling)."""
+    wake_channel: str
+    """Where this database's wake-ups go (its namespace's own channel)."""
 
     def read(self) -> contextlib.AbstractContextManager[Connection]: ...
     def write(self) -> contextlib.AbstractContextManager[Connection]: ...
@@ -106,21 +116,37 @@ class Dialect(Protocol):
     def lock_for_claim(self, stmt: Select[Any]) -> Select[Any]: ...
     def lock_rows(self, stmt: Select[Any]) -> Select[Any]: ...
     def lock_schema(self, conn: Connection) -> None: ...
-    def notify(self, conn: Connection, channel: str, payload: str = "") -> None: ...
+    def notify(self, conn: Connection, kind: str, payload: str = "") -> None:
+        """Send a WAKE or CANCEL hint to every listening worker, at commit."""
+        ...
     def start_listener(self, on_notify: Listener) -> Callable[[], None] | None: ...
 
 
-def open_dialect(url: str) -> Dialect:
-    """The dialect for a database URL, with its engine configured."""
+def open_dialect(url: str, namespace: str | None = None) -> Dialect:
+    """The dialect for a database URL, with its engine configured.
+
+    `namespace` keeps this app's tables and notifications apart from any other app's
+    in the same PostgreSQL database (a schema of that name, channels of their own).
+    """
     try:
         parsed = make_url(url)
     except (ArgumentError, ValueError) as exc:
         raise InvalidDatabaseURL(f"cannot parse database URL {url!r}: {exc}") from None
     backend = parsed.get_backend_name()
+    if namespace is not None and not _NAMESPACE.fullmatch(namespace):
+        raise InvalidSettings(
+            f"a namespace is 1 to 40 lowercase letters, digits or _, not starting with a "
+            f"digit; got {namespace!r}"
+        )
     if backend == "sqlite":
+        if namespace is not None:
+            raise InvalidSettings(
+                "namespaces are for PostgreSQL; on SQLite, give each app its own database "
+                "file (sqlite:///billing.db, sqlite:///mail.db)"
+            )
         return SQLiteDialect(parsed)
     if backend == "postgresql":
-        return PostgresDialect(parsed)
+        return PostgresDialect(parsed, namespace)
     raise InvalidDatabaseURL(
         f"unsupported database {backend!r} in {url!r}: use sqlite:///path/to/file.db or "
         f"postgresql+psycopg://user@host/dbname"
@@ -133,6 +159,7 @@ class SQLiteDialect:
 
     name = "sqlite"
     can_notify = False
+    wake_channel = ""
 
     def __init__(self, url: URL) -> None:
         if url.drivername != "sqlite" and url.drivername != "sqlite+pysqlite":
@@ -231,7 +258,7 @@ class SQLiteDialect:
     def lock_schema(self, conn: Connection) -> None:
         pass  # BEGIN IMMEDIATE already excludes every other writer
 
-    def notify(self, conn: Connection, channel: str, payload: str = "") -> None:
+    def notify(self, conn: Connection, kind: str, payload: str = "") -> None:
         pass  # other processes poll; in-process wake-ups go through the Retrier
 
     def start_listener(self, on_notify: Listener) -> Callable[[], None] | None:
@@ -296,7 +323,7 @@ class PostgresDialect:
     name = "postgresql"
     can_notify = True
 
-    def __init__(self, url: URL) -> None:
+    def __init__(self, url: URL, namespace: str | None = None) -> None:
         if url.drivername in ("postgresql", "postgres"):
             url = url.set(drivername="postgresql+psycopg")
         if url.drivername != "postgresql+psycopg":
@@ -310,8 +337,15 @@ class PostgresDialect:
                 "PostgreSQL needs psycopg: pip install 'durable-tiers[postgres]'"
             ) from None
         self.url = url
+        self.namespace = namespace
+        suffix = f"_{namespace}" if namespace else ""
+        self.wake_channel = f"tiers_wake{suffix}"
+        self._channels = {WAKE: self.wake_channel, CANCEL: f"tiers_cancel{suffix}"}
         self.engine = create_engine(url, pool_size=10, max_overflow=30, pool_timeout=60)
         self._internal = create_engine(url, pool_size=4, max_overflow=16, pool_timeout=60)
+        if namespace is not None:
+            for engine in (self.engine, self._internal):
+                event.listen(engine, "connect", partial(_search_path, namespace))
         event.listen(self._internal, "connect", _asynchronous_commit)
 
     @contextlib.contextmanager
@@ -345,7 +379,7 @@ class PostgresDialect:
     def create_extras(self, conn: Connection) -> None:
         # New runs wake every listening worker: the server sends the NOTIFY itself,
         # at commit, whoever inserted them (including a user's own session).
-        conn.execute(text(_WAKE_FUNCTION))
+        conn.execute(text(_WAKE_FUNCTION.replace("{channel}", self.wake_channel)))
         conn.execute(text("DROP TRIGGER IF EXISTS tiers_runs_wake ON tiers_runs"))
         conn.execute(
             text(
@@ -370,24 +404,37 @@ class PostgresDialect:
         return stmt.with_for_update()
 
     def lock_schema(self, conn: Connection) -> None:
-        conn.execute(text("SELECT pg_advisory_xact_lock(7364115)"))
+        conn.execute(
+            text("SELECT pg_advisory_xact_lock(7364115, hashtext(:ns))"),
+            {"ns": self.namespace or ""},
+        )
+        if self.namespace is not None:
+            conn.execute(text(f'CREATE SCHEMA IF NOT EXISTS "{self.namespace}"'))
 
-    def notify(self, conn: Connection, channel: str, payload: str = "") -> None:
-        conn.execute(text("SELECT pg_notify(:c, :p)"), {"c": channel, "p": payload})
+    def notify(self, conn: Connection, kind: str, payload: str = "") -> None:
+        conn.execute(
+            text("SELECT pg_notify(:c, :p)"), {"c": self._channels[kind], "p": payload}
+        )
 
     def start_listener(self, on_notify: Listener) -> Callable[[], None] | None:
-        listener = _PgListener(self.url, on_notify)
+        listener = _PgListener(self.url, self._channels, on_notify)
         listener.start()
         return listener.stop
 
 
-_WAKE_FUNCTION = f"""
+def _search_path(namespace: str, dbapi_conn: Any, _record: Any) -> None:
+    with dbapi_conn.cursor() as cursor:
+        cursor.execute(f'SET search_path TO "{namespace}"')
+    dbapi_conn.commit()
+
+
+_WAKE_FUNCTION = """
 CREATE OR REPLACE FUNCTION tiers_notify_wake() RETURNS trigger AS $$
 BEGIN
     -- Only claimable rows: a run inserted already running (a workflow's inline step)
     -- would wake every worker for nothing.
     IF EXISTS (SELECT 1 FROM new_runs WHERE state IN ('pending', 'finishing')) THEN
-        PERFORM pg_notify('{WAKE_CHANNEL}', '');
+        PERFORM pg_notify('{channel}', '');
     END IF;
     RETURN NULL;
 END
@@ -398,8 +445,9 @@ $$ LANGUAGE plpgsql
 class _PgListener:
     """A thread holding one LISTEN connection; it reconnects if the server drops it."""
 
-    def __init__(self, url: URL, on_notify: Listener) -> None:
+    def __init__(self, url: URL, channels: dict[str, str], on_notify: Listener) -> None:
         self._dsn = url.set(drivername="postgresql").render_as_string(hide_password=False)
+        self._kinds = {channel: kind for kind, channel in channels.items()}
         self._on_notify = on_notify
         self._stopped = threading.Event()
         self._thread = threading.Thread(target=self._run, name="tiers-listen", daemon=True)
@@ -417,12 +465,14 @@ class _PgListener:
         while not self._stopped.is_set():
             try:
                 with psycopg.connect(self._dsn, autocommit=True) as conn:
-                    conn.execute(f"LISTEN {WAKE_CHANNEL}")
-                    conn.execute(f"LISTEN {CANCEL_CHANNEL}")
-                    self._on_notify(WAKE_CHANNEL, "")  # catch up on anything missed
+                    for channel in self._kinds:
+                        conn.execute(f'LISTEN "{channel}"')
+                    self._on_notify(WAKE, "")  # catch up on anything missed
                     while not self._stopped.is_set():
                         for note in conn.notifies(timeout=0.5):
-                            self._on_notify(note.channel, note.payload)
+                            kind = self._kinds.get(note.channel)
+                            if kind is not None:
+                                self._on_notify(kind, note.payload)
             except Exception as exc:
                 if self._stopped.is_set():
                     return

@@ -133,6 +133,7 @@ class Registry:
         self._actions: dict[str, Registered] = {}
         self._handlers: dict[str, Registered] = {}
         self._names: dict[Fn, str] = {}
+        self.version = 0  # grows with every registration
 
     def add_action(self, fn: Fn, name: str | None = None) -> Registered:
         reg = describe(fn, name or default_name(fn))
@@ -174,6 +175,11 @@ class Registry:
             )
         table[reg.name] = reg
         self._names[reg.fn] = reg.name
+        self.version += 1
+
+    def names(self) -> tuple[list[str], list[str]]:
+        """The names of every registered action, and of every handler."""
+        return list(self._actions), list(self._handlers)
 
     def action(self, fn_or_name: Fn | str) -> Registered:
         return self._lookup(self._actions, fn_or_name, "action")

@@ -63,6 +63,8 @@ class Retrier:
         concurrency: int = 16,
         lease: timedelta = timedelta(seconds=30),
         poll_interval: timedelta | None = None,
+        unregistered_grace: timedelta = timedelta(hours=1),
+        namespace: str | None = None,
         clock: Clock | None = None,
     ) -> None:
         configure_logging()
@@ -81,7 +83,8 @@ class Retrier:
         self.concurrency = concurrency
         self.lease = lease
         self.clock: Clock = clock or SystemClock()
-        self.store = Store(url, self.clock)
+        self.store = Store(url, self.clock, namespace)
+        self.unregistered_grace = unregistered_grace
         if poll_interval is None:
             # PostgreSQL pushes wake-ups; SQLite workers in other processes must poll.
             poll_interval = timedelta(
@@ -417,6 +420,7 @@ class Retrier:
             "lease": self.lease,
             "poll_interval": self.poll_interval,
             "retention": self.retention,
+            "unregistered_grace": self.unregistered_grace,
         }
         settings.update(options)
         worker = Worker(

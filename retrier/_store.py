@@ -14,10 +14,12 @@ from typing import Any
 
 from sqlalchemy import (
     BindParameter,
+    Boolean,
     ColumnElement,
     Connection,
     Row,
     Select,
+    String,
     Table,
     and_,
     bindparam,
@@ -38,8 +40,8 @@ from sqlalchemy.schema import CreateColumn
 from sqlmodel import SQLModel
 
 from ._clock import Clock
-from ._dialects import CANCEL_CHANNEL, WAKE_CHANNEL, Dialect, open_dialect
-from ._errors import RunNotFinished, RunNotFound, SchemaTooNew
+from ._dialects import CANCEL, WAKE, Dialect, open_dialect
+from ._errors import RunNotFinished, RunNotFound, SchemaTooNew, UnregisteredFunction
 from ._models import (
     CANCELED,
     CLAIMABLE,
@@ -57,6 +59,7 @@ from ._models import (
     MetaRow,
     QueueRow,
     RunRow,
+    WorkerRow,
 )
 from ._policy import backoff_ms
 
@@ -64,6 +67,7 @@ runs: Table = RunRow.__table__  # type: ignore[attr-defined]
 attempts_t: Table = AttemptRow.__table__  # type: ignore[attr-defined]
 queues_t: Table = QueueRow.__table__  # type: ignore[attr-defined]
 meta_t: Table = MetaRow.__table__  # type: ignore[attr-defined]
+workers_t: Table = WorkerRow.__table__  # type: ignore[attr-defined]
 
 # Fetch rounds of one claim; each round after the first follows a queue running out.
 _CLAIM_ROUNDS = 4
@@ -74,6 +78,36 @@ MAX_HANDLER_FAILURES = 5
 # An on_complete run inside the transaction that records the completion: it gets the
 # transaction's connection (the worker wraps user handlers in a SQLModel Session).
 SessionHandler = Callable[["Finished", Connection], None]
+
+
+@dataclass(frozen=True, slots=True)
+class Runnable:
+    """What a worker can run: it claims only pending runs of these `actions` and
+    on_complete deliveries of these `handlers`, and leaves the rest to a worker that
+    has them (a rolling deploy). None: anything (for tools and tests)."""
+
+    actions: frozenset[str] | None = None
+    handlers: frozenset[str] | None = None
+
+    def params(self) -> dict[str, Any]:
+        if self.actions is None or self.handlers is None:
+            return {"any_fn": True, "fns": [], "handlers": []}
+        return {"any_fn": False, "fns": sorted(self.actions), "handlers": sorted(self.handlers)}
+
+
+ANYTHING = Runnable()
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerInfo:
+    """A worker as the `tiers_workers` table keeps it."""
+
+    id: str
+    host: str
+    pid: int
+    concurrency: int
+    lease_ms: int
+    runnable: Runnable
 
 
 @dataclass(frozen=True, slots=True)
@@ -274,9 +308,23 @@ def in_state(*states: str) -> ColumnElement[bool]:
 
 # Hot statements, built once: SQLAlchemy then skips construction and cache-key work.
 _IDS: BindParameter[Any] = bindparam("ids", expanding=True)
+# The claimable runs a worker can run: pending runs of its functions, deliveries of
+# its handlers (parameters from `Runnable.params`; `any_fn` lifts the filter).
+_RUNNABLE = or_(
+    bindparam("any_fn", type_=Boolean),
+    and_(runs.c.state == PENDING, runs.c.fn.in_(bindparam("fns", expanding=True))),
+    and_(
+        runs.c.state == FINISHING,
+        runs.c.on_complete.in_(bindparam("handlers", expanding=True)),
+    ),
+)
+_RUNNABLE_SQL = (
+    "(:any_fn OR (state = 'pending' AND fn IN :fns)"
+    " OR (state = 'finishing' AND on_complete IN :handlers))"
+)
 _DUE_ORDERED = (
     select(*_CLAIM_COLUMNS)
-    .where(in_state(*CLAIMABLE), runs.c.due_ms <= bindparam("now"))
+    .where(in_state(*CLAIMABLE), runs.c.due_ms <= bindparam("now"), _RUNNABLE)
     .order_by(runs.c.due_ms, runs.c.priority.desc())
 )
 _DUE_CANDIDATES = _DUE_ORDERED.limit(bindparam("limit"))
@@ -285,7 +333,7 @@ _DUE_IN_QUEUE = _DUE_ORDERED.where(runs.c.queue == bindparam("queue"))
 # Due deliveries of every queue (index ix_tiers_runs_finishing).
 _DUE_DELIVERIES = (
     select(*_CLAIM_COLUMNS)
-    .where(in_state(FINISHING), runs.c.due_ms <= bindparam("now"))
+    .where(in_state(FINISHING), runs.c.due_ms <= bindparam("now"), _RUNNABLE)
     .order_by(runs.c.due_ms)
     .limit(bindparam("limit"))
 )
@@ -307,14 +355,21 @@ _CLAIM_SURVEY = text(
     "  WHERE state = 'running' AND queue IN :names GROUP BY queue"
     " UNION ALL"
     " SELECT 'deliveries', '', count(*), 0 FROM (SELECT 1 AS one FROM tiers_runs"
-    "  WHERE state = 'finishing' AND due_ms <= :now LIMIT 1) AS due"
+    f"  WHERE state = 'finishing' AND due_ms <= :now AND {_RUNNABLE_SQL} LIMIT 1) AS due"
     " UNION ALL"
     " SELECT 'next', '', min(due_ms), 0 FROM tiers_runs"
-    "  WHERE state IN ('pending', 'finishing') AND due_ms > :now"
-).bindparams(bindparam("names", expanding=True))
-_NEXT_DUE_AFTER = select(func.min(runs.c.due_ms)).where(
-    in_state(*CLAIMABLE), runs.c.due_ms > bindparam("now")
+    f"  WHERE state IN ('pending', 'finishing') AND due_ms > :now AND {_RUNNABLE_SQL}"
+).bindparams(
+    # Typed: an empty list renders as an empty set of that type.
+    bindparam("names", expanding=True, type_=String),
+    bindparam("fns", expanding=True, type_=String),
+    bindparam("handlers", expanding=True, type_=String),
+    bindparam("any_fn", type_=Boolean),
 )
+_NEXT_DUE_AFTER = select(func.min(runs.c.due_ms)).where(
+    in_state(*CLAIMABLE), runs.c.due_ms > bindparam("now"), _RUNNABLE
+)
+_NEXT_DUE = select(func.min(runs.c.due_ms)).where(in_state(*CLAIMABLE), _RUNNABLE)
 _START_RUNS = (
     update(runs)
     .where(runs.c.id.in_(_IDS))
@@ -423,6 +478,12 @@ _CANCEL_PENDING = (
 _REQUEST_CANCEL = (
     update(runs).where(runs.c.id.in_(_IDS), in_state(RUNNING)).values(cancel_requested=True)
 )
+# Workers whose heartbeat is recent enough: three leases.
+_LIVE_WORKERS = select(workers_t.c.functions, workers_t.c.handlers).where(
+    workers_t.c.heartbeat_ms + 3 * workers_t.c.lease_ms >= bindparam("now")
+)
+# Rows of workers silent for this long are deleted.
+_FORGET_MS = 86_400_000
 # One queue's limits, to lock its row (its budget is then counted in statements of
 # their own, see _QueueBudget.lock).
 _QUEUE = select(queues_t).where(queues_t.c.name == bindparam("queue"))
@@ -431,10 +492,10 @@ _QUEUE = select(queues_t).where(queues_t.c.name == bindparam("queue"))
 class Store:
     """All durable state of one database, for every tier."""
 
-    def __init__(self, url: str, clock: Clock) -> None:
+    def __init__(self, url: str, clock: Clock, namespace: str | None = None) -> None:
         self.url = url
         self.clock = clock
-        self.dialect: Dialect = open_dialect(url)
+        self.dialect: Dialect = open_dialect(url, namespace)
         self.engine = self.dialect.engine
         self._rng = random.Random()
         self._due_candidates = self.dialect.lock_for_claim(_DUE_CANDIDATES)
@@ -571,8 +632,11 @@ class Store:
 
     # -- claim ----------------------------------------------------------------------
 
-    def claim(self, worker: str, limit: int, lease_ms: int) -> tuple[list[Claimed], int | None]:
-        """Lease up to `limit` due runs, honouring every queue's limits.
+    def claim(
+        self, worker: str, limit: int, lease_ms: int, runnable: Runnable = ANYTHING
+    ) -> tuple[list[Claimed], int | None]:
+        """Lease up to `limit` due runs that `runnable` covers, honouring every
+        queue's limits.
 
         Returns the claimed runs and, if fewer than `limit` could start now, when
         the worker should look again: the next due time, or the moment a rate
@@ -581,21 +645,24 @@ class Store:
         if limit <= 0:
             return [], None
         with self.dialect.write_internal() as conn:
-            return self._claim(conn, worker, limit, lease_ms)
+            return self._claim(conn, worker, limit, lease_ms, runnable)
 
     def _claim(
-        self, conn: Connection, worker: str, limit: int, lease_ms: int
+        self, conn: Connection, worker: str, limit: int, lease_ms: int, runnable: Runnable
     ) -> tuple[list[Claimed], int | None]:
         limits, now = _QueueBudget.lock(conn, self._limited_queues, clock=self.clock)
         survey: _Survey | None = None
         rate_retry_ms: int | None = None
+        can_run = runnable.params()
         if limits:
-            survey = _Survey.read(conn, list(limits), worker, now)
+            survey = _Survey.read(conn, list(limits), worker, now, can_run)
             budget = _QueueBudget.build(conn, limits, survey.running, survey.mine, now)
-            chosen = self._choose_limited(conn, budget, survey, limit)
+            chosen = self._choose_limited(conn, budget, survey, limit, can_run)
             rate_retry_ms = budget.rate_retry_ms
         else:
-            chosen = list(conn.execute(self._due_candidates, {"now": now, "limit": limit}).all())
+            chosen = list(
+                conn.execute(self._due_candidates, {"now": now, "limit": limit, **can_run})
+            )
         until = now + lease_ms
         to_run = [r.id for r in chosen if r.state == PENDING]
         to_deliver = [r.id for r in chosen if r.state == FINISHING]
@@ -609,7 +676,7 @@ class Store:
             later = (
                 survey.next_due_ms
                 if survey is not None
-                else conn.execute(_NEXT_DUE_AFTER, {"now": now}).scalar()
+                else conn.execute(_NEXT_DUE_AFTER, {"now": now, **can_run}).scalar()
             )
             if later is not None:
                 wake_at = min(int(later), wake_at or int(later))
@@ -636,7 +703,12 @@ class Store:
         return claimed, wake_at
 
     def _choose_limited(
-        self, conn: Connection, budget: _QueueBudget, survey: _Survey, limit: int
+        self,
+        conn: Connection,
+        budget: _QueueBudget,
+        survey: _Survey,
+        limit: int,
+        can_run: dict[str, Any],
     ) -> list[Row[Any]]:
         """Due runs to claim when some queues have limits; uses `budget`'s slots.
 
@@ -648,7 +720,8 @@ class Store:
         for _ in range(_CLAIM_ROUNDS):
             want = limit - len(chosen)
             over = want * 2 + 8
-            rows = self._due_outside(conn, budget, survey, {r.id for r in chosen}, over)
+            taken = {r.id for r in chosen}
+            rows = self._due_outside(conn, budget, survey, taken, over, can_run)
             exhausted = budget.exhausted
             for r in rows:
                 if len(chosen) == limit:
@@ -666,6 +739,7 @@ class Store:
         survey: _Survey,
         taken: set[str],
         limit: int,
+        can_run: dict[str, Any],
     ) -> list[Row[Any]]:
         """Up to `limit` due runs in claim order, leaving out the queues at their limit
         (but not their deliveries) and runs in `taken`, and no more of a limited queue
@@ -677,7 +751,7 @@ class Store:
         first due runs, merged.
         """
         wanted = limit + len(taken)
-        params = {"now": budget.now, "limit": wanted}
+        params = {"now": budget.now, "limit": wanted, **can_run}
         rows: dict[str, Row[Any]] = {}
         for queue in survey.queues:
             if queue in budget.blocked:
@@ -699,12 +773,10 @@ class Store:
         ordered = sorted(fresh, key=lambda r: (r.due_ms, -r.priority))
         return ordered[:limit]
 
-    def next_due_ms(self) -> int | None:
-        """The earliest due time of any claimable run."""
+    def next_due_ms(self, runnable: Runnable = ANYTHING) -> int | None:
+        """The earliest due time of any claimable run that `runnable` covers."""
         with self.dialect.read() as conn:
-            value = conn.execute(
-                select(func.min(runs.c.due_ms)).where(in_state(*CLAIMABLE))
-            ).scalar()
+            value = conn.execute(_NEXT_DUE, runnable.params()).scalar()
         return int(value) if value is not None else None
 
     # -- outcomes ---------------------------------------------------------------------
@@ -717,6 +789,7 @@ class Store:
         session_handler: SessionHandler | None = None,
         claim_limit: int = 0,
         handler_savepoint: bool = True,
+        runnable: Runnable = ANYTHING,
     ) -> Recorded:
         """Store the outcomes of attempts, fenced: a stale worker's outcome is dropped.
 
@@ -731,7 +804,14 @@ class Store:
             return Recorded()
         with self.dialect.write_internal() as conn:
             return self.record_in(
-                conn, outcomes, worker, lease_ms, session_handler, claim_limit, handler_savepoint
+                conn,
+                outcomes,
+                worker,
+                lease_ms,
+                session_handler,
+                claim_limit,
+                handler_savepoint,
+                runnable=runnable,
             )
 
     def record_in(
@@ -744,6 +824,7 @@ class Store:
         claim_limit: int = 0,
         handler_savepoint: bool = True,
         wake_waiting: bool = True,
+        runnable: Runnable = ANYTHING,
     ) -> Recorded:
         """`record`, inside the caller's write transaction. `wake_waiting=False`: the
         caller takes the freed slot again in this transaction (a workflow's next
@@ -775,7 +856,7 @@ class Store:
             )
         room = claim_limit - len(done.to_deliver)
         if room > 0:
-            done.claimed, done.wake_at_ms = self._claim(conn, worker, room, lease_ms)
+            done.claimed, done.wake_at_ms = self._claim(conn, worker, room, lease_ms, runnable)
             # Fewer than asked: nothing due is left that any worker could start
             # (queue limits are global). Exactly as many: more may be waiting.
             notify = len(done.claimed) == room
@@ -789,7 +870,7 @@ class Store:
                 and self._waiting_in(conn, freed, now)
             )
         if notify:
-            self.dialect.notify(conn, WAKE_CHANNEL)
+            self.dialect.notify(conn, WAKE)
         return done
 
     def _record_read(
@@ -1155,8 +1236,114 @@ class Store:
             conn.execute(_SETTLE, settles)
             if attempt_rows:
                 conn.execute(INSERT_ATTEMPTS, attempt_rows)
-            self.dialect.notify(conn, WAKE_CHANNEL)
+            self.dialect.notify(conn, WAKE)
         return len(rows)
+
+    # -- workers ------------------------------------------------------------------------
+
+    def announce_worker(self, info: WorkerInfo) -> None:
+        """Record that a worker is alive and what it can run (its heartbeat)."""
+        now = self.clock.now_ms()
+        values = {
+            "host": info.host,
+            "pid": info.pid,
+            "concurrency": info.concurrency,
+            "lease_ms": info.lease_ms,
+            "functions": sorted(info.runnable.actions or ()),
+            "handlers": sorted(info.runnable.handlers or ()),
+            "heartbeat_ms": now,
+        }
+        with self.dialect.write_internal() as conn:
+            changed = conn.execute(
+                update(workers_t).where(workers_t.c.id == info.id).values(**values)
+            ).rowcount
+            if not changed:
+                conn.execute(insert(workers_t).values(id=info.id, started_ms=now, **values))
+
+    def retire_worker(self, worker_id: str) -> None:
+        """Forget a worker that stopped."""
+        with self.dialect.write_internal() as conn:
+            conn.execute(delete(workers_t).where(workers_t.c.id == worker_id))
+
+    def fail_unrunnable(self, grace_ms: int, limit: int = 500) -> int:
+        """Fail the runs that no live worker has been able to run for `grace_ms`: due
+        that long ago, their function registered by no worker alive now. Their
+        on_complete is then delivered as for any failure; a delivery whose handler no
+        live worker has is given up the same way. Returns how many runs failed.
+
+        Nothing happens while no worker is alive (nobody could tell what it lacks).
+        """
+        with self.dialect.write_internal() as conn:
+            now = self.clock.now_ms()
+            conn.execute(delete(workers_t).where(workers_t.c.heartbeat_ms < now - _FORGET_MS))
+            live = conn.execute(_LIVE_WORKERS, {"now": now}).all()
+            if not live:
+                return 0
+            actions = set().union(*(_names(r.functions) for r in live))
+            handlers = set().union(*(_names(r.handlers) for r in live))
+            cutoff = now - grace_ms
+            rows = conn.execute(
+                self.dialect.lock_for_claim(
+                    select(*_DECIDE_COLUMNS)
+                    .where(
+                        in_state(PENDING),
+                        runs.c.due_ms <= cutoff,
+                        runs.c.created_ms <= cutoff,
+                        runs.c.fn.not_in(sorted(actions)),
+                    )
+                    .limit(limit)
+                )
+            ).all()
+            settles = []
+            for row in rows:
+                error = (
+                    f"{_describe(UnregisteredFunction(row.fn))} (no live worker has "
+                    f"registered it for {grace_ms / 1000:g} s)"
+                )
+                lost = Outcome(row.id, row.fence, "fatal", now, error=error)
+                settle, _ = self._decide(row, lost, now, 0, "")
+                if settle["b_state"] == DELIVERING:  # nobody holds it: any worker delivers
+                    settle.update(b_state=FINISHING, b_lease_owner=None, b_lease_until_ms=None)
+                settle["b_fence"] = row.fence + 1
+                settles.append(settle)
+            if settles:
+                conn.execute(_SETTLE, settles)
+            given_up = conn.execute(
+                update(runs)
+                .where(
+                    in_state(FINISHING),
+                    runs.c.due_ms <= cutoff,
+                    runs.c.finished_ms <= cutoff,
+                    runs.c.on_complete.not_in(sorted(handlers)),
+                )
+                .values(
+                    state=COMPLETED,
+                    handler_error=f"no live worker has registered this on_complete for "
+                    f"{grace_ms / 1000:g} s",
+                )
+            ).rowcount
+            if settles or given_up:
+                self.dialect.notify(conn, WAKE)
+        return len(settles)
+
+    def release_delivery(self, f: Finished) -> bool:
+        """Hand back an on_complete delivery this worker cannot make (it lacks the
+        handler) to any worker that can, without counting a failure."""
+        with self.dialect.write_internal() as conn:
+            changed = conn.execute(
+                update(runs)
+                .where(runs.c.id == f.id, runs.c.fence == f.fence, in_state(DELIVERING))
+                .values(
+                    state=FINISHING,
+                    due_ms=self.clock.now_ms(),
+                    fence=runs.c.fence + 1,
+                    lease_owner=None,
+                    lease_until_ms=None,
+                )
+            ).rowcount
+            if changed:
+                self.dialect.notify(conn, WAKE)
+        return bool(changed)
 
     # -- cancel, read, delete ------------------------------------------------------------
 
@@ -1177,13 +1364,13 @@ class Store:
                     due_ms=now,
                 )
                 conn.execute(_SETTLE, [settle])
-                self.dialect.notify(conn, WAKE_CHANNEL)
+                self.dialect.notify(conn, WAKE)
                 return True
             if row.state == RUNNING and not row.cancel_requested:
                 conn.execute(
                     update(runs).where(runs.c.id == run_id).values(cancel_requested=True)
                 )
-                self.dialect.notify(conn, CANCEL_CHANNEL, run_id)
+                self.dialect.notify(conn, CANCEL, run_id)
                 return True
             return False
 
@@ -1213,9 +1400,9 @@ class Store:
                 done.count += len(pending) + len(running)
                 done.running.extend(running)
             if done.count:
-                self.dialect.notify(conn, WAKE_CHANNEL)
+                self.dialect.notify(conn, WAKE)
                 if done.running:
-                    self.dialect.notify(conn, CANCEL_CHANNEL)
+                    self.dialect.notify(conn, CANCEL)
         return done
 
     def unfinished(self, *conditions: Any, limit: int | None = None) -> list[str]:
@@ -1333,7 +1520,7 @@ class Store:
             ).rowcount
             if not changed:
                 conn.execute(insert(queues_t).values(name=limits.name, **values))
-            self.dialect.notify(conn, WAKE_CHANNEL)
+            self.dialect.notify(conn, WAKE)
 
     def get_queue(self, name: str) -> QueueLimits | None:
         with self.dialect.read() as conn:
@@ -1416,12 +1603,14 @@ class _Survey:
     next_due_ms: int | None  # the earliest claimable run due after now
 
     @classmethod
-    def read(cls, conn: Connection, limited: list[str], worker: str, now: int) -> _Survey:
+    def read(
+        cls, conn: Connection, limited: list[str], worker: str, now: int, can_run: dict[str, Any]
+    ) -> _Survey:
         queues: list[str] = []
         running: dict[str, int] = {}
         mine: dict[str, int] = {}
         deliveries, next_due = False, None
-        params = {"names": limited, "worker": worker, "now": now}
+        params = {"names": limited, "worker": worker, "now": now, **can_run}
         for kind, name, n, held in conn.execute(_CLAIM_SURVEY, params):
             if kind == "queue":
                 queues.append(name)
@@ -1696,12 +1885,18 @@ def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
+def _names(stored: Any) -> set[str]:
+    """The names in a stored JSON list (nothing, if it cannot be read)."""
+    return {n for n in stored if isinstance(n, str)} if isinstance(stored, list) else set()
+
+
 def _chunks(items: list[str], size: int) -> Iterable[list[str]]:
     for i in range(0, len(items), size):
         yield items[i : i + size]
 
 
 __all__ = [
+    "ANYTHING",
     "Canceling",
     "Claimed",
     "Finished",
@@ -1710,5 +1905,7 @@ __all__ = [
     "Outcome",
     "QueueLimits",
     "Recorded",
+    "Runnable",
     "Store",
+    "WorkerInfo",
 ]

@@ -29,12 +29,21 @@ from sqlalchemy import Connection
 from sqlmodel import Session
 
 from ._clock import to_ms
-from ._dialects import CANCEL_CHANNEL, WouldBlock, is_transient
+from ._dialects import CANCEL, WouldBlock, is_transient
 from ._errors import NonRetryableError, RetryAfter, UnregisteredFunction
 from ._models import CANCELED, DELIVERING, FAILED, SUCCESS
 from ._registry import Registry, ResultNotSerializable
 from ._results import Canceled, Failed, RunResult, Success
-from ._store import Claimed, Finished, Outcome, Recorded, SessionHandler, Store
+from ._store import (
+    Claimed,
+    Finished,
+    Outcome,
+    Recorded,
+    Runnable,
+    SessionHandler,
+    Store,
+    WorkerInfo,
+)
 from ._stored_json import unreadable
 from ._timers import Timers
 from ._waiting import loop_caller
@@ -66,6 +75,7 @@ class Worker:
         retention: timedelta = timedelta(days=7),
         shutdown_grace: timedelta = timedelta(seconds=30),
         record_patience: timedelta = timedelta(minutes=5),
+        unregistered_grace: timedelta = timedelta(hours=1),
         on_completed: Callable[[list[str]], None] | None = None,
     ) -> None:
         if concurrency < 1:
@@ -78,6 +88,8 @@ class Worker:
         self.retention = retention
         self.shutdown_grace = shutdown_grace
         self.record_patience = record_patience
+        self.unregistered_grace = unregistered_grace
+        self._runnable = (-1, Runnable())  # (registry version, what it can run)
         self.id = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
         self._on_completed = on_completed or (lambda ids: None)
         self._held: dict[str, int] = {}  # run id -> fence, for every lease we hold
@@ -107,8 +119,9 @@ class Worker:
         stop_listener = self.store.dialect.start_listener(self._on_notify)
         timers.start()
         lease_s = self.lease_ms / 1000
-        timers.every("heartbeat", timedelta(seconds=lease_s / 3), self._heartbeat)
+        timers.every("heartbeat", timedelta(seconds=lease_s / 3), self._heartbeat, now=True)
         timers.every("reap", timedelta(seconds=lease_s / 2), self._reap, now=True)
+        timers.every("unrunnable", _sweep_interval(self.unregistered_grace), self._sweep)
         timers.every("retention", timedelta(days=1), self._purge, now=True)
         timers.every("poll", self.poll_interval, self._poll)
         log.info("worker %s started (concurrency %d)", self.id, self.concurrency)
@@ -124,6 +137,8 @@ class Worker:
             timers.shutdown()
             if stop_listener is not None:
                 stop_listener()
+            with anyio.CancelScope(shield=True):
+                await anyio.to_thread.run_sync(self._retire_quietly)
             self._tg = None
             self._call_soon = None
             log.info("worker %s stopped", self.id)
@@ -213,7 +228,7 @@ class Worker:
             return []
         self._claimed_at = time.monotonic()
         claimed, wake_at_ms = await self.store.dialect.call(
-            self.store.claim, self.id, wanted, self.lease_ms
+            self.store.claim, self.id, wanted, self.lease_ms, self.runnable()
         )
         self._start(claimed, wake_at_ms)
         return claimed
@@ -362,7 +377,9 @@ class Worker:
         try:
             reg = self.registry.action(c.fn)
         except UnregisteredFunction as exc:
-            return outcome("fatal", error=_describe(exc))
+            # Not ours to fail (claimed before the registry changed, or inserted
+            # running by a higher tier): hand it back, as if never started.
+            return outcome("released", error=_describe(exc))
         corrupt = unreadable("args", c.args, need_object=True) or unreadable("context", c.context)
         if corrupt is not None:
             # Retrying cannot help: fail this run alone; every other run goes on.
@@ -430,6 +447,7 @@ class Worker:
             self.lease_ms,
             self._call_session_handler,
             claim_limit=min(room, _BATCH),
+            runnable=self.runnable(),
         )
         if any(o.handler_in_txn for o in batch):
             # An app's on_complete runs in this transaction: keep it off the loop.
@@ -496,10 +514,10 @@ class Worker:
     async def _deliver_once(self, f: Finished) -> list[str]:
         try:
             reg = self.registry.handler(f.on_complete)
-        except UnregisteredFunction as exc:
-            return await anyio.to_thread.run_sync(
-                self.store.delivered, [f], {f.id: _describe(exc)}
-            )
+        except UnregisteredFunction:
+            # Another worker (a newer release) may have it: hand the delivery back.
+            await anyio.to_thread.run_sync(self.store.release_delivery, f)
+            return []
         what = f"delivering on_complete of run {f.id}"
         if reg.takes_session:
             # The handler's writes commit with the delivery: retrying the whole
@@ -572,13 +590,65 @@ class Worker:
     def _on_notify(self, channel: str, payload: str) -> None:
         # A notification is only a hint to look at the database (any role that can
         # connect can send one): a cancel is acted on only if the run says so.
-        if channel == CANCEL_CHANNEL:
+        if channel == CANCEL:
             if self._held and (not payload or payload in self._held):
                 self._heartbeat()  # reads each held run's cancel request
         else:
             self.wake()
 
+    def runnable(self) -> Runnable:
+        """The functions and handlers this worker can run, as claims filter them."""
+        version, runnable = self._runnable
+        if version != self.registry.version:
+            version = self.registry.version
+            actions, handlers = self.registry.names()
+            runnable = Runnable(frozenset(actions), frozenset(handlers))
+            self._runnable = (version, runnable)
+        return runnable
+
+    def announce(self) -> None:
+        """Tell the database this worker is alive, and what it can run (blocking)."""
+        self.store.announce_worker(
+            WorkerInfo(
+                id=self.id,
+                host=socket.gethostname(),
+                pid=os.getpid(),
+                concurrency=self.concurrency,
+                lease_ms=self.lease_ms,
+                runnable=self.runnable(),
+            )
+        )
+
+    def retire(self) -> None:
+        """Tell the database this worker has stopped (blocking)."""
+        self.store.retire_worker(self.id)
+
+    def sweep_unrunnable(self) -> int:
+        """Fail the runs no live worker could run for `unregistered_grace` (blocking);
+        returns how many."""
+        return self.store.fail_unrunnable(to_ms(self.unregistered_grace))
+
+    def _retire_quietly(self) -> None:
+        try:
+            self.retire()
+        except Exception as exc:
+            log.warning("could not unregister worker %s: %s", self.id, _first_line(exc))
+
+    def _sweep(self) -> None:
+        try:
+            failed = self.sweep_unrunnable()
+        except Exception:
+            log.exception("failing runs that no worker can run failed")
+            return
+        if failed:
+            log.warning("%d run(s) failed: no live worker registered their function", failed)
+            self.wake()
+
     def _heartbeat(self) -> None:
+        try:
+            self.announce()
+        except Exception as exc:
+            log.warning("worker heartbeat failed: %s", _first_line(exc))
         held = dict(self._held)
         if not held:
             return
@@ -599,7 +669,7 @@ class Worker:
         # A read first: an idle worker must not take SQLite's write lock forty times a
         # second just to find nothing due.
         try:
-            due = self.store.next_due_ms()
+            due = self.store.next_due_ms(self.runnable())
         except Exception:
             log.exception("polling for due work failed")
             return
@@ -660,6 +730,12 @@ def _context_of(f: Finished) -> Any:
     """The context an on_complete gets: None if the stored one cannot be decoded (the
     run has failed with that error then)."""
     return None if unreadable("context", f.context) else f.context
+
+
+def _sweep_interval(grace: timedelta) -> timedelta:
+    """How often to look for runs no worker can run: often enough for the grace to
+    hold within a quarter of it, at most every 5 minutes (it reads the backlog)."""
+    return min(max(grace / 4, timedelta(seconds=1)), timedelta(minutes=5))
 
 
 def _first_line(exc: BaseException) -> str:

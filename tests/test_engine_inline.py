@@ -12,7 +12,7 @@ import pytest
 from sqlalchemy import text
 
 from retrier import Canceled, Completed, Failed, Retrier, Success
-from retrier._store import Finished, QueueLimits
+from retrier._store import ANYTHING, Finished, QueueLimits
 from retrier._worker import Worker, current_worker
 from tests.support import drain
 
@@ -53,7 +53,7 @@ def test_an_inline_start_that_waits_for_a_claim_counts_what_the_claim_started(
 
     def claim_and_hold() -> None:
         with store.dialect.write_internal() as conn:
-            started.extend(store._claim(conn, "claimer", 10, 5000)[0])
+            started.extend(store._claim(conn, "claimer", 10, 5000, ANYTHING)[0])
             claimed.set()
             assert commit.wait(10)
 

@@ -405,3 +405,142 @@ async def test_an_error_in_the_async_with_body_comes_out_as_itself(retrier: Retr
 def test_an_error_in_the_with_body_comes_out_as_itself(retrier: Retrier) -> None:
     with pytest.raises(KeyError, match="from the body"), retrier:
         raise KeyError("from the body")
+
+
+# -- 3. a worker that lacks a function ----------------------------------------------------------
+
+
+def test_a_worker_leaves_a_run_it_cannot_run_for_one_that_can(make_retrier: MakeRetrier) -> None:
+    old_release = make_retrier()  # a worker of the previous release: it lacks "added"
+    new_release = make_retrier()
+    calls = Calls()
+    for r in (old_release, new_release):
+
+        @r.action(name="kept")
+        def kept() -> str:
+            return "kept"
+
+    @new_release.action(name="added")
+    def added() -> str:
+        calls.add("added")
+        return "added"
+
+    run_id = new_release.run("added")
+    other = new_release.run("kept")
+    drain(old_release)
+    assert old_release.status(other) == Completed(Success("kept"))
+    row = old_release.store.get(run_id)
+    assert (row.state, row.attempts, row.failures) == ("pending", 0, 0)
+    drain(new_release)
+    assert new_release.status(run_id) == Completed(Success("added"))
+    assert calls.items == ["added"]
+
+
+def test_a_run_no_live_worker_can_run_fails_after_the_grace(make_retrier: MakeRetrier) -> None:
+    from retrier import UnregisteredFunction
+
+    clock = FakeClock()
+    old_release = make_retrier(clock=clock, unregistered_grace=timedelta(minutes=10))
+    new_release = make_retrier(clock=clock)
+    delivered = Calls()
+
+    @old_release.action(name="kept")
+    def kept() -> None: ...
+
+    for r in (old_release, new_release):
+
+        @r.on_complete(name="done")
+        def done(run_id: str, result: Any, context: Any) -> None:
+            delivered.add(result)
+
+    @new_release.action(name="added")
+    def added() -> None: ...
+
+    run_id = new_release.run("added", on_complete="done")
+    old_worker = old_release.worker()
+    new_worker = new_release.worker()
+    old_worker.announce()
+    new_worker.announce()
+    clock.advance(timedelta(minutes=11))
+    old_worker.announce()
+    new_worker.announce()  # a live worker knows it: it waits for that one
+    assert old_worker.sweep_unrunnable() == 0
+    clock.advance(timedelta(minutes=11))
+    old_worker.announce()  # the new release's worker is gone now
+    assert old_worker.sweep_unrunnable() == 1
+    status = old_release.status(run_id)
+    assert isinstance(status, Completed) and isinstance(status.result, Failed)
+    assert UnregisteredFunction.__name__ in status.result.error and "added" in status.result.error
+    drain(old_release)
+    assert delivered.items == [status.result], "on_complete is called for it"
+    old_worker.retire()
+    new_worker.retire()
+
+
+def test_an_on_complete_this_worker_lacks_is_left_for_one_that_has_it(
+    make_retrier: MakeRetrier,
+) -> None:
+    old_release = make_retrier()
+    new_release = make_retrier()
+    delivered = Calls()
+    for r in (old_release, new_release):
+
+        @r.action(name="work")
+        def work() -> int:
+            return 7
+
+    @new_release.on_complete(name="added_handler")
+    def added_handler(run_id: str, result: Any, context: Any) -> None:
+        delivered.add(result)
+
+    run_id = new_release.run("work", on_complete="added_handler")
+    drain(old_release)  # runs the action, but cannot deliver its on_complete
+    row = old_release.store.get(run_id)
+    assert (row.state, row.outcome, row.handler_failures) == ("finishing", "success", 0)
+    assert delivered.items == []
+    drain(new_release)
+    assert delivered.items == [Success(7)]
+    assert new_release.store.get(run_id).state == "completed"
+
+
+def test_two_apps_in_one_postgresql_database_keep_apart(db_url: str) -> None:
+    if not db_url.startswith("postgresql"):
+        pytest.skip("namespaces are PostgreSQL schemas; on SQLite, give each app its file")
+    import uuid
+
+    names = [f"app_{uuid.uuid4().hex[:8]}" for _ in range(2)]
+    apps = [Retrier(db_url, namespace=name) for name in names]
+    ran = Calls()
+    try:
+        for app in apps:
+
+            @app.action(name="same_name")
+            def same_name(tag: str) -> str:
+                ran.add(tag)
+                return tag
+
+        first = apps[0].run("same_name", {"tag": names[0]})
+        drain(apps[1])
+        assert apps[1].store.list_runs() == [], "the other app sees none of its runs"
+        assert apps[0].store.get(first).state == "pending"
+        drain(apps[0])
+        assert apps[0].status(first) == Completed(Success(names[0]))
+        assert ran.items == [names[0]]
+        channels = {apps[0].store.dialect.wake_channel, apps[1].store.dialect.wake_channel}
+        assert len(channels) == 2
+    finally:
+        for app in apps:
+            app.close()
+        with apps[0].engine.connect() as conn:
+            for name in names:
+                conn.execute(text(f'DROP SCHEMA IF EXISTS "{name}" CASCADE'))
+            conn.commit()
+        for app in apps:
+            app.close()
+
+
+def test_a_namespace_on_sqlite_is_refused_with_advice(tmp_path: Any) -> None:
+    from retrier import InvalidSettings
+
+    with pytest.raises(InvalidSettings, match="file"):
+        Retrier(f"sqlite:///{tmp_path / 'x.db'}", namespace="billing")

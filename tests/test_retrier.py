@@ -617,7 +617,12 @@ def test_a_database_from_before_a_new_column_gets_it_at_startup(db_url: str) -> 
         second.close()
 
 
-def test_a_row_naming_an_unregistered_function_is_refused(retrier: Retrier) -> None:
+def test_a_row_naming_an_unregistered_function_is_refused(make_retrier: MakeRetrier) -> None:
+    """Never imported or called: left for a worker that has it, and failed once no live
+    worker has registered it for the grace period."""
+    clock = FakeClock()
+    retrier = make_retrier(clock=clock, unregistered_grace=timedelta(minutes=5))
+
     @retrier.action
     def real() -> None: ...
 
@@ -626,9 +631,17 @@ def test_a_row_naming_an_unregistered_function_is_refused(retrier: Retrier) -> N
 
     retrier.submit([replace(new, fn="os.system", args={"command": "touch /tmp/pwned"})])
     drain(retrier)
+    assert retrier.store.get(new.id).state == "pending"
+    worker = retrier.worker()
+    worker.announce()
+    assert worker.sweep_unrunnable() == 0
+    clock.advance(timedelta(minutes=5))
+    worker.announce()
+    assert worker.sweep_unrunnable() == 1
     status = retrier.status(new.id)
     assert isinstance(status, Completed) and isinstance(status.result, Failed)
     assert "os.system" in status.result.error and "not registered" in status.result.error
+    worker.retire()
 
 
 def test_two_functions_cannot_share_a_name(retrier: Retrier) -> None:
