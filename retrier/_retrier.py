@@ -32,6 +32,9 @@ from ._worker import Worker
 log = logging.getLogger("tiers")
 
 P = ParamSpec("P")
+
+# How many runs `wait_all` reads the state of at a time.
+_WAIT_SLICE = 200
 R = TypeVar("R")
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -351,12 +354,23 @@ class Retrier:
         )
 
     def _all_completed(self, remaining: set[str]) -> bool | None:
-        """True once every run in `remaining` has completed; removes those that have."""
-        states = self.store.states(remaining)
-        for rid in remaining - states.keys():
-            raise RunNotFound(rid)
-        remaining.difference_update(rid for rid, state in states.items() if state == COMPLETED)
-        return True if not remaining else None
+        """True once every run in `remaining` has completed; removes those that have.
+
+        Reads a slice at a time, and stops at the first slice with a run still going:
+        a wait for thousands of runs then costs one short read per look, not one of
+        everything left.
+        """
+        ordered = sorted(remaining)
+        for start in range(0, len(ordered), _WAIT_SLICE):
+            chunk = ordered[start : start + _WAIT_SLICE]
+            states = self.store.states(chunk)
+            for rid in set(chunk) - states.keys():
+                raise RunNotFound(rid)
+            done = {rid for rid, state in states.items() if state == COMPLETED}
+            remaining.difference_update(done)
+            if len(done) < len(chunk):
+                return None
+        return True
 
     def _runs_completed(self, _ids: list[str]) -> None:
         self._completions.notify()
