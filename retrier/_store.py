@@ -458,6 +458,10 @@ _COMPLETE_DELIVERY = (
     .where(_held_in(DELIVERING))
     .values(state=COMPLETED, lease_owner=None, lease_until_ms=None)
 )
+# The pending runs of one function for one owner (a workflow's drivers).
+_PENDING_OF_OWNER = select(runs.c.id, runs.c.due_ms).where(
+    runs.c.owner == bindparam("owner"), runs.c.fn == bindparam("fn"), in_state(PENDING)
+)
 # Runs about to be canceled, locked in id order.
 _LOCK_TO_CANCEL = (
     select(runs.c.id, runs.c.state, runs.c.cancel_requested)
@@ -507,6 +511,7 @@ class Store:
         self._batch_rowcount = bool(self.engine.dialect.supports_sane_multi_rowcount)
         self._locked_queue = self.dialect.lock_rows(_QUEUE)
         self._lock_to_cancel = self.dialect.lock_rows(_LOCK_TO_CANCEL)
+        self._pending_of_owner = self.dialect.lock_rows(_PENDING_OF_OWNER)
         self._limited_queues = self.dialect.lock_rows(_LIMITED_QUEUES)
 
     # -- schema -----------------------------------------------------------------
@@ -552,6 +557,23 @@ class Store:
         # NOTIFY (PostgreSQL) or by polling (SQLite in other processes).
         with self.dialect.write_one() if len(rows) == 1 else self.dialect.write() as own:
             own.execute(insert(runs), rows)
+
+    def ensure_pending(self, conn: Connection, new: NewRun) -> None:
+        """Make sure one pending run of `new.fn` for `new.owner` is due by `new.due_ms`:
+        bring an existing one forward, or insert `new` if there is none. The caller
+        serializes calls for one owner (by locking the owner's row first), so they
+        never leave two such runs (a workflow's driver)."""
+        pending = conn.execute(
+            self._pending_of_owner, {"owner": new.owner, "fn": new.fn}
+        ).all()
+        if any(p.due_ms <= new.due_ms for p in pending):
+            return
+        if pending:
+            conn.execute(
+                update(runs).where(runs.c.id == pending[0].id).values(due_ms=new.due_ms)
+            )
+            return
+        self.insert_runs([new], conn)
 
     def insert_running(
         self, new: NewRun, worker: str, lease_ms: int, conn: Connection

@@ -144,11 +144,6 @@ _INSERT_WORKFLOW = insert(workflows_t)
 _WORKFLOW_BY_ID = select(workflows_t).where(workflows_t.c.id == bindparam("wf"))
 _ENTRIES_OF = select(*_ENTRY_COLUMNS).where(steps_t.c.workflow_id == bindparam("wf"))
 _POOL_OF = select(workflows_t.c.pool).where(workflows_t.c.id == bindparam("wf"))
-_DRIVERS_PENDING = select(runs.c.due_ms).where(
-    runs.c.owner == bindparam("wf"),
-    runs.c.fn == bindparam("fn"),
-    runs.c.state == RUN_PENDING,
-)
 _LOCK_WORKFLOW = select(
     workflows_t.c.id,
     workflows_t.c.state,
@@ -168,7 +163,7 @@ class Journal:
         self.dialect = store.dialect
         self.clock = store.clock
         self._lock_workflow = self.dialect.lock_rows(_LOCK_WORKFLOW)
-        self._drivers_pending = self.dialect.lock_rows(_DRIVERS_PENDING)
+        self._lock_pool = self.dialect.lock_rows(_POOL_OF)
 
     # -- reading -------------------------------------------------------------------
 
@@ -322,18 +317,17 @@ class Journal:
         return Entry(name, 0, "step", state, result=result, error=error)
 
     def wake(self, conn: Connection, workflow_id: str, due_ms: int | None = None) -> None:
-        """Make sure a driver run of the workflow is pending, due by `due_ms` (now)."""
+        """Make sure one driver run of the workflow is pending, due by `due_ms` (now).
+
+        The workflow's row is locked first: two transactions waking it at once are
+        serialized, and the second sees the driver the first left pending (a check
+        alone cannot see a row another transaction is inserting).
+        """
         due = self.clock.now_ms() if due_ms is None else due_ms
-        pool = conn.execute(_POOL_OF, {"wf": workflow_id}).scalar()
+        pool = conn.execute(self._lock_pool, {"wf": workflow_id}).scalar()
         if pool is None:
             return
-        driver = driver_run(workflow_id, pool, due)
-        pending = conn.execute(
-            self._drivers_pending, {"wf": workflow_id, "fn": driver.fn}
-        ).scalars()
-        if any(d <= due for d in pending):
-            return
-        self.store.insert_runs([driver], conn)
+        self.store.ensure_pending(conn, driver_run(workflow_id, pool, due))
 
     # -- sleeps, events, children, sends -------------------------------------------
 
@@ -464,7 +458,8 @@ class Journal:
                 steps_t.c.kind == EVENT,
             )
         ).all()
-        for w in {r.workflow_id for r in waiting if matches(r.match or {}, data)}:
+        # In id order: each wake locks its workflow's row.
+        for w in sorted({r.workflow_id for r in waiting if matches(r.match or {}, data)}):
             self.wake(conn, w, now)
         return int(event_id[0])
 
