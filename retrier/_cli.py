@@ -169,12 +169,18 @@ def runs_show(obj: Context, run_id: str) -> None:
         info.add_row(name, value)
     console.print(info)
     attempts = Table("#", "outcome", "started", "took", "worker", "error", title="attempts")
+    tracebacks: list[tuple[int, str]] = []
     for a in store.attempts(run_id):
         attempts.add_row(
             str(a.number), a.outcome, _when(a.started_ms), f"{a.finished_ms - a.started_ms} ms",
             a.worker or "", a.error or "",
         )
+        if a.traceback:
+            tracebacks.append((a.number, a.traceback))
     console.print(attempts)
+    for number, text in tracebacks:
+        console.rule(f"attempt {number}: traceback", style="dim")
+        console.print(text.rstrip(), markup=False, highlight=False)
 
 
 @runs.command("cancel")

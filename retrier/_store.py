@@ -163,6 +163,7 @@ class Outcome:
     result: Any = None
     error: str | None = None
     retry_after_ms: int | None = None
+    traceback: str | None = None  # of a failed attempt (its last lines if long)
     handler_in_txn: bool = False
     # What the worker knew of the run when it claimed it, for recording a plain
     # success (no on_complete) without reading the row back; the fence guards it.
@@ -927,7 +928,7 @@ class Store:
             attempt_rows.append(
                 _attempt_row(
                     row.id, row.attempts, row.queue, worker, o.started_ms, now,
-                    _attempt_outcome(o, row), o.error,
+                    _attempt_outcome(o, row), o.error, o.traceback,
                 )
             )
             if row.queue:
@@ -1883,6 +1884,7 @@ def _attempt_row(
     finished_ms: int,
     outcome: str,
     error: str | None = None,
+    traceback: str | None = None,
 ) -> dict[str, Any]:
     """Parameters for `INSERT_ATTEMPTS`: one attempt of a run, as it ended."""
     return {
@@ -1894,6 +1896,7 @@ def _attempt_row(
         "finished_ms": finished_ms,
         "outcome": outcome,
         "error": error,
+        "traceback": traceback,
     }
 
 

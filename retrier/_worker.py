@@ -13,6 +13,7 @@ import os
 import socket
 import threading
 import time
+import traceback
 import uuid
 from collections.abc import Awaitable, Callable
 from contextvars import ContextVar
@@ -398,12 +399,12 @@ class Worker:
                 )
             result = reg.encode_result(value)
         except (NonRetryableError, ResultNotSerializable) as exc:
-            return outcome("fatal", error=_describe(exc))
+            return outcome("fatal", error=_describe(exc), traceback=_traceback(exc))
         except RetryAfter as exc:
             return outcome("failure", error=_describe(exc), retry_after_ms=to_ms(exc.seconds))
         except Exception as exc:
             log.debug("run %s attempt %d failed: %s", c.id, c.attempts, exc)
-            return outcome("failure", error=_describe(exc))
+            return outcome("failure", error=_describe(exc), traceback=_traceback(exc))
         return outcome("success", result=result)
 
     def _handler_in_txn(self, name: str | None) -> bool:
@@ -736,6 +737,18 @@ def _sweep_interval(grace: timedelta) -> timedelta:
     """How often to look for runs no worker can run: often enough for the grace to
     hold within a quarter of it, at most every 5 minutes (it reads the backlog)."""
     return min(max(grace / 4, timedelta(seconds=1)), timedelta(minutes=5))
+
+
+# A failed attempt's traceback is kept up to this many characters (its last ones: the
+# frames nearest the error, and the error itself).
+_TRACEBACK_CHARS = 8_000
+
+
+def _traceback(exc: BaseException) -> str:
+    text = "".join(traceback.format_exception(exc))
+    if len(text) <= _TRACEBACK_CHARS:
+        return text
+    return "…(earlier frames cut)\n" + text[-_TRACEBACK_CHARS:]
 
 
 def _first_line(exc: BaseException) -> str:

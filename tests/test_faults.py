@@ -614,3 +614,57 @@ def _until_a_writer_waits(retrier: Retrier) -> None:
             if waiting:
                 return
         time.sleep(0.01)
+
+
+# -- 11. what a failure leaves behind, and the async twins ------------------------------------
+
+
+def test_each_failed_attempt_keeps_its_traceback(retrier: Retrier, db_url: str) -> None:
+    @retrier.action
+    def explode(depth: int) -> None:
+        def inner(n: int) -> None:
+            if n == 0:
+                raise RuntimeError("boom at the bottom")
+            inner(n - 1)
+
+        inner(depth)
+
+    small = retrier.run(explode, {"depth": 2}, max_failures=2)
+    deep = retrier.run(explode, {"depth": 900}, max_failures=1)
+    drain(retrier)
+    attempts = retrier.store.attempts(small)
+    assert [a.outcome for a in attempts] == ["failed"]  # the second is due after backoff
+    tb = attempts[0].traceback or ""
+    assert tb.startswith("Traceback") and "in inner" in tb and "boom at the bottom" in tb
+    (deep_attempt,) = retrier.store.attempts(deep)
+    assert deep_attempt.traceback is not None and len(deep_attempt.traceback) < 8_100
+    assert deep_attempt.traceback.rstrip().endswith("RuntimeError: boom at the bottom")
+    shown = CliRunner().invoke(main, ["--db", db_url, "runs", "show", small])
+    assert shown.exit_code == 0 and "boom at the bottom" in shown.output
+    assert "in inner" in shown.output
+
+
+@pytest.mark.anyio
+async def test_the_async_twins_the_docs_promise_exist(retrier: Retrier) -> None:
+    from workflow import WorkflowContext, WorkflowManager
+
+    pool = Workpool(retrier, "twins", max_parallelism=2)
+    workflows = WorkflowManager(pool)
+
+    @retrier.action
+    async def work(i: int) -> int:
+        return i
+
+    @workflows.define
+    async def one_step(ctx: WorkflowContext) -> int:
+        return int(await ctx.step("s", work, {"i": 3}))
+
+    async with retrier:
+        ids = [await retrier.run_async(work, {"i": i}) for i in range(3)]
+        await retrier.wait_all_async(ids, timeout=10)
+        await pool.set_max_per_worker_async(1)
+        assert pool.limits.max_per_worker == 1
+        wf_id = await workflows.start_async(one_step, {})
+        assert await workflows.wait_async(wf_id, timeout=10) == Completed(Success(3))
+        steps = await workflows.steps_async(wf_id)
+        assert [s.name for s in steps] == ["s[0]"]

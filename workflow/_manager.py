@@ -337,6 +337,9 @@ class WorkflowManager:
     async def list_async(self, **kw: Any) -> builtins.list[WorkflowInfo]:
         return await anyio.to_thread.run_sync(partial(self.list, **kw))
 
+    async def steps_async(self, workflow_id: str) -> builtins.list[StepInfo]:
+        return await anyio.to_thread.run_sync(self.steps, workflow_id)
+
     async def cancel_async(self, workflow_id: str) -> None:
         await anyio.to_thread.run_sync(self.cancel, workflow_id)
 

@@ -252,6 +252,9 @@ class Workpool:
     async def set_max_parallelism_async(self, max_parallelism: int) -> None:
         await anyio.to_thread.run_sync(self.set_max_parallelism, max_parallelism)
 
+    async def set_max_per_worker_async(self, max_per_worker: int | None) -> None:
+        await anyio.to_thread.run_sync(self.set_max_per_worker, max_per_worker)
+
     async def wait_async(
         self,
         work_id: str,
