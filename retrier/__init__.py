@@ -10,6 +10,7 @@ from __future__ import annotations
 from ._clock import Clock, FakeClock, SystemClock
 from ._errors import (
     DuplicateRegistration,
+    HandBack,
     InvalidArguments,
     InvalidDatabaseURL,
     InvalidSettings,
@@ -42,6 +43,7 @@ __all__ = [
     "DuplicateRegistration",
     "Failed",
     "FakeClock",
+    "HandBack",
     "InProgress",
     "InvalidArguments",
     "InvalidDatabaseURL",

@@ -85,3 +85,18 @@ class RetryAfter(Exception):
             raise InvalidSettings(f"RetryAfter needs a non-negative delay, got {seconds}")
         super().__init__(message or f"retry after {seconds:g} s")
         self.seconds = seconds
+
+
+class HandBack(Exception):
+    """Raise from an action to hand its run back, to be run again after `seconds` by
+    this or another worker, without counting an attempt or a failure.
+
+    For a worker that cannot run this particular run (say, a workflow whose code
+    it lacks in a rolling deploy); not for failures, which retries handle.
+    """
+
+    def __init__(self, seconds: float = 1.0, reason: str = "") -> None:
+        if not 0 <= seconds <= 3600:
+            raise InvalidSettings(f"HandBack needs a delay from 0 to 3600 s, got {seconds}")
+        super().__init__(reason or f"handed back for {seconds:g} s")
+        self.seconds = seconds

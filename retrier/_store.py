@@ -918,9 +918,10 @@ class Store:
             if row is None or row.fence != o.fence or row.state != RUNNING:
                 done.stale.append(o.run_id)
                 continue
-            if o.kind == "released":
+            if o.kind == "released":  # as if never started (shutdown, HandBack)
+                due = now + (o.retry_after_ms or 0)
                 settles.append(
-                    _settle(row, state=PENDING, attempts=row.attempts - 1, due_ms=now)
+                    _settle(row, state=PENDING, attempts=row.attempts - 1, due_ms=due)
                 )
                 continue
             settle, finished = self._decide(row, o, now, lease_ms, worker)

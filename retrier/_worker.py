@@ -31,7 +31,7 @@ from sqlmodel import Session
 
 from ._clock import to_ms
 from ._dialects import CANCEL, WouldBlock, is_transient
-from ._errors import NonRetryableError, RetryAfter, UnregisteredFunction
+from ._errors import HandBack, NonRetryableError, RetryAfter, UnregisteredFunction
 from ._models import CANCELED, DELIVERING, FAILED, SUCCESS
 from ._registry import Registry, ResultNotSerializable
 from ._results import Canceled, Failed, RunResult, Success
@@ -402,6 +402,8 @@ class Worker:
             return outcome("fatal", error=_describe(exc), traceback=_traceback(exc))
         except RetryAfter as exc:
             return outcome("failure", error=_describe(exc), retry_after_ms=to_ms(exc.seconds))
+        except HandBack as exc:
+            return outcome("released", error=_describe(exc), retry_after_ms=to_ms(exc.seconds))
         except Exception as exc:
             log.debug("run %s attempt %d failed: %s", c.id, c.attempts, exc)
             return outcome("failure", error=_describe(exc), traceback=_traceback(exc))

@@ -20,7 +20,7 @@ from click.testing import CliRunner
 from sqlalchemy import text
 from sqlalchemy.exc import OperationalError
 
-from retrier import Canceled, Completed, Failed, FakeClock, Retrier, Success
+from retrier import Canceled, Completed, Failed, FakeClock, InProgress, Retrier, Success
 from retrier._cli import main
 from tests.support import Calls, drain
 from workpool import Workpool
@@ -668,3 +668,38 @@ async def test_the_async_twins_the_docs_promise_exist(retrier: Retrier) -> None:
         assert await workflows.wait_async(wf_id, timeout=10) == Completed(Success(3))
         steps = await workflows.steps_async(wf_id)
         assert [s.name for s in steps] == ["s[0]"]
+
+
+def test_a_workflow_this_worker_lacks_waits_for_a_worker_that_has_it(
+    make_retrier: MakeRetrier,
+) -> None:
+    from workflow import UnregisteredWorkflow, WorkflowContext, WorkflowManager
+
+    clock = FakeClock()
+    old_release = make_retrier(clock=clock, unregistered_grace=timedelta(minutes=10))
+    new_release = make_retrier(clock=clock)
+    WorkflowManager(Workpool(old_release, "flows", max_parallelism=2))  # lacks added_flow
+    new_flows = WorkflowManager(Workpool(new_release, "flows", max_parallelism=2))
+
+    @new_flows.define(name="added_flow")
+    async def added_flow(ctx: WorkflowContext) -> str:
+        return "done"
+
+    first = new_flows.start(added_flow, {})
+    drain(old_release)  # a worker of the old release takes the driver, and hands it back
+    assert new_flows.status(first) == InProgress()
+    clock.advance(timedelta(seconds=30))
+    drain(new_release)
+    assert new_flows.status(first) == Completed(Success("done"))
+    # With no worker of the new release left, it fails only after the grace.
+    second = new_flows.start(added_flow, {})
+    drain(old_release)
+    for _ in range(3):
+        clock.advance(timedelta(minutes=3))
+        drain(old_release)
+        assert new_flows.status(second) == InProgress()
+    clock.advance(timedelta(minutes=2))
+    drain(old_release)
+    status = new_flows.status(second)
+    assert isinstance(status, Completed) and isinstance(status.result, Failed)
+    assert UnregisteredWorkflow.__name__ in status.result.error

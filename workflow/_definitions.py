@@ -82,6 +82,9 @@ class Definitions:
         self._by_name[d.name] = d
         self._by_fn[d.fn] = d
 
+    def has(self, name: str) -> bool:
+        return name in self._by_name
+
     def get(self, fn_or_name: WorkflowFn | str) -> WorkflowDef:
         if isinstance(fn_or_name, str):
             found = self._by_name.get(fn_or_name)

@@ -16,7 +16,8 @@ from typing import Any
 
 from sqlalchemy import select
 
-from retrier import Retrier, RetryPolicy
+from retrier import HandBack, Retrier, RetryPolicy
+from retrier._clock import to_ms
 from retrier._registry import ResultNotSerializable
 from retrier._store import NewRun, runs
 from retrier._worker import current_worker
@@ -29,6 +30,10 @@ from ._listeners import Listeners, WorkflowEvent
 from ._models import COMPLETED, FAILED, RUNNING, WorkflowRow
 
 log = logging.getLogger("tiers.workflow")
+
+# How long a driver handed back by a worker that lacks the workflow's code waits
+# before any worker takes it again.
+_HAND_BACK_S = 5.0
 
 class Driver:
     """Runs the workflows of one manager: its driver action and step handler."""
@@ -134,11 +139,24 @@ class Driver:
         loaded = await self.store_call(self.journal.load, workflow_id)
         if loaded is None or loaded.workflow.state != RUNNING:
             return "idle"
+        if not self.defs.has(loaded.workflow.name):
+            await self._hand_back(loaded.workflow)  # or, past the grace, go on to fail it
+        elif loaded.workflow.unrunnable_since_ms is not None:
+            await self.store_call(self.journal.clear_unrunnable, workflow_id)
         ctx = WorkflowContext(self, loaded, current_worker.get())
         try:
             return await self._drive(ctx, loaded.workflow)
         finally:
             ctx.settle_now()  # only if cancelled from outside with outcomes unstored
+
+    async def _hand_back(self, wf: WorkflowRow) -> None:
+        """This worker lacks the workflow's code (a rolling deploy, or a rollback):
+        hand its driver back for a worker that has it, until none has had it for the
+        retrier's `unregistered_grace`."""
+        now = self.retrier.clock.now_ms()
+        since = await self.store_call(self.journal.mark_unrunnable, wf.id, now)
+        if now - since < to_ms(self.retrier.unregistered_grace):
+            raise HandBack(_HAND_BACK_S, f"this worker does not define workflow {wf.name!r}")
 
     async def _drive(self, ctx: WorkflowContext, wf: WorkflowRow) -> str:
         state, result, error = COMPLETED, None, None

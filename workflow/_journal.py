@@ -226,6 +226,28 @@ class Journal:
         with self.dialect.read() as conn:
             return [WorkflowRow.model_validate(dict(r)) for r in conn.execute(stmt).mappings()]
 
+    def mark_unrunnable(self, workflow_id: str, now_ms: int) -> int:
+        """Note that a worker lacking the workflow's code took its driver; returns
+        since when that has been so."""
+        with self.dialect.write_internal() as conn:
+            conn.execute(
+                update(workflows_t)
+                .where(workflows_t.c.id == workflow_id, workflows_t.c.unrunnable_since_ms.is_(None))
+                .values(unrunnable_since_ms=now_ms)
+            )
+            since = conn.execute(
+                select(workflows_t.c.unrunnable_since_ms).where(workflows_t.c.id == workflow_id)
+            ).scalar()
+        return now_ms if since is None else int(since)
+
+    def clear_unrunnable(self, workflow_id: str) -> None:
+        with self.dialect.write_internal() as conn:
+            conn.execute(
+                update(workflows_t)
+                .where(workflows_t.c.id == workflow_id)
+                .values(unrunnable_since_ms=None)
+            )
+
     # -- starting workflows --------------------------------------------------------
 
     def create(self, row: dict[str, Any], conn: Connection | None = None) -> str:

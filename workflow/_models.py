@@ -54,6 +54,9 @@ class WorkflowRow(SQLModel, table=True):
     context: Any = Field(default=None, sa_column=Column(StoredJSON, nullable=True))
     created_ms: int = Field(sa_type=BigInteger)
     finished_ms: int | None = Field(default=None, sa_type=BigInteger)
+    # Since when the workers that took its driver lacked its code (a rolling deploy);
+    # cleared by one that has it. Past the retrier's unregistered_grace, it fails.
+    unrunnable_since_ms: int | None = Field(default=None, sa_type=BigInteger)
 
 
 class StepRow(SQLModel, table=True):
