@@ -1,0 +1,178 @@
+"""The worker processes of `bench.chaos`: start them, SIGKILL them, replace them.
+
+Each worker is `python -m retrier worker bench.chaos_app:retrier` (the `tiers worker`
+command) with its stdout and stderr in a log file of its own, so crashes can be
+found afterwards (`tracebacks`).
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO
+
+ROOT = Path(__file__).resolve().parent.parent
+APP = "bench.chaos_app:retrier"
+
+
+@dataclass
+class Worker:
+    number: int
+    proc: subprocess.Popen[bytes]
+    log: IO[bytes]
+    log_path: Path
+    started: float = field(default_factory=time.monotonic)
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def age(self) -> float:
+        return time.monotonic() - self.started
+
+
+@dataclass
+class Fleet:
+    """`size` workers kept alive; every process that ever ran is remembered."""
+
+    size: int
+    env: dict[str, str]
+    log_dir: Path
+    concurrency: int
+    lease_s: float
+    rng: random.Random
+    alive: list[Worker] = field(default_factory=list)
+    ended_ns: dict[int, int] = field(default_factory=dict)  # pid -> when it was seen dead
+    killed: set[int] = field(default_factory=set)
+    unexpected_exits: list[tuple[int, int | None]] = field(default_factory=list)
+    started_count: int = 0
+
+    def fill(self) -> None:
+        """Start workers until `size` are running."""
+        while len(self.alive) < self.size:
+            self.alive.append(self._spawn())
+
+    def _spawn(self) -> Worker:
+        self.started_count += 1
+        path = self.log_dir / f"worker-{self.started_count:03d}.log"
+        log = path.open("wb")
+        command = [sys.executable, "-m", "retrier", "worker", APP,
+                   "--concurrency", str(self.concurrency), "--lease", str(self.lease_s)]
+        proc = subprocess.Popen(command, cwd=ROOT, env=self.env, stdout=log,
+                                stderr=subprocess.STDOUT)
+        return Worker(self.started_count, proc, log, path)
+
+    def kill_random(self, min_age: float, holders: set[int], timeout: float = 30.0) -> int:
+        """SIGKILL a random worker that has run at least `min_age` seconds (so it had
+        time to start and claim work), one of `holders` (pids holding running runs) if
+        any is; returns its pid."""
+        deadline = time.monotonic() + timeout
+        while True:
+            self.replace_exited()
+            ready = [w for w in self.alive if w.age() >= min_age]
+            if ready:
+                break
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"no worker lived {min_age} s within {timeout} s")
+            time.sleep(0.02)
+        victim = self.rng.choice([w for w in ready if w.pid in holders] or ready)
+        victim.proc.send_signal(signal.SIGKILL)
+        victim.proc.wait(timeout=30)
+        self._forget(victim)
+        self.killed.add(victim.pid)
+        return victim.pid
+
+    def replace_exited(self) -> None:
+        """Replace workers that exited by themselves (a crash: remembered)."""
+        for w in list(self.alive):
+            code = w.proc.poll()
+            if code is not None:
+                self._forget(w)
+                self.unexpected_exits.append((w.pid, code))
+        self.fill()
+
+    def _forget(self, w: Worker) -> None:
+        self.ended_ns[w.pid] = time.time_ns()
+        self.alive.remove(w)
+        w.log.close()
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """SIGTERM every worker (a graceful stop) and wait; SIGKILL stragglers."""
+        for w in self.alive:
+            w.proc.send_signal(signal.SIGTERM)
+        for w in list(self.alive):
+            try:
+                code: int | None = w.proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                w.proc.kill()
+                code = w.proc.wait()
+            if code != 0:
+                self.unexpected_exits.append((w.pid, code))
+            self._forget(w)
+
+
+_EXCEPTION_LINE = re.compile(r"^(?:[\w.]+\.)?(\w+(?:Error|Exception|Warning|Violation)|"
+                             r"KeyboardInterrupt|SystemExit)\b.*")
+
+
+def tracebacks(log_dir: Path) -> Counter[str]:
+    """Tracebacks in the workers' logs, counted by their final exception line's type."""
+    found: Counter[str] = Counter()
+    for path in sorted(log_dir.glob("worker-*.log")):
+        in_traceback = False
+        for line in path.read_text(errors="replace").splitlines():
+            if line.startswith("Traceback (most recent call last)"):
+                in_traceback = True
+            elif in_traceback and not line.startswith((" ", "\t")) and line.strip():
+                match = _EXCEPTION_LINE.match(line)
+                if match or ":" in line:
+                    found[match.group(1) if match else line.split(":")[0][:60]] += 1
+                    in_traceback = False
+    return found
+
+
+def log_lines(log_dir: Path, needle: str) -> int:
+    """How many lines of the workers' logs contain `needle`."""
+    return sum(
+        path.read_text(errors="replace").count(needle)
+        for path in log_dir.glob("worker-*.log")
+    )
+
+
+def environment(db_url: str, record_dir: Path, cap: int, fail_pct: int,
+                lease_s: float) -> dict[str, str]:
+    return {
+        **os.environ,
+        "CHAOS_DB_URL": db_url,
+        "CHAOS_RECORD_DIR": str(record_dir),
+        "CHAOS_CAP": str(cap),
+        "CHAOS_FAIL_PCT": str(fail_pct),
+        "CHAOS_LEASE_S": str(lease_s),
+        "TIERS_LOG_LEVEL": "WARNING",
+        "PYTHONPATH": os.pathsep.join(
+            [str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]),
+    }
+
+
+_LOG_LINE = re.compile(r"^\S+ \S+ (WARNING|ERROR|CRITICAL) (\S+): (.*)$")
+_IDS = re.compile(r"[0-9a-f]{16,}|\b\d+(\.\d+)?\b|\[[^\]]*\]|\S+:\d+:[0-9a-f]{6}")
+
+
+def log_messages(log_dir: Path) -> Counter[str]:
+    """Warnings and errors the workers logged, with ids and numbers blanked out."""
+    found: Counter[str] = Counter()
+    for path in sorted(log_dir.glob("worker-*.log")):
+        for line in path.read_text(errors="replace").splitlines():
+            match = _LOG_LINE.match(line)
+            if match:
+                level, logger, message = match.groups()
+                found[f"{level} {logger}: {_IDS.sub('_', message)[:90]}"] += 1
+    return found
