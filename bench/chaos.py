@@ -59,6 +59,8 @@ from bench.chaos_checks import (
     Expected,
     Snapshot,
     attempt_counts,
+    describe_workflow,
+    lost_workflows,
     outcome_counts,
     run_checks,
     workflow_counts,
@@ -86,7 +88,7 @@ class Settings:
     concurrency: int = 8
     kills: int = 100
     kill_every: float = 0.25  # seconds between kills (at least: see min_age)
-    min_age: float = 1.0  # a worker younger than this is not killed (it may not be up yet)
+    min_up: float = 0.5  # a worker that has served less than this is not killed
     cap: int = 3
     fail_pct: int = 30
     lease: float = 2.0
@@ -103,6 +105,8 @@ class Report:
     settings: Settings
     checks: list[Check]
     facts: list[tuple[str, str]] = field(default_factory=list)
+    kills: int = 0
+    lost_attempts: int = 0  # attempts the engine recorded as lost (their worker died)
 
     @property
     def ok(self) -> bool:
@@ -269,7 +273,7 @@ class Storm:
         for k in range(1, s.kills + 1):
             time.sleep(s.kill_every)
             holders = _lease_holders(self.app)
-            pid = self.fleet.kill_random(s.min_age, holders)
+            pid = self.fleet.kill_random(s.min_up, holders)
             self.hits += pid in holders
             self.fleet.fill()
             if k in disrupt_at:
@@ -362,9 +366,12 @@ def run_chaos(settings: Settings, db: Database, workdir: Path, say: Say = print)
     total_s = time.monotonic() - storm.began
     checks, snap = run_checks(app.retrier.engine, storm.feeder.expected, record_dir,
                               fleet.ended_ns, end_ns, settings.cap)
-    app.retrier.close()
     facts = _facts(storm, snap, log_dir, drained, storm_s, total_s)
-    return Report(db.label, settings, checks, facts)
+    facts += [("lost workflow", describe_workflow(app.retrier.engine, wf_id))
+              for wf_id in lost_workflows(snap, storm.feeder.expected)[:3]]
+    app.retrier.close()
+    return Report(db.label, settings, checks, facts, kills=len(fleet.killed),
+                  lost_attempts=attempt_counts(snap)["lost"])
 
 
 def _facts(storm: Storm, snap: Snapshot, log_dir: Path, drained: str,

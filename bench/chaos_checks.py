@@ -131,10 +131,9 @@ def runs_lost(snap: Snapshot, expected: Expected) -> Check:
     items = [f"item {n} {i} ({snap.state_of(i)})"
              for i, n in expected.items.items() if not snap.delivered(i)]
     workflows = [
-        f"workflow {label} {i} (workflow {snap.workflows.get(i, 'missing')}, "
+        f"workflow {expected.workflows[i]} {i} (workflow {snap.workflows.get(i, 'missing')}, "
         f"its on_complete run {snap.state_of(i)})"
-        for i, label in expected.workflows.items()
-        if snap.workflows.get(i) not in FINISHED_WORKFLOW or not snap.delivered(i)
+        for i in lost_workflows(snap, expected)
     ]
     bad = [*runs, *items, *workflows]
     return _check("runs lost (runs / items / workflows)", bad,
@@ -355,3 +354,32 @@ def run_checks(engine: Engine, expected: Expected, record_dir: Path,
         beyond_at_least_once(snap, expected, records.ends),
     ]
     return checks, snap
+
+
+# -- evidence --------------------------------------------------------------------------------
+
+
+def describe_workflow(engine: Engine, workflow_id: str) -> str:
+    """A workflow's journal, runs and attempts, for the report of a lost one."""
+    queries = [
+        ("journal", "SELECT name, kind, state, run_id, attempts, started_ms, finished_ms, "
+                    "wake_ms FROM tiers_workflow_steps WHERE workflow_id = :wf ORDER BY position"),
+        ("runs", "SELECT id, fn, state, outcome, attempts, failures, due_ms, created_ms, "
+                 "started_ms, finished_ms FROM tiers_runs WHERE owner = :wf OR id = :wf "
+                 "ORDER BY created_ms"),
+        ("attempts", "SELECT a.run_id, a.number, a.worker, a.started_ms, a.finished_ms, "
+                     "a.outcome FROM tiers_attempts a JOIN tiers_runs r ON r.id = a.run_id "
+                     "WHERE r.owner = :wf OR r.id = :wf ORDER BY a.started_ms"),
+    ]
+    lines = [f"workflow {workflow_id}:"]
+    with engine.connect() as conn:
+        for title, sql in queries:
+            result = conn.execute(text(sql), {"wf": workflow_id})
+            lines.append(f"  {title}: {' | '.join(result.keys())}")
+            lines += [f"    {' | '.join(str(v) for v in row)}" for row in result]
+    return "\n".join(lines)
+
+
+def lost_workflows(snap: Snapshot, expected: Expected) -> list[str]:
+    return [i for i in expected.workflows
+            if snap.workflows.get(i) not in FINISHED_WORKFLOW or not snap.delivered(i)]

@@ -43,8 +43,8 @@ def libpq(url: str) -> str:
 
 
 class SqliteDatabase:
-    def __init__(self, directory: Path) -> None:
-        self.url = self.worker_url = f"sqlite:///{directory / 'chaos.db'}"
+    def __init__(self, url: str) -> None:
+        self.url = self.worker_url = url
         self.label = "sqlite (one file, WAL)"
         self.disruption: str | None = None
 
@@ -116,9 +116,21 @@ def _ctl(version: str, name: str, *action: str) -> None:
                    capture_output=True, timeout=120)
 
 
+def database_for(url: str, *, terminate: bool = True) -> SqliteDatabase | PostgresSchema:
+    """The database of a URL made elsewhere (a SQLite file, or a PostgreSQL URL with
+    `?options=-csearch_path%3D<schema>`, as the test suite's `db_url` fixture makes)."""
+    if url.startswith("sqlite"):
+        return SqliteDatabase(url)
+    base, _, query = url.partition("?")
+    schema = query.partition("search_path%3D")[2].partition("&")[0]
+    if not schema:
+        raise ValueError(f"no search_path schema in {url!r}")
+    return PostgresSchema(base, schema, terminate=terminate)
+
+
 @contextmanager
 def sqlite_database(directory: Path) -> Iterator[SqliteDatabase]:
-    yield SqliteDatabase(directory)
+    yield SqliteDatabase(f"sqlite:///{directory / 'chaos.db'}")
 
 
 @contextmanager

@@ -21,6 +21,7 @@ from typing import IO
 
 ROOT = Path(__file__).resolve().parent.parent
 APP = "bench.chaos_app:retrier"
+READY_LINE = "started (concurrency"  # the worker's INFO line once it serves
 
 
 @dataclass
@@ -29,14 +30,19 @@ class Worker:
     proc: subprocess.Popen[bytes]
     log: IO[bytes]
     log_path: Path
-    started: float = field(default_factory=time.monotonic)
+    ready_at: float | None = None
 
     @property
     def pid(self) -> int:
         return self.proc.pid
 
-    def age(self) -> float:
-        return time.monotonic() - self.started
+    def up_for(self) -> float:
+        """Seconds since the worker logged that it started serving (0 before)."""
+        if self.ready_at is None:
+            if READY_LINE not in self.log_path.read_text(errors="replace"):
+                return 0.0
+            self.ready_at = time.monotonic()
+        return time.monotonic() - self.ready_at
 
 
 @dataclass
@@ -70,18 +76,18 @@ class Fleet:
                                 stderr=subprocess.STDOUT)
         return Worker(self.started_count, proc, log, path)
 
-    def kill_random(self, min_age: float, holders: set[int], timeout: float = 30.0) -> int:
-        """SIGKILL a random worker that has run at least `min_age` seconds (so it had
-        time to start and claim work), one of `holders` (pids holding running runs) if
-        any is; returns its pid."""
+    def kill_random(self, min_up: float, holders: set[int], timeout: float = 60.0) -> int:
+        """SIGKILL a random worker that has served at least `min_up` seconds (so it
+        had time to claim work), one of `holders` (pids holding running runs) if any
+        is; returns its pid."""
         deadline = time.monotonic() + timeout
         while True:
             self.replace_exited()
-            ready = [w for w in self.alive if w.age() >= min_age]
+            ready = [w for w in self.alive if w.up_for() >= min_up]
             if ready:
                 break
             if time.monotonic() > deadline:
-                raise TimeoutError(f"no worker lived {min_age} s within {timeout} s")
+                raise TimeoutError(f"no worker served {min_up} s within {timeout} s")
             time.sleep(0.02)
         victim = self.rng.choice([w for w in ready if w.pid in holders] or ready)
         victim.proc.send_signal(signal.SIGKILL)
@@ -156,7 +162,7 @@ def environment(db_url: str, record_dir: Path, cap: int, fail_pct: int,
         "CHAOS_CAP": str(cap),
         "CHAOS_FAIL_PCT": str(fail_pct),
         "CHAOS_LEASE_S": str(lease_s),
-        "TIERS_LOG_LEVEL": "WARNING",
+        "TIERS_LOG_LEVEL": "INFO",  # for READY_LINE; the engine logs little at INFO
         "PYTHONPATH": os.pathsep.join(
             [str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]),
     }
