@@ -39,10 +39,12 @@ from __future__ import annotations
 
 import argparse
 import random
+import re
 import shutil
 import sys
 import tempfile
 import time
+from collections import Counter
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field, replace
@@ -68,6 +70,7 @@ from bench.chaos_checks import (
 from bench.chaos_db import (
     Database,
     can_make_cluster,
+    deadlocks,
     postgres_cluster,
     postgres_schema,
     sqlite_database,
@@ -347,9 +350,9 @@ def run_chaos(settings: Settings, db: Database, workdir: Path, say: Say = print)
     app = build(db.url, record_dir, cap=settings.cap, fail_pct=settings.fail_pct,
                 lease_s=settings.lease)
     fleet = Fleet(settings.workers,
-                  environment(db.worker_url, record_dir, settings.cap, settings.fail_pct,
-                              settings.lease),
-                  log_dir, settings.concurrency, settings.lease, random.Random(settings.seed))
+                  environment(record_dir, settings.cap, settings.fail_pct, settings.lease),
+                  db.worker_url, log_dir, settings.concurrency, settings.lease,
+                  random.Random(settings.seed))
     storm = Storm(app, db, fleet, Feeder(app, settings), settings, say)
     say(f"{db.label}: {settings.workers} workers x concurrency {settings.concurrency}, "
         f"lease {settings.lease:g} s; {settings.kills} SIGKILLs; {settings.runs} runs, "
@@ -367,6 +370,8 @@ def run_chaos(settings: Settings, db: Database, workdir: Path, say: Say = print)
     checks, snap = run_checks(app.retrier.engine, storm.feeder.expected, record_dir,
                               fleet.ended_ns, end_ns, settings.cap)
     facts = _facts(storm, snap, log_dir, drained, storm_s, total_s)
+    facts += _server_facts(db, log_dir)
+    facts += _failure_facts(app)
     facts += [("lost workflow", describe_workflow(app.retrier.engine, wf_id))
               for wf_id in lost_workflows(snap, storm.feeder.expected)[:3]]
     app.retrier.close()
@@ -397,6 +402,34 @@ def _facts(storm: Storm, snap: Snapshot, log_dir: Path, drained: str,
         ("warnings and errors logged by workers",
          "".join(f"\n    {n:5d}  {m}" for m, n in messages.most_common(12)) or "none"),
     ]
+
+
+def _server_facts(db: Database, log_dir: Path) -> list[tuple[str, str]]:
+    """Deadlocks in the server's log (own cluster only; the log is kept with the workers')."""
+    log = db.server_log()
+    if log is None:
+        return []
+    (log_dir / "server.log").write_text(log)
+    found = deadlocks(log)
+    shown = "".join(f"\n    {d}" for d in found[:6])
+    return [("deadlocks in the server log", f"{len(found)}{shown}")]
+
+
+def _failure_facts(app: ChaosApp) -> list[tuple[str, str]]:
+    """Why runs and workflows that failed for good failed, counted by error."""
+    def read(conn: Any) -> list[Any]:
+        return list(conn.execute(text(
+            "SELECT 'run ' || fn, error FROM tiers_runs WHERE outcome = 'failed' "
+            "UNION ALL SELECT 'workflow ' || name, error FROM tiers_workflows "
+            "WHERE state = 'failed'")).all())
+
+    counts = Counter(f"{what}: {_IDS.sub('_', (error or '')[:100])}"
+                     for what, error in _retrying(app, read))
+    return [("failed for good", "".join(f"\n    {n:5d}  {e}" for e, n in counts.most_common(8))
+             or "nothing")]
+
+
+_IDS = re.compile(r"[0-9a-f]{32}")
 
 
 # -- command line --------------------------------------------------------------------------

@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import time
@@ -29,12 +30,20 @@ class Database(Protocol):
     """Where a chaos run keeps its state, and how to shake it."""
 
     url: str  # for the harness's own connections
-    worker_url: str  # for the worker processes
     label: str  # how the report names it
     disruption: str | None  # "restart", "terminate" or None
 
+    def worker_url(self, number: int) -> str:
+        """The URL worker number `number` connects with (on PostgreSQL, its own
+        application_name: the server's log and pg_stat_activity then name it)."""
+        ...
+
     def disrupt(self) -> str:
         """Shake the database once; returns what was done, for the progress line."""
+        ...
+
+    def server_log(self) -> str | None:
+        """The server's log, if it is the harness's own server."""
         ...
 
 
@@ -44,12 +53,18 @@ def libpq(url: str) -> str:
 
 class SqliteDatabase:
     def __init__(self, url: str) -> None:
-        self.url = self.worker_url = url
+        self.url = url
         self.label = "sqlite (one file, WAL)"
         self.disruption: str | None = None
 
+    def worker_url(self, number: int) -> str:
+        return self.url
+
     def disrupt(self) -> str:
         return "nothing to disrupt on SQLite"
+
+    def server_log(self) -> str | None:
+        return None
 
 
 class PostgresSchema:
@@ -60,9 +75,11 @@ class PostgresSchema:
         self.schema = schema
         self.app_name = f"chaos-{schema}"
         self.url = f"{base}?options=-csearch_path%3D{schema}"
-        self.worker_url = f"{self.url}&application_name={self.app_name}"
         self.label = f"postgresql (schema {schema} on the shared server)"
         self.disruption = "terminate" if terminate else None
+
+    def worker_url(self, number: int) -> str:
+        return f"{self.url}&application_name={self.app_name}-w{number}"
 
     def disrupt(self) -> str:
         import psycopg
@@ -70,10 +87,13 @@ class PostgresSchema:
         with psycopg.connect(libpq(self.base), autocommit=True) as conn:
             row = conn.execute(
                 "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
-                "WHERE application_name = %s AND pid <> pg_backend_pid()",
-                (self.app_name,),
+                "WHERE application_name LIKE %s AND pid <> pg_backend_pid()",
+                (f"{self.app_name}-w%",),
             ).fetchone()
         return f"terminated {row[0] if row else 0} worker backends"
+
+    def server_log(self) -> str | None:
+        return None
 
 
 class PostgresCluster:
@@ -83,14 +103,21 @@ class PostgresCluster:
         self.version = version
         self.name = name
         self.port = port
-        self.url = self.worker_url = f"postgresql+psycopg://postgres@127.0.0.1:{port}/postgres"
+        self.url = f"postgresql+psycopg://postgres@127.0.0.1:{port}/postgres"
         self.label = f"postgresql (own cluster {version}/{name} on port {port})"
         self.disruption: str | None = "restart"
+
+    def worker_url(self, number: int) -> str:
+        return f"{self.url}?application_name=chaos-w{number}"
 
     def disrupt(self) -> str:
         began = time.monotonic()
         _ctl(self.version, self.name, "restart", "-m", "fast")
         return f"restarted the server in {time.monotonic() - began:.1f} s"
+
+    def server_log(self) -> str | None:
+        path = Path(f"/var/log/postgresql/postgresql-{self.version}-{self.name}.log")
+        return path.read_text(errors="replace") if path.exists() else None
 
 
 def can_make_cluster() -> bool:
@@ -155,7 +182,9 @@ def postgres_cluster(port: int) -> Iterator[PostgresCluster]:
     assert version is not None, "no PostgreSQL server binaries under /usr/lib/postgresql"
     name = f"chaos{os.getpid()}"
     subprocess.run(
-        ["pg_createcluster", version, name, "-p", str(port), "--",
+        ["pg_createcluster", version, name, "-p", str(port),
+         # The application_name (%a) names the worker in every line of the log.
+         "-o", "log_line_prefix=%m [%p] %a ", "-o", "log_connections=on", "--",
          "--auth-local=trust", "--auth-host=trust"],
         check=True, capture_output=True, timeout=120,
     )
@@ -165,3 +194,27 @@ def postgres_cluster(port: int) -> Iterator[PostgresCluster]:
     finally:
         subprocess.run(["pg_dropcluster", "--stop", version, name],
                        check=False, capture_output=True, timeout=120)
+
+
+_CONNECTION = re.compile(r"\[(\d+)\] .*connection authorized: .*application_name=(\S+)")
+_WAITS = re.compile(r"Process (\d+) waits for (.+?); blocked by process (\d+)\.")
+_STATEMENT = re.compile(r"^\s*Process (\d+): (.*)$")
+
+
+def deadlocks(server_log: str) -> list[str]:
+    """The deadlocks a server's log reports, each as the two backends' application
+    names (so, which workers) and the start of their statements."""
+    names = {pid: name for pid, name in _CONNECTION.findall(server_log)}
+    lines = server_log.splitlines()
+    found = []
+    for index, line in enumerate(lines):
+        if "ERROR:  deadlock detected" not in line:
+            continue
+        statements: dict[str, str] = {}
+        for follow in lines[index + 1:index + 12]:
+            match = _STATEMENT.match(follow)
+            if match:
+                statements.setdefault(match.group(1), " ".join(match.group(2).split())[:70])
+        parts = [f"{names.get(pid, '?')} [{pid}] {sql}" for pid, sql in statements.items()]
+        found.append(" <-> ".join(parts) or line)
+    return found

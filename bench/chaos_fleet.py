@@ -15,6 +15,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
@@ -51,6 +52,7 @@ class Fleet:
 
     size: int
     env: dict[str, str]
+    url_for: Callable[[int], str]  # worker number -> its database URL
     log_dir: Path
     concurrency: int
     lease_s: float
@@ -72,7 +74,8 @@ class Fleet:
         log = path.open("wb")
         command = [sys.executable, "-m", "retrier", "worker", APP,
                    "--concurrency", str(self.concurrency), "--lease", str(self.lease_s)]
-        proc = subprocess.Popen(command, cwd=ROOT, env=self.env, stdout=log,
+        env = {**self.env, "CHAOS_DB_URL": self.url_for(self.started_count)}
+        proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log,
                                 stderr=subprocess.STDOUT)
         return Worker(self.started_count, proc, log, path)
 
@@ -153,11 +156,9 @@ def log_lines(log_dir: Path, needle: str) -> int:
     )
 
 
-def environment(db_url: str, record_dir: Path, cap: int, fail_pct: int,
-                lease_s: float) -> dict[str, str]:
+def environment(record_dir: Path, cap: int, fail_pct: int, lease_s: float) -> dict[str, str]:
     return {
         **os.environ,
-        "CHAOS_DB_URL": db_url,
         "CHAOS_RECORD_DIR": str(record_dir),
         "CHAOS_CAP": str(cap),
         "CHAOS_FAIL_PCT": str(fail_pct),
