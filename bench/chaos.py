@@ -97,6 +97,7 @@ class Settings:
     lease: float = 2.0
     run_ms: int = 20
     item_ms: int = 40
+    nap_ms: int = 200  # the workflows' durable sleep
     disruptions: int = 2  # PostgreSQL only
     drain_timeout: float = 240.0
     seed: int = 1
@@ -348,9 +349,10 @@ def run_chaos(settings: Settings, db: Database, workdir: Path, say: Say = print)
     record_dir.mkdir(parents=True, exist_ok=True)
     log_dir.mkdir(parents=True, exist_ok=True)
     app = build(db.url, record_dir, cap=settings.cap, fail_pct=settings.fail_pct,
-                lease_s=settings.lease)
+                lease_s=settings.lease, nap_ms=settings.nap_ms)
     fleet = Fleet(settings.workers,
-                  environment(record_dir, settings.cap, settings.fail_pct, settings.lease),
+                  environment(record_dir, settings.cap, settings.fail_pct, settings.lease,
+                              settings.nap_ms),
                   db.worker_url, log_dir, settings.concurrency, settings.lease,
                   random.Random(settings.seed))
     storm = Storm(app, db, fleet, Feeder(app, settings), settings, say)

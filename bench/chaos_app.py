@@ -7,6 +7,7 @@ Settings come from the environment, so the harness and every worker build the sa
     CHAOS_CAP          the capped pool's max_parallelism (default 3)
     CHAOS_FAIL_PCT     share of attempts that fail, in percent (default 30)
     CHAOS_LEASE_S      the lease, in seconds (default 2)
+    CHAOS_NAP_MS       the workflows' durable sleep, in milliseconds (default 200)
 
 What it defines:
 
@@ -103,7 +104,7 @@ def now_us() -> int:
 
 
 def build(url: str, record_dir: Path, *, cap: int = 3, fail_pct: int = 30,
-          lease_s: float = 2.0) -> ChaosApp:
+          lease_s: float = 2.0, nap_ms: int = 200) -> ChaosApp:
     """The app on `url`; creates its tables if they are missing."""
     retrier = Retrier(
         url,
@@ -120,7 +121,7 @@ def build(url: str, record_dir: Path, *, cap: int = 3, fail_pct: int = 30,
                      retry_actions_by_default=True, default_retry_behavior=retry)
     workflows = WorkflowManager(steps)
     _register_actions(retrier, record_dir, fail_pct)
-    _register_workflow(workflows)
+    _register_workflow(workflows, nap_ms)
     return ChaosApp(retrier, pool, workflows)
 
 
@@ -179,14 +180,14 @@ def _register_actions(retrier: Retrier, record_dir: Path, fail_pct: int) -> None
                 run_id=run_id, outcome=result.kind, pid=os.getpid()))
 
 
-def _register_workflow(workflows: WorkflowManager) -> None:
+def _register_workflow(workflows: WorkflowManager, nap_ms: int) -> None:
     @workflows.define(name="chaos_flow")
     async def chaos_flow(ctx: WorkflowContext, label: str) -> int:
         total = 0
         for i in range(WORKFLOW_STEPS):
             total += await ctx.step(f"s{i}", "chaos_step", {"label": label, "step": i})
             if i == 1:
-                await ctx.sleep("nap", timedelta(milliseconds=30))
+                await ctx.sleep("nap", timedelta(milliseconds=nap_ms))
         return total
 
 
@@ -216,6 +217,7 @@ def from_env() -> ChaosApp:
         cap=int(os.environ.get("CHAOS_CAP", "3")),
         fail_pct=int(os.environ.get("CHAOS_FAIL_PCT", "30")),
         lease_s=float(os.environ.get("CHAOS_LEASE_S", "2")),
+        nap_ms=int(os.environ.get("CHAOS_NAP_MS", "200")),
     )
 
 

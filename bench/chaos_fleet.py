@@ -156,13 +156,16 @@ def log_lines(log_dir: Path, needle: str) -> int:
     )
 
 
-def environment(record_dir: Path, cap: int, fail_pct: int, lease_s: float) -> dict[str, str]:
+def environment(record_dir: Path, cap: int, fail_pct: int, lease_s: float,
+                nap_ms: int) -> dict[str, str]:
+    """What every worker's environment adds (see bench/chaos_app.py)."""
     return {
         **os.environ,
         "CHAOS_RECORD_DIR": str(record_dir),
         "CHAOS_CAP": str(cap),
         "CHAOS_FAIL_PCT": str(fail_pct),
         "CHAOS_LEASE_S": str(lease_s),
+        "CHAOS_NAP_MS": str(nap_ms),
         "TIERS_LOG_LEVEL": "INFO",  # for READY_LINE; the engine logs little at INFO
         "PYTHONPATH": os.pathsep.join(
             [str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]),

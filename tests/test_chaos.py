@@ -11,7 +11,6 @@ nothing stuck, the cap held, no step re-run after being journaled.
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import pytest
@@ -30,10 +29,8 @@ SHORT = Settings(
 @pytest.mark.timeout(90)
 def test_a_short_sigkill_storm_loses_and_doubles_nothing(db_url: str, tmp_path: Path) -> None:
     lines: list[str] = []
-    began = time.monotonic()
     report = run_chaos(SHORT, database_for(db_url), tmp_path, say=lines.append)
     assert report.ok, "\n".join([*lines, report.render(), f"worker logs: {tmp_path / 'logs'}"])
     assert len(report.checks) == 9
     assert report.kills == SHORT.kills
     assert report.lost_attempts > 0, "the kills interrupted running attempts"
-    assert time.monotonic() - began < 60
