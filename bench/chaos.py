@@ -65,6 +65,7 @@ from bench.chaos_checks import (
     lost_workflows,
     outcome_counts,
     run_checks,
+    worker_pid,
     workflow_counts,
 )
 from bench.chaos_db import (
@@ -90,7 +91,7 @@ class Settings:
     workers: int = 3
     concurrency: int = 8
     kills: int = 100
-    kill_every: float = 0.25  # seconds between kills (at least: see min_age)
+    kill_every: float = 0.25  # seconds between kills (at least: see min_up)
     min_up: float = 0.5  # a worker that has served less than this is not killed
     cap: int = 3
     fail_pct: int = 30
@@ -176,6 +177,8 @@ class Feeder:
         self.expected.items.update(self._durably(write))
 
     def _workflows(self, numbers: range) -> None:
+        # Keys make a second attempt return the ids of a first whose commit went
+        # through unanswered.
         if not numbers:
             return
 
@@ -248,12 +251,7 @@ def _lease_holders(app: ChaosApp) -> set[int]:
     """Pids of the workers that hold a running run now."""
     rows = _retrying(app, lambda conn: conn.execute(text(
         "SELECT DISTINCT lease_owner FROM tiers_runs WHERE state = 'running'")).all())
-    pids = set()
-    for (owner,) in rows:
-        parts = (owner or "").rsplit(":", 2)
-        if len(parts) == 3 and parts[1].isdigit():
-            pids.add(int(parts[1]))
-    return pids
+    return {pid for (owner,) in rows if (pid := worker_pid(owner)) is not None}
 
 
 @dataclass
@@ -398,7 +396,7 @@ def _facts(storm: Storm, snap: Snapshot, log_dir: Path, drained: str,
         ("drained", f"{drained}; storm {storm_s:.1f} s, "
                     f"total {total_s:.1f} s"),
         ("worker exits not caused by the harness",
-         ", ".join(f"pid {p} code {c}" for p, c in fleet.unexpected_exits) or "none"),
+         ", ".join(fleet.unexpected_exits) or "none"),
         ("tracebacks in worker logs",
          ", ".join(f"{n} {k}" for k, n in crashes.most_common()) or "none"),
         ("warnings and errors logged by workers",

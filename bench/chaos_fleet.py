@@ -60,7 +60,7 @@ class Fleet:
     alive: list[Worker] = field(default_factory=list)
     ended_ns: dict[int, int] = field(default_factory=dict)  # pid -> when it was seen dead
     killed: set[int] = field(default_factory=set)
-    unexpected_exits: list[tuple[int, int | None]] = field(default_factory=list)
+    unexpected_exits: list[str] = field(default_factory=list)  # "pid P code C (log)"
     started_count: int = 0
 
     def fill(self) -> None:
@@ -105,7 +105,7 @@ class Fleet:
             code = w.proc.poll()
             if code is not None:
                 self._forget(w)
-                self.unexpected_exits.append((w.pid, code))
+                self._exited(w, code)
         self.fill()
 
     def _forget(self, w: Worker) -> None:
@@ -124,8 +124,11 @@ class Fleet:
                 w.proc.kill()
                 code = w.proc.wait()
             if code != 0:
-                self.unexpected_exits.append((w.pid, code))
+                self._exited(w, code)
             self._forget(w)
+
+    def _exited(self, w: Worker, code: int) -> None:
+        self.unexpected_exits.append(f"pid {w.pid} code {code} ({w.log_path.name})")
 
 
 _EXCEPTION_LINE = re.compile(r"^(?:[\w.]+\.)?(\w+(?:Error|Exception|Warning|Violation)|"
