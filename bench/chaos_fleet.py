@@ -127,7 +127,7 @@ class Fleet:
                 self._exited(w, code)
             self._forget(w)
 
-    def _exited(self, w: Worker, code: int) -> None:
+    def _exited(self, w: Worker, code: int | None) -> None:
         self.unexpected_exits.append(f"pid {w.pid} code {code} ({w.log_path.name})")
 
 
