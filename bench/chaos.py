@@ -27,6 +27,8 @@ finish (--drain-timeout), the workers are stopped with SIGTERM, and it checks:
   is reaped): both at most the cap;
 - steps re-run after being journaled: no step's action began after its result was
   journaled (a step whose worker died mid-action may run again: it began before);
+- workflows failed by an engine error: a workflow fails only because a step
+  exhausted its attempts (StepFailed), never over a database error;
 - executions beyond at-least-once: an action succeeds once per run, plus once per
   lost attempt of that run.
 

@@ -60,6 +60,7 @@ class Snapshot:
     duplicates: list[Any]
     effects: dict[str, list[Any]]
     workflows: dict[str, str]
+    workflow_errors: dict[str, str]
     journal: dict[tuple[str, str], Any]
 
     def lost_attempts(self, run_id: str | None) -> int:
@@ -89,6 +90,7 @@ def read_snapshot(engine: Engine) -> Snapshot:
                       "FROM tiers_attempts"):
             attempts[a.run_id].append(
                 Attempt(a.run_id, a.outcome, worker_pid(a.worker), a.started_ms, a.finished_ms))
+        flows = rows("SELECT id, state, error FROM tiers_workflows")
         effects: dict[str, list[Any]] = defaultdict(list)
         for e in rows("SELECT kind, key, outcome, pid, started_us FROM chaos_effects"):
             effects[e.key].append(e)
@@ -98,7 +100,8 @@ def read_snapshot(engine: Engine) -> Snapshot:
             completions=Counter(r.run_id for r in rows("SELECT run_id FROM chaos_completions")),
             duplicates=list(rows("SELECT run_id, outcome, pid FROM chaos_duplicates")),
             effects=effects,
-            workflows={r.id: r.state for r in rows("SELECT id, state FROM tiers_workflows")},
+            workflows={r.id: r.state for r in flows},
+            workflow_errors={r.id: r.error or "" for r in flows},
             journal={(r.workflow_id, r.name): r for r in rows(
                 "SELECT workflow_id, name, state, run_id, finished_ms "
                 "FROM tiers_workflow_steps WHERE kind = 'step'")},
@@ -182,6 +185,18 @@ def stuck(snap: Snapshot) -> tuple[Check, Check]:
             if r.state in ("pending", "finishing")]
     return (_check("stuck leases (running / delivering)", leased),
             _check("unfinished runs (pending / finishing)", left))
+
+
+def workflows_failed_by_engine(snap: Snapshot, expected: Expected) -> Check:
+    """A workflow may fail only as its code says: here, a step that exhausted its
+    attempts (StepFailed). The body does nothing else that can raise, so any other
+    error (a database error from a journal write, say) is the engine failing a
+    durable workflow for good over something it should have retried."""
+    bad = [f"workflow {label} {wf_id}: {snap.workflow_errors.get(wf_id, '')[:120]}"
+           for wf_id, label in expected.workflows.items()
+           if snap.workflows.get(wf_id) == "failed"
+           and not snap.workflow_errors.get(wf_id, "").startswith("StepFailed")]
+    return _check("workflows failed by an engine error", bad)
 
 
 def steps_rerun_after_journaled(snap: Snapshot, expected: Expected) -> Check:
@@ -351,6 +366,7 @@ def run_checks(engine: Engine, expected: Expected, record_dir: Path,
         *stuck(snap),
         *pool_overlap(records, snap, expected, cap),
         steps_rerun_after_journaled(snap, expected),
+        workflows_failed_by_engine(snap, expected),
         beyond_at_least_once(snap, expected, records.ends),
     ]
     return checks, snap

@@ -31,6 +31,6 @@ def test_a_short_sigkill_storm_loses_and_doubles_nothing(db_url: str, tmp_path: 
     lines: list[str] = []
     report = run_chaos(SHORT, database_for(db_url), tmp_path, say=lines.append)
     assert report.ok, "\n".join([*lines, report.render(), f"worker logs: {tmp_path / 'logs'}"])
-    assert len(report.checks) == 9
+    assert len(report.checks) == 10
     assert report.kills == SHORT.kills
     assert report.lost_attempts > 0, "the kills interrupted running attempts"
