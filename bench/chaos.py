@@ -87,6 +87,8 @@ STALL_S = 5.0
 
 @dataclass(frozen=True)
 class Settings:
+    """One chaos run's knobs; the command line sets them (tests/test_chaos.py too)."""
+
     runs: int = 2000
     items: int = 300
     workflows: int = 200
@@ -108,6 +110,8 @@ class Settings:
 
 @dataclass
 class Report:
+    """The checks of one chaos run, and facts that help read them."""
+
     label: str
     settings: Settings
     checks: list[Check]
@@ -258,6 +262,8 @@ def _lease_holders(app: ChaosApp) -> set[int]:
 
 @dataclass
 class Storm:
+    """The killer loop (with the feeder and the disruptions), then the drain."""
+
     app: ChaosApp
     db: Database
     fleet: Fleet
