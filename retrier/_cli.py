@@ -10,6 +10,7 @@ import importlib
 import os
 import signal
 import sys
+import time
 from datetime import timedelta
 from importlib.metadata import entry_points
 from typing import Any
@@ -20,6 +21,7 @@ from rich.console import Console
 from rich.table import Column, Table
 
 from ._clock import SystemClock, ms_to_datetime
+from ._dialects import is_transient
 from ._errors import TiersError
 from ._models import RunRow
 from ._retrier import Retrier
@@ -45,6 +47,35 @@ def load_app(spec: str) -> Any:
         return getattr(module, attr)
     except AttributeError:
         raise click.BadParameter(f"{module_name!r} has no attribute {attr!r}") from None
+
+
+def load_app_waiting_for_database(spec: str, patience: float = 120.0) -> Any:
+    """`load_app`, retried while the database does not answer yet (a worker started
+    with, or during a restart of, its database server), for up to `patience` s."""
+    deadline = time.monotonic() + patience
+    pause = 0.5
+    while True:
+        try:
+            return load_app(spec)
+        except Exception as exc:
+            cause = _transient_cause(exc)
+            if cause is None or time.monotonic() + pause > deadline:
+                raise
+            err_console.print(
+                f"[yellow]the database does not answer yet[/yellow] "
+                f"({type(cause).__name__}); trying again in {pause:g} s"
+            )
+        time.sleep(pause)
+        pause = min(pause * 2, 10.0)
+
+
+def _transient_cause(exc: BaseException | None) -> BaseException | None:
+    seen = 0
+    while exc is not None and seen < 10:
+        if is_transient(exc):
+            return exc
+        exc, seen = exc.__cause__ or exc.__context__, seen + 1
+    return None
 
 
 def retrier_of(app: Any) -> Retrier:
@@ -98,7 +129,7 @@ def main(ctx: click.Context, db: str | None, app: str | None) -> None:
 @click.option("--poll", type=click.FloatRange(min=0.01), help="Poll interval in seconds.")
 def worker(app: str, concurrency: int | None, lease: float | None, poll: float | None) -> None:
     """Run a worker for APP (module:attribute) until SIGINT or SIGTERM."""
-    retrier = retrier_of(load_app(app))
+    retrier = retrier_of(load_app_waiting_for_database(app))
     options: dict[str, Any] = {}
     if concurrency:
         options["concurrency"] = concurrency

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 import logging
 import re
 import sqlite3
@@ -76,6 +77,26 @@ def is_transient(exc: BaseException) -> bool:
     return isinstance(
         exc, sa_exc.OperationalError | sa_exc.InterfaceError | sa_exc.TimeoutError
     )
+
+
+def reconnecting(fn: Callable[P, T]) -> Callable[P, T]:
+    """Call `fn` once more if its connection turned out dead (the server restarted,
+    or dropped it): SQLAlchemy has then discarded the pool's old connections, so the
+    second try connects afresh. Only for calls that open their own transaction and
+    may safely run twice: a failed first statement on a dead connection did nothing.
+    (Cheaper than a ping before every checkout.)"""
+
+    @functools.wraps(fn)
+    def call(*args: P.args, **kwargs: P.kwargs) -> T:
+        try:
+            return fn(*args, **kwargs)
+        except sa_exc.DBAPIError as exc:
+            if not exc.connection_invalidated:
+                raise
+            log.info("database connection was lost; trying again on a new one")
+        return fn(*args, **kwargs)
+
+    return call
 
 
 class WouldBlock(Exception):

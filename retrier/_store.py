@@ -36,11 +36,12 @@ from sqlalchemy import (
     text,
     update,
 )
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.schema import CreateColumn
 from sqlmodel import SQLModel
 
 from ._clock import Clock
-from ._dialects import CANCEL, WAKE, Dialect, open_dialect
+from ._dialects import CANCEL, WAKE, Dialect, is_transient, open_dialect, reconnecting
 from ._errors import RunNotFinished, RunNotFound, SchemaTooNew, UnregisteredFunction
 from ._models import (
     CANCELED,
@@ -554,10 +555,19 @@ class Store:
         if conn is not None:
             conn.execute(INSERT_RUNS, rows)
             return
+        self._insert_own(rows)
+
+    @reconnecting
+    def _insert_own(self, rows: list[dict[str, Any]]) -> None:
         # Workers learn of new runs from the Retrier (same process), from a trigger's
         # NOTIFY (PostgreSQL) or by polling (SQLite in other processes).
-        with self.dialect.write_one() if len(rows) == 1 else self.dialect.write() as own:
-            own.execute(insert(runs), rows)
+        try:
+            with self.dialect.write_one() if len(rows) == 1 else self.dialect.write() as own:
+                own.execute(insert(runs), rows)
+        except IntegrityError:
+            # Tried again after a dropped connection: the first try may have committed.
+            if self.states(r["id"] for r in rows).keys() != {r["id"] for r in rows}:
+                raise
 
     def ensure_pending(self, conn: Connection, new: NewRun) -> None:
         """Make sure one pending run of `new.fn` for `new.owner` is due by `new.due_ms`:
@@ -796,6 +806,7 @@ class Store:
         ordered = sorted(fresh, key=lambda r: (r.due_ms, -r.priority))
         return ordered[:limit]
 
+    @reconnecting
     def next_due_ms(self, runnable: Runnable = ANYTHING) -> int | None:
         """The earliest due time of any claimable run that `runnable` covers."""
         with self.dialect.read() as conn:
@@ -1195,13 +1206,16 @@ class Store:
         ids = list(held)
         with self.dialect.write_internal() as conn:
             now = self.clock.now_ms()
+            # Rows locked right now are skipped, not waited for: their lock is this
+            # worker's own record settling them (waiting could deadlock with it).
+            renewable = self.dialect.lock_for_claim(
+                select(runs.c.id).where(
+                    runs.c.id.in_(ids), runs.c.lease_owner == worker, in_state(*LEASED)
+                )
+            )
             conn.execute(
                 update(runs)
-                .where(
-                    runs.c.id.in_(ids),
-                    runs.c.lease_owner == worker,
-                    in_state(*LEASED),
-                )
+                .where(runs.c.id.in_(renewable.scalar_subquery()))
                 .values(lease_until_ms=now + lease_ms)
             )
             rows = conn.execute(
@@ -1371,6 +1385,7 @@ class Store:
 
     # -- cancel, read, delete ------------------------------------------------------------
 
+    @reconnecting
     def cancel(self, run_id: str) -> bool:
         """Cancel a run: pending at once; running best effort. False if already over."""
         with self.dialect.write() as conn:
@@ -1448,6 +1463,7 @@ class Store:
             raise RunNotFound(run_id)
         return rows[run_id]
 
+    @reconnecting
     def get_many(self, run_ids: Iterable[str]) -> dict[str, RunRow]:
         ids = list(run_ids)
         found: dict[str, RunRow] = {}
@@ -1457,6 +1473,7 @@ class Store:
                     found[row["id"]] = RunRow.model_validate(dict(row))
         return found
 
+    @reconnecting
     def states(self, run_ids: Iterable[str]) -> dict[str, str]:
         """Just the state of each run; cheap enough to poll."""
         ids = list(run_ids)
@@ -1467,6 +1484,7 @@ class Store:
                 out.update({r.id: r.state for r in conn.execute(stmt)})
         return out
 
+    @reconnecting
     def attempts(self, run_id: str) -> list[AttemptRow]:
         with self.dialect.read() as conn:
             rows = conn.execute(
@@ -1476,6 +1494,7 @@ class Store:
             ).mappings()
             return [AttemptRow.model_validate(dict(r)) for r in rows]
 
+    @reconnecting
     def list_runs(
         self,
         *,
@@ -1529,6 +1548,7 @@ class Store:
 
     # -- queues -------------------------------------------------------------------------
 
+    @reconnecting
     def set_queue(self, limits: QueueLimits) -> None:
         values = {
             "max_parallelism": limits.max_parallelism,
@@ -1546,16 +1566,19 @@ class Store:
                 conn.execute(insert(queues_t).values(name=limits.name, **values))
             self.dialect.notify(conn, WAKE)
 
+    @reconnecting
     def get_queue(self, name: str) -> QueueLimits | None:
         with self.dialect.read() as conn:
             row = conn.execute(select(queues_t).where(queues_t.c.name == name)).first()
         return _limits(row) if row is not None else None
 
+    @reconnecting
     def list_queues(self) -> list[QueueLimits]:
         with self.dialect.read() as conn:
             rows = conn.execute(select(queues_t).order_by(queues_t.c.name)).all()
         return [_limits(r) for r in rows]
 
+    @reconnecting
     def queue_counts(self, name: str, since_ms: int) -> dict[str, int]:
         """Running, pending and recently failed counts of one queue."""
         with self.dialect.read() as conn:
@@ -1838,6 +1861,8 @@ def _call_in_savepoint(
     try:
         session_handler(finished, conn)
     except Exception as exc:
+        if is_transient(exc):
+            raise  # the database failed, not the handler: the whole record is retried
         savepoint.rollback()
         return _describe(exc)
     savepoint.commit()

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 from datetime import timedelta
+from pathlib import Path
 
+import pytest
 from click.testing import CliRunner
 
 from retrier import Retrier
@@ -60,3 +62,30 @@ def test_worker_rejects_a_bad_app_spec() -> None:
     result = CliRunner().invoke(main, ["worker", "no_such_module:retrier"])
     assert result.exit_code != 0
     assert "cannot import" in result.output
+
+
+def test_a_worker_waits_for_a_database_that_does_not_answer_yet(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Started with (or during a restart of) its database server, a worker retries
+    building its app instead of exiting."""
+    from retrier import _cli
+
+    missing_dir = tmp_path / "not-yet"
+    url = f"sqlite:///{missing_dir / 'tiers.db'}"
+    tries: list[int] = []
+
+    def load(spec: str) -> Retrier:
+        tries.append(1)
+        if len(tries) == 3:
+            missing_dir.mkdir()  # the "server" is up now
+        return Retrier(url)
+
+    monkeypatch.setattr(_cli, "load_app", load)
+    monkeypatch.setattr(_cli.time, "sleep", lambda s: None)
+    app = _cli.load_app_waiting_for_database("x:y")
+    assert isinstance(app, Retrier) and len(tries) == 3
+    app.close()
+    with pytest.raises(ValueError):
+        monkeypatch.setattr(_cli, "load_app", lambda spec: (_ for _ in ()).throw(ValueError()))
+        _cli.load_app_waiting_for_database("x:y")

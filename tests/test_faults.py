@@ -703,3 +703,104 @@ def test_a_workflow_this_worker_lacks_waits_for_a_worker_that_has_it(
     status = new_flows.status(second)
     assert isinstance(status, Completed) and isinstance(status.result, Failed)
     assert UnregisteredWorkflow.__name__ in status.result.error
+
+
+def test_a_driver_that_runs_before_a_sleep_ends_leaves_one_for_its_end(
+    make_retrier: MakeRetrier,
+) -> None:
+    """Chaos found it: a retried driver, due before the sleep ends, took the wake-up's
+    place; it ran, found the sleep not over, and left none for its end."""
+    from workflow import WorkflowContext, WorkflowManager
+
+    clock = FakeClock()
+    retrier = make_retrier(clock=clock)
+    workflows = WorkflowManager(Workpool(retrier, "wf", max_parallelism=2))
+
+    @workflows.define
+    async def nap_then_wait(ctx: WorkflowContext) -> Any:
+        await ctx.sleep("nap", timedelta(hours=1))
+        return await ctx.wait_for_event("ask", "answer", timeout=timedelta(hours=1))
+
+    def early_driver_then_an_hour() -> list[tuple[str, str]]:
+        with retrier.store.dialect.write() as conn:
+            workflows._journal.wake(conn, wf_id)  # an early driver, as a retry would be
+        drain(retrier)
+        clock.advance(timedelta(minutes=61))
+        drain(retrier)
+        return [(s.name, s.state) for s in workflows.steps(wf_id)]
+
+    wf_id = workflows.start(nap_then_wait, {})
+    drain(retrier)
+    assert early_driver_then_an_hour() == [("nap[0]", "completed"), ("ask[0]", "waiting")]
+    assert early_driver_then_an_hour() == [("nap[0]", "completed"), ("ask[0]", "completed")]
+    assert workflows.status(wf_id) == Completed(Success(None))
+
+
+def test_a_database_error_under_a_workflow_retries_its_driver_not_fails_it(
+    make_retrier: MakeRetrier, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from workflow import WorkflowContext, WorkflowManager
+
+    clock = FakeClock()
+    retrier = make_retrier(clock=clock)
+    workflows = WorkflowManager(Workpool(retrier, "wf", max_parallelism=2))
+    journal = workflows._journal
+
+    @retrier.action
+    def step_fn(i: int) -> int:
+        return i
+
+    @workflows.define
+    async def two_steps(ctx: WorkflowContext) -> int:
+        try:
+            a = await ctx.step("a", step_fn, {"i": 1})
+            await ctx.sleep("nap", 0)
+            b = await ctx.step("b", step_fn, {"i": 2})
+        except Exception as exc:  # workflow code that catches broadly must not see it
+            raise AssertionError(f"the workflow saw an engine error: {exc!r}") from exc
+        return int(a + b)
+
+    for method in ("start_step", "add_entry"):
+        real = getattr(journal, method)
+        fails = {"left": 1}
+
+        def flaky(*args: Any, _real: Any = real, _fails: dict[str, int] = fails) -> Any:
+            if _fails["left"]:
+                _fails["left"] -= 1
+                raise OperationalError("INSERT", {}, Exception("server closed the connection"))
+            return _real(*args)
+
+        monkeypatch.setattr(journal, method, flaky)
+    wf_id = workflows.start(two_steps, {})
+    for _ in range(5):
+        drain(retrier)
+        clock.advance(timedelta(seconds=1))
+    assert workflows.status(wf_id) == Completed(Success(3))
+
+
+def test_the_app_side_survives_its_connections_being_dropped(db_url: str) -> None:
+    if not db_url.startswith("postgresql"):
+        pytest.skip("terminates PostgreSQL backends")
+    name = f"tiers-app-{time.monotonic_ns()}"
+    app = Retrier(f"{db_url}&application_name={name}")
+    killer = Retrier(db_url)
+    try:
+
+        @app.action
+        def work() -> None: ...
+
+        first = app.run(work)
+        app.status(first)  # the pool now holds connections
+        with killer.engine.connect() as conn:
+            conn.execute(
+                text("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                     "WHERE application_name = :n"),
+                {"n": name},
+            )
+            conn.commit()
+        second = app.run(work)  # each on a dead pooled connection first
+        assert app.status(second) == InProgress()
+        assert app.store.get(first).state == "pending"
+    finally:
+        app.close()
+        killer.close()

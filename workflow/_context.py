@@ -14,13 +14,15 @@ import json
 import uuid
 from collections.abc import Awaitable, Callable, Coroutine
 from datetime import datetime, timedelta
-from typing import TYPE_CHECKING, Any
+from functools import partial
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import anyio.to_thread
 from sqlalchemy import Connection
 
 from retrier import InvalidArguments
 from retrier._clock import datetime_to_ms, to_ms
+from retrier._dialects import is_transient
 from retrier._registry import Fn
 from retrier._store import Finished, NewRun, Outcome
 from retrier._stored_json import unreadable
@@ -41,10 +43,22 @@ from ._models import (
     WAITING,
 )
 
+T = TypeVar("T")
+
 if TYPE_CHECKING:
     from workpool import RetryBehavior
 
     from ._driver import Driver
+
+
+class Interrupted(BaseException):
+    """The database failed under a workflow's call (a restart, a dropped connection):
+    the driver run fails and the engine retries it; the workflow itself does not
+    fail. A BaseException, so that workflow code cannot catch it."""
+
+    def __init__(self, cause: Exception) -> None:
+        super().__init__(str(cause))
+        self.cause = cause
 
 
 class Suspend(BaseException):
@@ -148,6 +162,8 @@ class WorkflowContext:
             await self.settle_alone(taken)
             if isinstance(exc, (Conflict, NotRunning, Unsettled)):
                 raise Suspend from None
+            if isinstance(exc, Exception) and is_transient(exc):
+                raise Interrupted(exc) from exc
             raise
         self.settled(taken)
         if claimed is None or worker is None:
@@ -297,17 +313,19 @@ class WorkflowContext:
 
     async def _sleep_more(self, full: str, wake_ms: int) -> None:
         if self._now() < wake_ms:
+            # This driver came early (a retry, another step's end): the driver due at
+            # the sleep's end may be the one that just ran, so make sure of one.
+            await self._flush()
+            await self._journal_call(self._driver.journal.wake_alone, self.workflow_id, wake_ms)
             raise Suspend
         await self._flush()
-        await anyio.to_thread.run_sync(
-            self._driver.journal.complete_waiting, self.workflow_id, full
-        )
+        await self._journal_call(self._driver.journal.complete_waiting, self.workflow_id, full)
         self._entries[full].state = COMPLETED
 
     async def _wait_new(self, row: dict[str, Any], wake_ms: int | None) -> None:
         await self._flush()
         try:
-            await anyio.to_thread.run_sync(
+            await self._journal_call(
                 self._driver.journal.add_waiting, self.workflow_id, row, wake_ms
             )
         except (Conflict, NotRunning):
@@ -318,7 +336,7 @@ class WorkflowContext:
     async def _journal_done(self, full: str, row: dict[str, Any]) -> Any:
         await self._flush()
         try:
-            await anyio.to_thread.run_sync(self._driver.journal.add_entry, self.workflow_id, row)
+            await self._journal_call(self._driver.journal.add_entry, self.workflow_id, row)
         except (Conflict, NotRunning):
             raise Suspend from None
         return row.get("result")
@@ -355,7 +373,7 @@ class WorkflowContext:
     ) -> Any:
         await self._flush()
         try:
-            done, data = await anyio.to_thread.run_sync(
+            done, data = await self._journal_call(
                 self._driver.journal.try_event, self._workflow, row, timeout_ms
             )
         except (Conflict, NotRunning):
@@ -397,7 +415,7 @@ class WorkflowContext:
     async def _send(self, full: str, row: dict[str, Any], send: Any) -> int:
         await self._flush()
         try:
-            event_id = await anyio.to_thread.run_sync(
+            event_id = await self._journal_call(
                 self._driver.journal.add_entry, self.workflow_id, row, send
             )
         except (Conflict, NotRunning):
@@ -429,7 +447,7 @@ class WorkflowContext:
     async def _invoke(self, row: dict[str, Any], child_row: dict[str, Any]) -> Any:
         await self._flush()
         try:
-            await anyio.to_thread.run_sync(
+            await self._journal_call(
                 self._driver.journal.start_child, self.workflow_id, row, child_row
             )
         except (Conflict, NotRunning):
@@ -487,6 +505,16 @@ class WorkflowContext:
             "attempts": 0,
             **more,
         }
+
+    async def _journal_call(self, fn: Callable[..., T], *args: Any) -> T:
+        """A journal write on a thread; a database that fails under it interrupts the
+        driver (see `Interrupted`) instead of raising into the workflow's code."""
+        try:
+            return await anyio.to_thread.run_sync(partial(fn, *args))
+        except Exception as exc:
+            if is_transient(exc):
+                raise Interrupted(exc) from exc
+            raise
 
     def _now(self) -> int:
         return self._driver.retrier.clock.now_ms()

@@ -22,7 +22,7 @@ from retrier._registry import ResultNotSerializable
 from retrier._store import NewRun, runs
 from retrier._worker import current_worker
 
-from ._context import Suspend, WorkflowContext, step_failed_event
+from ._context import Interrupted, Suspend, WorkflowContext, step_failed_event
 from ._definitions import Definitions
 from ._errors import UnregisteredWorkflow
 from ._journal import DRIVER_QUEUE, Journal, Unsettled, driver_name
@@ -163,6 +163,12 @@ class Driver:
         try:
             definition = self.defs.get(wf.name)
             value = await definition.fn(ctx, **definition.decode_args(wf.args))
+        except Interrupted as exc:
+            # The database failed: this driver run fails and is retried; the workflow
+            # goes on from its journal then.
+            await ctx.drain()
+            await ctx.settle_alone(ctx.take_unsettled())
+            raise exc.cause from None
         except Suspend:
             await ctx.drain()
             if ctx.diverged is None:

@@ -351,6 +351,11 @@ class Journal:
             return
         self.store.ensure_pending(conn, driver_run(workflow_id, pool, due))
 
+    def wake_alone(self, workflow_id: str, due_ms: int) -> None:
+        """`wake`, in a transaction of its own."""
+        with self.dialect.write_internal() as conn:
+            self.wake(conn, workflow_id, due_ms)
+
     # -- sleeps, events, children, sends -------------------------------------------
 
     def add_waiting(
@@ -437,6 +442,9 @@ class Journal:
                     self.wake(conn, workflow.id, wake_ms)
                 return False, None
             else:
+                # Still waiting, and this driver came early: keep one due at the timeout.
+                if current.wake_ms is not None:
+                    self.wake(conn, workflow.id, current.wake_ms)
                 return False, None
             if current is None:
                 conn.execute(_INSERT_STEP, [{**entry, **done}])
