@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from ._clock import Clock, FakeClock, SystemClock
 from ._errors import (
+    DatabaseBusy,
+    DatabaseUnavailable,
     DuplicateRegistration,
     HandBack,
     InvalidArguments,
@@ -18,6 +20,7 @@ from ._errors import (
     RetryAfter,
     RunNotFinished,
     RunNotFound,
+    SchemaMissing,
     SchemaTooNew,
     TiersError,
     UnregisteredFunction,
@@ -40,6 +43,8 @@ __all__ = [
     "Canceled",
     "Clock",
     "Completed",
+    "DatabaseBusy",
+    "DatabaseUnavailable",
     "DuplicateRegistration",
     "Failed",
     "FakeClock",
@@ -56,6 +61,7 @@ __all__ = [
     "RunNotFound",
     "RunResult",
     "RunStatus",
+    "SchemaMissing",
     "SchemaTooNew",
     "Success",
     "SystemClock",

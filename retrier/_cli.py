@@ -13,15 +13,18 @@ import sys
 import time
 from datetime import timedelta
 from importlib.metadata import entry_points
-from typing import Any
+from typing import Any, NoReturn
 
 import anyio
 import click
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Column, Table
+from sqlalchemy.engine import URL, make_url
 
 from ._clock import SystemClock, ms_to_datetime
-from ._dialects import is_transient
+from ._dberrors import DRIVER_ERRORS, translate
+from ._dialects import is_transient, open_dialect
 from ._errors import TiersError
 from ._models import RunRow
 from ._retrier import Retrier
@@ -100,6 +103,8 @@ class Context:
             if self._app:
                 self._store = retrier_of(load_app(self._app)).store
             elif self._db:
+                # Commands given --db only look at a database: never create one.
+                open_dialect(self._db, create=False).dispose()
                 self._store = Store(self._db, SystemClock())
             else:
                 raise click.UsageError(
@@ -112,8 +117,37 @@ class Context:
             raise click.UsageError("this command needs --app module:attr (or TIERS_APP)")
         return load_app(self._app)
 
+    def url(self) -> URL | None:
+        """The database URL, once a command has opened the store."""
+        return None if self._store is None else make_url(self._store.url)
 
-@click.group()
+
+class TiersGroup(click.Group):
+    """The `tiers` group: a library error anywhere below it (a bad URL, an unreachable
+    or locked database, a missing run) ends the command with one line and exit code 1,
+    never a traceback."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except TiersError as exc:
+            fail(exc)
+        except DRIVER_ERRORS as exc:  # from a path that has not translated it yet
+            obj = ctx.obj if isinstance(ctx.obj, Context) else None
+            error = translate(exc, obj.url() if obj is not None else None)
+            if error is None:
+                raise
+            fail(error)
+
+
+def fail(exc: TiersError) -> NoReturn:
+    """Print `error: <message>` on stderr, on one line, and exit with code 1."""
+    message = " ".join(str(exc).split())
+    err_console.print(f"[red]error:[/red] {escape(message)}", soft_wrap=True)
+    raise SystemExit(1)
+
+
+@click.group(cls=TiersGroup)
 @click.option("--db", envvar="TIERS_DATABASE_URL", help="Database URL.")
 @click.option("--app", envvar="TIERS_APP", help="module:attribute of your Retrier.")
 @click.pass_context
@@ -245,8 +279,7 @@ def _or_exit(fn: Any, *args: Any) -> Any:
     try:
         return fn(*args)
     except TiersError as exc:
-        err_console.print(f"[red]error:[/red] {exc}")
-        raise SystemExit(1) from None
+        fail(exc)
 
 
 def _state(row: RunRow) -> str:

@@ -9,6 +9,7 @@ import contextlib
 import contextvars
 import functools
 import logging
+import os
 import re
 import sqlite3
 import threading
@@ -26,7 +27,8 @@ from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError
 from sqlalchemy.sql import Select
 
-from ._errors import InvalidDatabaseURL, InvalidSettings
+from ._dberrors import DRIVER_ERRORS, raise_translated, redact, safe_url
+from ._errors import DatabaseUnavailable, InvalidDatabaseURL, InvalidSettings
 
 log = logging.getLogger("tiers.store")
 
@@ -72,6 +74,8 @@ def is_transient(exc: BaseException) -> bool:
     """Whether trying again later may succeed: the server restarted or dropped the
     connection, the pool was exhausted, the file was locked or full. Not: a constraint
     violated, a statement that is wrong, a bug."""
+    if isinstance(exc, DatabaseUnavailable):  # what read() and write() make of those
+        return True
     if isinstance(exc, sa_exc.DBAPIError) and exc.connection_invalidated:
         return True
     return isinstance(
@@ -143,16 +147,22 @@ class Dialect(Protocol):
     def start_listener(self, on_notify: Listener) -> Callable[[], None] | None: ...
 
 
-def open_dialect(url: str, namespace: str | None = None) -> Dialect:
-    """The dialect for a database URL, with its engine configured.
+def open_dialect(url: str, namespace: str | None = None, *, create: bool = True) -> Dialect:
+    """The dialect for a database URL, with its engine configured (no connection yet).
 
     `namespace` keeps this app's tables and notifications apart from any other app's
     in the same PostgreSQL database (a schema of that name, channels of their own).
+    With `create=False` (the command line, which only looks), a SQLite file that does
+    not exist raises `DatabaseUnavailable` instead of being created. Errors never show
+    the URL's password.
     """
     try:
         parsed = make_url(url)
     except (ArgumentError, ValueError) as exc:
-        raise InvalidDatabaseURL(f"cannot parse database URL {url!r}: {exc}") from None
+        reason = str(exc).replace(url, redact(url))
+        raise InvalidDatabaseURL(
+            f"cannot parse database URL {redact(url)!r}: {reason}"
+        ) from None
     backend = parsed.get_backend_name()
     if namespace is not None and not _NAMESPACE.fullmatch(namespace):
         raise InvalidSettings(
@@ -165,12 +175,15 @@ def open_dialect(url: str, namespace: str | None = None) -> Dialect:
                 "namespaces are for PostgreSQL; on SQLite, give each app its own database "
                 "file (sqlite:///billing.db, sqlite:///mail.db)"
             )
+        path = parsed.database
+        if not create and path and path != ":memory:" and not os.path.exists(path):
+            raise DatabaseUnavailable(f"no such database: the SQLite file {path!r} does not exist")
         return SQLiteDialect(parsed)
     if backend == "postgresql":
         return PostgresDialect(parsed, namespace)
     raise InvalidDatabaseURL(
-        f"unsupported database {backend!r} in {url!r}: use sqlite:///path/to/file.db or "
-        f"postgresql+psycopg://user@host/dbname"
+        f"unsupported database {backend!r} in {safe_url(parsed)!r}: use "
+        f"sqlite:///path/to/file.db or postgresql+psycopg://user@host/dbname"
     )
 
 
@@ -206,15 +219,21 @@ class SQLiteDialect:
 
     @contextlib.contextmanager
     def read(self) -> Iterator[Connection]:
-        with self.engine.connect() as conn:
-            conn = conn.execution_options(tiers_begin="DEFERRED")
-            with conn.begin():
-                yield conn
+        try:
+            with self.engine.connect() as conn:
+                conn = conn.execution_options(tiers_begin="DEFERRED")
+                with conn.begin():
+                    yield conn
+        except DRIVER_ERRORS as exc:  # unreachable, locked, no tables: a TiersError
+            raise_translated(exc, self.engine.url)
 
     @contextlib.contextmanager
     def write(self) -> Iterator[Connection]:
-        with self.engine.begin() as conn:
-            yield conn
+        try:
+            with self.engine.begin() as conn:
+                yield conn
+        except DRIVER_ERRORS as exc:  # unreachable, locked, no tables: a TiersError
+            raise_translated(exc, self.engine.url)
 
     def write_one(self) -> contextlib.AbstractContextManager[Connection]:
         return self.write()
@@ -371,13 +390,19 @@ class PostgresDialect:
 
     @contextlib.contextmanager
     def read(self) -> Iterator[Connection]:
-        with self.engine.connect() as conn, conn.begin():
-            yield conn
+        try:
+            with self.engine.connect() as conn, conn.begin():
+                yield conn
+        except DRIVER_ERRORS as exc:  # unreachable, locked, no tables: a TiersError
+            raise_translated(exc, self.engine.url)
 
     @contextlib.contextmanager
     def write(self) -> Iterator[Connection]:
-        with self.engine.begin() as conn:
-            yield conn
+        try:
+            with self.engine.begin() as conn:
+                yield conn
+        except DRIVER_ERRORS as exc:  # unreachable, locked, no tables: a TiersError
+            raise_translated(exc, self.engine.url)
 
     @contextlib.contextmanager
     def write_internal(self) -> Iterator[Connection]:
@@ -394,8 +419,11 @@ class PostgresDialect:
     @contextlib.contextmanager
     def write_one(self) -> Iterator[Connection]:
         # One statement commits on its own: no BEGIN and COMMIT round trips.
-        with self.engine.connect() as conn:
-            yield conn.execution_options(isolation_level="AUTOCOMMIT")
+        try:
+            with self.engine.connect() as conn:
+                yield conn.execution_options(isolation_level="AUTOCOMMIT")
+        except DRIVER_ERRORS as exc:  # unreachable, locked, no tables: a TiersError
+            raise_translated(exc, self.engine.url)
 
     def create_extras(self, conn: Connection) -> None:
         # New runs wake every listening worker: the server sends the NOTIFY itself,

@@ -47,7 +47,30 @@ class InvalidSettings(TiersError, ValueError):
 
 
 class InvalidDatabaseURL(TiersError, ValueError):
-    """The database URL cannot be parsed or names an unsupported backend."""
+    """The database URL cannot be parsed or names an unsupported backend.
+
+    The message shows the URL with its password masked (``u:***@host``).
+    """
+
+
+class DatabaseUnavailable(TiersError):
+    """The database cannot be used: the server is unreachable or refuses the login,
+    the SQLite file cannot be opened, or the database does not exist.
+
+    The message says why in one line, with the URL's password masked.
+    """
+
+
+class DatabaseBusy(DatabaseUnavailable):
+    """The database stayed locked by other writers past the wait allowed (SQLite's
+    busy timeout, 30 s; PostgreSQL's ``lock_timeout`` if one is set). Nothing was
+    written; the call may be retried."""
+
+
+class SchemaMissing(TiersError):
+    """The database has no durable-tiers tables (or lacks a tier's tables): it was
+    never opened by a `Retrier` (a `Workpool`, a `WorkflowManager`), which creates
+    them."""
 
 
 class SchemaTooNew(TiersError):
