@@ -1,11 +1,26 @@
-"""Time as integer epoch milliseconds, injectable so tests never sleep."""
+"""Time as integer epoch milliseconds, injectable so tests never sleep.
+
+Every due time a user gives (`run_at`, `run_after`, `RetryAfter`, a workflow's
+`sleep`, `sleep_until` and `wait_for_event` timeout) is checked here, by `delay_ms`
+or `due_ms`: a due time lies within `MAX_AHEAD` (100 years) of now, so a delay given
+in milliseconds where seconds were meant is refused instead of crashing workers
+later with a date past the year 9999.
+"""
 
 from __future__ import annotations
 
+import numbers
 import threading
 import time
 from datetime import UTC, datetime, timedelta
 from typing import Protocol
+
+from ._errors import InvalidSettings
+
+MAX_AHEAD = timedelta(days=36_525)
+"""How far from now a due time may lie: 100 years, either way."""
+_MAX_AHEAD_MS = MAX_AHEAD // timedelta(milliseconds=1)
+_ONE_MS = timedelta(milliseconds=1)
 
 
 class Clock(Protocol):
@@ -40,19 +55,57 @@ class FakeClock:
 
 
 def to_ms(delta: timedelta | float) -> int:
-    """A duration (timedelta or seconds) in whole milliseconds."""
+    """A duration (timedelta or seconds) in whole milliseconds, unchecked: for values
+    already validated (see `delay_ms` for what users give)."""
     if isinstance(delta, timedelta):
         return round(delta / timedelta(milliseconds=1))
     return round(float(delta) * 1000)
 
 
-def datetime_to_ms(when: datetime) -> int:
-    """An aware datetime in epoch milliseconds; naive datetimes are refused."""
-    if when.tzinfo is None or when.utcoffset() is None:
-        raise ValueError(
-            f"naive datetime {when!r}: give a timezone, e.g. datetime.now(timezone.utc)"
+def delay_ms(delay: timedelta | float, what: str) -> int:
+    """A delay from now (a timedelta or seconds) in whole milliseconds.
+
+    Raises `InvalidSettings` naming `what` unless it is a timedelta or a real number
+    of seconds (not a bool), not NaN, and from 0 to 100 years.
+    """
+    if isinstance(delay, timedelta):
+        ms = delay / _ONE_MS
+    elif isinstance(delay, numbers.Real) and not isinstance(delay, bool):
+        try:
+            ms = float(delay) * 1000
+        except OverflowError:  # an int too large for a float
+            ms = float("inf")
+    else:
+        raise InvalidSettings(f"{what} needs a timedelta or a number of seconds, got {delay!r}")
+    if not 0 <= ms <= _MAX_AHEAD_MS:  # NaN fails this too
+        hint = " (seconds, not milliseconds?)" if 0 < ms / 1000 <= _MAX_AHEAD_MS else ""
+        raise InvalidSettings(
+            f"{what} needs a delay from 0 to 100 years (a timedelta, or seconds), "
+            f"got {delay!r}{hint}"
         )
-    return round(when.timestamp() * 1000)
+    return round(ms)
+
+
+def due_ms(when: datetime, what: str, now_ms: int) -> int:
+    """A timezone-aware datetime within 100 years of `now_ms` (either way), in epoch
+    milliseconds. Raises `InvalidSettings` naming `what` otherwise (naive datetimes
+    included: their time zone would be a guess)."""
+    if not isinstance(when, datetime):
+        raise InvalidSettings(f"{what} needs a timezone-aware datetime, got {when!r}")
+    if when.tzinfo is None or when.utcoffset() is None:
+        raise InvalidSettings(
+            f"{what} got a naive datetime, {when!r}: give a timezone, "
+            f"e.g. datetime.now(timezone.utc)"
+        )
+    try:
+        ms = round(when.timestamp() * 1000)
+    except (OverflowError, ValueError, OSError):  # a zone offset past year 1 or 9999
+        ms = None
+    if ms is None or abs(ms - now_ms) > _MAX_AHEAD_MS:
+        raise InvalidSettings(
+            f"{what} needs a time within 100 years of now, got {when.isoformat()}"
+        )
+    return ms
 
 
 def ms_to_datetime(ms: int) -> datetime:

@@ -104,8 +104,9 @@ class RetryAfter(Exception):
     """
 
     def __init__(self, seconds: float, message: str = "") -> None:
-        if seconds < 0:
-            raise InvalidSettings(f"RetryAfter needs a non-negative delay, got {seconds}")
+        from ._clock import delay_ms  # _clock imports this module
+
+        delay_ms(seconds, "RetryAfter")  # finite, not negative, within the due-time range
         super().__init__(message or f"retry after {seconds:g} s")
         self.seconds = seconds
 

@@ -7,7 +7,7 @@ import random
 from dataclasses import dataclass
 from datetime import timedelta
 
-from ._errors import InvalidSettings
+from ._checks import check_duration, check_flag, check_integer, check_number
 
 _DAY_MS = 86_400_000
 
@@ -29,21 +29,13 @@ class RetryPolicy:
     max_backoff: timedelta = timedelta(hours=1)
 
     def __post_init__(self) -> None:
-        if not 0 <= self.initial_backoff_ms <= _DAY_MS:
-            raise InvalidSettings(
-                f"initial_backoff_ms must be between 0 and {_DAY_MS} (one day), "
-                f"got {self.initial_backoff_ms}"
-            )
-        if not 1 <= self.base <= 100:
-            raise InvalidSettings(f"base must be between 1 and 100, got {self.base}")
-        if not 1 <= self.max_failures <= 1000:
-            raise InvalidSettings(
-                f"max_failures must be between 1 and 1000, got {self.max_failures}"
-            )
-        if not timedelta(0) <= self.max_backoff <= timedelta(days=30):
-            raise InvalidSettings(
-                f"max_backoff must be between 0 and 30 days, got {self.max_backoff}"
-            )
+        # Types are checked too: 1.5 ms or max_failures=True would otherwise be stored
+        # as whatever each database makes of them.
+        check_integer(self.initial_backoff_ms, "initial_backoff_ms (one day at most)", 0, _DAY_MS)
+        check_number(self.base, "base", 1, 100)
+        check_integer(self.max_failures, "max_failures", 1, 1000)
+        check_flag(self.jitter, "jitter")
+        check_duration(self.max_backoff, "max_backoff", timedelta(0), timedelta(days=30))
 
     @property
     def max_backoff_ms(self) -> int:
@@ -70,6 +62,14 @@ class RetryPolicy:
         max_backoff: timedelta | None = None,
     ) -> RetryPolicy:
         """A copy with the given settings replaced (None keeps the current one)."""
+        if (
+            initial_backoff_ms is None
+            and base is None
+            and max_failures is None
+            and jitter is None
+            and max_backoff is None
+        ):
+            return self  # the common case, on every enqueue: nothing to check again
         return RetryPolicy(
             initial_backoff_ms=self.initial_backoff_ms
             if initial_backoff_ms is None

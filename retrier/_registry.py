@@ -16,9 +16,25 @@ import pydantic
 from pydantic import BaseModel, ConfigDict, TypeAdapter
 from pydantic_core import PydanticSerializationError
 
+from ._checks import check_name
 from ._errors import DuplicateRegistration, InvalidArguments, UnregisteredFunction
+from ._json import dumped_problem, json_problem, strict_hint
 
 Fn = Callable[..., Any]
+
+# What the arguments model and the result adapter hold to the strict JSON rule of
+# `_json`: a float argument must be finite (JSON has no NaN), and NaN or Infinity in
+# an untyped part of a model survives the dump (pydantic would write null) so that
+# `json_problem` refuses it instead of storing a silent change.
+_ARGS_CONFIG = ConfigDict(
+    extra="forbid",
+    arbitrary_types_allowed=False,
+    allow_inf_nan=False,
+    ser_json_inf_nan="constants",
+)
+_RESULT_CONFIG = ConfigDict(ser_json_inf_nan="constants")
+# Errors pydantic raises when a validated value cannot be dumped as JSON.
+_DUMP_ERRORS = (PydanticSerializationError, ValueError, TypeError, RecursionError)
 
 
 class ResultNotSerializable(TypeError):
@@ -33,11 +49,17 @@ class Registered:
     fn: Fn
     is_async: bool
     args_model: type[BaseModel]
-    result_adapter: TypeAdapter[Any]
+    result_adapter: TypeAdapter[tuple[Any]]
+    """The return type, in a 1-tuple: a model's own config cannot be overridden, but
+    its enclosing type's can (see `_RESULT_CONFIG`)."""
     takes_session: bool
 
     def validate_args(self, args: dict[str, Any] | None) -> dict[str, Any]:
-        """Validate `args` against the signature; return their JSON form for storage."""
+        """Validate `args` against the signature; return their JSON form for storage.
+
+        Raises `InvalidArguments` if they do not match, or if their JSON form would not
+        be strict JSON (see `_json`): nothing is ever stored changed.
+        """
         if args is not None and not isinstance(args, dict):
             raise InvalidArguments(
                 f"arguments for {self.name!r} must be a dict of parameter names, "
@@ -45,9 +67,16 @@ class Registered:
             )
         try:
             model = self.args_model.model_validate(args or {})
+            dumped: dict[str, Any] = model.model_dump(mode="json")
         except pydantic.ValidationError as exc:
             raise InvalidArguments(f"invalid arguments for {self.name!r}: {exc}") from None
-        dumped: dict[str, Any] = model.model_dump(mode="json")
+        except _DUMP_ERRORS as exc:
+            raise InvalidArguments(
+                f"the arguments for {self.name!r} cannot be stored as JSON: {_reason(exc)}"
+            ) from None
+        problem = json_problem(dumped, depth=0)
+        if problem is not None:
+            raise InvalidArguments(f"the arguments for {self.name!r} are not JSON: {problem}")
         return dumped
 
     def decode_args(self, stored: dict[str, Any]) -> dict[str, Any]:
@@ -56,16 +85,23 @@ class Registered:
         return {name: getattr(model, name) for name in type(model).model_fields}
 
     def encode_result(self, value: Any) -> Any:
+        """The JSON form of a result, as its return annotation dumps it; raises
+        `ResultNotSerializable` if that is not strict JSON (NaN, Infinity, too deep)."""
+        adapter = self.result_adapter
         try:
-            return self.result_adapter.dump_python(value, mode="json")
-        except (PydanticSerializationError, ValueError, TypeError) as exc:
-            raise ResultNotSerializable(
-                f"the result of {self.name!r} is not JSON-serializable: {exc}"
-            ) from None
+            dumped = adapter.dump_python((value,), mode="json")[0]
+            problem = dumped_problem(dumped, lambda: adapter.dump_python((value,))[0])
+        except _DUMP_ERRORS as exc:
+            problem = _reason(exc)
+        if problem is None:
+            return dumped
+        raise ResultNotSerializable(
+            f"the result of {self.name!r} is not JSON-serializable: {problem}"
+        )
 
     def decode_result(self, stored: Any) -> Any:
         try:
-            return self.result_adapter.validate_python(stored)
+            return self.result_adapter.validate_python((stored,))[0]
         except pydantic.ValidationError:
             return stored
 
@@ -83,15 +119,26 @@ def arguments_model(fn: Fn, name: str, skip: int = 0) -> type[BaseModel]:
             )
         if param.kind is param.POSITIONAL_ONLY:
             raise InvalidArguments(f"{name!r} has positional-only parameters")
-        annotation = hints.get(param.name, Any)
+        annotation = strict_hint(hints.get(param.name, Any))
         default = ... if param.default is param.empty else param.default
         fields[param.name] = (annotation, default)
     model: type[BaseModel] = pydantic.create_model(
-        f"{name}_args",
-        __config__=ConfigDict(extra="forbid", arbitrary_types_allowed=False),
-        **fields,
+        f"{name}_args", __config__=_ARGS_CONFIG, **fields
     )
     return model
+
+
+def result_adapter(hint: Any) -> TypeAdapter[tuple[Any]]:
+    """The adapter that dumps and loads results of type `hint` (see `Registered`)."""
+    return TypeAdapter(tuple[hint], config=_RESULT_CONFIG)
+
+
+def _reason(exc: BaseException) -> str:
+    if isinstance(exc, UnicodeDecodeError):
+        return "bytes that are not UTF-8 text (encode them into a str, e.g. base64)"
+    if isinstance(exc, RecursionError):
+        return "nested too deeply"
+    return str(exc)
 
 
 def describe(fn: Fn, name: str, skip: int = 0) -> Registered:
@@ -102,7 +149,7 @@ def describe(fn: Fn, name: str, skip: int = 0) -> Registered:
         fn=fn,
         is_async=inspect.iscoroutinefunction(fn),
         args_model=arguments_model(fn, name, skip),
-        result_adapter=TypeAdapter(return_hint(fn)),
+        result_adapter=result_adapter(return_hint(fn)),
         takes_session=False,
     )
 
@@ -136,12 +183,17 @@ class Registry:
         self.version = 0  # grows with every registration
 
     def add_action(self, fn: Fn, name: str | None = None) -> Registered:
-        reg = describe(fn, name or default_name(fn))
+        name = check_name(
+            default_name(fn) if name is None else name, "an action name (pass name=...)"
+        )
+        reg = describe(fn, name)
         self._add(self._actions, reg, "action")
         return reg
 
     def add_handler(self, fn: Fn, name: str | None = None) -> Registered:
-        name = name or default_name(fn)
+        name = check_name(
+            default_name(fn) if name is None else name, "an on_complete name (pass name=...)"
+        )
         params = inspect.signature(fn).parameters
         takes_session = "session" in params
         is_async = inspect.iscoroutinefunction(fn)
@@ -160,7 +212,7 @@ class Registry:
             fn=fn,
             is_async=is_async,
             args_model=BaseModel,
-            result_adapter=TypeAdapter(Any),
+            result_adapter=result_adapter(Any),
             takes_session=takes_session,
         )
         self._add(self._handlers, reg, "on_complete")

@@ -17,8 +17,10 @@ import anyio.from_thread
 from sqlalchemy import Engine, event
 from sqlmodel import Session
 
-from ._clock import Clock, SystemClock, datetime_to_ms, to_ms
-from ._errors import InvalidSettings, RunNotFound, WaitTimeout
+from ._checks import check_worker_settings
+from ._clock import Clock, SystemClock, delay_ms, due_ms
+from ._errors import InvalidArguments, InvalidSettings, RunNotFound, WaitTimeout
+from ._json import check_json
 from ._log import configure_logging
 from ._models import CANCELED, COMPLETED, FAILED, PENDING, RUNNING, SUCCESS, RunRow
 from ._policy import RetryPolicy
@@ -78,10 +80,12 @@ class Retrier:
             jitter=jitter,
             max_backoff=max_backoff,
         )
-        if retention < timedelta(0):
-            raise InvalidSettings(f"retention must not be negative, got {retention}")
-        if lease < timedelta(milliseconds=300):
-            raise InvalidSettings(f"lease must be at least 300 ms, got {lease}")
+        check_worker_settings(
+            concurrency=concurrency,
+            lease=lease,
+            poll_interval=timedelta(seconds=1) if poll_interval is None else poll_interval,
+            retention=retention,
+        )
         self.retention = retention
         self.concurrency = concurrency
         self.lease = lease
@@ -202,8 +206,9 @@ class Retrier:
     def run_at(
         self, when: datetime, fn: Fn | str, args: dict[str, Any] | None = None, **options: Any
     ) -> str:
-        """Like `run`, but the first attempt starts at `when` (a timezone-aware datetime)."""
-        return self._run_due(datetime_to_ms(when), fn, args, options)
+        """Like `run`, but the first attempt starts at `when`: a timezone-aware datetime
+        within 100 years of now (else `InvalidSettings`)."""
+        return self._run_due(due_ms(when, "run_at", self.clock.now_ms()), fn, args, options)
 
     def run_after(
         self,
@@ -212,10 +217,9 @@ class Retrier:
         args: dict[str, Any] | None = None,
         **options: Any,
     ) -> str:
-        """Like `run`, but the first attempt starts after `delay` (timedelta or seconds)."""
-        ms = to_ms(delay)
-        if ms < 0:
-            raise InvalidSettings(f"run_after needs a non-negative delay, got {delay}")
+        """Like `run`, but the first attempt starts after `delay`: a timedelta or seconds,
+        from 0 to 100 years (else `InvalidSettings`)."""
+        ms = delay_ms(delay, "run_after")
         return self._run_due(self.clock.now_ms() + ms, fn, args, options)
 
     def _run_due(
@@ -224,6 +228,12 @@ class Retrier:
         session = options.pop("session", None)
         on_complete = options.pop("on_complete", None)
         context = options.pop("context", None)
+        unknown = options.keys() - _POLICY_OPTIONS
+        if unknown:
+            raise InvalidSettings(
+                f"unknown option(s) {sorted(unknown)}; expected session, on_complete, "
+                f"context or some of {sorted(_POLICY_OPTIONS)}"
+            )
         policy = self.policy.with_overrides(**options)
         new = self.prepare(
             fn, args, on_complete=on_complete, context=context, policy=policy, due_ms=due_ms
@@ -248,10 +258,13 @@ class Retrier:
     ) -> NewRun:
         """Validate a run and build its row, writing nothing. For higher tiers.
 
-        Raises `UnregisteredFunction` or `InvalidArguments` before anything is stored.
+        Raises `UnregisteredFunction` or `InvalidArguments` (arguments or a context that
+        are not strict JSON included) before anything is stored.
         """
         reg = self.registry.action(fn)
         stored_args = reg.validate_args(args)
+        if context is not None:
+            check_json(context, "the context", InvalidArguments)
         handler = self.registry.handler(on_complete).name if on_complete is not None else None
         policy = policy or self.policy
         return NewRun(
@@ -269,7 +282,7 @@ class Retrier:
             owner=owner,
             priority=priority,
             on_complete=handler,
-            context=_json_context(context),
+            context=context,
         )
 
     def submit(self, new: Sequence[NewRun], *, session: Session | None = None) -> None:
@@ -437,6 +450,7 @@ class Retrier:
             "unregistered_grace": self.unregistered_grace,
         }
         settings.update(options)
+        check_worker_settings(**{k: settings[k] for k in _WORKER_SETTINGS})
         worker = Worker(
             self.store, self.registry, on_completed=self._runs_completed, **settings
         )
@@ -515,11 +529,5 @@ async def _stop_worker(worker: Worker) -> None:
     worker.stop()
 
 
-def _json_context(context: Any) -> Any:
-    import json
-
-    try:
-        json.dumps(context)
-    except (TypeError, ValueError) as exc:
-        raise InvalidSettings(f"context must be JSON-serializable: {exc}") from None
-    return context
+_POLICY_OPTIONS = frozenset({"initial_backoff_ms", "base", "max_failures", "jitter", "max_backoff"})
+_WORKER_SETTINGS = ("concurrency", "lease", "poll_interval", "retention")

@@ -10,7 +10,6 @@ new work is journaled and started.
 from __future__ import annotations
 
 import asyncio
-import json
 import uuid
 from collections.abc import Awaitable, Callable, Coroutine
 from datetime import datetime, timedelta
@@ -21,8 +20,10 @@ import anyio.to_thread
 from sqlalchemy import Connection
 
 from retrier import InvalidArguments
-from retrier._clock import datetime_to_ms, to_ms
+from retrier._checks import check_name
+from retrier._clock import delay_ms, due_ms
 from retrier._dialects import is_transient
+from retrier._json import check_json
 from retrier._registry import Fn
 from retrier._store import Finished, NewRun, Outcome
 from retrier._stored_json import unreadable
@@ -283,18 +284,15 @@ class WorkflowContext:
     # -- sleeping ------------------------------------------------------------------------
 
     def sleep(self, name: str, duration: timedelta | float) -> Awaitable[None]:
-        """Sleep for a timedelta or a number of seconds, holding no worker or slot."""
-        ms = to_ms(duration)
-        if ms < 0:
-            raise InvalidArguments(f"sleep {name!r} needs a non-negative duration, got {duration}")
+        """Sleep for a timedelta or a number of seconds (0 to 100 years, else
+        `InvalidSettings`), holding no worker or slot."""
+        ms = delay_ms(duration, f"sleep {name!r}")
         return self._sleep(name, lambda: self._now() + ms)
 
     def sleep_until(self, name: str, when: datetime) -> Awaitable[None]:
-        """Sleep until a timezone-aware datetime, holding no worker or slot."""
-        try:
-            due = datetime_to_ms(when)
-        except ValueError as exc:
-            raise InvalidArguments(str(exc)) from None
+        """Sleep until a timezone-aware datetime within 100 years of now (else
+        `InvalidSettings`), holding no worker or slot."""
+        due = due_ms(when, f"sleep_until {name!r}", self._now())
         return self._sleep(name, lambda: due)
 
     def _sleep(self, name: str, due: Any) -> Awaitable[None]:
@@ -361,10 +359,9 @@ class WorkflowContext:
         full, position, entry = self._call(name, EVENT)
         if entry is not None and entry.state == COMPLETED:
             return self._resolved(entry.result)
+        check_name(event, "an event name", error=InvalidEvent)
         wanted = self._match(name, match)
-        timeout_ms = None if timeout is None else to_ms(timeout)
-        if timeout_ms is not None and timeout_ms < 0:
-            raise InvalidArguments(f"wait {name!r} needs a non-negative timeout, got {timeout}")
+        timeout_ms = None if timeout is None else delay_ms(timeout, f"the timeout of wait {name!r}")
         row = self._entry_row(full, position, EVENT, WAITING, event_name=event, match=wanted)
         return self._spawn(self._event(full, position, row, timeout_ms))
 
@@ -395,7 +392,7 @@ class WorkflowContext:
                 )
             return {match: self._workflow.args[match]}
         if isinstance(match, dict):
-            _check_json(match, f"the match of wait {name!r}")
+            check_json(match, f"the match of wait {name!r}", InvalidArguments)
             return dict(match)
         raise InvalidArguments(f"match must be a field name or a dict, got {type(match).__name__}")
 
@@ -458,8 +455,8 @@ class WorkflowContext:
     # -- identity, replay, divergence ------------------------------------------------------
 
     def _call(self, name: str, kind: str) -> tuple[str, int, Entry | None]:
-        if not isinstance(name, str) or not name:
-            raise InvalidArguments(f"a {kind} needs a non-empty name, got {name!r}")
+        # Room for the occurrence suffix ("[12]") within the stored name's 200 characters.
+        check_name(name, f"the name of a {kind}", max_length=190, error=InvalidArguments)
         occurrence = self._counts.get(name, 0)
         self._counts[name] = occurrence + 1
         full = f"{name}[{occurrence}]"
@@ -553,19 +550,11 @@ async def _suspend() -> Any:
     raise Suspend
 
 
-def _check_json(value: Any, what: str) -> None:
-    try:
-        json.dumps(value, allow_nan=False)
-    except (TypeError, ValueError) as exc:
-        raise InvalidEvent(f"{what} is not JSON: {exc}") from None
-
-
 def _check_event(event: str, data: Any) -> None:
-    if not isinstance(event, str) or not event:
-        raise InvalidEvent(f"an event needs a non-empty name, got {event!r}")
+    check_name(event, "an event name", error=InvalidEvent)
     if not isinstance(data, dict):
         raise InvalidEvent(f"the data of event {event!r} must be a JSON object (a dict)")
-    _check_json(data, f"the data of event {event!r}")
+    check_json(data, f"the data of event {event!r}", InvalidEvent)
 
 
 def step_failed_event(workflow: Any, step: str, error: str | None) -> WorkflowEvent:

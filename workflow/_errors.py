@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
-from retrier import RunNotFinished, RunNotFound, TiersError, UnregisteredFunction
+from retrier import (
+    InvalidArguments,
+    RunNotFinished,
+    RunNotFound,
+    TiersError,
+    UnregisteredFunction,
+)
 
 
 class StepFailed(TiersError):
@@ -60,5 +66,6 @@ class InvalidWorkflow(TiersError, TypeError):
     """A function given to `@workflows.define` cannot be a workflow."""
 
 
-class InvalidEvent(TiersError, ValueError):
-    """An event's name or payload cannot be stored (the payload must be a JSON object)."""
+class InvalidEvent(InvalidArguments):
+    """An event's name or payload cannot be stored: the name must be 1 to 200
+    characters without NUL, the payload a dict of strict JSON (see `retrier._json`)."""

@@ -20,13 +20,16 @@ from retrier import (
     Completed,
     Failed,
     InProgress,
+    InvalidArguments,
+    InvalidSettings,
     RunNotFound,
     RunStatus,
     Success,
     WaitTimeout,
 )
+from retrier._checks import MAX_NAME, check_flag, check_name
 from retrier._clock import ms_to_datetime
-from retrier._retrier import _json_context
+from retrier._json import check_json
 from retrier._waiting import Changes, poll_until, poll_until_async
 
 from ._context import _check_event
@@ -100,8 +103,15 @@ class WorkflowManager:
         self.retrier = pool.retrier
         if retry_steps_by_default is None:
             retry_steps_by_default = bool(getattr(pool, "retry_actions_by_default", False))
+        check_flag(retry_steps_by_default, "retry_steps_by_default")
         if default_retry_behavior is None:
             default_retry_behavior = getattr(pool, "default_retry_behavior", None)
+        if default_retry_behavior is not None and not isinstance(
+            default_retry_behavior, RetryBehavior
+        ):
+            raise InvalidSettings(
+                f"default_retry_behavior must be a RetryBehavior, got {default_retry_behavior!r}"
+            )
         self._defs = Definitions()
         self._listeners = Listeners()
         self._driver = Driver(
@@ -131,6 +141,8 @@ class WorkflowManager:
 
         def register(f: F) -> F:
             d = define(f, name)
+            # Its on_complete run is named after it, with a prefix, in 200 characters.
+            check_name(d.name, "a workflow name", max_length=MAX_NAME - len(_RESULT_PREFIX))
             self._defs.add(d)
             self.retrier.registry.add_action(_result_stub(d), name=result_action_name(d.name))
             return f
@@ -154,7 +166,12 @@ class WorkflowManager:
         `@retrier.on_complete` handler) runs exactly once with the workflow's id, its
         result and `context`. With `session=`, it starts only if the caller commits."""
         d = self._defs.get(workflow)
-        return self._start(d, d.validate_args(args), on_complete, context, key, session)
+        stored = d.validate_args(args)
+        if key is not None:
+            check_name(key, "key")
+        if context is not None:
+            check_json(context, "the context", InvalidArguments)
+        return self._start(d, stored, on_complete, context, key, session)
 
     def _start(
         self,
@@ -174,7 +191,7 @@ class WorkflowManager:
             d.name,
             stored,
             on_complete=handler,
-            context=_json_context(context),
+            context=context,
             key=key,
             retrigger_of=retrigger_of,
         )
@@ -387,6 +404,9 @@ def step_info(r: Any) -> StepInfo:
         run_id=r["run_id"],
         child_id=r["child_id"],
     )
+
+
+_RESULT_PREFIX = result_action_name("")
 
 
 def _result_stub(d: WorkflowDef) -> Callable[[], Any]:

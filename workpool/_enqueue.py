@@ -7,7 +7,8 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from retrier import InvalidSettings, Retrier, RetryPolicy
-from retrier._clock import datetime_to_ms, to_ms
+from retrier._checks import check_name
+from retrier._clock import delay_ms, due_ms
 from retrier._registry import Fn
 from retrier._store import NewRun
 
@@ -17,7 +18,6 @@ OPTIONS = frozenset(
     {"on_complete", "context", "retry", "run_at", "run_after", "priority", "key"}
 )
 _MAX_PRIORITY = 2**31 - 1
-_MAX_KEY = 200
 
 Retry = bool | RetryBehavior | None
 
@@ -53,10 +53,8 @@ class Preparer:
         ):
             raise InvalidSettings(f"priority must be a 32-bit integer, got {priority!r}")
         key = options.get("key")
-        if key is not None and (not isinstance(key, str) or not 0 < len(key) <= _MAX_KEY):
-            raise InvalidSettings(
-                f"key must be a string of 1 to {_MAX_KEY} characters, got {key!r}"
-            )
+        if key is not None:
+            check_name(key, "key")
         return self._retrier.prepare(
             fn,
             args,
@@ -88,17 +86,7 @@ def _due_ms(run_at: datetime | None, run_after: timedelta | float | None, now_ms
     if run_at is not None and run_after is not None:
         raise InvalidSettings("give run_at or run_after, not both")
     if run_at is not None:
-        if not isinstance(run_at, datetime):
-            raise InvalidSettings(f"run_at must be a datetime, got {run_at!r}")
-        try:
-            return datetime_to_ms(run_at)
-        except ValueError as exc:
-            raise InvalidSettings(str(exc)) from None
+        return due_ms(run_at, "run_at", now_ms)
     if run_after is not None:
-        if isinstance(run_after, bool) or not isinstance(run_after, timedelta | int | float):
-            raise InvalidSettings(f"run_after must be a timedelta or seconds, got {run_after!r}")
-        delay = to_ms(run_after)
-        if delay < 0:
-            raise InvalidSettings(f"run_after needs a non-negative delay, got {run_after!r}")
-        return now_ms + delay
+        return now_ms + delay_ms(run_after, "run_after")
     return now_ms

@@ -17,6 +17,7 @@ import anyio
 from sqlmodel import Session
 
 from retrier import Completed, InvalidSettings, Retrier, RunNotFound
+from retrier._checks import check_flag
 from retrier._models import RunRow
 from retrier._registry import Fn
 from retrier._store import NewRun, QueueLimits
@@ -66,7 +67,9 @@ class Workpool:
     ) -> None:
         self.retrier = retrier
         self.name = name
-        self.retry_actions_by_default = retry_actions_by_default
+        self.retry_actions_by_default = check_flag(
+            retry_actions_by_default, "retry_actions_by_default"
+        )
         self.default_retry_behavior = default_retry_behavior or RetryBehavior()
         if not isinstance(self.default_retry_behavior, RetryBehavior):
             raise InvalidSettings(

@@ -5,10 +5,10 @@ from __future__ import annotations
 from datetime import timedelta
 
 from retrier import InvalidSettings
-from retrier._clock import to_ms
+from retrier._checks import check_name
+from retrier._clock import delay_ms
 from retrier._store import QueueLimits
 
-MAX_NAME = 200
 MAX_PARALLELISM = 100_000
 
 RateLimit = tuple[int, timedelta | float]
@@ -22,8 +22,7 @@ def pool_limits(
     max_per_worker: int | None = None,
 ) -> QueueLimits:
     """The engine's `QueueLimits` for a pool; raises `InvalidSettings` on bad values."""
-    if not isinstance(name, str) or not name.strip() or len(name) > MAX_NAME:
-        raise InvalidSettings(f"a pool name must be 1 to {MAX_NAME} characters, got {name!r}")
+    check_name(name, "a pool name")
     check_parallelism(max_parallelism)
     rate, period_ms = None, None
     if rate_limit is not None:
@@ -69,9 +68,7 @@ def _rate(rate_limit: RateLimit) -> tuple[int, int]:
         ) from None
     if _not_int(limit) or limit < 1:
         raise InvalidSettings(f"a rate limit must allow at least 1 start, got {limit!r}")
-    if not isinstance(period, timedelta | int | float) or isinstance(period, bool):
-        raise InvalidSettings(f"a rate limit period is a timedelta or seconds, got {period!r}")
-    period_ms = to_ms(period)
+    period_ms = delay_ms(period, "a rate limit period")
     if period_ms < 1:
         raise InvalidSettings(f"a rate limit period must be at least 1 ms, got {period!r}")
     if period_ms > 30 * 86_400_000:
