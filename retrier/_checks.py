@@ -73,10 +73,19 @@ def check_name(
 
 
 def check_worker_settings(
-    *, concurrency: Any, lease: Any, poll_interval: Any, retention: Any
+    *,
+    concurrency: Any,
+    lease: Any,
+    poll_interval: Any,
+    retention: Any,
+    unregistered_grace: Any,
 ) -> None:
     """The options of a worker (and of the `Retrier` that makes its workers)."""
     check_integer(concurrency, "concurrency", 1, 10_000)
     check_duration(lease, "lease", timedelta(milliseconds=300), timedelta(days=1))
     check_duration(poll_interval, "poll_interval", timedelta(milliseconds=1), timedelta(hours=1))
-    check_duration(retention, "retention", timedelta(0), timedelta(days=36_525))
+    check_duration(retention, "retention", timedelta(0), _CENTURY)
+    check_duration(unregistered_grace, "unregistered_grace", timedelta(0), _CENTURY)
+
+
+_CENTURY = timedelta(days=36_525)

@@ -85,6 +85,7 @@ class Retrier:
             lease=lease,
             poll_interval=timedelta(seconds=1) if poll_interval is None else poll_interval,
             retention=retention,
+            unregistered_grace=unregistered_grace,
         )
         self.retention = retention
         self.concurrency = concurrency
@@ -530,4 +531,4 @@ async def _stop_worker(worker: Worker) -> None:
 
 
 _POLICY_OPTIONS = frozenset({"initial_backoff_ms", "base", "max_failures", "jitter", "max_backoff"})
-_WORKER_SETTINGS = ("concurrency", "lease", "poll_interval", "retention")
+_WORKER_SETTINGS = ("concurrency", "lease", "poll_interval", "retention", "unregistered_grace")

@@ -251,6 +251,7 @@ def test_retry_settings_of_the_wrong_type_are_refused(
         {"poll_interval": timedelta(0)},
         {"poll_interval": 0.5},
         {"retention": 7},
+        {"unregistered_grace": -timedelta(seconds=1)},
         {"initial_backoff_ms": 1.5},
         {"max_failures": True},
     ],
