@@ -195,12 +195,12 @@ def strict_hint(hint: Any) -> Any:
     (bytes as text, a tuple as a list, an int key as a string), so it takes plain
     JSON only.
     """
-    if hint is Any or hint is object:
+    if _is_any(hint):
         return StrictJson
     if hint is dict:
-        return dict[str, StrictJson]
+        return _strict_whole(dict[str, Any])
     if hint is list:
-        return list[StrictJson]
+        return _strict_whole(list[Any])
     origin, args = typing.get_origin(hint), typing.get_args(hint)
     if origin is None or not args:
         return hint
@@ -209,8 +209,21 @@ def strict_hint(hint: Any) -> Any:
     if origin is Union or origin is types.UnionType:
         return Union[tuple(strict_hint(a) for a in args)]  # noqa: UP007
     if origin in _MAPPINGS and len(args) == 2:
-        key = str if args[0] is Any else strict_hint(args[0])
+        key = str if _is_any(args[0]) else strict_hint(args[0])
+        if origin is dict and _is_any(args[1]):
+            return _strict_whole(dict[key, Any])  # type: ignore[valid-type]
         return origin[key, strict_hint(args[1])]
+    if origin is list and _is_any(args[0]):
+        return _strict_whole(list[Any])
     if origin in _COLLECTIONS:
         return origin[tuple(a if a is Ellipsis else strict_hint(a) for a in args)]
     return hint
+
+
+def _is_any(hint: Any) -> bool:
+    return hint is Any or hint is object
+
+
+def _strict_whole(container: Any) -> Any:
+    # A dict or list of Any: one check of the whole value, not one per item.
+    return Annotated[container, AfterValidator(_strict)]
