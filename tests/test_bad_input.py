@@ -410,6 +410,19 @@ def test_workflow_start_refuses_bad_arguments_context_and_key(workflows: Workflo
     assert count_workflows(workflows) == 0
 
 
+def test_workflow_names_leave_room_for_the_engines_prefixes(retrier: Retrier) -> None:
+    with pytest.raises(InvalidSettings, match="pool"):
+        WorkflowManager(Workpool(retrier, "p" * 176))
+    workflows = WorkflowManager(Workpool(retrier, "p" * 175))
+
+    async def flow(ctx: WorkflowContext) -> None: ...
+
+    with pytest.raises(InvalidSettings, match="workflow name"):
+        workflows.define(name="w" * 179)(flow)
+    workflows.define(name="w" * 178)(flow)
+    assert count_workflows(workflows) == 0
+
+
 def test_events_refuse_nul_names_and_non_json_data(workflows: WorkflowManager) -> None:
     for name in ("a\x00b", "e" * 201, "", None):
         with pytest.raises(InvalidEvent):

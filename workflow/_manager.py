@@ -99,6 +99,8 @@ class WorkflowManager:
     ) -> None:
         from workpool import RetryBehavior
 
+        # The engine names the pool's step handler after it (see Driver), within 200.
+        check_name(pool.name, "the name of a pool that runs workflows", max_length=175)
         self.pool = pool
         self.retrier = pool.retrier
         if retry_steps_by_default is None:
