@@ -21,6 +21,7 @@ BEGIN raises it (from a connection event, which SQLAlchemy does not wrap)."""
 
 _LOCK_NOT_AVAILABLE = "55P03"  # PostgreSQL: lock_timeout elapsed
 _UNDEFINED_TABLE = "42P01"  # PostgreSQL: relation does not exist
+_ROLLED_BACK = "40"  # PostgreSQL: a deadlock or serialization failure; try again
 
 
 def safe_url(url: URL) -> str:
@@ -48,9 +49,10 @@ def translate(exc: BaseException, url: URL | None = None) -> TiersError | None:
     where = f" {safe_url(url)}" if url is not None else ""
     sqlstate = getattr(orig, "sqlstate", None)
     is_sqlite = isinstance(orig, sqlite3.OperationalError)
-    if sqlstate == _LOCK_NOT_AVAILABLE or (is_sqlite and "locked" in text):
+    busy = sqlstate == _LOCK_NOT_AVAILABLE or str(sqlstate).startswith(_ROLLED_BACK)
+    if busy or (is_sqlite and "locked" in text):
         return DatabaseBusy(
-            f"the database{where} stayed locked by another transaction past the wait "
+            f"the database{where} stayed locked by other transactions past the wait "
             f"allowed ({text}); nothing was written, so the call may be retried"
         )
     if sqlstate == _UNDEFINED_TABLE or (is_sqlite and text.startswith("no such table")):

@@ -106,8 +106,9 @@ class RetryAfter(Exception):
     def __init__(self, seconds: float, message: str = "") -> None:
         from ._clock import delay_ms  # _clock imports this module
 
-        delay_ms(seconds, "RetryAfter")  # finite, not negative, within the due-time range
-        super().__init__(message or f"retry after {seconds:g} s")
+        # Finite, not negative, within the due-time range (else InvalidSettings).
+        ms = delay_ms(seconds, "RetryAfter")
+        super().__init__(message or f"retry after {ms / 1000:g} s")
         self.seconds = seconds
 
 

@@ -334,9 +334,10 @@ def test_due_times_at_the_edges_of_the_range_are_accepted(make_retrier: MakeRetr
 
 
 def test_retry_after_with_an_absurd_delay_is_refused() -> None:
-    for seconds in (NAN, INF, -1, 1.8e12):
+    for seconds in (NAN, INF, -1, 1.8e12, True, "5"):
         with pytest.raises(InvalidSettings):
-            RetryAfter(seconds)
+            RetryAfter(seconds)  # type: ignore[arg-type]
+    assert str(RetryAfter(timedelta(seconds=90))) == "retry after 90 s"
 
 
 # -- names ----------------------------------------------------------------------------------
@@ -466,6 +467,8 @@ def test_workflow_calls_refuse_bad_durations_names_and_data(workflows: WorkflowM
         assert error.startswith("InvalidArguments"), error
     error = _failure(workflows, lambda ctx: ctx.step("s", work, {"x": NAN}))
     assert error.startswith("InvalidArguments"), error
+    error = _failure(workflows, lambda ctx: ctx.step("s", work, retry="yes"))
+    assert error.startswith("InvalidSettings") and "retry" in error, error
     error = _failure(workflows, lambda ctx: ctx.wait_for_event("w", "e", match={"k": NAN}))
     assert error.startswith("InvalidArguments") and "match" in error, error
     error = _failure(workflows, lambda ctx: ctx.wait_for_event("w", "a\x00b"))

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import anyio.to_thread
 from sqlalchemy import Connection
 
-from retrier import InvalidArguments
+from retrier import InvalidArguments, InvalidSettings
 from retrier._checks import check_name
 from retrier._clock import delay_ms, due_ms
 from retrier._dialects import is_transient
@@ -125,6 +125,7 @@ class WorkflowContext:
         `StepFailed` here.
         """
         full, position, entry = self._call(name, STEP)
+        _check_retry(retry)
         reg = self._driver.retrier.registry.action(fn)
         if entry is not None:
             if entry.fn != reg.name:
@@ -548,6 +549,13 @@ class WorkflowContext:
 
 async def _suspend() -> Any:
     raise Suspend
+
+
+def _check_retry(retry: Any) -> None:
+    from workpool import RetryBehavior
+
+    if retry is not None and not isinstance(retry, bool | RetryBehavior):
+        raise InvalidSettings(f"retry must be True, False or a RetryBehavior, got {retry!r}")
 
 
 def _check_event(event: str, data: Any) -> None:
