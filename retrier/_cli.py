@@ -121,6 +121,11 @@ class Context:
         """The database URL, once a command has opened the store."""
         return None if self._store is None else make_url(self._store.url)
 
+    def close(self) -> None:
+        """Release the connections of a store the command opened itself (--db)."""
+        if self._store is not None and not self._app:
+            self._store.dispose()
+
 
 class TiersGroup(click.Group):
     """The `tiers` group: a library error anywhere below it (a bad URL, an unreachable
@@ -154,6 +159,7 @@ def fail(exc: TiersError) -> NoReturn:
 def main(ctx: click.Context, db: str | None, app: str | None) -> None:
     """durable-tiers: durable retries, workpools and workflows."""
     ctx.obj = Context(db, app)
+    ctx.call_on_close(ctx.obj.close)
 
 
 @main.command()

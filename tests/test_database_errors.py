@@ -101,6 +101,26 @@ def _missing(db_url: str, tmp_path: Path) -> str:
     return make_url(db_url).set(database="tiers_no_such_db").render_as_string(hide_password=False)
 
 
+def test_the_cli_releases_its_connections(
+    retrier: Retrier, db_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import retrier._cli as cli
+
+    opened: list[Any] = []
+
+    class Recorded(cli.Store):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            opened.append(self)
+
+    monkeypatch.setattr(cli, "Store", Recorded)
+    for command in (["runs", "list"], ["runs", "show", "nope"], ["pools", "list"]):
+        tiers("--db", db_url, *command)
+    assert len(opened) == 3
+    assert all(store.checked_out() == 0 for store in opened)
+    assert all(store.engine.pool.checkedin() == 0 for store in opened), "disposed"
+
+
 def test_the_cli_refuses_a_database_that_does_not_exist(db_url: str, tmp_path: Path) -> None:
     url = _missing(db_url, tmp_path)
     for command in (["runs", "list"], ["runs", "show", "x"], ["pools", "list"],
