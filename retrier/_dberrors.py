@@ -66,6 +66,15 @@ def translate(exc: BaseException, url: URL | None = None) -> TiersError | None:
     return None
 
 
+def connection_lost(exc: BaseException) -> bool:
+    """Whether `exc`, or the driver error a translated one was raised from, says the
+    connection died under the call: a second try, on a new connection, may succeed."""
+    return any(
+        isinstance(error, DBAPIError) and error.connection_invalidated
+        for error in (exc, exc.__cause__)
+    )
+
+
 def raise_translated(exc: BaseException, url: URL | None = None) -> NoReturn:
     """Raise `translate(exc)` (from `exc`), or `exc` itself if it has no translation."""
     error = translate(exc, url)

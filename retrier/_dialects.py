@@ -27,7 +27,7 @@ from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError
 from sqlalchemy.sql import Select
 
-from ._dberrors import DRIVER_ERRORS, raise_translated, redact, safe_url
+from ._dberrors import DRIVER_ERRORS, connection_lost, raise_translated, redact, safe_url
 from ._errors import DatabaseUnavailable, InvalidDatabaseURL, InvalidSettings
 
 log = logging.getLogger("tiers.store")
@@ -94,8 +94,8 @@ def reconnecting(fn: Callable[P, T]) -> Callable[P, T]:
     def call(*args: P.args, **kwargs: P.kwargs) -> T:
         try:
             return fn(*args, **kwargs)
-        except sa_exc.DBAPIError as exc:
-            if not exc.connection_invalidated:
+        except (sa_exc.DBAPIError, DatabaseUnavailable) as exc:  # as read/write raise it
+            if not connection_lost(exc):
                 raise
             log.info("database connection was lost; trying again on a new one")
         return fn(*args, **kwargs)
