@@ -125,3 +125,9 @@ class HandBack(Exception):
             raise InvalidSettings(f"HandBack needs a delay from 0 to 3600 s, got {seconds}")
         super().__init__(reason or f"handed back for {seconds:g} s")
         self.seconds = seconds
+
+
+def describe(exc: BaseException) -> str:
+    """`Type: message`, as stored for a failed attempt or handler. A NUL character
+    (which PostgreSQL's text columns refuse) is written as `\\x00`."""
+    return f"{type(exc).__name__}: {exc}".replace("\x00", "\\x00")

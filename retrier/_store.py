@@ -42,7 +42,7 @@ from sqlmodel import SQLModel
 
 from ._clock import Clock
 from ._dialects import CANCEL, WAKE, Dialect, is_transient, open_dialect, reconnecting
-from ._errors import RunNotFinished, RunNotFound, SchemaTooNew, UnregisteredFunction
+from ._errors import RunNotFinished, RunNotFound, SchemaTooNew, UnregisteredFunction, describe
 from ._models import (
     CANCELED,
     CLAIMABLE,
@@ -1335,7 +1335,7 @@ class Store:
             settles = []
             for row in rows:
                 error = (
-                    f"{_describe(UnregisteredFunction(row.fn))} (no live worker has "
+                    f"{describe(UnregisteredFunction(row.fn))} (no live worker has "
                     f"registered it for {grace_ms / 1000:g} s)"
                 )
                 lost = Outcome(row.id, row.fence, "fatal", now, error=error)
@@ -1864,7 +1864,7 @@ def _call_in_savepoint(
         if is_transient(exc):
             raise  # the database failed, not the handler: the whole record is retried
         savepoint.rollback()
-        return _describe(exc)
+        return describe(exc)
     savepoint.commit()
     return None
 
@@ -1931,9 +1931,6 @@ def _attempt_outcome(o: Outcome, row: Row[Any]) -> str:
         return "canceled"
     return "success" if o.kind == "success" else "failed"
 
-
-def _describe(exc: BaseException) -> str:
-    return f"{type(exc).__name__}: {exc}"
 
 
 def _names(stored: Any) -> set[str]:

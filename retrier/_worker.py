@@ -31,7 +31,7 @@ from sqlmodel import Session
 
 from ._clock import to_ms
 from ._dialects import CANCEL, WouldBlock, is_transient
-from ._errors import HandBack, NonRetryableError, RetryAfter, UnregisteredFunction
+from ._errors import HandBack, NonRetryableError, RetryAfter, UnregisteredFunction, describe
 from ._models import CANCELED, DELIVERING, FAILED, SUCCESS
 from ._registry import Registry, ResultNotSerializable
 from ._results import Canceled, Failed, RunResult, Success
@@ -380,7 +380,7 @@ class Worker:
         except UnregisteredFunction as exc:
             # Not ours to fail (claimed before the registry changed, or inserted
             # running by a higher tier): hand it back, as if never started.
-            return outcome("released", error=_describe(exc))
+            return outcome("released", error=describe(exc))
         corrupt = unreadable("args", c.args, need_object=True) or unreadable("context", c.context)
         if corrupt is not None:
             # Retrying cannot help: fail this run alone; every other run goes on.
@@ -399,14 +399,14 @@ class Worker:
                 )
             result = reg.encode_result(value)
         except (NonRetryableError, ResultNotSerializable) as exc:
-            return outcome("fatal", error=_describe(exc), traceback=_traceback(exc))
+            return outcome("fatal", error=describe(exc), traceback=_traceback(exc))
         except RetryAfter as exc:
-            return outcome("failure", error=_describe(exc), retry_after_ms=to_ms(exc.seconds))
+            return outcome("failure", error=describe(exc), retry_after_ms=to_ms(exc.seconds))
         except HandBack as exc:
-            return outcome("released", error=_describe(exc), retry_after_ms=to_ms(exc.seconds))
+            return outcome("released", error=describe(exc), retry_after_ms=to_ms(exc.seconds))
         except Exception as exc:
             log.debug("run %s attempt %d failed: %s", c.id, c.attempts, exc)
-            return outcome("failure", error=_describe(exc), traceback=_traceback(exc))
+            return outcome("failure", error=describe(exc), traceback=_traceback(exc))
         return outcome("success", result=result)
 
     def _handler_in_txn(self, name: str | None) -> bool:
@@ -539,7 +539,7 @@ class Worker:
                 await anyio.to_thread.run_sync(partial(reg.fn, *args))
         except Exception as exc:
             log.warning("on_complete %s of run %s raised: %s", f.on_complete, f.id, exc)
-            failures[f.id] = _describe(exc)
+            failures[f.id] = describe(exc)
         delivered = partial(self.store.delivered, [f], failures)
         return await self._persist(partial(self.store.dialect.call, delivered), what)
 
@@ -747,7 +747,7 @@ _TRACEBACK_CHARS = 8_000
 
 
 def _traceback(exc: BaseException) -> str:
-    text = "".join(traceback.format_exception(exc))
+    text = "".join(traceback.format_exception(exc)).replace("\x00", "\\x00")
     if len(text) <= _TRACEBACK_CHARS:
         return text
     return "…(earlier frames cut)\n" + text[-_TRACEBACK_CHARS:]
@@ -757,6 +757,3 @@ def _first_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return f"{type(exc).__name__}: {text[0] if text else ''}"
 
-
-def _describe(exc: BaseException) -> str:
-    return f"{type(exc).__name__}: {exc}"

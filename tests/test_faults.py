@@ -804,3 +804,16 @@ def test_the_app_side_survives_its_connections_being_dropped(db_url: str) -> Non
     finally:
         app.close()
         killer.close()
+
+
+def test_an_error_message_with_a_nul_character_is_stored(retrier: Retrier) -> None:
+    @retrier.action
+    def nul() -> None:
+        raise ValueError("bad\x00byte")
+
+    run_id = retrier.run(nul, max_failures=1)
+    drain(retrier)
+    status = retrier.status(run_id)
+    assert status == Completed(Failed("ValueError: bad\\x00byte"))
+    (attempt,) = retrier.store.attempts(run_id)
+    assert attempt.traceback is not None and "bad\\x00byte" in attempt.traceback

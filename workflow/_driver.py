@@ -18,6 +18,7 @@ from sqlalchemy import select
 
 from retrier import HandBack, Retrier, RetryPolicy
 from retrier._clock import to_ms
+from retrier._errors import describe
 from retrier._registry import ResultNotSerializable
 from retrier._store import NewRun, runs
 from retrier._worker import current_worker
@@ -174,16 +175,16 @@ class Driver:
             if ctx.diverged is None:
                 await ctx.settle_alone(ctx.take_unsettled())
                 return "waiting"
-            state, error = FAILED, _describe(ctx.diverged)
+            state, error = FAILED, describe(ctx.diverged)
         except UnregisteredWorkflow as exc:
-            state, error = FAILED, _describe(exc)
+            state, error = FAILED, describe(exc)
         except Exception as exc:
             await ctx.drain()
-            state, error = FAILED, _describe(ctx.diverged or exc)
+            state, error = FAILED, describe(ctx.diverged or exc)
         else:
             await ctx.drain()
             if ctx.diverged is not None:
-                state, error = FAILED, _describe(ctx.diverged)
+                state, error = FAILED, describe(ctx.diverged)
             else:
                 try:
                     result = definition.encode_result(value)
@@ -249,6 +250,3 @@ def result_action_name(workflow: str) -> str:
     """The engine action standing for a workflow's result (it types its on_complete)."""
     return f"tiers.workflow.result:{workflow}"
 
-
-def _describe(exc: BaseException) -> str:
-    return f"{type(exc).__name__}: {exc}"
