@@ -35,16 +35,16 @@ from ._errors import HandBack, NonRetryableError, RetryAfter, UnregisteredFuncti
 from ._models import CANCELED, DELIVERING, FAILED, SUCCESS
 from ._registry import Registry, ResultNotSerializable
 from ._results import Canceled, Failed, RunResult, Success
-from ._store import (
+from ._run_types import (
     Claimed,
     Finished,
     Outcome,
     Recorded,
     Runnable,
     SessionHandler,
-    Store,
     WorkerInfo,
 )
+from ._store import Store
 from ._stored_json import unreadable
 from ._timers import Timers
 from ._waiting import loop_caller

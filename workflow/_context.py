@@ -20,14 +20,19 @@ import anyio.to_thread
 from sqlalchemy import Connection
 
 from retrier import InvalidArguments, InvalidSettings
-from retrier._checks import check_name
-from retrier._clock import delay_ms, due_ms
-from retrier._dialects import is_transient
-from retrier._json import check_json
-from retrier._registry import Fn
-from retrier._store import Finished, NewRun, Outcome
-from retrier._stored_json import unreadable
-from retrier._worker import Worker
+from retrier.engine import (
+    Finished,
+    Fn,
+    NewRun,
+    Outcome,
+    Worker,
+    check_json,
+    check_name,
+    delay_ms,
+    due_ms,
+    is_transient,
+    unreadable,
+)
 
 from ._errors import InvalidEvent, StepFailed, WorkflowDiverged
 from ._journal import Conflict, Entry, Loaded, NotRunning, Unsettled

@@ -15,17 +15,15 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
-from sqlalchemy import Connection, bindparam, delete, func, insert, select, text, update
+from sqlalchemy import Connection, bindparam, delete, func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 
 from retrier import RetryPolicy
-from retrier._models import CANCELED as RUN_CANCELED
-from retrier._models import COMPLETED as RUN_COMPLETED
-from retrier._models import FAILED as RUN_FAILED
-from retrier._models import PENDING as RUN_PENDING
-from retrier._models import RUNNING as RUN_RUNNING
-from retrier._models import SUCCESS as RUN_SUCCESS
-from retrier._store import Claimed, NewRun, Store, runs
+from retrier.engine import CANCELED as RUN_CANCELED
+from retrier.engine import FAILED as RUN_FAILED
+from retrier.engine import RUNNING as RUN_RUNNING
+from retrier.engine import SUCCESS as RUN_SUCCESS
+from retrier.engine import Claimed, NewRun, Store
 
 from ._errors import WorkflowNotFinished, WorkflowNotFound
 from ._models import (
@@ -320,7 +318,8 @@ class Journal:
     ) -> Entry | None:
         """Journal the final outcome of a step's run; None if it was journaled already."""
         if attempts is None:
-            attempts = conn.execute(select(runs.c.attempts).where(runs.c.id == run_id)).scalar()
+            stored = self.store.outcome_in(conn, run_id)
+            attempts = 0 if stored is None else stored.attempts
         state = _STEP_STATE[outcome]
         changed = conn.execute(
             _SETTLE_STEP,
@@ -546,11 +545,7 @@ class Journal:
                     )
                 ).scalars()
             )
-            owned = conn.execute(
-                select(runs.c.id, runs.c.fn, runs.c.state).where(
-                    runs.c.owner == workflow_id, runs.c.state.in_((RUN_PENDING, RUN_RUNNING))
-                )
-            ).all()
+            owned = self.store.unfinished_of(conn, workflow_id)
         run_ids = [r.id for r in owned if not (r.fn == driver_fn and r.state == RUN_RUNNING)]
         return True, children, run_ids
 
@@ -598,16 +593,8 @@ class Journal:
                 raise WorkflowNotFound(workflow_id)
             if row.state == RUNNING:
                 raise WorkflowNotFinished(workflow_id)
-            done = select(runs.c.id).where(
-                (runs.c.owner == workflow_id) | (runs.c.id == workflow_id),
-                runs.c.state == RUN_COMPLETED,
-            )
-            ids = list(conn.execute(done).scalars())
-            from retrier._store import attempts_t
-
-            for chunk in _chunks(ids, 500):
-                conn.execute(delete(attempts_t).where(attempts_t.c.run_id.in_(chunk)))
-                conn.execute(delete(runs).where(runs.c.id.in_(chunk)))
+            # Its steps and drivers, and the run that delivered its on_complete.
+            self.store.delete_finished_of(conn, workflow_id, workflow_id)
             conn.execute(delete(steps_t).where(steps_t.c.workflow_id == workflow_id))
             conn.execute(delete(workflows_t).where(workflows_t.c.id == workflow_id))
 
@@ -636,16 +623,10 @@ class Journal:
 
     def _event_lock(self, conn: Connection, name: str) -> None:
         # Serializes a wait's check-then-journal with send_event's insert-then-scan, so
-        # neither can miss the other. SQLite writers are serialized already.
-        if self.dialect.name == "postgresql":
-            conn.execute(text("SELECT pg_advisory_xact_lock(hashtext(:n))"), {"n": name})
+        # neither can miss the other.
+        self.dialect.lock_key(conn, f"tiers.event:{name}")
 
 
 def matches(match: dict[str, Any], data: Any) -> bool:
     """Whether event `data` has every key of `match` with an equal value."""
     return isinstance(data, dict) and all(k in data and data[k] == v for k, v in match.items())
-
-
-def _chunks(items: list[str], size: int) -> Iterator[list[str]]:
-    for i in range(0, len(items), size):
-        yield items[i : i + size]
