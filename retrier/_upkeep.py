@@ -5,6 +5,8 @@ after their grace.
 
 from __future__ import annotations
 
+from datetime import timedelta
+
 from sqlalchemy import bindparam, delete, insert, select, update
 
 from ._clock import Clock
@@ -34,6 +36,12 @@ _LIVE_WORKERS = select(workers_t.c.functions, workers_t.c.handlers).where(
 
 # Rows of workers silent for this long are deleted.
 _FORGET_MS = 86_400_000
+
+
+def sweep_interval(grace: timedelta) -> timedelta:
+    """How often to look for runs no worker can run: often enough for the grace to
+    hold within a quarter of it, at most every 5 minutes (it reads the backlog)."""
+    return min(max(grace / 4, timedelta(seconds=1)), timedelta(minutes=5))
 
 
 class Upkeep:

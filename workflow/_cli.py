@@ -142,7 +142,7 @@ def send_event(obj: CliContext, name: str, data: str) -> None:
     if obj._app:
         event_id = or_exit(_manager(obj).send_event, name, payload)
     else:
-        event_id = journal.send_event_alone(name, payload)
+        event_id = journal.events.send_event_alone(name, payload)
     console.print(f"sent event {event_id}")
 
 

@@ -377,7 +377,7 @@ class WorkflowContext:
         await self._flush()
         try:
             done, data = await self._journal_call(
-                self._driver.journal.try_event, self._workflow, row, timeout_ms
+                self._driver.journal.events.try_event, self._workflow, row, timeout_ms
             )
         except (Conflict, NotRunning):
             raise Suspend from None
@@ -412,7 +412,7 @@ class WorkflowContext:
         row["finished_ms"] = self._now()
         journal = self._driver.journal
         return self._spawn(
-            self._send(full, row, lambda conn: journal.send_event(conn, event, data))
+            self._send(full, row, lambda conn: journal.events.send_event(conn, event, data))
         )
 
     async def _send(self, full: str, row: dict[str, Any], send: Any) -> int:

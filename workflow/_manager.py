@@ -340,7 +340,7 @@ class WorkflowManager:
         if they started before it was sent.
         """
         _check_event(name, data)
-        event_id = self._journal.send_event_alone(name, data)
+        event_id = self._journal.events.send_event_alone(name, data)
         self.retrier.wake_workers()
         return event_id
 
