@@ -26,6 +26,7 @@ from ._clock import SystemClock, ms_to_datetime
 from ._dberrors import DRIVER_ERRORS, translate
 from ._dialects import is_transient, open_dialect
 from ._errors import TiersError
+from ._migrations import Migrations
 from ._models import RunRow
 from ._retrier import Retrier
 from ._store import Store
@@ -98,13 +99,15 @@ class Context:
         self._app = app
         self._store: Store | None = None
 
-    def store(self) -> Store:
+    def store(self, *, create: bool = False) -> Store:
+        """The store of --db or --app. With --db, a SQLite file that does not exist is
+        an error unless `create` (only `tiers db upgrade` creates a database)."""
         if self._store is None:
             if self._app:
                 self._store = retrier_of(load_app(self._app)).store
             elif self._db:
-                # Commands given --db only look at a database: never create one.
-                open_dialect(self._db, create=False).dispose()
+                if not create:
+                    open_dialect(self._db, create=False).dispose()
                 self._store = Store(self._db, SystemClock())
             else:
                 raise click.UsageError(
@@ -285,6 +288,61 @@ def runs_cancel(obj: Context, run_id: str) -> None:
     """Cancel a pending or running run."""
     changed = or_exit(obj.store().cancel, run_id)
     console.print("canceled" if changed else "already finished; nothing to cancel")
+
+
+@main.group()
+def db() -> None:
+    """The database schema: durable-tiers' own migrations (Alembic, in the table
+    tiers_alembic_version). A Retrier applies them when it starts; run these in a
+    deploy step to migrate first."""
+
+
+@db.command("upgrade")
+@click.option("--branch", "branches", multiple=True,
+              help="Only this line of migrations (engine, workflow, ...); default: all.")
+@click.pass_obj
+def db_upgrade(obj: Context, branches: tuple[str, ...]) -> None:
+    """Apply every migration the database lacks (creating its tables if need be)."""
+    store = obj.store(create=True)
+    migrations = Migrations()
+    labels = list(branches or migrations.branches)
+    for label in labels:
+        if label not in migrations.branches:
+            raise click.BadParameter(
+                f"no branch {label!r}; installed: {', '.join(migrations.branches)}"
+            )
+    with err_console.status("migrating..."):
+        applied = store.migrate(migrations, labels)
+    for revision in applied:
+        console.print(f"applied {revision}")
+    console.print("up to date" if not applied else f"{len(applied)} migration(s) applied")
+
+
+@db.command("current")
+@click.pass_obj
+def db_current(obj: Context) -> None:
+    """The revision the database is at, for each line of migrations."""
+    migrations = Migrations()
+    with obj.store().dialect.read() as conn:
+        current = migrations.current(conn)
+    heads = migrations.heads()
+    table = Table("branch", "revision", "newest known")
+    for label in migrations.branches:
+        mine = sorted(r for r in current if r.startswith(f"{label}_"))
+        newest = sorted(r for r in heads if r.startswith(f"{label}_"))
+        table.add_row(label, ", ".join(mine) or "(none)", ", ".join(newest))
+    console.print(table)
+
+
+@db.command("history")
+def db_history() -> None:
+    """Every migration this durable-tiers knows, newest first."""
+    table = Table("revision", "follows", "what it does")
+    for script in Migrations().history():
+        before = script.down_revision
+        follows = before if isinstance(before, str) else ", ".join(before or ())
+        table.add_row(script.revision, follows, (script.doc or "").splitlines()[0])
+    console.print(table)
 
 
 @runs.command("cleanup")

@@ -76,7 +76,7 @@ class SchemaMissing(TiersError):
 class SchemaTooNew(TiersError):
     """The database was written by a newer durable-tiers than this one."""
 
-    def __init__(self, found: int, known: int) -> None:
+    def __init__(self, found: int | str, known: int | str) -> None:
         super().__init__(
             f"the database schema is version {found}, but this durable-tiers only knows "
             f"versions up to {known}; upgrade durable-tiers before using this database"

@@ -20,7 +20,9 @@ from sqlmodel import Field, SQLModel
 from ._dialects import partial_index
 from ._stored_json import StoredJSON
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+"""What `tiers_meta` says (written by the migrations): releases before migrations
+refuse a database whose version is above theirs (1)."""
 
 PENDING = "pending"
 RUNNING = "running"

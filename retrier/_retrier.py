@@ -22,6 +22,7 @@ from ._clock import Clock, SystemClock, delay_ms, due_ms
 from ._errors import InvalidArguments, InvalidSettings, RunNotFound, WaitTimeout
 from ._json import check_json
 from ._log import configure_logging
+from ._migrations import Branch, Migrations
 from ._models import CANCELED, COMPLETED, FAILED, PENDING, RUNNING, SUCCESS, RunRow
 from ._policy import RetryPolicy
 from ._registry import Fn, Registry
@@ -97,14 +98,14 @@ class Retrier:
         self.unregistered_grace = unregistered_grace
         self.poll_interval = poll_interval or self.store.dialect.default_poll_interval
         self.registry = Registry()
-        self._tables_ready = False
-        self._extra_tables: list[Any] = []
+        self.migrations = Migrations()
+        self._branches = ["engine"]  # the migration branches in use
         self._workers: list[Worker] = []
         self._completions = Changes()  # runs completed in this process
         self._portal_cm: AbstractContextManager[anyio.from_thread.BlockingPortal] | None = None
         self._serving: Future[None] | None = None
         self._serving_worker: Worker | None = None
-        self._ensure_schema()
+        self.store.migrate(self.migrations, self._branches)
 
     # -- schema and engine ------------------------------------------------------------
 
@@ -117,13 +118,18 @@ class Retrier:
         """A new SQLModel session on this database (for `run(..., session=...)`)."""
         return Session(self.store.engine)
 
-    def add_tables(self, tables: Sequence[Any]) -> None:
-        """Create a higher tier's tables alongside the engine's (idempotent)."""
-        self._extra_tables.extend(t for t in tables if t not in self._extra_tables)
-        self.store.create_schema(self._extra_tables)
+    def use_migrations(self, branch: Branch) -> None:
+        """Bring a higher tier's tables up to date (its branch of migrations) and keep
+        them so; for a tier built on this engine (a WorkflowManager calls it)."""
+        self.migrations = Migrations([*self.migrations.branches.values(), branch])
+        if branch.label not in self._branches:
+            self._branches.append(branch.label)
+        self.store.migrate(self.migrations, [branch.label])
 
-    def _ensure_schema(self) -> None:
-        self.store.create_schema(self._extra_tables)
+    def add_tables(self, tables: Sequence[Any]) -> None:
+        """Create an app's own tables beside the engine's if they do not exist (for
+        tests and examples; an app's real schema belongs to its own migrations)."""
+        self.store.create_tables(tables)
 
     def close(self) -> None:
         """Release database connections."""

@@ -21,13 +21,10 @@ from sqlalchemy import (
     delete,
     false,
     insert,
-    inspect,
     select,
-    text,
     update,
 )
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.schema import CreateColumn
 from sqlmodel import SQLModel
 
 from ._claims import Claims
@@ -35,10 +32,10 @@ from ._clock import Clock
 from ._dialects import CANCEL, WAKE, Dialect, open_dialect, reconnecting
 from ._errors import RunNotFinished, RunNotFound, SchemaTooNew
 from ._limits import stored_limits
+from ._migrations import Migrations
 from ._models import (
     CANCELED,
     COMPLETED,
-    ENGINE_TABLES,
     FINISHING,
     PENDING,
     RUNNING,
@@ -148,24 +145,27 @@ class Store:
         self.list_queues = reads.list_queues
         self.queue_counts = reads.queue_counts
 
-    def create_schema(self, extra_tables: Sequence[Table] = ()) -> None:
-        """Create missing tables; refuse a database written by a newer version."""
+    def migrate(self, migrations: Migrations, labels: Sequence[str]) -> list[str]:
+        """Bring the schema of the branches `labels` up to date (Alembic migrations),
+        safely when several processes start at once; returns the revisions applied.
+        Raises `SchemaTooNew` for a database a newer release has migrated."""
         with self.dialect.write() as conn:
             self.dialect.lock_schema(conn)
-            tables = [*ENGINE_TABLES, *extra_tables]
-            SQLModel.metadata.create_all(conn, tables=tables)
-            _add_missing_columns(conn, tables)
-            for table in tables:
-                for index in table.indexes:  # added since the table was created
-                    index.create(conn, checkfirst=True)
-            self.dialect.create_extras(conn)
+            applied = migrations.upgrade(conn, labels)
             found = conn.execute(
                 select(meta_t.c.value).where(meta_t.c.key == "schema_version")
             ).scalar()
-            if found is None:
-                conn.execute(insert(meta_t).values(key="schema_version", value=SCHEMA_VERSION))
-            elif found > SCHEMA_VERSION:
-                raise SchemaTooNew(found, SCHEMA_VERSION)
+            if found is not None and found > SCHEMA_VERSION:  # what releases before
+                raise SchemaTooNew(found, SCHEMA_VERSION)  # migrations also checked
+            self.dialect.create_extras(conn)
+        return applied
+
+    def create_tables(self, tables: Sequence[Table]) -> None:
+        """Create an app's own tables if they do not exist (no migrations: for tests
+        and examples that keep a table beside the engine's)."""
+        with self.dialect.write() as conn:
+            self.dialect.lock_schema(conn)
+            SQLModel.metadata.create_all(conn, tables=list(tables))
 
     def dispose(self) -> None:
         self.dialect.dispose()
@@ -392,20 +392,3 @@ class Store:
             if not changed:
                 conn.execute(insert(queues_t).values(name=limits.name, **values))
             self.dialect.notify(conn, WAKE)
-
-
-def _add_missing_columns(conn: Connection, tables: Sequence[Table]) -> None:
-    """Add the columns a later release added to tables created before it. Such columns
-    must be nullable, so that the rows already there stay valid."""
-    inspector = inspect(conn)
-    preparer = conn.dialect.identifier_preparer
-    for table in tables:
-        present = {c["name"] for c in inspector.get_columns(table.name)}
-        for column in table.columns:
-            if column.name in present:
-                continue
-            if not column.nullable:
-                raise RuntimeError(f"cannot add NOT NULL column {table.name}.{column.name}")
-            definition = CreateColumn(column).compile(dialect=conn.dialect)
-            name = preparer.format_table(table)
-            conn.execute(text(f"ALTER TABLE {name} ADD COLUMN {definition}"))

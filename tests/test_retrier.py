@@ -599,24 +599,6 @@ def test_a_newer_schema_is_refused(db_url: str) -> None:
         Retrier(db_url)
 
 
-def test_a_database_from_before_a_new_column_gets_it_at_startup(db_url: str) -> None:
-    """Columns added in a later release (nullable ones) are added to existing tables,
-    as missing indexes are: tiers_queues.max_per_worker arrived after the first one."""
-    first = Retrier(db_url)
-    from workpool import Workpool
-
-    Workpool(first, "old", max_parallelism=3)
-    with first.engine.begin() as conn:
-        conn.execute(text("ALTER TABLE tiers_queues DROP COLUMN max_per_worker"))
-    first.close()
-    second = Retrier(db_url)
-    try:
-        pool = Workpool(second, "old", max_parallelism=3, max_per_worker=2)
-        assert (pool.limits.max_parallelism, pool.limits.max_per_worker) == (3, 2)
-    finally:
-        second.close()
-
-
 def test_a_row_naming_an_unregistered_function_is_refused(make_retrier: MakeRetrier) -> None:
     """Never imported or called: left for a worker that has it, and failed once no live
     worker has registered it for the grace period."""

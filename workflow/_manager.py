@@ -43,7 +43,8 @@ from ._definitions import Definitions, WorkflowDef, define
 from ._driver import Driver, result_action_name
 from ._errors import UnregisteredWorkflow, WorkflowNotFound
 from ._listeners import Listener, Listeners
-from ._models import CANCELED, COMPLETED, FAILED, FINISHED, TABLES, WorkflowRow
+from ._models import CANCELED, COMPLETED, FAILED, FINISHED, WorkflowRow
+from .migrations import BRANCH as MIGRATIONS
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -131,7 +132,7 @@ class WorkflowManager:
             retry_steps_by_default,
         )
         self._journal = self._driver.journal
-        self.retrier.add_tables(TABLES)
+        self.retrier.use_migrations(MIGRATIONS)
         # Workflows that ended in this process wake `wait` at once (others are polled).
         self._ended = Changes()
         self._listeners.add("run:complete", self._workflow_ended)
