@@ -107,6 +107,9 @@ class Worker:
         self._outcomes: MemoryObjectSendStream[Outcome] | None = None
         self._limiter = anyio.CapacityLimiter(concurrency)
         self._timers: Timers | None = None
+        self.next_look_ms: int | None = None
+        """When the last claim said to look again (epoch ms): the next due time, or the
+        moment a rate limit lets more start; None if only new work can help."""
 
     # -- lifecycle -----------------------------------------------------------------
 
@@ -153,24 +156,29 @@ class Worker:
         self._stopping = True
         self.wake()
 
-    async def run_until_idle(self, *, max_rounds: int = 10_000) -> None:
+    async def run_until_idle(self, *, max_rounds: int = 10_000) -> bool:
         """Claim and finish due work until none is left; for tests with a fake clock.
 
         Runs without timers or listeners: time moves only when the test moves it.
+        Returns True once idle, False if `max_rounds` claims ran out first; then
+        `next_look_ms` says when a worker with timers would have looked again.
         """
         self._bind_loop()
         send, receive = anyio.create_memory_object_stream[Outcome](math.inf)
         self._outcomes = send
+        idle = False
         async with anyio.create_task_group() as tg:
             self._tg = tg
             tg.start_soon(self._record_loop, receive)
             for _ in range(max_rounds):
                 claimed = await self._claim_batch()
                 if not claimed and not self._held:
+                    idle = True
                     break
                 await self._wait_idle()
             send.close()
         self._tg = None
+        return idle
 
     def _bind_loop(self) -> None:
         self._loop_thread = threading.get_ident()
@@ -246,6 +254,7 @@ class Worker:
                 self._tg.start_soon(self._deliver, _finished_from(c))
             else:
                 self._tg.start_soon(self._execute, c)
+        self.next_look_ms = wake_at_ms
         if wake_at_ms is not None and self._timers is not None:
             self._timers.wake_at(wake_at_ms, self.wake)  # never raises
 
