@@ -107,6 +107,7 @@ class Worker:
         self._outcomes: MemoryObjectSendStream[Outcome] | None = None
         self._limiter = anyio.CapacityLimiter(concurrency)
         self._timers: Timers | None = None
+        self._claims_left: int | None = None  # run_until_idle's budget of claims
         self.next_look_ms: int | None = None
         """When the last claim said to look again (epoch ms): the next due time, or the
         moment a rate limit lets more start; None if only new work can help."""
@@ -160,22 +161,27 @@ class Worker:
         """Claim and finish due work until none is left; for tests with a fake clock.
 
         Runs without timers or listeners: time moves only when the test moves it.
-        Returns True once idle, False if `max_rounds` claims ran out first; then
-        `next_look_ms` says when a worker with timers would have looked again.
+        Returns True once idle, and `next_look_ms` says when a worker with timers
+        would look again; False if it stopped after `max_rounds` claims that found
+        work (the refills after each outcome count too) with work still coming.
         """
         self._bind_loop()
         send, receive = anyio.create_memory_object_stream[Outcome](math.inf)
         self._outcomes = send
+        self._claims_left = max_rounds
         idle = False
         async with anyio.create_task_group() as tg:
             self._tg = tg
             tg.start_soon(self._record_loop, receive)
-            for _ in range(max_rounds):
+            while True:
+                spent = self._stopping  # then one last claim shows whether work remains
                 claimed = await self._claim_batch()
                 if not claimed and not self._held:
                     idle = True
                     break
                 await self._wait_idle()
+                if spent:
+                    break
             send.close()
         self._tg = None
         return idle
@@ -255,6 +261,10 @@ class Worker:
             else:
                 self._tg.start_soon(self._execute, c)
         self.next_look_ms = wake_at_ms
+        if claimed and self._claims_left is not None:
+            self._claims_left -= 1
+            if self._claims_left <= 0:
+                self._stopping = True  # run_until_idle's rounds are spent: no refills
         if wake_at_ms is not None and self._timers is not None:
             self._timers.wake_at(wake_at_ms, self.wake)  # never raises
 

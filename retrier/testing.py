@@ -43,7 +43,7 @@ import anyio
 from pydantic_core import to_jsonable_python
 
 from ._clock import FakeClock, delay_ms, ms_to_datetime
-from ._models import PENDING, RunRow
+from ._models import LEASED, PENDING, RunRow
 from ._registry import Fn
 from ._retrier import Retrier
 
@@ -246,10 +246,10 @@ async def run_for_async(
     while (now := clock.now_ms()) < end:
         if step_ms is not None:
             then = min(now + step_ms, end)
-        elif look is None or look <= now:
-            then = end  # nothing will fall due before the end
         else:
-            then = min(look, end)
+            expiry = await anyio.to_thread.run_sync(_first_lease_expiry, retrier)
+            moments = [m for m in (look, expiry) if m is not None and m > now]
+            then = min([*moments, end])
         clock.advance(timedelta(milliseconds=then - now))
         await _reap(retrier)
         look = await _drain_once(retrier, max_rounds, concurrency)
@@ -265,8 +265,9 @@ def run_for(
 ) -> None:
     """Let `delta` of fake time pass as a worker would live it: drain now, then move
     the clock to each moment something falls due (a retry's backoff, a `run_at`, a
-    workflow's sleep or event timeout, a rate limit freeing up), recover leases that
-    expired, and drain there, until `delta` has passed.
+    workflow's sleep or event timeout, a rate limit freeing up, a lease left by a dead
+    worker expiring), recover the leases that expired, and drain there, until `delta`
+    has passed.
 
     With `step`, the clock moves in steps of that size instead (a worker that looks
     every `step`). Each run starts at its due time, never early; the clock ends
@@ -292,6 +293,8 @@ def run_for(
 
 async def _drain_once(retrier: Retrier, max_rounds: int, concurrency: int | None) -> int | None:
     """Drain; return when a worker with timers would look again (epoch ms), or None."""
+    if isinstance(max_rounds, bool) or not isinstance(max_rounds, int) or max_rounds < 1:
+        raise ValueError(f"max_rounds must be a positive integer, got {max_rounds!r}")
     options = {} if concurrency is None else {"concurrency": concurrency}
     worker = retrier.worker(**options)
     try:
@@ -302,9 +305,22 @@ async def _drain_once(retrier: Retrier, max_rounds: int, concurrency: int | None
         raise DrainLimitReached(
             f"drain made {max_rounds} claims and there was still work due: does an "
             f"action or on_complete enqueue more work due at once, without end? "
-            f"(raise max_rounds if the work is finite)"
+            f"(raise max_rounds if the work is finite: each claim takes up to the "
+            f"worker's concurrency of runs)"
         )
     return worker.next_look_ms
+
+
+def _first_lease_expiry(retrier: Retrier) -> int | None:
+    """The first moment a lease still held (by a worker that died, or a test that
+    claimed a run itself) counts as expired: a drain holds none once it returns."""
+    held = [
+        row.lease_until_ms + 1
+        for state in LEASED
+        for row in retrier.store.list_runs(state=state, limit=_READ_LIMIT)
+        if row.lease_until_ms is not None
+    ]
+    return min(held, default=None)
 
 
 async def _reap(retrier: Retrier) -> None:
@@ -419,11 +435,11 @@ def assert_enqueued(
         return found
     pending = enqueued(target, queue=queue)
     what = _describe(retrier_of(target), fn, args, queue)
-    where = "" if queue is None else f" in queue {queue!r}"
+    where = "" if queue is None else " in that queue"
     if not pending:
         raise AssertionError(f"expected {what}; nothing is enqueued{where}")
     raise AssertionError(
-        f"expected {what}; found none among {_count(pending)} enqueued{where}:\n"
+        f"expected {what}; found none among the {_count(pending)} enqueued{where}:\n"
         f"{_listing(pending)}"
     )
 
