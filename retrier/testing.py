@@ -171,7 +171,7 @@ def drain(target: Target, *, max_rounds: int = MAX_ROUNDS, concurrency: int | No
     A temporary worker without timers claims and runs due runs, records their
     outcomes and calls their on_complete handlers, and claims again until nothing is
     due: runs that become due meanwhile (new runs an action or handler enqueues,
-    workflow steps, a failed handler retried at once) run too. A retry whose backoff
+    workflow steps and drivers) run too. A retry whose backoff
     lies ahead, a durable sleep or a `run_after` does not: the clock stands still
     (see `advance` and `run_for`).
 
