@@ -173,7 +173,8 @@ def drain(target: Target, *, max_rounds: int = MAX_ROUNDS, concurrency: int | No
     due: runs that become due meanwhile (new runs an action or handler enqueues,
     workflow steps and drivers) run too. A retry whose backoff
     lies ahead, a durable sleep or a `run_after` does not: the clock stands still
-    (see `advance` and `run_for`).
+    (see `advance` and `run_for`). Given a Workpool or a WorkflowManager, it drains
+    the whole Retrier behind it (every pool, and plain runs).
 
     `concurrency` (default: the Retrier's) is how many runs execute at once; 1 runs
     them one by one in due order. Raises `DrainLimitReached` after `max_rounds`
