@@ -15,8 +15,8 @@ of the `pytest11` group); `-p no:tiers` turns it off. Every fixture is named
 - `tiers_drain(target=None)`: `retrier.testing.drain` of `target`, or of every Retrier
   `tiers_make_retrier` built in this test.
 
-This module imports the library only when a fixture is used, so a test run that uses
-none of them pays nothing for the plugin.
+Loading the plugin imports the `retrier` package (about half a second, once per test
+run, in an environment where durable-tiers is installed).
 """
 
 from __future__ import annotations
@@ -26,13 +26,16 @@ import os
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import pytest
+from sqlalchemy import create_engine, text
+from sqlalchemy.engine import make_url
+from sqlalchemy.pool import NullPool
 
-if TYPE_CHECKING:
-    from retrier import FakeClock, Retrier
-    from retrier.testing import Target
+from ._clock import FakeClock
+from ._retrier import Retrier
+from .testing import Target, drain
 
 ENV_DATABASE_URL = "TIERS_TEST_DATABASE_URL"
 """The environment variable naming a PostgreSQL database for `tiers_database_url`."""
@@ -55,8 +58,6 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 @pytest.fixture
 def tiers_clock() -> FakeClock:
     """A `FakeClock`: time moves only when the test moves it (`advance`, `run_for`)."""
-    from retrier import FakeClock
-
     return FakeClock()
 
 
@@ -80,8 +81,6 @@ class _Retriers:
         self.made: list[Retrier] = []
 
     def __call__(self, **options: Any) -> Retrier:
-        from retrier import Retrier
-
         options.setdefault("clock", self.clock)
         retrier = Retrier(options.pop("url", self.url), **options)
         self.made.append(retrier)
@@ -121,7 +120,6 @@ def tiers_drain(tiers_make_retrier: _Retriers) -> Callable[..., None]:
     """`tiers_drain(target=None, **options)`: `retrier.testing.drain(target, **options)`;
     with no target, drain every Retrier `tiers_make_retrier` (or `tiers_retrier`) built
     in this test."""
-    from retrier.testing import drain
 
     def drain_all(target: Target | None = None, **options: Any) -> None:
         if target is not None:
@@ -142,10 +140,6 @@ def tiers_drain(tiers_make_retrier: _Retriers) -> Callable[..., None]:
 def _fresh_schema(base: str) -> Iterator[str]:
     """`base` (a PostgreSQL URL) with a schema of its own as its search path, for one
     test; the schema is dropped afterwards."""
-    from sqlalchemy import create_engine, text
-    from sqlalchemy.engine import make_url
-    from sqlalchemy.pool import NullPool
-
     url = make_url(base)
     if url.get_backend_name() != "postgresql":
         raise pytest.UsageError(
