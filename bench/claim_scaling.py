@@ -23,7 +23,8 @@ from sqlalchemy import insert
 
 from bench.apps import build
 from bench.throughput import fresh_database
-from retrier._store import Outcome, runs
+from retrier._tables import runs
+from retrier.engine import Outcome
 
 console = Console(stderr=True)
 BACKLOG = 2000

@@ -132,6 +132,30 @@ class TiersGroup(click.Group):
     or locked database, a missing run) ends the command with one line and exit code 1,
     never a traceback."""
 
+    _plugins_loaded = False
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        self._load_plugins()
+        return super().list_commands(ctx)
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        self._load_plugins()
+        return super().get_command(ctx, cmd_name)
+
+    def _load_plugins(self) -> None:
+        """Add the higher tiers' command groups (the `tiers.cli` entry points), once,
+        when the command line runs: importing this module must not import them."""
+        if self._plugins_loaded:
+            return
+        self._plugins_loaded = True
+        for ep in entry_points(group="tiers.cli"):
+            try:
+                self.add_command(ep.load(), ep.name)
+            except Exception as exc:  # a broken plugin must not take the CLI down
+                err_console.print(
+                    f"[yellow]warning:[/yellow] cannot load tiers command {ep.name}: {exc}"
+                )
+
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
@@ -213,7 +237,7 @@ def runs_list(obj: Context, state: str | None, fn: str | None, limit: int) -> No
     for row in rows:
         table.add_row(
             row.id, row.fn, _state(row), row.outcome or "", str(row.attempts),
-            _when(row.created_ms), _short(row.error),
+            format_ms(row.created_ms), shorten(row.error),
         )
     console.print(table)
     console.print(f"{len(rows)} run(s)")
@@ -225,7 +249,7 @@ def runs_list(obj: Context, state: str | None, fn: str | None, limit: int) -> No
 def runs_show(obj: Context, run_id: str) -> None:
     """One run, with every attempt."""
     store = obj.store()
-    row = _or_exit(store.get, run_id)
+    row = or_exit(store.get, run_id)
     info = Table(Column(no_wrap=True), Column(overflow="fold"), show_header=False)
     for name, value in [
         ("id", row.id), ("function", row.fn), ("state", _state(row)),
@@ -233,9 +257,9 @@ def runs_show(obj: Context, run_id: str) -> None:
         ("result", "" if row.result is None else str(row.result)),
         ("error", row.error or ""), ("queue", row.queue or "(retrier)"),
         ("attempts", str(row.attempts)), ("failures", f"{row.failures} of {row.max_failures}"),
-        ("next due", _when(row.due_ms) if row.state == "pending" else ""),
+        ("next due", format_ms(row.due_ms) if row.state == "pending" else ""),
         ("on_complete", row.on_complete or ""), ("handler error", row.handler_error or ""),
-        ("created", _when(row.created_ms)), ("finished", _when(row.finished_ms)),
+        ("created", format_ms(row.created_ms)), ("finished", format_ms(row.finished_ms)),
     ]:
         info.add_row(name, value)
     console.print(info)
@@ -243,7 +267,7 @@ def runs_show(obj: Context, run_id: str) -> None:
     tracebacks: list[tuple[int, str]] = []
     for a in store.attempts(run_id):
         attempts.add_row(
-            str(a.number), a.outcome, _when(a.started_ms), f"{a.finished_ms - a.started_ms} ms",
+            str(a.number), a.outcome, format_ms(a.started_ms), f"{a.finished_ms - a.started_ms} ms",
             a.worker or "", a.error or "",
         )
         if a.traceback:
@@ -259,7 +283,7 @@ def runs_show(obj: Context, run_id: str) -> None:
 @click.pass_obj
 def runs_cancel(obj: Context, run_id: str) -> None:
     """Cancel a pending or running run."""
-    changed = _or_exit(obj.store().cancel, run_id)
+    changed = or_exit(obj.store().cancel, run_id)
     console.print("canceled" if changed else "already finished; nothing to cancel")
 
 
@@ -273,7 +297,7 @@ def runs_cleanup(obj: Context, run_ids: tuple[str, ...], older_than: float) -> N
     store = obj.store()
     if run_ids:
         for run_id in run_ids:
-            _or_exit(store.delete, run_id)
+            or_exit(store.delete, run_id)
         console.print(f"deleted {len(run_ids)} run(s)")
         return
     with err_console.status("deleting completed runs..."):
@@ -281,7 +305,7 @@ def runs_cleanup(obj: Context, run_ids: tuple[str, ...], older_than: float) -> N
     console.print(f"deleted {removed} run(s) completed more than {older_than:g} day(s) ago")
 
 
-def _or_exit(fn: Any, *args: Any) -> Any:
+def or_exit(fn: Any, *args: Any) -> Any:
     try:
         return fn(*args)
     except TiersError as exc:
@@ -292,24 +316,11 @@ def _state(row: RunRow) -> str:
     return f"{row.state} (cancel requested)" if row.cancel_requested else row.state
 
 
-def _when(ms: int | None) -> str:
+def format_ms(ms: int | None) -> str:
     return "" if ms is None else ms_to_datetime(ms).strftime("%Y-%m-%d %H:%M:%S.%f")[:-3]
 
 
-def _short(text: str | None, width: int = 60) -> str:
+def shorten(text: str | None, width: int = 60) -> str:
     if not text:
         return ""
     return text if len(text) <= width else text[: width - 1] + "…"
-
-
-def _load_plugins() -> None:
-    for ep in entry_points(group="tiers.cli"):
-        try:
-            main.add_command(ep.load(), ep.name)
-        except Exception as exc:  # a broken plugin must not take the CLI down
-            err_console.print(
-                f"[yellow]warning:[/yellow] cannot load tiers command {ep.name}: {exc}"
-            )
-
-
-_load_plugins()

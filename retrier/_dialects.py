@@ -15,6 +15,7 @@ import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterator
+from datetime import timedelta
 from functools import partial
 from typing import Any, ParamSpec, Protocol, TypeVar
 
@@ -114,6 +115,13 @@ class Dialect(Protocol):
     """Whether `notify` reaches other processes (else they find work by polling)."""
     wake_channel: str
     """Where this database's wake-ups go (its namespace's own channel)."""
+    default_poll_interval: timedelta
+    """How often an idle worker looks for work by itself: often where other processes
+    cannot notify it (SQLite), rarely where they can (a safety net)."""
+    update_returning: bool
+    """Whether UPDATE ... RETURNING is available (one round trip instead of two)."""
+    batch_rowcount: bool
+    """Whether an executemany reports how many rows it changed in all."""
 
     def read(self) -> contextlib.AbstractContextManager[Connection]: ...
     def write(self) -> contextlib.AbstractContextManager[Connection]: ...
@@ -140,11 +148,23 @@ class Dialect(Protocol):
         ...
     def lock_for_claim(self, stmt: Select[Any]) -> Select[Any]: ...
     def lock_rows(self, stmt: Select[Any]) -> Select[Any]: ...
-    def lock_schema(self, conn: Connection) -> None: ...
+    def lock_schema(self, conn: Connection) -> None:
+        """Keep other processes from changing the schema until this transaction ends."""
+        ...
+    def lock_key(self, conn: Connection, key: str) -> None:
+        """Serialize transactions that take the same `key` until they end (where
+        writers are not serialized already)."""
+        ...
     def notify(self, conn: Connection, kind: str, payload: str = "") -> None:
         """Send a WAKE or CANCEL hint to every listening worker, at commit."""
         ...
     def start_listener(self, on_notify: Listener) -> Callable[[], None] | None: ...
+
+
+def partial_index(predicate: str) -> dict[str, Any]:
+    """The keyword arguments that make an `Index` partial on every supported backend:
+    `Index(name, *columns, **partial_index("state = 'running'"))`."""
+    return {f"{backend}_where": text(predicate) for backend in ("sqlite", "postgresql")}
 
 
 def open_dialect(url: str, namespace: str | None = None, *, create: bool = True) -> Dialect:
@@ -194,6 +214,10 @@ class SQLiteDialect:
     name = "sqlite"
     can_notify = False
     wake_channel = ""
+    # Workers in other processes learn of new runs only by polling: a cheap read.
+    default_poll_interval = timedelta(milliseconds=25)
+    update_returning = True
+    batch_rowcount = True
 
     def __init__(self, url: URL) -> None:
         if url.drivername != "sqlite" and url.drivername != "sqlite+pysqlite":
@@ -204,6 +228,7 @@ class SQLiteDialect:
                 "give a file: sqlite:///tiers.db"
             )
         self.engine = create_engine(url, pool_size=8, max_overflow=32, pool_timeout=60)
+        self.update_returning = bool(self.engine.dialect.update_returning)  # SQLite >= 3.35
         # The engine's own writes (claims, records, workflow steps) have connections
         # of their own, reused most-recent-first: one that wrote last keeps its page
         # cache, which any other connection's write would have invalidated.
@@ -298,6 +323,9 @@ class SQLiteDialect:
     def lock_schema(self, conn: Connection) -> None:
         pass  # BEGIN IMMEDIATE already excludes every other writer
 
+    def lock_key(self, conn: Connection, key: str) -> None:
+        pass  # likewise
+
     def notify(self, conn: Connection, kind: str, payload: str = "") -> None:
         pass  # other processes poll; in-process wake-ups go through the Retrier
 
@@ -362,6 +390,10 @@ class PostgresDialect:
 
     name = "postgresql"
     can_notify = True
+    # LISTEN/NOTIFY pushes wake-ups; the poll is a safety net.
+    default_poll_interval = timedelta(seconds=1)
+    update_returning = True
+    batch_rowcount = True
 
     def __init__(self, url: URL, namespace: str | None = None) -> None:
         if url.drivername in ("postgresql", "postgres"):
@@ -459,6 +491,9 @@ class PostgresDialect:
         )
         if self.namespace is not None:
             conn.execute(text(f'CREATE SCHEMA IF NOT EXISTS "{self.namespace}"'))
+
+    def lock_key(self, conn: Connection, key: str) -> None:
+        conn.execute(text("SELECT pg_advisory_xact_lock(hashtext(:k))"), {"k": key})
 
     def notify(self, conn: Connection, kind: str, payload: str = "") -> None:
         conn.execute(

@@ -131,3 +131,9 @@ def describe(exc: BaseException) -> str:
     """`Type: message`, as stored for a failed attempt or handler. A NUL character
     (which PostgreSQL's text columns refuse) is written as `\\x00`."""
     return f"{type(exc).__name__}: {exc}".replace("\x00", "\\x00")
+
+
+def first_line(exc: BaseException) -> str:
+    """`Type: the first line of its message`, for a log line."""
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}"

@@ -14,9 +14,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import BigInteger, Column, Index, text
+from sqlalchemy import BigInteger, Column, Index
 from sqlmodel import Field, SQLModel
 
+from ._dialects import partial_index
 from ._stored_json import StoredJSON
 
 SCHEMA_VERSION = 1
@@ -91,8 +92,7 @@ Index(
     "ix_tiers_runs_claim",
     _runs.c.due_ms,
     _runs.c.priority.desc(),
-    sqlite_where=text("state IN ('pending', 'finishing')"),
-    postgresql_where=text("state IN ('pending', 'finishing')"),
+    **partial_index("state IN ('pending', 'finishing')"),
 )
 # Claiming from some queues while others are at their limit: each queue's due runs in
 # due order, and the set of queues that have claimable runs (a few index seeks).
@@ -101,37 +101,32 @@ Index(
     _runs.c.queue,
     _runs.c.due_ms,
     _runs.c.priority.desc(),
-    sqlite_where=text("state IN ('pending', 'finishing')"),
-    postgresql_where=text("state IN ('pending', 'finishing')"),
+    **partial_index("state IN ('pending', 'finishing')"),
 )
 # on_complete deliveries waiting to run again, which no queue limit holds back.
 Index(
     "ix_tiers_runs_finishing",
     _runs.c.due_ms,
-    sqlite_where=text("state = 'finishing'"),
-    postgresql_where=text("state = 'finishing'"),
+    **partial_index("state = 'finishing'"),
 )
 # Per-queue and per-key running counts, for pool limits.
 Index(
     "ix_tiers_runs_running",
     _runs.c.queue,
     _runs.c.key,
-    sqlite_where=text("state = 'running'"),
-    postgresql_where=text("state = 'running'"),
+    **partial_index("state = 'running'"),
 )
 # Lease reaping.
 Index(
     "ix_tiers_runs_leased",
     _runs.c.lease_until_ms,
-    sqlite_where=text("state IN ('running', 'delivering')"),
-    postgresql_where=text("state IN ('running', 'delivering')"),
+    **partial_index("state IN ('running', 'delivering')"),
 )
 # Retention.
 Index(
     "ix_tiers_runs_finished",
     _runs.c.finished_ms,
-    sqlite_where=text("state = 'completed'"),
-    postgresql_where=text("state = 'completed'"),
+    **partial_index("state = 'completed'"),
 )
 # Listing, newest first; and the runs of one owner (a workflow's steps).
 Index("ix_tiers_runs_created", _runs.c.created_ms)

@@ -19,6 +19,7 @@ from pydantic_core import PydanticSerializationError
 from ._checks import check_name
 from ._errors import DuplicateRegistration, InvalidArguments, UnregisteredFunction
 from ._json import dumped_problem, json_problem, strict_hint
+from ._run_types import Runnable
 
 Fn = Callable[..., Any]
 
@@ -181,6 +182,7 @@ class Registry:
         self._handlers: dict[str, Registered] = {}
         self._names: dict[Fn, str] = {}
         self.version = 0  # grows with every registration
+        self._runnable = (-1, Runnable())  # (version, what it lets a worker run)
 
     def add_action(self, fn: Fn, name: str | None = None) -> Registered:
         name = check_name(
@@ -232,6 +234,14 @@ class Registry:
     def names(self) -> tuple[list[str], list[str]]:
         """The names of every registered action, and of every handler."""
         return list(self._actions), list(self._handlers)
+
+    def runnable(self) -> Runnable:
+        """What a worker with this registry can run, as its claims filter runs."""
+        version, runnable = self._runnable
+        if version != self.version:
+            runnable = Runnable(frozenset(self._actions), frozenset(self._handlers))
+            self._runnable = (self.version, runnable)
+        return runnable
 
     def action(self, fn_or_name: Fn | str) -> Registered:
         return self._lookup(self._actions, fn_or_name, "action")

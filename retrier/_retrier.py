@@ -26,8 +26,10 @@ from ._models import CANCELED, COMPLETED, FAILED, PENDING, RUNNING, SUCCESS, Run
 from ._policy import RetryPolicy
 from ._registry import Fn, Registry
 from ._results import Canceled, Completed, Failed, InProgress, RunResult, RunStatus, Success
-from ._store import NewRun, Store, runs_in_queue
+from ._run_types import NewRun
+from ._store import Store
 from ._stored_json import unreadable
+from ._tables import runs_in_queue
 from ._waiting import Changes, poll_until, poll_until_async
 from ._worker import Worker
 
@@ -93,12 +95,7 @@ class Retrier:
         self.clock: Clock = clock or SystemClock()
         self.store = Store(url, self.clock, namespace)
         self.unregistered_grace = unregistered_grace
-        if poll_interval is None:
-            # PostgreSQL pushes wake-ups; SQLite workers in other processes must poll.
-            poll_interval = timedelta(
-                seconds=1.0 if self.store.dialect.name == "postgresql" else 0.025
-            )
-        self.poll_interval = poll_interval
+        self.poll_interval = poll_interval or self.store.dialect.default_poll_interval
         self.registry = Registry()
         self._tables_ready = False
         self._extra_tables: list[Any] = []

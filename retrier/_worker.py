@@ -13,40 +13,30 @@ import os
 import socket
 import threading
 import time
-import traceback
 import uuid
 from collections.abc import Awaitable, Callable
 from contextvars import ContextVar
 from dataclasses import replace
 from datetime import timedelta
 from functools import partial
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import anyio
-import pydantic
 from anyio.abc import TaskGroup, TaskStatus
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 from sqlalchemy import Connection
-from sqlmodel import Session
 
+from ._attempts import attempt
 from ._clock import to_ms
+from ._deliveries import Deliveries, finished_from
 from ._dialects import CANCEL, WouldBlock, is_transient
-from ._errors import HandBack, NonRetryableError, RetryAfter, UnregisteredFunction, describe
-from ._models import CANCELED, DELIVERING, FAILED, SUCCESS
-from ._registry import Registry, ResultNotSerializable
-from ._results import Canceled, Failed, RunResult, Success
-from ._store import (
-    Claimed,
-    Finished,
-    Outcome,
-    Recorded,
-    Runnable,
-    SessionHandler,
-    Store,
-    WorkerInfo,
-)
-from ._stored_json import unreadable
+from ._errors import first_line
+from ._models import DELIVERING
+from ._registry import Registry
+from ._run_types import Claimed, Finished, Outcome, Recorded, Runnable, SessionHandler, WorkerInfo
+from ._store import Store
 from ._timers import Timers
+from ._upkeep import sweep_interval
 from ._waiting import loop_caller
 
 log = logging.getLogger("tiers.worker")
@@ -90,7 +80,6 @@ class Worker:
         self.shutdown_grace = shutdown_grace
         self.record_patience = record_patience
         self.unregistered_grace = unregistered_grace
-        self._runnable = (-1, Runnable())  # (registry version, what it can run)
         self.id = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
         self._on_completed = on_completed or (lambda ids: None)
         self._held: dict[str, int] = {}  # run id -> fence, for every lease we hold
@@ -107,10 +96,9 @@ class Worker:
         self._outcomes: MemoryObjectSendStream[Outcome] | None = None
         self._limiter = anyio.CapacityLimiter(concurrency)
         self._timers: Timers | None = None
+        self._deliveries = Deliveries(store, registry, self._persist)
         self._claims_left: int | None = None  # run_until_idle's budget of claims
-        self.next_look_ms: int | None = None
-        """When the last claim said to look again (epoch ms): the next due time, or the
-        moment a rate limit lets more start; None if only new work can help."""
+        self.next_look_ms: int | None = None  # when the last claim said to look again
 
     # -- lifecycle -----------------------------------------------------------------
 
@@ -126,7 +114,7 @@ class Worker:
         lease_s = self.lease_ms / 1000
         timers.every("heartbeat", timedelta(seconds=lease_s / 3), self._heartbeat, now=True)
         timers.every("reap", timedelta(seconds=lease_s / 2), self._reap, now=True)
-        timers.every("unrunnable", _sweep_interval(self.unregistered_grace), self._sweep)
+        timers.every("unrunnable", sweep_interval(self.unregistered_grace), self._sweep)
         timers.every("retention", timedelta(days=1), self._purge, now=True)
         timers.every("poll", self.poll_interval, self._poll)
         log.info("worker %s started (concurrency %d)", self.id, self.concurrency)
@@ -160,27 +148,18 @@ class Worker:
     async def run_until_idle(self, *, max_rounds: int = 10_000) -> bool:
         """Claim and finish due work until none is left; for tests with a fake clock.
 
-        Runs without timers or listeners: time moves only when the test moves it.
-        Returns True once idle, and `next_look_ms` says when a worker with timers
-        would look again; False if it stopped after `max_rounds` claims that found
-        work (the refills after each outcome count too) with work still coming.
+        No timers or listeners: time moves only when the test moves it. Returns False
+        if it stopped after `max_rounds` claims that found work (refills included).
         """
         self._bind_loop()
         send, receive = anyio.create_memory_object_stream[Outcome](math.inf)
-        self._outcomes = send
-        self._claims_left = max_rounds
-        idle = False
+        self._outcomes, self._claims_left = send, max_rounds
         async with anyio.create_task_group() as tg:
             self._tg = tg
             tg.start_soon(self._record_loop, receive)
-            while True:
-                spent = self._stopping  # then one last claim shows whether work remains
-                claimed = await self._claim_batch()
-                if not claimed and not self._held:
-                    idle = True
-                    break
+            while not (idle := not await self._claim_batch() and not self._held):
                 await self._wait_idle()
-                if spent:
+                if self._stopping:  # the rounds are spent
                     break
             send.close()
         self._tg = None
@@ -257,14 +236,13 @@ class Worker:
         for c in claimed:
             self._hold(c.id, c.fence)
             if c.state == DELIVERING:
-                self._tg.start_soon(self._deliver, _finished_from(c))
+                self._tg.start_soon(self._deliver, finished_from(c))
             else:
                 self._tg.start_soon(self._execute, c)
-        self.next_look_ms = wake_at_ms
-        if claimed and self._claims_left is not None:
+        self.next_look_ms = wake_at_ms  # a due time, or when a rate limit lets more start
+        if claimed and self._claims_left is not None:  # run_until_idle: no refills past it
             self._claims_left -= 1
-            if self._claims_left <= 0:
-                self._stopping = True  # run_until_idle's rounds are spent: no refills
+            self._stopping = self._stopping or self._claims_left <= 0
         if wake_at_ms is not None and self._timers is not None:
             self._timers.wake_at(wake_at_ms, self.wake)  # never raises
 
@@ -359,7 +337,10 @@ class Worker:
         self._scopes[c.id] = scope
         try:
             with scope:
-                return await self._attempt(c)
+                going_async = partial(self._async_runs.add, c.id)
+                return await attempt(
+                    self.registry, c, limiter=self._limiter, going_async=going_async
+                )
             return self._interrupted(c)  # our scope was cancelled
         finally:
             self._scopes.pop(c.id, None)
@@ -377,64 +358,6 @@ class Worker:
             started_ms=c.started_ms,
             error=f"attempt interrupted ({reason})",
         )
-
-    async def _attempt(self, c: Claimed) -> Outcome:
-        in_txn = self._handler_in_txn(c.on_complete)
-
-        def outcome(kind: str, **fields: Any) -> Outcome:
-            return Outcome(
-                c.id,
-                c.fence,
-                kind,
-                c.started_ms,
-                handler_in_txn=in_txn,
-                attempt=c.attempts,
-                queue=c.queue,
-                plain=c.on_complete is None,
-                **fields,
-            )
-
-        try:
-            reg = self.registry.action(c.fn)
-        except UnregisteredFunction as exc:
-            # Not ours to fail (claimed before the registry changed, or inserted
-            # running by a higher tier): hand it back, as if never started.
-            return outcome("released", error=describe(exc))
-        corrupt = unreadable("args", c.args, need_object=True) or unreadable("context", c.context)
-        if corrupt is not None:
-            # Retrying cannot help: fail this run alone; every other run goes on.
-            return outcome("fatal", error=f"CorruptRun: {corrupt}")
-        try:
-            kwargs = reg.decode_args(c.args)
-        except pydantic.ValidationError as exc:
-            return outcome("fatal", error=f"CorruptRun: the stored args do not fit {c.fn!r}: {exc}")
-        try:
-            if reg.is_async:
-                self._async_runs.add(c.id)
-                value = await reg.fn(**kwargs)
-            else:
-                value = await anyio.to_thread.run_sync(
-                    partial(reg.fn, **kwargs), limiter=self._limiter
-                )
-            result = reg.encode_result(value)
-        except (NonRetryableError, ResultNotSerializable) as exc:
-            return outcome("fatal", error=describe(exc), traceback=_traceback(exc))
-        except RetryAfter as exc:
-            return outcome("failure", error=describe(exc), retry_after_ms=to_ms(exc.seconds))
-        except HandBack as exc:
-            return outcome("released", error=describe(exc), retry_after_ms=to_ms(exc.seconds))
-        except Exception as exc:
-            log.debug("run %s attempt %d failed: %s", c.id, c.attempts, exc)
-            return outcome("failure", error=describe(exc), traceback=_traceback(exc))
-        return outcome("success", result=result)
-
-    def _handler_in_txn(self, name: str | None) -> bool:
-        if name is None:
-            return False
-        try:
-            return self.registry.handler(name).takes_session
-        except UnregisteredFunction:
-            return False
 
     async def _record(self, outcome: Outcome) -> None:
         assert self._outcomes is not None
@@ -467,7 +390,7 @@ class Worker:
             batch,
             self.id,
             self.lease_ms,
-            self._call_session_handler,
+            self._deliveries.in_session,
             claim_limit=min(room, _BATCH),
             runnable=self.runnable(),
         )
@@ -515,7 +438,7 @@ class Worker:
             except Exception as exc:
                 if not is_transient(exc) or time.monotonic() + pause > deadline:
                     raise
-                log.warning("%s failed (%s); retrying in %.2f s", what, _first_line(exc), pause)
+                log.warning("%s failed (%s); retrying in %.2f s", what, first_line(exc), pause)
             await anyio.sleep(pause)
             pause = min(pause * 2, 2.0)
 
@@ -524,7 +447,7 @@ class Worker:
     async def _deliver(self, f: Finished) -> None:
         with anyio.CancelScope(shield=True):
             try:
-                completed = await self._deliver_once(f)
+                completed = await self._deliveries.deliver(f)
             except Exception:
                 log.exception("delivering on_complete of run %s failed", f.id)
                 completed = []
@@ -532,56 +455,6 @@ class Worker:
                 self._release(f.id)
             if completed:
                 self._on_completed(completed)
-
-    async def _deliver_once(self, f: Finished) -> list[str]:
-        try:
-            reg = self.registry.handler(f.on_complete)
-        except UnregisteredFunction:
-            # Another worker (a newer release) may have it: hand the delivery back.
-            await anyio.to_thread.run_sync(self.store.release_delivery, f)
-            return []
-        what = f"delivering on_complete of run {f.id}"
-        if reg.takes_session:
-            # The handler's writes commit with the delivery: retrying the whole
-            # transaction after a blip cannot apply them twice.
-            session_delivery = partial(
-                self.store.run_session_delivery, f, self._call_session_handler
-            )
-            ok = await self._persist(partial(anyio.to_thread.run_sync, session_delivery), what)
-            return [f.id] if ok else []
-        failures: dict[str, str] = {}
-        try:
-            args = (f.id, self._run_result(f), _context_of(f))
-            if reg.is_async:
-                await reg.fn(*args)
-            else:
-                await anyio.to_thread.run_sync(partial(reg.fn, *args))
-        except Exception as exc:
-            log.warning("on_complete %s of run %s raised: %s", f.on_complete, f.id, exc)
-            failures[f.id] = describe(exc)
-        delivered = partial(self.store.delivered, [f], failures)
-        return await self._persist(partial(self.store.dialect.call, delivered), what)
-
-    def _call_session_handler(self, f: Finished, conn: Connection) -> None:
-        reg = self.registry.handler(f.on_complete)
-        # The session joins the store's savepoint: its writes commit or roll back with it.
-        with Session(bind=conn, join_transaction_mode="rollback_only") as session:
-            reg.fn(f.id, self._run_result(f), _context_of(f), session=session)
-            session.flush()
-
-    def _run_result(self, f: Finished) -> RunResult:
-        corrupt = unreadable("result", f.result) if f.outcome == SUCCESS else None
-        if corrupt is not None:
-            return Failed(f"CorruptRun: {corrupt}")
-        if f.outcome == SUCCESS:
-            try:
-                value = self.registry.action(f.fn).decode_result(f.result)
-            except UnregisteredFunction:
-                value = f.result
-            return Success(value)
-        if f.outcome == FAILED:
-            return Failed(f.error or "failed")
-        return Canceled()
 
     # -- leases, cancellation, maintenance -------------------------------------------------
 
@@ -620,13 +493,7 @@ class Worker:
 
     def runnable(self) -> Runnable:
         """The functions and handlers this worker can run, as claims filter them."""
-        version, runnable = self._runnable
-        if version != self.registry.version:
-            version = self.registry.version
-            actions, handlers = self.registry.names()
-            runnable = Runnable(frozenset(actions), frozenset(handlers))
-            self._runnable = (version, runnable)
-        return runnable
+        return self.registry.runnable()
 
     def announce(self) -> None:
         """Tell the database this worker is alive, and what it can run (blocking)."""
@@ -654,7 +521,7 @@ class Worker:
         try:
             self.retire()
         except Exception as exc:
-            log.warning("could not unregister worker %s: %s", self.id, _first_line(exc))
+            log.warning("could not unregister worker %s: %s", self.id, first_line(exc))
 
     def _sweep(self) -> None:
         try:
@@ -670,7 +537,7 @@ class Worker:
         try:
             self.announce()
         except Exception as exc:
-            log.warning("worker heartbeat failed: %s", _first_line(exc))
+            log.warning("worker heartbeat failed: %s", first_line(exc))
         held = dict(self._held)
         if not held:
             return
@@ -731,48 +598,3 @@ class Worker:
         for run_id in list(self._async_runs):
             self._cancel_scope(run_id, "released")
         await self._wait_idle()
-
-
-def _finished_from(c: Claimed) -> Finished:
-    return Finished(
-        id=c.id,
-        fn=c.fn,
-        fence=c.fence,
-        outcome=c.outcome or CANCELED,
-        result=c.result,
-        error=c.error,
-        on_complete=c.on_complete or "",
-        context=c.context,
-        queue=c.queue,
-        owner=c.owner,
-    )
-
-
-def _context_of(f: Finished) -> Any:
-    """The context an on_complete gets: None if the stored one cannot be decoded (the
-    run has failed with that error then)."""
-    return None if unreadable("context", f.context) else f.context
-
-
-def _sweep_interval(grace: timedelta) -> timedelta:
-    """How often to look for runs no worker can run: often enough for the grace to
-    hold within a quarter of it, at most every 5 minutes (it reads the backlog)."""
-    return min(max(grace / 4, timedelta(seconds=1)), timedelta(minutes=5))
-
-
-# A failed attempt's traceback is kept up to this many characters (its last ones: the
-# frames nearest the error, and the error itself).
-_TRACEBACK_CHARS = 8_000
-
-
-def _traceback(exc: BaseException) -> str:
-    text = "".join(traceback.format_exception(exc)).replace("\x00", "\\x00")
-    if len(text) <= _TRACEBACK_CHARS:
-        return text
-    return "…(earlier frames cut)\n" + text[-_TRACEBACK_CHARS:]
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0] if text else ''}"
-

@@ -12,8 +12,8 @@ import pytest
 from sqlalchemy import text
 
 from retrier import Canceled, Completed, Failed, Retrier, Success
-from retrier._store import ANYTHING, Finished, QueueLimits
 from retrier._worker import Worker, current_worker
+from retrier.engine import ANYTHING, Finished, QueueLimits
 from tests.support import drain
 
 
@@ -53,7 +53,7 @@ def test_an_inline_start_that_waits_for_a_claim_counts_what_the_claim_started(
 
     def claim_and_hold() -> None:
         with store.dialect.write_internal() as conn:
-            started.extend(store._claim(conn, "claimer", 10, 5000, ANYTHING)[0])
+            started.extend(store._claims.claim_in(conn, "claimer", 10, 5000, ANYTHING)[0])
             claimed.set()
             assert commit.wait(10)
 
@@ -201,7 +201,8 @@ def test_a_batch_of_plain_successes_leaves_stale_and_canceled_runs_to_the_genera
     and recorded as stale or canceled."""
     from sqlalchemy import update
 
-    from retrier._store import Outcome, runs
+    from retrier._tables import runs
+    from retrier.engine import Outcome
 
     @retrier.action
     def work(i: int) -> int:

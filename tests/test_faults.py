@@ -554,7 +554,7 @@ def test_two_concurrent_wake_ups_of_a_workflow_leave_one_pending_driver(
 ) -> None:
     from sqlalchemy import func, select
 
-    from retrier._store import runs
+    from retrier._tables import runs
     from workflow import WorkflowContext, WorkflowManager
 
     clock = FakeClock()

@@ -288,7 +288,7 @@ def test_on_complete_survives_the_death_of_the_delivering_worker(
     run_id = retrier.run(work, on_complete=notify)
     # A worker claims the run and records its outcome, then dies before the handler.
     (claimed,), _ = retrier.store.claim("doomed", 10, 5000)
-    from retrier._store import Outcome
+    from retrier.engine import Outcome
 
     recorded = retrier.store.record(
         [Outcome(run_id, claimed.fence, "success", claimed.started_ms, result="ok")],
@@ -335,7 +335,7 @@ def test_a_dead_workers_run_is_retried_and_counted_as_a_failure(
     assert outcomes == ["lost", "success"]
 
     # The stale worker wakes up and reports: its outcome is refused by the fence.
-    from retrier._store import Outcome
+    from retrier.engine import Outcome
 
     stale = retrier.store.record(
         [Outcome(run_id, first.fence, "failure", first.started_ms, error="late")], "dies", 5000

@@ -34,7 +34,7 @@ from retrier import (
     TiersError,
     UnregisteredFunction,
 )
-from retrier._store import runs
+from retrier._tables import runs
 from tests.support import Calls, drain
 from workflow import (
     InvalidEvent,

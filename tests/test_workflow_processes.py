@@ -16,7 +16,7 @@ import pytest
 from sqlalchemy import select
 
 from retrier import Completed, Success
-from retrier._store import attempts_t
+from retrier._tables import attempts_t
 from workflow._models import steps_t
 
 ROOT = Path(__file__).resolve().parent.parent

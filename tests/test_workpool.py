@@ -32,7 +32,7 @@ from retrier import (
     UnregisteredFunction,
 )
 from retrier._cli import main as cli
-from retrier._store import Outcome
+from retrier.engine import Outcome
 from tests.support import Calls, drain
 from workpool import (
     Finished,

@@ -13,17 +13,17 @@ from typing import Any
 import click
 from rich.table import Table
 
-from retrier._cli import Context, _or_exit, _short, _when, console
+from retrier.engine import CliContext, console, format_ms, or_exit, shorten
 
 from ._journal import Journal
 from ._manager import WorkflowManager
 
 
-def _journal(obj: Context) -> Journal:
+def _journal(obj: CliContext) -> Journal:
     return Journal(obj.store())
 
 
-def _manager(obj: Context) -> WorkflowManager:
+def _manager(obj: CliContext) -> WorkflowManager:
     app = obj.app()
     if not isinstance(app, WorkflowManager):
         raise click.BadParameter("--app must name a WorkflowManager for this command")
@@ -40,13 +40,14 @@ def workflows() -> None:
 @click.option("--name", help="Only workflows of this name.")
 @click.option("--limit", default=50, show_default=True)
 @click.pass_obj
-def list_(obj: Context, state: str | None, name: str | None, limit: int) -> None:
+def list_(obj: CliContext, state: str | None, name: str | None, limit: int) -> None:
     """The most recent workflows, newest first."""
     rows = _journal(obj).list(state=state, name=name, limit=limit)
     table = Table("id", "name", "state", "created", "finished", "error")
     for r in rows:
         table.add_row(
-            r.id, r.name, r.state, _when(r.created_ms), _when(r.finished_ms), _short(r.error)
+            r.id, r.name, r.state, format_ms(r.created_ms), format_ms(r.finished_ms),
+            shorten(r.error),
         )
     console.print(table)
     console.print(f"{len(rows)} workflow(s)")
@@ -55,10 +56,10 @@ def list_(obj: Context, state: str | None, name: str | None, limit: int) -> None
 @workflows.command("show")
 @click.argument("workflow_id")
 @click.pass_obj
-def show(obj: Context, workflow_id: str) -> None:
+def show(obj: CliContext, workflow_id: str) -> None:
     """One workflow with its journal: each step, attempts, results, errors, times."""
     journal = _journal(obj)
-    row = _or_exit(journal.get, workflow_id)
+    row = or_exit(journal.get, workflow_id)
     info = Table(show_header=False)
     for name, value in [
         ("id", row.id),
@@ -72,8 +73,8 @@ def show(obj: Context, workflow_id: str) -> None:
         ("parent", row.parent_id or ""),
         ("retrigger of", row.retrigger_of or ""),
         ("on_complete", row.on_complete or ""),
-        ("created", _when(row.created_ms)),
-        ("finished", _when(row.finished_ms)),
+        ("created", format_ms(row.created_ms)),
+        ("finished", format_ms(row.finished_ms)),
     ]:
         info.add_row(name, value)
     console.print(info)
@@ -90,7 +91,7 @@ def show(obj: Context, workflow_id: str) -> None:
     for s in journal.steps(workflow_id):
         detail = s["error"] or _json(s["result"])
         if s["kind"] in ("sleep", "event") and s["state"] == "waiting" and s["wake_ms"]:
-            detail = f"until {_when(s['wake_ms'])}"
+            detail = f"until {format_ms(s['wake_ms'])}"
         if s["kind"] == "invoke":
             detail = f"child {s['child_id']} {detail}".strip()
         steps.add_row(
@@ -98,9 +99,9 @@ def show(obj: Context, workflow_id: str) -> None:
             s["kind"],
             s["state"],
             str(s["attempts"]),
-            _when(s["started_ms"]),
-            _when(s["finished_ms"]),
-            _short(detail, 80),
+            format_ms(s["started_ms"]),
+            format_ms(s["finished_ms"]),
+            shorten(detail, 80),
         )
     console.print(steps)
 
@@ -108,19 +109,19 @@ def show(obj: Context, workflow_id: str) -> None:
 @workflows.command("cancel")
 @click.argument("workflow_id")
 @click.pass_obj
-def cancel(obj: Context, workflow_id: str) -> None:
+def cancel(obj: CliContext, workflow_id: str) -> None:
     """Cancel a running workflow (needs --app)."""
     manager = _manager(obj)
-    _or_exit(manager.cancel, workflow_id)
-    console.print(f"{workflow_id}: {_or_exit(manager.status, workflow_id)}")
+    or_exit(manager.cancel, workflow_id)
+    console.print(f"{workflow_id}: {or_exit(manager.status, workflow_id)}")
 
 
 @workflows.command("retrigger")
 @click.argument("workflow_id")
 @click.pass_obj
-def retrigger(obj: Context, workflow_id: str) -> None:
+def retrigger(obj: CliContext, workflow_id: str) -> None:
     """Start a fresh run of a workflow with the same input (needs --app)."""
-    new_id = _or_exit(_manager(obj).retrigger, workflow_id)
+    new_id = or_exit(_manager(obj).retrigger, workflow_id)
     console.print(f"started {new_id}")
 
 
@@ -128,7 +129,7 @@ def retrigger(obj: Context, workflow_id: str) -> None:
 @click.argument("name")
 @click.argument("data", default="{}")
 @click.pass_obj
-def send_event(obj: Context, name: str, data: str) -> None:
+def send_event(obj: CliContext, name: str, data: str) -> None:
     """Send event NAME with DATA (a JSON object) to waiting workflows."""
     try:
         payload = json.loads(data)
@@ -136,12 +137,12 @@ def send_event(obj: Context, name: str, data: str) -> None:
         raise click.BadParameter(f"DATA is not JSON: {exc}") from None
     from ._context import _check_event
 
-    _or_exit(_check_event, name, payload)
+    or_exit(_check_event, name, payload)
     journal = _journal(obj)
     if obj._app:
-        event_id = _or_exit(_manager(obj).send_event, name, payload)
+        event_id = or_exit(_manager(obj).send_event, name, payload)
     else:
-        event_id = journal.send_event_alone(name, payload)
+        event_id = journal.events.send_event_alone(name, payload)
     console.print(f"sent event {event_id}")
 
 

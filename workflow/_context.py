@@ -20,14 +20,19 @@ import anyio.to_thread
 from sqlalchemy import Connection
 
 from retrier import InvalidArguments, InvalidSettings
-from retrier._checks import check_name
-from retrier._clock import delay_ms, due_ms
-from retrier._dialects import is_transient
-from retrier._json import check_json
-from retrier._registry import Fn
-from retrier._store import Finished, NewRun, Outcome
-from retrier._stored_json import unreadable
-from retrier._worker import Worker
+from retrier.engine import (
+    Finished,
+    Fn,
+    NewRun,
+    Outcome,
+    Worker,
+    check_json,
+    check_name,
+    delay_ms,
+    due_ms,
+    is_transient,
+    unreadable,
+)
 
 from ._errors import InvalidEvent, StepFailed, WorkflowDiverged
 from ._journal import Conflict, Entry, Loaded, NotRunning, Unsettled
@@ -372,7 +377,7 @@ class WorkflowContext:
         await self._flush()
         try:
             done, data = await self._journal_call(
-                self._driver.journal.try_event, self._workflow, row, timeout_ms
+                self._driver.journal.events.try_event, self._workflow, row, timeout_ms
             )
         except (Conflict, NotRunning):
             raise Suspend from None
@@ -407,7 +412,7 @@ class WorkflowContext:
         row["finished_ms"] = self._now()
         journal = self._driver.journal
         return self._spawn(
-            self._send(full, row, lambda conn: journal.send_event(conn, event, data))
+            self._send(full, row, lambda conn: journal.events.send_event(conn, event, data))
         )
 
     async def _send(self, full: str, row: dict[str, Any], send: Any) -> int:

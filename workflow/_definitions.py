@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from retrier import InvalidArguments
-from retrier._registry import Registered, default_name, describe, return_hint
+from retrier.engine import Registered, default_name, describe_function, return_hint
 
 from ._errors import InvalidWorkflow, UnregisteredWorkflow
 
@@ -57,7 +57,7 @@ def define(fn: WorkflowFn, name: str | None = None) -> WorkflowDef:
     ):
         raise InvalidWorkflow(f"workflow {name!r} must take the context as its first parameter")
     try:
-        signature = describe(fn, name, skip=1)
+        signature = describe_function(fn, name, skip=1)
     except InvalidArguments as exc:
         raise InvalidWorkflow(str(exc)) from None
     return WorkflowDef(name, fn, signature, return_hint(fn))

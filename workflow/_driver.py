@@ -14,14 +14,9 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from sqlalchemy import select
-
 from retrier import HandBack, Retrier, RetryPolicy
-from retrier._clock import to_ms
-from retrier._errors import describe
-from retrier._registry import ResultNotSerializable
-from retrier._store import NewRun, runs
-from retrier._worker import current_worker
+from retrier.engine import NewRun, ResultNotSerializable, current_worker, to_ms
+from retrier.engine import describe_error as describe
 
 from ._context import Interrupted, Suspend, WorkflowContext, step_failed_event
 from ._definitions import Definitions
@@ -225,14 +220,12 @@ class Driver:
         """on_complete of every step run: journal its outcome and wake the workflow,
         in the transaction that completes the run (so exactly once)."""
         conn = session.connection()
-        row = conn.execute(
-            select(runs.c.outcome, runs.c.result, runs.c.error).where(runs.c.id == run_id)
-        ).first()
-        if row is None:
+        row = self.retrier.store.outcome_in(conn, run_id)
+        if row is None or row.outcome is None:
             return
         workflow_id, step = context["wf"], context["step"]
         entry = self.journal.settle_step(
-            conn, workflow_id, step, row.outcome, row.result, row.error, run_id
+            conn, workflow_id, step, row.outcome, row.result, row.error, run_id, row.attempts
         )
         if entry is None:
             return

@@ -15,28 +15,25 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
-from sqlalchemy import Connection, bindparam, delete, func, insert, select, text, update
+from sqlalchemy import Connection, bindparam, delete, insert, select, update
 from sqlalchemy.exc import IntegrityError
 
 from retrier import RetryPolicy
-from retrier._models import CANCELED as RUN_CANCELED
-from retrier._models import COMPLETED as RUN_COMPLETED
-from retrier._models import FAILED as RUN_FAILED
-from retrier._models import PENDING as RUN_PENDING
-from retrier._models import RUNNING as RUN_RUNNING
-from retrier._models import SUCCESS as RUN_SUCCESS
-from retrier._store import Claimed, NewRun, Store, runs
+from retrier.engine import CANCELED as RUN_CANCELED
+from retrier.engine import FAILED as RUN_FAILED
+from retrier.engine import RUNNING as RUN_RUNNING
+from retrier.engine import SUCCESS as RUN_SUCCESS
+from retrier.engine import Claimed, NewRun, Store
 
 from ._errors import WorkflowNotFinished, WorkflowNotFound
+from ._events import Events
 from ._models import (
     CANCELED,
     COMPLETED,
-    EVENT,
     FAILED,
     RUNNING,
     WAITING,
     WorkflowRow,
-    events_t,
     steps_t,
     workflows_t,
 )
@@ -164,6 +161,7 @@ class Journal:
         self.clock = store.clock
         self._lock_workflow = self.dialect.lock_rows(_LOCK_WORKFLOW)
         self._lock_pool = self.dialect.lock_rows(_POOL_OF)
+        self.events = Events(self)
 
     # -- reading -------------------------------------------------------------------
 
@@ -295,8 +293,8 @@ class Journal:
         room now (the caller runs it inline), else pending in the pool. `before`
         writes first in the same transaction (the outcomes of earlier inline steps)."""
         # Internal: lost in a database crash, the step simply runs again.
-        with self._write(internal=True) as conn:
-            self._lock_running(conn, workflow_id)
+        with self.write(internal=True) as conn:
+            self.lock_running(conn, workflow_id)
             if before is not None:
                 before(conn)
             conn.execute(_INSERT_STEP, [entry])
@@ -320,7 +318,8 @@ class Journal:
     ) -> Entry | None:
         """Journal the final outcome of a step's run; None if it was journaled already."""
         if attempts is None:
-            attempts = conn.execute(select(runs.c.attempts).where(runs.c.id == run_id)).scalar()
+            stored = self.store.outcome_in(conn, run_id)
+            attempts = 0 if stored is None else stored.attempts
         state = _STEP_STATE[outcome]
         changed = conn.execute(
             _SETTLE_STEP,
@@ -366,8 +365,8 @@ class Journal:
         extra: Callable[[Connection], None] | None = None,
     ) -> None:
         """Journal a waiting entry (with a driver due at `wake_ms`, if given)."""
-        with self._write() as conn:
-            self._lock_running(conn, workflow_id)
+        with self.write() as conn:
+            self.lock_running(conn, workflow_id)
             conn.execute(_INSERT_STEP, [entry])
             if wake_ms is not None:
                 self.wake(conn, workflow_id, wake_ms)
@@ -381,8 +380,8 @@ class Journal:
         extra: Callable[[Connection], Any] | None = None,
     ) -> Any:
         """Journal a finished entry (with `extra` writes in the same transaction)."""
-        with self._write() as conn:
-            self._lock_running(conn, workflow_id)
+        with self.write() as conn:
+            self.lock_running(conn, workflow_id)
             out = extra(conn) if extra is not None else None
             if out is not None:
                 entry = {**entry, "result": out}
@@ -390,7 +389,7 @@ class Journal:
             return out
 
     def complete_waiting(self, workflow_id: str, name: str, result: Any = None) -> bool:
-        with self._write() as conn:
+        with self.write() as conn:
             return bool(
                 conn.execute(
                     update(steps_t)
@@ -403,104 +402,10 @@ class Journal:
                 ).rowcount
             )
 
-    def try_event(
-        self,
-        workflow: WorkflowRow,
-        entry: dict[str, Any],
-        timeout_ms: int | None,
-    ) -> tuple[bool, Any]:
-        """Resolve an event wait: (True, data) on a match, (True, None) on timeout, or
-        (False, None) when the workflow must wait (the wait is journaled)."""
-        event_name: str = entry["event_name"]
-        match: dict[str, Any] = entry["match"]
-        with self._write() as conn:
-            self._event_lock(conn, event_name)
-            self._lock_running(conn, workflow.id)
-            now = self.clock.now_ms()
-            current = conn.execute(
-                select(steps_t.c.state, steps_t.c.wake_ms, steps_t.c.result).where(
-                    steps_t.c.workflow_id == workflow.id, steps_t.c.name == entry["name"]
-                )
-            ).first()
-            if current is not None and current.state == COMPLETED:
-                return True, current.result
-            last = conn.execute(
-                select(func.max(steps_t.c.event_id)).where(
-                    steps_t.c.workflow_id == workflow.id, steps_t.c.event_name == event_name
-                )
-            ).scalar()
-            found = self._first_event(conn, event_name, workflow.created_ms, last or 0, match)
-            done = {"state": COMPLETED, "finished_ms": now}
-            if found is not None:
-                done.update(result=found[1], event_id=found[0])
-            elif current is not None and current.wake_ms is not None and now >= current.wake_ms:
-                done.update(result=None)
-            elif current is None:
-                wake_ms = None if timeout_ms is None else now + timeout_ms
-                conn.execute(_INSERT_STEP, [{**entry, "state": WAITING, "wake_ms": wake_ms}])
-                if wake_ms is not None:
-                    self.wake(conn, workflow.id, wake_ms)
-                return False, None
-            else:
-                # Still waiting, and this driver came early: keep one due at the timeout.
-                if current.wake_ms is not None:
-                    self.wake(conn, workflow.id, current.wake_ms)
-                return False, None
-            if current is None:
-                conn.execute(_INSERT_STEP, [{**entry, **done}])
-            else:
-                conn.execute(
-                    update(steps_t)
-                    .where(steps_t.c.workflow_id == workflow.id, steps_t.c.name == entry["name"])
-                    .values(**done)
-                )
-            return True, done["result"]
-
-    def _first_event(
-        self, conn: Connection, name: str, since_ms: int, after_id: int, match: dict[str, Any]
-    ) -> tuple[int, Any] | None:
-        while True:
-            rows = conn.execute(
-                select(events_t.c.id, events_t.c.data, events_t.c.created_ms)
-                .where(events_t.c.name == name, events_t.c.id > after_id)
-                .order_by(events_t.c.id)
-                .limit(500)
-            ).all()
-            for r in rows:
-                if r.created_ms >= since_ms and matches(match, r.data):
-                    return int(r.id), r.data
-            if len(rows) < 500:
-                return None
-            after_id = rows[-1].id
-
-    def send_event(self, conn: Connection, name: str, data: dict[str, Any]) -> int:
-        """Store an event and wake every workflow waiting for one like it."""
-        self._event_lock(conn, name)
-        now = self.clock.now_ms()
-        event_id = conn.execute(
-            insert(events_t).values(name=name, data=data, created_ms=now)
-        ).inserted_primary_key
-        assert event_id is not None
-        waiting = conn.execute(
-            select(steps_t.c.workflow_id, steps_t.c.match).where(
-                steps_t.c.event_name == name,
-                steps_t.c.state == WAITING,
-                steps_t.c.kind == EVENT,
-            )
-        ).all()
-        # In id order: each wake locks its workflow's row.
-        for w in sorted({r.workflow_id for r in waiting if matches(r.match or {}, data)}):
-            self.wake(conn, w, now)
-        return int(event_id[0])
-
-    def send_event_alone(self, name: str, data: dict[str, Any]) -> int:
-        with self._write() as conn:
-            return self.send_event(conn, name, data)
-
     def start_child(self, parent_id: str, entry: dict[str, Any], child: dict[str, Any]) -> None:
         """Journal an `invoke` and start the child workflow, in one transaction."""
-        with self._write() as conn:
-            self._lock_running(conn, parent_id)
+        with self.write() as conn:
+            self.lock_running(conn, parent_id)
             conn.execute(_INSERT_STEP, [entry])
             self._create(conn, child)
 
@@ -546,11 +451,7 @@ class Journal:
                     )
                 ).scalars()
             )
-            owned = conn.execute(
-                select(runs.c.id, runs.c.fn, runs.c.state).where(
-                    runs.c.owner == workflow_id, runs.c.state.in_((RUN_PENDING, RUN_RUNNING))
-                )
-            ).all()
+            owned = self.store.unfinished_of(conn, workflow_id)
         run_ids = [r.id for r in owned if not (r.fn == driver_fn and r.state == RUN_RUNNING)]
         return True, children, run_ids
 
@@ -598,23 +499,15 @@ class Journal:
                 raise WorkflowNotFound(workflow_id)
             if row.state == RUNNING:
                 raise WorkflowNotFinished(workflow_id)
-            done = select(runs.c.id).where(
-                (runs.c.owner == workflow_id) | (runs.c.id == workflow_id),
-                runs.c.state == RUN_COMPLETED,
-            )
-            ids = list(conn.execute(done).scalars())
-            from retrier._store import attempts_t
-
-            for chunk in _chunks(ids, 500):
-                conn.execute(delete(attempts_t).where(attempts_t.c.run_id.in_(chunk)))
-                conn.execute(delete(runs).where(runs.c.id.in_(chunk)))
+            # Its steps and drivers, and the run that delivered its on_complete.
+            self.store.delete_finished_of(conn, workflow_id, workflow_id)
             conn.execute(delete(steps_t).where(steps_t.c.workflow_id == workflow_id))
             conn.execute(delete(workflows_t).where(workflows_t.c.id == workflow_id))
 
     # -- helpers ---------------------------------------------------------------------
 
     @contextlib.contextmanager
-    def _write(self, *, internal: bool = False) -> Iterator[Connection]:
+    def write(self, *, internal: bool = False) -> Iterator[Connection]:
         """A write transaction whose unique-key violation surfaces as `Conflict`.
 
         `internal`: the engine's own bookkeeping, which may commit without waiting
@@ -629,23 +522,9 @@ class Journal:
     def _lock(self, conn: Connection, workflow_id: str) -> Any:
         return conn.execute(self._lock_workflow, {"wf": workflow_id}).first()
 
-    def _lock_running(self, conn: Connection, workflow_id: str) -> None:
+    def lock_running(self, conn: Connection, workflow_id: str) -> None:
         row = self._lock(conn, workflow_id)
         if row is None or row.state != RUNNING:
             raise NotRunning(workflow_id)
 
-    def _event_lock(self, conn: Connection, name: str) -> None:
-        # Serializes a wait's check-then-journal with send_event's insert-then-scan, so
-        # neither can miss the other. SQLite writers are serialized already.
-        if self.dialect.name == "postgresql":
-            conn.execute(text("SELECT pg_advisory_xact_lock(hashtext(:n))"), {"n": name})
 
-
-def matches(match: dict[str, Any], data: Any) -> bool:
-    """Whether event `data` has every key of `match` with an equal value."""
-    return isinstance(data, dict) and all(k in data and data[k] == v for k, v in match.items())
-
-
-def _chunks(items: list[str], size: int) -> Iterator[list[str]]:
-    for i in range(0, len(items), size):
-        yield items[i : i + size]

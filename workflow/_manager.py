@@ -27,10 +27,16 @@ from retrier import (
     Success,
     WaitTimeout,
 )
-from retrier._checks import MAX_NAME, check_flag, check_name
-from retrier._clock import ms_to_datetime
-from retrier._json import check_json
-from retrier._waiting import Changes, poll_until, poll_until_async
+from retrier.engine import (
+    MAX_NAME,
+    Changes,
+    check_flag,
+    check_json,
+    check_name,
+    ms_to_datetime,
+    poll_until,
+    poll_until_async,
+)
 
 from ._context import _check_event
 from ._definitions import Definitions, WorkflowDef, define
@@ -334,7 +340,7 @@ class WorkflowManager:
         if they started before it was sent.
         """
         _check_event(name, data)
-        event_id = self._journal.send_event_alone(name, data)
+        event_id = self._journal.events.send_event_alone(name, data)
         self.retrier.wake_workers()
         return event_id
 

@@ -7,10 +7,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import BigInteger, Column, Index, Table, UniqueConstraint, text
+from sqlalchemy import BigInteger, Column, Index, Table, UniqueConstraint
 from sqlmodel import Field, SQLModel
 
-from retrier._stored_json import StoredJSON
+from retrier.engine import StoredJSON, partial_index
 
 # Workflow states.
 RUNNING = "running"
@@ -69,8 +69,7 @@ class StepRow(SQLModel, table=True):
         Index(
             "ix_tiers_workflow_steps_waiting",
             "event_name",
-            sqlite_where=text("state = 'waiting' AND kind = 'event'"),
-            postgresql_where=text("state = 'waiting' AND kind = 'event'"),
+            **partial_index("state = 'waiting' AND kind = 'event'"),
         ),
     )
 

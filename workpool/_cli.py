@@ -5,9 +5,7 @@ from __future__ import annotations
 import click
 from rich.table import Table
 
-from retrier._cli import Context, _or_exit, _when, console
-from retrier._models import RUNNING
-from retrier._store import QueueLimits, Store
+from retrier.engine import RUNNING, CliContext, QueueLimits, Store, console, format_ms, or_exit
 
 from ._errors import PoolNotFound
 
@@ -21,7 +19,7 @@ def pools() -> None:
 
 @pools.command("list")
 @click.pass_obj
-def pools_list(obj: Context) -> None:
+def pools_list(obj: CliContext) -> None:
     """Every pool: its cap, running and pending items, failures in the last hour."""
     store = obj.store()
     since = store.clock.now_ms() - _HOUR_MS
@@ -40,10 +38,10 @@ def pools_list(obj: Context) -> None:
 @pools.command("show")
 @click.argument("name")
 @click.pass_obj
-def pools_show(obj: Context, name: str) -> None:
+def pools_show(obj: CliContext, name: str) -> None:
     """One pool: its limits, counts and the items running now."""
     store = obj.store()
-    limits = _or_exit(_get, store, name)
+    limits = or_exit(_get, store, name)
     counts = store.queue_counts(name, store.clock.now_ms() - _HOUR_MS)
     info = Table(show_header=False)
     for label, value in [
@@ -60,7 +58,7 @@ def pools_show(obj: Context, name: str) -> None:
     console.print(info)
     running = Table("id", "function", "key", "attempt", "started", title="running")
     for row in store.list_runs(state=RUNNING, queue=name, limit=50):
-        running.add_row(row.id, row.fn, row.key or "", str(row.attempts), _when(row.started_ms))
+        running.add_row(row.id, row.fn, row.key or "", str(row.attempts), format_ms(row.started_ms))
     console.print(running)
 
 

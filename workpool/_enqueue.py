@@ -7,10 +7,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from retrier import InvalidSettings, Retrier, RetryPolicy
-from retrier._checks import check_name
-from retrier._clock import delay_ms, due_ms
-from retrier._registry import Fn
-from retrier._store import NewRun
+from retrier.engine import Fn, NewRun, check_name, delay_ms, due_ms
 
 from ._behavior import NO_RETRY, RetryBehavior
 

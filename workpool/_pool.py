@@ -17,10 +17,7 @@ import anyio
 from sqlmodel import Session
 
 from retrier import Completed, InvalidSettings, Retrier, RunNotFound
-from retrier._checks import check_flag
-from retrier._models import RunRow
-from retrier._registry import Fn
-from retrier._store import NewRun, QueueLimits
+from retrier.engine import Fn, NewRun, QueueLimits, RunRow, check_flag
 
 from ._behavior import RetryBehavior
 from ._enqueue import Preparer, Retry

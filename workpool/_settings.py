@@ -5,9 +5,7 @@ from __future__ import annotations
 from datetime import timedelta
 
 from retrier import InvalidSettings
-from retrier._checks import check_name
-from retrier._clock import delay_ms
-from retrier._store import QueueLimits
+from retrier.engine import QueueLimits, check_name, delay_ms
 
 MAX_PARALLELISM = 100_000
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from retrier._models import PENDING, RUNNING, RunRow
+from retrier.engine import PENDING, RUNNING, RunRow
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,0 +1,107 @@
+"""One attempt of an action: arguments decoded, the function called (a thread for a
+`def`, a task for an `async def`), the result encoded, and whatever happened turned
+into an `Outcome` for the store to record.
+"""
+
+from __future__ import annotations
+
+import logging
+import traceback
+from collections.abc import Callable
+from functools import partial
+from typing import Any
+
+import anyio
+import anyio.to_thread
+import pydantic
+
+from ._clock import to_ms
+from ._errors import HandBack, NonRetryableError, RetryAfter, UnregisteredFunction, describe
+from ._registry import Registry, ResultNotSerializable
+from ._run_types import Claimed, Outcome
+from ._stored_json import unreadable
+
+log = logging.getLogger("tiers.worker")
+
+# A failed attempt's traceback is kept up to this many characters (its last ones: the
+# frames nearest the error, and the error itself).
+TRACEBACK_CHARS = 8_000
+
+
+async def attempt(
+    registry: Registry,
+    c: Claimed,
+    *,
+    limiter: anyio.CapacityLimiter,
+    going_async: Callable[[], None],
+) -> Outcome:
+    """Run the claimed run's action once; never raises (but for cancellation).
+
+    `limiter` bounds the threads of `def` actions; `going_async` is called just before
+    an `async def` action starts (a shutdown may then cancel it)."""
+    in_txn = handler_in_txn(registry, c.on_complete)
+
+    def outcome(kind: str, **fields: Any) -> Outcome:
+        return Outcome(
+            c.id,
+            c.fence,
+            kind,
+            c.started_ms,
+            handler_in_txn=in_txn,
+            attempt=c.attempts,
+            queue=c.queue,
+            plain=c.on_complete is None,
+            **fields,
+        )
+
+    try:
+        reg = registry.action(c.fn)
+    except UnregisteredFunction as exc:
+        # Not ours to fail (claimed before the registry changed, or inserted running
+        # by a higher tier): hand it back, as if never started.
+        return outcome("released", error=describe(exc))
+    corrupt = unreadable("args", c.args, need_object=True) or unreadable("context", c.context)
+    if corrupt is not None:
+        # Retrying cannot help: fail this run alone; every other run goes on.
+        return outcome("fatal", error=f"CorruptRun: {corrupt}")
+    try:
+        kwargs = reg.decode_args(c.args)
+    except pydantic.ValidationError as exc:
+        return outcome("fatal", error=f"CorruptRun: the stored args do not fit {c.fn!r}: {exc}")
+    try:
+        if reg.is_async:
+            going_async()
+            value = await reg.fn(**kwargs)
+        else:
+            value = await anyio.to_thread.run_sync(partial(reg.fn, **kwargs), limiter=limiter)
+        result = reg.encode_result(value)
+    except (NonRetryableError, ResultNotSerializable) as exc:
+        return outcome("fatal", error=describe(exc), traceback=traceback_of(exc))
+    except RetryAfter as exc:
+        return outcome("failure", error=describe(exc), retry_after_ms=to_ms(exc.seconds))
+    except HandBack as exc:
+        return outcome("released", error=describe(exc), retry_after_ms=to_ms(exc.seconds))
+    except Exception as exc:
+        log.debug("run %s attempt %d failed: %s", c.id, c.attempts, exc)
+        return outcome("failure", error=describe(exc), traceback=traceback_of(exc))
+    return outcome("success", result=result)
+
+
+def handler_in_txn(registry: Registry, name: str | None) -> bool:
+    """Whether the run's on_complete takes a session (it then runs in the transaction
+    that records the outcome)."""
+    if name is None:
+        return False
+    try:
+        return registry.handler(name).takes_session
+    except UnregisteredFunction:
+        return False
+
+
+def traceback_of(exc: BaseException) -> str:
+    """The traceback of `exc` as stored: its last `TRACEBACK_CHARS` characters, NUL
+    written as `\\x00` (PostgreSQL's text refuses it)."""
+    text = "".join(traceback.format_exception(exc)).replace("\x00", "\\x00")
+    if len(text) <= TRACEBACK_CHARS:
+        return text
+    return "…(earlier frames cut)\n" + text[-TRACEBACK_CHARS:]

@@ -1,0 +1,341 @@
+"""Claiming: leasing due runs to a worker, honouring every queue's limits.
+
+A claim locks the limited queues' rows, reads in one statement what their budget
+needs (`_Survey`), then fetches each open queue's first due runs and leases them.
+Only runs of functions the worker has registered are claimed (`Runnable`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import (
+    Boolean,
+    Connection,
+    Row,
+    String,
+    and_,
+    bindparam,
+    func,
+    not_,
+    or_,
+    select,
+    text,
+    update,
+)
+
+from ._clock import Clock
+from ._dialects import Dialect, reconnecting
+from ._limits import LIMITED_QUEUES, ONE_QUEUE, Counted, QueueBudget
+from ._models import CLAIMABLE, DELIVERING, FINISHING, PENDING, RUNNING
+from ._run_types import ANYTHING, Claimed, Runnable
+from ._tables import CLAIM_COLUMNS, IDS, in_state, runs
+
+# Fetch rounds of one claim; each round after the first follows a queue running out.
+_CLAIM_ROUNDS = 4
+
+
+# The claimable runs a worker can run: pending runs of its functions, deliveries of
+# its handlers (parameters from `Runnable.params`; `any_fn` lifts the filter).
+_RUNNABLE = or_(
+    bindparam("any_fn", type_=Boolean),
+    and_(runs.c.state == PENDING, runs.c.fn.in_(bindparam("fns", expanding=True))),
+    and_(
+        runs.c.state == FINISHING,
+        runs.c.on_complete.in_(bindparam("handlers", expanding=True)),
+    ),
+)
+
+
+_RUNNABLE_SQL = (
+    "(:any_fn OR (state = 'pending' AND fn IN :fns)"
+    " OR (state = 'finishing' AND on_complete IN :handlers))"
+)
+
+
+_DUE_ORDERED = (
+    select(*CLAIM_COLUMNS)
+    .where(in_state(*CLAIMABLE), runs.c.due_ms <= bindparam("now"), _RUNNABLE)
+    .order_by(runs.c.due_ms, runs.c.priority.desc())
+)
+
+
+_DUE_CANDIDATES = _DUE_ORDERED.limit(bindparam("limit"))
+
+
+# One queue's due runs in claim order (index ix_tiers_runs_queue_due).
+_DUE_IN_QUEUE = _DUE_ORDERED.where(runs.c.queue == bindparam("queue"))
+
+
+# Due deliveries of every queue (index ix_tiers_runs_finishing).
+_DUE_DELIVERIES = (
+    select(*CLAIM_COLUMNS)
+    .where(in_state(FINISHING), runs.c.due_ms <= bindparam("now"), _RUNNABLE)
+    .order_by(runs.c.due_ms)
+    .limit(bindparam("limit"))
+)
+
+
+# What a claim of limited queues reads once it holds their rows' locks, in one round
+# trip: the queues that have claimable runs (a loose index scan: one seek per queue),
+# each limited queue's running count (and how many of those the claiming worker
+# holds), whether any delivery is due, and the earliest claimable run due after now.
+_CLAIM_SURVEY = text(
+    "WITH RECURSIVE q(name) AS ("
+    " SELECT (SELECT min(queue) FROM tiers_runs WHERE state IN ('pending', 'finishing'))"
+    " UNION ALL"
+    " SELECT (SELECT min(r.queue) FROM tiers_runs r"
+    "         WHERE r.state IN ('pending', 'finishing') AND r.queue > q.name)"
+    " FROM q WHERE q.name IS NOT NULL"
+    ") SELECT 'queue' AS kind, name, 0 AS n, 0 AS mine FROM q WHERE name IS NOT NULL"
+    " UNION ALL"
+    " SELECT 'running', queue, count(*),"
+    "  sum(CASE WHEN lease_owner = :worker THEN 1 ELSE 0 END) FROM tiers_runs"
+    "  WHERE state = 'running' AND queue IN :names GROUP BY queue"
+    " UNION ALL"
+    " SELECT 'deliveries', '', count(*), 0 FROM (SELECT 1 AS one FROM tiers_runs"
+    f"  WHERE state = 'finishing' AND due_ms <= :now AND {_RUNNABLE_SQL} LIMIT 1) AS due"
+    " UNION ALL"
+    " SELECT 'next', '', min(due_ms), 0 FROM tiers_runs"
+    f"  WHERE state IN ('pending', 'finishing') AND due_ms > :now AND {_RUNNABLE_SQL}"
+).bindparams(
+    # Typed: an empty list renders as an empty set of that type.
+    bindparam("names", expanding=True, type_=String),
+    bindparam("fns", expanding=True, type_=String),
+    bindparam("handlers", expanding=True, type_=String),
+    bindparam("any_fn", type_=Boolean),
+)
+
+
+_NEXT_DUE_AFTER = select(func.min(runs.c.due_ms)).where(
+    in_state(*CLAIMABLE), runs.c.due_ms > bindparam("now"), _RUNNABLE
+)
+
+
+_NEXT_DUE = select(func.min(runs.c.due_ms)).where(in_state(*CLAIMABLE), _RUNNABLE)
+
+
+_START_RUNS = (
+    update(runs)
+    .where(runs.c.id.in_(IDS))
+    .values(
+        state=RUNNING,
+        fence=runs.c.fence + 1,
+        attempts=runs.c.attempts + 1,
+        lease_owner=bindparam("worker"),
+        lease_until_ms=bindparam("until"),
+        started_ms=bindparam("now"),
+    )
+)
+
+
+_START_DELIVERIES = (
+    update(runs)
+    .where(runs.c.id.in_(IDS))
+    .values(
+        state=DELIVERING,
+        fence=runs.c.fence + 1,
+        lease_owner=bindparam("worker"),
+        lease_until_ms=bindparam("until"),
+    )
+)
+
+
+@dataclass(frozen=True, slots=True)
+class _Survey:
+    """What a claim of limited queues reads in one statement (`_CLAIM_SURVEY`) once it
+    holds their locks."""
+
+    queues: list[str]  # the queues that have claimable runs, due now or later
+    counted: dict[str, Counted]  # each limited queue's running runs (of those that have)
+    deliveries: bool  # whether an on_complete delivery is due now
+    next_due_ms: int | None  # the earliest claimable run due after now
+
+    @classmethod
+    def read(
+        cls, conn: Connection, limited: list[str], worker: str, now: int, can_run: dict[str, Any]
+    ) -> _Survey:
+        queues: list[str] = []
+        counted: dict[str, Counted] = {}
+        deliveries, next_due = False, None
+        params = {"names": limited, "worker": worker, "now": now, **can_run}
+        for kind, name, n, held in conn.execute(_CLAIM_SURVEY, params):
+            if kind == "queue":
+                queues.append(name)
+            elif kind == "running":
+                counted[name] = Counted(int(n), int(held))
+            elif kind == "deliveries":
+                deliveries = bool(n)
+            elif n is not None:
+                next_due = int(n)
+        return cls(queues, counted, deliveries, next_due)
+
+
+class Claims:
+    """Claiming: leasing due runs to a worker, within every queue's limits."""
+
+    def __init__(self, dialect: Dialect, clock: Clock) -> None:
+        self.dialect = dialect
+        self.clock = clock
+        self._due_candidates = dialect.lock_for_claim(_DUE_CANDIDATES)
+        self._due_in_queue = dialect.lock_for_claim(_DUE_IN_QUEUE.limit(bindparam("limit")))
+        self._due_deliveries = dialect.lock_for_claim(_DUE_DELIVERIES)
+        self._locked_queue = dialect.lock_rows(ONE_QUEUE)
+        self._limited_queues = dialect.lock_rows(LIMITED_QUEUES)
+
+    def claim(
+        self, worker: str, limit: int, lease_ms: int, runnable: Runnable = ANYTHING
+    ) -> tuple[list[Claimed], int | None]:
+        """Lease up to `limit` due runs that `runnable` covers, honouring every
+        queue's limits.
+
+        Returns the claimed runs and, if fewer than `limit` could start now, when
+        the worker should look again: the next due time, or the moment a rate
+        limit lets more start (None: only new work or freed slots can help).
+        """
+        if limit <= 0:
+            return [], None
+        with self.dialect.write_internal() as conn:
+            return self.claim_in(conn, worker, limit, lease_ms, runnable)
+
+    def claim_in(
+        self, conn: Connection, worker: str, limit: int, lease_ms: int, runnable: Runnable
+    ) -> tuple[list[Claimed], int | None]:
+        """`claim`, inside the caller's write transaction."""
+        limits, now = QueueBudget.lock(conn, self._limited_queues, clock=self.clock)
+        survey: _Survey | None = None
+        rate_retry_ms: int | None = None
+        can_run = runnable.params()
+        if limits:
+            survey = _Survey.read(conn, list(limits), worker, now, can_run)
+            budget = QueueBudget.build(conn, limits, survey.counted, now)
+            chosen = self._choose_limited(conn, budget, survey, limit, can_run)
+            rate_retry_ms = budget.rate_retry_ms
+        else:
+            chosen = list(
+                conn.execute(self._due_candidates, {"now": now, "limit": limit, **can_run})
+            )
+        until = now + lease_ms
+        to_run = [r.id for r in chosen if r.state == PENDING]
+        to_deliver = [r.id for r in chosen if r.state == FINISHING]
+        lease = {"worker": worker, "until": until, "now": now}
+        if to_run:
+            conn.execute(_START_RUNS, {"ids": to_run, **lease})
+        if to_deliver:
+            conn.execute(_START_DELIVERIES, {"ids": to_deliver, **lease})
+        wake_at = rate_retry_ms
+        if len(chosen) < limit:
+            later = (
+                survey.next_due_ms
+                if survey is not None
+                else conn.execute(_NEXT_DUE_AFTER, {"now": now, **can_run}).scalar()
+            )
+            if later is not None:
+                wake_at = min(int(later), wake_at or int(later))
+        claimed = [
+            Claimed(
+                id=r.id,
+                fn=r.fn,
+                args=r.args,
+                state=RUNNING if r.state == PENDING else DELIVERING,
+                fence=r.fence + 1,
+                attempts=r.attempts + (1 if r.state == PENDING else 0),
+                failures=r.failures,
+                queue=r.queue,
+                owner=r.owner,
+                on_complete=r.on_complete,
+                context=r.context,
+                outcome=r.outcome,
+                result=r.result,
+                error=r.error,
+                started_ms=now,
+            )
+            for r in chosen
+        ]
+        return claimed, wake_at
+
+    def _choose_limited(
+        self,
+        conn: Connection,
+        budget: QueueBudget,
+        survey: _Survey,
+        limit: int,
+        can_run: dict[str, Any],
+    ) -> list[Row[Any]]:
+        """Due runs to claim when some queues have limits; uses `budget`'s slots.
+
+        A busy queue can fill a whole fetch with rows it has no slot left for. When a
+        queue (or key) runs out during a round, fetch again without it, so the work
+        of other queues behind it is not starved.
+        """
+        chosen: list[Row[Any]] = []
+        for _ in range(_CLAIM_ROUNDS):
+            want = limit - len(chosen)
+            over = want * 2 + 8
+            taken = {r.id for r in chosen}
+            rows = self._due_outside(conn, budget, survey, taken, over, can_run)
+            exhausted = budget.exhausted
+            for r in rows:
+                if len(chosen) == limit:
+                    break
+                if r.state == FINISHING or budget.take(r.queue, r.key):
+                    chosen.append(r)
+            if len(chosen) == limit or len(rows) < over or budget.exhausted == exhausted:
+                break
+        return chosen
+
+    def _due_outside(
+        self,
+        conn: Connection,
+        budget: QueueBudget,
+        survey: _Survey,
+        taken: set[str],
+        limit: int,
+        can_run: dict[str, Any],
+    ) -> list[Row[Any]]:
+        """Up to `limit` due runs in claim order, leaving out the queues at their limit
+        (but not their deliveries) and runs in `taken`, and no more of a limited queue
+        than its free slots.
+
+        `queue NOT IN (blocked)` on the claim index would read past every waiting run
+        of the blocked queues, which in a backlog is all of them, on every claim.
+        Instead: the survey's queues that have claimable runs, then each open queue's
+        first due runs, merged.
+        """
+        wanted = limit + len(taken)
+        params = {"now": budget.now, "limit": wanted, **can_run}
+        rows: dict[str, Row[Any]] = {}
+        for queue in survey.queues:
+            if queue in budget.blocked:
+                continue
+            # No more than its free slots (its deliveries come from their own fetch).
+            params["limit"] = min(wanted, budget.slots.get(queue, wanted) + len(taken))
+            stmt = self._due_in_queue
+            keys = budget.full_keys.get(queue)
+            if keys:
+                full = and_(runs.c.state == PENDING, runs.c.key.is_not(None), runs.c.key.in_(keys))
+                stmt = self.dialect.lock_for_claim(
+                    _DUE_IN_QUEUE.where(not_(full)).limit(bindparam("limit"))
+                )
+            rows.update((r.id, r) for r in conn.execute(stmt, {"queue": queue, **params}))
+        if survey.deliveries:
+            params["limit"] = wanted
+            rows.update((r.id, r) for r in conn.execute(self._due_deliveries, params))
+        fresh = (r for r in rows.values() if r.id not in taken)
+        ordered = sorted(fresh, key=lambda r: (r.due_ms, -r.priority))
+        return ordered[:limit]
+
+    @reconnecting
+    def next_due_ms(self, runnable: Runnable = ANYTHING) -> int | None:
+        """The earliest due time of any claimable run that `runnable` covers."""
+        with self.dialect.read() as conn:
+            value = conn.execute(_NEXT_DUE, runnable.params()).scalar()
+        return int(value) if value is not None else None
+
+    def queue_has_room(self, conn: Connection, queue: str, key: str | None, worker: str) -> bool:
+        """Take a slot of `queue` (and of its `key`) for `worker`, if one is free now."""
+        # Locks the queue's row as a claim does, so the two cannot both take its last slot
+        # (a claim locks every limited queue's row, this one included).
+        locked = (self._locked_queue, {"queue": queue})
+        return QueueBudget.load(conn, locked, self.clock, worker).take(queue, key)

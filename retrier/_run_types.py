@@ -1,0 +1,181 @@
+"""The engine's values: runs to insert, runs claimed, outcomes, what a record did.
+
+Frozen dataclasses that cross module boundaries (store, worker, higher tiers); no
+behaviour beyond small conveniences.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from sqlalchemy import Connection
+
+# An on_complete run inside the transaction that records the completion: it gets the
+# transaction's connection (the worker wraps user handlers in a SQLModel Session).
+SessionHandler = Callable[["Finished", Connection], None]
+
+
+@dataclass(frozen=True, slots=True)
+class Runnable:
+    """What a worker can run: it claims only pending runs of these `actions` and
+    on_complete deliveries of these `handlers`, and leaves the rest to a worker that
+    has them (a rolling deploy). None: anything (for tools and tests)."""
+
+    actions: frozenset[str] | None = None
+    handlers: frozenset[str] | None = None
+
+    def params(self) -> dict[str, Any]:
+        if self.actions is None or self.handlers is None:
+            return {"any_fn": True, "fns": [], "handlers": []}
+        return {"any_fn": False, "fns": sorted(self.actions), "handlers": sorted(self.handlers)}
+
+
+ANYTHING = Runnable()
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerInfo:
+    """A worker as the `tiers_workers` table keeps it."""
+
+    id: str
+    host: str
+    pid: int
+    concurrency: int
+    lease_ms: int
+    runnable: Runnable
+
+
+@dataclass(frozen=True, slots=True)
+class NewRun:
+    """A run to insert."""
+
+    id: str
+    fn: str
+    args: dict[str, Any]
+    due_ms: int
+    initial_backoff_ms: int
+    base: float
+    max_failures: int
+    jitter: bool
+    max_backoff_ms: int
+    queue: str = ""
+    key: str | None = None
+    owner: str | None = None
+    priority: int = 0
+    on_complete: str | None = None
+    context: Any = None
+
+
+@dataclass(frozen=True, slots=True)
+class Claimed:
+    """A run this worker now holds a lease on, to execute or to deliver."""
+
+    id: str
+    fn: str
+    args: dict[str, Any]
+    state: str  # RUNNING: execute the action; DELIVERING: run its on_complete
+    fence: int
+    attempts: int
+    failures: int
+    queue: str
+    owner: str | None
+    on_complete: str | None
+    context: Any
+    outcome: str | None
+    result: Any
+    error: str | None
+    started_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """How one attempt ended, as the worker saw it."""
+
+    run_id: str
+    fence: int
+    kind: str  # success | failure | fatal | canceled | released
+    started_ms: int
+    result: Any = None
+    error: str | None = None
+    retry_after_ms: int | None = None
+    traceback: str | None = None  # of a failed attempt (its last lines if long)
+    handler_in_txn: bool = False
+    # What the worker knew of the run when it claimed it, for recording a plain
+    # success (no on_complete) without reading the row back; the fence guards it.
+    attempt: int | None = None
+    queue: str = ""
+    plain: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Finished:
+    """A run whose outcome is final and whose on_complete must now run."""
+
+    id: str
+    fn: str
+    fence: int
+    outcome: str
+    result: Any
+    error: str | None
+    on_complete: str
+    context: Any
+    queue: str
+    owner: str | None
+
+
+@dataclass(slots=True)
+class Recorded:
+    """What a record transaction did: what to deliver next, and what is done."""
+
+    to_deliver: list[Finished] = field(default_factory=list)
+    completed: list[str] = field(default_factory=list)
+    stale: list[str] = field(default_factory=list)
+    # Runs claimed in the same transaction, into the slots the outcomes freed.
+    claimed: list[Claimed] = field(default_factory=list)
+    wake_at_ms: int | None = None
+
+
+@dataclass(slots=True)
+class Canceling:
+    """What `cancel_many` did: how many runs it canceled, and which of them were
+    running (their cancel is best effort, by the worker that holds them)."""
+
+    count: int = 0
+    running: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True, slots=True)
+class Heartbeat:
+    lost: set[str]
+    cancel_requested: set[str]
+
+
+@dataclass(frozen=True, slots=True)
+class QueueLimits:
+    name: str
+    max_parallelism: int | None = None
+    rate_limit: int | None = None
+    rate_period_ms: int | None = None
+    max_per_key: int | None = None
+    max_per_worker: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class StoredOutcome:
+    """A run's stored outcome (None while it has none) and how many attempts it took."""
+
+    outcome: str | None
+    result: Any
+    error: str | None
+    attempts: int
+
+
+@dataclass(frozen=True, slots=True)
+class OwnedRun:
+    """A run a higher tier's unit owns (a workflow's step or driver)."""
+
+    id: str
+    fn: str
+    state: str

@@ -1,0 +1,122 @@
+"""The engine's declared interface: everything a higher tier may use, and nothing else.
+
+`workpool` and `workflow` are built on these names only (never on `retrier._*`); a
+third-party tier or tool should do the same. What is here is stable within a minor
+release; what is not here is private and may change at any time.
+
+The layers, from the bottom:
+
+- the Dialect (`_dialects`): the only code that knows which database it talks to;
+- the Store (`_store`, with its parts `_claims`, `_limits`, `_records`, `_upkeep`,
+  `_reads`): every read and write of the engine's tables, as short transactions;
+- the Worker (`_worker`): claims, executes, records and delivers, with its timers;
+- the Retrier (`_retrier`): tier 1's public API, and the facade higher tiers hold.
+
+Higher tiers write their own tables in the Store's transactions (the `conn` taken by
+`insert_running`, `record_in`, `ensure_pending`, ...), so their state and the
+engine's commit together.
+"""
+
+from __future__ import annotations
+
+from ._checks import MAX_NAME, check_flag, check_name
+from ._cli import Context as CliContext
+from ._cli import console, format_ms, or_exit, retrier_of, shorten
+from ._clock import delay_ms, due_ms, ms_to_datetime, to_ms
+from ._dialects import Dialect, is_transient, partial_index
+from ._errors import describe as describe_error
+from ._json import check_json
+from ._models import (
+    CANCELED,
+    COMPLETED,
+    DELIVERING,
+    FAILED,
+    FINISHING,
+    PENDING,
+    RUNNING,
+    SUCCESS,
+    RunRow,
+)
+from ._registry import (
+    Fn,
+    Registered,
+    Registry,
+    ResultNotSerializable,
+    default_name,
+    return_hint,
+)
+from ._registry import describe as describe_function
+from ._run_types import (
+    ANYTHING,
+    Claimed,
+    Finished,
+    NewRun,
+    Outcome,
+    OwnedRun,
+    QueueLimits,
+    Recorded,
+    Runnable,
+    SessionHandler,
+    StoredOutcome,
+)
+from ._store import Store
+from ._stored_json import CorruptValue, StoredJSON, unreadable
+from ._waiting import Changes, poll_until, poll_until_async
+from ._worker import Worker, current_worker
+
+__all__ = [
+    "ANYTHING",
+    "CANCELED",
+    "COMPLETED",
+    "DELIVERING",
+    "FAILED",
+    "FINISHING",
+    "MAX_NAME",
+    "PENDING",
+    "RUNNING",
+    "SUCCESS",
+    "Changes",
+    "Claimed",
+    "CliContext",
+    "CorruptValue",
+    "Dialect",
+    "Finished",
+    "Fn",
+    "NewRun",
+    "Outcome",
+    "OwnedRun",
+    "QueueLimits",
+    "Recorded",
+    "Registered",
+    "Registry",
+    "ResultNotSerializable",
+    "RunRow",
+    "Runnable",
+    "SessionHandler",
+    "Store",
+    "StoredJSON",
+    "StoredOutcome",
+    "Worker",
+    "check_flag",
+    "check_json",
+    "check_name",
+    "console",
+    "current_worker",
+    "default_name",
+    "delay_ms",
+    "describe_error",
+    "describe_function",
+    "due_ms",
+    "format_ms",
+    "is_transient",
+    "ms_to_datetime",
+    "or_exit",
+    "partial_index",
+    "poll_until",
+    "poll_until_async",
+    "retrier_of",
+    "return_hint",
+    "shorten",
+    "to_ms",
+    "unreadable",
+]

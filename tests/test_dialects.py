@@ -1,0 +1,174 @@
+"""The Dialect contract, checked against each dialect: what the store relies on from
+SQLite and PostgreSQL alike. A new backend passes these before anything else."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from datetime import timedelta
+
+import anyio
+import pytest
+from sqlalchemy import Column, Integer, MetaData, String, Table, insert, select, update
+from sqlalchemy.exc import IntegrityError, OperationalError
+
+from retrier._dialects import CANCEL, WAKE, Dialect, is_transient, open_dialect
+
+metadata = MetaData()
+items = Table(
+    "conformance_items",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("label", String(40), nullable=False),
+)
+
+
+@pytest.fixture
+def dialect(db_url: str) -> Iterator[Dialect]:
+    opened = open_dialect(db_url)
+    with opened.write() as conn:
+        metadata.create_all(conn)
+        conn.execute(insert(items), [{"id": i, "label": f"item {i}"} for i in range(5)])
+    yield opened
+    assert opened.checked_out() == 0, "a connection was left checked out"
+    opened.dispose()
+
+
+def labels(dialect: Dialect) -> list[str]:
+    with dialect.read() as conn:
+        return list(conn.execute(select(items.c.label).order_by(items.c.id)).scalars())
+
+
+def test_writes_commit_and_a_failed_write_rolls_back(dialect: Dialect) -> None:
+    with dialect.write() as conn:
+        conn.execute(update(items).where(items.c.id == 0).values(label="changed"))
+    with pytest.raises(IntegrityError), dialect.write() as conn:
+        conn.execute(update(items).where(items.c.id == 1).values(label="lost"))
+        conn.execute(insert(items).values(id=2, label="duplicate key"))
+    with dialect.write_internal() as conn:
+        conn.execute(update(items).where(items.c.id == 3).values(label="internal"))
+    with dialect.write_one() as conn:
+        conn.execute(update(items).where(items.c.id == 4).values(label="one statement"))
+    assert labels(dialect) == ["changed", "item 1", "item 2", "internal", "one statement"]
+
+
+def test_the_capabilities_it_claims_are_real(dialect: Dialect) -> None:
+    assert timedelta(0) < dialect.default_poll_interval <= timedelta(seconds=5)
+    if dialect.update_returning:
+        with dialect.write() as conn:
+            row = conn.execute(
+                update(items).where(items.c.id == 0).values(label="x").returning(items.c.id)
+            ).first()
+        assert row is not None and row.id == 0
+    if dialect.batch_rowcount:
+        with dialect.write() as conn:
+            changed = conn.execute(
+                update(items).where(items.c.id == 1).values(label="y"), [{}, {}]
+            ).rowcount
+        assert changed == 2
+
+
+def test_a_claim_lock_skips_rows_another_claim_holds(dialect: Dialect) -> None:
+    """On a server with row locks, a second claim skips the rows a first one holds; a
+    backend whose writers are serialized runs the second after the first instead.
+    Either way no row is taken twice."""
+    claim = dialect.lock_for_claim(select(items.c.id).order_by(items.c.id).limit(2))
+    first_holds, second_done = threading.Event(), threading.Event()
+    taken: dict[str, list[int]] = {}
+
+    def first() -> None:
+        with dialect.write() as conn:
+            taken["first"] = list(conn.execute(claim).scalars())
+            conn.execute(update(items).where(items.c.id.in_(taken["first"])).values(label="a"))
+            first_holds.set()
+            taken["overlap"] = [int(second_done.wait(2))]
+
+    def second() -> None:
+        assert first_holds.wait(10)
+        with dialect.write() as conn:
+            unclaimed = dialect.lock_for_claim(
+                select(items.c.id).where(items.c.label.like("item%")).order_by(items.c.id).limit(2)
+            )
+            taken["second"] = list(conn.execute(unclaimed).scalars())
+        second_done.set()
+
+    threads = [threading.Thread(target=first), threading.Thread(target=second)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(20)
+    assert taken["first"] == [0, 1] and taken["second"] == [2, 3]
+    # PostgreSQL skips the locked rows without waiting; SQLite runs writers one by one.
+    assert taken["overlap"] == [1 if dialect.name == "postgresql" else 0]
+
+
+def test_a_key_lock_serializes_transactions(dialect: Dialect) -> None:
+    order: list[str] = []
+    first_in = threading.Event()
+
+    def first() -> None:
+        with dialect.write() as conn:
+            dialect.lock_key(conn, "conformance")
+            first_in.set()
+            time.sleep(0.2)
+            order.append("first done")
+
+    def second() -> None:
+        assert first_in.wait(10)
+        with dialect.write() as conn:
+            dialect.lock_key(conn, "conformance")
+            order.append("second in")
+
+    threads = [threading.Thread(target=first), threading.Thread(target=second)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(20)
+    assert order == ["first done", "second in"]
+
+
+def test_notifications_reach_a_listener_or_are_declared_absent(dialect: Dialect) -> None:
+    heard: list[tuple[str, str]] = []
+    got = threading.Event()
+
+    def on_notify(kind: str, payload: str) -> None:
+        heard.append((kind, payload))
+        if payload:
+            got.set()
+
+    stop = dialect.start_listener(on_notify)
+    if not dialect.can_notify:
+        assert stop is None
+        with dialect.write() as conn:
+            dialect.notify(conn, WAKE)  # a no-op, not an error
+        return
+    assert stop is not None
+    try:
+        deadline = time.monotonic() + 10
+        while (WAKE, "") not in heard and time.monotonic() < deadline:  # listening now
+            time.sleep(0.01)
+        with dialect.write() as conn:
+            dialect.notify(conn, CANCEL, "a run id")
+        assert got.wait(10)
+        assert (CANCEL, "a run id") in heard
+    finally:
+        stop()
+
+
+def test_a_blocking_call_runs_from_async_code(dialect: Dialect) -> None:
+    def count() -> int:
+        with dialect.read() as conn:
+            return len(list(conn.execute(select(items.c.id))))
+
+    async def main() -> int:
+        return await dialect.call(count)
+
+    assert anyio.run(main) == 5
+
+
+def test_transient_errors_are_told_from_bugs() -> None:
+    blip = OperationalError("SELECT 1", {}, Exception("server closed the connection"))
+    assert is_transient(blip)
+    assert not is_transient(IntegrityError("INSERT", {}, Exception("duplicate key")))
+    assert not is_transient(ValueError("a bug"))
