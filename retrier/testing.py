@@ -87,8 +87,8 @@ Target = Retrier | HasRetrier
 
 
 class DrainLimitReached(AssertionError):
-    """A drain made `max_rounds` claims and there was still work to claim: most likely
-    an action or handler that enqueues more work due at once, forever."""
+    """A drain stopped after `max_rounds` claims that found work: most likely an
+    action or handler that enqueues more work due at once, forever."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -304,8 +304,8 @@ async def _drain_once(retrier: Retrier, max_rounds: int, concurrency: int | None
         retrier.forget_worker(worker)
     if not idle:
         raise DrainLimitReached(
-            f"drain made {max_rounds} claims and there was still work due: does an "
-            f"action or on_complete enqueue more work due at once, without end? "
+            f"drain stopped after {max_rounds} claims that found work: does an action "
+            f"or on_complete enqueue more work due at once, without end? "
             f"(raise max_rounds if the work is finite: each claim takes up to the "
             f"worker's concurrency of runs)"
         )
