@@ -47,6 +47,10 @@ class FakeClock:
         with self._lock:
             return self._now
 
+    def now(self) -> datetime:
+        """The fake time as a timezone-aware UTC datetime (for `run_at` in tests)."""
+        return ms_to_datetime(self.now_ms())
+
     def advance(self, delta: timedelta | float) -> None:
         """Move forward by a timedelta or a number of seconds."""
         ms = to_ms(delta)

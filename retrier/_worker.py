@@ -97,6 +97,8 @@ class Worker:
         self._limiter = anyio.CapacityLimiter(concurrency)
         self._timers: Timers | None = None
         self._deliveries = Deliveries(store, registry, self._persist)
+        self._claims_left: int | None = None  # run_until_idle's budget of claims
+        self.next_look_ms: int | None = None  # when the last claim said to look again
 
     # -- lifecycle -----------------------------------------------------------------
 
@@ -143,24 +145,25 @@ class Worker:
         self._stopping = True
         self.wake()
 
-    async def run_until_idle(self, *, max_rounds: int = 10_000) -> None:
+    async def run_until_idle(self, *, max_rounds: int = 10_000) -> bool:
         """Claim and finish due work until none is left; for tests with a fake clock.
 
-        Runs without timers or listeners: time moves only when the test moves it.
+        No timers or listeners: time moves only when the test moves it. Returns False
+        if it stopped after `max_rounds` claims that found work (refills included).
         """
         self._bind_loop()
         send, receive = anyio.create_memory_object_stream[Outcome](math.inf)
-        self._outcomes = send
+        self._outcomes, self._claims_left = send, max_rounds
         async with anyio.create_task_group() as tg:
             self._tg = tg
             tg.start_soon(self._record_loop, receive)
-            for _ in range(max_rounds):
-                claimed = await self._claim_batch()
-                if not claimed and not self._held:
-                    break
+            while not (idle := not await self._claim_batch() and not self._held):
                 await self._wait_idle()
+                if self._stopping:  # the rounds are spent
+                    break
             send.close()
         self._tg = None
+        return idle
 
     def _bind_loop(self) -> None:
         self._loop_thread = threading.get_ident()
@@ -236,6 +239,10 @@ class Worker:
                 self._tg.start_soon(self._deliver, finished_from(c))
             else:
                 self._tg.start_soon(self._execute, c)
+        self.next_look_ms = wake_at_ms  # a due time, or when a rate limit lets more start
+        if claimed and self._claims_left is not None:  # run_until_idle: no refills past it
+            self._claims_left -= 1
+            self._stopping = self._stopping or self._claims_left <= 0
         if wake_at_ms is not None and self._timers is not None:
             self._timers.wake_at(wake_at_ms, self.wake)  # never raises
 

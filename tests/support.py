@@ -5,18 +5,13 @@ from __future__ import annotations
 import threading
 from typing import Any
 
-import anyio
-
-from retrier import Retrier
+from retrier import Retrier, testing
 
 
 def drain(retrier: Retrier) -> None:
-    """Run everything that is due now, to completion, in a worker without timers."""
-    worker = retrier.worker()
-    try:
-        anyio.run(worker.run_until_idle)
-    finally:
-        retrier.forget_worker(worker)
+    """Run everything that is due now, to completion, in a worker without timers
+    (`retrier.testing.drain`, the testing mode apps use)."""
+    testing.drain(retrier)
 
 
 class Calls:
