@@ -29,6 +29,7 @@ from ._errors import TiersError
 from ._migrations import Migrations
 from ._models import RunRow
 from ._retrier import Retrier
+from ._retrier import retrier_of as retrier_behind
 from ._store import Store
 
 console = Console()
@@ -84,11 +85,12 @@ def _transient_cause(exc: BaseException | None) -> BaseException | None:
 
 def retrier_of(app: Any) -> Retrier:
     """The Retrier behind a Retrier, Workpool or WorkflowManager object."""
-    for _ in range(3):
-        if isinstance(app, Retrier):
-            return app
-        app = getattr(app, "retrier", None)
-    raise click.BadParameter("the app object is not a Retrier, Workpool or WorkflowManager")
+    try:
+        return retrier_behind(app)
+    except TypeError:
+        raise click.BadParameter(
+            "the app object is not a Retrier, Workpool or WorkflowManager"
+        ) from None
 
 
 class Context:

@@ -535,3 +535,16 @@ async def _stop_worker(worker: Worker) -> None:
 
 _POLICY_OPTIONS = frozenset({"initial_backoff_ms", "base", "max_failures", "jitter", "max_backoff"})
 _WORKER_SETTINGS = ("concurrency", "lease", "poll_interval", "retention", "unregistered_grace")
+
+
+def retrier_of(target: object) -> Retrier:
+    """The `Retrier` behind `target`: a Retrier, or a tier built on one (a Workpool,
+    a WorkflowManager: anything whose `.retrier` leads to one). `TypeError` else."""
+    found = target
+    for _ in range(3):
+        if isinstance(found, Retrier):
+            return found
+        found = getattr(found, "retrier", None)
+    raise TypeError(
+        f"expected a Retrier, a Workpool or a WorkflowManager, got {type(target).__name__}"
+    )

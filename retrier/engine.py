@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from ._checks import MAX_NAME, check_flag, check_name
 from ._cli import Context as CliContext
-from ._cli import console, format_ms, or_exit, retrier_of, shorten
+from ._cli import console, format_ms, or_exit, shorten
 from ._clock import delay_ms, due_ms, ms_to_datetime, to_ms
 from ._dialects import Dialect, is_transient, partial_index
 from ._errors import describe as describe_error
@@ -46,6 +46,7 @@ from ._registry import (
     return_hint,
 )
 from ._registry import describe as describe_function
+from ._retrier import retrier_of
 from ._run_types import (
     ANYTHING,
     Claimed,

@@ -45,7 +45,7 @@ from pydantic_core import to_jsonable_python
 from ._clock import FakeClock, delay_ms, ms_to_datetime
 from ._models import LEASED, PENDING, RunRow
 from ._registry import Fn
-from ._retrier import Retrier
+from ._retrier import Retrier, retrier_of
 
 __all__ = [
     "DrainLimitReached",
@@ -118,18 +118,6 @@ class EnqueuedRun:
 
 
 # -- finding the retrier ------------------------------------------------------------------
-
-
-def retrier_of(target: Target) -> Retrier:
-    """The `Retrier` behind `target` (a Retrier, Workpool or WorkflowManager)."""
-    found: object = target
-    for _ in range(3):
-        if isinstance(found, Retrier):
-            return found
-        found = getattr(found, "retrier", None)
-    raise TypeError(
-        f"expected a Retrier, a Workpool or a WorkflowManager, got {type(target).__name__}"
-    )
 
 
 def fake_clock(target: Target) -> FakeClock:
