@@ -79,9 +79,16 @@ def is_transient(exc: BaseException) -> bool:
         return True
     if isinstance(exc, sa_exc.DBAPIError) and exc.connection_invalidated:
         return True
+    if isinstance(exc, sa_exc.OperationalError) and isinstance(exc.orig, sqlite3.Error):
+        # SQLite reports a wrong statement ("no such column": a schema not migrated)
+        # as an OperationalError too: only these conditions pass.
+        return any(sign in str(exc.orig) for sign in _SQLITE_PASSING)
     return isinstance(
         exc, sa_exc.OperationalError | sa_exc.InterfaceError | sa_exc.TimeoutError
     )
+
+
+_SQLITE_PASSING = ("locked", "busy", "disk I/O error", "disk is full", "unable to open")
 
 
 def reconnecting(fn: Callable[P, T]) -> Callable[P, T]:

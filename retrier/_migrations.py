@@ -108,14 +108,16 @@ class Migrations:
         return self._between(self.current(conn), current)
 
     def _between(self, new: set[str], old: set[str]) -> list[str]:
-        """The revisions from the heads `old` (exclusive) to the heads `new`."""
-        applied: list[str] = []
-        for head in sorted(new - old):
-            for script in self.script.iterate_revisions(head, "base"):
-                if script.revision in old:
-                    break
-                applied.append(script.revision)
-        return sorted(set(applied))
+        """The revisions below the heads `new` that are not below the heads `old`."""
+        return sorted(self._below(new) - self._below(old))
+
+    def _below(self, heads: set[str]) -> set[str]:
+        """The heads and every revision they build on (dependencies included)."""
+        return {
+            script.revision
+            for head in heads
+            for script in self.script.iterate_revisions(head, "base")
+        }
 
     def _refuse_unknown(self, current: set[str]) -> None:
         known = {s.revision for s in self.script.walk_revisions()}
@@ -132,8 +134,9 @@ class Migrations:
             for label, (table, revision) in _LEGACY.items()
             if label in self.branches and inspector.has_table(table)
         ]
-        if created:
-            command.stamp(self.config(conn), created)
+        config = self.config(conn)
+        for revision in created:  # one at a time: workflow_0001 depends on engine_0001
+            command.stamp(config, revision)
 
 
 def upgrade(conn: Connection, labels: Sequence[str] | None = None) -> list[str]:

@@ -172,3 +172,9 @@ def test_transient_errors_are_told_from_bugs() -> None:
     assert is_transient(blip)
     assert not is_transient(IntegrityError("INSERT", {}, Exception("duplicate key")))
     assert not is_transient(ValueError("a bug"))
+    import sqlite3
+
+    locked = OperationalError("BEGIN", {}, sqlite3.OperationalError("database is locked"))
+    assert is_transient(locked)
+    wrong = OperationalError("SELECT x", {}, sqlite3.OperationalError("no such column: x"))
+    assert not is_transient(wrong), "a schema not migrated is not waited out"

@@ -4,8 +4,7 @@ migrations, is opened by the current code and everything in it completes.
 The fixture (`tests/fixtures/db-94c3053/`, made by `tests/fixtures/make_94c3053.py`
 with the old code) holds retrier runs, work items and workflows in every state the
 old code could leave them in, dead workers' leases included. This test loads it,
-upgrades the schema (today: by opening it, which adds the missing tables and
-columns; later: the Alembic migrations, in `upgrade`), sends the events the waiting
+upgrades the schema with the Alembic migrations (`upgrade`), sends the events the waiting
 workflows need, then moves a FakeClock past every due time and lease and reaps and
 drains until nothing is left to do, and checks that each one ended as
 `tests/fixtures/load_94c3053.EXPECTED` says, with its on_complete delivered exactly
@@ -24,8 +23,9 @@ from typing import Any
 from sqlalchemy import Engine, create_engine, inspect, select, text
 
 from retrier import Canceled, Completed, FakeClock, InProgress, Retrier, RunStatus
+from retrier._migrations import Migrations
 from retrier._models import ENGINE_TABLES
-from retrier._store import QueueLimits, Store
+from retrier.engine import QueueLimits, Store
 from tests.fixtures import app_94c3053 as fx
 from tests.fixtures.load_94c3053 import (
     EVENTS_IN_DUMP,
@@ -89,14 +89,19 @@ def assert_as_dumped(db_url: str) -> None:
 
 
 def upgrade(db_url: str, clock: FakeClock) -> None:
-    """Bring the loaded database's schema up to the current code's.
-
-    Today opening a `Retrier` does it: `Store.create_schema` creates missing tables and
-    adds missing columns (`_add_missing_columns`) to the engine's tables; the workflow
-    tables get theirs when `build`'s `WorkflowManager` adds them. With versioned
-    migrations, run them here.
-    """
-    Retrier(db_url, clock=clock).close()
+    """Bring the loaded database's schema up to the current code's, as `tiers db
+    upgrade` does: the Alembic migrations of every branch. The database predates
+    migrations, so they first stamp it with the baseline revisions (what 94c3053
+    created), then apply what came since."""
+    store = Store(db_url, clock)
+    try:
+        migrations = Migrations()
+        applied = store.migrate(migrations, list(migrations.branches))
+        assert applied == ["engine_0002", "workflow_0002"], applied
+        with store.dialect.read() as conn:
+            assert migrations.current(conn) == {"engine_0002", "workflow_0002"}
+    finally:
+        store.dispose()
 
 
 def check_as_left(db_url: str, clock: FakeClock, m: Manifest) -> None:
