@@ -18,7 +18,7 @@ from ._errors import UnregisteredFunction, describe
 from ._models import CANCELED, FAILED, SUCCESS
 from ._registry import Registry
 from ._results import Canceled, Failed, RunResult, Success
-from ._run_types import Claimed, Finished
+from ._run_types import Claimed, Delivery
 from ._store import Store
 from ._stored_json import unreadable
 
@@ -37,7 +37,7 @@ class Deliveries:
         self.registry = registry
         self._persist = persist
 
-    async def deliver(self, f: Finished) -> list[str]:
+    async def deliver(self, f: Delivery) -> list[str]:
         """Call `f`'s on_complete and mark it delivered; the runs now completed."""
         try:
             reg = self.registry.handler(f.on_complete)
@@ -68,7 +68,7 @@ class Deliveries:
         )
         return completed
 
-    def in_session(self, f: Finished, conn: Connection) -> None:
+    def in_session(self, f: Delivery, conn: Connection) -> None:
         """Call `f`'s on_complete with a session on `conn` (the transaction that marks
         it delivered): its writes commit or roll back with that transaction."""
         reg = self.registry.handler(f.on_complete)
@@ -76,7 +76,7 @@ class Deliveries:
             reg.fn(f.id, self.result_of(f), context_of(f), session=session)
             session.flush()
 
-    def result_of(self, f: Finished) -> RunResult:
+    def result_of(self, f: Delivery) -> RunResult:
         """The result a handler gets, typed by the action's return annotation."""
         corrupt = unreadable("result", f.result) if f.outcome == SUCCESS else None
         if corrupt is not None:
@@ -92,9 +92,9 @@ class Deliveries:
         return Canceled()
 
 
-def finished_from(c: Claimed) -> Finished:
+def finished_from(c: Claimed) -> Delivery:
     """A claimed delivery, as the run it delivers."""
-    return Finished(
+    return Delivery(
         id=c.id,
         fn=c.fn,
         fence=c.fence,
@@ -108,7 +108,7 @@ def finished_from(c: Claimed) -> Finished:
     )
 
 
-def context_of(f: Finished) -> Any:
+def context_of(f: Delivery) -> Any:
     """The context an on_complete gets: None if the stored one cannot be decoded (the
     run has failed with that error then)."""
     return None if unreadable("context", f.context) else f.context

@@ -28,7 +28,7 @@ from ._models import (
     SUCCESS,
 )
 from ._policy import backoff_ms
-from ._run_types import ANYTHING, Finished, Outcome, Recorded, Runnable, SessionHandler
+from ._run_types import ANYTHING, Delivery, Outcome, Recorded, Runnable, SessionHandler
 from ._tables import (
     INSERT_ATTEMPTS,
     ROW_BY_ID,
@@ -224,7 +224,7 @@ class Records:
         current = self.rows_for_update(conn, [o.run_id for o in outcomes])
         settles: list[dict[str, Any]] = []
         attempt_rows: list[dict[str, Any]] = []
-        in_txn: list[Finished] = []
+        in_txn: list[Delivery] = []
         for o in outcomes:
             row = current.get(o.run_id)
             if row is None or row.fence != o.fence or row.state != RUNNING:
@@ -342,7 +342,7 @@ class Records:
         )
         if row.on_complete is not None:
             session_handler(
-                Finished(
+                Delivery(
                     id=o.run_id,
                     fn=row.fn,
                     fence=row.fence,
@@ -364,7 +364,7 @@ class Records:
 
     def decide(
         self, row: Row[Any], o: Outcome, now: int, lease_ms: int, worker: str
-    ) -> tuple[dict[str, Any], Finished | None]:
+    ) -> tuple[dict[str, Any], Delivery | None]:
         """The next state of a run after an attempt ended as `o`."""
         if row.cancel_requested or o.kind == "canceled":
             return self._finish(row, CANCELED, None, None, now, lease_ms, worker)
@@ -399,7 +399,7 @@ class Records:
         now: int,
         lease_ms: int,
         worker: str,
-    ) -> tuple[dict[str, Any], Finished | None]:
+    ) -> tuple[dict[str, Any], Delivery | None]:
         if row.on_complete is None:
             return (
                 settle_values(
@@ -425,7 +425,7 @@ class Records:
             lease_owner=worker,
             lease_until_ms=now + lease_ms,
         )
-        return settle, Finished(
+        return settle, Delivery(
             id=row.id,
             fn=row.fn,
             fence=fence,
@@ -438,7 +438,7 @@ class Records:
             owner=row.owner,
         )
 
-    def delivered(self, finished: Sequence[Finished], failures: dict[str, str]) -> list[str]:
+    def delivered(self, finished: Sequence[Delivery], failures: dict[str, str]) -> list[str]:
         """Mark on_complete deliveries done (or failed, to be retried); fenced."""
         if not finished:
             return []
@@ -455,7 +455,7 @@ class Records:
         return completed
 
     def run_session_delivery(
-        self, finished: Finished, session_handler: SessionHandler
+        self, finished: Delivery, session_handler: SessionHandler
     ) -> bool:
         """Deliver one on_complete that takes a session, in its own transaction."""
         with self.dialect.write_internal() as conn:
@@ -477,7 +477,7 @@ class Records:
             )
         return True
 
-    def _handler_failed(self, conn: Connection, f: Finished, error: str, now: int) -> None:
+    def _handler_failed(self, conn: Connection, f: Delivery, error: str, now: int) -> None:
         row = conn.execute(
             select(runs.c.handler_failures, runs.c.fence).where(runs.c.id == f.id)
         ).first()
@@ -498,7 +498,7 @@ class Records:
             )
         )
 
-    def release_delivery(self, f: Finished) -> bool:
+    def release_delivery(self, f: Delivery) -> bool:
         """Hand back an on_complete delivery this worker cannot make (it lacks the
         handler) to any worker that can, without counting a failure."""
         with self.dialect.write_internal() as conn:
@@ -528,7 +528,7 @@ class Records:
 
 
 def _call_in_savepoint(
-    conn: Connection, finished: Finished, session_handler: SessionHandler
+    conn: Connection, finished: Delivery, session_handler: SessionHandler
 ) -> str | None:
     """Run an in-transaction on_complete on `conn`, inside a savepoint of its own.
 

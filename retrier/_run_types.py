@@ -14,7 +14,7 @@ from sqlalchemy import Connection
 
 # An on_complete run inside the transaction that records the completion: it gets the
 # transaction's connection (the worker wraps user handlers in a SQLModel Session).
-SessionHandler = Callable[["Finished", Connection], None]
+SessionHandler = Callable[["Delivery", Connection], None]
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,7 +110,7 @@ class Outcome:
 
 
 @dataclass(frozen=True, slots=True)
-class Finished:
+class Delivery:
     """A run whose outcome is final and whose on_complete must now run."""
 
     id: str
@@ -129,7 +129,7 @@ class Finished:
 class Recorded:
     """What a record transaction did: what to deliver next, and what is done."""
 
-    to_deliver: list[Finished] = field(default_factory=list)
+    to_deliver: list[Delivery] = field(default_factory=list)
     completed: list[str] = field(default_factory=list)
     stale: list[str] = field(default_factory=list)
     # Runs claimed in the same transaction, into the slots the outcomes freed.

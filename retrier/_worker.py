@@ -33,7 +33,7 @@ from ._dialects import CANCEL, WouldBlock, is_transient
 from ._errors import first_line
 from ._models import DELIVERING
 from ._registry import Registry
-from ._run_types import Claimed, Finished, Outcome, Recorded, Runnable, SessionHandler, WorkerInfo
+from ._run_types import Claimed, Delivery, Outcome, Recorded, Runnable, SessionHandler, WorkerInfo
 from ._store import Store
 from ._timers import Timers
 from ._upkeep import sweep_interval
@@ -444,7 +444,7 @@ class Worker:
 
     # -- on_complete ---------------------------------------------------------------------
 
-    async def _deliver(self, f: Finished) -> None:
+    async def _deliver(self, f: Delivery) -> None:
         with anyio.CancelScope(shield=True):
             try:
                 completed = await self._deliveries.deliver(f)

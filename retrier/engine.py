@@ -50,7 +50,7 @@ from ._retrier import retrier_of
 from ._run_types import (
     ANYTHING,
     Claimed,
-    Finished,
+    Delivery,
     NewRun,
     Outcome,
     OwnedRun,
@@ -80,8 +80,8 @@ __all__ = [
     "Claimed",
     "CliContext",
     "CorruptValue",
+    "Delivery",
     "Dialect",
-    "Finished",
     "Fn",
     "NewRun",
     "Outcome",

@@ -13,7 +13,7 @@ from sqlalchemy import text
 
 from retrier import Canceled, Completed, Failed, Retrier, Success
 from retrier._worker import Worker, current_worker
-from retrier.engine import ANYTHING, Finished, QueueLimits
+from retrier.engine import ANYTHING, Delivery, QueueLimits
 from tests.support import drain
 
 
@@ -116,7 +116,7 @@ def test_a_claimed_run_attempted_inline_records_with_the_given_handler(
             claimed = retrier.store.insert_running(new, worker.id, 5000, conn)
         assert claimed is not None
 
-        def inline(f: Finished, session: Any) -> None:
+        def inline(f: Delivery, session: Any) -> None:
             seen.append((f.id, f.result))
             session.execute(text("SELECT 1"))
 
@@ -179,7 +179,7 @@ def test_an_inline_run_canceled_while_it_ran_is_recorded_canceled(retrier: Retri
             claimed = retrier.store.insert_running(new, worker.id, 5000, conn)
         assert claimed is not None
 
-        def inline(f: Finished, session: Any) -> None:
+        def inline(f: Delivery, session: Any) -> None:
             seen.append(f.outcome)
 
         outcome = await worker.attempt_claimed(claimed, inline)

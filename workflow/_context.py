@@ -21,7 +21,7 @@ from sqlalchemy import Connection
 
 from retrier import InvalidArguments, InvalidSettings
 from retrier.engine import (
-    Finished,
+    Delivery,
     Fn,
     NewRun,
     Outcome,
@@ -269,7 +269,7 @@ class WorkflowContext:
         if taken and not await self.settle_alone(taken):
             raise Suspend
 
-    def _journal_inline(self, f: Finished, conn: Connection) -> None:
+    def _journal_inline(self, f: Delivery, conn: Connection) -> None:
         """The on_complete of an inline step's run, in the transaction recording it."""
         name = self._inline_steps.get(f.id)
         if name is None:

@@ -37,6 +37,7 @@ from retrier.engine import (
     poll_until,
     poll_until_async,
 )
+from workpool import RetryBehavior, Workpool
 
 from ._context import _check_event
 from ._definitions import Definitions, WorkflowDef, define
@@ -99,22 +100,20 @@ class WorkflowManager:
 
     def __init__(
         self,
-        pool: Any,
+        pool: Workpool,
         *,
         retry_steps_by_default: bool | None = None,
-        default_retry_behavior: Any = None,
+        default_retry_behavior: RetryBehavior | None = None,
     ) -> None:
-        from workpool import RetryBehavior
-
         # The engine names the pool's step handler after it (see Driver), within 200.
         check_name(pool.name, "the name of a pool that runs workflows", max_length=175)
         self.pool = pool
         self.retrier = pool.retrier
         if retry_steps_by_default is None:
-            retry_steps_by_default = bool(getattr(pool, "retry_actions_by_default", False))
+            retry_steps_by_default = pool.retry_actions_by_default
         check_flag(retry_steps_by_default, "retry_steps_by_default")
         if default_retry_behavior is None:
-            default_retry_behavior = getattr(pool, "default_retry_behavior", None)
+            default_retry_behavior = pool.default_retry_behavior
         if default_retry_behavior is not None and not isinstance(
             default_retry_behavior, RetryBehavior
         ):
