@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable, Iterator
 from datetime import timedelta
 from functools import partial
-from typing import Any, ParamSpec, Protocol, TypeVar
+from typing import Any, Literal, ParamSpec, Protocol, TypeVar
 
 import anyio
 import anyio.to_thread
@@ -174,7 +174,24 @@ def partial_index(predicate: str) -> dict[str, Any]:
     return {f"{backend}_where": text(predicate) for backend in ("sqlite", "postgresql")}
 
 
-def open_dialect(url: str, namespace: str | None = None, *, create: bool = True) -> Dialect:
+Durability = Literal["full", "normal"]
+"""How hard a commit is pressed to disk. `full`: every commit waits for the disk
+(SQLite `synchronous=FULL`; PostgreSQL `synchronous_commit=on` for all writes).
+`normal` (the default): SQLite `synchronous=NORMAL` in WAL mode (durable if the
+process dies; the last commits may be lost if the machine loses power); on
+PostgreSQL the engine's own writes (claims, outcomes, leases) commit without waiting
+for the disk, so a server crash may forget the last fraction of a second of them:
+runs that had finished then run again, as after any lost attempt (at-least-once);
+writes in your transactions (enqueues, session handlers' writes) always wait."""
+
+
+def open_dialect(
+    url: str,
+    namespace: str | None = None,
+    *,
+    create: bool = True,
+    durability: Durability = "normal",
+) -> Dialect:
     """The dialect for a database URL, with its engine configured (no connection yet).
 
     `namespace` keeps this app's tables and notifications apart from any other app's
@@ -191,6 +208,8 @@ def open_dialect(url: str, namespace: str | None = None, *, create: bool = True)
             f"cannot parse database URL {redact(url)!r}: {reason}"
         ) from None
     backend = parsed.get_backend_name()
+    if durability not in ("full", "normal"):
+        raise InvalidSettings(f"durability is 'full' or 'normal', got {durability!r}")
     if namespace is not None and not _NAMESPACE.fullmatch(namespace):
         raise InvalidSettings(
             f"a namespace is 1 to 40 lowercase letters, digits or _, not starting with a "
@@ -205,9 +224,9 @@ def open_dialect(url: str, namespace: str | None = None, *, create: bool = True)
         path = parsed.database
         if not create and path and path != ":memory:" and not os.path.exists(path):
             raise DatabaseUnavailable(f"no such database: the SQLite file {path!r} does not exist")
-        return SQLiteDialect(parsed)
+        return SQLiteDialect(parsed, durability)
     if backend == "postgresql":
-        return PostgresDialect(parsed, namespace)
+        return PostgresDialect(parsed, namespace, durability)
     raise InvalidDatabaseURL(
         f"unsupported database {backend!r} in {safe_url(parsed)!r}: use "
         f"sqlite:///path/to/file.db or postgresql+psycopg://user@host/dbname"
@@ -226,7 +245,7 @@ class SQLiteDialect:
     update_returning = True
     batch_rowcount = True
 
-    def __init__(self, url: URL) -> None:
+    def __init__(self, url: URL, durability: Durability = "normal") -> None:
         if url.drivername != "sqlite" and url.drivername != "sqlite+pysqlite":
             raise InvalidDatabaseURL(f"use the default sqlite driver, not {url.drivername!r}")
         if not url.database or url.database == ":memory:":
@@ -243,7 +262,7 @@ class SQLiteDialect:
             url, pool_size=4, max_overflow=16, pool_timeout=60, pool_use_lifo=True
         )
         for engine in (self.engine, self._internal):
-            event.listen(engine, "connect", _sqlite_connect)
+            event.listen(engine, "connect", partial(_sqlite_connect, durability))
             event.listen(engine, "begin", _sqlite_begin)
         # SQLite admits one writer at a time. This process's engine-internal writers
         # queue on a lock of our own, which hands over at once (see write_internal).
@@ -346,12 +365,12 @@ def _asynchronous_commit(dbapi_conn: Any, _record: Any) -> None:
     dbapi_conn.commit()
 
 
-def _sqlite_connect(dbapi_conn: Any, _record: Any) -> None:
+def _sqlite_connect(durability: Durability, dbapi_conn: Any, _record: Any) -> None:
     dbapi_conn.isolation_level = None  # we issue BEGIN ourselves
     cursor = dbapi_conn.cursor()
     cursor.execute("PRAGMA journal_mode=WAL")
     cursor.execute(f"PRAGMA busy_timeout={_BUSY_TIMEOUT_MS}")
-    cursor.execute("PRAGMA synchronous=NORMAL")
+    cursor.execute(f"PRAGMA synchronous={durability.upper()}")
     cursor.close()
 
 
@@ -402,7 +421,9 @@ class PostgresDialect:
     update_returning = True
     batch_rowcount = True
 
-    def __init__(self, url: URL, namespace: str | None = None) -> None:
+    def __init__(
+        self, url: URL, namespace: str | None = None, durability: Durability = "normal"
+    ) -> None:
         if url.drivername in ("postgresql", "postgres"):
             url = url.set(drivername="postgresql+psycopg")
         if url.drivername != "postgresql+psycopg":
@@ -425,7 +446,8 @@ class PostgresDialect:
         if namespace is not None:
             for engine in (self.engine, self._internal):
                 event.listen(engine, "connect", partial(_search_path, namespace))
-        event.listen(self._internal, "connect", _asynchronous_commit)
+        if durability == "normal":
+            event.listen(self._internal, "connect", _asynchronous_commit)
 
     @contextlib.contextmanager
     def read(self) -> Iterator[Connection]:

@@ -19,6 +19,7 @@ from sqlmodel import Session
 
 from ._checks import check_worker_settings
 from ._clock import Clock, SystemClock, delay_ms, due_ms
+from ._dialects import Durability
 from ._errors import InvalidArguments, InvalidSettings, RunNotFound, WaitTimeout
 from ._json import check_json
 from ._log import configure_logging
@@ -73,6 +74,7 @@ class Retrier:
         poll_interval: timedelta | None = None,
         unregistered_grace: timedelta = timedelta(hours=1),
         namespace: str | None = None,
+        durability: Durability = "normal",
         clock: Clock | None = None,
     ) -> None:
         configure_logging()
@@ -94,7 +96,7 @@ class Retrier:
         self.concurrency = concurrency
         self.lease = lease
         self.clock: Clock = clock or SystemClock()
-        self.store = Store(url, self.clock, namespace)
+        self.store = Store(url, self.clock, namespace, durability)
         self.unregistered_grace = unregistered_grace
         self.poll_interval = poll_interval or self.store.dialect.default_poll_interval
         self.registry = Registry()

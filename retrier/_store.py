@@ -29,7 +29,7 @@ from sqlmodel import SQLModel
 
 from ._claims import Claims
 from ._clock import Clock
-from ._dialects import CANCEL, WAKE, Dialect, open_dialect, reconnecting
+from ._dialects import CANCEL, WAKE, Dialect, Durability, open_dialect, reconnecting
 from ._errors import RunNotFinished, RunNotFound, SchemaTooNew
 from ._limits import stored_limits
 from ._migrations import Migrations
@@ -105,10 +105,16 @@ class Store:
     reads); the writes that start, cancel and delete runs are its own.
     """
 
-    def __init__(self, url: str, clock: Clock, namespace: str | None = None) -> None:
+    def __init__(
+        self,
+        url: str,
+        clock: Clock,
+        namespace: str | None = None,
+        durability: Durability = "normal",
+    ) -> None:
         self.url = url
         self.clock = clock
-        self.dialect: Dialect = open_dialect(url, namespace)
+        self.dialect: Dialect = open_dialect(url, namespace, durability=durability)
         self.engine = self.dialect.engine
         claims = Claims(self.dialect, clock)
         records = Records(self.dialect, clock, claims)

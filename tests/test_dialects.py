@@ -178,3 +178,28 @@ def test_transient_errors_are_told_from_bugs() -> None:
     assert is_transient(locked)
     wrong = OperationalError("SELECT x", {}, sqlite3.OperationalError("no such column: x"))
     assert not is_transient(wrong), "a schema not migrated is not waited out"
+
+
+@pytest.mark.parametrize("durability", ["full", "normal"])
+def test_durability_sets_how_commits_reach_the_disk(db_url: str, durability: str) -> None:
+    opened = open_dialect(db_url, durability=durability)  # type: ignore[arg-type]
+    try:
+        if opened.name == "sqlite":
+            with opened.write_internal() as conn:
+                level = conn.exec_driver_sql("PRAGMA synchronous").scalar()
+            assert level == {"full": 2, "normal": 1}[durability]
+        else:
+            with opened.write_internal() as conn:
+                internal = conn.exec_driver_sql("SHOW synchronous_commit").scalar()
+            with opened.write() as conn:
+                app = conn.exec_driver_sql("SHOW synchronous_commit").scalar()
+            assert (internal, app) == ({"full": "on", "normal": "off"}[durability], "on")
+    finally:
+        opened.dispose()
+
+
+def test_an_unknown_durability_is_refused(db_url: str) -> None:
+    from retrier import InvalidSettings
+
+    with pytest.raises(InvalidSettings, match="durability"):
+        open_dialect(db_url, durability="fsync")  # type: ignore[arg-type]
