@@ -142,6 +142,14 @@ _START_DELIVERIES = (
 )
 
 
+# The claim as one server-side call, where the dialect has one (PostgreSQL); run with
+# the driver's own parameters (no SQLAlchemy compilation on the hot path).
+_SERVER_CLAIM = (
+    "SELECT * FROM tiers_claim(%(worker)s, %(limit)s, %(lease_ms)s, %(now)s, %(any_fn)s,"
+    " %(fns)s::text[], %(handlers)s::text[])"
+)
+
+
 @dataclass(frozen=True, slots=True)
 class _Survey:
     """What a claim of limited queues reads in one statement (`_CLAIM_SURVEY`) once it
@@ -196,6 +204,9 @@ class Claims:
         """
         if limit <= 0:
             return [], None
+        if self.dialect.server_claim:  # one statement: no transaction to open and close
+            with self.dialect.write_internal_one() as conn:
+                return self._server_claim(conn, worker, limit, lease_ms, runnable)
         with self.dialect.write_internal() as conn:
             return self.claim_in(conn, worker, limit, lease_ms, runnable)
 
@@ -203,6 +214,8 @@ class Claims:
         self, conn: Connection, worker: str, limit: int, lease_ms: int, runnable: Runnable
     ) -> tuple[list[Claimed], int | None]:
         """`claim`, inside the caller's write transaction."""
+        if self.dialect.server_claim:
+            return self._server_claim(conn, worker, limit, lease_ms, runnable)
         limits, now = QueueBudget.lock(conn, self._limited_queues, clock=self.clock)
         survey: _Survey | None = None
         rate_retry_ms: int | None = None
@@ -253,6 +266,44 @@ class Claims:
             )
             for r in chosen
         ]
+        return claimed, wake_at
+
+    def _server_claim(
+        self, conn: Connection, worker: str, limit: int, lease_ms: int, runnable: Runnable
+    ) -> tuple[list[Claimed], int | None]:
+        """The same claim, as one call of the server's `tiers_claim` (see `_pg_claim`)."""
+        params = {
+            "worker": worker,
+            "limit": limit,
+            "lease_ms": lease_ms,
+            "now": self.clock.now_ms(),
+            **runnable.params(),
+        }
+        claimed: list[Claimed] = []
+        wake_at: int | None = None
+        for r in conn.exec_driver_sql(_SERVER_CLAIM, params):
+            if r.kind == "wake":
+                wake_at = r.wake_ms
+                continue
+            claimed.append(
+                Claimed(
+                    id=r.id,
+                    fn=r.fn,
+                    args=r.args,
+                    state=r.state,
+                    fence=r.fence,
+                    attempts=r.attempts,
+                    failures=r.failures,
+                    queue=r.queue,
+                    owner=r.owner,
+                    on_complete=r.on_complete,
+                    context=r.context,
+                    outcome=r.outcome,
+                    result=r.result,
+                    error=r.error,
+                    started_ms=r.wake_ms,
+                )
+            )
         return claimed, wake_at
 
     def _choose_limited(

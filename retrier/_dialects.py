@@ -30,6 +30,7 @@ from sqlalchemy.sql import Select
 
 from ._dberrors import DRIVER_ERRORS, connection_lost, raise_translated, redact, safe_url
 from ._errors import DatabaseUnavailable, InvalidDatabaseURL, InvalidSettings
+from ._pg_claim import CLAIM_FUNCTION
 
 log = logging.getLogger("tiers.store")
 
@@ -129,6 +130,9 @@ class Dialect(Protocol):
     """Whether UPDATE ... RETURNING is available (one round trip instead of two)."""
     batch_rowcount: bool
     """Whether an executemany reports how many rows it changed in all."""
+    server_claim: bool
+    """Whether claims run as one server-side call (`tiers_claim`, PostgreSQL): the
+    locks they take are then held for one round trip."""
 
     def read(self) -> contextlib.AbstractContextManager[Connection]: ...
     def write(self) -> contextlib.AbstractContextManager[Connection]: ...
@@ -142,6 +146,9 @@ class Dialect(Protocol):
         ...
     def write_one(self) -> contextlib.AbstractContextManager[Connection]:
         """A connection for a single atomic statement: autocommit where that is faster."""
+        ...
+    def write_internal_one(self) -> contextlib.AbstractContextManager[Connection]:
+        """`write_one`, for one of the engine's own statements (see `write_internal`)."""
         ...
     def create_extras(self, conn: Connection) -> None:
         """Dialect-specific schema objects, created with the tables."""
@@ -244,6 +251,7 @@ class SQLiteDialect:
     default_poll_interval = timedelta(milliseconds=25)
     update_returning = True
     batch_rowcount = True
+    server_claim = False  # a claim here is in-process already: no round trips to save
 
     def __init__(self, url: URL, durability: Durability = "normal") -> None:
         if url.drivername != "sqlite" and url.drivername != "sqlite+pysqlite":
@@ -288,6 +296,9 @@ class SQLiteDialect:
 
     def write_one(self) -> contextlib.AbstractContextManager[Connection]:
         return self.write()
+
+    def write_internal_one(self) -> contextlib.AbstractContextManager[Connection]:
+        return self.write_internal()
 
     def dispose(self) -> None:
         self.engine.dispose()
@@ -420,6 +431,7 @@ class PostgresDialect:
     default_poll_interval = timedelta(seconds=1)
     update_returning = True
     batch_rowcount = True
+    server_claim = True
 
     def __init__(
         self, url: URL, namespace: str | None = None, durability: Durability = "normal"
@@ -478,6 +490,12 @@ class PostgresDialect:
         return int(self.engine.pool.checkedout() + self._internal.pool.checkedout())  # type: ignore[attr-defined]
 
     @contextlib.contextmanager
+    def write_internal_one(self) -> Iterator[Connection]:
+        # One statement commits on its own: no BEGIN and COMMIT round trips.
+        with self._internal.connect() as conn:
+            yield conn.execution_options(isolation_level="AUTOCOMMIT")
+
+    @contextlib.contextmanager
     def write_one(self) -> Iterator[Connection]:
         # One statement commits on its own: no BEGIN and COMMIT round trips.
         try:
@@ -490,6 +508,7 @@ class PostgresDialect:
         # New runs wake every listening worker: the server sends the NOTIFY itself,
         # at commit, whoever inserted them (including a user's own session).
         conn.execute(text(_WAKE_FUNCTION.replace("{channel}", self.wake_channel)))
+        conn.exec_driver_sql(CLAIM_FUNCTION)
         conn.execute(text("DROP TRIGGER IF EXISTS tiers_runs_wake ON tiers_runs"))
         conn.execute(
             text(

@@ -31,6 +31,7 @@ from ._clock import to_ms
 from ._deliveries import Deliveries, finished_from
 from ._dialects import CANCEL, WouldBlock, is_transient
 from ._errors import first_line
+from ._hints import Hints
 from ._models import DELIVERING
 from ._registry import Registry
 from ._run_types import Claimed, Delivery, Outcome, Recorded, Runnable, SessionHandler, WorkerInfo
@@ -97,6 +98,8 @@ class Worker:
         self._limiter = anyio.CapacityLimiter(concurrency)
         self._timers: Timers | None = None
         self._deliveries = Deliveries(store, registry, self._persist)
+        self._hints = Hints()  # how to answer announcements of new runs
+        self._announced = False  # an announcement is on its way to the loop
         self._claims_left: int | None = None  # run_until_idle's budget of claims
         self.next_look_ms: int | None = None  # when the last claim said to look again
 
@@ -202,8 +205,11 @@ class Worker:
             self._wake = anyio.Event()
             free = self.concurrency - len(self._held)
             wanted = min(free, _BATCH)
+            if wanted > 0 and (delay := self._hints.delay()):
+                await anyio.sleep(delay)  # announcements meanwhile fold into this claim
             try:
                 claimed = await self._claim_batch() if wanted > 0 else []
+                self._hints.claimed(len(claimed))
             except Exception:
                 # The database may be restarting: keep running work, retry claims later.
                 log.exception("claiming failed; retrying in %.1f s", pause)
@@ -372,8 +378,14 @@ class Worker:
                         batch.append(receive.receive_nowait())
                     except anyio.WouldBlock:
                         break
-                with anyio.CancelScope(shield=True):
-                    await self._record_batch(batch)
+                self._hints.recording = True
+                try:
+                    with anyio.CancelScope(shield=True):
+                        await self._record_batch(batch)
+                finally:
+                    self._hints.recording = False
+                if self._hints.record_done(bool(receive.statistics().current_buffer_used)):
+                    self.wake()
 
     async def _record_batch(self, batch: list[Outcome], *, refill: bool = True) -> None:
         """Store a batch of outcomes, retrying through a database blip; one outcome
@@ -488,7 +500,15 @@ class Worker:
         if channel == CANCEL:
             if self._held and (not payload or payload in self._held):
                 self._heartbeat()  # reads each held run's cancel request
-        else:
+        elif not self._announced:  # one hop to the loop for a burst of announcements
+            self._announced = True
+            self._from_thread(self._new_work)
+
+    def _new_work(self) -> None:
+        """Another process announced new runs (see `Hints`)."""
+        self._announced = False
+        waiting = self._outcomes is not None and self._outcomes.statistics().current_buffer_used
+        if self._hints.announced(bool(waiting)):
             self.wake()
 
     def runnable(self) -> Runnable:

@@ -1,0 +1,124 @@
+"""PostgreSQL claims run server-side (`tiers_claim`, retrier/_pg_claim.py); SQLite and
+the budget code run the same claim in Python (`Claims.claim_in`). Here both claim the
+same runs, step by step, from the same state: they must take the same runs and say
+the same time to look again."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from datetime import timedelta
+from typing import Any
+
+import pytest
+
+from retrier import FakeClock, Retrier
+from retrier.engine import Claimed, Outcome, QueueLimits
+from tests.support import drain
+
+MakeRetrier = Callable[..., Retrier]
+
+
+def scenario(retrier: Retrier, clock: FakeClock) -> list[Any]:
+    """Claims and records over pools with every kind of limit; what each claim did."""
+    store = retrier.store
+
+    @retrier.action(name="work")
+    def work() -> None: ...
+
+    @retrier.on_complete(name="flaky_handler")
+    def flaky_handler(run_id: str, result: Any, context: Any) -> None:
+        raise RuntimeError("fails, so the delivery waits to be tried again")
+
+    for limits in (
+        QueueLimits("capped", max_parallelism=3),
+        QueueLimits("shared", max_parallelism=10, max_per_worker=2),
+        QueueLimits("rated", max_parallelism=50, rate_limit=4, rate_period_ms=1000),
+        QueueLimits("keyed", max_parallelism=5, max_per_key=1),
+    ):
+        store.set_queue(limits)
+    new = []
+    for i in range(40):
+        queue = ["", "capped", "shared", "rated", "keyed"][i % 5]
+        new.append(
+            retrier.prepare(
+                "work",
+                {},
+                queue=queue,
+                key=f"k{i % 3}" if queue == "keyed" else None,
+                priority=i % 4,
+                due_ms=clock.now_ms() - (i % 7) * 10,
+                run_id=f"run-{i:02d}",
+                on_complete="flaky_handler" if i % 9 == 0 else None,
+            )
+        )
+    retrier.submit(new)
+    log: list[Any] = []
+
+    def claim(worker: str, limit: int) -> list[Claimed]:
+        claimed, wake_at = store.claim(worker, limit, 5_000)
+        # Runs due at the same time with the same priority may come in either order.
+        taken = sorted((c.id, c.state) for c in claimed)
+        log.append((worker, [i for i, _ in taken], [state for _, state in taken], wake_at))
+        return claimed
+
+    def succeed(claimed: list[Claimed], worker: str) -> None:
+        outcomes = [
+            Outcome(c.id, c.fence, "success", c.started_ms, attempt=c.attempts, queue=c.queue)
+            for c in claimed
+        ]
+        recorded = store.record(outcomes, worker, 5_000)
+        delivering = sorted(f.id for f in recorded.to_deliver)
+        log.append(("recorded", sorted(recorded.completed), delivering))
+        if recorded.to_deliver:
+            store.delivered(recorded.to_deliver, {f.id: "fails" for f in recorded.to_deliver})
+
+    first = claim("w1", 7)
+    second = claim("w2", 7)
+    claim("w3", 30)
+    succeed(first, "w1")
+    claim("w1", 10)
+    succeed(second, "w2")
+    clock.advance(timedelta(milliseconds=600))  # the failed deliveries are due again
+    claim("w2", 40)
+    clock.advance(timedelta(seconds=1))  # the rate window has passed
+    claim("w3", 40)
+    drain(retrier)
+    return log
+
+
+def test_the_server_claim_takes_what_the_python_claim_takes(db_url: str) -> None:
+    if not db_url.startswith("postgresql"):
+        pytest.skip("only PostgreSQL claims server-side")
+    logs = []
+    for server_side in (True, False):
+        with fresh_schema(db_url) as url:
+            clock = FakeClock()
+            retrier = Retrier(url, clock=clock)
+            try:
+                retrier.store.dialect.server_claim = server_side  # type: ignore[misc]
+                logs.append(scenario(retrier, clock))
+            finally:
+                retrier.close()
+    assert logs[0] == logs[1]
+    claims = [entry for entry in logs[0] if entry[0] != "recorded"]
+    assert any(entry[1] for entry in claims), "the scenario claims something"
+    assert any("delivering" in entry[2] for entry in claims), "it claims deliveries too"
+
+
+@contextmanager
+def fresh_schema(db_url: str) -> Iterator[str]:
+    """Another empty PostgreSQL schema on the same server."""
+    import psycopg
+
+    from tests.conftest import PG_BASE, _libpq
+
+    schema = f"t_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(_libpq(PG_BASE), autocommit=True) as conn:
+        conn.execute(f"CREATE SCHEMA {schema}")
+    try:
+        yield f"{PG_BASE}?options=-csearch_path%3D{schema}"
+    finally:
+        with psycopg.connect(_libpq(PG_BASE), autocommit=True) as conn:
+            conn.execute(f"DROP SCHEMA {schema} CASCADE")
