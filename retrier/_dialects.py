@@ -31,10 +31,13 @@ from sqlalchemy.sql import Select
 from ._dberrors import DRIVER_ERRORS, connection_lost, raise_translated, redact, safe_url
 from ._errors import DatabaseUnavailable, InvalidDatabaseURL, InvalidSettings
 from ._pg_claim import CLAIM_FUNCTION
+from ._pings import Pings
 
 log = logging.getLogger("tiers.store")
 
 _BUSY_TIMEOUT_MS = 30_000
+# Pings a SQLite transaction asked for (key in a connection's info), sent at commit.
+_PINGS = "tiers_pings"
 # How long a store call on the event loop retries a locked SQLite database before it
 # waits on a thread instead.
 _LOOP_PATIENCE_S = 0.25
@@ -172,6 +175,11 @@ class Dialect(Protocol):
     def notify(self, conn: Connection, kind: str, payload: str = "") -> None:
         """Send a WAKE or CANCEL hint to every listening worker, at commit."""
         ...
+    def announce(self, kind: str, payload: str = "") -> None:
+        """Send a hint now, after a commit this dialect did not see (the caller's own
+        transaction, say): a no-op where inserted runs announce themselves (a
+        PostgreSQL trigger)."""
+        ...
     def start_listener(self, on_notify: Listener) -> Callable[[], None] | None: ...
 
 
@@ -245,10 +253,7 @@ class SQLiteDialect:
     claim's SELECT and UPDATE can never interleave with another process's claim."""
 
     name = "sqlite"
-    can_notify = False
     wake_channel = ""
-    # Workers in other processes learn of new runs only by polling: a cheap read.
-    default_poll_interval = timedelta(milliseconds=25)
     update_returning = True
     batch_rowcount = True
     server_claim = False  # a claim here is in-process already: no round trips to save
@@ -275,6 +280,11 @@ class SQLiteDialect:
         # SQLite admits one writer at a time. This process's engine-internal writers
         # queue on a lock of our own, which hands over at once (see write_internal).
         self._write_lock = threading.RLock()
+        # Other processes' workers learn of new runs from pings (see _pings), and
+        # else by polling: a cheap read.
+        self._pings = Pings(url.database) if Pings.available() else None
+        self.can_notify = self._pings is not None
+        self.default_poll_interval = timedelta(milliseconds=100 if self.can_notify else 25)
 
     @contextlib.contextmanager
     def read(self) -> Iterator[Connection]:
@@ -289,10 +299,23 @@ class SQLiteDialect:
     @contextlib.contextmanager
     def write(self) -> Iterator[Connection]:
         try:
-            with self.engine.begin() as conn:
+            with self._transaction(self.engine) as conn:
                 yield conn
         except DRIVER_ERRORS as exc:  # unreachable, locked, no tables: a TiersError
             raise_translated(exc, self.engine.url)
+
+    @contextlib.contextmanager
+    def _transaction(self, engine: Engine) -> Iterator[Connection]:
+        """A write transaction; the pings `notify` asked for in it go once it commits."""
+        pings: list[tuple[str, str]] | None = None
+        with engine.begin() as conn:
+            try:
+                yield conn
+            finally:
+                pings = conn.info.pop(_PINGS, None)
+        if pings and self._pings is not None:
+            for kind, payload in dict.fromkeys(pings):
+                self._pings.send(kind, payload)
 
     def write_one(self) -> contextlib.AbstractContextManager[Connection]:
         return self.write()
@@ -303,6 +326,8 @@ class SQLiteDialect:
     def dispose(self) -> None:
         self.engine.dispose()
         self._internal.dispose()
+        if self._pings is not None:
+            self._pings.close()
 
     def checked_out(self) -> int:
         return int(self.engine.pool.checkedout() + self._internal.pool.checkedout())  # type: ignore[attr-defined]
@@ -317,7 +342,7 @@ class SQLiteDialect:
         if not self._write_lock.acquire(blocking=not _ON_LOOP.get()):
             raise WouldBlock
         try:
-            with self._internal.begin() as conn:
+            with self._transaction(self._internal) as conn:
                 yield conn
         finally:
             self._write_lock.release()
@@ -364,10 +389,15 @@ class SQLiteDialect:
         pass  # likewise
 
     def notify(self, conn: Connection, kind: str, payload: str = "") -> None:
-        pass  # other processes poll; in-process wake-ups go through the Retrier
+        if self._pings is not None:  # sent once the transaction commits (see write)
+            conn.info.setdefault(_PINGS, []).append((kind, payload))
+
+    def announce(self, kind: str, payload: str = "") -> None:
+        if self._pings is not None:
+            self._pings.send(kind, payload)
 
     def start_listener(self, on_notify: Listener) -> Callable[[], None] | None:
-        return None
+        return self._pings.listen(on_notify) if self._pings is not None else None
 
 
 def _asynchronous_commit(dbapi_conn: Any, _record: Any) -> None:
@@ -542,6 +572,9 @@ class PostgresDialect:
 
     def lock_key(self, conn: Connection, key: str) -> None:
         conn.execute(text("SELECT pg_advisory_xact_lock(hashtext(:k))"), {"k": key})
+
+    def announce(self, kind: str, payload: str = "") -> None:
+        pass  # runs committed by anyone are announced by the trigger on tiers_runs
 
     def notify(self, conn: Connection, kind: str, payload: str = "") -> None:
         conn.execute(

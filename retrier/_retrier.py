@@ -19,7 +19,7 @@ from sqlmodel import Session
 
 from ._checks import check_worker_settings
 from ._clock import Clock, SystemClock, delay_ms, due_ms
-from ._dialects import Durability
+from ._dialects import WAKE, Durability
 from ._errors import InvalidArguments, InvalidSettings, RunNotFound, WaitTimeout
 from ._json import check_json
 from ._log import configure_logging
@@ -472,6 +472,8 @@ class Retrier:
         committed runs through its own connection)."""
         for worker in list(self._workers):
             worker.wake()
+        # And other processes' (on SQLite; PostgreSQL's trigger announces new runs).
+        self.store.dialect.announce(WAKE)
 
 
     def __enter__(self) -> Retrier:

@@ -217,6 +217,7 @@ class Store:
             conn.execute(
                 update(runs).where(runs.c.id == pending[0].id).values(due_ms=new.due_ms)
             )
+            self.dialect.notify(conn, WAKE)  # an update, which no insert trigger announces
             return
         self.insert_runs([new], conn)
 

@@ -84,7 +84,7 @@ class Worker:
         self.id = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
         self._on_completed = on_completed or (lambda ids: None)
         self._held: dict[str, int] = {}  # run id -> fence, for every lease we hold
-        self._claimed_at = 0.0  # time.monotonic() of the last claim
+        self._found_work_at = 0.0  # time.monotonic() of the last claim that found runs
         self._scopes: dict[str, anyio.CancelScope] = {}
         self._cancel_reason: dict[str, str] = {}
         self._async_runs: set[str] = set()
@@ -226,7 +226,6 @@ class Worker:
         wanted = min(self.concurrency - len(self._held), _BATCH)
         if wanted <= 0:
             return []
-        self._claimed_at = time.monotonic()
         claimed, wake_at_ms = await self.store.dialect.call(
             self.store.claim, self.id, wanted, self.lease_ms, self.runnable()
         )
@@ -238,6 +237,8 @@ class Worker:
 
         The runs start first: nothing after a claim has committed may strand them.
         """
+        if claimed:
+            self._found_work_at = time.monotonic()
         assert self._tg is not None
         for c in claimed:
             self._hold(c.id, c.fence)
@@ -395,8 +396,6 @@ class Worker:
         room = 0 if self._stopping or not refill else (
             self.concurrency - len(self._held) + len(batch)
         )
-        if room > 0:
-            self._claimed_at = time.monotonic()
         record = partial(
             self.store.record,
             batch,
@@ -572,8 +571,10 @@ class Worker:
             self._from_thread(partial(self._cancel_scope, run_id, "canceled"))
 
     def _poll(self) -> None:
-        # A busy worker claims anyway after every batch: nothing for a poll to add.
-        if time.monotonic() - self._claimed_at < self.poll_interval.total_seconds():
+        # A worker whose claims keep finding runs claims again after every batch:
+        # nothing for a poll to add. (Not any claim: under a trickle every record
+        # claims, finding nothing, and the poll would never run.)
+        if time.monotonic() - self._found_work_at < self.poll_interval.total_seconds():
             return
         # A read first: an idle worker must not take SQLite's write lock forty times a
         # second just to find nothing due.

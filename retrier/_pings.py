@@ -1,0 +1,114 @@
+"""Wake-ups between processes sharing one SQLite file: a Unix datagram socket per
+worker in a directory named after the database, pinged after a commit that leaves
+work to do. Only hints, like PostgreSQL's NOTIFY (the worker then reads the
+database); polling stays the safety net where a ping cannot go (another OS user, a
+platform without Unix sockets).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import os
+import socket
+import tempfile
+import threading
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+
+log = logging.getLogger("tiers.store")
+
+Listener = Callable[[str, str], None]
+
+_SUFFIX = ".sock"
+
+
+def ping_directory(database: str) -> Path:
+    """Where the workers of one database file keep their sockets: a short path (a Unix
+    socket's is limited to about 100 bytes), the same for every process."""
+    digest = hashlib.sha256(os.path.realpath(database).encode()).hexdigest()[:16]
+    return Path(tempfile.gettempdir()) / f"tiers-{digest}"
+
+
+class Pings:
+    """Sends pings to the workers of one database, and lets a worker receive them."""
+
+    def __init__(self, database: str) -> None:
+        self.directory = ping_directory(database)
+        self._sender: socket.socket | None = None
+        self._lock = threading.Lock()
+
+    @staticmethod
+    def available() -> bool:
+        return hasattr(socket, "AF_UNIX")
+
+    def send(self, kind: str, payload: str = "") -> None:
+        """Ping every worker of the database (this process's too: they may belong to
+        another Retrier on the same file); never blocks, never raises."""
+        try:
+            entries = list(os.scandir(self.directory))
+        except OSError:
+            return  # no worker has listened yet
+        message = f"{kind}:{payload}".encode()
+        for entry in entries:
+            if not entry.name.endswith(_SUFFIX):
+                continue
+            try:
+                self._socket().sendto(message, entry.path)
+            except (ConnectionRefusedError, FileNotFoundError):
+                with contextlib.suppress(OSError):  # a worker that died: its socket stays
+                    os.unlink(entry.path)
+            except OSError:
+                pass  # its queue is full (it has a wake-up waiting already), or gone
+
+    def listen(self, on_ping: Listener) -> Callable[[], None] | None:
+        """Receive pings in a thread of their own, calling `on_ping(kind, payload)`;
+        returns the function that stops it (None if pings cannot work here)."""
+        try:
+            self.directory.mkdir(mode=0o700, exist_ok=True)
+            path = self.directory / f"{os.getpid()}-{uuid.uuid4().hex[:8]}{_SUFFIX}"
+            receiver = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+            receiver.bind(str(path))
+        except OSError as exc:
+            log.info("no local wake-ups for this database (%s); polling only", exc)
+            return None
+        receiver.settimeout(0.5)
+        stopped = threading.Event()
+
+        def run() -> None:
+            while not stopped.is_set():
+                try:
+                    message = receiver.recv(512)
+                except TimeoutError:
+                    continue
+                except OSError:
+                    return
+                kind, _, payload = message.decode(errors="replace").partition(":")
+                on_ping(kind, payload)
+
+        thread = threading.Thread(target=run, name="tiers-pings", daemon=True)
+        thread.start()
+
+        def stop() -> None:
+            stopped.set()
+            thread.join(timeout=2)
+            receiver.close()
+            with contextlib.suppress(OSError):
+                path.unlink()
+
+        return stop
+
+    def close(self) -> None:
+        with self._lock:
+            if self._sender is not None:
+                self._sender.close()
+                self._sender = None
+
+    def _socket(self) -> socket.socket:
+        with self._lock:
+            if self._sender is None:
+                self._sender = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+                self._sender.setblocking(False)
+            return self._sender
