@@ -6,14 +6,18 @@ source of truth, so a scheduler lost with its process loses nothing.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from apscheduler.executors.asyncio import AsyncIOExecutor
 from apscheduler.executors.pool import ThreadPoolExecutor
+from apscheduler.schedulers.asyncio import AsyncIOScheduler
 from apscheduler.schedulers.background import BackgroundScheduler
+from apscheduler.schedulers.base import BaseScheduler
 
 _WAKE_JOB = "wake"
 # A wake-up further ahead than this is set for this far ahead: the worker looks at the
@@ -39,15 +43,35 @@ _scheduler_log.addFilter(_SchedulerNotices())
 
 
 class Timers:
-    """One-off wake-ups at due times, and periodic jobs, run on a background thread."""
+    """One-off wake-ups at due times, and periodic jobs.
+
+    Made inside an asyncio event loop (the worker's), the scheduler runs on that loop
+    (APScheduler's AsyncIOScheduler): a wake-up then fires on the loop itself, with
+    no hop from a thread of its own (a 250 ms backoff starts on time). Periodic jobs,
+    which block on the database, run in a small thread pool either way. Elsewhere
+    (anyio's trio backend), a background thread does it all.
+    """
 
     def __init__(self, name: str = "tiers") -> None:
-        self._scheduler = BackgroundScheduler(
-            timezone=UTC,
-            executors={"default": ThreadPoolExecutor(max_workers=4)},
-            job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": None},
-            logger=_scheduler_log,
-        )
+        options: dict[str, Any] = {
+            "timezone": UTC,
+            "job_defaults": {"coalesce": True, "max_instances": 1, "misfire_grace_time": None},
+            "logger": _scheduler_log,
+        }
+        threads = ThreadPoolExecutor(max_workers=4)
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            loop = None
+        self._on_loop = loop is not None
+        if loop is not None:
+            self._scheduler: BaseScheduler = AsyncIOScheduler(
+                event_loop=loop,
+                executors={"default": threads, "loop": AsyncIOExecutor()},
+                **options,
+            )
+        else:
+            self._scheduler = BackgroundScheduler(executors={"default": threads}, **options)
         self._lock = threading.Lock()
         self._wake_due_ms: int | None = None
         self._name = name
@@ -79,8 +103,9 @@ class Timers:
                 return
             self._wake_due_ms = due_ms
         self._scheduler.add_job(
-            self._fire,
+            self._fire_on_loop if self._on_loop else self._fire,
             "date",
+            executor="loop" if self._on_loop else "default",
             args=(wake,),
             run_date=datetime.fromtimestamp(due_ms / 1000, tz=UTC),
             id=_WAKE_JOB,
@@ -94,6 +119,9 @@ class Timers:
         with self._lock:
             self._wake_due_ms = None
         wake()
+
+    async def _fire_on_loop(self, wake: Callable[[], None]) -> None:
+        self._fire(wake)
 
     def every(
         self, name: str, interval: timedelta, job: Callable[[], Any], *, now: bool = False
