@@ -39,21 +39,22 @@ class Pings:
         self.directory = ping_directory(database)
         self._sender: socket.socket | None = None
         self._lock = threading.Lock()
+        self._own: set[str] = set()  # the sockets of workers woken in-process already
 
     @staticmethod
     def available() -> bool:
         return hasattr(socket, "AF_UNIX")
 
     def send(self, kind: str, payload: str = "") -> None:
-        """Ping every worker of the database (this process's too: they may belong to
-        another Retrier on the same file); never blocks, never raises."""
+        """Ping every worker of the database but those listening through this object
+        (their Retrier wakes them in-process); never blocks, never raises."""
         try:
             entries = list(os.scandir(self.directory))
         except OSError:
             return  # no worker has listened yet
         message = f"{kind}:{payload}".encode()
         for entry in entries:
-            if not entry.name.endswith(_SUFFIX):
+            if not entry.name.endswith(_SUFFIX) or entry.path in self._own:
                 continue
             try:
                 self._socket().sendto(message, entry.path)
@@ -71,6 +72,7 @@ class Pings:
             path = self.directory / f"{os.getpid()}-{uuid.uuid4().hex[:8]}{_SUFFIX}"
             receiver = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
             receiver.bind(str(path))
+            self._own.add(str(path))
         except OSError as exc:
             log.info("no local wake-ups for this database (%s); polling only", exc)
             return None
@@ -95,6 +97,7 @@ class Pings:
             stopped.set()
             thread.join(timeout=2)
             receiver.close()
+            self._own.discard(str(path))
             with contextlib.suppress(OSError):
                 path.unlink()
 
