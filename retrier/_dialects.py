@@ -397,7 +397,12 @@ class SQLiteDialect:
             self._pings.send(kind, payload)
 
     def start_listener(self, on_notify: Listener) -> Callable[[], None] | None:
-        return self._pings.listen(on_notify) if self._pings is not None else None
+        if self._pings is None:
+            return None
+        stop = self._pings.listen(on_notify)
+        if stop is not None:
+            on_notify(WAKE, "")  # listening now: catch up on anything sent before
+        return stop
 
 
 def _asynchronous_commit(dbapi_conn: Any, _record: Any) -> None:

@@ -128,7 +128,11 @@ def test_a_key_lock_serializes_transactions(dialect: Dialect) -> None:
     assert order == ["first done", "second in"]
 
 
-def test_notifications_reach_a_listener_or_are_declared_absent(dialect: Dialect) -> None:
+def test_notifications_reach_a_listener_or_are_declared_absent(
+    dialect: Dialect, db_url: str
+) -> None:
+    """A hint sent by another process (here: another dialect on the same database)
+    reaches a listener; a listener says when it is listening (WAKE with no payload)."""
     heard: list[tuple[str, str]] = []
     got = threading.Event()
 
@@ -148,9 +152,14 @@ def test_notifications_reach_a_listener_or_are_declared_absent(dialect: Dialect)
         deadline = time.monotonic() + 10
         while (WAKE, "") not in heard and time.monotonic() < deadline:  # listening now
             time.sleep(0.01)
-        with dialect.write() as conn:
-            dialect.notify(conn, CANCEL, "a run id")
-        assert got.wait(10)
+        assert (WAKE, "") in heard
+        sender = open_dialect(db_url)
+        try:
+            with sender.write() as conn:
+                sender.notify(conn, CANCEL, "a run id")
+            assert got.wait(10)
+        finally:
+            sender.dispose()
         assert (CANCEL, "a run id") in heard
     finally:
         stop()
