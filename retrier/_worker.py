@@ -34,11 +34,12 @@ from ._errors import first_line
 from ._hints import Hints
 from ._models import DELIVERING
 from ._registry import Registry
-from ._run_types import Claimed, Delivery, Outcome, Recorded, Runnable, SessionHandler, WorkerInfo
+from ._run_types import Claimed, Delivery, Outcome, Recorded, Runnable, SessionHandler
 from ._store import Store
 from ._timers import Timers
 from ._upkeep import sweep_interval
 from ._waiting import loop_caller
+from ._worker_jobs import WorkerJobs
 
 log = logging.getLogger("tiers.worker")
 
@@ -102,6 +103,7 @@ class Worker:
         self._announced = False  # an announcement is on its way to the loop
         self._claims_left: int | None = None  # run_until_idle's budget of claims
         self.next_look_ms: int | None = None  # when the last claim said to look again
+        self.jobs = WorkerJobs(self)
 
     # -- lifecycle -----------------------------------------------------------------
 
@@ -116,9 +118,9 @@ class Worker:
         timers.start()
         lease_s = self.lease_ms / 1000
         timers.every("heartbeat", timedelta(seconds=lease_s / 3), self._heartbeat, now=True)
-        timers.every("reap", timedelta(seconds=lease_s / 2), self._reap, now=True)
-        timers.every("unrunnable", sweep_interval(self.unregistered_grace), self._sweep)
-        timers.every("retention", timedelta(days=1), self._purge, now=True)
+        timers.every("reap", timedelta(seconds=lease_s / 2), self.jobs.reap, now=True)
+        timers.every("unrunnable", sweep_interval(self.unregistered_grace), self.jobs.sweep)
+        timers.every("retention", timedelta(days=1), self.jobs.purge, now=True)
         timers.every("poll", self.poll_interval, self._poll)
         log.info("worker %s started (concurrency %d)", self.id, self.concurrency)
         try:
@@ -134,7 +136,7 @@ class Worker:
             if stop_listener is not None:
                 stop_listener()
             with anyio.CancelScope(shield=True):
-                await anyio.to_thread.run_sync(self._retire_quietly)
+                await anyio.to_thread.run_sync(self.jobs.retire_quietly)
             self._tg = None
             self._call_soon = None
             log.info("worker %s stopped", self.id)
@@ -516,47 +518,19 @@ class Worker:
 
     def announce(self) -> None:
         """Tell the database this worker is alive, and what it can run (blocking)."""
-        self.store.announce_worker(
-            WorkerInfo(
-                id=self.id,
-                host=socket.gethostname(),
-                pid=os.getpid(),
-                concurrency=self.concurrency,
-                lease_ms=self.lease_ms,
-                runnable=self.runnable(),
-            )
-        )
+        self.jobs.announce()
 
     def retire(self) -> None:
         """Tell the database this worker has stopped (blocking)."""
-        self.store.retire_worker(self.id)
+        self.jobs.retire()
 
     def sweep_unrunnable(self) -> int:
         """Fail the runs no live worker could run for `unregistered_grace` (blocking);
         returns how many."""
-        return self.store.fail_unrunnable(to_ms(self.unregistered_grace))
-
-    def _retire_quietly(self) -> None:
-        try:
-            self.retire()
-        except Exception as exc:
-            log.warning("could not unregister worker %s: %s", self.id, first_line(exc))
-
-    def _sweep(self) -> None:
-        try:
-            failed = self.sweep_unrunnable()
-        except Exception:
-            log.exception("failing runs that no worker can run failed")
-            return
-        if failed:
-            log.warning("%d run(s) failed: no live worker registered their function", failed)
-            self.wake()
+        return self.jobs.sweep_unrunnable()
 
     def _heartbeat(self) -> None:
-        try:
-            self.announce()
-        except Exception as exc:
-            log.warning("worker heartbeat failed: %s", first_line(exc))
+        self.jobs.announce_quietly()
         held = dict(self._held)
         if not held:
             return
@@ -585,21 +559,6 @@ class Worker:
             return
         if due is not None and due <= self.store.clock.now_ms():
             self.wake()
-
-    def _reap(self) -> None:
-        try:
-            if self.store.reap():
-                self.wake()
-        except Exception:
-            log.exception("reaping expired leases failed")
-
-    def _purge(self) -> None:
-        try:
-            removed = self.store.purge_completed(to_ms(self.retention))
-            if removed:
-                log.info("retention: deleted %d completed runs", removed)
-        except Exception:
-            log.exception("retention cleanup failed")
 
     def _from_thread(self, fn: Callable[[], None]) -> None:
         if self._call_soon is not None:

@@ -1,0 +1,166 @@
+"""The contract between the store and a database: what differs between SQLite and
+PostgreSQL, behind one small interface (`Dialect`), and the helpers both share.
+
+Everything else in the store is plain SQLAlchemy Core shared by both. The dialects
+themselves are in `_sqlite` and `_postgres`; `_dialects.open_dialect` picks one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import functools
+import logging
+import sqlite3
+from collections.abc import Callable
+from datetime import timedelta
+from typing import Any, Literal, ParamSpec, Protocol, TypeVar
+
+from sqlalchemy import Connection, Engine, text
+from sqlalchemy import exc as sa_exc
+from sqlalchemy.sql import Select
+
+from ._dberrors import connection_lost
+from ._errors import DatabaseUnavailable
+
+log = logging.getLogger("tiers.store")
+
+# Notification kinds: look for due work; look at your runs' cancel requests. Each is
+# only a hint to read the database (anyone who can connect can send one).
+WAKE = "wake"
+CANCEL = "cancel"
+
+Listener = Callable[[str, str], None]
+"""Called with a notification's kind (WAKE or CANCEL) and payload."""
+
+P = ParamSpec("P")
+T = TypeVar("T")
+
+# Set while a store call runs on the event loop's own thread (see SQLiteDialect.call):
+# there, a write that would have to wait for a lock raises WouldBlock instead.
+ON_LOOP: contextvars.ContextVar[bool] = contextvars.ContextVar("tiers_on_loop", default=False)
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Whether trying again later may succeed: the server restarted or dropped the
+    connection, the pool was exhausted, the file was locked or full. Not: a constraint
+    violated, a statement that is wrong, a bug."""
+    if isinstance(exc, DatabaseUnavailable):  # what read() and write() make of those
+        return True
+    if isinstance(exc, sa_exc.DBAPIError) and exc.connection_invalidated:
+        return True
+    if isinstance(exc, sa_exc.OperationalError) and isinstance(exc.orig, sqlite3.Error):
+        # SQLite reports a wrong statement ("no such column": a schema not migrated)
+        # as an OperationalError too: only these conditions pass.
+        return any(sign in str(exc.orig) for sign in _SQLITE_PASSING)
+    return isinstance(
+        exc, sa_exc.OperationalError | sa_exc.InterfaceError | sa_exc.TimeoutError
+    )
+
+
+_SQLITE_PASSING = ("locked", "busy", "disk I/O error", "disk is full", "unable to open")
+
+
+def reconnecting(fn: Callable[P, T]) -> Callable[P, T]:
+    """Call `fn` once more if its connection turned out dead (the server restarted,
+    or dropped it): SQLAlchemy has then discarded the pool's old connections, so the
+    second try connects afresh. Only for calls that open their own transaction and
+    may safely run twice: a failed first statement on a dead connection did nothing.
+    (Cheaper than a ping before every checkout.)"""
+
+    @functools.wraps(fn)
+    def call(*args: P.args, **kwargs: P.kwargs) -> T:
+        try:
+            return fn(*args, **kwargs)
+        except (sa_exc.DBAPIError, DatabaseUnavailable) as exc:  # as read/write raise it
+            if not connection_lost(exc):
+                raise
+            log.info("database connection was lost; trying again on a new one")
+        return fn(*args, **kwargs)
+
+    return call
+
+
+class WouldBlock(Exception):
+    """A write on the event loop found the database locked; redo it on a thread."""
+
+
+class Dialect(Protocol):
+    name: str
+    engine: Engine
+    can_notify: bool
+    """Whether `notify` reaches other processes (else they find work by polling)."""
+    wake_channel: str
+    """Where this database's wake-ups go (its namespace's own channel)."""
+    default_poll_interval: timedelta
+    """How often an idle worker looks for work by itself: often where other processes
+    cannot notify it (SQLite), rarely where they can (a safety net)."""
+    update_returning: bool
+    """Whether UPDATE ... RETURNING is available (one round trip instead of two)."""
+    batch_rowcount: bool
+    """Whether an executemany reports how many rows it changed in all."""
+    server_claim: bool
+    """Whether claims run as one server-side call (`tiers_claim`, PostgreSQL): the
+    locks they take are then held for one round trip."""
+
+    def read(self) -> contextlib.AbstractContextManager[Connection]: ...
+    def write(self) -> contextlib.AbstractContextManager[Connection]: ...
+    def write_internal(self) -> contextlib.AbstractContextManager[Connection]:
+        """A write transaction of the engine's own (claim, record, lease upkeep).
+
+        Losing one of these in a database crash only makes a run execute again,
+        which at-least-once execution already allows, so they may commit without
+        waiting for the disk where the database supports it.
+        """
+        ...
+    def write_one(self) -> contextlib.AbstractContextManager[Connection]:
+        """A connection for a single atomic statement: autocommit where that is faster."""
+        ...
+    def write_internal_one(self) -> contextlib.AbstractContextManager[Connection]:
+        """`write_one`, for one of the engine's own statements (see `write_internal`)."""
+        ...
+    def create_extras(self, conn: Connection) -> None:
+        """Dialect-specific schema objects, created with the tables."""
+        ...
+    async def call(self, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
+        """Run a blocking store function from async code, opening its own transactions."""
+        ...
+    def dispose(self) -> None: ...
+    def checked_out(self) -> int:
+        """Connections currently checked out of this dialect's pools."""
+        ...
+    def lock_for_claim(self, stmt: Select[Any]) -> Select[Any]: ...
+    def lock_rows(self, stmt: Select[Any]) -> Select[Any]: ...
+    def lock_schema(self, conn: Connection) -> None:
+        """Keep other processes from changing the schema until this transaction ends."""
+        ...
+    def lock_key(self, conn: Connection, key: str) -> None:
+        """Serialize transactions that take the same `key` until they end (where
+        writers are not serialized already)."""
+        ...
+    def notify(self, conn: Connection, kind: str, payload: str = "") -> None:
+        """Send a WAKE or CANCEL hint to every listening worker, at commit."""
+        ...
+    def announce(self, kind: str, payload: str = "") -> None:
+        """Send a hint now, after a commit this dialect did not see (the caller's own
+        transaction, say): a no-op where inserted runs announce themselves (a
+        PostgreSQL trigger)."""
+        ...
+    def start_listener(self, on_notify: Listener) -> Callable[[], None] | None: ...
+
+
+def partial_index(predicate: str) -> dict[str, Any]:
+    """The keyword arguments that make an `Index` partial on every supported backend:
+    `Index(name, *columns, **partial_index("state = 'running'"))`."""
+    return {f"{backend}_where": text(predicate) for backend in ("sqlite", "postgresql")}
+
+
+Durability = Literal["full", "normal"]
+"""How hard a commit is pressed to disk. `full`: every commit waits for the disk
+(SQLite `synchronous=FULL`; PostgreSQL `synchronous_commit=on` for all writes).
+`normal` (the default): SQLite `synchronous=NORMAL` in WAL mode (durable if the
+process dies; the last commits may be lost if the machine loses power); on
+PostgreSQL the engine's own writes (claims, outcomes, leases) commit without waiting
+for the disk, so a server crash may forget the last fraction of a second of them:
+runs that had finished then run again, as after any lost attempt (at-least-once);
+writes in your transactions (enqueues, session handlers' writes) always wait."""

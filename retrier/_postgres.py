@@ -1,0 +1,240 @@
+"""PostgreSQL through psycopg 3: SKIP LOCKED claims, a server-side claim function,
+LISTEN/NOTIFY wake-ups, and namespaces as schemas."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+from collections.abc import Callable, Iterator
+from datetime import timedelta
+from functools import partial
+from typing import Any
+
+import anyio
+import anyio.to_thread
+from anyio.lowlevel import RunVar
+from sqlalchemy import Connection, create_engine, event, text
+from sqlalchemy.engine import URL
+from sqlalchemy.sql import Select
+
+from ._dberrors import DRIVER_ERRORS, raise_translated
+from ._dialect import CANCEL, WAKE, Durability, Listener, P, T
+from ._errors import InvalidDatabaseURL
+from ._pg_claim import CLAIM_FUNCTION
+
+log = logging.getLogger("tiers.store")
+
+# Per event loop: how many PostgreSQL store calls may run on threads at once.
+_PG_CALLS: RunVar[anyio.CapacityLimiter] = RunVar("tiers_pg_calls")
+_PG_CALL_THREADS = 8
+
+
+def _pg_call_limiter() -> anyio.CapacityLimiter:
+    try:
+        return _PG_CALLS.get()
+    except LookupError:
+        limiter = anyio.CapacityLimiter(_PG_CALL_THREADS)
+        _PG_CALLS.set(limiter)
+        return limiter
+
+
+
+def _asynchronous_commit(dbapi_conn: Any, _record: Any) -> None:
+    with dbapi_conn.cursor() as cursor:
+        cursor.execute("SET synchronous_commit = off")
+    dbapi_conn.commit()
+
+
+
+class PostgresDialect:
+    """PostgreSQL through psycopg 3: SKIP LOCKED claims and LISTEN/NOTIFY wake-ups."""
+
+    name = "postgresql"
+    can_notify = True
+    # LISTEN/NOTIFY pushes wake-ups; the poll is a safety net.
+    default_poll_interval = timedelta(seconds=1)
+    update_returning = True
+    batch_rowcount = True
+    server_claim = True
+
+    def __init__(
+        self, url: URL, namespace: str | None = None, durability: Durability = "normal"
+    ) -> None:
+        if url.drivername in ("postgresql", "postgres"):
+            url = url.set(drivername="postgresql+psycopg")
+        if url.drivername != "postgresql+psycopg":
+            raise InvalidDatabaseURL(
+                f"use the psycopg (3) driver: postgresql+psycopg://..., not {url.drivername!r}"
+            )
+        try:
+            import psycopg  # noqa: F401
+        except ImportError:
+            raise InvalidDatabaseURL(
+                "PostgreSQL needs psycopg: pip install 'durable-tiers[postgres]'"
+            ) from None
+        self.url = url
+        self.namespace = namespace
+        suffix = f"_{namespace}" if namespace else ""
+        self.wake_channel = f"tiers_wake{suffix}"
+        self._channels = {WAKE: self.wake_channel, CANCEL: f"tiers_cancel{suffix}"}
+        self.engine = create_engine(url, pool_size=10, max_overflow=30, pool_timeout=60)
+        self._internal = create_engine(url, pool_size=4, max_overflow=16, pool_timeout=60)
+        if namespace is not None:
+            for engine in (self.engine, self._internal):
+                event.listen(engine, "connect", partial(_search_path, namespace))
+        if durability == "normal":
+            event.listen(self._internal, "connect", _asynchronous_commit)
+
+    @contextlib.contextmanager
+    def read(self) -> Iterator[Connection]:
+        try:
+            with self.engine.connect() as conn, conn.begin():
+                yield conn
+        except DRIVER_ERRORS as exc:  # unreachable, locked, no tables: a TiersError
+            raise_translated(exc, self.engine.url)
+
+    @contextlib.contextmanager
+    def write(self) -> Iterator[Connection]:
+        try:
+            with self.engine.begin() as conn:
+                yield conn
+        except DRIVER_ERRORS as exc:  # unreachable, locked, no tables: a TiersError
+            raise_translated(exc, self.engine.url)
+
+    @contextlib.contextmanager
+    def write_internal(self) -> Iterator[Connection]:
+        with self._internal.begin() as conn:
+            yield conn
+
+    def dispose(self) -> None:
+        self.engine.dispose()
+        self._internal.dispose()
+
+    def checked_out(self) -> int:
+        return int(self.engine.pool.checkedout() + self._internal.pool.checkedout())  # type: ignore[attr-defined]
+
+    @contextlib.contextmanager
+    def write_internal_one(self) -> Iterator[Connection]:
+        # One statement commits on its own: no BEGIN and COMMIT round trips.
+        with self._internal.connect() as conn:
+            yield conn.execution_options(isolation_level="AUTOCOMMIT")
+
+    @contextlib.contextmanager
+    def write_one(self) -> Iterator[Connection]:
+        # One statement commits on its own: no BEGIN and COMMIT round trips.
+        try:
+            with self.engine.connect() as conn:
+                yield conn.execution_options(isolation_level="AUTOCOMMIT")
+        except DRIVER_ERRORS as exc:  # unreachable, locked, no tables: a TiersError
+            raise_translated(exc, self.engine.url)
+
+    def create_extras(self, conn: Connection) -> None:
+        # New runs wake every listening worker: the server sends the NOTIFY itself,
+        # at commit, whoever inserted them (including a user's own session).
+        conn.execute(text(_WAKE_FUNCTION.replace("{channel}", self.wake_channel)))
+        conn.exec_driver_sql(CLAIM_FUNCTION)
+        conn.execute(text("DROP TRIGGER IF EXISTS tiers_runs_wake ON tiers_runs"))
+        conn.execute(
+            text(
+                "CREATE TRIGGER tiers_runs_wake AFTER INSERT ON tiers_runs "
+                "REFERENCING NEW TABLE AS new_runs "
+                "FOR EACH STATEMENT EXECUTE FUNCTION tiers_notify_wake()"
+            )
+        )
+
+    async def call(self, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
+        # Every statement is a network round trip, during which a thread frees the GIL.
+        # A few threads suffice to keep the server busy; dozens only fight over the
+        # GIL while some of them hold row locks that the others wait for.
+        return await anyio.to_thread.run_sync(
+            lambda: fn(*args, **kwargs), limiter=_pg_call_limiter()
+        )
+
+    def lock_for_claim(self, stmt: Select[Any]) -> Select[Any]:
+        return stmt.with_for_update(skip_locked=True)
+
+    def lock_rows(self, stmt: Select[Any]) -> Select[Any]:
+        return stmt.with_for_update()
+
+    def lock_schema(self, conn: Connection) -> None:
+        conn.execute(
+            text("SELECT pg_advisory_xact_lock(7364115, hashtext(:ns))"),
+            {"ns": self.namespace or ""},
+        )
+        if self.namespace is not None:
+            conn.execute(text(f'CREATE SCHEMA IF NOT EXISTS "{self.namespace}"'))
+
+    def lock_key(self, conn: Connection, key: str) -> None:
+        conn.execute(text("SELECT pg_advisory_xact_lock(hashtext(:k))"), {"k": key})
+
+    def announce(self, kind: str, payload: str = "") -> None:
+        pass  # runs committed by anyone are announced by the trigger on tiers_runs
+
+    def notify(self, conn: Connection, kind: str, payload: str = "") -> None:
+        conn.execute(
+            text("SELECT pg_notify(:c, :p)"), {"c": self._channels[kind], "p": payload}
+        )
+
+    def start_listener(self, on_notify: Listener) -> Callable[[], None] | None:
+        listener = _PgListener(self.url, self._channels, on_notify)
+        listener.start()
+        return listener.stop
+
+
+def _search_path(namespace: str, dbapi_conn: Any, _record: Any) -> None:
+    with dbapi_conn.cursor() as cursor:
+        cursor.execute(f'SET search_path TO "{namespace}"')
+    dbapi_conn.commit()
+
+
+_WAKE_FUNCTION = """
+CREATE OR REPLACE FUNCTION tiers_notify_wake() RETURNS trigger AS $$
+BEGIN
+    -- Only claimable rows: a run inserted already running (a workflow's inline step)
+    -- would wake every worker for nothing.
+    IF EXISTS (SELECT 1 FROM new_runs WHERE state IN ('pending', 'finishing')) THEN
+        PERFORM pg_notify('{channel}', '');
+    END IF;
+    RETURN NULL;
+END
+$$ LANGUAGE plpgsql
+"""
+
+
+class _PgListener:
+    """A thread holding one LISTEN connection; it reconnects if the server drops it."""
+
+    def __init__(self, url: URL, channels: dict[str, str], on_notify: Listener) -> None:
+        self._dsn = url.set(drivername="postgresql").render_as_string(hide_password=False)
+        self._kinds = {channel: kind for kind, channel in channels.items()}
+        self._on_notify = on_notify
+        self._stopped = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="tiers-listen", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stopped.set()
+        self._thread.join(timeout=5)
+
+    def _run(self) -> None:
+        import psycopg
+
+        while not self._stopped.is_set():
+            try:
+                with psycopg.connect(self._dsn, autocommit=True) as conn:
+                    for channel in self._kinds:
+                        conn.execute(f'LISTEN "{channel}"')
+                    self._on_notify(WAKE, "")  # catch up on anything missed
+                    while not self._stopped.is_set():
+                        for note in conn.notifies(timeout=0.5):
+                            kind = self._kinds.get(note.channel)
+                            if kind is not None:
+                                self._on_notify(kind, note.payload)
+            except Exception as exc:
+                if self._stopped.is_set():
+                    return
+                log.warning("LISTEN connection lost (%s); reconnecting", exc)
+                self._stopped.wait(1.0)

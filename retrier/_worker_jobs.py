@@ -1,0 +1,88 @@
+"""A worker's periodic jobs besides running work: its row in `tiers_workers` (what it
+can run, that it is alive), the sweep that fails runs no live worker can run, reaping
+expired leases, and retention. Each job logs its failure and never raises: a timer
+calls it again at its next tick.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+from typing import TYPE_CHECKING
+
+from ._clock import to_ms
+from ._errors import first_line
+from ._run_types import WorkerInfo
+
+if TYPE_CHECKING:
+    from ._worker import Worker
+
+log = logging.getLogger("tiers.worker")
+
+
+class WorkerJobs:
+    """The periodic jobs of one worker (blocking calls, run from its timers)."""
+
+    def __init__(self, worker: Worker) -> None:
+        self._worker = worker
+        self._store = worker.store
+
+    def announce(self) -> None:
+        """Tell the database this worker is alive, and what it can run."""
+        w = self._worker
+        self._store.announce_worker(
+            WorkerInfo(
+                id=w.id,
+                host=socket.gethostname(),
+                pid=os.getpid(),
+                concurrency=w.concurrency,
+                lease_ms=w.lease_ms,
+                runnable=w.runnable(),
+            )
+        )
+
+    def announce_quietly(self) -> None:
+        try:
+            self.announce()
+        except Exception as exc:
+            log.warning("worker heartbeat failed: %s", first_line(exc))
+
+    def retire(self) -> None:
+        """Tell the database this worker has stopped."""
+        self._store.retire_worker(self._worker.id)
+
+    def retire_quietly(self) -> None:
+        try:
+            self.retire()
+        except Exception as exc:
+            log.warning("could not unregister worker %s: %s", self._worker.id, first_line(exc))
+
+    def sweep_unrunnable(self) -> int:
+        """Fail the runs no live worker could run for `unregistered_grace`; how many."""
+        return self._store.fail_unrunnable(to_ms(self._worker.unregistered_grace))
+
+    def sweep(self) -> None:
+        try:
+            failed = self.sweep_unrunnable()
+        except Exception:
+            log.exception("failing runs that no worker can run failed")
+            return
+        if failed:
+            log.warning("%d run(s) failed: no live worker registered their function", failed)
+            self._worker.wake()
+
+    def reap(self) -> None:
+        try:
+            if self._store.reap():
+                self._worker.wake()
+        except Exception:
+            log.exception("reaping expired leases failed")
+
+    def purge(self) -> None:
+        try:
+            removed = self._store.purge_completed(to_ms(self._worker.retention))
+            if removed:
+                log.info("retention: deleted %d completed runs", removed)
+        except Exception:
+            log.exception("retention cleanup failed")
