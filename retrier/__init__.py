@@ -26,6 +26,7 @@ from ._errors import (
     UnregisteredFunction,
     WaitTimeout,
 )
+from ._explain import Why
 from ._policy import RetryPolicy
 from ._results import (
     Canceled,
@@ -68,5 +69,6 @@ __all__ = [
     "TiersError",
     "UnregisteredFunction",
     "WaitTimeout",
+    "Why",
     "Worker",
 ]

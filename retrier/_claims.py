@@ -384,6 +384,17 @@ class Claims:
             value = conn.execute(_NEXT_DUE, runnable.params()).scalar()
         return int(value) if value is not None else None
 
+    def covers(self, conn: Connection, run_id: str, runnable: Runnable) -> bool:
+        """Whether a claim by a worker that can run `runnable` would consider the run
+        (its own filter, `_RUNNABLE`; for `explain`)."""
+        stmt = select(runs.c.id).where(runs.c.id == bindparam("id"), _RUNNABLE)
+        return conn.execute(stmt, {"id": run_id, **runnable.params()}).first() is not None
+
+    def budget_of(self, conn: Connection, queue: str) -> QueueBudget:
+        """The budget a claim would count for `queue` now, read without its lock (for
+        `explain`: what a claim would find, not a promise)."""
+        return QueueBudget.load(conn, (ONE_QUEUE, {"queue": queue}), self.clock, worker="")
+
     def queue_has_room(self, conn: Connection, queue: str, key: str | None, worker: str) -> bool:
         """Take a slot of `queue` (and of its `key`) for `worker`, if one is free now."""
         # Locks the queue's row as a claim does, so the two cannot both take its last slot

@@ -7,6 +7,7 @@ Higher tiers add their own command groups (`pools`, `workflows`) through the
 from __future__ import annotations
 
 import importlib
+import json
 import os
 import signal
 import sys
@@ -26,6 +27,7 @@ from ._clock import SystemClock, ms_to_datetime
 from ._dberrors import DRIVER_ERRORS, translate
 from ._dialects import is_transient, open_dialect
 from ._errors import TiersError
+from ._explain import Why
 from ._migrations import Migrations
 from ._models import RunRow
 from ._retrier import Retrier
@@ -267,6 +269,8 @@ def runs_show(obj: Context, run_id: str) -> None:
         ("created", format_ms(row.created_ms)), ("finished", format_ms(row.finished_ms)),
     ]:
         info.add_row(name, value)
+    if row.state != "completed":
+        info.add_row("why", or_exit(store.explain, run_id).message)
     console.print(info)
     attempts = Table("#", "outcome", "started", "took", "worker", "error", title="attempts")
     tracebacks: list[tuple[int, str]] = []
@@ -281,6 +285,35 @@ def runs_show(obj: Context, run_id: str) -> None:
     for number, text in tracebacks:
         console.rule(f"attempt {number}: traceback", style="dim")
         console.print(text.rstrip(), markup=False, highlight=False)
+
+
+@runs.command("why")
+@click.argument("run_id")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object.")
+@click.pass_obj
+def runs_why(obj: Context, run_id: str, as_json: bool) -> None:
+    """Why a run is not running: what holds it, and until when."""
+    print_why(or_exit(obj.store().explain, run_id), as_json)
+
+
+def print_why(why: Why, as_json: bool) -> None:
+    """Print an `explain` answer, as a sentence or as one JSON object."""
+    if as_json:
+        click.echo(
+            json.dumps(
+                {
+                    "id": why.run_id,
+                    "state": why.state,
+                    "reason": why.reason,
+                    "message": why.message,
+                    "until": why.until.isoformat() if why.until else None,
+                    "worker": why.worker,
+                    "details": why.details,
+                }
+            )
+        )
+        return
+    console.print(f"[bold]{why.state}[/] ({why.reason}): {why.message}", highlight=False)
 
 
 @runs.command("cancel")

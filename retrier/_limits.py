@@ -52,8 +52,13 @@ class Counted:
     mine: int  # how many of those the claiming worker holds
 
 
-# A limit on a whole queue: the free slots it leaves, or None where it is not set.
-Rule = Callable[["QueueBudget", Connection, QueueLimits, "Counted"], "int | None"]
+@dataclass(frozen=True, slots=True)
+class Rule:
+    """A limit on a whole queue: `free` gives the slots it leaves (None where it is
+    not set); `name` says which limit holds a queue that has none left (`explain`)."""
+
+    name: str
+    free: Callable[[QueueBudget, Connection, QueueLimits, Counted], int | None]
 
 
 def _parallelism(_b: QueueBudget, _c: Connection, lim: QueueLimits, n: Counted) -> int | None:
@@ -68,7 +73,11 @@ def _rate(budget: QueueBudget, conn: Connection, lim: QueueLimits, _n: Counted) 
     return budget.rate_slots(conn, lim)
 
 
-QUEUE_RULES: tuple[Rule, ...] = (_parallelism, _per_worker, _rate)
+QUEUE_RULES: tuple[Rule, ...] = (
+    Rule("max_parallelism", _parallelism),
+    Rule("max_per_worker", _per_worker),
+    Rule("rate_limit", _rate),
+)
 """The limits on a whole queue. (`max_per_key` limits each key of a queue, and is
 applied run by run in `QueueBudget.take`.)"""
 
@@ -89,6 +98,10 @@ class QueueBudget:
     full_keys: dict[str, list[str]]
     rate_retry_ms: int | None
     now: int
+    running: dict[str, int] = dataclasses.field(default_factory=dict)
+    """Each queue's running runs, as counted under its lock."""
+    held_by: dict[str, list[str]] = dataclasses.field(default_factory=dict)
+    """The rules that leave each blocked queue no slot (by `Rule.name`)."""
 
     @classmethod
     def load(
@@ -141,11 +154,14 @@ class QueueBudget:
         budget = cls(limits, {}, {}, set(), {}, None, now)
         nothing = Counted(0, 0)
         for name, lim in limits.items():
+            budget.running[name] = counted.get(name, nothing).running
             slots = 1 << 30
             for rule in QUEUE_RULES:
-                free = rule(budget, conn, lim, counted.get(name, nothing))
+                free = rule.free(budget, conn, lim, counted.get(name, nothing))
                 if free is not None:
                     slots = min(slots, free)
+                    if free <= 0:
+                        budget.held_by.setdefault(name, []).append(rule.name)
             budget.slots[name] = slots
             if slots <= 0:
                 budget.blocked.add(name)

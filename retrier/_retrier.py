@@ -21,6 +21,7 @@ from ._checks import check_worker_settings
 from ._clock import Clock, SystemClock, delay_ms, due_ms
 from ._dialects import WAKE, Durability
 from ._errors import InvalidArguments, InvalidSettings, RunNotFound, WaitTimeout
+from ._explain import Why
 from ._json import check_json
 from ._log import configure_logging
 from ._migrations import Branch, Migrations
@@ -306,6 +307,14 @@ class Retrier:
         """`InProgress()` or `Completed(result)`; raises `RunNotFound` for unknown ids."""
         return self.status_of(self.store.get(run_id))
 
+    def explain(self, run_id: str) -> Why:
+        """Why the run is where it is: finished, canceled, running on a worker until its
+        lease ends, or, for a run that waits, what holds it: no live worker (or none
+        that registers its function), its due time (backoff or `run_at`), its pool
+        paused or full, its rate window or its key. Computed by the claim's own rules;
+        raises `RunNotFound` for unknown ids."""
+        return self.store.explain(run_id)
+
     def status_of(self, row: RunRow) -> RunStatus:
         """The status a stored run row stands for."""
         if row.state in (PENDING, RUNNING):
@@ -412,6 +421,9 @@ class Retrier:
 
     async def status_async(self, run_id: str) -> RunStatus:
         return await anyio.to_thread.run_sync(self.status, run_id)
+
+    async def explain_async(self, run_id: str) -> Why:
+        return await anyio.to_thread.run_sync(self.explain, run_id)
 
     async def cancel_async(self, run_id: str) -> None:
         await anyio.to_thread.run_sync(self.cancel, run_id)

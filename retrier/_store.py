@@ -31,6 +31,7 @@ from ._claims import Claims
 from ._clock import Clock
 from ._dialects import CANCEL, WAKE, Dialect, Durability, open_dialect, reconnecting
 from ._errors import RunNotFinished, RunNotFound, SchemaTooNew
+from ._explain import Explainer
 from ._limits import stored_limits
 from ._migrations import Migrations
 from ._models import (
@@ -150,6 +151,8 @@ class Store:
         self.get_queue = reads.get_queue
         self.list_queues = reads.list_queues
         self.queue_counts = reads.queue_counts
+        # Why a run is not running (_explain.py)
+        self.explain = Explainer(self.dialect, clock, claims).explain
 
     def migrate(self, migrations: Migrations, labels: Sequence[str]) -> list[str]:
         """Bring the schema of the branches `labels` up to date (Alembic migrations),

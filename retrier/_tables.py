@@ -216,6 +216,12 @@ def limits_of(row: Any) -> QueueLimits:
     return QueueLimits(**{f.name: values[f.name] for f in dataclasses.fields(QueueLimits)})
 
 
+# Workers whose heartbeat is recent enough (three leases): who can run what.
+LIVE_WORKERS = select(
+    workers_t.c.id, workers_t.c.functions, workers_t.c.handlers, workers_t.c.heartbeat_ms
+).where(workers_t.c.heartbeat_ms + 3 * workers_t.c.lease_ms >= bindparam("now"))
+
+
 def names_in(stored: Any) -> set[str]:
     """The names in a stored JSON list (nothing, if it cannot be read)."""
     return {n for n in stored if isinstance(n, str)} if isinstance(stored, list) else set()

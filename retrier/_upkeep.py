@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from datetime import timedelta
 
-from sqlalchemy import bindparam, delete, insert, select, update
+from sqlalchemy import delete, insert, select, update
 
 from ._clock import Clock
 from ._dialects import WAKE, Dialect
@@ -18,6 +18,7 @@ from ._run_types import Heartbeat, Outcome, WorkerInfo
 from ._tables import (
     DECIDE_COLUMNS,
     INSERT_ATTEMPTS,
+    LIVE_WORKERS,
     SETTLE,
     attempt_row,
     attempts_t,
@@ -27,12 +28,6 @@ from ._tables import (
     settle_values,
     workers_t,
 )
-
-# Workers whose heartbeat is recent enough: three leases.
-_LIVE_WORKERS = select(workers_t.c.functions, workers_t.c.handlers).where(
-    workers_t.c.heartbeat_ms + 3 * workers_t.c.lease_ms >= bindparam("now")
-)
-
 
 # Rows of workers silent for this long are deleted.
 _FORGET_MS = 86_400_000
@@ -186,7 +181,7 @@ class Upkeep:
         with self.dialect.write_internal() as conn:
             now = self.clock.now_ms()
             conn.execute(delete(workers_t).where(workers_t.c.heartbeat_ms < now - _FORGET_MS))
-            live = conn.execute(_LIVE_WORKERS, {"now": now}).all()
+            live = conn.execute(LIVE_WORKERS, {"now": now}).all()
             if not live:
                 return 0
             actions = set().union(*(names_in(r.functions) for r in live))

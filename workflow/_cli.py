@@ -13,8 +13,9 @@ from typing import Any
 import click
 from rich.table import Table
 
-from retrier.engine import CliContext, console, format_ms, or_exit, shorten
+from retrier.engine import CliContext, console, format_ms, or_exit, print_why, shorten
 
+from ._explain import explain_workflow
 from ._journal import Journal
 from ._manager import WorkflowManager
 
@@ -104,6 +105,15 @@ def show(obj: CliContext, workflow_id: str) -> None:
             shorten(detail, 80),
         )
     console.print(steps)
+
+
+@workflows.command("why")
+@click.argument("workflow_id")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object.")
+@click.pass_obj
+def why(obj: CliContext, workflow_id: str, as_json: bool) -> None:
+    """Why a workflow is not done: what it sleeps or waits for, or what holds its step."""
+    print_why(or_exit(explain_workflow, _journal(obj), workflow_id), as_json)
 
 
 @workflows.command("cancel")

@@ -23,7 +23,7 @@ from retrier.engine import CANCELED as RUN_CANCELED
 from retrier.engine import FAILED as RUN_FAILED
 from retrier.engine import RUNNING as RUN_RUNNING
 from retrier.engine import SUCCESS as RUN_SUCCESS
-from retrier.engine import Claimed, NewRun, Store
+from retrier.engine import Claimed, NewRun, OwnedRun, Store
 
 from ._errors import WorkflowNotFinished, WorkflowNotFound
 from ._events import Events
@@ -205,6 +205,11 @@ class Journal:
                     .order_by(steps_t.c.position, steps_t.c.id)
                 ).mappings()
             )
+
+    def unfinished_runs(self, workflow_id: str) -> list[OwnedRun]:
+        """The pending and running runs a workflow owns (its steps, its driver)."""
+        with self.dialect.read() as conn:
+            return self.store.unfinished_of(conn, workflow_id)
 
     def list(
         self,

@@ -30,6 +30,7 @@ from retrier import (
 from retrier.engine import (
     MAX_NAME,
     Changes,
+    Why,
     check_flag,
     check_json,
     check_name,
@@ -43,6 +44,7 @@ from ._context import _check_event
 from ._definitions import Definitions, WorkflowDef, define
 from ._driver import Driver, result_action_name
 from ._errors import UnregisteredWorkflow, WorkflowNotFound
+from ._explain import explain_workflow
 from ._listeners import Listener, Listeners
 from ._models import CANCELED, COMPLETED, FAILED, FINISHED, WorkflowRow
 from .migrations import BRANCH as MIGRATIONS
@@ -290,6 +292,15 @@ class WorkflowManager:
         status = self._status_of(row)
         assert isinstance(status, Completed)
         return status
+
+    def explain(self, workflow_id: str) -> Why:
+        """Why the workflow is not done: finished or canceled, sleeping until a time,
+        waiting for an event or a child workflow, or what holds the run of its current
+        step or of its driver (see `Retrier.explain`). Raises `WorkflowNotFound`."""
+        return explain_workflow(self._journal, workflow_id)
+
+    async def explain_async(self, workflow_id: str) -> Why:
+        return await anyio.to_thread.run_sync(self.explain, workflow_id)
 
     def list(
         self, *, state: str | None = None, name: str | None = None, limit: int = 100

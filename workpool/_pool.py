@@ -16,7 +16,7 @@ from typing import Any
 import anyio
 from sqlmodel import Session
 
-from retrier import Completed, InvalidSettings, Retrier, RunNotFound
+from retrier import Completed, InvalidSettings, Retrier, RunNotFound, Why
 from retrier.engine import Fn, NewRun, QueueLimits, RunRow, check_flag
 
 from ._behavior import RetryBehavior
@@ -195,6 +195,15 @@ class Workpool:
         """The status of each id, in order (errors as for `status`)."""
         rows = self.retrier.store.get_many(work_ids)
         return [status_of(self._check(rows.get(work_id), work_id)) for work_id in work_ids]
+
+    def explain(self, work_id: str) -> Why:
+        """Why the item is where it is (see `Retrier.explain`): its pool full or
+        paused, its key or rate window, its backoff, no worker, ..."""
+        self._own(work_id)
+        return self.retrier.explain(work_id)
+
+    async def explain_async(self, work_id: str) -> Why:
+        return await anyio.to_thread.run_sync(self.explain, work_id)
 
     def cancel(self, work_id: str) -> None:
         """Cancel an item: a pending one never starts; a running one may finish, but

@@ -1,0 +1,219 @@
+"""Why is this run not running? `Retrier.explain` answers from what a claim would find.
+
+Each answer comes from the claim's own code, not a second copy of its rules: whether a
+live worker's claim would consider the run at all is the claim's filter
+(`Claims.covers`), and whether its queue has a free slot is the budget a claim counts
+(`Claims.budget_of`: the same `QueueBudget` and `QUEUE_RULES`, read without the lock).
+The answer describes one moment; the next claim may already have changed it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import Connection, and_, func, or_, select
+
+from ._clock import Clock, ms_to_datetime
+from ._dialects import Dialect, reconnecting
+from ._errors import RunNotFound
+from ._models import CANCELED, COMPLETED, DELIVERING, FINISHING, PENDING, RUNNING, SUCCESS
+from ._run_types import Runnable
+from ._tables import LIVE_WORKERS, in_state, names_in, runs
+
+# The reasons `Why.reason` takes, in the order they are checked.
+FINISHED = "finished"  # completed (succeeded or failed) and its on_complete is done
+CANCELED_ = "canceled"
+HELD = "held"  # running: leased by a worker until its lease ends
+DELIVERING_ = "delivering"  # its on_complete runs on a worker now
+NO_WORKERS = "no_live_worker"  # no worker is alive at all
+NOT_REGISTERED = "not_registered"  # live workers, none registers its function (handler)
+DUE_LATER = "due_later"  # waits for its due time: a backoff, or run_at / run_after
+PAUSED = "pool_paused"  # its pool's max_parallelism is 0
+POOL_FULL = "pool_full"  # its pool runs max_parallelism runs already
+RATE_LIMITED = "rate_limited"  # its pool's rate window is used up until a time
+KEY_FULL = "key_full"  # its key runs max_per_key runs already
+CLAIMABLE = "claimable"  # due, room: the next claim of a worker that can run it takes it
+
+# Which QueueBudget rule (`Rule.name`) holds a queue, as a reason.
+_RULE_REASONS = {"max_parallelism": POOL_FULL, "rate_limit": RATE_LIMITED}
+
+
+@dataclass(frozen=True)
+class Why:
+    """Why a run is where it is: a `reason` (one of the constants above), a sentence
+    for people, and where it applies the time it lasts until and the worker."""
+
+    run_id: str
+    state: str
+    reason: str
+    message: str
+    until: datetime | None = None
+    worker: str | None = None
+    details: dict[str, Any] = field(default_factory=dict)
+
+    def __str__(self) -> str:
+        return self.message
+
+
+_COLUMNS = (
+    runs.c.id,
+    runs.c.fn,
+    runs.c.state,
+    runs.c.outcome,
+    runs.c.attempts,
+    runs.c.failures,
+    runs.c.due_ms,
+    runs.c.priority,
+    runs.c.queue,
+    runs.c.key,
+    runs.c.lease_owner,
+    runs.c.lease_until_ms,
+    runs.c.on_complete,
+    runs.c.finished_ms,
+)
+
+
+class Explainer:
+    """Answers `explain` for the runs of one database."""
+
+    def __init__(self, dialect: Dialect, clock: Clock, claims: Any) -> None:
+        self.dialect = dialect
+        self.clock = clock
+        self._claims = claims  # the store's Claims
+
+    @reconnecting
+    def explain(self, run_id: str) -> Why:
+        with self.dialect.read() as conn:
+            row = conn.execute(select(*_COLUMNS).where(runs.c.id == run_id)).first()
+            if row is None:
+                raise RunNotFound(run_id)
+            return self._why(conn, row, self.clock.now_ms())
+
+    def _why(self, conn: Connection, row: Any, now: int) -> Why:
+        def why(reason: str, message: str, **more: Any) -> Why:
+            return Why(row.id, row.state, reason, message, **more)
+
+        if row.state == COMPLETED and row.outcome == CANCELED:
+            return why(CANCELED_, f"canceled at {_at(row.finished_ms)}")
+        if row.state == COMPLETED:
+            outcome = "succeeded" if row.outcome == SUCCESS else "failed"
+            return why(FINISHED, f"finished: it {outcome} at {_at(row.finished_ms)}")
+        if row.state in (RUNNING, DELIVERING):
+            until = ms_to_datetime(row.lease_until_ms) if row.lease_until_ms else None
+            what = (
+                f"running (attempt {row.attempts})"
+                if row.state == RUNNING
+                else f"delivering its on_complete {row.on_complete!r}"
+            )
+            return why(
+                HELD if row.state == RUNNING else DELIVERING_,
+                f"{what} on worker {row.lease_owner}, leased until {_at(row.lease_until_ms)}; "
+                f"if that worker dies, any worker takes it again then",
+                until=until,
+                worker=row.lease_owner,
+            )
+        live = conn.execute(LIVE_WORKERS, {"now": now}).all()
+        if not live:
+            return why(
+                NO_WORKERS,
+                "no live worker: start one (`tiers worker --app ...`, or `with retrier:`)",
+            )
+        takers = [
+            w.id
+            for w in live
+            if self._claims.covers(
+                conn,
+                row.id,
+                Runnable(frozenset(names_in(w.functions)), frozenset(names_in(w.handlers))),
+            )
+        ]
+        if not takers:
+            name = row.fn if row.state == PENDING else row.on_complete
+            kind = "function" if row.state == PENDING else "on_complete handler"
+            return why(
+                NOT_REGISTERED,
+                f"none of the {len(live)} live worker(s) registers its {kind} {name!r}; "
+                f"it waits for a worker that does (after unregistered_grace it fails)",
+                details={"live_workers": len(live)},
+            )
+        if row.due_ms > now:
+            cause = "its retry backoff" if row.failures else "its run_at / run_after time"
+            return why(
+                DUE_LATER,
+                f"due at {_at(row.due_ms)} ({cause})",
+                until=ms_to_datetime(row.due_ms),
+            )
+        if row.state == FINISHING:
+            return why(
+                CLAIMABLE,
+                f"its on_complete {row.on_complete!r} is due; the next claim of one of "
+                f"{len(takers)} live worker(s) that can run it takes it",
+                details={"workers": takers},
+            )
+        held = self._held_by_queue(conn, row)
+        if held is not None:
+            return held
+        ahead = self._ahead(conn, row, now)
+        return why(
+            CLAIMABLE,
+            f"due and its queue has room: {ahead} run(s) ahead of it in claim order; the "
+            f"next claim of one of {len(takers)} live worker(s) that can run it takes it",
+            details={"ahead": ahead, "workers": takers},
+        )
+
+    def _held_by_queue(self, conn: Connection, row: Any) -> Why | None:
+        """Why the run's queue (or key) leaves it no slot now, if it does."""
+        if not row.queue:
+            return None
+        budget = self._claims.budget_of(conn, row.queue)
+        limits = budget.limits.get(row.queue)
+        if limits is None:
+            return None
+        pool = f"pool {row.queue!r}"
+        if limits.max_parallelism == 0:
+            return Why(row.id, row.state, PAUSED, f"{pool} is paused (max_parallelism 0)")
+        for rule in budget.held_by.get(row.queue, []):
+            if rule == "max_parallelism":
+                running = budget.running.get(row.queue, 0)
+                return Why(
+                    row.id,
+                    row.state,
+                    POOL_FULL,
+                    f"{pool} is full: {running} of {limits.max_parallelism} running",
+                    details={"running": running, "max_parallelism": limits.max_parallelism},
+                )
+            if rule == "rate_limit" and budget.rate_retry_ms is not None:
+                return Why(
+                    row.id,
+                    row.state,
+                    RATE_LIMITED,
+                    f"{pool} has started {limits.rate_limit} run(s) in its rate window; "
+                    f"the window lets the next one start at {_at(budget.rate_retry_ms)}",
+                    until=ms_to_datetime(budget.rate_retry_ms),
+                )
+        if row.key is not None and row.key in budget.full_keys.get(row.queue, []):
+            return Why(
+                row.id,
+                row.state,
+                KEY_FULL,
+                f"key {row.key!r} of {pool} runs {limits.max_per_key} of "
+                f"max_per_key={limits.max_per_key} already",
+            )
+        return None
+
+    def _ahead(self, conn: Connection, row: Any, now: int) -> int:
+        """The due runs of its queue a claim takes before it (due order, then priority)."""
+        before = or_(
+            runs.c.due_ms < row.due_ms,
+            and_(runs.c.due_ms == row.due_ms, runs.c.priority > row.priority),
+        )
+        stmt = select(func.count()).where(
+            in_state(PENDING), runs.c.queue == row.queue, runs.c.due_ms <= now, before
+        )
+        return int(conn.execute(stmt).scalar() or 0)
+
+
+def _at(ms: int | None) -> str:
+    return "?" if ms is None else ms_to_datetime(ms).isoformat(timespec="milliseconds")
