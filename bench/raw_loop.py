@@ -50,7 +50,7 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
-from rich.table import Table
+from rich.table import Column, Table
 
 from bench.throughput import PG_URL, throughput
 
@@ -256,7 +256,7 @@ def main(argv: list[str] | None = None) -> None:
 
     where = ("in-process worker" if args.tiers_workers == 0
              else f"{args.tiers_workers} worker process(es)")
-    table = Table("database", "setting", "durability", "raw jobs/s",
+    table = Table("database", Column("setting", no_wrap=True), "durability", "raw jobs/s",
                   f"raw batched {args.batch}", "tiers runs/s", "tiers / raw", "/ batched",
                   title=(f"{args.n} no-op jobs: raw SQL loop vs durable-tiers ({where}, "
                          f"concurrency {args.concurrency}); PostgreSQL raw loop on "
