@@ -32,7 +32,8 @@ def build(url: str, **options: Any) -> Retrier:
 @cache
 def _from_env() -> Retrier:
     concurrency = int(os.environ.get("TIERS_BENCH_C", "16"))
-    return build(os.environ["TIERS_BENCH_DB"], concurrency=concurrency)
+    durability = os.environ.get("TIERS_BENCH_DURABILITY", "normal")
+    return build(os.environ["TIERS_BENCH_DB"], concurrency=concurrency, durability=durability)
 
 
 def __getattr__(name: str) -> Any:

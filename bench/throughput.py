@@ -61,9 +61,11 @@ def fresh_database(kind: str) -> Iterator[str]:
 
 
 @contextmanager
-def worker_processes(url: str, count: int, concurrency: int) -> Iterator[None]:
+def worker_processes(
+    url: str, count: int, concurrency: int, durability: str = "normal"
+) -> Iterator[None]:
     env = {**os.environ, "TIERS_BENCH_DB": url, "TIERS_BENCH_C": str(concurrency),
-           "TIERS_LOG_LEVEL": "WARNING"}
+           "TIERS_BENCH_DURABILITY": durability, "TIERS_LOG_LEVEL": "WARNING"}
     procs = [
         subprocess.Popen(
             [sys.executable, "-m", "retrier", "worker", "bench.apps:retrier"], cwd=ROOT, env=env
@@ -82,14 +84,16 @@ def worker_processes(url: str, count: int, concurrency: int) -> Iterator[None]:
                 p.kill()
 
 
-def throughput(kind: str, n: int, workers: int, fn: str, concurrency: int) -> float:
+def throughput(
+    kind: str, n: int, workers: int, fn: str, concurrency: int, durability: str = "normal"
+) -> float:
     with fresh_database(kind) as url:
-        retrier = build(url, concurrency=concurrency)
+        retrier = build(url, concurrency=concurrency, durability=durability)
         try:
             if workers == 0:
                 with retrier:
                     return _enqueue_and_wait(retrier, n, fn)
-            with worker_processes(url, workers, concurrency):
+            with worker_processes(url, workers, concurrency, durability):
                 time.sleep(1.0)  # let the processes import and connect
                 return _enqueue_and_wait(retrier, n, fn)
         finally:

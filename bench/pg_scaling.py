@@ -1,0 +1,208 @@
+"""PostgreSQL scaling: runs/s, commits/run and rollbacks/run with 1, 2 and 4 workers.
+
+    python -m bench.pg_scaling                         # pool and plain runs, 1 2 4 workers
+    python -m bench.pg_scaling --runs 2000 --workers 1 4 --mode pool
+    python -m bench.pg_scaling --json                  # also one JSON line on stdout
+
+Workers are processes (`python -m retrier worker bench.workpool_app:pool`, default
+settings: concurrency 16, durability normal). Two loads:
+
+- pool: N no-op items in one `enqueue_batch` into the shared pool of 10
+  (max_parallelism=10, bench.workpool_app);
+- plain: N no-op retrier runs (`retrier.run(..., session=s)`, one transaction), no pool.
+
+Order of a measurement: fresh schema; K workers start and register; after they have
+been idle a moment, pg_stat_database (xact_commit, xact_rollback of the database,
+read from a fresh connection to the `postgres` database, after
+pg_stat_clear_snapshot()) and each worker's CPU time (/proc/PID/stat) are read; the
+backlog is enqueued; this process polls for completion on one autocommit connection
+(those polls are counted and subtracted); then the workers' CPU is read again, they
+stop (a backend flushes its statistics when it exits) and pg_stat_database is read a
+second time. So commits/run counts the workers' claims, records, heartbeats and idle
+polls over the window, plus the enqueue's transaction and the workers' shutdown (a few
+commits in all, negligible over N). Throughput is N over the time from the first
+attempt's start to the last run's finish (engine stamps, no process start-up). CPU:
+the workers' CPU seconds over the window per 1,000 runs of the backlog, summed over the
+workers and for the busiest one, and each worker's seconds.
+
+The measurements use a database of their own (`tiers_bench_<pid>`, created and dropped
+by this script), so that other clients of the server's databases do not show up in
+pg_stat_database. Target: runs/s non-decreasing from 1 to 4 workers, commits/run about
+constant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import itertools
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import psycopg
+from rich.console import Console
+from rich.table import Table
+
+from bench.workpool import PG, ROOT
+
+LIBPQ = PG.replace("+psycopg", "")
+BENCH_DB = f"tiers_bench_{os.getpid()}"
+console = Console(stderr=True)
+TICK = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU of a process, from /proc (Linux)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / TICK  # utime, stime (fields 14, 15)
+
+
+def in_db(url: str, datname: str) -> str:
+    """`url` (libpq or SQLAlchemy) pointed at database `datname`."""
+    return url.rsplit("/", 1)[0] + "/" + datname
+
+
+def xacts(datname: str) -> tuple[int, int]:
+    """(xact_commit, xact_rollback) of `datname`, read from another database."""
+    with psycopg.connect(in_db(LIBPQ, "postgres"), autocommit=True) as conn:
+        conn.execute("SELECT pg_stat_clear_snapshot()")
+        row = conn.execute("SELECT xact_commit, xact_rollback FROM pg_stat_database "
+                           "WHERE datname = %s", (datname,)).fetchone()
+    assert row is not None
+    return int(row[0]), int(row[1])
+
+
+def start_workers(url: str, n: int) -> list[subprocess.Popen[bytes]]:
+    env = {**os.environ, "BENCH_DB_URL": url, "TIERS_LOG_LEVEL": "ERROR"}
+    cmd = [sys.executable, "-m", "retrier", "worker", "bench.workpool_app:pool"]
+    return [subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL) for _ in range(n)]
+
+
+def measure(mode: str, workers: int, runs: int) -> dict[str, Any]:
+    datname = BENCH_DB
+    libpq = in_db(LIBPQ, datname)
+    schema = f"bench_{mode}_{workers}"
+    with psycopg.connect(libpq, autocommit=True) as conn:
+        conn.execute(f"CREATE SCHEMA {schema}")
+    url = f"{in_db(PG, datname)}?options=-csearch_path%3D{schema}"
+    procs: list[subprocess.Popen[bytes]] = []
+    try:
+        os.environ["BENCH_DB_URL"] = url
+        import bench.workpool_app as app
+
+        app = importlib.reload(app)  # its Retrier and pool, on this schema
+        poll = psycopg.connect(libpq, autocommit=True)
+        poll.execute(f"SET search_path = {schema}")
+        procs = start_workers(url, workers)
+        deadline = time.monotonic() + 60
+        while poll.execute("SELECT count(*) FROM tiers_workers").fetchone()[0] < workers:  # type: ignore[index]
+            assert time.monotonic() < deadline, "workers did not register"
+            time.sleep(0.1)
+        time.sleep(1.5)  # idle, so their start-up statistics are flushed
+        cpu0 = [cpu_seconds(p.pid) for p in procs]
+        commits0, rollbacks0 = xacts(datname)
+        polls = 0
+        start = time.perf_counter()
+        if mode == "pool":
+            app.pool.enqueue_batch([("noop", {"i": i}) for i in range(runs)])
+        else:
+            with app.retrier.session() as session:
+                for i in range(runs):
+                    app.retrier.run("noop", {"i": i}, session=session)
+                session.commit()
+        app.retrier.close()  # its backends exit and flush their statistics
+        while True:
+            polls += 1
+            done = poll.execute(
+                "SELECT count(*) FROM tiers_runs WHERE state = 'completed'").fetchone()[0]  # type: ignore[index]
+            if done >= runs:
+                break
+            time.sleep(0.1)
+        wall = time.perf_counter() - start
+        polls += 1
+        first, last = poll.execute(
+            "SELECT min(a.started_ms), max(r.finished_ms) FROM tiers_runs r "
+            "JOIN tiers_attempts a ON a.run_id = r.id").fetchone()  # type: ignore[misc]
+        attempts = poll.execute("SELECT count(*) FROM tiers_attempts").fetchone()[0]  # type: ignore[index]
+        polls += 1
+        cpu1 = [cpu_seconds(p.pid) for p in procs]
+        for p in procs:
+            p.terminate()
+        for p in procs:
+            p.wait(30)
+        procs = []
+        poll.close()
+        time.sleep(1.0)
+        commits1, rollbacks1 = xacts(datname)
+    finally:
+        for p in procs:
+            p.kill()
+        with psycopg.connect(libpq, autocommit=True) as conn:
+            conn.execute(f"DROP SCHEMA {schema} CASCADE")
+    cpu = [b - a for a, b in zip(cpu0, cpu1, strict=True)]
+    return {
+        "mode": mode, "workers": workers, "runs": runs, "attempts": attempts,
+        "runs_per_s": runs / max((last - first) / 1000, 1e-3), "wall_s": wall,
+        "commits_per_run": (commits1 - commits0 - polls) / runs,
+        "rollbacks_per_run": (rollbacks1 - rollbacks0) / runs,
+        "cpu_s_per_1k": 1000 * sum(cpu) / runs,
+        "busiest_cpu_s_per_1k": 1000 * max(cpu) / runs,
+        "worker_cpu_s": cpu,
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--runs", type=int, default=5000)
+    parser.add_argument("--workers", type=int, nargs="+", default=[1, 2, 4])
+    parser.add_argument("--mode", choices=["pool", "plain", "both"], default="both")
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args(argv)
+    modes = ["pool", "plain"] if args.mode == "both" else [args.mode]
+
+    rows = []
+    with psycopg.connect(in_db(LIBPQ, "postgres"), autocommit=True) as conn:
+        conn.execute(f"CREATE DATABASE {BENCH_DB}")
+    try:
+        for mode in modes:
+            for workers in args.workers:
+                console.print(f"{mode}, {workers} worker(s), {args.runs} runs ...")
+                rows.append(measure(mode, workers, args.runs))
+    finally:
+        with psycopg.connect(in_db(LIBPQ, "postgres"), autocommit=True) as conn:
+            conn.execute(f"DROP DATABASE IF EXISTS {BENCH_DB} WITH (FORCE)")
+
+    table = Table("load", "workers", "runs/s", "commits/run", "rollbacks/run",
+                  "worker CPU s / 1k runs", "busiest worker", "per worker CPU s",
+                  title=f"PostgreSQL, {args.runs} no-op runs in a backlog, worker processes")
+    for r in rows:
+        table.add_row("pool of 10" if r["mode"] == "pool" else "plain runs", str(r["workers"]),
+                      f"{r['runs_per_s']:,.0f}", f"{r['commits_per_run']:.2f}",
+                      f"{r['rollbacks_per_run']:.3f}", f"{r['cpu_s_per_1k']:.2f}",
+                      f"{r['busiest_cpu_s_per_1k']:.2f}",
+                      " ".join(f"{c:.1f}" for c in r["worker_cpu_s"]))
+    out = Console(width=max(Console().width, 110))
+    out.print(table)
+    for mode in modes:
+        mine = [r for r in rows if r["mode"] == mode]
+        rates = [r["runs_per_s"] for r in mine]
+        commits = [r["commits_per_run"] for r in mine]
+        steady = all(b >= a * 0.95 for a, b in itertools.pairwise(rates))
+        out.print(f"{mode}: runs/s {' -> '.join(f'{x:,.0f}' for x in rates)} "
+                  f"({'non-decreasing' if steady else 'DECREASES'} within 5%); commits/run "
+                  f"{' -> '.join(f'{x:.2f}' for x in commits)} "
+                  f"(max/min {max(commits) / min(commits):.2f})")
+    out.print("Noisy 2-core machine shared with the database server: absolute figures vary "
+              "run to run; commits/run is the stable figure.")
+    if args.json:
+        print(json.dumps({"bench": "pg_scaling", "runs": args.runs, "rows": rows}))
+
+
+if __name__ == "__main__":
+    main()
