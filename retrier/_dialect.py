@@ -12,10 +12,13 @@ import contextvars
 import functools
 import logging
 import sqlite3
+import time
 from collections.abc import Callable
 from datetime import timedelta
 from typing import Any, Literal, ParamSpec, Protocol, TypeVar
 
+import anyio
+from anyio.abc import TaskStatus
 from sqlalchemy import Connection, Engine, text
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.sql import Select
@@ -32,6 +35,25 @@ CANCEL = "cancel"
 
 Listener = Callable[[str, str], None]
 """Called with a notification's kind (WAKE or CANCEL) and payload."""
+
+_SENT_AT = "t="
+
+
+def stamped(kind: str, payload: str) -> str:
+    """A WAKE's payload, stamped (where a dialect can) with the machine's monotonic
+    time it is sent at, after its commit: a worker whose claim began later has seen
+    the runs it announces already (`sent_at`)."""
+    return f"{_SENT_AT}{time.monotonic():.6f}" if kind == WAKE and not payload else payload
+
+
+def sent_at(payload: str) -> float | None:
+    """When a stamped WAKE was sent (None: not stamped, as PostgreSQL's are not)."""
+    if payload.startswith(_SENT_AT):
+        try:
+            return float(payload[len(_SENT_AT) :])
+        except ValueError:
+            return None
+    return None
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -146,7 +168,14 @@ class Dialect(Protocol):
         transaction, say): a no-op where inserted runs announce themselves (a
         PostgreSQL trigger)."""
         ...
-    def start_listener(self, on_notify: Listener) -> Callable[[], None] | None: ...
+    async def listen(
+        self, on_notify: Listener, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Call `on_notify(kind, payload)` for each hint other processes send (from
+        the event loop or a thread of the dialect's), until cancelled; first with a
+        WAKE with no payload once listening. Where hints cannot arrive
+        (`can_notify` False), it only waits to be cancelled."""
+        ...
 
 
 def partial_index(predicate: str) -> dict[str, Any]:

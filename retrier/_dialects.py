@@ -22,6 +22,7 @@ from ._dialect import (
     is_transient,
     partial_index,
     reconnecting,
+    sent_at,
 )
 from ._errors import DatabaseUnavailable, InvalidDatabaseURL, InvalidSettings
 from ._postgres import PostgresDialect
@@ -40,6 +41,7 @@ __all__ = [
     "open_dialect",
     "partial_index",
     "reconnecting",
+    "sent_at",
 ]
 
 # A namespace becomes a PostgreSQL schema name and part of channel names.

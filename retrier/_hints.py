@@ -7,9 +7,18 @@ record is about to run (or running) lets that record's refill take the new runs;
 idle worker claims at once while its claims find work, and backs off (1 ms, doubling
 to 20 ms; announcements meanwhile are folded into one claim) while they find none,
 because another worker is winning the race.
+
+Where an announcement says when it was sent (SQLite's pings carry the machine's
+monotonic time, taken after the commit), one sent before this worker's latest claim
+began needs nothing: that claim (or a record's refill) saw its runs, and took them or
+left them for a reason a new claim would find again (a full pool, a worker at
+capacity whose records will refill). Under a flood of enqueues this keeps a worker
+from answering each one with a claim of its own.
 """
 
 from __future__ import annotations
+
+import math
 
 _FIRST_BACKOFF_S = 0.001
 _LAST_BACKOFF_S = 0.02
@@ -20,14 +29,27 @@ class Hints:
 
     def __init__(self) -> None:
         self.recording = False  # a record-and-refill transaction is under way
-        self._missed = False  # new runs were announced during it
+        self._missed_at: float | None = None  # the latest announcement during it
         self._claim_pending = False  # the next claim answers an announcement
         self._backoff = 0.0
+        self.looked_at = 0.0  # when the latest claim that saw every due run began
 
-    def announced(self, outcomes_waiting: bool) -> bool:
+    def covers(self, sent_at: float | None) -> bool:
+        """Whether an announcement sent at `sent_at` (None: unknown) was seen already."""
+        return sent_at is not None and sent_at < self.looked_at
+
+    def looked(self, began_at: float) -> None:
+        """A claim (or a record's refill) that began at `began_at` has committed."""
+        self.looked_at = max(self.looked_at, began_at)
+
+    def announced(self, outcomes_waiting: bool, sent_at: float | None = None) -> bool:
         """New runs were announced: whether to wake the claim loop for them."""
+        if self.covers(sent_at):
+            return False
         if self.recording:
-            self._missed = True  # it may have claimed before they were committed
+            # It may have claimed before they were committed.
+            when = math.inf if sent_at is None else sent_at
+            self._missed_at = max(self._missed_at or when, when)
             return False
         if outcomes_waiting:
             return False  # the coming record claims after they were committed
@@ -36,8 +58,8 @@ class Hints:
 
     def record_done(self, outcomes_waiting: bool) -> bool:
         """A record ended: whether runs announced during it still need a claim."""
-        missed, self._missed = self._missed, False
-        if missed and not outcomes_waiting:
+        missed_at, self._missed_at = self._missed_at, None
+        if missed_at is not None and not self.covers(missed_at) and not outcomes_waiting:
             self._claim_pending = True
             return True
         return False

@@ -15,12 +15,36 @@ import socket
 import tempfile
 import threading
 import uuid
-from collections.abc import Callable
 from pathlib import Path
 
 log = logging.getLogger("tiers.store")
 
-Listener = Callable[[str, str], None]
+
+class PingReceiver:
+    """One worker's socket: read on the worker's event loop when readable, so a ping
+    costs no thread of its own, and a burst of pings is read at once."""
+
+    def __init__(self, sock: socket.socket, path: Path, own: set[str]) -> None:
+        self.socket = sock
+        self._path = path
+        self._own = own
+
+    def drain(self) -> list[tuple[str, str]]:
+        """Every ping waiting on the socket, as (kind, payload); never blocks."""
+        pings: list[tuple[str, str]] = []
+        while True:
+            try:
+                message = self.socket.recv(512)
+            except OSError:  # nothing more waiting (or closed)
+                return pings
+            kind, _, payload = message.decode(errors="replace").partition(":")
+            pings.append((kind, payload))
+
+    def close(self) -> None:
+        self.socket.close()
+        self._own.discard(str(self._path))
+        with contextlib.suppress(OSError):
+            self._path.unlink()
 
 _SUFFIX = ".sock"
 
@@ -64,44 +88,20 @@ class Pings:
             except OSError:
                 pass  # its queue is full (it has a wake-up waiting already), or gone
 
-    def listen(self, on_ping: Listener) -> Callable[[], None] | None:
-        """Receive pings in a thread of their own, calling `on_ping(kind, payload)`;
-        returns the function that stops it (None if pings cannot work here)."""
+    def bind(self) -> PingReceiver | None:
+        """A socket of this worker's own that pings reach (None if pings cannot work
+        here); read it with `PingReceiver.drain` when it is readable."""
         try:
             self.directory.mkdir(mode=0o700, exist_ok=True)
             path = self.directory / f"{os.getpid()}-{uuid.uuid4().hex[:8]}{_SUFFIX}"
             receiver = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+            receiver.setblocking(False)
             receiver.bind(str(path))
-            self._own.add(str(path))
         except OSError as exc:
             log.info("no local wake-ups for this database (%s); polling only", exc)
             return None
-        receiver.settimeout(0.5)
-        stopped = threading.Event()
-
-        def run() -> None:
-            while not stopped.is_set():
-                try:
-                    message = receiver.recv(512)
-                except TimeoutError:
-                    continue
-                except OSError:
-                    return
-                kind, _, payload = message.decode(errors="replace").partition(":")
-                on_ping(kind, payload)
-
-        thread = threading.Thread(target=run, name="tiers-pings", daemon=True)
-        thread.start()
-
-        def stop() -> None:
-            stopped.set()
-            thread.join(timeout=2)
-            receiver.close()
-            self._own.discard(str(path))
-            with contextlib.suppress(OSError):
-                path.unlink()
-
-        return stop
+        self._own.add(str(path))
+        return PingReceiver(receiver, path, self._own)
 
     def close(self) -> None:
         with self._lock:

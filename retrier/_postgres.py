@@ -13,6 +13,7 @@ from typing import Any
 
 import anyio
 import anyio.to_thread
+from anyio.abc import TaskStatus
 from anyio.lowlevel import RunVar
 from sqlalchemy import Connection, create_engine, event, text
 from sqlalchemy.engine import URL
@@ -176,10 +177,17 @@ class PostgresDialect:
             text("SELECT pg_notify(:c, :p)"), {"c": self._channels[kind], "p": payload}
         )
 
-    def start_listener(self, on_notify: Listener) -> Callable[[], None] | None:
+    async def listen(
+        self, on_notify: Listener, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED
+    ) -> None:
         listener = _PgListener(self.url, self._channels, on_notify)
         listener.start()
-        return listener.stop
+        task_status.started()
+        try:
+            await anyio.sleep_forever()
+        finally:
+            with anyio.CancelScope(shield=True):
+                await anyio.to_thread.run_sync(listener.stop)
 
 
 def _search_path(namespace: str, dbapi_conn: Any, _record: Any) -> None:

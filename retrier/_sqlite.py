@@ -13,12 +13,13 @@ from typing import Any
 
 import anyio
 import anyio.to_thread
+from anyio.abc import TaskStatus
 from sqlalchemy import Connection, Engine, create_engine, event
 from sqlalchemy.engine import URL
 from sqlalchemy.sql import Select
 
 from ._dberrors import DRIVER_ERRORS, raise_translated
-from ._dialect import ON_LOOP, WAKE, Durability, Listener, P, T, WouldBlock
+from ._dialect import ON_LOOP, WAKE, Durability, Listener, P, T, WouldBlock, stamped
 from ._errors import InvalidDatabaseURL
 from ._pings import Pings
 
@@ -97,7 +98,7 @@ class SQLiteDialect:
                 pings = conn.info.pop(_PINGS, None)
         if pings and self._pings is not None:
             for kind, payload in dict.fromkeys(pings):
-                self._pings.send(kind, payload)
+                self._pings.send(kind, stamped(kind, payload))
 
     def write_one(self) -> contextlib.AbstractContextManager[Connection]:
         return self.write()
@@ -176,15 +177,24 @@ class SQLiteDialect:
 
     def announce(self, kind: str, payload: str = "") -> None:
         if self._pings is not None:
-            self._pings.send(kind, payload)
+            self._pings.send(kind, stamped(kind, payload))
 
-    def start_listener(self, on_notify: Listener) -> Callable[[], None] | None:
-        if self._pings is None:
-            return None
-        stop = self._pings.listen(on_notify)
-        if stop is not None:
+    async def listen(
+        self, on_notify: Listener, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED
+    ) -> None:
+        receiver = self._pings.bind() if self._pings is not None else None
+        task_status.started()
+        if receiver is None:
+            await anyio.sleep_forever()
+            return
+        try:
             on_notify(WAKE, "")  # listening now: catch up on anything sent before
-        return stop
+            while True:
+                await anyio.wait_readable(receiver.socket)
+                for kind, payload in receiver.drain():
+                    on_notify(kind, payload)
+        finally:
+            receiver.close()
 
 
 

@@ -29,7 +29,7 @@ from sqlalchemy import Connection
 from ._attempts import attempt
 from ._clock import to_ms
 from ._deliveries import Deliveries, finished_from
-from ._dialects import CANCEL, WouldBlock, is_transient
+from ._dialects import CANCEL, WouldBlock, is_transient, sent_at
 from ._errors import first_line
 from ._hints import Hints
 from ._models import DELIVERING
@@ -101,6 +101,7 @@ class Worker:
         self._deliveries = Deliveries(store, registry, self._persist)
         self._hints = Hints()  # how to answer announcements of new runs
         self._announced = False  # an announcement is on its way to the loop
+        self._announced_at: float | None = 0.0  # the latest one's stamp (None: unknown)
         self._claims_left: int | None = None  # run_until_idle's budget of claims
         self.next_look_ms: int | None = None  # when the last claim said to look again
         self.jobs = WorkerJobs(self)
@@ -114,7 +115,6 @@ class Worker:
         self._timers = timers
         send, receive = anyio.create_memory_object_stream[Outcome](math.inf)
         self._outcomes = send
-        stop_listener = self.store.dialect.start_listener(self._on_notify)
         timers.start()
         lease_s = self.lease_ms / 1000
         timers.every("heartbeat", timedelta(seconds=lease_s / 3), self._heartbeat, now=True)
@@ -126,15 +126,16 @@ class Worker:
         try:
             async with anyio.create_task_group() as tg:
                 self._tg = tg
+                listening = anyio.CancelScope()
+                tg.start_soon(self._listen, listening)
                 tg.start_soon(self._record_loop, receive)
                 task_status.started()
                 await self._claim_loop()
                 await self._drain()
                 send.close()
+                listening.cancel()
         finally:
             timers.shutdown()
-            if stop_listener is not None:
-                stop_listener()
             with anyio.CancelScope(shield=True):
                 await anyio.to_thread.run_sync(self.jobs.retire_quietly)
             self._tg = None
@@ -228,9 +229,11 @@ class Worker:
         wanted = min(self.concurrency - len(self._held), _BATCH)
         if wanted <= 0:
             return []
+        began = time.monotonic()
         claimed, wake_at_ms = await self.store.dialect.call(
             self.store.claim, self.id, wanted, self.lease_ms, self.runnable()
         )
+        self._hints.looked(began)
         self._start(claimed, wake_at_ms)
         return claimed
 
@@ -412,8 +415,11 @@ class Worker:
             call: Callable[[], Awaitable[Recorded]] = partial(anyio.to_thread.run_sync, record)
         else:
             call = partial(self.store.dialect.call, record)
+        began = time.monotonic()
         try:
             recorded = await self._persist(call, f"recording {len(batch)} outcome(s)")
+            if room > 0:
+                self._hints.looked(began)  # its refill claimed what was due then
         except Exception:
             if len(batch) > 1:
                 log.exception("recording %d outcomes failed; recording each alone", len(batch))
@@ -495,21 +501,36 @@ class Worker:
             log.warning("lost the lease of run %s; abandoning its attempt", run_id)
             self._cancel_scope(run_id, "lost")
 
+    async def _listen(self, scope: anyio.CancelScope) -> None:
+        with scope:
+            await self.store.dialect.listen(self._on_notify)
+
     def _on_notify(self, channel: str, payload: str) -> None:
+        """A hint from another process; called on the loop or a listener's thread."""
         # A notification is only a hint to look at the database (any role that can
         # connect can send one): a cancel is acted on only if the run says so.
         if channel == CANCEL:
             if self._held and (not payload or payload in self._held):
-                self._heartbeat()  # reads each held run's cancel request
-        elif not self._announced:  # one hop to the loop for a burst of announcements
+                if threading.get_ident() != self._loop_thread:
+                    self._heartbeat()  # reads each held run's cancel request
+                elif self._tg is not None:
+                    self._tg.start_soon(anyio.to_thread.run_sync, self._heartbeat)
+            return
+        stamp = sent_at(payload)
+        if self._hints.covers(stamp):
+            return  # our latest claim began after it was sent: it saw those runs
+        latest = self._announced_at
+        self._announced_at = None if stamp is None or latest is None else max(latest, stamp)
+        if not self._announced:  # one hop to the loop for a burst of announcements
             self._announced = True
             self._from_thread(self._new_work)
 
     def _new_work(self) -> None:
         """Another process announced new runs (see `Hints`)."""
+        stamp, self._announced_at = self._announced_at, 0.0
         self._announced = False
         waiting = self._outcomes is not None and self._outcomes.statistics().current_buffer_used
-        if self._hints.announced(bool(waiting)):
+        if self._hints.announced(bool(waiting), stamp):
             self.wake()
 
     def runnable(self) -> Runnable:

@@ -7,6 +7,7 @@ import threading
 import time
 from collections.abc import Iterator
 from datetime import timedelta
+from functools import partial
 
 import anyio
 import pytest
@@ -14,6 +15,7 @@ from sqlalchemy import Column, Integer, MetaData, String, Table, insert, select,
 from sqlalchemy.exc import IntegrityError, OperationalError
 
 from retrier._dialects import CANCEL, WAKE, Dialect, is_transient, open_dialect
+from retrier._waiting import loop_caller
 
 metadata = MetaData()
 items = Table(
@@ -134,35 +136,39 @@ def test_notifications_reach_a_listener_or_are_declared_absent(
     """A hint sent by another process (here: another dialect on the same database)
     reaches a listener; a listener says when it is listening (WAKE with no payload)."""
     heard: list[tuple[str, str]] = []
-    got = threading.Event()
 
-    def on_notify(kind: str, payload: str) -> None:
-        heard.append((kind, payload))
-        if payload:
-            got.set()
+    async def main() -> None:
+        listening = anyio.Event()
+        got = anyio.Event()
+        call_soon = loop_caller()
 
-    stop = dialect.start_listener(on_notify)
-    if not dialect.can_notify:
-        assert stop is None
-        with dialect.write() as conn:
-            dialect.notify(conn, WAKE)  # a no-op, not an error
-        return
-    assert stop is not None
-    try:
-        deadline = time.monotonic() + 10
-        while (WAKE, "") not in heard and time.monotonic() < deadline:  # listening now
-            time.sleep(0.01)
-        assert (WAKE, "") in heard
-        sender = open_dialect(db_url)
-        try:
-            with sender.write() as conn:
-                sender.notify(conn, CANCEL, "a run id")
-            assert got.wait(10)
-        finally:
-            sender.dispose()
+        def on_notify(kind: str, payload: str) -> None:  # on the loop or a thread
+            heard.append((kind, payload))
+            call_soon((got if payload == "a run id" else listening).set)
+
+        async with anyio.create_task_group() as tg:
+            await tg.start(partial(dialect.listen, on_notify))
+            if not dialect.can_notify:
+                with dialect.write() as conn:
+                    dialect.notify(conn, WAKE)  # a no-op, not an error
+                tg.cancel_scope.cancel()
+                return
+            with anyio.fail_after(10):
+                await listening.wait()
+            assert (WAKE, "") in heard
+            sender = open_dialect(db_url)
+            try:
+                with sender.write() as conn:
+                    sender.notify(conn, CANCEL, "a run id")
+                with anyio.fail_after(10):
+                    await got.wait()
+            finally:
+                sender.dispose()
+            tg.cancel_scope.cancel()
+
+    anyio.run(main)
+    if dialect.can_notify:
         assert (CANCEL, "a run id") in heard
-    finally:
-        stop()
 
 
 def test_a_blocking_call_runs_from_async_code(dialect: Dialect) -> None:
