@@ -9,8 +9,8 @@ import pytest
 
 from retrier import (
     Completed,
-    FakeClock,
     Failed,
+    FakeClock,
     NonRetryableError,
     Retrier,
     RunNotFound,
