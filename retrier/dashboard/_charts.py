@@ -10,7 +10,7 @@ from ._format import duration, when
 from ._queries import Minute
 
 
-def activity_chart(minutes: Sequence[Minute], width: int = 600, height: int = 120) -> Markup:
+def activity_chart(minutes: Sequence[Minute], width: int = 1100, height: int = 120) -> Markup:
     """The last hour, a bar per minute: runs that succeeded (up, green) and attempts
     that failed (down, red), each scaled to its own peak."""
     if not minutes:
@@ -36,7 +36,7 @@ def activity_chart(minutes: Sequence[Minute], width: int = 600, height: int = 12
                 f'height="{h:.1f}"><title>{label}</title></rect>'
             )
     return Markup(
-        f'<svg class="chart" viewBox="0 0 {width} {height}" width="100%" height="{height}" '
+        f'<svg class="chart" viewBox="0 0 {width} {height}" width="{width}" height="{height}" '
         f'role="img" aria-label="succeeded and failed per minute, last hour">'
         f'<line class="axis" x1="0" y1="{mid}" x2="{width}" y2="{mid}"/>'
         + "".join(bars)
@@ -47,7 +47,7 @@ def activity_chart(minutes: Sequence[Minute], width: int = 600, height: int = 12
 
 
 def timeline(spans: Sequence[tuple[str, int, int | None, str]], now_ms: int,
-             width: int = 600) -> Markup:
+             width: int = 1100) -> Markup:
     """Horizontal bars, one per (label, start, end or None if still going, css class),
     on one time axis from the first start to the last end."""
     if not spans:
@@ -71,6 +71,6 @@ def timeline(spans: Sequence[tuple[str, int, int | None, str]], now_ms: int,
         )
     height = row * len(spans) + 4
     return Markup(
-        f'<svg class="timeline" viewBox="0 0 {width} {height}" width="100%" '
+        f'<svg class="timeline" viewBox="0 0 {width} {height}" width="{width}" '
         f'height="{height}" role="img" aria-label="timeline">' + "".join(parts) + "</svg>"
     )

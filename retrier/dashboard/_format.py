@@ -25,7 +25,7 @@ def duration(ms: int | float | None) -> str:
         return f"{s:.1f} s"
     minutes, sec = divmod(int(s), 60)
     if minutes < 60:
-        return f"{minutes} min {sec} s"
+        return f"{minutes} min {sec} s" if sec else f"{minutes} min"
     hours, minutes = divmod(minutes, 60)
     if hours < 48:
         return f"{hours} h {minutes} min"
@@ -40,10 +40,24 @@ def pretty_json(value: Any) -> str:
         return str(value)
 
 
+def compact_json(value: Any) -> str:
+    """A stored value as JSON on one line (a plain string: the page escapes it)."""
+    try:
+        return json.dumps(value, ensure_ascii=False)
+    except (TypeError, ValueError):
+        return str(value)
+
+
 def short(text: Any, width: int = 80) -> str:
     text = "" if text is None else str(text)
     first = text.strip().splitlines()[0] if text.strip() else ""
     return first if len(first) <= width else first[: width - 1] + "…"
 
 
-FILTERS = {"when": when, "duration": duration, "json": pretty_json, "short": short}
+FILTERS = {
+    "when": when,
+    "duration": duration,
+    "json": pretty_json,
+    "compact": compact_json,
+    "short": short,
+}
