@@ -225,6 +225,40 @@ def worker(app: str, concurrency: int | None, lease: float | None, poll: float |
     anyio.run(serve)
 
 
+@main.command()
+@click.option("--db", "db_url", envvar="TIERS_DATABASE_URL", help="Database URL.")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind.")
+@click.option("--port", default=8787, show_default=True, type=click.IntRange(1, 65535))
+@click.option("--read-only", is_flag=True, help="Show only: no action, no login.")
+@click.pass_obj
+def dashboard(obj: Context, db_url: str | None, host: str, port: int, read_only: bool) -> None:
+    """Serve the web dashboard (needs durable-tiers[dashboard]). Acting needs the token
+    in TIERS_DASHBOARD_TOKEN; without it the dashboard only shows."""
+    try:
+        import uvicorn
+
+        from .dashboard import create_app
+    except ImportError as exc:
+        raise click.UsageError(
+            f"the dashboard needs its extra ({exc.name} is missing): "
+            "pip install 'durable-tiers[dashboard]'"
+        ) from None
+    token = os.environ.get("TIERS_DASHBOARD_TOKEN") or None
+    source: Any = db_url or obj.store()
+    try:
+        app = create_app(source, token=None if read_only else token, read_only=read_only)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
+    if read_only:
+        mode = "read-only"
+    elif token:
+        mode = "log in with TIERS_DASHBOARD_TOKEN to act"
+    else:
+        mode = "showing only: set TIERS_DASHBOARD_TOKEN to act"
+    err_console.print(f"dashboard on http://{host}:{port}/ ({mode})", soft_wrap=True)
+    uvicorn.run(app, host=host, port=port, log_level="warning")
+
+
 @main.group()
 def runs() -> None:
     """Inspect and manage stored runs."""
@@ -323,6 +357,15 @@ def runs_cancel(obj: Context, run_id: str) -> None:
     """Cancel a pending or running run."""
     changed = or_exit(obj.store().cancel, run_id)
     console.print("canceled" if changed else "already finished; nothing to cancel")
+
+
+@runs.command("retry")
+@click.argument("run_id")
+@click.pass_obj
+def runs_retry(obj: Context, run_id: str) -> None:
+    """Run a failed run again now (pending, due at once, its retry budget renewed)."""
+    or_exit(obj.store().retry, run_id)
+    console.print("pending again, due now")
 
 
 @main.group()

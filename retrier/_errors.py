@@ -23,6 +23,14 @@ class RunNotFinished(TiersError):
         self.run_id = run_id
 
 
+class RunNotRetryable(TiersError):
+    """Only a run that has failed, and is not a workflow's, can be retried by hand."""
+
+    def __init__(self, run_id: str, why: str) -> None:
+        super().__init__(f"run {run_id!r} cannot be retried: {why}")
+        self.run_id = run_id
+
+
 class UnregisteredFunction(TiersError, LookupError):
     """A function was used (or named by a stored row) that is not registered."""
 

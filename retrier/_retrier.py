@@ -345,6 +345,12 @@ class Retrier:
                 worker.cancel_local(run_id)
             self.wake_workers()
 
+    def retry(self, run_id: str) -> None:
+        """Run a failed run again now: pending, due at once, with its retry budget
+        renewed (see `Store.retry`). Raises `RunNotRetryable` if it has not failed."""
+        self.store.retry(run_id)
+        self.wake_workers()
+
     def cancel_queue(self, queue: str, limit: int | None = None) -> int:
         """Cancel every unfinished run of `queue` (at most `limit`, running ones
         first), in one transaction; returns how many were canceled. For higher tiers

@@ -30,13 +30,14 @@ from sqlmodel import SQLModel
 from ._claims import Claims
 from ._clock import Clock
 from ._dialects import CANCEL, WAKE, Dialect, Durability, open_dialect, reconnecting
-from ._errors import RunNotFinished, RunNotFound, SchemaTooNew
+from ._errors import RunNotFinished, RunNotFound, RunNotRetryable, SchemaTooNew
 from ._explain import Explainer
 from ._limits import stored_limits
 from ._migrations import Migrations
 from ._models import (
     CANCELED,
     COMPLETED,
+    FAILED,
     FINISHING,
     PENDING,
     RUNNING,
@@ -319,6 +320,44 @@ class Store:
                 self.dialect.notify(conn, CANCEL, run_id)
                 return True
             return False
+
+    @reconnecting
+    def retry(self, run_id: str) -> None:
+        """Make a failed run pending again, due now, with its retry budget renewed.
+
+        Its attempts so far are kept (the next one is numbered after them), and its
+        on_complete, already told of the failure, is called again when it ends. Raises
+        `RunNotRetryable` for a run that has not failed, whose on_complete has not run
+        yet, or that a workflow owns (retrigger the workflow instead)."""
+        with self.dialect.write() as conn:
+            row = self._records.rows_for_update(conn, [run_id]).get(run_id)
+            if row is None:
+                raise RunNotFound(run_id)
+            if row.owner is not None:
+                raise RunNotRetryable(run_id, f"it belongs to {row.owner!r}; retrigger that")
+            if row.state != COMPLETED or row.outcome != FAILED:
+                why = "it has not failed" if row.state == COMPLETED else f"it is {row.state}"
+                raise RunNotRetryable(run_id, why)
+            now = self.clock.now_ms()
+            conn.execute(
+                update(runs)
+                .where(runs.c.id == run_id)
+                .values(
+                    state=PENDING,
+                    outcome=None,
+                    result=None,
+                    failures=0,
+                    handler_failures=0,
+                    handler_error=None,
+                    due_ms=now,
+                    finished_ms=None,
+                    lease_owner=None,
+                    lease_until_ms=None,
+                    cancel_requested=False,
+                    fence=row.fence + 1,
+                )
+            )
+            self.dialect.notify(conn, WAKE)
 
     def cancel_many(self, *conditions: Any, limit: int | None = None) -> Canceling:
         """Cancel the unfinished runs matching `conditions` (at most `limit`, running

@@ -89,24 +89,8 @@ class Driver:
         }
 
     def completion(self, row: Any) -> NewRun | None:
-        """The run that delivers a finished workflow's on_complete (its id is the
-        workflow's, so the handler gets the workflow id)."""
-        if row.on_complete is None:
-            return None
-        return NewRun(
-            id=row.id,
-            fn=result_action_name(row.name),
-            args={},
-            due_ms=self.retrier.clock.now_ms(),
-            initial_backoff_ms=250,
-            base=2,
-            max_failures=1,
-            jitter=False,
-            max_backoff_ms=60_000,
-            queue=DRIVER_QUEUE,
-            on_complete=row.on_complete,
-            context=row.context,
-        )
+        """The run that delivers a finished workflow's on_complete (see `completion_run`)."""
+        return completion_run(row, self.retrier.clock.now_ms())
 
     def policy_for(self, retry: Any) -> RetryPolicy:
         if retry is None:
@@ -237,6 +221,27 @@ class Driver:
 
     def step_failed(self, workflow: WorkflowRow, step: str, error: str | None) -> None:
         self.listeners.emit(step_failed_event(workflow, step, error))
+
+
+def completion_run(row: Any, now_ms: int) -> NewRun | None:
+    """The run that delivers a finished workflow's on_complete (its id is the
+    workflow's, so the handler gets the workflow id); None without one."""
+    if row.on_complete is None:
+        return None
+    return NewRun(
+        id=row.id,
+        fn=result_action_name(row.name),
+        args={},
+        due_ms=now_ms,
+        initial_backoff_ms=250,
+        base=2,
+        max_failures=1,
+        jitter=False,
+        max_backoff_ms=60_000,
+        queue=DRIVER_QUEUE,
+        on_complete=row.on_complete,
+        context=row.context,
+    )
 
 
 def result_action_name(workflow: str) -> str:

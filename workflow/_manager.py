@@ -40,6 +40,7 @@ from retrier.engine import (
 )
 from workpool import RetryBehavior, Workpool
 
+from ._admin import cancel as cancel_workflow
 from ._context import _check_event
 from ._definitions import Definitions, WorkflowDef, define
 from ._driver import Driver, result_action_name
@@ -320,18 +321,8 @@ class WorkflowManager:
         """Cancel a running workflow (and its running children): no further step starts,
         pending steps are canceled, running ones best effort. Its status reads canceled
         at once and its on_complete gets `Canceled()`. Finished workflows are left."""
-        changed, children, run_ids = self._journal.cancel(
-            workflow_id, self._driver.completion, self._driver.drive_name
-        )
-        if not changed:
+        if not cancel_workflow(self._journal, workflow_id, self.retrier.cancel):
             return
-        for run_id in run_ids:
-            try:
-                self.retrier.cancel(run_id)
-            except RunNotFound:
-                pass
-        for child in children:
-            self.cancel(child)
         self.retrier.wake_workers()
         self._workflow_ended()
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import click
 from rich.table import Table
 
-from retrier.engine import RUNNING, CliContext, QueueLimits, Store, console, format_ms, or_exit
+from retrier.engine import RUNNING, CliContext, QueueLimits, console, format_ms, or_exit
 
-from ._errors import PoolNotFound
+from ._admin import set_cap, stored_pool
 
 _HOUR_MS = 3_600_000
 
@@ -41,7 +41,7 @@ def pools_list(obj: CliContext) -> None:
 def pools_show(obj: CliContext, name: str) -> None:
     """One pool: its limits, counts and the items running now."""
     store = obj.store()
-    limits = or_exit(_get, store, name)
+    limits = or_exit(stored_pool, store, name)
     counts = store.queue_counts(name, store.clock.now_ms() - _HOUR_MS)
     info = Table(show_header=False)
     for label, value in [
@@ -62,11 +62,14 @@ def pools_show(obj: CliContext, name: str) -> None:
     console.print(running)
 
 
-def _get(store: Store, name: str) -> QueueLimits:
-    limits = store.get_queue(name)
-    if limits is None:
-        raise PoolNotFound(name)
-    return limits
+@pools.command("set-cap")
+@click.argument("name")
+@click.argument("max_parallelism", type=int)
+@click.pass_obj
+def pools_set_cap(obj: CliContext, name: str, max_parallelism: int) -> None:
+    """Change a pool's cap for every worker (0 pauses it; running items finish)."""
+    limits = or_exit(set_cap, obj.store(), name, max_parallelism)
+    console.print(f"{name}: cap {_cap(limits)}")
 
 
 def _cap(limits: QueueLimits) -> str:

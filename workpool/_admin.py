@@ -1,0 +1,28 @@
+"""Changing a stored pool's cap without its `Workpool` object: what `tiers pools
+set-cap` and the dashboard do (the same check and write as `set_max_parallelism`)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from retrier.engine import QueueLimits, Store
+
+from ._errors import PoolNotFound
+from ._settings import check_parallelism
+
+
+def stored_pool(store: Store, name: str) -> QueueLimits:
+    limits = store.get_queue(name)
+    if limits is None:
+        raise PoolNotFound(name)
+    return limits
+
+
+def set_cap(store: Store, name: str, max_parallelism: int) -> QueueLimits:
+    """Store pool `name`'s new cap (0 pauses it); every worker applies it at its next
+    claim, and running items are never stopped. Raises `PoolNotFound`, or
+    `InvalidSettings` for a cap out of 0-100,000."""
+    check_parallelism(max_parallelism)
+    limits = dataclasses.replace(stored_pool(store, name), max_parallelism=max_parallelism)
+    store.set_queue(limits)  # wakes the workers of every process once committed
+    return limits
