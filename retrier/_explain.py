@@ -115,6 +115,14 @@ class Explainer:
                 worker=row.lease_owner,
             )
         live = conn.execute(LIVE_WORKERS, {"now": now}).all()
+        if row.due_ms > now:
+            cause = "its retry backoff" if row.failures else "its run_at / run_after time"
+            alone = "" if live else "; no worker is alive now to run it then"
+            return why(
+                DUE_LATER,
+                f"due at {_at(row.due_ms)} ({cause}){alone}",
+                until=ms_to_datetime(row.due_ms),
+            )
         if not live:
             return why(
                 NO_WORKERS,
@@ -137,13 +145,6 @@ class Explainer:
                 f"none of the {len(live)} live worker(s) registers its {kind} {name!r}; "
                 f"it waits for a worker that does (after unregistered_grace it fails)",
                 details={"live_workers": len(live)},
-            )
-        if row.due_ms > now:
-            cause = "its retry backoff" if row.failures else "its run_at / run_after time"
-            return why(
-                DUE_LATER,
-                f"due at {_at(row.due_ms)} ({cause})",
-                until=ms_to_datetime(row.due_ms),
             )
         if row.state == FINISHING:
             return why(

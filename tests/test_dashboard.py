@@ -74,6 +74,8 @@ def test_every_page_renders(demo: Demo) -> None:
         assert "emails" in pools and "paused" in pools and "100 per 1 min" in pools
         assert "orders" in c.get("/pools/orders").text
         assert c.get("/workers").status_code == 200
+        scheduled = c.get(f"/runs/{ids['scheduled']}").text  # why it waits (explain)
+        assert "due_later" in scheduled and "run_at" in scheduled
         assert c.get("/runs/nope").status_code == 404
         assert c.get("/workflows/nope").status_code == 404
         assert c.get("/pools/nope").status_code == 404

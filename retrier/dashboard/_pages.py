@@ -73,6 +73,7 @@ def routes(dash: Dashboard) -> list[Route]:
         except RunNotFound:
             raise HTTPException(404, f"no run {run_id}") from None
         attempts = await dash.call(dash.store.attempts, run_id)
+        why = None if row.state == "completed" else await dash.call(dash.store.explain, run_id)
         now = dash.store.clock.now_ms()
         spans: list[tuple[str, int, int | None, str]] = [
             (f"#{a.number} {a.outcome}", a.started_ms, a.finished_ms, a.outcome)
@@ -84,6 +85,7 @@ def routes(dash: Dashboard) -> list[Route]:
             request,
             "run.html",
             run=row,
+            why=why,
             attempts=attempts,
             chart=timeline(spans, now),
             links=dash.run_links(row),
