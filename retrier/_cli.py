@@ -12,12 +12,14 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Mapping, Sequence
 from datetime import timedelta
 from importlib.metadata import entry_points
 from typing import Any, NoReturn
 
 import anyio
 import click
+from rich import box
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Column, Table
@@ -269,19 +271,21 @@ def runs() -> None:
                                             "completed"]))
 @click.option("--fn", "fn", help="Only runs of this function name.")
 @click.option("--limit", default=50, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="One JSON array.")
 @click.pass_obj
-def runs_list(obj: Context, state: str | None, fn: str | None, limit: int) -> None:
+def runs_list(obj: Context, state: str | None, fn: str | None, limit: int, as_json: bool) -> None:
     """The most recent runs, newest first."""
     rows = obj.store().list_runs(state=state, fn=fn, limit=limit)
-    table = Table(Column("id", no_wrap=True, min_width=32), "function", "state", "outcome",
-                  "attempts", Column("created", no_wrap=True), "error")
-    for row in rows:
-        table.add_row(
-            row.id, row.fn, _state(row), row.outcome or "", str(row.attempts),
-            format_ms(row.created_ms), shorten(row.error),
-        )
-    console.print(table)
-    console.print(f"{len(rows)} run(s)")
+    listing = [
+        {
+            "id": row.id, "function": row.fn, "state": _state(row), "outcome": row.outcome,
+            "tries": row.attempts, "queue": row.queue or None, "created": row.created_ms,
+            "error": row.error if isinstance(row.error, str) else None,
+        }
+        for row in rows
+    ]
+    columns = ("id", "function", "state", "tries", "created", "error")
+    print_listing(columns, listing, as_json, "run(s)")
 
 
 @runs.command("show")
@@ -450,6 +454,50 @@ def or_exit(fn: Any, *args: Any) -> Any:
 
 def _state(row: RunRow) -> str:
     return f"{row.state} (cancel requested)" if row.cancel_requested else row.state
+
+
+def print_listing(
+    columns: Sequence[str], rows: Sequence[Mapping[str, Any]], as_json: bool, noun: str
+) -> None:
+    """Print a listing: one JSON array of objects (`--json`; times as ISO 8601), or a
+    table that stays readable at 80 columns and when piped (long values fold,
+    times drop the date's year and milliseconds). `columns` name the keys shown."""
+    if as_json:
+        click.echo(json.dumps([{k: _json_value(k, v) for k, v in r.items()} for r in rows]))
+        return
+    narrow = console.width < _WIDE
+    shown = [c for c in columns if not (narrow and c in _WIDE_ONLY)]
+    table = Table(box=box.SIMPLE_HEAD, pad_edge=False, show_edge=False, collapse_padding=True)
+    for name in shown:
+        folds = name not in ("id", "state", *_TIMES)
+        table.add_column(name, overflow="fold", no_wrap=not folds)
+    for r in rows:
+        table.add_row(*(_cell(name, r.get(name)) for name in shown))
+    console.print(table)
+    hidden = [c for c in columns if c not in shown]
+    more = f" ({', '.join(hidden)} hidden at this width: --json has everything)" if hidden else ""
+    console.print(f"{len(rows)} {noun}{more}")
+
+
+_TIMES = ("created", "finished", "started", "heartbeat")  # listing keys holding epoch ms
+_WIDE = 110  # below this many columns, listings leave out the columns of _WIDE_ONLY
+_WIDE_ONLY = ("error",)
+
+
+def _json_value(key: str, value: Any) -> Any:
+    if key in _TIMES and isinstance(value, int):
+        return ms_to_datetime(value).isoformat(timespec="milliseconds")
+    return value
+
+
+def _cell(name: str, value: Any) -> str:
+    if value is None:
+        return ""
+    if name in _TIMES:
+        return ms_to_datetime(value).strftime("%m-%d %H:%M:%S") if isinstance(value, int) else ""
+    if name == "error":
+        return shorten(str(value), 60)
+    return str(value)
 
 
 def format_ms(ms: int | None) -> str:

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from ._checks import MAX_NAME, check_flag, check_name
 from ._cli import Context as CliContext
-from ._cli import console, format_ms, or_exit, print_why, shorten
+from ._cli import console, format_ms, or_exit, print_listing, print_why, shorten
 from ._clock import delay_ms, due_ms, ms_to_datetime, to_ms
 from ._dialects import Dialect, is_transient, partial_index
 from ._errors import describe as describe_error
@@ -117,6 +117,7 @@ __all__ = [
     "partial_index",
     "poll_until",
     "poll_until_async",
+    "print_listing",
     "print_why",
     "retrier_of",
     "return_hint",

@@ -178,7 +178,7 @@ def hold_write_lock(db_url: str, monkeypatch: pytest.MonkeyPatch) -> Callable[[]
     enqueue needs, and SQLite writers give up after 0.2 s instead of 30 s."""
     import contextlib
 
-    import retrier._dialects as dialects
+    import retrier._sqlite as dialects
 
     begin = dialects._begin_with_retry
 

@@ -13,7 +13,15 @@ from typing import Any
 import click
 from rich.table import Table
 
-from retrier.engine import CliContext, console, format_ms, or_exit, print_why, shorten
+from retrier.engine import (
+    CliContext,
+    console,
+    format_ms,
+    or_exit,
+    print_listing,
+    print_why,
+    shorten,
+)
 
 from ._explain import explain_workflow
 from ._journal import Journal
@@ -40,18 +48,19 @@ def workflows() -> None:
 @click.option("--state", type=click.Choice(["running", "completed", "failed", "canceled"]))
 @click.option("--name", help="Only workflows of this name.")
 @click.option("--limit", default=50, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="One JSON array.")
 @click.pass_obj
-def list_(obj: CliContext, state: str | None, name: str | None, limit: int) -> None:
+def list_(obj: CliContext, state: str | None, name: str | None, limit: int, as_json: bool) -> None:
     """The most recent workflows, newest first."""
-    rows = _journal(obj).list(state=state, name=name, limit=limit)
-    table = Table("id", "name", "state", "created", "finished", "error")
-    for r in rows:
-        table.add_row(
-            r.id, r.name, r.state, format_ms(r.created_ms), format_ms(r.finished_ms),
-            shorten(r.error),
-        )
-    console.print(table)
-    console.print(f"{len(rows)} workflow(s)")
+    rows = [
+        {
+            "id": r.id, "name": r.name, "state": r.state, "created": r.created_ms,
+            "finished": r.finished_ms, "error": r.error,
+        }
+        for r in _journal(obj).list(state=state, name=name, limit=limit)
+    ]
+    columns = ("id", "name", "state", "created", "finished", "error")
+    print_listing(columns, rows, as_json, "workflow(s)")
 
 
 @workflows.command("show")

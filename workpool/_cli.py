@@ -5,7 +5,15 @@ from __future__ import annotations
 import click
 from rich.table import Table
 
-from retrier.engine import RUNNING, CliContext, QueueLimits, console, format_ms, or_exit
+from retrier.engine import (
+    RUNNING,
+    CliContext,
+    QueueLimits,
+    console,
+    format_ms,
+    or_exit,
+    print_listing,
+)
 
 from ._admin import set_cap, stored_pool
 
@@ -18,21 +26,23 @@ def pools() -> None:
 
 
 @pools.command("list")
+@click.option("--json", "as_json", is_flag=True, help="One JSON array.")
 @click.pass_obj
-def pools_list(obj: CliContext) -> None:
+def pools_list(obj: CliContext, as_json: bool) -> None:
     """Every pool: its cap, running and pending items, failures in the last hour."""
     store = obj.store()
     since = store.clock.now_ms() - _HOUR_MS
-    table = Table("pool", "cap", "running", "pending", "failed (1 h)")
-    queues = store.list_queues()
-    for limits in queues:
+    rows = []
+    for limits in store.list_queues():
         counts = store.queue_counts(limits.name, since)
-        table.add_row(
-            limits.name, _cap(limits), str(counts["running"]), str(counts["pending"]),
-            str(counts["failed"]),
-        )
-    console.print(table)
-    console.print(f"{len(queues)} pool(s)")
+        rows.append({
+            "pool": limits.name,
+            "cap": limits.max_parallelism if as_json else _cap(limits),
+            "running": counts["running"],
+            "pending": counts["pending"],
+            "failed_1h": counts["failed"],
+        })
+    print_listing(("pool", "cap", "running", "pending", "failed_1h"), rows, as_json, "pool(s)")
 
 
 @pools.command("show")
