@@ -117,10 +117,11 @@ class Telemetry:
             yield
 
     def span(self, name: str, attributes: dict[str, Any] | None = None) -> Any:
-        """A span in the current context (a workflow, a step), or nothing."""
+        """A span in the current context (a workflow, a step), or nothing; an
+        exception through it (a workflow suspending) is not taken as its error."""
         if self.tracing is None:
             return nullcontext(None)
-        return self.tracing.span(name, attributes=attributes)
+        return self.tracing.span(name, attributes=attributes, errors=False)
 
 
 def outcomes_recorded(

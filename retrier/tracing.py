@@ -78,7 +78,10 @@ class Tracing:
         """Mark an attempt's span with how it ended."""
         span.set_attribute("tiers.outcome", kind)
         if kind in ("failure", "fatal", "interrupted"):
-            span.set_status(Status(StatusCode.ERROR, error))
+            self.failed(span, error)
+
+    def failed(self, span: Span, error: str | None) -> None:
+        span.set_status(Status(StatusCode.ERROR, error))
 
 
 def _clean(attributes: dict[str, Any] | None) -> dict[str, Any] | None:
