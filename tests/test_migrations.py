@@ -138,7 +138,9 @@ def test_an_apps_own_alembic_history_is_left_alone(db_url: str) -> None:
             conn.execute(sa.text("CREATE TABLE alembic_version (version_num VARCHAR(32))"))
             conn.execute(sa.text("INSERT INTO alembic_version VALUES ('app_0007')"))
             applied = upgrade(conn)
-        assert applied == ["engine_0001", "engine_0002", "engine_0003", "workflow_0001", "workflow_0002"]
+        assert applied == [
+            "engine_0001", "engine_0002", "engine_0003", "workflow_0001", "workflow_0002"
+        ]
         with engine.connect() as conn:
             assert conn.execute(sa.text("SELECT version_num FROM alembic_version")).all() == [
                 ("app_0007",)
