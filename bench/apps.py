@@ -10,8 +10,10 @@ from typing import Any
 from retrier import Retrier
 
 
-def build(url: str, **options: Any) -> Retrier:
+def build(url: str, *, observe: bool = False, **options: Any) -> Retrier:
     retrier = Retrier(url, poll_interval=timedelta(milliseconds=20), **options)
+    if observe:
+        enable_observability(retrier)
 
     @retrier.action(name="noop")
     async def noop() -> None:
@@ -29,11 +31,35 @@ def build(url: str, **options: Any) -> Retrier:
     return retrier
 
 
+def enable_observability(retrier: Retrier) -> None:
+    """Metrics, and tracing through the OpenTelemetry SDK (every span sampled and
+    batched to an exporter that drops them): what it costs, short of the export."""
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import (
+        BatchSpanProcessor,
+        SpanExporter,
+        SpanExportResult,
+    )
+
+    class Drop(SpanExporter):
+        def export(self, spans: Any) -> SpanExportResult:
+            return SpanExportResult.SUCCESS
+
+    provider = TracerProvider()
+    provider.add_span_processor(BatchSpanProcessor(Drop()))
+    retrier.enable_metrics()
+    retrier.enable_tracing(provider)
+
+
 @cache
 def _from_env() -> Retrier:
     concurrency = int(os.environ.get("TIERS_BENCH_C", "16"))
     durability = os.environ.get("TIERS_BENCH_DURABILITY", "normal")
-    return build(os.environ["TIERS_BENCH_DB"], concurrency=concurrency, durability=durability)
+    observe = os.environ.get("TIERS_BENCH_OBSERVE") == "1"
+    return build(
+        os.environ["TIERS_BENCH_DB"], concurrency=concurrency, durability=durability,
+        observe=observe,
+    )
 
 
 def __getattr__(name: str) -> Any:

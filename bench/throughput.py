@@ -3,6 +3,7 @@
     python -m bench.throughput                       # both databases, defaults
     python -m bench.throughput --db sqlite --n 20000 --workers 0 1 2
     python -m bench.throughput --db postgresql --workers 1 4
+    python -m bench.throughput --observe             # metrics and tracing (SDK) on
 
 Throughput: N no-op runs are enqueued one `run()` call at a time (each its own
 transaction) while workers execute them; the clock stops when the last run has
@@ -62,10 +63,11 @@ def fresh_database(kind: str) -> Iterator[str]:
 
 @contextmanager
 def worker_processes(
-    url: str, count: int, concurrency: int, durability: str = "normal"
+    url: str, count: int, concurrency: int, durability: str = "normal", observe: bool = False
 ) -> Iterator[None]:
     env = {**os.environ, "TIERS_BENCH_DB": url, "TIERS_BENCH_C": str(concurrency),
-           "TIERS_BENCH_DURABILITY": durability, "TIERS_LOG_LEVEL": "WARNING"}
+           "TIERS_BENCH_DURABILITY": durability, "TIERS_LOG_LEVEL": "WARNING",
+           "TIERS_BENCH_OBSERVE": "1" if observe else "0"}
     procs = [
         subprocess.Popen(
             [sys.executable, "-m", "retrier", "worker", "bench.apps:retrier"], cwd=ROOT, env=env
@@ -85,15 +87,16 @@ def worker_processes(
 
 
 def throughput(
-    kind: str, n: int, workers: int, fn: str, concurrency: int, durability: str = "normal"
+    kind: str, n: int, workers: int, fn: str, concurrency: int, durability: str = "normal",
+    observe: bool = False,
 ) -> float:
     with fresh_database(kind) as url:
-        retrier = build(url, concurrency=concurrency, durability=durability)
+        retrier = build(url, concurrency=concurrency, durability=durability, observe=observe)
         try:
             if workers == 0:
                 with retrier:
                     return _enqueue_and_wait(retrier, n, fn)
-            with worker_processes(url, workers, concurrency, durability):
+            with worker_processes(url, workers, concurrency, durability, observe):
                 time.sleep(1.0)  # let the processes import and connect
                 return _enqueue_and_wait(retrier, n, fn)
         finally:
@@ -104,6 +107,7 @@ def _enqueue_and_wait(retrier: Retrier, n: int, fn: str) -> float:
     with Progress(console=console, transient=True) as progress:
         task = progress.add_task(f"{n} runs", total=n)
         start = time.perf_counter()
+        cpu = time.process_time()
         ids = []
         for i in range(n):
             ids.append(retrier.run(fn))
@@ -111,7 +115,11 @@ def _enqueue_and_wait(retrier: Retrier, n: int, fn: str) -> float:
                 progress.update(task, completed=i)
         progress.update(task, description="waiting for completion", completed=n)
         retrier.wait_all(ids, timeout=600)
-        return n / (time.perf_counter() - start)
+        rate = n / (time.perf_counter() - start)
+        # CPU of this process (all of it with an in-process worker): steadier than
+        # wall time on a machine that is busy with something else.
+        console.print(f"  cpu of this process: {(time.process_time() - cpu) / n * 1e6:,.0f} us/run")
+        return rate
 
 
 def backoff_lateness(kind: str, samples: int) -> tuple[float, float]:
@@ -153,14 +161,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--fn", choices=["noop", "noop_sync"], default="noop")
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--samples", type=int, default=40)
+    parser.add_argument("--observe", action="store_true",
+                        help="metrics and tracing on (an SDK tracer that drops its spans)")
     args = parser.parse_args(argv)
     kinds = ["sqlite", "postgresql"] if args.db == "both" else [args.db]
 
-    table = Table("database", "workers", "action", "runs/s", title=f"{args.n} no-op runs")
+    title = f"{args.n} no-op runs" + (", metrics and tracing on" if args.observe else "")
+    table = Table("database", "workers", "action", "runs/s", title=title)
     late = Table("database", "p50 ms", "p95 ms", title="lateness of a 250 ms backoff")
     for kind in kinds:
         for workers in args.workers:
-            rate = throughput(kind, args.n, workers, args.fn, args.concurrency)
+            rate = throughput(kind, args.n, workers, args.fn, args.concurrency,
+                              observe=args.observe)
             where = "in-process" if workers == 0 else f"{workers} process(es)"
             table.add_row(kind, where, args.fn, f"{rate:,.0f}")
             console.print(f"{kind} {where}: {rate:,.0f} runs/s")

@@ -51,6 +51,7 @@ async def attempt(
             attempt=c.attempts,
             queue=c.queue,
             plain=c.on_complete is None,
+            fn=c.fn,
             **fields,
         )
 
@@ -82,7 +83,7 @@ async def attempt(
     except HandBack as exc:
         return outcome("released", error=describe(exc), retry_after_ms=to_ms(exc.seconds))
     except Exception as exc:
-        log.debug("run %s attempt %d failed: %s", c.id, c.attempts, exc)
+        # Logged once recorded, when it is known whether the run will be retried.
         return outcome("failure", error=describe(exc), traceback=traceback_of(exc))
     return outcome("success", result=result)
 

@@ -200,9 +200,32 @@ def main(ctx: click.Context, db: str | None, app: str | None) -> None:
 @click.option("--concurrency", type=click.IntRange(min=1), help="Runs executed at once.")
 @click.option("--lease", type=click.FloatRange(min=0.3), help="Lease length in seconds.")
 @click.option("--poll", type=click.FloatRange(min=0.01), help="Poll interval in seconds.")
-def worker(app: str, concurrency: int | None, lease: float | None, poll: float | None) -> None:
-    """Run a worker for APP (module:attribute) until SIGINT or SIGTERM."""
+@click.option("--metrics-port", type=click.IntRange(min=0, max=65535),
+              help="Serve Prometheus metrics on this port (needs the metrics extra).")
+@click.option("--metrics-addr", default="0.0.0.0", show_default=True,
+              help="The address the metrics server listens on.")
+def worker(
+    app: str,
+    concurrency: int | None,
+    lease: float | None,
+    poll: float | None,
+    metrics_port: int | None,
+    metrics_addr: str,
+) -> None:
+    """Run a worker for APP (module:attribute) until SIGINT or SIGTERM.
+
+    TIERS_LOG_FORMAT=json makes its logs JSON lines; TIERS_LOG_LEVEL sets their level.
+    """
     retrier = retrier_of(load_app_waiting_for_database(app))
+    if metrics_port is not None:
+        try:
+            from .metrics import serve as serve_metrics
+        except ImportError:
+            raise click.UsageError(
+                "--metrics-port needs prometheus_client: pip install 'durable-tiers[metrics]'"
+            ) from None
+        serve_metrics(retrier, metrics_port, metrics_addr)
+        err_console.print(f"metrics on http://{metrics_addr}:{metrics_port}/metrics")
     options: dict[str, Any] = {}
     if concurrency:
         options["concurrency"] = concurrency

@@ -14,13 +14,16 @@ import anyio.to_thread
 from sqlalchemy import Connection
 from sqlmodel import Session
 
+from ._dialects import is_transient
 from ._errors import UnregisteredFunction, describe
+from ._log import run_extra
 from ._models import CANCELED, FAILED, SUCCESS
 from ._registry import Registry
 from ._results import Canceled, Failed, RunResult, Success
 from ._run_types import Claimed, Delivery
 from ._store import Store
 from ._stored_json import unreadable
+from ._telemetry import Telemetry
 
 log = logging.getLogger("tiers.worker")
 
@@ -32,13 +35,22 @@ Persist = Callable[[Callable[[], Awaitable[Any]], str], Awaitable[Any]]
 class Deliveries:
     """The on_complete deliveries of one worker."""
 
-    def __init__(self, store: Store, registry: Registry, persist: Persist) -> None:
+    def __init__(
+        self, store: Store, registry: Registry, persist: Persist, telemetry: Telemetry
+    ) -> None:
         self.store = store
         self.registry = registry
         self._persist = persist
+        self.telemetry = telemetry
 
     async def deliver(self, f: Delivery) -> list[str]:
         """Call `f`'s on_complete and mark it delivered; the runs now completed."""
+        if not self.telemetry.active:
+            return await self._deliver(f)
+        with self.telemetry.delivery(f):
+            return await self._deliver(f)
+
+    async def _deliver(self, f: Delivery) -> list[str]:
         try:
             reg = self.registry.handler(f.on_complete)
         except UnregisteredFunction:
@@ -60,7 +72,7 @@ class Deliveries:
             else:
                 await anyio.to_thread.run_sync(partial(reg.fn, *args))
         except Exception as exc:
-            log.warning("on_complete %s of run %s raised: %s", f.on_complete, f.id, exc)
+            self._failed(f, exc)
             failures[f.id] = describe(exc)
         delivered = partial(self.store.delivered, [f], failures)
         completed: list[str] = await self._persist(
@@ -72,9 +84,28 @@ class Deliveries:
         """Call `f`'s on_complete with a session on `conn` (the transaction that marks
         it delivered): its writes commit or roll back with that transaction."""
         reg = self.registry.handler(f.on_complete)
-        with Session(bind=conn, join_transaction_mode="rollback_only") as session:
-            reg.fn(f.id, self.result_of(f), context_of(f), session=session)
-            session.flush()
+        try:
+            with (
+                self.telemetry.delivery(f),
+                Session(bind=conn, join_transaction_mode="rollback_only") as session,
+            ):
+                reg.fn(f.id, self.result_of(f), context_of(f), session=session)
+                session.flush()
+        except Exception as exc:
+            if not is_transient(exc):  # else the database failed, not the handler
+                self._failed(f, exc)
+            raise
+
+    def _failed(self, f: Delivery, exc: Exception) -> None:
+        """A handler raised: it is retried with backoff (up to 5 times)."""
+        extra = run_extra(f.id, f.fn, None, f.queue)
+        extra.update(handler=f.on_complete, error=describe(exc))
+        log.warning(
+            "on_complete %s of run %s raised: %s", f.on_complete, f.id, exc,
+            exc_info=exc, extra=extra,
+        )
+        if self.telemetry.metrics is not None:
+            self.telemetry.metrics.handler_failed(f.on_complete)
 
     def result_of(self, f: Delivery) -> RunResult:
         """The result a handler gets, typed by the action's return annotation."""
@@ -105,6 +136,7 @@ def finished_from(c: Claimed) -> Delivery:
         context=c.context,
         queue=c.queue,
         owner=c.owner,
+        trace=c.trace,
     )
 
 

@@ -86,6 +86,9 @@ class RunRow(SQLModel, table=True):
     created_ms: int = Field(sa_type=BigInteger)
     started_ms: int | None = Field(default=None, sa_type=BigInteger)
     finished_ms: int | None = Field(default=None, sa_type=BigInteger)
+    # The W3C traceparent of the context that enqueued the run (tracing on), so its
+    # attempts, in any process, belong to the enqueuing trace.
+    trace: str | None = Field(default=None, max_length=128)
 
 
 _runs = RunRow.__table__  # type: ignore[attr-defined]

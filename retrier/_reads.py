@@ -5,6 +5,7 @@ line show. Nothing here writes.
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import dataclass, field
 from typing import Any
 
 from sqlalchemy import func, select
@@ -13,7 +14,26 @@ from ._dialects import Dialect, reconnecting
 from ._errors import RunNotFound
 from ._models import PENDING, RUNNING, AttemptRow, RunRow
 from ._run_types import QueueLimits
-from ._tables import attempts_t, chunks, in_state, limits_of, queues_t, runs
+from ._tables import attempts_t, chunks, in_state, limits_of, queues_t, runs, workers_t
+
+
+@dataclass(slots=True)
+class Gauges:
+    """What the metrics' gauges show, read in one transaction."""
+
+    pending: dict[str, int] = field(default_factory=dict)
+    running: dict[str, int] = field(default_factory=dict)
+    oldest_due_age_ms: dict[str, int] = field(default_factory=dict)
+    max_parallelism: dict[str, int] = field(default_factory=dict)
+    live_workers: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class WorkersSeen:
+    """Workers alive now, and the last heartbeat of any worker still on record."""
+
+    live: int
+    last_heartbeat_ms: int | None
 
 
 class Reads:
@@ -130,3 +150,46 @@ class Reads:
             "pending": int(by_state.get(PENDING, 0)),
             "failed": int(failed or 0),
         }
+
+    @reconnecting
+    def gauges(self, now: int) -> Gauges:
+        """Per queue: pending and running runs, the age of the oldest due run not
+        started, pools' caps; and how many workers are alive."""
+        out = Gauges()
+        with self.dialect.read() as conn:
+            for queue, state, n in conn.execute(
+                select(runs.c.queue, runs.c.state, func.count())
+                .where(in_state(PENDING, RUNNING))
+                .group_by(runs.c.queue, runs.c.state)
+            ):
+                (out.pending if state == PENDING else out.running)[queue or ""] = int(n)
+            for queue, due in conn.execute(
+                select(runs.c.queue, func.min(runs.c.due_ms))
+                .where(in_state(PENDING), runs.c.due_ms <= now)
+                .group_by(runs.c.queue)
+            ):
+                out.oldest_due_age_ms[queue or ""] = max(0, now - int(due))
+            for name, cap in conn.execute(
+                select(queues_t.c.name, queues_t.c.max_parallelism).where(
+                    queues_t.c.max_parallelism.is_not(None)
+                )
+            ):
+                out.max_parallelism[name] = int(cap)
+            out.live_workers = self._live(conn, now)
+        return out
+
+    @reconnecting
+    def workers_seen(self, now: int) -> WorkersSeen:
+        with self.dialect.read() as conn:
+            last = conn.execute(select(func.max(workers_t.c.heartbeat_ms))).scalar()
+            return WorkersSeen(self._live(conn, now), None if last is None else int(last))
+
+    def _live(self, conn: Any, now: int) -> int:
+        return int(
+            conn.execute(
+                select(func.count()).where(
+                    workers_t.c.heartbeat_ms + 3 * workers_t.c.lease_ms >= now
+                )
+            ).scalar()
+            or 0
+        )

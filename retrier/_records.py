@@ -81,7 +81,7 @@ _COMPLETE_SUCCESS = (
     )
     .returning(
         runs.c.fn, runs.c.fence, runs.c.attempts, runs.c.on_complete, runs.c.context,
-        runs.c.queue, runs.c.owner,
+        runs.c.queue, runs.c.owner, runs.c.trace,
     )
 )
 
@@ -353,6 +353,7 @@ class Records:
                     context=row.context,
                     queue=row.queue,
                     owner=row.owner,
+                    trace=row.trace,
                 ),
                 conn,
             )
@@ -436,6 +437,7 @@ class Records:
             context=row.context,
             queue=row.queue,
             owner=row.owner,
+            trace=row.trace,
         )
 
     def delivered(self, finished: Sequence[Delivery], failures: dict[str, str]) -> list[str]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 import uuid
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
@@ -10,7 +11,7 @@ from contextlib import AbstractContextManager
 from datetime import datetime, timedelta
 from functools import partial
 from types import TracebackType
-from typing import Any, ParamSpec, TypeVar, overload
+from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar, overload
 
 import anyio
 import anyio.from_thread
@@ -18,7 +19,7 @@ from sqlalchemy import Engine, event
 from sqlmodel import Session
 
 from ._checks import check_worker_settings
-from ._clock import Clock, SystemClock, delay_ms, due_ms
+from ._clock import Clock, SystemClock, delay_ms, due_ms, ms_to_datetime
 from ._dialects import WAKE, Durability
 from ._errors import InvalidArguments, InvalidSettings, RunNotFound, WaitTimeout
 from ._explain import Why
@@ -33,8 +34,16 @@ from ._run_types import NewRun
 from ._store import Store
 from ._stored_json import unreadable
 from ._tables import runs_in_queue
+from ._telemetry import Telemetry
 from ._waiting import Changes, poll_until, poll_until_async
 from ._worker import Worker
+
+if TYPE_CHECKING:
+    from opentelemetry.trace import TracerProvider
+    from prometheus_client import CollectorRegistry
+
+    from .metrics import Metrics
+    from .tracing import Tracing
 
 log = logging.getLogger("tiers")
 
@@ -77,6 +86,8 @@ class Retrier:
         namespace: str | None = None,
         durability: Durability = "normal",
         clock: Clock | None = None,
+        metrics: bool = False,
+        tracing: bool = False,
     ) -> None:
         configure_logging()
         self.policy = RetryPolicy(
@@ -108,7 +119,41 @@ class Retrier:
         self._portal_cm: AbstractContextManager[anyio.from_thread.BlockingPortal] | None = None
         self._serving: Future[None] | None = None
         self._serving_worker: Worker | None = None
+        # Metrics and tracing, off until enabled (see docs/observability.md).
+        self.telemetry = Telemetry()
+        # A wait this long with no live worker logs a warning (once per wait).
+        self.no_worker_warning_after = 10.0
         self.store.migrate(self.migrations, self._branches)
+        if metrics:
+            self.enable_metrics()
+        if tracing:
+            self.enable_tracing()
+
+    # -- observability ------------------------------------------------------------------
+
+    def enable_metrics(self, registry: CollectorRegistry | None = None) -> Metrics:
+        """Collect Prometheus metrics (needs the `metrics` extra) in `registry`, or a
+        registry of this Retrier's own; returns them (`.registry`). Serve them with
+        `retrier.metrics.make_asgi_app(retrier)` or `tiers worker --metrics-port`."""
+        if self.telemetry.metrics is not None:
+            return self.telemetry.metrics
+        from .metrics import Metrics
+
+        metrics = Metrics(self.store, registry)
+        self.telemetry.set(metrics=metrics)
+        self.store.on_insert = self.telemetry.inserted
+        return metrics
+
+    def enable_tracing(self, tracer_provider: TracerProvider | None = None) -> Tracing:
+        """Trace enqueues, attempts, on_complete handlers and workflows with
+        OpenTelemetry (needs the `tracing` extra), through `tracer_provider` or the
+        global one; runs then store their enqueuing trace context."""
+        from .tracing import Tracing
+
+        tracing = Tracing(tracer_provider)
+        self.telemetry.set(tracing=tracing)
+        self.store.on_insert = self.telemetry.inserted
+        return tracing
 
     # -- schema and engine ------------------------------------------------------------
 
@@ -294,6 +339,19 @@ class Retrier:
 
     def submit(self, new: Sequence[NewRun], *, session: Session | None = None) -> None:
         """Store prepared runs in one transaction (the caller's, if `session` is given)."""
+        if self.telemetry.tracing is not None:
+            with self.telemetry.enqueue_span([r.fn for r in new]):
+                self._submit(new, session)
+        else:
+            self._submit(new, session)
+        if log.isEnabledFor(logging.DEBUG):
+            for r in new:
+                log.debug(
+                    "run %s (%s) enqueued", r.id, r.fn,
+                    extra={"run_id": r.id, "fn": r.fn, "queue": r.queue},
+                )
+
+    def _submit(self, new: Sequence[NewRun], session: Session | None) -> None:
         if session is None:
             self.store.insert_runs(new)
             self.wake_workers()
@@ -344,6 +402,11 @@ class Retrier:
             for worker in list(self._workers):
                 worker.cancel_local(run_id)
             self.wake_workers()
+            log.info("run %s canceled", run_id, extra={"run_id": run_id})
+            if self.telemetry.metrics is not None:
+                row = self.store.get_many([run_id]).get(run_id)
+                if row is not None:
+                    self.telemetry.metrics.canceled(row.fn, row.queue)
 
     def retry(self, run_id: str) -> None:
         """Run a failed run again now: pending, due at once, with its retry budget
@@ -361,6 +424,9 @@ class Retrier:
                 worker.cancel_local(run_id)
         if done.count:
             self.wake_workers()
+            log.info("%d run(s) of queue %s canceled", done.count, queue, extra={"queue": queue})
+            if self.telemetry.metrics is not None:
+                self.telemetry.metrics.canceled("", queue, done.count)
         return done.count
 
     def cleanup(self, run_id: str) -> None:
@@ -381,7 +447,7 @@ class Retrier:
         """Block until every run has completed (see `wait`)."""
         remaining = set(run_ids)
         poll_until(
-            partial(self._all_completed, remaining),
+            self.watched(partial(self._all_completed, remaining)),
             self._completions,
             timeout,
             lambda: WaitTimeout(next(iter(remaining)), timeout or 0),
@@ -405,6 +471,45 @@ class Retrier:
             if len(done) < len(chunk):
                 return None
         return True
+
+    def watched(self, check: Callable[[], R | None]) -> Callable[[], R | None]:
+        """`check` for a wait (`poll_until`), which logs a warning, once, when the
+        wait has lasted `no_worker_warning_after` seconds with no live worker
+        registered in the database (a wait that nothing will ever end)."""
+        began = time.monotonic()
+        warned = False
+
+        def watched_check() -> R | None:
+            nonlocal warned
+            found = check()
+            if (
+                found is None
+                and not warned
+                and time.monotonic() - began >= self.no_worker_warning_after
+            ):
+                warned = True
+                self._warn_if_no_worker(time.monotonic() - began)
+            return found
+
+        return watched_check
+
+    def _warn_if_no_worker(self, waited_s: float) -> None:
+        if self._workers:
+            return  # this process runs one
+        seen = self.store.workers_seen()
+        if seen.live:
+            return
+        since = (
+            f"since {ms_to_datetime(seen.last_heartbeat_ms):%Y-%m-%d %H:%M:%S} UTC"
+            if seen.last_heartbeat_ms is not None
+            else "since this wait began"
+        )
+        log.warning(
+            "waited %.0f s, and no live worker has registered %s: start one with "
+            "`tiers worker MODULE:ATTR` (your Retrier, Workpool or WorkflowManager) or "
+            "`with retrier:`",
+            waited_s, since,
+        )
 
     def _runs_completed(self, _ids: list[str]) -> None:
         self._completions.notify()
@@ -456,7 +561,7 @@ class Retrier:
         read), so any number of waiters leaves the worker's threads to the worker."""
         remaining = set(run_ids)
         await poll_until_async(
-            partial(self._all_completed, remaining),
+            self.watched(partial(self._all_completed, remaining)),
             self._completions,
             timeout,
             lambda: WaitTimeout(next(iter(remaining)), timeout or 0),
@@ -476,7 +581,11 @@ class Retrier:
         settings.update(options)
         check_worker_settings(**{k: settings[k] for k in _WORKER_SETTINGS})
         worker = Worker(
-            self.store, self.registry, on_completed=self._runs_completed, **settings
+            self.store,
+            self.registry,
+            on_completed=self._runs_completed,
+            telemetry=self.telemetry,
+            **settings,
         )
         self._workers.append(worker)
         return worker

@@ -66,6 +66,7 @@ class NewRun:
     priority: int = 0
     on_complete: str | None = None
     context: Any = None
+    trace: str | None = None  # the enqueuing trace context (W3C traceparent)
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,6 +88,8 @@ class Claimed:
     result: Any
     error: str | None
     started_ms: int
+    trace: str | None = None  # the enqueuing trace context (W3C traceparent)
+    due_ms: int | None = None  # when it was due (its enqueue, run_at or backoff's end)
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,6 +110,7 @@ class Outcome:
     attempt: int | None = None
     queue: str = ""
     plain: bool = False
+    fn: str = ""  # the action, for logs and metrics
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,6 +127,7 @@ class Delivery:
     context: Any
     queue: str
     owner: str | None
+    trace: str | None = None  # the run's enqueuing trace context
 
 
 @dataclass(slots=True)

@@ -10,7 +10,7 @@ schema and the writes that start, cancel and delete runs.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from sqlalchemy import (
@@ -43,7 +43,7 @@ from ._models import (
     RUNNING,
     SCHEMA_VERSION,
 )
-from ._reads import Reads
+from ._reads import Gauges, Reads, WorkersSeen
 from ._records import Records
 from ._run_types import Canceling, Claimed, NewRun, OwnedRun, QueueLimits, StoredOutcome
 from ._tables import (
@@ -154,6 +154,18 @@ class Store:
         self.queue_counts = reads.queue_counts
         # Why a run is not running (_explain.py)
         self.explain = Explainer(self.dialect, clock, claims).explain
+        self._reads = reads
+        # Called with the rows of new runs before they are inserted (telemetry: the
+        # trace context stamped, runs counted); None while telemetry is off.
+        self.on_insert: Callable[[list[dict[str, Any]]], None] | None = None
+
+    def gauges(self) -> Gauges:
+        """What the metrics' gauges show (read at scrape time)."""
+        return self._reads.gauges(self.clock.now_ms())
+
+    def workers_seen(self) -> WorkersSeen:
+        """Workers alive now, and the last heartbeat on record."""
+        return self._reads.workers_seen(self.clock.now_ms())
 
     def migrate(self, migrations: Migrations, labels: Sequence[str]) -> list[str]:
         """Bring the schema of the branches `labels` up to date (Alembic migrations),
@@ -190,6 +202,8 @@ class Store:
         rows = [new_row(r, now) for r in new]
         if not rows:
             return
+        if self.on_insert is not None:
+            self.on_insert(rows)
         if conn is not None:
             conn.execute(INSERT_RUNS, rows)
             return
@@ -239,6 +253,8 @@ class Store:
         if new.queue and not self._claims.queue_has_room(conn, new.queue, new.key, worker):
             return None
         row = new_row(new, now)
+        if self.on_insert is not None:
+            self.on_insert([row])
         row.update(
             state=RUNNING,
             attempts=1,
@@ -265,6 +281,8 @@ class Store:
             result=None,
             error=None,
             started_ms=now,
+            trace=row["trace"],
+            due_ms=now,
         )
 
     def insert_finished(

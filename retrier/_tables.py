@@ -49,12 +49,14 @@ CLAIM_COLUMNS = (
     runs.c.outcome,
     runs.c.result,
     runs.c.error,
+    runs.c.trace,
 )
 
 
 # Columns a decision about a run's next state needs.
 DECIDE_COLUMNS = (
     runs.c.id,
+    runs.c.trace,
     runs.c.fn,
     runs.c.fence,
     runs.c.state,
@@ -155,6 +157,7 @@ def new_row(r: NewRun, now: int) -> dict[str, Any]:
         "max_backoff_ms": r.max_backoff_ms,
         "on_complete": r.on_complete,
         "context": r.context,
+        "trace": r.trace,
         "created_ms": now,
         "attempts": 0,
         "failures": 0,

@@ -32,10 +32,12 @@ from ._deliveries import Deliveries, finished_from
 from ._dialects import CANCEL, WouldBlock, is_transient, sent_at
 from ._errors import first_line
 from ._hints import Hints
+from ._log import run_extra
 from ._models import DELIVERING
 from ._registry import Registry
 from ._run_types import Claimed, Delivery, Outcome, Recorded, Runnable, SessionHandler
 from ._store import Store
+from ._telemetry import Telemetry, outcomes_recorded
 from ._timers import Timers
 from ._upkeep import sweep_interval
 from ._waiting import loop_caller
@@ -70,6 +72,7 @@ class Worker:
         record_patience: timedelta = timedelta(minutes=5),
         unregistered_grace: timedelta = timedelta(hours=1),
         on_completed: Callable[[list[str]], None] | None = None,
+        telemetry: Telemetry | None = None,
     ) -> None:
         if concurrency < 1:
             raise ValueError(f"concurrency must be at least 1, got {concurrency}")
@@ -98,7 +101,8 @@ class Worker:
         self._outcomes: MemoryObjectSendStream[Outcome] | None = None
         self._limiter = anyio.CapacityLimiter(concurrency)
         self._timers: Timers | None = None
-        self._deliveries = Deliveries(store, registry, self._persist)
+        self.telemetry = telemetry if telemetry is not None else Telemetry()
+        self._deliveries = Deliveries(store, registry, self._persist, self.telemetry)
         self._hints = Hints()  # how to answer announcements of new runs
         self._announced = False  # an announcement is on its way to the loop
         self._announced_at: float | None = 0.0  # the latest one's stamp (None: unknown)
@@ -300,7 +304,7 @@ class Worker:
         """Record outcomes of runs held after `attempt_claimed` inside the caller's
         transaction; `session_handler` stands in for their on_complete there.
         `wake_waiting`: see `Store.record_in`."""
-        return self.store.record_in(
+        recorded = self.store.record_in(
             conn,
             [replace(o, handler_in_txn=True) for o in outcomes],
             self.id,
@@ -309,6 +313,8 @@ class Worker:
             handler_savepoint=False,
             wake_waiting=wake_waiting,
         )
+        outcomes_recorded(self.telemetry, outcomes, recorded)
+        return recorded
 
     def release_claimed(self, run_ids: list[str], completed: list[str]) -> None:
         """After the transaction of `record_claimed` has committed (or if it did not,
@@ -350,9 +356,12 @@ class Worker:
         try:
             with scope:
                 going_async = partial(self._async_runs.add, c.id)
-                return await attempt(
-                    self.registry, c, limiter=self._limiter, going_async=going_async
+                call = partial(
+                    attempt, self.registry, c, limiter=self._limiter, going_async=going_async
                 )
+                if self.telemetry.active:
+                    return await self.telemetry.attempt(c, call)
+                return await call()
             return self._interrupted(c)  # our scope was cancelled
         finally:
             self._scopes.pop(c.id, None)
@@ -369,6 +378,9 @@ class Worker:
             kind=reason if reason in ("canceled", "released") else "failure",
             started_ms=c.started_ms,
             error=f"attempt interrupted ({reason})",
+            attempt=c.attempts,
+            queue=c.queue,
+            fn=c.fn,
         )
 
     async def _record(self, outcome: Outcome) -> None:
@@ -431,6 +443,7 @@ class Worker:
                           "then it runs again", batch[0].run_id)
             self._release(batch[0].run_id)
             return
+        outcomes_recorded(self.telemetry, batch, recorded)
         delivering = {f.id for f in recorded.to_deliver}
         for o in batch:
             if o.run_id not in delivering:
@@ -498,7 +511,10 @@ class Worker:
     def _lease_lost(self, run_id: str, fence: int) -> None:
         # The heartbeat read a snapshot; the attempt may have finished since.
         if self._held.get(run_id) == fence and run_id in self._scopes:
-            log.warning("lost the lease of run %s; abandoning its attempt", run_id)
+            log.warning(
+                "lost the lease of run %s; abandoning its attempt", run_id,
+                extra=run_extra(run_id),
+            )
             self._cancel_scope(run_id, "lost")
 
     async def _listen(self, scope: anyio.CancelScope) -> None:

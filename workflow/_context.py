@@ -10,6 +10,7 @@ new work is journaled and started.
 from __future__ import annotations
 
 import asyncio
+import time
 import uuid
 from collections.abc import Awaitable, Callable, Coroutine
 from datetime import datetime, timedelta
@@ -99,6 +100,8 @@ class WorkflowContext:
         self._inline_steps: dict[str, str] = {}  # run id -> step name
         self._journaled: dict[str, Entry] = {}  # run id -> its journal entry, once stored
         self.diverged: WorkflowDiverged | None = None
+        self.replayed = 0  # calls answered from the journal (for metrics)
+        self.executed = 0  # steps started by this pass
 
     @property
     def workflow_id(self) -> str:
@@ -137,7 +140,9 @@ class WorkflowContext:
                 self._diverge(
                     full, f"the journal ran {entry.fn!r} there, the code runs {reg.name!r}"
                 )
+            self.replayed += 1
             return self._replayed(full, entry, reg.decode_result)
+        self.executed += 1
         new = self._driver.retrier.prepare(
             reg.name,
             args,
@@ -151,6 +156,37 @@ class WorkflowContext:
         return self._spawn(self._run_step(full, position, row, new, reg.decode_result))
 
     async def _run_step(
+        self, full: str, position: int, row: dict[str, Any], new: NewRun, decode: Any
+    ) -> Any:
+        telemetry = self._driver.retrier.telemetry
+        if not telemetry.active:
+            return await self._step(full, position, row, new, decode)
+        began = time.perf_counter()
+        with telemetry.span(
+            f"tiers step {full}",
+            {"tiers.workflow_id": self.workflow_id, "tiers.step": full, "tiers.fn": new.fn},
+        ) as span:
+            inline = False
+            try:
+                value = await self._step(full, position, row, new, decode)
+                inline = True
+                return value
+            except StepFailed as exc:
+                inline = True
+                if span is not None and telemetry.tracing is not None:
+                    telemetry.tracing.failed(span, str(exc))
+                raise
+            except Suspend:
+                if span is not None:
+                    span.set_attribute("tiers.suspended", True)
+                raise
+            finally:
+                if inline and telemetry.metrics is not None:
+                    telemetry.metrics.step_duration.labels(self.workflow_name, new.fn).observe(
+                        time.perf_counter() - began
+                    )
+
+    async def _step(
         self, full: str, position: int, row: dict[str, Any], new: NewRun, decode: Any
     ) -> Any:
         worker = self._worker

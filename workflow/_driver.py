@@ -124,10 +124,29 @@ class Driver:
         elif loaded.workflow.unrunnable_since_ms is not None:
             await self.store_call(self.journal.clear_unrunnable, workflow_id)
         ctx = WorkflowContext(self, loaded, current_worker.get())
+        telemetry = self.retrier.telemetry
         try:
-            return await self._drive(ctx, loaded.workflow)
+            if not telemetry.active:
+                return await self._drive(ctx, loaded.workflow)
+            with telemetry.span(
+                f"tiers workflow {loaded.workflow.name}",
+                {"tiers.workflow_id": workflow_id, "tiers.workflow": loaded.workflow.name},
+            ) as span:
+                state = await self._drive(ctx, loaded.workflow)
+                if span is not None:
+                    span.set_attribute("tiers.workflow.state", state)
+                    span.set_attribute("tiers.steps.replayed", ctx.replayed)
+                    span.set_attribute("tiers.steps.executed", ctx.executed)
+                return state
         finally:
             ctx.settle_now()  # only if cancelled from outside with outcomes unstored
+            metrics = telemetry.metrics
+            if metrics is not None:
+                name = loaded.workflow.name
+                if ctx.replayed:
+                    metrics.steps_replayed.labels(name).inc(ctx.replayed)
+                if ctx.executed:
+                    metrics.steps_executed.labels(name).inc(ctx.executed)
 
     async def _hand_back(self, wf: WorkflowRow) -> None:
         """This worker lacks the workflow's code (a rolling deploy, or a rollback):
@@ -169,8 +188,6 @@ class Driver:
                     result = definition.encode_result(value)
                 except ResultNotSerializable as exc:
                     state, error = FAILED, str(exc)
-        if state == FAILED:
-            log.info("workflow %s (%s) failed: %s", wf.name, wf.id, error)
         # The last inline steps' outcomes are stored with the end, or not at all.
         taken = ctx.take_unsettled()
         try:
@@ -194,6 +211,15 @@ class Driver:
             return state
         ctx.settled(taken)
         self.retrier.wake_workers()
+        metrics = self.retrier.telemetry.metrics
+        if metrics is not None:
+            took_ms = self.retrier.clock.now_ms() - wf.created_ms
+            metrics.workflow_duration.labels(wf.name, state).observe(max(0, took_ms) / 1000)
+        log.log(
+            logging.INFO if state == FAILED else logging.DEBUG,
+            "workflow %s (%s) %s%s", wf.name, wf.id, state, f": {error}" if error else "",
+            extra={"workflow_id": wf.id, "workflow": wf.name, "state": state, "error": error},
+        )
         kind = "run:complete" if state == COMPLETED else "run:fail"
         self.listeners.emit(WorkflowEvent(kind, wf.id, wf.name, error=error, result=result))
         return state

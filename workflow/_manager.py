@@ -251,7 +251,7 @@ class WorkflowManager:
         """
         deadline = None if timeout is None else time.monotonic() + timeout
         row = poll_until(
-            partial(self._finished_row, workflow_id),
+            self.retrier.watched(partial(self._finished_row, workflow_id)),
             self._ended,
             timeout,
             lambda: WaitTimeout(workflow_id, timeout or 0),
@@ -271,7 +271,7 @@ class WorkflowManager:
         """`wait` without holding a thread while waiting."""
         deadline = None if timeout is None else time.monotonic() + timeout
         row = await poll_until_async(
-            partial(self._finished_row, workflow_id),
+            self.retrier.watched(partial(self._finished_row, workflow_id)),
             self._ended,
             timeout,
             lambda: WaitTimeout(workflow_id, timeout or 0),

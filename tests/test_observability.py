@@ -1,0 +1,313 @@
+"""Observability: Prometheus metrics (counters, histograms, gauges read from the
+database), OpenTelemetry traces that follow a run from its enqueue to its attempts in
+another process, structured logs, and the warning of a wait with no live worker."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from prometheus_client import CollectorRegistry
+
+from retrier import Completed, Failed, Retrier, Success, WaitTimeout
+from retrier._log import JsonFormatter
+from retrier.metrics import make_asgi_app, make_wsgi_app, render
+from tests.obs_app import build
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture
+def spans() -> Iterator[tuple[TracerProvider, InMemorySpanExporter]]:
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    yield provider, exporter
+    provider.shutdown()
+
+
+def sample(registry: CollectorRegistry, name: str, **labels: str) -> float:
+    return registry.get_sample_value(name, labels) or 0.0
+
+
+# -- off by default ------------------------------------------------------------------
+
+
+def test_telemetry_is_off_unless_asked(retrier: Retrier) -> None:
+    assert not retrier.telemetry.active
+    assert retrier.store.on_insert is None
+
+    @retrier.action
+    def noop() -> None: ...
+
+    with retrier:
+        assert retrier.wait(retrier.run(noop), timeout=10) == Completed(Success(None))
+
+
+# -- metrics -------------------------------------------------------------------------
+
+
+def test_metrics_count_runs_and_attempts_and_read_gauges_from_the_database(
+    make_retrier: Callable[..., Retrier],
+) -> None:
+    registry = CollectorRegistry()
+    retrier = make_retrier(max_failures=2, initial_backoff_ms=10)
+    assert retrier.enable_metrics(registry).registry is registry
+
+    @retrier.action(name="m.ok")
+    def ok() -> int:
+        return 1
+
+    @retrier.action(name="m.bad")
+    def bad() -> None:
+        raise RuntimeError("always")
+
+    ids = [retrier.run(ok) for _ in range(3)] + [retrier.run(bad)]
+    # Gauges come from the database: the runs are pending, no worker is alive.
+    assert sample(registry, "tiers_queue_pending", queue="") == 4
+    assert sample(registry, "tiers_workers_live") == 0
+    assert sample(registry, "tiers_queue_oldest_due_age_seconds", queue="") >= 0
+    with retrier:
+        retrier.wait_all(ids, timeout=20)
+        assert sample(registry, "tiers_workers_live") == 1
+    assert sample(registry, "tiers_runs_enqueued_total", fn="m.ok", queue="") == 3
+    assert sample(registry, "tiers_runs_started_total", fn="m.ok", queue="") == 3
+    assert sample(registry, "tiers_runs_succeeded_total", fn="m.ok", queue="") == 3
+    assert sample(registry, "tiers_runs_failed_total", fn="m.bad", queue="") == 1
+    assert sample(registry, "tiers_retries_total", fn="m.bad", queue="") == 1
+    assert sample(registry, "tiers_attempts_total", fn="m.bad", queue="", outcome="failure") == 2
+    assert sample(registry, "tiers_attempt_duration_seconds_count", fn="m.ok", queue="") == 3
+    assert sample(registry, "tiers_run_start_delay_seconds_count", fn="m.bad", queue="") == 2
+    assert sample(registry, "tiers_queue_pending", queue="") == 0
+    page = render(retrier).decode()
+    assert "tiers_runs_succeeded_total" in page and "tiers_queue_running" in page
+
+    pending = retrier.run(ok)
+    retrier.cancel(pending)
+    assert sample(registry, "tiers_runs_canceled_total", fn="m.ok", queue="") == 1
+
+
+def test_the_metrics_apps_serve_the_page(retrier: Retrier) -> None:
+    from starlette.applications import Starlette
+    from starlette.routing import Mount
+    from starlette.testclient import TestClient
+
+    app = Starlette(routes=[Mount("/metrics", app=make_asgi_app(retrier))])
+    with TestClient(app) as client:
+        got = client.get("/metrics/")
+    assert got.status_code == 200 and "tiers_workers_live" in got.text
+
+    seen: list[str] = []
+    body = make_wsgi_app(retrier)(
+        {"REQUEST_METHOD": "GET", "PATH_INFO": "/metrics", "QUERY_STRING": ""},
+        lambda status, headers: seen.append(status),
+    )
+    assert seen == ["200 OK"] and b"tiers_queue_pending" in b"".join(body)
+
+
+def test_workflow_metrics(make_retrier: Callable[..., Retrier], db_url: str) -> None:
+    workflows = build(db_url)
+    retrier = workflows.retrier
+    metrics = retrier.telemetry.metrics
+    assert metrics is not None
+    try:
+        with retrier:
+            wf = workflows.start("obs.flow", {"key": "k1"})
+            assert workflows.wait(wf, timeout=30) == Completed(Success(13))
+        r = metrics.registry
+        assert sample(r, "tiers_workflow_steps_executed_total", workflow="obs.flow") == 3
+        assert sample(r, "tiers_workflow_steps_replayed_total", workflow="obs.flow") >= 1
+        assert sample(r, "tiers_workflow_duration_seconds_count", workflow="obs.flow",
+                      state="completed") == 1
+        assert sample(r, "tiers_workflow_step_duration_seconds_count", workflow="obs.flow",
+                      fn="obs.add") >= 1
+    finally:
+        retrier.close()
+
+
+# -- tracing -------------------------------------------------------------------------
+
+
+def test_an_attempt_is_a_child_of_the_request_that_enqueued_it(
+    retrier: Retrier, spans: tuple[TracerProvider, InMemorySpanExporter]
+) -> None:
+    provider, exporter = spans
+    retrier.enable_tracing(provider)
+
+    @retrier.action(name="t.hello")
+    def hello(name: str) -> str:
+        return f"hi {name}"
+
+    @retrier.on_complete(name="t.done")
+    def done(run_id: str, result: Any, context: Any) -> None: ...
+
+    with provider.get_tracer("test").start_as_current_span("request") as request:
+        run_id = retrier.run(hello, {"name": "x"}, on_complete=done)
+    assert retrier.store.get(run_id).trace is not None
+    with retrier:
+        retrier.wait(run_id, timeout=10)
+    by_name = {s.name: s for s in exporter.get_finished_spans()}
+    enqueue, attempt = by_name["tiers enqueue t.hello"], by_name["tiers attempt t.hello"]
+    handler = by_name["tiers on_complete t.done"]
+    trace_id = request.get_span_context().trace_id
+    assert {s.context.trace_id for s in (enqueue, attempt, handler)} == {trace_id}
+    assert enqueue.parent is not None and enqueue.parent.span_id == request.context.span_id
+    assert attempt.parent is not None and attempt.parent.span_id == enqueue.context.span_id
+    assert handler.parent is not None and handler.parent.span_id == enqueue.context.span_id
+    assert attempt.attributes is not None and attempt.attributes["tiers.run_id"] == run_id
+
+
+@pytest.mark.processes
+def test_one_trace_from_the_request_to_the_last_step_run_by_another_process(
+    db_url: str, tmp_path: Path, spans: tuple[TracerProvider, InMemorySpanExporter]
+) -> None:
+    """The worker is another process, with its own exporter (a file): every span it
+    makes for the workflow belongs to the trace of the request that started it."""
+    provider, _ = spans
+    spans_file = tmp_path / "spans.jsonl"
+    workflows = build(db_url)
+    workflows.retrier.enable_tracing(provider)
+    port = _free_port()
+    env = {**os.environ, "TIERS_OBS_DB": db_url, "TIERS_OBS_SPANS": str(spans_file),
+           "TIERS_LOG_LEVEL": "WARNING"}
+    worker = subprocess.Popen(
+        [sys.executable, "-m", "retrier", "worker", "tests.obs_app:workflows",
+         "--metrics-port", str(port), "--metrics-addr", "127.0.0.1"],
+        cwd=ROOT, env=env,
+    )
+    try:
+        with provider.get_tracer("test").start_as_current_span("POST /orders") as request:
+            wf = workflows.start("obs.flow", {"key": "k1"})
+        assert workflows.wait(wf, timeout=60) == Completed(Success(13))
+        page = _scrape(port)
+        assert 'tiers_workflow_steps_executed_total{workflow="obs.flow"} 3.0' in page
+        assert "tiers_workers_live 1.0" in page
+    finally:
+        worker.send_signal(signal.SIGTERM)
+        worker.wait(30)
+        workflows.retrier.close()
+    trace_id = f"{request.get_span_context().trace_id:032x}"
+    theirs = [json.loads(line) for line in spans_file.read_text().splitlines()]
+    assert theirs and {s["pid"] for s in theirs} == {worker.pid}
+    names = {s["name"] for s in theirs}
+    assert {"tiers workflow obs.flow", "tiers step add[0]", "tiers step flaky[0]",
+            "tiers step add-again[0]", "tiers attempt obs.add", "tiers attempt obs.flaky"} <= names
+    assert {s["trace_id"] for s in theirs} == {trace_id}
+    # Parents resolve within the trace, up to the request in this process.
+    ids = {s["span_id"] for s in theirs} | {f"{request.get_span_context().span_id:016x}"}
+    assert all(s["parent_id"] in ids for s in theirs)
+    last = [s for s in theirs if s["name"] == "tiers step add-again[0]"]
+    assert last and last[-1]["trace_id"] == trace_id
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _scrape(port: int) -> str:
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as got:
+                return str(got.read().decode())
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.1)
+
+
+# -- logs ----------------------------------------------------------------------------
+
+
+def test_failures_are_logged_once_recorded(
+    make_retrier: Callable[..., Retrier], caplog: pytest.LogCaptureFixture
+) -> None:
+    retrier = make_retrier(max_failures=2, initial_backoff_ms=10)
+
+    @retrier.action(name="l.bad")
+    def bad() -> None:
+        raise ValueError("nope")
+
+    caplog.set_level(logging.WARNING, logger="tiers")
+    with retrier:
+        run_id = retrier.run(bad)
+        assert retrier.wait(run_id, timeout=10) == Completed(Failed("ValueError: nope"))
+    mine = [r for r in caplog.records if getattr(r, "run_id", None) == run_id]
+    assert [r.levelname for r in mine] == ["WARNING", "WARNING"]
+    retry, final = mine
+    assert "will retry" in retry.getMessage() and "Traceback" not in retry.getMessage()
+    assert "for good" in final.getMessage() and "Traceback" in final.getMessage()
+    assert (final.fn, final.attempt, final.queue) == ("l.bad", 2, "")  # type: ignore[attr-defined]
+
+
+def test_json_log_lines_carry_the_extra_fields() -> None:
+    record = logging.makeLogRecord({
+        "name": "tiers.worker", "levelname": "WARNING", "levelno": logging.WARNING,
+        "msg": "run %s failed", "args": ("r1",), "run_id": "r1", "fn": "f", "attempt": 2,
+        "queue": "q",
+    })
+    line = json.loads(JsonFormatter().format(record))
+    assert line["message"] == "run r1 failed" and line["level"] == "WARNING"
+    assert (line["run_id"], line["fn"], line["attempt"], line["queue"]) == ("r1", "f", 2, "q")
+
+
+def test_the_worker_logs_json_lines(db_url: str, tmp_path: Path) -> None:
+    script = (
+        "import logging\n"
+        "from retrier import Retrier\n"
+        f"r = Retrier({db_url!r}, max_failures=1)\n"
+        "@r.action(name='j.bad')\n"
+        "def bad() -> None:\n"
+        "    raise ValueError('nope')\n"
+        "with r:\n"
+        "    r.wait(r.run(bad), timeout=10)\n"
+    )
+    env = {**os.environ, "TIERS_LOG_FORMAT": "json"}
+    done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    lines = [json.loads(line) for line in done.stderr.splitlines() if line.startswith("{")]
+    failed = [line for line in lines if line.get("fn") == "j.bad"]
+    assert failed and failed[0]["level"] == "WARNING" and failed[0]["attempt"] == 1
+    assert "Traceback" in failed[0]["message"]
+
+
+# -- a wait with no worker -------------------------------------------------------------
+
+
+def test_a_wait_with_no_live_worker_warns_once(
+    retrier: Retrier, caplog: pytest.LogCaptureFixture
+) -> None:
+    @retrier.action
+    def noop() -> None: ...
+
+    retrier.no_worker_warning_after = 0.1
+    run_id = retrier.run(noop)
+    caplog.set_level(logging.WARNING, logger="tiers")
+    with pytest.raises(WaitTimeout):
+        retrier.wait(run_id, timeout=0.6)
+    warned = [r for r in caplog.records if "no live worker" in r.getMessage()]
+    assert len(warned) == 1
+    assert "tiers worker" in warned[0].getMessage() and "with retrier:" in warned[0].getMessage()
+    # With a worker alive, none.
+    caplog.clear()
+    with retrier:
+        retrier.wait(run_id, timeout=10)
+    assert not [r for r in caplog.records if "no live worker" in r.getMessage()]
