@@ -1,9 +1,15 @@
-"""The durable-tiers app that benchmark worker processes run (`bench.apps:retrier`)."""
+"""The durable-tiers app that benchmark worker processes run (`bench.apps:retrier`).
+
+Worker processes read their settings from the environment: TIERS_BENCH_DB (the URL),
+TIERS_BENCH_C (concurrency) and TIERS_BENCH_DURABILITY ("full" or "normal", the
+library's default). The poll interval is the library's default for the database:
+workers are woken by NOTIFY on PostgreSQL and by pings on SQLite, the poll is only a
+safety net.
+"""
 
 from __future__ import annotations
 
 import os
-from datetime import timedelta
 from functools import cache
 from typing import Any
 
@@ -11,7 +17,7 @@ from retrier import Retrier
 
 
 def build(url: str, *, observe: bool = False, **options: Any) -> Retrier:
-    retrier = Retrier(url, poll_interval=timedelta(milliseconds=20), **options)
+    retrier = Retrier(url, **options)
     if observe:
         enable_observability(retrier)
 

@@ -1,8 +1,16 @@
 """durable-tiers on the peer workloads, with the same command line as bench/peers.
 
-    python -m bench.ours noop --backend sqlite --n 2000 --concurrency 10
+    python -m bench.ours noop --backend sqlite --n 2000 --concurrency 10 --durability full
     python -m bench.ours steps --backend postgres --n 500
     python -m bench.ours backoff --backend sqlite --n 20
+
+`--durability full|normal` is passed to `Retrier(url, durability=...)`: SQLite
+synchronous FULL or NORMAL; on PostgreSQL the engine's own writes with
+synchronous_commit on or off. "normal" is the library's default.
+
+`--fn` picks the no-op of the noop workload: `noop_sync` (default; a plain function,
+like the peers' tasks, run on a worker thread) or `noop` (an async function, run on the
+worker's event loop).
 
 Prints one JSON line, like every `bench.peers.*` module, so bench/compare.py can run
 durable-tiers and its peers the same way.
@@ -17,25 +25,29 @@ import os
 import sys
 from typing import Any
 
-from bench.throughput import backoff_lateness, throughput
+from bench.throughput import DURABILITIES, backoff_lateness, throughput
 
 DEFAULT_N = {"noop": 2000, "steps": 500, "backoff": 20}
 
 
-def measure(workload: str, backend: str, n: int, concurrency: int) -> dict[str, Any]:
+def measure(workload: str, backend: str, n: int, concurrency: int, durability: str,
+            fn: str) -> dict[str, Any]:
     kind = "postgresql" if backend.startswith("postgres") else "sqlite"
     out: dict[str, Any] = {"peer": "durable-tiers", "backend": backend, "workload": workload,
-                           "n": n}
+                           "n": n, "durability": durability}
     if workload == "noop":
         # One worker process with `concurrency` slots, like the peers' single consumer.
-        out["runs_per_s"] = throughput(kind, n, workers=1, fn="noop", concurrency=concurrency)
-        out["note"] = f"retrier.run() one at a time; 1 worker process, concurrency {concurrency}"
+        out["runs_per_s"] = throughput(kind, n, workers=1, fn=fn, concurrency=concurrency,
+                                       durability=durability)
+        out["fn"] = fn
+        out["note"] = (f"retrier.run() one at a time; 1 worker process, concurrency "
+                       f"{concurrency}; {'sync' if fn == 'noop_sync' else 'async'} no-op")
     elif workload == "steps":
         from bench.workflow import sequential_ms_per_step
 
-        out["ms_per_step"] = sequential_ms_per_step(kind, n)
+        out["ms_per_step"] = sequential_ms_per_step(kind, n, durability)
     elif workload == "backoff":
-        p50, p95 = backoff_lateness(kind, n)
+        p50, p95 = backoff_lateness(kind, n, durability)
         out.update(p50_ms=p50, p95_ms=p95)
     else:
         raise SystemExit(f"unknown workload {workload!r}")
@@ -48,6 +60,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--backend", default="sqlite", choices=["sqlite", "postgres"])
     parser.add_argument("--n", type=int)
     parser.add_argument("--concurrency", type=int, default=10)
+    parser.add_argument("--durability", choices=DURABILITIES, default="normal")
+    parser.add_argument("--fn", choices=["noop", "noop_sync"], default="noop_sync",
+                        help="the noop workload's action (default: the sync no-op)")
     parser.add_argument("--timeout", type=float, default=300)  # accepted for symmetry
     args = parser.parse_args(argv)
     n = args.n or DEFAULT_N[args.workload]
@@ -55,10 +70,12 @@ def main(argv: list[str] | None = None) -> None:
     os.environ.setdefault("TIERS_LOG_LEVEL", "WARNING")
     with contextlib.redirect_stdout(sys.stderr):
         try:
-            result = measure(args.workload, args.backend, n, args.concurrency)
+            result = measure(args.workload, args.backend, n, args.concurrency,
+                             args.durability, args.fn)
         except Exception as exc:
             result = {"peer": "durable-tiers", "backend": args.backend,
-                      "workload": args.workload, "error": f"{type(exc).__name__}: {exc}"}
+                      "workload": args.workload, "durability": args.durability,
+                      "error": f"{type(exc).__name__}: {exc}"}
     print(json.dumps(result), flush=True)
 
 

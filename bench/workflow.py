@@ -21,8 +21,8 @@ from workflow import WorkflowContext, WorkflowManager
 from workpool import Workpool
 
 
-def build(url: str) -> tuple[Retrier, WorkflowManager]:
-    retrier = Retrier(url, concurrency=64)
+def build(url: str, durability: str = "normal") -> tuple[Retrier, WorkflowManager]:
+    retrier = Retrier(url, concurrency=64, durability=durability)  # type: ignore[arg-type]
     pool = Workpool(retrier, f"bench-{uuid.uuid4().hex[:6]}", max_parallelism=200)
     workflows = WorkflowManager(pool)
 
@@ -64,10 +64,10 @@ def bench_concurrent(workflows: WorkflowManager, count: int) -> float:
     return count / (time.perf_counter() - t)
 
 
-def sequential_ms_per_step(kind: str, steps: int) -> float:
+def sequential_ms_per_step(kind: str, steps: int, durability: str = "normal") -> float:
     """ms per step of one workflow of `steps` sequential no-op steps, on a fresh database."""
     with fresh_database(kind) as url:
-        retrier, workflows = build(url)
+        retrier, workflows = build(url, durability)
         try:
             with retrier:
                 bench_sequential(workflows, 50)  # warm up

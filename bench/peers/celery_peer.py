@@ -4,6 +4,12 @@ Pool: ``threads`` by default (``--extra prefork`` for the prefork pool).  On a
 2-core machine ten prefork children mostly add context switches and IPC for
 no-op tasks, while the thread pool keeps one process; both can be measured.
 
+``task_acks_late=True``: a task is acknowledged after it ran, not when a worker
+takes it, so a worker that dies mid-task leaves it to be run again (at-least-once,
+as the durable peers). What survives a crash of Redis itself depends on Redis's
+persistence; the result reports ``appendonly`` / ``appendfsync`` as read from the
+server (CONFIG GET).
+
 Every Redis key this run creates carries a unique ``global_keyprefix`` (broker and
 result backend), so cleanup deletes exactly those keys.
 """
@@ -41,6 +47,7 @@ def build_app(prefix: str, events: EventLog) -> Celery:
         broker_connection_retry_on_startup=True,
         worker_hijack_root_logger=False,
         result_expires=3600,
+        task_acks_late=True,  # at-least-once, like the durable peers
     )
 
     @app.task(name="noop")
@@ -113,6 +120,22 @@ def redis_namespace() -> Iterator[str]:
         client.close()
 
 
+def redis_persistence() -> str:
+    """Redis's persistence settings, as the server reports them."""
+    client = redis.Redis.from_url(common.REDIS_URL)
+    try:
+        config = {
+            **client.config_get("appendonly"),
+            **client.config_get("appendfsync"),
+            **client.config_get("save"),
+        }
+    except redis.RedisError as exc:
+        return f"unknown ({exc})"
+    finally:
+        client.close()
+    return ", ".join(f"{k}={v!r}" for k, v in sorted(config.items()))
+
+
 def bench_noop(app: Celery, args: Args) -> JsonDict:
     noop: Any = app.tasks["noop"]
     watch = common.Stopwatch()
@@ -151,6 +174,7 @@ def bench(args: Args) -> JsonDict:
     if _pool(args) not in POOLS:
         return common.unsupported(PEER, args, f"--extra must be one of {POOLS}")
     result = common.base_result(PEER, args, "celery")
+    result["durability"] = redis_persistence()
     with common.temp_dir("celery") as tmp, redis_namespace() as prefix:
         events = EventLog(tmp / "events.jsonl")
         app = build_app(prefix, events)

@@ -67,6 +67,7 @@ class Args:
     gap: float
     state: str
     extra: str
+    durability: str = ""  # "" = the peer's default; else "full" / "normal" where supported
 
 
 # --------------------------------------------------------------------------- CLI
@@ -93,10 +94,26 @@ def parse_args(argv: list[str] | None, default_backend: str) -> Args:
     )
     parser.add_argument("--state", default="", help=argparse.SUPPRESS)
     parser.add_argument("--extra", default="", help="peer-specific option")
+    parser.add_argument(
+        "--durability",
+        default="",
+        choices=("", "full", "normal"),
+        help="SQLite synchronous FULL / NORMAL where the peer lets us set it "
+        "(default: the peer's own default)",
+    )
     ns = parser.parse_args(argv)
     n = ns.n if ns.n is not None else DEFAULT_N.get(ns.workload, 0)
     return Args(
-        ns.workload, n, ns.backend, ns.poll, ns.concurrency, ns.timeout, ns.gap, ns.state, ns.extra
+        ns.workload,
+        n,
+        ns.backend,
+        ns.poll,
+        ns.concurrency,
+        ns.timeout,
+        ns.gap,
+        ns.state,
+        ns.extra,
+        ns.durability,
     )
 
 
@@ -119,6 +136,8 @@ def worker_argv(module: str, args: Args, state: str) -> list[str]:
         state,
         "--extra",
         args.extra,
+        "--durability",
+        args.durability,
     ]
 
 
@@ -274,6 +293,15 @@ def temp_dir(prefix: str) -> Iterator[Path]:
 
 
 # ------------------------------------------------------------------- postgres
+
+
+def pg_setting(url: str, name: str) -> str:
+    """A PostgreSQL setting as a new connection to ``url`` sees it (e.g. synchronous_commit)."""
+    import psycopg
+
+    with psycopg.connect(url, autocommit=True) as conn:
+        row = conn.execute(f"SHOW {name}".encode()).fetchone()  # name is ours, not input
+    return str(row[0]) if row else "unknown"
 
 
 def _pg_url_for(dbname: str) -> str:

@@ -5,6 +5,14 @@ The consumer polls its SQLite queue; ``--poll`` sets both ``initial_delay`` and
 Retries with a delay go through huey's schedule, which the consumer's scheduler
 only checks once per ``scheduler_interval`` (minimum 1 s), so a 250 ms retry delay
 is honoured with up-to-1 s granularity.
+
+Durability (``--durability``): SqliteStorage opens its connections in WAL mode and
+takes ``fsync=None|True|False``: None leaves SQLite's compiled-in default, which is
+synchronous FULL for this build (DEFAULT_WAL_SYNCHRONOUS=2; the result reports the
+pragma as read back), True sets FULL (2) and False sets OFF (0), not NORMAL.
+``--durability full`` passes ``fsync=True``; ``--durability normal`` uses a small
+SqliteStorage subclass that sets ``PRAGMA synchronous=NORMAL`` on each new connection
+(huey has no option for NORMAL); the default (no flag) is huey's own: FULL.
 """
 
 from __future__ import annotations
@@ -18,6 +26,7 @@ from typing import Any
 
 from huey import SqliteHuey
 from huey.api import Task, TaskWrapper
+from huey.storage import SqliteStorage
 
 from bench.peers import common
 from bench.peers.common import Args, EventLog, JsonDict
@@ -27,6 +36,30 @@ MODULE = "bench.peers.huey_peer"
 SCHEDULER_INTERVAL_S = 1  # huey's minimum
 
 
+SYNCHRONOUS = {0: "OFF", 1: "NORMAL", 2: "FULL", 3: "EXTRA"}
+
+
+class NormalSyncStorage(SqliteStorage):
+    """SqliteStorage whose connections use ``PRAGMA synchronous=NORMAL``."""
+
+    def _create_connection(self) -> Any:
+        conn = super()._create_connection()
+        conn.execute("pragma synchronous=1")
+        return conn
+
+
+class NormalSyncHuey(SqliteHuey):
+    storage_class = NormalSyncStorage
+
+
+def make_huey(filename: str, durability: str) -> SqliteHuey:
+    if durability == "normal":
+        return NormalSyncHuey("peers-bench", filename=filename)
+    if durability == "full":
+        return SqliteHuey("peers-bench", filename=filename, fsync=True)
+    return SqliteHuey("peers-bench", filename=filename)  # huey's default: fsync=None
+
+
 @dataclass(frozen=True)
 class HueyApp:
     huey: SqliteHuey
@@ -34,9 +67,9 @@ class HueyApp:
     flaky: TaskWrapper
 
 
-def build_app(state_dir: Path) -> HueyApp:
+def build_app(state_dir: Path, durability: str = "") -> HueyApp:
     """Create the huey instance and its tasks (same code in app and consumer)."""
-    huey = SqliteHuey("peers-bench", filename=str(state_dir / "huey.sqlite"))
+    huey = make_huey(str(state_dir / "huey.sqlite"), durability)
     events = EventLog(state_dir / "events.jsonl")
 
     @huey.task(name="noop")
@@ -59,7 +92,7 @@ def build_app(state_dir: Path) -> HueyApp:
 
 
 def worker(args: Args) -> JsonDict:
-    app = build_app(Path(args.state))
+    app = build_app(Path(args.state), args.durability)
     consumer = app.huey.create_consumer(
         workers=args.concurrency,
         worker_type="thread",
@@ -131,7 +164,10 @@ def bench(args: Args) -> JsonDict:
         return common.unsupported(PEER, args, "this harness runs SqliteHuey only")
     result = common.base_result(PEER, args, "huey")
     with common.temp_dir("huey") as state_dir:
-        app = build_app(state_dir)
+        app = build_app(state_dir, args.durability)
+        level = app.huey.storage.conn.execute("pragma synchronous").fetchone()[0]
+        result["synchronous"] = SYNCHRONOUS.get(level, str(level))
+        result["durability"] = args.durability or "default"
         argv = common.worker_argv(MODULE, args, str(state_dir))
         with common.worker_process(argv) as proc:
             _warm_up(app, 30.0)

@@ -8,6 +8,9 @@ the polling loop.
 ``RetryStrategy(wait=...)`` is typed ``int`` seconds, so 250 ms is expressed with a
 small ``BaseRetryStrategy`` subclass (procrastinate's documented extension point)
 returning ``RetryDecision(retry_in={"milliseconds": 250})``.
+
+Durability: procrastinate commits with the server's synchronous_commit (on by
+default), reported in the result as read back.
 """
 
 from __future__ import annotations
@@ -180,6 +183,8 @@ def bench(args: Args) -> JsonDict:
     result = common.base_result(PEER, args, "procrastinate")
     with common.temp_dir("procrastinate") as tmp, common.pg_database("bench_procrastinate") as dsn:
         result.update(asyncio.run(_bench_async(args, dsn, EventLog(tmp / "events.jsonl"))))
+        sync = common.pg_setting(dsn, "synchronous_commit")
+        result["durability"] = f"synchronous_commit={sync} (server default)"
     return result
 
 
