@@ -1,7 +1,9 @@
 """The dashboard in a real browser (Debian's chromium, driven by selenium), against a
 uvicorn server in a thread and a live in-process worker: every page loads, a run is
 canceled, a pool's cap changed, an event sent to a workflow (which then finishes,
-seen through the page's own live updates). Screenshots go to docs/screenshots/.
+seen through the page's own live updates). Screenshots go to a temporary folder;
+`TIERS_SCREENSHOTS=docs/screenshots pytest tests/test_dashboard_browser.py` refreshes
+the README's.
 
 Skipped when chromium or chromedriver is missing, except with CI=true, where it fails.
 """
@@ -23,7 +25,6 @@ from tests.conftest import IN_CI
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMEDRIVER = "/usr/bin/chromedriver"
-SHOTS = Path(__file__).resolve().parent.parent / "docs" / "screenshots"
 TOKEN = "browser-test-token"
 
 
@@ -97,26 +98,36 @@ def server(tmp_path: Path) -> Iterator[tuple[str, Any]]:
 
 
 def wait_for(check: Callable[[], bool], timeout: float = 10.0) -> None:
+    """Until `check()` holds; a page that changes under it (a navigation, the live
+    refresh replacing an element) just means: look again."""
+    from selenium.common.exceptions import NoSuchElementException, StaleElementReferenceException
+
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if check():
-            return
+        try:
+            if check():
+                return
+        except (StaleElementReferenceException, NoSuchElementException):
+            pass
         time.sleep(0.1)
     raise AssertionError("timed out")
 
 
-def test_the_dashboard_in_a_browser(browser: Any, server: tuple[str, Any]) -> None:
+def test_the_dashboard_in_a_browser(
+    browser: Any, server: tuple[str, Any], tmp_path: Path
+) -> None:
     from selenium.webdriver.common.by import By
 
     base, demo = server
     ids = demo.ids
-    SHOTS.mkdir(parents=True, exist_ok=True)
+    shots = Path(os.environ.get("TIERS_SCREENSHOTS") or tmp_path)
+    shots.mkdir(parents=True, exist_ok=True)
 
     def text() -> str:
         return str(browser.find_element(By.TAG_NAME, "body").text)
 
     def shot(name: str) -> None:
-        browser.save_screenshot(str(SHOTS / f"{name}.png"))
+        browser.save_screenshot(str(shots / f"{name}.png"))
 
     # Log in (the token from TIERS_DASHBOARD_TOKEN), landing on the overview.
     browser.get(f"{base}/login?next=/")
