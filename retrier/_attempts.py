@@ -34,11 +34,13 @@ async def attempt(
     *,
     limiter: anyio.CapacityLimiter,
     going_async: Callable[[], None],
+    now_ms: Callable[[], int] | None = None,
 ) -> Outcome:
     """Run the claimed run's action once; never raises (but for cancellation).
 
     `limiter` bounds the threads of `def` actions; `going_async` is called just before
-    an `async def` action starts (a shutdown may then cancel it)."""
+    an `async def` action starts (a shutdown may then cancel it); `now_ms` stamps when
+    the attempt ended (a retry's backoff counts from then, not from its recording)."""
     in_txn = handler_in_txn(registry, c.on_complete)
 
     def outcome(kind: str, **fields: Any) -> Outcome:
@@ -52,6 +54,7 @@ async def attempt(
             queue=c.queue,
             plain=c.on_complete is None,
             fn=c.fn,
+            ended_ms=None if now_ms is None else now_ms(),
             **fields,
         )
 

@@ -386,8 +386,12 @@ class Records:
                 row.jitter,
                 self._rng,
             )
+        # From when the attempt ended (recording may come a little later).
+        since = now if o.ended_ms is None else min(o.ended_ms, now)
         return (
-            settle_values(row, state=PENDING, failures=failures, due_ms=now + delay, error=o.error),
+            settle_values(
+                row, state=PENDING, failures=failures, due_ms=since + delay, error=o.error
+            ),
             None,
         )
 

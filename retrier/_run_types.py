@@ -111,6 +111,7 @@ class Outcome:
     queue: str = ""
     plain: bool = False
     fn: str = ""  # the action, for logs and metrics
+    ended_ms: int | None = None  # when the attempt ended: a retry's backoff counts from it
 
 
 @dataclass(frozen=True, slots=True)

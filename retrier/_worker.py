@@ -357,7 +357,12 @@ class Worker:
             with scope:
                 going_async = partial(self._async_runs.add, c.id)
                 call = partial(
-                    attempt, self.registry, c, limiter=self._limiter, going_async=going_async
+                    attempt,
+                    self.registry,
+                    c,
+                    limiter=self._limiter,
+                    going_async=going_async,
+                    now_ms=self.store.clock.now_ms,
                 )
                 if self.telemetry.active:
                     return await self.telemetry.attempt(c, call)

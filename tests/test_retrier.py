@@ -39,6 +39,7 @@ from retrier import (
     UnregisteredFunction,
     WaitTimeout,
 )
+from retrier.engine import Outcome
 from tests.support import Calls, drain
 
 MakeRetrier = Callable[..., Retrier]
@@ -83,6 +84,27 @@ def test_default_backoff_reproduces_the_seed_table(make_retrier: MakeRetrier) ->
     drain(retrier)
     assert len(attempt_starts(retrier, run_id)) == 4, "gave up after max_failures=4"
     assert completions.items == [status.result]
+
+
+def test_a_backoff_counts_from_when_the_attempt_ended_not_from_its_recording(
+    make_retrier: MakeRetrier,
+) -> None:
+    clock = FakeClock()
+    retrier = make_retrier(clock=clock)
+
+    @retrier.action
+    def fails() -> None: ...
+
+    run_id = retrier.run(fails, initial_backoff_ms=250)
+    (claimed,), _ = retrier.store.claim("w", 1, 60_000)
+    ended = clock.now_ms()
+    clock.advance(timedelta(milliseconds=40))  # the record comes 40 ms after the failure
+    retrier.store.record(
+        [Outcome(run_id, claimed.fence, "failure", claimed.started_ms, error="x", ended_ms=ended)],
+        "w",
+        60_000,
+    )
+    assert retrier.store.get(run_id).due_ms == ended + 250
 
 
 def test_per_run_overrides_set_the_schedule(make_retrier: MakeRetrier) -> None:
