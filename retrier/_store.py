@@ -215,7 +215,7 @@ class Store:
         # NOTIFY (PostgreSQL) or by polling (SQLite in other processes).
         try:
             with self.dialect.write_one() if len(rows) == 1 else self.dialect.write() as own:
-                own.execute(insert(runs), rows)
+                own.execute(INSERT_RUNS, rows)
         except IntegrityError:
             # Tried again after a dropped connection: the first try may have committed.
             if self.states(r["id"] for r in rows).keys() != {r["id"] for r in rows}:
