@@ -38,20 +38,23 @@ def build(url: str, *, observe: bool = False, **options: Any) -> Retrier:
 
 
 def enable_observability(retrier: Retrier) -> None:
-    """Metrics, and tracing through the OpenTelemetry SDK (every span sampled and
-    batched to an exporter that drops them): what it costs, short of the export."""
+    """Metrics, and tracing through the OpenTelemetry SDK (spans sampled at the ratio
+    TIERS_BENCH_SAMPLE, default every one, batched to an exporter that drops them):
+    what it costs, short of the export."""
     from opentelemetry.sdk.trace import TracerProvider
     from opentelemetry.sdk.trace.export import (
         BatchSpanProcessor,
         SpanExporter,
         SpanExportResult,
     )
+    from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
 
     class Drop(SpanExporter):
         def export(self, spans: Any) -> SpanExportResult:
             return SpanExportResult.SUCCESS
 
-    provider = TracerProvider()
+    ratio = float(os.environ.get("TIERS_BENCH_SAMPLE", "1"))
+    provider = TracerProvider(sampler=ParentBased(TraceIdRatioBased(ratio)))
     provider.add_span_processor(BatchSpanProcessor(Drop()))
     retrier.enable_metrics()
     retrier.enable_tracing(provider)

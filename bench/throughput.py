@@ -184,10 +184,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--fn", choices=["noop", "noop_sync"], default="noop")
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--samples", type=int, default=40)
+    parser.add_argument("--sample", type=float, default=1.0,
+                        help="with --observe: the ratio of traces sampled (env TIERS_BENCH_SAMPLE)")
     parser.add_argument("--observe", action="store_true",
                         help="metrics and tracing on (an SDK tracer that drops its spans)")
     parser.add_argument("--durability", choices=DURABILITIES, default="normal")
     args = parser.parse_args(argv)
+    os.environ["TIERS_BENCH_SAMPLE"] = str(args.sample)
     kinds = ["sqlite", "postgresql"] if args.db == "both" else [args.db]
 
     title = f"{args.n} no-op runs" + (", metrics and tracing on" if args.observe else "")

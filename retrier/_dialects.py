@@ -23,6 +23,7 @@ from ._dialect import (
     partial_index,
     reconnecting,
     sent_at,
+    stamped,
 )
 from ._errors import DatabaseUnavailable, InvalidDatabaseURL, InvalidSettings
 from ._postgres import PostgresDialect
@@ -42,6 +43,7 @@ __all__ = [
     "partial_index",
     "reconnecting",
     "sent_at",
+    "stamped",
 ]
 
 # A namespace becomes a PostgreSQL schema name and part of channel names.

@@ -20,7 +20,7 @@ from sqlmodel import Session
 
 from ._checks import check_worker_settings
 from ._clock import Clock, SystemClock, delay_ms, due_ms, ms_to_datetime
-from ._dialects import WAKE, Durability
+from ._dialects import WAKE, Durability, stamped
 from ._errors import InvalidArguments, InvalidSettings, RunNotFound, WaitTimeout
 from ._explain import Why
 from ._json import check_json
@@ -597,8 +597,12 @@ class Retrier:
     def wake_workers(self) -> None:
         """Make this process's workers look for due work now (after a higher tier has
         committed runs through its own connection)."""
+        # As a hint stamped after the commit, like another process's: a worker whose
+        # latest claim began later has seen these runs, and a burst of enqueues
+        # costs one hop to its loop.
+        hint = stamped(WAKE, "")
         for worker in list(self._workers):
-            worker.wake()
+            worker.hint(WAKE, hint)
         # And other processes' (on SQLite; PostgreSQL's trigger announces new runs).
         self.store.dialect.announce(WAKE)
 

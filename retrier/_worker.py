@@ -121,11 +121,11 @@ class Worker:
         self._outcomes = send
         timers.start()
         lease_s = self.lease_ms / 1000
-        timers.every("heartbeat", timedelta(seconds=lease_s / 3), self._heartbeat, now=True)
+        timers.every("heartbeat", timedelta(seconds=lease_s / 3), self.jobs.heartbeat, now=True)
         timers.every("reap", timedelta(seconds=lease_s / 2), self.jobs.reap, now=True)
         timers.every("unrunnable", sweep_interval(self.unregistered_grace), self.jobs.sweep)
         timers.every("retention", timedelta(days=1), self.jobs.purge, now=True)
-        timers.every("poll", self.poll_interval, self._poll)
+        timers.every("poll", self.poll_interval, self.jobs.poll)
         log.info("worker %s started (concurrency %d)", self.id, self.concurrency)
         try:
             async with anyio.create_task_group() as tg:
@@ -526,6 +526,11 @@ class Worker:
         with scope:
             await self.store.dialect.listen(self._on_notify)
 
+    def hint(self, channel: str, payload: str = "") -> None:
+        """A hint that there is work (WAKE) or a cancel to look at (CANCEL), as
+        other processes send them; thread-safe, never blocks."""
+        self._on_notify(channel, payload)
+
     def _on_notify(self, channel: str, payload: str) -> None:
         """A hint from another process; called on the loop or a listener's thread."""
         # A notification is only a hint to look at the database (any role that can
@@ -533,9 +538,9 @@ class Worker:
         if channel == CANCEL:
             if self._held and (not payload or payload in self._held):
                 if threading.get_ident() != self._loop_thread:
-                    self._heartbeat()  # reads each held run's cancel request
+                    self.jobs.heartbeat()  # reads each held run's cancel request
                 elif self._tg is not None:
-                    self._tg.start_soon(anyio.to_thread.run_sync, self._heartbeat)
+                    self._tg.start_soon(anyio.to_thread.run_sync, self.jobs.heartbeat)
             return
         stamp = sent_at(payload)
         if self._hints.covers(stamp):
@@ -570,37 +575,6 @@ class Worker:
         """Fail the runs no live worker could run for `unregistered_grace` (blocking);
         returns how many."""
         return self.jobs.sweep_unrunnable()
-
-    def _heartbeat(self) -> None:
-        self.jobs.announce_quietly()
-        held = dict(self._held)
-        if not held:
-            return
-        try:
-            beat = self.store.heartbeat(self.id, held, self.lease_ms)
-        except Exception:
-            log.exception("heartbeat failed")
-            return
-        for run_id in beat.lost:
-            self._from_thread(partial(self._lease_lost, run_id, held[run_id]))
-        for run_id in beat.cancel_requested:
-            self._from_thread(partial(self._cancel_scope, run_id, "canceled"))
-
-    def _poll(self) -> None:
-        # A worker whose claims keep finding runs claims again after every batch:
-        # nothing for a poll to add. (Not any claim: under a trickle every record
-        # claims, finding nothing, and the poll would never run.)
-        if time.monotonic() - self._found_work_at < self.poll_interval.total_seconds():
-            return
-        # A read first: an idle worker must not take SQLite's write lock forty times a
-        # second just to find nothing due.
-        try:
-            due = self.store.next_due_ms(self.runnable())
-        except Exception:
-            log.exception("polling for due work failed")
-            return
-        if due is not None and due <= self.store.clock.now_ms():
-            self.wake()
 
     def _from_thread(self, fn: Callable[[], None]) -> None:
         if self._call_soon is not None:

@@ -1,6 +1,7 @@
-"""A worker's periodic jobs besides running work: its row in `tiers_workers` (what it
-can run, that it is alive), the sweep that fails runs no live worker can run, reaping
-expired leases, and retention. Each job logs its failure and never raises: a timer
+"""A worker's periodic jobs besides running work: its heartbeat (its row in
+`tiers_workers`, what it can run, and its held runs' leases and cancel requests), the
+poll for due work, the sweep that fails runs no live worker can run, reaping expired
+leases, and retention. Each job logs its failure and never raises: a timer
 calls it again at its next tick.
 """
 
@@ -9,6 +10,8 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import time
+from functools import partial
 from typing import TYPE_CHECKING
 
 from ._clock import to_ms
@@ -41,6 +44,42 @@ class WorkerJobs:
                 runnable=w.runnable(),
             )
         )
+
+    def heartbeat(self) -> None:
+        """Renew the leases of the runs the worker holds; act on lost leases and on
+        cancel requests (its `_held`, `_lease_lost` and `_cancel_scope`)."""
+        w = self._worker
+        self.announce_quietly()
+        held = dict(w._held)
+        if not held:
+            return
+        try:
+            beat = self._store.heartbeat(w.id, held, w.lease_ms)
+        except Exception:
+            log.exception("heartbeat failed")
+            return
+        for run_id in beat.lost:
+            w._from_thread(partial(w._lease_lost, run_id, held[run_id]))
+        for run_id in beat.cancel_requested:
+            w._from_thread(partial(w._cancel_scope, run_id, "canceled"))
+
+    def poll(self) -> None:
+        """Look for due work by itself, in case no hint arrived."""
+        w = self._worker
+        # A worker whose claims keep finding runs claims again after every batch:
+        # nothing for a poll to add. (Not any claim: under a trickle every record
+        # claims, finding nothing, and the poll would never run.)
+        if time.monotonic() - w._found_work_at < w.poll_interval.total_seconds():
+            return
+        # A read first: an idle worker must not take SQLite's write lock forty times a
+        # second just to find nothing due.
+        try:
+            due = self._store.next_due_ms(w.runnable())
+        except Exception:
+            log.exception("polling for due work failed")
+            return
+        if due is not None and due <= self._store.clock.now_ms():
+            w.wake()
 
     def announce_quietly(self) -> None:
         try:
