@@ -74,16 +74,17 @@ class Pings:
     def available() -> bool:
         return hasattr(socket, "AF_UNIX")
 
-    def send(self, kind: str, payload: str = "") -> None:
+    def send(self, kind: str, payload: str = "", *, fresh: bool = False) -> None:
         """Ping every worker of the database but those listening through this object
         (their Retrier wakes them in-process); never blocks, never raises.
 
         Who listens is read from the directory at most every `_RESCAN_S`: a syscall
         per enqueue would hand the GIL to the worker's thread and wait to get it back
         (measured: 111 us per enqueue in a flood with an in-process worker). A worker
-        that starts meanwhile reads the database once listening, then polls."""
+        that starts meanwhile reads the database once listening, then polls. `fresh`
+        reads it now (a rare hint that must not wait for a poll: a cancel)."""
         now = time.monotonic()
-        if now - self._scanned_at > _RESCAN_S:
+        if fresh or now - self._scanned_at > _RESCAN_S:
             self._scanned_at = now
             try:
                 entries = [e.path for e in os.scandir(self.directory)]

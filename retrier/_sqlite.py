@@ -98,7 +98,7 @@ class SQLiteDialect:
                 pings = conn.info.pop(_PINGS, None)
         if pings and self._pings is not None:
             for kind, payload in dict.fromkeys(pings):
-                self._pings.send(kind, stamped(kind, payload))
+                self._pings.send(kind, stamped(kind, payload), fresh=kind != WAKE)
 
     def write_one(self) -> contextlib.AbstractContextManager[Connection]:
         return self.write()
@@ -177,7 +177,7 @@ class SQLiteDialect:
 
     def announce(self, kind: str, payload: str = "") -> None:
         if self._pings is not None:
-            self._pings.send(kind, stamped(kind, payload))
+            self._pings.send(kind, stamped(kind, payload), fresh=kind != WAKE)
 
     async def listen(
         self, on_notify: Listener, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED
