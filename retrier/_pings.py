@@ -92,7 +92,7 @@ class Pings:
                 entries = []  # no worker has listened yet
             self._peers = [p for p in entries if p.endswith(_SUFFIX)]
         message = f"{kind}:{payload}".encode()
-        for path in self._peers:
+        for path in list(self._peers):  # _forget may remove one as we go
             if path in self._own:
                 continue
             try:
