@@ -3,11 +3,8 @@
 from __future__ import annotations
 
 import logging
-import time
 import uuid
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future
-from contextlib import AbstractContextManager
 from datetime import datetime, timedelta
 from functools import partial
 from types import TracebackType
@@ -19,18 +16,20 @@ from sqlalchemy import Engine, event
 from sqlmodel import Session
 
 from ._checks import check_worker_settings
-from ._clock import Clock, SystemClock, delay_ms, due_ms, ms_to_datetime
+from ._clock import Clock, SystemClock, delay_ms, due_ms
 from ._dialects import WAKE, Durability, stamped
-from ._errors import InvalidArguments, InvalidSettings, RunNotFound, WaitTimeout
+from ._errors import InvalidArguments, InvalidSettings, WaitTimeout
 from ._explain import Why
 from ._json import check_json
 from ._log import configure_logging
 from ._migrations import Branch, Migrations
-from ._models import CANCELED, COMPLETED, FAILED, PENDING, RUNNING, SUCCESS, RunRow
+from ._models import CANCELED, FAILED, PENDING, RUNNING, SUCCESS, RunRow
 from ._policy import RetryPolicy
 from ._registry import Fn, Registry
 from ._results import Canceled, Completed, Failed, InProgress, RunResult, RunStatus, Success
 from ._run_types import NewRun
+from ._run_waits import all_completed, warn_if_no_worker, warn_when_unserved
+from ._serving import AsTask, OnThread
 from ._store import Store
 from ._stored_json import unreadable
 from ._tables import runs_in_queue
@@ -49,8 +48,6 @@ log = logging.getLogger("tiers")
 
 P = ParamSpec("P")
 
-# How many runs `wait_all` reads the state of at a time.
-_WAIT_SLICE = 200
 R = TypeVar("R")
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -116,9 +113,7 @@ class Retrier:
         self._branches = ["engine"]  # the migration branches in use
         self._workers: list[Worker] = []
         self._completions = Changes()  # runs completed in this process
-        self._portal_cm: AbstractContextManager[anyio.from_thread.BlockingPortal] | None = None
-        self._serving: Future[None] | None = None
-        self._serving_worker: Worker | None = None
+        self._on_thread: OnThread | None = None  # the worker of `with retrier:`
         # Metrics and tracing, off until enabled (see docs/observability.md).
         self.telemetry = Telemetry()
         # A wait this long with no live worker logs a warning (once per wait).
@@ -454,62 +449,17 @@ class Retrier:
         )
 
     def _all_completed(self, remaining: set[str]) -> bool | None:
-        """True once every run in `remaining` has completed; removes those that have.
-
-        Reads a slice at a time, and stops at the first slice with a run still going:
-        a wait for thousands of runs then costs one short read per look, not one of
-        everything left.
-        """
-        ordered = sorted(remaining)
-        for start in range(0, len(ordered), _WAIT_SLICE):
-            chunk = ordered[start : start + _WAIT_SLICE]
-            states = self.store.states(chunk)
-            for rid in set(chunk) - states.keys():
-                raise RunNotFound(rid)
-            done = {rid for rid, state in states.items() if state == COMPLETED}
-            remaining.difference_update(done)
-            if len(done) < len(chunk):
-                return None
-        return True
+        return all_completed(self.store, remaining)
 
     def watched(self, check: Callable[[], R | None]) -> Callable[[], R | None]:
         """`check` for a wait (`poll_until`), which logs a warning, once, when the
         wait has lasted `no_worker_warning_after` seconds with no live worker
         registered in the database (a wait that nothing will ever end)."""
-        began = time.monotonic()
-        warned = False
-
-        def watched_check() -> R | None:
-            nonlocal warned
-            found = check()
-            if (
-                found is None
-                and not warned
-                and time.monotonic() - began >= self.no_worker_warning_after
-            ):
-                warned = True
-                self._warn_if_no_worker(time.monotonic() - began)
-            return found
-
-        return watched_check
+        return warn_when_unserved(check, self.no_worker_warning_after, self._warn_if_no_worker)
 
     def _warn_if_no_worker(self, waited_s: float) -> None:
-        if self._workers:
-            return  # this process runs one
-        seen = self.store.workers_seen()
-        if seen.live:
-            return
-        since = (
-            f"since {ms_to_datetime(seen.last_heartbeat_ms):%Y-%m-%d %H:%M:%S} UTC"
-            if seen.last_heartbeat_ms is not None
-            else "since this wait began"
-        )
-        log.warning(
-            "waited %.0f s, and no live worker has registered %s: start one with "
-            "`tiers worker MODULE:ATTR` (your Retrier, Workpool or WorkflowManager) or "
-            "`with retrier:`",
-            waited_s, since,
-        )
+        if not self._workers:  # else this process runs one
+            warn_if_no_worker(self.store, waited_s)
 
     def _runs_completed(self, _ids: list[str]) -> None:
         self._completions.notify()
@@ -609,11 +559,7 @@ class Retrier:
 
     def __enter__(self) -> Retrier:
         """Run an in-process worker on a background thread until the block exits."""
-        self._portal_cm = anyio.from_thread.start_blocking_portal()
-        portal = self._portal_cm.__enter__()
-        worker = self.worker()
-        self._serving, _ = portal.start_task(worker.serve)
-        self._serving_worker = worker
+        self._on_thread = OnThread(self.worker())
         return self
 
     def __exit__(
@@ -622,30 +568,18 @@ class Retrier:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        assert self._portal_cm is not None and self._serving is not None
-        worker = self._serving_worker
-        assert worker is not None
-        worker.stop()
+        assert self._on_thread is not None
+        serving, self._on_thread = self._on_thread, None
         try:
-            self._serving.result()
+            serving.stop()
         finally:
-            self.forget_worker(worker)
-            self._portal_cm.__exit__(None, None, None)
-            self._portal_cm = None
-            self._serving = None
-            self._serving_worker = None
+            self.forget_worker(serving.worker)
 
     async def __aenter__(self) -> Retrier:
         """Run a worker as a task of the current event loop until the block exits."""
-        from contextlib import AsyncExitStack
-
-        stack = AsyncExitStack()
-        tg = await stack.enter_async_context(anyio.create_task_group())
         worker = self.worker()
-        await tg.start(worker.serve)
-        stack.callback(self.forget_worker, worker)
-        stack.push_async_callback(_stop_worker, worker)
-        self._async_stack = stack
+        self._as_task = await AsTask.start(worker)
+        self._as_task_worker = worker
         return self
 
     async def __aexit__(
@@ -654,18 +588,10 @@ class Retrier:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        # The worker stops and finishes its work whatever the body did, so an error of
-        # the body comes out as itself, not wrapped with the worker's own shutdown.
-        # Only a cancellation goes into the task group: it cancels the worker's tasks.
-        cancelled = exc is not None and isinstance(exc, anyio.get_cancelled_exc_class())
-        if cancelled:
-            await self._async_stack.__aexit__(exc_type, exc, tb)
-        else:
-            await self._async_stack.__aexit__(None, None, None)
-
-
-async def _stop_worker(worker: Worker) -> None:
-    worker.stop()
+        try:
+            await self._as_task.stop(exc_type, exc, tb)
+        finally:
+            self.forget_worker(self._as_task_worker)
 
 
 _POLICY_OPTIONS = frozenset({"initial_backoff_ms", "base", "max_failures", "jitter", "max_backoff"})

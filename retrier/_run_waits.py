@@ -1,0 +1,79 @@
+"""What a wait for runs polls: whether they have all completed (read a slice at a
+time), and, for a wait that nothing may ever end, a warning once no live worker has
+been seen for a while."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from typing import TypeVar
+
+from ._clock import ms_to_datetime
+from ._errors import RunNotFound
+from ._models import COMPLETED
+from ._store import Store
+
+log = logging.getLogger("tiers")
+
+# How many runs `wait_all` reads the state of at a time.
+_WAIT_SLICE = 200
+R = TypeVar("R")
+
+
+def all_completed(store: Store, remaining: set[str]) -> bool | None:
+    """True once every run in `remaining` has completed; removes those that have.
+
+    Reads a slice at a time, and stops at the first slice with a run still going:
+    a wait for thousands of runs then costs one short read per look, not one of
+    everything left.
+    """
+    ordered = sorted(remaining)
+    for start in range(0, len(ordered), _WAIT_SLICE):
+        chunk = ordered[start : start + _WAIT_SLICE]
+        states = store.states(chunk)
+        for rid in set(chunk) - states.keys():
+            raise RunNotFound(rid)
+        done = {rid for rid, state in states.items() if state == COMPLETED}
+        remaining.difference_update(done)
+        if len(done) < len(chunk):
+            return None
+    return True
+
+
+def warn_when_unserved(
+    check: Callable[[], R | None], after_s: float, warn: Callable[[float], None]
+) -> Callable[[], R | None]:
+    """`check`, which calls `warn(waited_s)` once, the first time it finds nothing
+    after `after_s` seconds."""
+    began = time.monotonic()
+    warned = False
+
+    def watched_check() -> R | None:
+        nonlocal warned
+        found = check()
+        waited = time.monotonic() - began
+        if found is None and not warned and waited >= after_s:
+            warned = True
+            warn(waited)
+        return found
+
+    return watched_check
+
+
+def warn_if_no_worker(store: Store, waited_s: float) -> None:
+    """Log a warning if no live worker is registered in the database."""
+    seen = store.workers_seen()
+    if seen.live:
+        return
+    since = (
+        f"since {ms_to_datetime(seen.last_heartbeat_ms):%Y-%m-%d %H:%M:%S} UTC"
+        if seen.last_heartbeat_ms is not None
+        else "since this wait began"
+    )
+    log.warning(
+        "waited %.0f s, and no live worker has registered %s: start one with "
+        "`tiers worker MODULE:ATTR` (your Retrier, Workpool or WorkflowManager) or "
+        "`with retrier:`",
+        waited_s, since,
+    )
