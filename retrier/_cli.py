@@ -303,7 +303,7 @@ def runs_list(obj: Context, state: str | None, fn: str | None, limit: int, as_js
         {
             "id": row.id, "function": row.fn, "state": _state(row), "outcome": row.outcome,
             "tries": row.attempts, "queue": row.queue or None, "created": row.created_ms,
-            "error": row.error if isinstance(row.error, str) else None,
+            "error": row.error,
         }
         for row in rows
     ]

@@ -15,6 +15,7 @@ from typing import Any
 
 from sqlalchemy import Connection, and_, func, or_, select
 
+from ._claims import Claims
 from ._clock import Clock, ms_to_datetime
 from ._dialects import Dialect, reconnecting
 from ._errors import RunNotFound
@@ -35,9 +36,6 @@ POOL_FULL = "pool_full"  # its pool runs max_parallelism runs already
 RATE_LIMITED = "rate_limited"  # its pool's rate window is used up until a time
 KEY_FULL = "key_full"  # its key runs max_per_key runs already
 CLAIMABLE = "claimable"  # due, room: the next claim of a worker that can run it takes it
-
-# Which QueueBudget rule (`Rule.name`) holds a queue, as a reason.
-_RULE_REASONS = {"max_parallelism": POOL_FULL, "rate_limit": RATE_LIMITED}
 
 
 @dataclass(frozen=True)
@@ -78,10 +76,10 @@ _COLUMNS = (
 class Explainer:
     """Answers `explain` for the runs of one database."""
 
-    def __init__(self, dialect: Dialect, clock: Clock, claims: Any) -> None:
+    def __init__(self, dialect: Dialect, clock: Clock, claims: Claims) -> None:
         self.dialect = dialect
         self.clock = clock
-        self._claims = claims  # the store's Claims
+        self._claims = claims
 
     @reconnecting
     def explain(self, run_id: str) -> Why:

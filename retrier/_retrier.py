@@ -554,7 +554,7 @@ class Retrier:
         for worker in list(self._workers):
             worker.hint(WAKE, hint)
         # And other processes' (on SQLite; PostgreSQL's trigger announces new runs).
-        self.store.dialect.announce(WAKE)
+        self.store.dialect.announce(WAKE, hint)
 
 
     def __enter__(self) -> Retrier:
