@@ -55,6 +55,7 @@ def sent_at(payload: str) -> float | None:
             return None
     return None
 
+
 P = ParamSpec("P")
 T = TypeVar("T")
 

@@ -20,6 +20,11 @@ from __future__ import annotations
 
 import math
 
+# When an announcement was sent, as a time.monotonic() value: UNKNOWN where it does
+# not say (seen by no claim), NONE for "no announcement" (before any).
+UNKNOWN = math.inf
+NONE = -math.inf
+
 _FIRST_BACKOFF_S = 0.001
 _LAST_BACKOFF_S = 0.02
 
@@ -29,27 +34,27 @@ class Hints:
 
     def __init__(self) -> None:
         self.recording = False  # a record-and-refill transaction is under way
-        self._missed_at: float | None = None  # the latest announcement during it
+        self._missed_at = NONE  # when the latest announcement during it was sent
         self._claim_pending = False  # the next claim answers an announcement
         self._backoff = 0.0
         self.looked_at = 0.0  # when the latest claim that saw every due run began
 
-    def covers(self, sent_at: float | None) -> bool:
-        """Whether an announcement sent at `sent_at` (None: unknown) was seen already."""
-        return sent_at is not None and sent_at < self.looked_at
+    def covers(self, sent_at: float) -> bool:
+        """Whether an announcement sent at `sent_at` (UNKNOWN: it does not say) was
+        seen already."""
+        return sent_at < self.looked_at
 
     def looked(self, began_at: float) -> None:
         """A claim (or a record's refill) that began at `began_at` has committed."""
         self.looked_at = max(self.looked_at, began_at)
 
-    def announced(self, outcomes_waiting: bool, sent_at: float | None = None) -> bool:
+    def announced(self, outcomes_waiting: bool, sent_at: float = UNKNOWN) -> bool:
         """New runs were announced: whether to wake the claim loop for them."""
         if self.covers(sent_at):
             return False
         if self.recording:
             # It may have claimed before they were committed.
-            when = math.inf if sent_at is None else sent_at
-            self._missed_at = max(self._missed_at or when, when)
+            self._missed_at = max(self._missed_at, sent_at)
             return False
         if outcomes_waiting:
             return False  # the coming record claims after they were committed
@@ -58,8 +63,8 @@ class Hints:
 
     def record_done(self, outcomes_waiting: bool) -> bool:
         """A record ended: whether runs announced during it still need a claim."""
-        missed_at, self._missed_at = self._missed_at, None
-        if missed_at is not None and not self.covers(missed_at) and not outcomes_waiting:
+        missed_at, self._missed_at = self._missed_at, NONE
+        if missed_at > NONE and not self.covers(missed_at) and not outcomes_waiting:
             self._claim_pending = True
             return True
         return False

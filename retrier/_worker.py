@@ -31,7 +31,7 @@ from ._clock import to_ms
 from ._deliveries import Deliveries, finished_from
 from ._dialects import CANCEL, WouldBlock, is_transient, sent_at
 from ._errors import first_line
-from ._hints import Hints
+from ._hints import NONE, UNKNOWN, Hints
 from ._log import run_extra
 from ._models import DELIVERING
 from ._registry import Registry
@@ -105,7 +105,7 @@ class Worker:
         self._deliveries = Deliveries(store, registry, self._persist, self.telemetry)
         self._hints = Hints()  # how to answer announcements of new runs
         self._announced = False  # an announcement is on its way to the loop
-        self._announced_at: float | None = 0.0  # the latest one's stamp (None: unknown)
+        self._announced_at = NONE  # when the latest one was sent (see Hints)
         self._claims_left: int | None = None  # run_until_idle's budget of claims
         self.next_look_ms: int | None = None  # when the last claim said to look again
         self.jobs = WorkerJobs(self)
@@ -543,17 +543,17 @@ class Worker:
                     self._tg.start_soon(anyio.to_thread.run_sync, self.jobs.heartbeat)
             return
         stamp = sent_at(payload)
+        stamp = UNKNOWN if stamp is None else stamp
         if self._hints.covers(stamp):
             return  # our latest claim began after it was sent: it saw those runs
-        latest = self._announced_at
-        self._announced_at = None if stamp is None or latest is None else max(latest, stamp)
+        self._announced_at = max(self._announced_at, stamp)
         if not self._announced:  # one hop to the loop for a burst of announcements
             self._announced = True
             self._from_thread(self._new_work)
 
     def _new_work(self) -> None:
         """Another process announced new runs (see `Hints`)."""
-        stamp, self._announced_at = self._announced_at, 0.0
+        stamp, self._announced_at = self._announced_at, NONE
         self._announced = False
         waiting = self._outcomes is not None and self._outcomes.statistics().current_buffer_used
         if self._hints.announced(bool(waiting), stamp):
