@@ -28,6 +28,7 @@ from ._errors import (
     WaitTimeout,
 )
 from ._explain import Why
+from ._keys import Debounce
 from ._policy import RetryPolicy
 from ._results import (
     Canceled,
@@ -47,6 +48,7 @@ __all__ = [
     "Completed",
     "DatabaseBusy",
     "DatabaseUnavailable",
+    "Debounce",
     "DuplicateRegistration",
     "Failed",
     "FakeClock",

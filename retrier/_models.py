@@ -89,6 +89,12 @@ class RunRow(SQLModel, table=True):
     # The W3C traceparent of the context that enqueued the run (tracing on), so its
     # attempts, in any process, belong to the enqueuing trace.
     trace: str | None = Field(default=None, max_length=128)
+    # A second enqueue with the same key in the same queue gets this run's id, for as
+    # long as the run is kept (a unique index; deleting the run frees the key).
+    idempotency_key: str | None = Field(default=None, max_length=200)
+    # Calls with the same debounce key (and queue and function) collapse into this
+    # run while it has not started.
+    debounce_key: str | None = Field(default=None, max_length=400)
 
 
 _runs = RunRow.__table__  # type: ignore[attr-defined]
@@ -136,6 +142,21 @@ Index(
 # Listing, newest first; and the runs of one owner (a workflow's steps).
 Index("ix_tiers_runs_created", _runs.c.created_ms)
 Index("ix_tiers_runs_owner", _runs.c.owner)
+# Idempotency keys, one run per key in each queue (NULLs never conflict).
+Index(
+    "ux_tiers_runs_idempotency",
+    _runs.c.queue,
+    _runs.c.idempotency_key,
+    unique=True,
+    **partial_index("idempotency_key IS NOT NULL"),
+)
+# The run a debounced call may collapse into.
+Index(
+    "ix_tiers_runs_debounce",
+    _runs.c.queue,
+    _runs.c.debounce_key,
+    **partial_index("debounce_key IS NOT NULL AND state = 'pending'"),
+)
 
 
 class AttemptRow(SQLModel, table=True):

@@ -15,7 +15,8 @@ import anyio
 import anyio.to_thread
 from anyio.abc import TaskStatus
 from anyio.lowlevel import RunVar
-from sqlalchemy import Connection, create_engine, event, text
+from sqlalchemy import Connection, Insert, Table, create_engine, event, text
+from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 from sqlalchemy.engine import URL
 from sqlalchemy.sql import Select
 
@@ -154,6 +155,9 @@ class PostgresDialect:
 
     def lock_for_claim(self, stmt: Select[Any]) -> Select[Any]:
         return stmt.with_for_update(skip_locked=True)
+
+    def insert_ignoring(self, table: Table) -> Insert:
+        return postgresql_insert(table).on_conflict_do_nothing()
 
     def lock_rows(self, stmt: Select[Any]) -> Select[Any]:
         return stmt.with_for_update()

@@ -158,6 +158,8 @@ def new_row(r: NewRun, now: int) -> dict[str, Any]:
         "on_complete": r.on_complete,
         "context": r.context,
         "trace": r.trace,
+        "idempotency_key": r.idempotency_key,
+        "debounce_key": r.debounce_key,
         "created_ms": now,
         "attempts": 0,
         "failures": 0,

@@ -27,6 +27,8 @@ from ._dialects import Dialect, is_transient, partial_index
 from ._errors import describe as describe_error
 from ._explain import Why
 from ._json import check_json
+from ._keyed import Debounced
+from ._keys import check_debounce, check_idempotency_key, check_once, renamed_key
 from ._models import (
     CANCELED,
     COMPLETED,
@@ -81,6 +83,7 @@ __all__ = [
     "Claimed",
     "CliContext",
     "CorruptValue",
+    "Debounced",
     "Delivery",
     "Dialect",
     "Fn",
@@ -100,9 +103,12 @@ __all__ = [
     "StoredOutcome",
     "Why",
     "Worker",
+    "check_debounce",
     "check_flag",
+    "check_idempotency_key",
     "check_json",
     "check_name",
+    "check_once",
     "console",
     "current_worker",
     "default_name",
@@ -119,6 +125,7 @@ __all__ = [
     "poll_until_async",
     "print_listing",
     "print_why",
+    "renamed_key",
     "retrier_of",
     "return_hint",
     "shorten",

@@ -13,6 +13,8 @@ See docs/workflow.md for every option and the determinism rules.
 
 from __future__ import annotations
 
+from retrier import Debounce
+
 from ._context import WorkflowContext
 from ._errors import (
     InvalidEvent,
@@ -27,6 +29,7 @@ from ._listeners import WorkflowEvent
 from ._manager import StepInfo, WorkflowInfo, WorkflowManager
 
 __all__ = [
+    "Debounce",
     "InvalidEvent",
     "InvalidWorkflow",
     "StepFailed",

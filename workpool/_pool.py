@@ -16,7 +16,7 @@ from typing import Any
 import anyio
 from sqlmodel import Session
 
-from retrier import Completed, InvalidSettings, Retrier, RunNotFound, Why
+from retrier import Completed, Debounce, InvalidSettings, Retrier, RunNotFound, Why
 from retrier.engine import Fn, NewRun, QueueLimits, RunRow, check_flag
 
 from ._behavior import RetryBehavior
@@ -131,14 +131,22 @@ class Workpool:
         run_after: timedelta | float | None = None,
         priority: int = 0,
         key: str | None = None,
+        idempotency_key: str | None = None,
+        debounce: Debounce | None = None,
         session: Session | None = None,
     ) -> str:
         """Add one item to the pool; returns its work id.
 
         `retry`: True (the pool's default behaviour), False (one attempt) or a
-        `RetryBehavior`; None follows `retry_actions_by_default`. `key` groups items
-        for `max_per_key`. With `session=`, the item is written in that session's
-        transaction and exists only if the caller commits.
+        `RetryBehavior`; None follows `retry_actions_by_default`. `key` is the
+        concurrency key: it groups items for `max_per_key`. With `session=`, the item
+        is written in that session's transaction and exists only if the caller commits.
+
+        `idempotency_key`: while an item of this pool with that key is stored, the call
+        returns its id and adds nothing (once it is deleted, the key is free again).
+        `debounce=Debounce(key, period, max_wait)`: calls within `period` collapse into
+        one item with the latest args, starting `period` after the last call and no
+        later than `max_wait` after the first; every such call returns its id.
         """
         options = {
             "on_complete": on_complete,
@@ -148,10 +156,11 @@ class Workpool:
             "run_after": run_after,
             "priority": priority,
             "key": key,
+            "idempotency_key": idempotency_key,
+            "debounce": debounce,
         }
         new = self._preparer.prepare(fn, args, options, self.retrier.clock.now_ms())
-        self.retrier.submit([new], session=session)
-        return new.id
+        return self.retrier.submit([new], session=session)[0]
 
     def enqueue_batch(
         self, items: Iterable[BatchItem], *, session: Session | None = None
@@ -161,7 +170,9 @@ class Workpool:
         Each item is `(fn, args)` or `(fn, args, options)`, where `options` holds
         keyword arguments of `enqueue`. Every item is validated before anything is
         written: if one is invalid, `InvalidBatchItem` names it and nothing is stored.
-        Items of one batch share one due time, so `priority` orders them.
+        Items of one batch share one due time, so `priority` orders them. An item
+        with an `idempotency_key` already stored (or given earlier in the batch) gets
+        that item's id; a debounced one, the id of the item it collapses into.
         """
         listed = list(items)
         now = self.retrier.clock.now_ms()
@@ -171,8 +182,7 @@ class Workpool:
                 prepared.append(self._prepare_item(item, now))
             except Exception as exc:
                 raise InvalidBatchItem(index, len(listed), exc) from exc
-        self.retrier.submit(prepared, session=session)
-        return [new.id for new in prepared]
+        return self.retrier.submit(prepared, session=session)
 
     def _prepare_item(self, item: BatchItem, now: int) -> NewRun:
         if not isinstance(item, tuple) or len(item) not in (2, 3):
