@@ -157,7 +157,8 @@ class Dialect(Protocol):
     def insert_ignoring(self, table: Table) -> Insert:
         """An INSERT into `table` that skips each row a unique index already holds
         (`ON CONFLICT DO NOTHING`), waiting for a concurrent transaction that holds
-        such a row uncommitted to end."""
+        such a row uncommitted to end. Add `.returning(...)` to learn whether a row
+        went in (a rowcount may read -1)."""
         ...
     def lock_schema(self, conn: Connection) -> None:
         """Keep other processes from changing the schema until this transaction ends."""

@@ -24,6 +24,7 @@ from typing import Any
 from sqlalchemy import Connection, bindparam, false, select, update
 
 from ._dialect import WAKE, Dialect
+from ._errors import DatabaseBusy
 from ._models import PENDING
 from ._run_types import NewRun
 from ._tables import INSERT_RUNS, chunks, in_state, runs
@@ -80,8 +81,16 @@ class KeyedInserts:
         first: dict[tuple[str, str], int] = {}  # a key given twice in one batch: once
         for i in keyed:
             first.setdefault((new[i].queue, str(new[i].idempotency_key)), i)
-        conn.execute(self._insert_ignoring, [rows[i] for i in first.values()])
-        stored = self._stored_ids(conn, list(first))
+        stored: dict[tuple[str, str], str] = {}
+        missing = list(first)
+        for _ in range(3):  # again for a key whose run was deleted in between
+            conn.execute(self._insert_ignoring, [rows[first[k]] for k in missing])
+            stored.update(self._stored_ids(conn, missing))
+            missing = [k for k in missing if k not in stored]
+            if not missing:
+                break
+        else:
+            raise DatabaseBusy(f"idempotency keys {missing} kept changing hands; try again")
         for i in keyed:
             ids[i] = stored[(new[i].queue, str(new[i].idempotency_key))]
 

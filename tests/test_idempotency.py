@@ -26,6 +26,7 @@ from retrier import (
 )
 from retrier.testing import advance, drain
 from tests.support import Calls
+from workflow import WorkflowContext, WorkflowManager
 from workpool import InvalidBatchItem, Workpool
 
 MakeRetrier = Callable[..., Retrier]
@@ -367,3 +368,117 @@ def test_bad_keys_are_refused_before_anything_is_written(retrier: Retrier) -> No
     with pytest.raises(InvalidBatchItem):
         pool.enqueue_batch([(echo, {"n": 1}), (echo, {"n": 2}, {"idempotency_key": ""})])
     assert count_runs(retrier) == 0
+
+
+# -- workflows ---------------------------------------------------------------------------------
+
+
+def _workflows(retrier: Retrier, seen: Calls | None = None) -> WorkflowManager:
+    """A manager with one workflow, `job(order_id)`, that records what it ran with."""
+    record = seen if seen is not None else Calls()
+
+    @retrier.action
+    def note(order_id: str) -> str:
+        record.add(order_id)
+        return order_id
+
+    workflows = WorkflowManager(Workpool(retrier, "steps", max_parallelism=4))
+
+    @workflows.define(name="job")
+    async def job(ctx: WorkflowContext, order_id: str) -> str:
+        return str(await ctx.step("note", note, {"order_id": order_id}))
+
+    @workflows.define(name="other")
+    async def other(ctx: WorkflowContext, order_id: str) -> str:
+        return order_id
+
+    return workflows
+
+
+def count_workflows(retrier: Retrier) -> int:
+    with retrier.engine.connect() as conn:
+        return int(conn.execute(text("SELECT count(*) FROM tiers_workflows")).scalar() or 0)
+
+
+def test_workflow_key_is_the_deprecated_name_of_idempotency_key(retrier: Retrier) -> None:
+    workflows = _workflows(retrier)
+    first = workflows.start("job", {"order_id": "o1"}, idempotency_key="order-o1")
+    with pytest.warns(DeprecationWarning, match="idempotency_key"):
+        assert workflows.start("job", {"order_id": "o1"}, key="order-o1") == first
+    with pytest.raises(InvalidSettings, match="not also key"):
+        workflows.start("job", {"order_id": "o1"}, key="a", idempotency_key="a")
+    (info,) = workflows.list()
+    assert info.idempotency_key == "order-o1"
+    with pytest.warns(DeprecationWarning, match="idempotency_key"):
+        assert info.key == "order-o1"
+    assert count_workflows(retrier) == 1
+
+
+def test_concurrent_workflow_starts_with_one_key_start_one(make_retrier: MakeRetrier) -> None:
+    managers = [_workflows(make_retrier()) for _ in range(4)]
+    got: list[str] = []
+    start = threading.Barrier(len(managers))
+
+    def call(workflows: WorkflowManager) -> None:
+        start.wait()
+        for n in range(5):
+            got.append(workflows.start("job", {"order_id": f"o{n}"}, idempotency_key=f"k{n}"))
+
+    threads = [threading.Thread(target=call, args=(m,)) for m in managers]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert len(got) == 20 and len(set(got)) == 5
+    retrier = managers[0].retrier
+    assert count_workflows(retrier) == 5
+    with retrier.engine.connect() as conn:
+        drivers = conn.execute(text("SELECT count(*) FROM tiers_runs")).scalar()
+    assert drivers == 5, "one driver run per workflow started"
+
+
+def test_a_keyed_workflow_start_in_the_callers_transaction(retrier: Retrier) -> None:
+    workflows = _workflows(retrier)
+    with retrier.session() as session:
+        a = workflows.start("job", {"order_id": "o1"}, idempotency_key="k", session=session)
+        assert workflows.start("job", {"order_id": "o2"}, idempotency_key="k", session=session) == a
+        session.rollback()
+    assert count_workflows(retrier) == 0
+    b = workflows.start("job", {"order_id": "o3"}, idempotency_key="k")
+    assert b != a
+
+
+def test_debounced_workflow_starts_collapse_into_one(make_retrier: MakeRetrier) -> None:
+    clock = FakeClock()
+    retrier = make_retrier(clock=clock)
+    seen = Calls()
+    workflows = _workflows(retrier, seen)
+    d = Debounce("customer-9", timedelta(seconds=10), max_wait=timedelta(seconds=15))
+    first = workflows.start("job", {"order_id": "o1"}, debounce=d, context={"v": 1})
+    advance(retrier, 6)
+    assert workflows.start("job", {"order_id": "o2"}, debounce=d) == first
+    assert workflows.start("other", {"order_id": "x"}, debounce=d) != first, "per workflow"
+    advance(retrier, 6)
+    assert workflows.start("job", {"order_id": "o3"}, debounce=d) == first
+    advance(retrier, 2.999)
+    assert seen.items == []
+    advance(retrier, 0.001)  # 15 s after the first call: max_wait
+    assert seen.items == ["o3"], "one workflow, with the latest args"
+    assert workflows.status(first) == Completed(Success("o3"))
+    assert workflows.start("job", {"order_id": "o4"}, debounce=d) != first, "it has begun"
+    assert count_workflows(retrier) == 3
+
+
+def test_bad_workflow_start_keys_write_nothing(retrier: Retrier) -> None:
+    workflows = _workflows(retrier)
+    bad: list[Callable[[], Any]] = [
+        lambda: workflows.start("job", {"order_id": "o"}, idempotency_key=""),
+        lambda: workflows.start("job", {"order_id": "o"}, debounce=5),  # type: ignore[arg-type]
+        lambda: workflows.start(
+            "job", {"order_id": "o"}, idempotency_key="k", debounce=Debounce("k", 1)
+        ),
+    ]
+    for call in bad:
+        with pytest.raises(InvalidSettings):
+            call()
+    assert count_workflows(retrier) == 0

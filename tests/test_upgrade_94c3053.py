@@ -159,7 +159,9 @@ def complete_everything(app: fx.App, clock: FakeClock) -> int:
 def assert_keyed_start(app: fx.App, m: Manifest) -> None:
     """A start with the key of a workflow the old code started returns that workflow."""
     name, key = KEYED_WORKFLOW
-    again = app.workflows.start("fx.wf.sleeper", {"order_id": "o-keyed", "minutes": 10}, key=key)
+    again = app.workflows.start(
+        "fx.wf.sleeper", {"order_id": "o-keyed", "minutes": 10}, idempotency_key=key
+    )
     assert again == m.id(name)
 
 
