@@ -24,6 +24,7 @@ from retrier import (
     Retrier,
     Success,
 )
+from retrier.engine import to_ms
 from retrier.testing import advance, drain
 from tests.support import Calls
 from workflow import WorkflowContext, WorkflowManager
@@ -60,6 +61,21 @@ def test_run_with_an_idempotency_key_returns_the_stored_run(retrier: Retrier) ->
     assert again != first, "a deleted run frees its key"
     drain(retrier)
     assert retrier.status(again) == Completed(Success(6))
+
+
+def test_retention_frees_a_key(make_retrier: MakeRetrier) -> None:
+    clock = FakeClock()
+    retrier = make_retrier(clock=clock, retention=timedelta(days=1))
+    retrier.action(echo)
+    pool = Workpool(retrier, "p", max_parallelism=5)
+    first = pool.enqueue(echo, {"n": 1}, idempotency_key="k")
+    drain(pool)
+    clock.advance(timedelta(hours=23))
+    assert retrier.store.purge_completed(to_ms(retrier.retention)) == 0
+    assert pool.enqueue(echo, {"n": 2}, idempotency_key="k") == first
+    clock.advance(timedelta(hours=2))
+    assert retrier.store.purge_completed(to_ms(retrier.retention)) == 1
+    assert pool.enqueue(echo, {"n": 3}, idempotency_key="k") != first
 
 
 def test_run_at_and_run_after_take_an_idempotency_key(retrier: Retrier) -> None:
