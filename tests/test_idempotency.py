@@ -14,6 +14,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
+from click.testing import CliRunner
 from sqlalchemy import text
 
 from retrier import (
@@ -24,6 +25,7 @@ from retrier import (
     Retrier,
     Success,
 )
+from retrier._cli import main as cli
 from retrier.engine import to_ms
 from retrier.testing import advance, drain
 from tests.support import Calls
@@ -498,3 +500,13 @@ def test_bad_workflow_start_keys_write_nothing(retrier: Retrier) -> None:
         with pytest.raises(InvalidSettings):
             call()
     assert count_workflows(retrier) == 0
+
+
+def test_runs_show_names_the_keys(retrier: Retrier, db_url: str) -> None:
+    retrier.action(echo)
+    keyed = retrier.run(echo, {"n": 1}, idempotency_key="order-1")
+    debounced = retrier.run(echo, {"n": 1}, debounce=Debounce("doc-7", 60))
+    shown = CliRunner().invoke(cli, ["--db", db_url, "runs", "show", keyed])
+    assert shown.exit_code == 0 and "order-1" in shown.output, shown.output
+    shown = CliRunner().invoke(cli, ["--db", db_url, "runs", "show", debounced])
+    assert shown.exit_code == 0 and "doc-7" in shown.output, shown.output

@@ -287,7 +287,7 @@ class Journal:
             if got.collapsed and got.owner is not None:
                 conn.execute(
                     update(workflows_t)
-                    .where(workflows_t.c.id == got.owner)
+                    .where(workflows_t.c.id == got.owner, workflows_t.c.state == RUNNING)
                     .values(args=row["args"], context=row["context"])
                 )
                 return got.owner
