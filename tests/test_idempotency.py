@@ -510,3 +510,24 @@ def test_runs_show_names_the_keys(retrier: Retrier, db_url: str) -> None:
     assert shown.exit_code == 0 and "order-1" in shown.output, shown.output
     shown = CliRunner().invoke(cli, ["--db", db_url, "runs", "show", debounced])
     assert shown.exit_code == 0 and "doc-7" in shown.output, shown.output
+
+
+def test_concurrent_debounced_workflow_starts_make_one(make_retrier: MakeRetrier) -> None:
+    managers = [_workflows(make_retrier()) for _ in range(4)]
+    got: list[str] = []
+    start = threading.Barrier(len(managers))
+
+    def call(workflows: WorkflowManager, i: int) -> None:
+        start.wait()
+        for n in range(5):
+            d = Debounce("k", 3600)
+            got.append(workflows.start("job", {"order_id": f"o{i}-{n}"}, debounce=d))
+
+    threads = [threading.Thread(target=call, args=(m, i)) for i, m in enumerate(managers)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert len(got) == 20 and len(set(got)) == 1
+    retrier = managers[0].retrier
+    assert count_workflows(retrier) == 1 and count_runs(retrier) == 1
