@@ -126,9 +126,11 @@ def test_per_run_overrides_set_the_schedule(make_retrier: MakeRetrier) -> None:
     starts = [s - start for s in attempt_starts(retrier, run_id)]
     gaps = [b - a for a, b in itertools.pairwise(starts)]
     # Each attempt starts on the first tick at or after its due time (ticks are 500 ms / 1 s).
+    # (PostgreSQL's claim adds a wait of 5 ms or more for its locks to the start it
+    # stamps, which a loaded machine can cause even here: hence the 20 ms.)
     assert len(starts) == 6
     for gap, expected in zip(gaps, [1000, 3000, 9000, 27000, 81000], strict=True):
-        assert expected <= gap < expected + 1000
+        assert expected - 20 <= gap < expected + 1000
 
 
 def test_retry_after_sets_the_next_delay(make_retrier: MakeRetrier) -> None:
