@@ -211,6 +211,36 @@ def test_a_backoff_never_starts_its_attempt_early(make_retrier: MakeRetrier) -> 
         assert t >= nxt.started_ms  # not started before its stamped start
 
 
+def test_an_attempt_claimed_ahead_and_cancelled_before_its_start_never_runs(
+    retrier: Retrier,
+) -> None:
+    from retrier._attempts import attempt
+    from retrier.engine import Claimed
+
+    calls = Calls()
+
+    @retrier.action
+    def work() -> None:
+        calls.add("ran")
+
+    now = retrier.clock.now_ms()
+    claimed = Claimed(
+        id="r1", fn="work", args={}, state="running", fence=1, attempts=1, failures=0,
+        queue="", owner=None, on_complete=None, context=None, outcome=None, result=None,
+        error=None, started_ms=now + 40,
+    )
+
+    async def main() -> None:
+        limiter = anyio.CapacityLimiter(1)
+        with anyio.move_on_after(0.01):  # a cancel request, before its start
+            await attempt(retrier.registry, claimed, limiter=limiter,
+                          going_async=lambda: None, now_ms=retrier.clock.now_ms)
+        await anyio.sleep(0.06)  # past the start it waited for
+
+    anyio.run(main)
+    assert calls.items == []
+
+
 def test_a_claim_made_ahead_is_the_claim_of_that_moment(make_retrier: MakeRetrier) -> None:
     clock = FakeClock()
     retrier = make_retrier(clock=clock)
