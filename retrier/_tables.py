@@ -139,8 +139,9 @@ def held_in(state: str) -> ColumnElement[bool]:
 
 
 def new_row(r: NewRun, now: int) -> dict[str, Any]:
-    """The column values of a new pending run."""
-    return {
+    """The column values of a new pending run (its keys only if it has any, so a
+    plain run's INSERT stays as it was)."""
+    row = {
         "id": r.id,
         "fn": r.fn,
         "args": r.args,
@@ -158,8 +159,6 @@ def new_row(r: NewRun, now: int) -> dict[str, Any]:
         "on_complete": r.on_complete,
         "context": r.context,
         "trace": r.trace,
-        "idempotency_key": r.idempotency_key,
-        "debounce_key": r.debounce_key,
         "created_ms": now,
         "attempts": 0,
         "failures": 0,
@@ -167,6 +166,9 @@ def new_row(r: NewRun, now: int) -> dict[str, Any]:
         "cancel_requested": False,
         "handler_failures": 0,
     }
+    if not r.plain:
+        row.update(idempotency_key=r.idempotency_key, debounce_key=r.debounce_key)
+    return row
 
 
 def settle_values(row: Row[Any], **changes: Any) -> dict[str, Any]:
