@@ -149,13 +149,16 @@ class Schedules:
             row = conn.execute(self._lock_one, {"name": spec.name}).first()
             if row is None:
                 conn.execute(
+                    # A dict: `fn` is also the name of values()'s own argument.
                     insert(schedules_t).values(
-                        name=spec.name,
-                        next_fire_ms=spec.cron.next_after(now),
-                        paused=False,
-                        created_ms=now,
-                        updated_ms=now,
-                        **values,
+                        {
+                            "name": spec.name,
+                            "next_fire_ms": spec.cron.next_after(now),
+                            "paused": False,
+                            "created_ms": now,
+                            "updated_ms": now,
+                            **values,
+                        }
                     )
                 )
                 self.dialect.notify(conn, WAKE)
@@ -168,7 +171,7 @@ class Schedules:
             conn.execute(
                 update(schedules_t)
                 .where(schedules_t.c.name == spec.name)
-                .values(updated_ms=now, **changed)
+                .values({"updated_ms": now, **changed})
             )
 
     # -- firing ---------------------------------------------------------------------------
