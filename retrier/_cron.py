@@ -43,7 +43,8 @@ _DAY = r"(?:[0-7]|sun|mon|tue|wed|thu|fri|sat)"
 _WEEKDAY_PART = re.compile(
     rf"(?:(?P<all>\*)|(?P<first>{_DAY})(?:-(?P<last>{_DAY}))?)(?:/(?P<step>[1-9][0-9]*))?"
 )
-# The most ticks in a repeated (fall-back) hour: one a second, for two hours.
+# The most ticks passed over in one search: one a second, for two hours (the repeated
+# hour after the clocks go back, or the search from before a jump).
 _MOST_SKIPPED = 7201
 # Searching this far ahead for a tick before giving up (a February 30th never comes).
 _HORIZON = timedelta(days=366 * 8)
@@ -51,29 +52,55 @@ _HORIZON = timedelta(days=366 * 8)
 
 @dataclass(frozen=True, slots=True)
 class Cron:
-    """A checked cron expression in a time zone."""
+    """A checked cron expression in a time zone.
+
+    A schedule whose hour field starts with `*` runs on real time: APScheduler's
+    trigger in the zone itself. Any other is a calendar of wall-clock times: the
+    trigger runs on the naive wall clock (as if it were UTC) and each wall time found
+    becomes the instant it first stands for (a skipped one: shifted by the gap).
+    """
 
     expr: str
     timezone: str
-    _trigger: CronTrigger
+    _trigger: CronTrigger  # in the zone (hourly), or on the naive wall clock
     _zone: ZoneInfo
     _repeats_hourly: bool  # the hour field starts with '*'
 
     def next_after(self, ms: int) -> int | None:
         """The first tick strictly after `ms` (epoch ms), or None if there is none."""
+        return self._next_real(ms) if self._repeats_hourly else self._next_wall(ms)
+
+    def _next_real(self, ms: int) -> int | None:
         after = ms
-        for _ in range(_MOST_SKIPPED):  # the ticks of one repeated hour are skipped
+        for _ in range(_MOST_SKIPPED):
             now = datetime.fromtimestamp((after + 1) / 1000, UTC)
             fire = self._trigger.get_next_fire_time(None, now)
             if fire is None:
                 return None
             tick: int = round(fire.timestamp() * 1000)
-            if tick <= after:  # never go back in time, whatever the trigger says
-                after += 1000
-                continue
-            if self._repeats_hourly or not _second_occurrence(tick, self._zone):
+            if tick > after:
                 return tick
-            after = tick
+            after += 1000  # never go back in time, whatever the trigger says
+        return None
+
+    def _next_wall(self, ms: int) -> int | None:
+        local = datetime.fromtimestamp(ms / 1000, self._zone)
+        # Just after the clocks jumped, a wall time of the skipped hour stands for an
+        # instant ahead: search from before the jump.
+        back = datetime.fromtimestamp(ms / 1000 - 7200, self._zone)
+        start = back if back.utcoffset() != local.utcoffset() else local
+        wall = start.replace(tzinfo=UTC, fold=0)
+        for _ in range(_MOST_SKIPPED):
+            fire = self._trigger.get_next_fire_time(None, wall)
+            if fire is None:
+                return None
+            # fold=0: a repeated wall time is its first instant; a skipped one is read
+            # with the offset before the jump (02:30 -> 03:30 summer time).
+            instant = fire.replace(tzinfo=self._zone, fold=0)
+            tick: int = round(instant.timestamp() * 1000)
+            if tick > ms:
+                return tick
+            wall = fire + timedelta(seconds=1)
         return None
 
     def last_before(self, limit: int, floor: int) -> int | None:
@@ -118,7 +145,7 @@ def parse_cron(expr: object, timezone: object = "UTC", *, check_fires: bool = Tr
             day=day,
             month=month,
             day_of_week=day_of_week,
-            timezone=zone,
+            timezone=zone if hour.startswith("*") else UTC,
         )
     except ValueError as exc:
         raise InvalidSchedule(f"cron {expr!r} is not valid: {exc}") from None
@@ -171,15 +198,6 @@ def _weekdays(field: str, expr: str) -> str:
 def _day_number(token: str) -> int:
     return int(token) if token.isdigit() else _DAYS.index(token)
 
-
-def _second_occurrence(tick: int, zone: ZoneInfo) -> bool:
-    """Whether the wall-clock time of `tick` already occurred an earlier instant (the
-    repeated hour after the clocks go back)."""
-    local = datetime.fromtimestamp(tick / 1000, zone)
-    if local.fold == 0:
-        return False
-    first = local.replace(fold=0)
-    return first.utcoffset() != local.utcoffset()
 
 
 MISSED_POLICIES = ("latest", "all", "none")
