@@ -43,7 +43,9 @@ def at(*parts: int, tz: Any = UTC) -> int:
     return round(datetime(*parts, tzinfo=tz).timestamp() * 1000)  # type: ignore[misc]
 
 
-def app(make_retrier: Callable[..., Retrier], start_ms: int) -> tuple[Retrier, FakeClock, list[Any]]:
+def app(
+    make_retrier: Callable[..., Retrier], start_ms: int
+) -> tuple[Retrier, FakeClock, list[Any]]:
     clock = FakeClock(start_ms)
     retrier = make_retrier(clock=clock)
     calls: list[Any] = []
@@ -229,7 +231,7 @@ def test_declaring_again_updates_and_keeps_the_next_tick(
 
 
 def test_pause_resume_trigger_and_delete(make_retrier: Callable[..., Retrier]) -> None:
-    retrier, clock, calls = app(make_retrier, at(2026, 1, 5, 8, 59, 30))
+    retrier, _, calls = app(make_retrier, at(2026, 1, 5, 8, 59, 30))
     retrier.schedule("each-minute", "report", {"to": "ops"}, cron="* * * * *")
     assert retrier.pause_schedule("each-minute").paused
     run_for(retrier, timedelta(minutes=3))
