@@ -361,3 +361,49 @@ async def test_async_twins(make_retrier: Callable[..., Retrier]) -> None:
     assert (await pool.schedule_async("b", "report", {"to": "x"}, cron="@daily")).queue == "p"
     with retrier.store.dialect.read() as conn:
         assert conn.execute(select(RunRow.fn)).scalars().all() == ["report"]  # type: ignore[call-overload]
+
+
+def test_the_schedules_commands(make_retrier: Callable[..., Retrier], db_url: str) -> None:
+    import json
+    import time
+
+    from click.testing import CliRunner
+
+    from retrier._cli import main
+
+    retrier, _, _ = app(make_retrier, time.time_ns() // 1_000_000)  # the CLI's clock is real
+    nightly = retrier.schedule("nightly-report", "report", {"to": "ops"}, cron="0 3 * * *",
+                     timezone="Europe/Paris")
+    Workpool(retrier, "mail").schedule("digest", "report", {"to": "d"}, cron="@hourly")
+    cli = CliRunner()
+
+    def tiers(*args: str) -> Any:
+        return cli.invoke(main, ["--db", db_url, "schedules", *args])
+
+    listed = tiers("list")
+    assert listed.exit_code == 0, listed.output
+    assert "nightly-report" in listed.output and "pool:mail" in listed.output
+    assert "2 schedule(s)" in listed.output
+    rows = {r["name"]: r for r in json.loads(tiers("list", "--json").output)}
+    assert nightly.next_fire is not None and nightly.next_fire.hour == 3
+    assert rows["nightly-report"]["next_fire"] == nightly.next_fire.isoformat()
+    assert rows["nightly-report"]["timezone"] == "Europe/Paris"
+    assert rows["digest"]["target"] == "pool" and rows["digest"]["queue"] == "mail"
+    assert rows["digest"]["state"] == "active" and rows["digest"]["last_fire"] is None
+
+    assert tiers("pause", "digest").exit_code == 0
+    assert retrier.get_schedule("digest").paused
+    assert json.loads(tiers("list", "--json").output)[0]["state"] == "paused"
+    resumed = tiers("resume", "digest")
+    assert resumed.exit_code == 0 and "next tick" in resumed.output
+    assert not retrier.get_schedule("digest").paused
+    triggered = tiers("trigger", "nightly-report")
+    assert triggered.exit_code == 0, triggered.output
+    run_id = triggered.output.split()[1]
+    advance(retrier, 5)  # past the real time the command started it at
+    assert retrier.status(run_id) == Completed(Success("ops"))
+    assert tiers("delete", "digest").exit_code == 0
+    assert [s.name for s in retrier.schedules()] == ["nightly-report"]
+    for command in ("delete", "pause", "resume", "trigger"):
+        missing = tiers(command, "digest")
+        assert missing.exit_code == 1 and "no schedule named 'digest'" in missing.output
