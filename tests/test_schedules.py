@@ -108,9 +108,15 @@ def test_many_firers_at_once_fire_each_tick_once(make_retrier: Callable[..., Ret
     fired: list[str] = []
     lock = threading.Lock()
 
+    errors: list[BaseException] = []
+
     def fire(r: Retrier) -> None:
         for _ in range(20):
-            got = r.store.fire_schedules()
+            try:
+                got = r.store.fire_schedules()
+            except BaseException as exc:  # a duplicate run id, say
+                errors.append(exc)
+                return
             with lock:
                 fired.extend(f.run_id for f in got)
 
@@ -121,6 +127,7 @@ def test_many_firers_at_once_fire_each_tick_once(make_retrier: Callable[..., Ret
             t.start()
         for t in threads:
             t.join()
+    assert errors == []
     ids = {r.id for r in runs_of(retrier)}
     assert ids == {tick_run_id("every-second", at(2026, 1, 5, 9, 0, s)) for s in range(1, 8)}
     assert Counter(fired) == Counter(r.id for r in runs_of(retrier))
@@ -407,3 +414,27 @@ def test_the_schedules_commands(make_retrier: Callable[..., Retrier], db_url: st
     for command in ("delete", "pause", "resume", "trigger"):
         missing = tiers(command, "digest")
         assert missing.exit_code == 1 and "no schedule named 'digest'" in missing.output
+
+
+def test_processes_declaring_at_once_store_one_schedule(
+    make_retrier: Callable[..., Retrier],
+) -> None:
+    """Every process declares its schedules at start-up, often at the same moment."""
+    retriers = [app(make_retrier, at(2026, 1, 5, 8))[0] for _ in range(4)]
+    barrier = threading.Barrier(len(retriers))
+    errors: list[BaseException] = []
+
+    def declare(r: Retrier) -> None:
+        barrier.wait()
+        try:
+            r.schedule("report", "report", {"to": "a"}, cron="0 9 * * *")
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=declare, args=(r,)) for r in retriers]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert [s.name for s in retriers[0].schedules()] == ["report"]
