@@ -438,3 +438,23 @@ def test_processes_declaring_at_once_store_one_schedule(
         t.join()
     assert errors == []
     assert [s.name for s in retriers[0].schedules()] == ["report"]
+
+
+def test_a_firer_with_a_stale_read_loses_the_compare_and_set(
+    make_retrier: Callable[..., Retrier],
+) -> None:
+    """A worker that read the schedule before another fired it changes nothing."""
+    from retrier._schedules import schedules_t
+
+    retrier, clock, _ = app(make_retrier, at(2026, 1, 5, 8, 59, 59))
+    retrier.schedule("each-minute", "report", {"to": "ops"}, cron="* * * * *")
+    clock.advance(2)
+    with retrier.store.dialect.read() as conn:
+        stale = conn.execute(select(schedules_t)).one()
+    assert [f.tick_ms for f in retrier.store.fire_schedules()] == [at(2026, 1, 5, 9)]
+    clock.advance(60)  # 09:01:01: the stale read would fire 09:00 and 09:01
+    parts = retrier.store.fire_schedules.__self__  # type: ignore[attr-defined]
+    with retrier.store.dialect.write() as conn:
+        assert parts._fire(conn, stale, clock.now_ms()) == []
+    assert retrier.get_schedule("each-minute").next_fire == datetime(2026, 1, 5, 9, 1, tzinfo=UTC)
+    assert fired(retrier, "each-minute") == [at(2026, 1, 5, 9)]
