@@ -166,7 +166,9 @@ class Schedules:
             changed = {k: v for k, v in values.items() if getattr(row, k) != v}
             if not changed:
                 return
-            if {"cron", "timezone"} & changed.keys():
+            # A new calendar starts after now; so does one that had stopped (its row
+            # could not be read, say).
+            if {"cron", "timezone"} & changed.keys() or row.next_fire_ms is None:
                 changed["next_fire_ms"] = spec.cron.next_after(now)
             conn.execute(
                 update(schedules_t)

@@ -459,3 +459,30 @@ def test_a_firer_with_a_stale_read_loses_the_compare_and_set(
         assert parts._fire(conn, stale, clock.now_ms()) == []
     assert retrier.get_schedule("each-minute").next_fire == datetime(2026, 1, 5, 9, 1, tzinfo=UTC)
     assert fired(retrier, "each-minute") == [at(2026, 1, 5, 9)]
+
+
+@pytest.mark.parametrize("column", ["options", "args", "cron", "timezone"])
+def test_a_schedule_row_that_cannot_be_read_stops_only_itself(
+    make_retrier: Callable[..., Retrier], column: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    from sqlalchemy import text
+
+    retrier, _, calls = app(make_retrier, at(2026, 1, 5, 8, 59, 30))
+    retrier.schedule("broken", "report", {"to": "x"}, cron="* * * * *")
+    retrier.schedule("healthy", "report", {"to": "ok"}, cron="* * * * *")
+    postgres = retrier.store.dialect.name == "postgresql"
+    bad = {"options": "42" if postgres else "{not json", "args": "42" if postgres else "{",
+           "cron": "not a cron", "timezone": "Nowhere/Else"}[column]
+    cast = "CAST(:v AS json)" if postgres and column in ("options", "args") else ":v"
+    with retrier.engine.begin() as conn:
+        conn.execute(text(f"UPDATE tiers_schedules SET {column} = {cast} WHERE name = 'broken'"),
+                     {"v": bad})
+    run_for(retrier, timedelta(minutes=2))
+    assert [to for to, _ in calls] == ["ok", "ok"]
+    assert "schedule broken cannot fire" in caplog.text
+    assert retrier.get_schedule("broken").next_fire is None
+    assert {s.name for s in retrier.schedules()} == {"broken", "healthy"}
+    fixed = retrier.schedule("broken", "report", {"to": "x"}, cron="* * * * *")
+    assert fixed.next_fire is not None  # declared again: it fires again
+    run_for(retrier, timedelta(minutes=1))
+    assert sorted(to for to, _ in calls) == ["ok", "ok", "ok", "x"]
