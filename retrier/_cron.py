@@ -22,7 +22,6 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from functools import lru_cache
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from apscheduler.triggers.cron import CronTrigger
@@ -207,12 +206,6 @@ worker was down or paused) and fires as the schedule's `missed` policy says."""
 MAX_TICKS = 1000
 """Most ticks one schedule fires in one transaction (`missed="all"` after a long
 outage): the rest fire at the next look, a second later."""
-
-
-@lru_cache(maxsize=512)
-def stored_cron(expr: str, timezone: str) -> Cron:
-    """A stored schedule's expression, parsed once per process (checked when declared)."""
-    return parse_cron(expr, timezone, check_fires=False)
 
 
 def plan_ticks(cron: Cron, next_fire: int, now: int, missed: str) -> tuple[list[int], int | None]:

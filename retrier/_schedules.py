@@ -23,7 +23,7 @@ from sqlalchemy import Connection, Row, bindparam, delete, func, insert, select,
 from sqlalchemy.exc import IntegrityError
 
 from ._clock import Clock
-from ._cron import Cron, plan_ticks, stored_cron
+from ._cron import Cron, parse_cron, plan_ticks
 from ._dialects import WAKE, Dialect, reconnecting
 from ._errors import ScheduleNotFound, TiersError, first_line
 from ._models import ScheduleRow
@@ -129,6 +129,14 @@ class Schedules:
         self._insert_runs = insert_runs
         self._due = dialect.lock_for_claim(_DUE)
         self._lock_one = dialect.lock_rows(_ONE)
+        self._crons: dict[tuple[str, str], Cron] = {}  # stored expressions, parsed
+
+    def _cron(self, expr: str, timezone: str) -> Cron:
+        """A stored schedule's expression (checked when it was declared), parsed once."""
+        cron = self._crons.get((expr, timezone))
+        if cron is None:
+            cron = self._crons[expr, timezone] = parse_cron(expr, timezone, check_fires=False)
+        return cron
 
     # -- declaring ----------------------------------------------------------------------
 
@@ -197,7 +205,7 @@ class Schedules:
 
     def _fire(self, conn: Connection, row: Row[Any], now: int) -> list[Fired]:
         try:
-            cron = stored_cron(row.cron, row.timezone)
+            cron = self._cron(row.cron, row.timezone)
             ticks, after = plan_ticks(cron, row.next_fire_ms, now, row.missed)
             new = [_tick_run(row, tick) for tick in ticks]
         except (TiersError, TypeError, ValueError, KeyError) as exc:
@@ -254,7 +262,7 @@ class Schedules:
                 raise ScheduleNotFound(name)
             values: dict[str, Any] = {"paused": paused, "updated_ms": self.clock.now_ms()}
             if not paused and row.paused:
-                cron = stored_cron(row.cron, row.timezone)
+                cron = self._cron(row.cron, row.timezone)
                 values["next_fire_ms"] = cron.next_after(self.clock.now_ms())
             conn.execute(update(schedules_t).where(schedules_t.c.name == name).values(**values))
             if not paused:
