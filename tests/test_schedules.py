@@ -209,17 +209,19 @@ def test_fall_back_fires_a_repeated_time_once_unless_hourly(
     make_retrier: Callable[..., Retrier],
 ) -> None:
     """Europe/Paris, 25 October 2026: 03:00 CEST goes back to 02:00 CET."""
-    retrier, _, _ = app(make_retrier, at(2026, 10, 24, 12, tz=PARIS))
+    retrier, _, _ = app(make_retrier, at(2026, 10, 25, 0, tz=PARIS))
     retrier.schedule("daily", "report", {"to": "a"}, cron="30 2 * * *", timezone="Europe/Paris")
-    retrier.schedule("half-hourly", "report", {"to": "b"}, cron="*/30 * * * *",
+    retrier.schedule("half-hourly", "report", {"to": "b"}, cron="*/30 * 25 10 *",
                      timezone="Europe/Paris")
-    run_for(retrier, timedelta(days=2))
+    run_for(retrier, timedelta(hours=28))
     utc = fired(retrier, "daily", "a")
     assert utc == [at(2026, 10, 25, 0, 30), at(2026, 10, 26, 1, 30)]  # 02:30 CEST, CET
     half = fired(retrier, "half-hourly", "b")
-    night = [t for t in half if at(2026, 10, 24, 23, 30) <= t <= at(2026, 10, 25, 2)]
-    # Every half hour of real time, through both 02:00-03:00 hours.
-    assert night == [at(2026, 10, 24, 23, 30) + k * 1_800_000 for k in range(6)]
+    # Every half hour of real time, through both 02:00-03:00 hours: 25 hours that day.
+    assert half == [at(2026, 10, 24, 22, 30) + k * 1_800_000 for k in range(49)]
+    assert [datetime.fromtimestamp(t / 1000, PARIS).strftime("%H:%M%z") for t in half[2:8]] == [
+        "01:30+0200", "02:00+0200", "02:30+0200", "02:00+0100", "02:30+0100", "03:00+0100"
+    ]
 
 
 def test_declaring_again_updates_and_keeps_the_next_tick(
