@@ -228,13 +228,15 @@ class Schedules:
             return []  # another worker fired it
         # The tick's run id is the unique key: a tick that fired already (before a
         # schedule was re-declared with the same calendar, say) does not fire again.
+        if not new:
+            return []
         ids = [r.id for r in new]
         stored = set(conn.execute(select(runs.c.id).where(runs.c.id.in_(ids))).scalars())
-        new = [r for r in new if r.id not in stored]
+        if stored:
+            log.warning("schedule %s: %d tick(s) had fired already", row.name, len(stored))
+            new = [r for r in new if r.id not in stored]
         if new:
             self._insert_runs(new, conn)
-        for tick in ticks[: len(ticks) - len(new)]:
-            log.debug("schedule %s: tick %d had fired already", row.name, tick)
         return [Fired(row.name, r.due_ms, r.id) for r in new]
 
     @reconnecting
