@@ -15,12 +15,14 @@ from ._errors import (
     HandBack,
     InvalidArguments,
     InvalidDatabaseURL,
+    InvalidSchedule,
     InvalidSettings,
     NonRetryableError,
     RetryAfter,
     RunNotFinished,
     RunNotFound,
     RunNotRetryable,
+    ScheduleNotFound,
     SchemaMissing,
     SchemaTooNew,
     TiersError,
@@ -40,6 +42,7 @@ from ._results import (
     Success,
 )
 from ._retrier import Retrier
+from ._schedules import Schedule
 from ._worker import Worker
 
 __all__ = [
@@ -56,6 +59,7 @@ __all__ = [
     "InProgress",
     "InvalidArguments",
     "InvalidDatabaseURL",
+    "InvalidSchedule",
     "InvalidSettings",
     "NonRetryableError",
     "Retrier",
@@ -66,6 +70,8 @@ __all__ = [
     "RunNotRetryable",
     "RunResult",
     "RunStatus",
+    "Schedule",
+    "ScheduleNotFound",
     "SchemaMissing",
     "SchemaTooNew",
     "Success",

@@ -6,7 +6,7 @@ that finds the pending run a debounced call collapses into. The schema version s
 2 (a release that does not know the columns still reads and writes the table).
 
 Revision ID: engine_0006
-Revises: engine_0003
+Revises: engine_0004
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision = "engine_0006"
-down_revision = "engine_0003"
+down_revision = "engine_0004"
 branch_labels = None
 depends_on = None
 
