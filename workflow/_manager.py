@@ -302,10 +302,10 @@ class WorkflowManager:
         context: Any = None,
         tick_ms: int = 0,
     ) -> str:
-        """A schedule's tick: start the workflow once for this tick (its key)."""
+        """A schedule's tick: start the workflow once for this tick (its idempotency key)."""
         return self.start(
             workflow, args, on_complete=on_complete, context=context,
-            key=f"schedule:{schedule}:{tick_ms}",
+            idempotency_key=f"schedule:{schedule}:{tick_ms}",
         )
 
     def retrigger(self, workflow_id: str) -> str:
