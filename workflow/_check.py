@@ -81,7 +81,12 @@ async def check_one(driver: Driver, loaded: Loaded) -> CheckProblem | None:
     wf = loaded.workflow
     if not driver.defs.has(wf.name):
         return CheckProblem(
-            wf.id, wf.name, UNDEFINED, None, f"workflow {wf.name!r}", "not defined",
+            wf.id,
+            wf.name,
+            UNDEFINED,
+            None,
+            f"workflow {wf.name!r}",
+            "not defined",
             f"this code does not define workflow {wf.name!r}",
         )
     ctx = WorkflowContext(driver, loaded, None, dry=True)

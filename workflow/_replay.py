@@ -87,8 +87,7 @@ class Replay:
             ahead.name,
             describe_entry(ahead),
             f"{kind} {full!r}",
-            f"the journal has {describe_entry(ahead)} there, the code makes a new "
-            f"{kind} {full!r}",
+            f"the journal has {describe_entry(ahead)} there, the code makes a new {kind} {full!r}",
         )
 
     def ended(self) -> Divergence | None:

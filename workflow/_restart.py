@@ -20,9 +20,10 @@ from sqlalchemy import Connection, delete, select, update
 
 from retrier import RunNotFound
 from retrier.engine import COMPLETED as RUN_COMPLETED
+from retrier.engine import RUNNING as RUN_RUNNING
 
 from ._errors import CannotRestart, StepNotFound, WorkflowNotFound
-from ._journal import Journal
+from ._journal import Journal, driver_name
 from ._models import INVOKE, PATCH, RUNNING, steps_t, workflows_t
 
 _OCCURRENCE = re.compile(r"\[\d+\]$")
@@ -70,10 +71,15 @@ def reset(journal: Journal, workflow_id: str, from_step: str) -> Restarted:
                 f"workflow {workflow_id!r} is running; cancel it (or wait for it to end) "
                 f"before restarting it"
             )
+        owned = journal.store.unfinished_of(conn, workflow_id)
+        drive = driver_name(_pool_of(conn, workflow_id))
+        if any(r.fn == drive and r.state == RUN_RUNNING for r in owned):
+            raise CannotRestart(
+                f"a driver of workflow {workflow_id!r} is still finishing its last pass; "
+                f"try again in a moment"
+            )
         entries = list(
-            conn.execute(
-                select(steps_t).where(steps_t.c.workflow_id == workflow_id)
-            ).mappings()
+            conn.execute(select(steps_t).where(steps_t.c.workflow_id == workflow_id)).mappings()
         )
         position = _position_of(workflow_id, from_step, entries)
         dropped = [e for e in entries if e["position"] >= position]
@@ -87,9 +93,7 @@ def reset(journal: Journal, workflow_id: str, from_step: str) -> Restarted:
         done = Restarted(deleted=[e["name"] for e in dropped])
         done.children = _detach_children(conn, workflow_id, dropped)
         step_runs = {e["run_id"] for e in dropped if e["run_id"] is not None}
-        done.runs = [
-            r.id for r in journal.store.unfinished_of(conn, workflow_id) if r.id in step_runs
-        ]
+        done.runs = [r.id for r in owned if r.id in step_runs]
         conn.execute(
             delete(steps_t).where(
                 steps_t.c.workflow_id == workflow_id, steps_t.c.position >= position
@@ -99,12 +103,21 @@ def reset(journal: Journal, workflow_id: str, from_step: str) -> Restarted:
             update(workflows_t)
             .where(workflows_t.c.id == workflow_id)
             .values(
-                state=RUNNING, result=None, error=None, finished_ms=None,
+                state=RUNNING,
+                result=None,
+                error=None,
+                finished_ms=None,
                 unrunnable_since_ms=None,
             )
         )
         journal.wake(conn, workflow_id)
     return done
+
+
+def _pool_of(conn: Connection, workflow_id: str) -> str:
+    return str(
+        conn.execute(select(workflows_t.c.pool).where(workflows_t.c.id == workflow_id)).scalar()
+    )
 
 
 def _position_of(workflow_id: str, from_step: str, entries: list[Any]) -> int:
@@ -114,9 +127,7 @@ def _position_of(workflow_id: str, from_step: str, entries: list[Any]) -> int:
         if e["name"] == full and e["kind"] != PATCH:
             return int(e["position"])
     ordered = sorted(entries, key=lambda e: (e["position"], e["id"]))
-    raise StepNotFound(
-        workflow_id, from_step, [e["name"] for e in ordered if e["kind"] != PATCH]
-    )
+    raise StepNotFound(workflow_id, from_step, [e["name"] for e in ordered if e["kind"] != PATCH])
 
 
 def _detach_children(conn: Connection, workflow_id: str, dropped: list[Any]) -> list[str]:
@@ -134,8 +145,6 @@ def _detach_children(conn: Connection, workflow_id: str, dropped: list[Any]) -> 
     )
     if running:
         conn.execute(
-            update(workflows_t)
-            .where(workflows_t.c.id.in_(running))
-            .values(parent_step=None)
+            update(workflows_t).where(workflows_t.c.id.in_(running)).values(parent_step=None)
         )
     return running
