@@ -573,3 +573,36 @@ def cli_app(app: App) -> Iterator[str]:
     sys.modules[name] = module
     yield f"{name}:workflows"
     del sys.modules[name]
+
+
+def test_restart_waits_for_a_driver_still_finishing_then_refuses(
+    app: App, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from sqlalchemy import update
+
+    from retrier._tables import runs
+    from workflow import _restart
+
+    r, wf = app.retrier, app.workflows
+
+    @r.action
+    def noop() -> None: ...
+
+    @wf.define
+    async def job(ctx: WorkflowContext) -> None:
+        await ctx.step("noop", noop)
+
+    wf_id = wf.start(job)
+    app.drain()
+    assert wf.status(wf_id) == Completed(Success(None))
+    drivers = (runs.c.owner == wf_id) & runs.c.fn.startswith("tiers.workflow.drive:")
+    with r.engine.begin() as conn:  # as if its last pass were still being recorded
+        conn.execute(update(runs).where(drivers).values(state="running"))
+    monkeypatch.setattr(_restart, "_DRIVER_PATIENCE_S", 0.05)
+    with pytest.raises(CannotRestart, match="still finishing its last pass"):
+        wf.restart(wf_id, "noop")
+    with r.engine.begin() as conn:
+        conn.execute(update(runs).where(drivers).values(state="completed"))
+    wf.restart(wf_id, "noop")
+    app.drain()
+    assert [s.state for s in wf.steps(wf_id)] == ["completed"]

@@ -12,6 +12,7 @@ of the same name: a step's entry is settled only by its own run).
 from __future__ import annotations
 
 import re
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -27,6 +28,11 @@ from ._journal import Journal, driver_name
 from ._models import INVOKE, PATCH, RUNNING, steps_t, workflows_t
 
 _OCCURRENCE = re.compile(r"\[\d+\]$")
+_DRIVER_PATIENCE_S = 5.0
+
+
+class DriverStillRunning(CannotRestart):
+    """A driver run of the workflow has not finished yet (its pass may still write)."""
 
 
 @dataclass(slots=True)
@@ -45,8 +51,23 @@ def restart(
     cancel_run: Callable[[str], Any],
     cancel_child: Callable[[str], Any],
 ) -> Restarted:
-    """Restart a finished workflow from `from_step` (see the module docstring)."""
-    done = reset(journal, workflow_id, from_step)
+    """Restart a finished workflow from `from_step` (see the module docstring).
+
+    A driver run that ended the workflow is recorded a moment after the workflow's
+    end: while one of its drivers is still running, this waits for it, up to
+    `_DRIVER_PATIENCE_S`, before refusing with `CannotRestart`.
+    """
+    deadline = time.monotonic() + _DRIVER_PATIENCE_S
+    pause = 0.01
+    while True:
+        try:
+            done = reset(journal, workflow_id, from_step)
+            break
+        except DriverStillRunning:
+            if time.monotonic() + pause > deadline:
+                raise
+            time.sleep(pause)
+            pause = min(pause * 2, 0.25)
     for run_id in done.runs:
         try:
             cancel_run(run_id)
@@ -74,7 +95,7 @@ def reset(journal: Journal, workflow_id: str, from_step: str) -> Restarted:
         owned = journal.store.unfinished_of(conn, workflow_id)
         drive = driver_name(_pool_of(conn, workflow_id))
         if any(r.fn == drive and r.state == RUN_RUNNING for r in owned):
-            raise CannotRestart(
+            raise DriverStillRunning(
                 f"a driver of workflow {workflow_id!r} is still finishing its last pass; "
                 f"try again in a moment"
             )
