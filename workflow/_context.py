@@ -560,8 +560,9 @@ class WorkflowContext:
         self._last_position = entry.position
 
     def ended(self) -> None:
-        """The workflow function returned or raised: a journal holding entries it never
-        reached proves the code changed (see `_replay`)."""
+        """The workflow function returned: a journal holding entries it never reached
+        proves the code changed (see `_replay`). Code that raises ends the workflow
+        with its own error instead."""
         if self.diverged is None:
             d = self._replay.ended()
             if d is not None:

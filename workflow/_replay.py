@@ -9,8 +9,8 @@ changed, and the replay diverges, when:
    different call there. Checked when the call is *made*, so nothing new runs;
 2. a journaled call is reached while an entry at an earlier position was never
    consumed: the old code made a call there that this code no longer makes;
-3. the workflow function ends (returns or raises) while the journal holds entries the
-   replay never reached.
+3. the workflow function returns while the journal holds entries the replay never
+   reached (code that raises ends the workflow with its own error).
 
 A new call whose position lies before every unconsumed entry is not a divergence: a
 `gather` of several new calls may have journaled a later one before an earlier one
