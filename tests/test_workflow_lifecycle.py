@@ -606,3 +606,40 @@ def test_restart_waits_for_a_driver_still_finishing_then_refuses(
     wf.restart(wf_id, "noop")
     app.drain()
     assert [s.state for s in wf.steps(wf_id)] == ["completed"]
+
+
+def test_restart_cancels_the_pending_retry_of_a_dropped_step(app: App) -> None:
+    r, wf = app.retrier, app.workflows
+    slow_calls = Calls()
+    broken = {"v": True}
+
+    @r.action
+    def slow() -> str:
+        slow_calls.add(1)
+        if len(slow_calls.items) == 1:
+            raise RuntimeError("flaky")  # its retry waits 100 ms in the pool
+        return "slow ok"
+
+    @r.action
+    def boom() -> str:
+        if broken["v"]:
+            raise RuntimeError("boom")
+        return "boom ok"
+
+    @wf.define
+    async def job(ctx: WorkflowContext) -> list[str]:
+        first = ctx.step("slow", slow)  # under way while boom runs
+        second = await ctx.step("boom", boom, retry=False)
+        return [await first, second]
+
+    wf_id = wf.start(job)
+    app.drain()
+    assert "boom" in _failed(wf.status(wf_id))
+    assert app.count_runs(state="pending", owner=wf_id) == 1, "slow's retry"
+    broken["v"] = False
+    wf.restart(wf_id, "slow")
+    app.drain()
+    app.later(0.1)
+    assert wf.status(wf_id) == Completed(Success(["slow ok", "boom ok"]))
+    assert len(slow_calls.items) == 2, "the dropped step's retry never ran"
+    assert app.count_runs(state="pending") == 0
