@@ -71,7 +71,9 @@ class Tracing:
         sc = _parse(parent)
         if sc is None:  # not the plain version-00 form: the propagator judges it
             return self.propagator.extract({"traceparent": parent})
-        return trace.set_span_in_context(NonRecordingSpan(sc))
+        # On an empty context, as the propagator's extract: nothing else of the
+        # current context (baggage...) is carried into the span.
+        return trace.set_span_in_context(NonRecordingSpan(sc), otel_context.Context())
 
     def ended(self, span: Span, kind: str, error: str | None) -> None:
         """Mark an attempt's span with how it ended."""

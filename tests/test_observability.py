@@ -343,11 +343,19 @@ def test_a_stored_traceparent_is_read_as_the_w3c_propagator_reads_it(
     from opentelemetry import trace
 
     tracing = retrier.enable_tracing()
-    ours = trace.get_current_span(tracing.parent_context(stored)).get_span_context()
-    theirs = trace.get_current_span(
-        tracing.propagator.extract({"traceparent": stored})
-    ).get_span_context()
+    from opentelemetry import baggage
+    from opentelemetry import context as otel_context
+
+    token = otel_context.attach(baggage.set_baggage("k", "v"))  # not carried into either
+    try:
+        ours_ctx = tracing.parent_context(stored)
+        theirs_ctx = tracing.propagator.extract({"traceparent": stored})
+    finally:
+        otel_context.detach(token)
+    ours = trace.get_current_span(ours_ctx).get_span_context()
+    theirs = trace.get_current_span(theirs_ctx).get_span_context()
     assert ours == theirs and ours.is_remote == theirs.is_remote
+    assert baggage.get_all(ours_ctx) == baggage.get_all(theirs_ctx) == {}
 
 
 def _free_port() -> int:
