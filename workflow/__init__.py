@@ -15,11 +15,14 @@ from __future__ import annotations
 
 from retrier import Debounce
 
+from ._check import CheckProblem, CheckReport
 from ._context import WorkflowContext
 from ._errors import (
+    CannotRestart,
     InvalidEvent,
     InvalidWorkflow,
     StepFailed,
+    StepNotFound,
     UnregisteredWorkflow,
     WorkflowDiverged,
     WorkflowNotFinished,
@@ -29,11 +32,15 @@ from ._listeners import WorkflowEvent
 from ._manager import StepInfo, WorkflowInfo, WorkflowManager
 
 __all__ = [
+    "CannotRestart",
+    "CheckProblem",
+    "CheckReport",
     "Debounce",
     "InvalidEvent",
     "InvalidWorkflow",
     "StepFailed",
     "StepInfo",
+    "StepNotFound",
     "UnregisteredWorkflow",
     "WorkflowContext",
     "WorkflowDiverged",
