@@ -108,6 +108,15 @@ Index(
     _runs.c.priority.desc(),
     **partial_index("state IN ('pending', 'finishing')"),
 )
+# Claiming from a queue by priority: its pending runs of one priority in due order,
+# and its distinct priorities (a loose scan, one seek each).
+Index(
+    "ix_tiers_runs_queue_priority",
+    _runs.c.queue,
+    _runs.c.priority.desc(),
+    _runs.c.due_ms,
+    **partial_index("state = 'pending'"),
+)
 # on_complete deliveries waiting to run again, which no queue limit holds back.
 Index(
     "ix_tiers_runs_finishing",
@@ -173,6 +182,7 @@ class QueueRow(SQLModel, table=True):
     rate_period_ms: int | None = Field(default=None, sa_type=BigInteger)
     max_per_key: int | None = None
     max_per_worker: int | None = None
+    priority_aging_ms: int | None = Field(default=None, sa_type=BigInteger)
     updated_ms: int = Field(sa_type=BigInteger)
 
 

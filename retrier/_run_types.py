@@ -166,6 +166,9 @@ class QueueLimits:
     rate_period_ms: int | None = None
     max_per_key: int | None = None
     max_per_worker: int | None = None
+    # Due runs start by priority (higher first); one due for longer than this starts
+    # before every run due after it, whatever the priorities (None: due order).
+    priority_aging_ms: int | None = None
 
 
 @dataclass(frozen=True, slots=True)

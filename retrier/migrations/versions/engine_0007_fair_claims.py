@@ -1,0 +1,42 @@
+"""Fair claims: pools start due runs by priority, with aging.
+
+`tiers_queues.priority_aging_ms`: a pool that sets it starts its due runs by priority
+(higher first), except that a run due for longer than that starts before every run
+due after it. An index of each queue's pending runs by priority, then due time, lets
+a claim read them in that order with a few seeks per distinct priority. The claim
+on PostgreSQL is `tiers_claim_v3` (created with the other server-side objects,
+`Dialect.create_extras`); an older release, still running beside this one in a
+rolling deploy, keeps calling its `tiers_claim_v2`, which ignores the new settings.
+
+Revision ID: engine_0007
+Revises: engine_0003
+"""
+
+from __future__ import annotations
+
+import sqlalchemy as sa
+from alembic import op
+
+revision = "engine_0007"
+down_revision = "engine_0003"
+branch_labels = None
+depends_on = None
+
+
+def upgrade() -> None:
+    op.add_column(
+        "tiers_queues", sa.Column("priority_aging_ms", sa.BigInteger(), nullable=True)
+    )
+    pending = sa.text("state = 'pending'")
+    op.create_index(
+        "ix_tiers_runs_queue_priority",
+        "tiers_runs",
+        ["queue", sa.text("priority DESC"), "due_ms"],
+        sqlite_where=pending,
+        postgresql_where=pending,
+    )
+
+
+def downgrade() -> None:
+    op.drop_index("ix_tiers_runs_queue_priority", table_name="tiers_runs")
+    op.drop_column("tiers_queues", "priority_aging_ms")
