@@ -21,7 +21,7 @@ from ._dialects import Dialect, reconnecting
 from ._errors import RunNotFound
 from ._models import CANCELED, COMPLETED, DELIVERING, FINISHING, PENDING, RUNNING, SUCCESS
 from ._run_types import Runnable
-from ._tables import LIVE_WORKERS, in_state, names_in, runs
+from ._tables import LIVE_WORKERS, in_state, names_in, queues_t, runs
 
 # The reasons `Why.reason` takes, in the order they are checked.
 FINISHED = "finished"  # completed (succeeded or failed) and its on_complete is done
@@ -203,11 +203,26 @@ class Explainer:
         return None
 
     def _ahead(self, conn: Connection, row: Any, now: int) -> int:
-        """The due runs of its queue a claim takes before it (due order, then priority)."""
-        before = or_(
+        """The due runs of its queue a claim takes before it, in the queue's claim
+        order (`_claim_order`: with priority aging, the aged runs by due time, then
+        the rest by priority, then due time; without, due time then priority)."""
+        in_due_order = or_(
             runs.c.due_ms < row.due_ms,
             and_(runs.c.due_ms == row.due_ms, runs.c.priority > row.priority),
         )
+        aging = conn.execute(
+            select(queues_t.c.priority_aging_ms).where(queues_t.c.name == row.queue)
+        ).scalar()
+        if not aging:
+            before = in_due_order
+        elif row.due_ms <= now - aging:  # aged: only older aged runs go first
+            before = in_due_order
+        else:
+            by_priority = or_(
+                runs.c.priority > row.priority,
+                and_(runs.c.priority == row.priority, runs.c.due_ms < row.due_ms),
+            )
+            before = or_(runs.c.due_ms <= now - aging, by_priority)
         stmt = select(func.count()).where(
             in_state(PENDING), runs.c.queue == row.queue, runs.c.due_ms <= now, before
         )

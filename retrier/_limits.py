@@ -207,11 +207,6 @@ class QueueBudget:
             self.rate_retry_ms = min(self.rate_retry_ms or retry, retry)
         return free
 
-    @property
-    def exhausted(self) -> int:
-        """How many queues and keys have no slot left; grows as `take` uses them."""
-        return len(self.blocked) + sum(len(keys) for keys in self.full_keys.values())
-
     def take(self, queue: str, key: str | None) -> bool:
         """Use one slot of `queue` (and of its `key`) if one is free."""
         lim = self.limits.get(queue)

@@ -9,15 +9,80 @@ first due runs up to its free slots, and the due on_complete deliveries, in due 
 then priority; lease them; and say when to look again. `tests/test_claims.py` runs the
 same claim scenarios against both implementations.
 
-It is `tiers_claim_v2` since it also returns each run's trace context and due time
-(engine_0003): a function's result columns cannot change in place, and an older
-release, still running beside this one in a rolling deploy, keeps its `tiers_claim`.
+It is `tiers_claim_v3` since it takes each queue's runs in its claim order (priority
+with aging, `_claim_order`; engine_0007) through `tiers_claim_queue_v3`; an older
+release, still running beside this one in a rolling deploy, keeps its
+`tiers_claim_v2` (and a still older one its `tiers_claim`), which stay in place.
 """
 
 from __future__ import annotations
 
+# One queue's due pending runs in claim order (see `_claim_order.QueueOrder.fetch`):
+# with an aging threshold, the aged runs by due time, then one priority level at a
+# time (highest first, found by a loose scan) by due time; without, by due time.
+QUEUE_ORDER_FUNCTION = r"""
+CREATE OR REPLACE FUNCTION tiers_claim_queue_v3(
+    p_queue text, p_aging bigint, p_n integer, p_now bigint,
+    p_any_fn boolean, p_fns text[], p_full text[], p_exclude text[]
+) RETURNS TABLE (id varchar, due_ms bigint, priority integer, key varchar)
+LANGUAGE plpgsql VOLATILE AS $fn$
+#variable_conflict use_column
+DECLARE
+    v_left integer := p_n;
+    v_level integer;
+    v_below integer;
+    v_found integer;
+BEGIN
+    IF p_n <= 0 THEN
+        RETURN;
+    END IF;
+    IF COALESCE(p_aging, 0) <= 0 THEN
+        RETURN QUERY SELECT t.id, t.due_ms, t.priority, t.key FROM tiers_runs t
+         WHERE t.queue = p_queue AND t.state = 'pending' AND t.due_ms <= p_now
+           AND (p_any_fn OR t.fn = ANY(p_fns))
+           AND (t.key IS NULL OR NOT t.key = ANY(p_full))
+           AND NOT t.id = ANY(p_exclude)
+         ORDER BY t.due_ms, t.priority DESC LIMIT p_n
+         FOR UPDATE SKIP LOCKED;
+        RETURN;
+    END IF;
+    RETURN QUERY SELECT t.id, t.due_ms, t.priority, t.key FROM tiers_runs t
+     WHERE t.queue = p_queue AND t.state = 'pending' AND t.due_ms <= p_now - p_aging
+       AND (p_any_fn OR t.fn = ANY(p_fns))
+       AND (t.key IS NULL OR NOT t.key = ANY(p_full))
+       AND NOT t.id = ANY(p_exclude)
+     ORDER BY t.due_ms, t.priority DESC LIMIT p_n
+     FOR UPDATE SKIP LOCKED;
+    GET DIAGNOSTICS v_found = ROW_COUNT;
+    v_left := p_n - v_found;
+    WHILE v_left > 0 LOOP
+        IF v_below IS NULL THEN
+            SELECT max(t.priority) INTO v_level FROM tiers_runs t
+             WHERE t.queue = p_queue AND t.state = 'pending';
+        ELSE
+            SELECT max(t.priority) INTO v_level FROM tiers_runs t
+             WHERE t.queue = p_queue AND t.state = 'pending' AND t.priority < v_below;
+        END IF;
+        EXIT WHEN v_level IS NULL;
+        RETURN QUERY SELECT t.id, t.due_ms, t.priority, t.key FROM tiers_runs t
+         WHERE t.queue = p_queue AND t.state = 'pending' AND t.priority = v_level
+           AND t.due_ms > p_now - p_aging AND t.due_ms <= p_now
+           AND (p_any_fn OR t.fn = ANY(p_fns))
+           AND (t.key IS NULL OR NOT t.key = ANY(p_full))
+           AND NOT t.id = ANY(p_exclude)
+         ORDER BY t.due_ms LIMIT v_left
+         FOR UPDATE SKIP LOCKED;
+        GET DIAGNOSTICS v_found = ROW_COUNT;
+        v_left := v_left - v_found;
+        v_below := v_level;
+    END LOOP;
+END
+$fn$
+"""
+
+
 CLAIM_FUNCTION = r"""
-CREATE OR REPLACE FUNCTION tiers_claim_v2(
+CREATE OR REPLACE FUNCTION tiers_claim_v3(
     p_worker text, p_limit integer, p_lease_ms bigint, p_now bigint,
     p_any_fn boolean, p_fns text[], p_handlers text[]
 ) RETURNS TABLE (
@@ -43,7 +108,12 @@ DECLARE
     v_found integer;
     v_ids text[] := '{}';
     v_dues bigint[] := '{}';
-    v_prios integer[] := '{}';
+    v_ords integer[] := '{}';
+    v_poss integer[] := '{}';
+    v_aging bigint[] := '{}';
+    v_ord integer := 0;
+    v_pos integer;
+    v_latest bigint;
     v_key_counts jsonb := '{}';
     v_full text[];
     v_used integer;
@@ -60,6 +130,7 @@ BEGIN
         SELECT q.name FROM tiers_queues q
          WHERE q.max_parallelism IS NOT NULL OR q.rate_limit IS NOT NULL
             OR q.max_per_key IS NOT NULL OR q.max_per_worker IS NOT NULL
+            OR q.priority_aging_ms IS NOT NULL
          ORDER BY q.name FOR UPDATE) l;
     -- A claim that waited for another's locks must not stamp its runs as started
     -- before that claim committed: add the wait (if it was one) to the caller's clock.
@@ -70,7 +141,7 @@ BEGIN
 
     -- 2. Each limited queue's free slots, counted after the lock.
     FOR v_q IN
-        SELECT q.name, q.max_per_key, q.rate_limit, q.rate_period_ms,
+        SELECT q.name, q.max_per_key, q.rate_limit, q.rate_period_ms, q.priority_aging_ms,
                LEAST(
                    COALESCE(q.max_parallelism - r.n, v_big),
                    COALESCE(q.max_per_worker - r.mine, v_big)
@@ -114,6 +185,7 @@ BEGIN
         v_names := v_names || v_q.name::text;
         v_slots := v_slots || v_left;
         v_per_key := v_per_key || v_q.max_per_key;
+        v_aging := v_aging || v_q.priority_aging_ms;
     END LOOP;
     IF array_length(v_names, 1) IS NOT NULL THEN
         SELECT COALESCE(jsonb_object_agg(t.queue || E'\x1f' || t.key, t.n), '{}')
@@ -133,7 +205,25 @@ BEGIN
              ORDER BY t.due_ms, t.priority DESC LIMIT p_limit
              FOR UPDATE SKIP LOCKED) c;
     ELSE
-    -- 3'. Each queue with claimable runs (a loose index scan), up to its free slots.
+    -- 3'. Due on_complete deliveries, which no queue limit holds back (merge
+    --     ordinal 0; see `_claim_order.merge_key_rows` for the merge).
+    v_pos := 0;
+    FOR v_r IN
+        SELECT t.id, t.due_ms FROM tiers_runs t
+         WHERE t.state = 'finishing' AND t.due_ms <= v_now
+           AND (p_any_fn OR t.on_complete = ANY(p_handlers))
+         ORDER BY t.due_ms LIMIT p_limit
+         FOR UPDATE SKIP LOCKED
+    LOOP
+        v_ids := v_ids || v_r.id::text;
+        v_dues := v_dues || v_r.due_ms;
+        v_ords := v_ords || 0;
+        v_poss := v_poss || v_pos;
+        v_pos := v_pos + 1;
+    END LOOP;
+
+    -- 4. Each queue with claimable runs (a loose index scan), in its claim order, up
+    --    to its free slots; merge keys: (latest due so far, the queue's ordinal, position).
     FOR v_q IN
         WITH RECURSIVE qs(name) AS (
             SELECT (SELECT min(t.queue) FROM tiers_runs t
@@ -144,20 +234,24 @@ BEGIN
               FROM qs WHERE qs.name IS NOT NULL
         ) SELECT qs.name FROM qs WHERE qs.name IS NOT NULL
     LOOP
+        v_ord := v_ord + 1;
+        v_pos := 0;
+        v_latest := NULL;
         v_i := array_position(v_names, v_q.name::text);
         v_want := CASE WHEN v_i IS NULL THEN p_limit ELSE LEAST(v_slots[v_i], p_limit) END;
         CONTINUE WHEN v_want <= 0;
         IF v_i IS NULL OR v_per_key[v_i] IS NULL THEN
             FOR v_r IN
-                SELECT t.id, t.due_ms, t.priority FROM tiers_runs t
-                 WHERE t.queue = v_q.name AND t.state = 'pending' AND t.due_ms <= v_now
-                   AND (p_any_fn OR t.fn = ANY(p_fns))
-                 ORDER BY t.due_ms, t.priority DESC LIMIT v_want
-                 FOR UPDATE SKIP LOCKED
+                SELECT * FROM tiers_claim_queue_v3(
+                    v_q.name, CASE WHEN v_i IS NULL THEN NULL ELSE v_aging[v_i] END,
+                    v_want, v_now, p_any_fn, p_fns, '{}', '{}')
             LOOP
+                v_latest := GREATEST(COALESCE(v_latest, v_r.due_ms), v_r.due_ms);
                 v_ids := v_ids || v_r.id::text;
-                v_dues := v_dues || v_r.due_ms;
-                v_prios := v_prios || v_r.priority;
+                v_dues := v_dues || v_latest;
+                v_ords := v_ords || v_ord;
+                v_poss := v_poss || v_pos;
+                v_pos := v_pos + 1;
             END LOOP;
         ELSE
             -- A key at its limit takes nothing more: leave its runs out of the fetch,
@@ -170,13 +264,9 @@ BEGIN
                    AND v::integer >= v_per_key[v_i];
                 v_found := 0;
                 FOR v_r IN
-                    SELECT t.id, t.due_ms, t.priority, t.key FROM tiers_runs t
-                     WHERE t.queue = v_q.name AND t.state = 'pending' AND t.due_ms <= v_now
-                       AND (p_any_fn OR t.fn = ANY(p_fns))
-                       AND (t.key IS NULL OR NOT t.key = ANY(v_full))
-                       AND NOT t.id = ANY(v_ids)
-                     ORDER BY t.due_ms, t.priority DESC LIMIT v_want * 2 + 8
-                     FOR UPDATE SKIP LOCKED
+                    SELECT * FROM tiers_claim_queue_v3(
+                        v_q.name, v_aging[v_i], v_want * 2 + 8, v_now, p_any_fn, p_fns,
+                        v_full, v_ids)
                 LOOP
                     v_found := v_found + 1;
                     EXIT WHEN v_want <= 0;
@@ -187,9 +277,12 @@ BEGIN
                         v_key_counts := v_key_counts
                             || jsonb_build_object(v_q.name || E'\x1f' || v_r.key, v_used + 1);
                     END IF;
+                    v_latest := GREATEST(COALESCE(v_latest, v_r.due_ms), v_r.due_ms);
                     v_ids := v_ids || v_r.id::text;
-                    v_dues := v_dues || v_r.due_ms;
-                    v_prios := v_prios || v_r.priority;
+                    v_dues := v_dues || v_latest;
+                    v_ords := v_ords || v_ord;
+                    v_poss := v_poss || v_pos;
+                    v_pos := v_pos + 1;
                     v_want := v_want - 1;
                 END LOOP;
                 EXIT WHEN v_want <= 0 OR v_found < (v_want * 2 + 8);
@@ -197,23 +290,11 @@ BEGIN
         END IF;
     END LOOP;
 
-    -- 4. Due on_complete deliveries, which no queue limit holds back.
-    FOR v_r IN
-        SELECT t.id, t.due_ms, t.priority FROM tiers_runs t
-         WHERE t.state = 'finishing' AND t.due_ms <= v_now
-           AND (p_any_fn OR t.on_complete = ANY(p_handlers))
-         ORDER BY t.due_ms LIMIT p_limit
-         FOR UPDATE SKIP LOCKED
-    LOOP
-        v_ids := v_ids || v_r.id::text;
-        v_dues := v_dues || v_r.due_ms;
-        v_prios := v_prios || v_r.priority;
-    END LOOP;
-
-    -- 5. The first p_limit of them in due order, then priority: leased.
-    SELECT COALESCE(array_agg(c.id ORDER BY c.due, c.prio DESC), '{}') INTO v_chosen
-      FROM (SELECT u.id, u.due, u.prio FROM unnest(v_ids, v_dues, v_prios) AS u(id, due, prio)
-             ORDER BY u.due, u.prio DESC LIMIT p_limit) c;
+    -- 5. The first p_limit of them in merge order: leased.
+    SELECT COALESCE(array_agg(c.id ORDER BY c.due, c.ord, c.pos), '{}') INTO v_chosen
+      FROM (SELECT u.id, u.due, u.ord, u.pos
+              FROM unnest(v_ids, v_dues, v_ords, v_poss) AS u(id, due, ord, pos)
+             ORDER BY u.due, u.ord, u.pos LIMIT p_limit) c;
     END IF;
     RETURN QUERY WITH leased AS (
         UPDATE tiers_runs t SET
@@ -229,7 +310,7 @@ BEGIN
     SELECT 'run'::text, l.id, l.fn, l.args, l.state, l.fence, l.attempts, l.failures,
            l.queue, l.owner, l.on_complete, l.context, l.outcome, l.result, l.error, v_now,
            l.trace, l.due_ms
-      FROM leased l ORDER BY l.due_ms, l.priority DESC;
+      FROM leased l ORDER BY array_position(v_chosen, l.id::text);
 
     -- 6. When to look again: the next due run, or when a rate window reopens.
     IF coalesce(array_length(v_chosen, 1), 0) < p_limit THEN

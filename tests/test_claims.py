@@ -88,7 +88,70 @@ def scenario(retrier: Retrier, clock: FakeClock) -> list[Any]:
     return log
 
 
-def test_the_server_claim_takes_what_the_python_claim_takes(db_url: str) -> None:
+def priority_scenario(retrier: Retrier, clock: FakeClock) -> list[Any]:
+    """Claims over pools that start by priority with aging (one with a key limit too),
+    beside an unlimited queue and one in due order; what each claim took, in order."""
+    store = retrier.store
+
+    @retrier.action(name="work")
+    def work() -> None: ...
+
+    for limits in (
+        QueueLimits("urgent", max_parallelism=6, priority_aging_ms=1_000),
+        QueueLimits("fair", max_parallelism=5, max_per_key=2, priority_aging_ms=500),
+        QueueLimits("plain", max_parallelism=4),
+    ):
+        store.set_queue(limits)
+    now = clock.now_ms()
+    layout = [  # queue, how many, key, priority, how long due (ms)
+        ("urgent", 20, lambda i: None, lambda i: (i * 7) % 5, lambda i: (i % 10) * 50),
+        ("fair", 15, lambda i: f"k{i % 3}", lambda i: i % 3, lambda i: (i % 5) * 120),
+        ("plain", 8, lambda i: None, lambda i: i % 2, lambda i: i * 10),
+        ("", 6, lambda i: None, lambda i: i % 3, lambda i: i * 20),
+    ]
+    new = [
+        retrier.prepare(
+            "work",
+            {},
+            queue=queue,
+            key=key(i),
+            priority=priority(i),
+            due_ms=now - age(i),
+            run_id=f"{queue or 'any'}-{i:02d}",
+        )
+        for queue, count, key, priority, age in layout
+        for i in range(count)
+    ]
+    retrier.submit(new)
+    log: list[Any] = []
+
+    def claim(worker: str, limit: int) -> list[Claimed]:
+        claimed, wake_at = store.claim(worker, limit, 5_000)
+        log.append((worker, sorted(c.id for c in claimed), wake_at))
+        return claimed
+
+    def succeed(claimed: list[Claimed], worker: str) -> None:
+        outcomes = [
+            Outcome(c.id, c.fence, "success", c.started_ms, attempt=c.attempts, queue=c.queue)
+            for c in claimed
+        ]
+        store.record(outcomes, worker, 5_000)
+
+    first = claim("w1", 5)
+    second = claim("w2", 9)
+    succeed(first, "w1")
+    clock.advance(timedelta(milliseconds=700))
+    claim("w3", 4)
+    succeed(second, "w2")
+    claim("w1", 30)
+    drain(retrier)
+    return log
+
+
+@pytest.mark.parametrize("script", [scenario, priority_scenario])
+def test_the_server_claim_takes_what_the_python_claim_takes(
+    db_url: str, script: Callable[[Retrier, FakeClock], list[Any]]
+) -> None:
     if not db_url.startswith("postgresql"):
         pytest.skip("only PostgreSQL claims server-side")
     logs = []
@@ -98,13 +161,14 @@ def test_the_server_claim_takes_what_the_python_claim_takes(db_url: str) -> None
             retrier = Retrier(url, clock=clock)
             try:
                 retrier.store.dialect.server_claim = server_side  # type: ignore[misc]
-                logs.append(scenario(retrier, clock))
+                logs.append(script(retrier, clock))
             finally:
                 retrier.close()
     assert logs[0] == logs[1]
     claims = [entry for entry in logs[0] if entry[0] != "recorded"]
     assert any(entry[1] for entry in claims), "the scenario claims something"
-    assert any("delivering" in entry[2] for entry in claims), "it claims deliveries too"
+    if script is scenario:
+        assert any("delivering" in entry[2] for entry in claims), "it claims deliveries too"
 
 
 @contextmanager

@@ -22,7 +22,13 @@ from retrier.engine import Fn, NewRun, QueueLimits, RunRow, check_flag
 from ._behavior import RetryBehavior
 from ._enqueue import Preparer, Retry
 from ._errors import InvalidBatchItem, NotInPool
-from ._settings import RateLimit, check_parallelism, check_per_worker, pool_limits
+from ._settings import (
+    DEFAULT_PRIORITY_AGING,
+    RateLimit,
+    check_parallelism,
+    check_per_worker,
+    pool_limits,
+)
 from ._status import WorkStatus, status_of
 
 BatchItem = tuple[Fn | str, dict[str, Any] | None] | tuple[
@@ -45,9 +51,12 @@ class Workpool:
     `max_per_worker` spreads the pool over worker processes (for CPU-bound actions):
     no worker runs more than that many of its items at once.
 
-    Items start in due order, then by higher `priority`. Failed items are retried
-    only if `retry=` (or `retry_actions_by_default`) says so; a retry waiting for
-    its backoff holds no slot.
+    Among due items, higher `priority` starts first; an item due for longer than
+    `priority_aging` (default one minute) starts before every item due after it,
+    whatever their priorities, so no priority starves (`priority_aging=None`: due
+    order, priority only breaks ties). Failed items are retried only if `retry=`
+    (or `retry_actions_by_default`) says so; a retry waiting for its backoff holds
+    no slot.
     """
 
     def __init__(
@@ -61,6 +70,7 @@ class Workpool:
         rate_limit: RateLimit | None = None,
         max_per_key: int | None = None,
         max_per_worker: int | None = None,
+        priority_aging: timedelta | float | None = DEFAULT_PRIORITY_AGING,
     ) -> None:
         self.retrier = retrier
         self.name = name
@@ -73,7 +83,7 @@ class Workpool:
                 f"default_retry_behavior must be a RetryBehavior, got {default_retry_behavior!r}"
             )
         self._limits = pool_limits(
-            name, max_parallelism, rate_limit, max_per_key, max_per_worker
+            name, max_parallelism, rate_limit, max_per_key, max_per_worker, priority_aging
         )
         self._preparer = Preparer(
             retrier, name, retry_actions_by_default, self.default_retry_behavior

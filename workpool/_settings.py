@@ -11,6 +11,9 @@ MAX_PARALLELISM = 100_000
 
 RateLimit = tuple[int, timedelta | float]
 
+DEFAULT_PRIORITY_AGING = timedelta(minutes=1)
+MAX_PERIOD_MS = 30 * 86_400_000
+
 
 def pool_limits(
     name: str,
@@ -18,6 +21,7 @@ def pool_limits(
     rate_limit: RateLimit | None,
     max_per_key: int | None,
     max_per_worker: int | None = None,
+    priority_aging: timedelta | float | None = DEFAULT_PRIORITY_AGING,
 ) -> QueueLimits:
     """The engine's `QueueLimits` for a pool; raises `InvalidSettings` on bad values."""
     check_name(name, "a pool name")
@@ -30,6 +34,7 @@ def pool_limits(
             f"max_per_key must be a positive integer or None, got {max_per_key!r}"
         )
     check_per_worker(max_per_worker)
+    aging_ms = check_aging(priority_aging)
     return QueueLimits(
         name=name,
         max_parallelism=max_parallelism,
@@ -37,7 +42,20 @@ def pool_limits(
         rate_period_ms=period_ms,
         max_per_key=max_per_key,
         max_per_worker=max_per_worker,
+        priority_aging_ms=aging_ms,
     )
+
+
+def check_aging(value: timedelta | float | None) -> int | None:
+    """`priority_aging` in ms (None: due order, priority only breaks ties)."""
+    if value is None:
+        return None
+    aging_ms = delay_ms(value, "priority_aging")
+    if not 1 <= aging_ms <= MAX_PERIOD_MS:
+        raise InvalidSettings(
+            f"priority_aging must be from 1 ms to 30 days, or None (due order), got {value!r}"
+        )
+    return aging_ms
 
 
 def check_per_worker(value: int | None) -> None:
@@ -69,7 +87,7 @@ def _rate(rate_limit: RateLimit) -> tuple[int, int]:
     period_ms = delay_ms(period, "a rate limit period")
     if period_ms < 1:
         raise InvalidSettings(f"a rate limit period must be at least 1 ms, got {period!r}")
-    if period_ms > 30 * 86_400_000:
+    if period_ms > MAX_PERIOD_MS:
         raise InvalidSettings(f"a rate limit period must be at most 30 days, got {period!r}")
     return limit, period_ms
 

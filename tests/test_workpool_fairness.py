@@ -1,0 +1,124 @@
+"""Priority and fairness between the items of a pool, on SQLite and PostgreSQL.
+
+Claims are made by hand (`store.claim`) on a FakeClock, so each test says exactly
+which item a worker's next claim starts. That both claim implementations (Python and
+PostgreSQL's server function) agree on longer mixed sequences is tests/test_claims.py.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from datetime import timedelta
+from typing import Any
+
+import pytest
+
+from retrier import FakeClock, InvalidSettings, Retrier
+from retrier.engine import Outcome
+from workpool import Workpool
+
+MakeRetrier = Callable[..., Retrier]
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+@pytest.fixture
+def fake(make_retrier: MakeRetrier, clock: FakeClock) -> Retrier:
+    retrier = make_retrier(clock=clock)
+
+    @retrier.action(name="work")
+    def work(i: int) -> None: ...
+
+    return retrier
+
+
+def claim(retrier: Retrier, limit: int = 1) -> list[int]:
+    claimed, _ = retrier.store.claim("w", limit, 60_000)
+    retrier.store.record(
+        [Outcome(c.id, c.fence, "success", c.started_ms, attempt=c.attempts, queue=c.queue)
+         for c in claimed],
+        "w",
+        60_000,
+    )
+    return [c.args["i"] for c in claimed]
+
+
+def test_among_due_items_higher_priority_starts_first(fake: Retrier, clock: FakeClock) -> None:
+    pool = Workpool(fake, "p", max_parallelism=10)
+    for i, priority in enumerate([0, 0, 3, 1, 3]):
+        pool.enqueue("work", {"i": i}, priority=priority)
+        clock.advance(timedelta(seconds=1))  # each due later than the one before
+    assert claim(fake, 3) == [2, 4, 3], "by priority, then due order"
+    assert claim(fake, 3) == [0, 1]
+
+
+def test_an_item_due_longer_than_priority_aging_goes_first(
+    fake: Retrier, clock: FakeClock
+) -> None:
+    """The rule that keeps low priority from starving: an item due for longer than
+    `priority_aging` starts before every item due after it, whatever its priority."""
+    pool = Workpool(fake, "p", max_parallelism=1, priority_aging=timedelta(seconds=30))
+    pool.enqueue("work", {"i": 0}, priority=0)
+    clock.advance(timedelta(seconds=1))
+    pool.enqueue("work", {"i": 1}, priority=-5)
+    for i in range(2, 30):  # a steady stream of urgent work, due after both
+        clock.advance(timedelta(seconds=1))
+        pool.enqueue("work", {"i": i}, priority=10)
+        assert claim(fake) == [i], "urgent work goes first while the low ones are young"
+    clock.advance(timedelta(seconds=2))
+    pool.enqueue("work", {"i": 40}, priority=10)
+    # Both low items are now due for 30 s or more: oldest first, before urgent work.
+    assert claim(fake) == [0]
+    assert claim(fake) == [1]
+    assert claim(fake) == [40]
+
+
+def test_priority_aging_none_starts_items_in_due_order(fake: Retrier, clock: FakeClock) -> None:
+    pool = Workpool(fake, "p", max_parallelism=10, priority_aging=None)
+    for i, priority in enumerate([0, 5, 1]):
+        pool.enqueue("work", {"i": i}, priority=priority)
+        clock.advance(timedelta(seconds=1))
+    assert claim(fake, 3) == [0, 1, 2]
+    pool.enqueue_batch([("work", {"i": 3}, {"priority": 1}), ("work", {"i": 4}, {"priority": 2})])
+    assert claim(fake, 2) == [4, 3], "priority breaks ties between items due together"
+
+
+def test_priority_holds_with_a_per_key_limit(fake: Retrier, clock: FakeClock) -> None:
+    pool = Workpool(fake, "p", max_parallelism=10, max_per_key=1)
+    items: list[tuple[Any, ...]] = [
+        ("work", {"i": 0}, {"key": "a", "priority": 1}),
+        ("work", {"i": 1}, {"key": "a", "priority": 9}),
+        ("work", {"i": 2}, {"key": "b", "priority": 5}),
+        ("work", {"i": 3}, {"priority": 0}),
+    ]
+    for item in items:
+        pool.enqueue_batch([item])
+        clock.advance(timedelta(milliseconds=10))
+    claimed, _ = fake.store.claim("w", 10, 60_000)
+    assert [c.args["i"] for c in claimed] == [1, 2, 3], "one of key a: its most urgent"
+
+
+def test_explain_counts_the_items_ahead_in_claim_order(fake: Retrier, clock: FakeClock) -> None:
+    pool = Workpool(fake, "p", max_parallelism=10, priority_aging=timedelta(seconds=30))
+    old = pool.enqueue("work", {"i": 0}, priority=0)
+    clock.advance(timedelta(seconds=40))
+    young_low = pool.enqueue("work", {"i": 1}, priority=0)
+    clock.advance(timedelta(seconds=1))
+    pool.enqueue("work", {"i": 2}, priority=5)
+    fake.worker().announce()  # a live worker that can run it, claiming nothing
+    assert pool.explain(old).details["ahead"] == 0, "aged: before every younger item"
+    assert pool.explain(young_low).details["ahead"] == 2
+
+
+@pytest.mark.parametrize(
+    "bad", [-1, 0, "soon", timedelta(days=31), float("nan"), True]
+)
+def test_bad_priority_aging_is_refused_before_anything_is_written(
+    fake: Retrier, bad: Any
+) -> None:
+    with pytest.raises(InvalidSettings, match="priority_aging"):
+        Workpool(fake, "bad", priority_aging=bad)
+    assert fake.store.get_queue("bad") is None
