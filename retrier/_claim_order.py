@@ -22,12 +22,12 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from sqlalchemy import Connection, Row, and_, bindparam, func, not_, select
+from sqlalchemy import Connection, Row, and_, bindparam, func, not_, select, update
 
 from ._dialects import Dialect
 from ._models import PENDING
 from ._run_types import QueueLimits
-from ._tables import CLAIM_COLUMNS, runs
+from ._tables import CLAIM_COLUMNS, queues_t, runs
 
 MergeKey = tuple[int, int, int]
 
@@ -110,3 +110,111 @@ class QueueOrder:
             stmt = stmt.where(runs.c.priority < below)
         level = conn.execute(stmt).scalar()
         return None if level is None else int(level)
+
+
+NO_KEY = ""
+"""The group of a round-robin queue's runs without a key (no key is empty)."""
+
+
+class KeyTurns:
+    """A round-robin queue's claim: its keys take turns, one run per key per turn.
+
+    The keys form a ring (the runs without a key first, then the keys in order); a
+    claim goes round it from where the last claim stopped (`tiers_queues.rr_cursor`,
+    written under the queue's lock), taking each key's first due run (due order,
+    then priority) while it has slots, until a lap finds nothing more. Each visit is
+    an index seek or two; a claim makes at most `2 * slots + 8` of them, then fills
+    its remaining slots in due order (so many keys with nothing due cannot leave
+    slots idle while runs wait).
+    """
+
+    def __init__(self, dialect: Dialect, runnable: Any) -> None:
+        self.dialect = dialect
+        self._runnable = runnable
+        self._order = QueueOrder(dialect, runnable)
+
+    def take(
+        self, conn: Connection, budget: Any, queue: str, want: int, params: dict[str, Any]
+    ) -> list[Row[Any]]:
+        """Up to `want` runs of `queue`, taken from `budget` (a `QueueBudget`)."""
+        cursor = conn.execute(
+            select(queues_t.c.rr_cursor).where(queues_t.c.name == queue)
+        ).scalar()
+        chosen: list[Row[Any]] = []
+        seen: set[str] = set()
+        dry: set[str] = set()
+        at: str | None = cursor
+        visits = 0
+        while want > 0 and visits < want * 2 + 8:
+            group = self._next_group(conn, queue, at)
+            if group is None:
+                if at is None:
+                    break  # no pending run at all
+                at = None  # past the last key: round again
+                continue
+            at = group
+            if group in seen and seen == dry:
+                break  # a whole lap found nothing more
+            seen.add(group)
+            if group in dry:
+                continue
+            visits += 1
+            head = self._head(conn, queue, group, [r.id for r in chosen], params)
+            if head is None or not budget.take(queue, head.key):
+                dry.add(group)
+                continue
+            chosen.append(head)
+            want -= 1
+        if at != cursor:
+            conn.execute(update(queues_t).where(queues_t.c.name == queue).values(rr_cursor=at))
+        if want > 0 and visits >= want * 2 + 8:
+            chosen.extend(self._fill(conn, budget, queue, want, params, chosen))
+        return chosen
+
+    def _fill(
+        self,
+        conn: Connection,
+        budget: Any,
+        queue: str,
+        want: int,
+        params: dict[str, Any],
+        chosen: list[Row[Any]],
+    ) -> list[Row[Any]]:
+        full = budget.full_keys.get(queue, [])
+        rows = self._order.fetch(conn, queue, None, want, params, full, [r.id for r in chosen])
+        return [r for r in rows if budget.take(queue, r.key)]
+
+    @staticmethod
+    def _next_group(conn: Connection, queue: str, after: str | None) -> str | None:
+        """The group after `after` in the ring (None: the first), None past the last."""
+        pending = and_(runs.c.queue == queue, runs.c.state == PENDING)
+        if after is None:
+            keyless = select(runs.c.id).where(pending, runs.c.key.is_(None)).limit(1)
+            if conn.execute(keyless).first() is not None:
+                return NO_KEY
+            after = NO_KEY
+        stmt = select(func.min(runs.c.key)).where(pending, runs.c.key > after)
+        found = conn.execute(stmt).scalar()
+        return None if found is None else str(found)
+
+    def _head(
+        self,
+        conn: Connection,
+        queue: str,
+        group: str,
+        exclude: list[str],
+        params: dict[str, Any],
+    ) -> Row[Any] | None:
+        """The group's first due run (due order, then priority), locked."""
+        of_group = runs.c.key.is_(None) if group == NO_KEY else runs.c.key == group
+        stmt = select(*CLAIM_COLUMNS).where(
+            runs.c.queue == queue,
+            runs.c.state == PENDING,
+            of_group,
+            runs.c.due_ms <= bindparam("now"),
+            self._runnable,
+        )
+        if exclude:
+            stmt = stmt.where(runs.c.id.not_in(exclude))
+        stmt = stmt.order_by(runs.c.due_ms, runs.c.priority.desc()).limit(1)
+        return conn.execute(self.dialect.lock_for_claim(stmt), params).first()

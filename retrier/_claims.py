@@ -24,7 +24,7 @@ from sqlalchemy import (
     update,
 )
 
-from ._claim_order import MergeKey, QueueOrder, aging_of, merge_key_rows
+from ._claim_order import KeyTurns, MergeKey, QueueOrder, aging_of, merge_key_rows
 from ._clock import Clock
 from ._dialects import Dialect, reconnecting
 from ._limits import LIMITED_QUEUES, ONE_QUEUE, Counted, QueueBudget
@@ -184,6 +184,7 @@ class Claims:
         self.clock = clock
         self._due_candidates = dialect.lock_for_claim(_DUE_CANDIDATES)
         self._order = QueueOrder(dialect, _RUNNABLE)
+        self._turns = KeyTurns(dialect, _RUNNABLE)
         self._due_deliveries = dialect.lock_for_claim(_DUE_DELIVERIES)
         self._locked_queue = dialect.lock_rows(ONE_QUEUE)
         self._limited_queues = dialect.lock_rows(LIMITED_QUEUES)
@@ -376,6 +377,8 @@ class Claims:
         aging = aging_of(lim)
         if want <= 0:
             return []
+        if lim is not None and lim.round_robin:
+            return self._turns.take(conn, budget, queue, want, params)
         if lim is None or lim.max_per_key is None:
             return self._order.fetch(conn, queue, aging, want, params)
         chosen: list[Row[Any]] = []

@@ -205,15 +205,22 @@ class Explainer:
     def _ahead(self, conn: Connection, row: Any, now: int) -> int:
         """The due runs of its queue a claim takes before it, in the queue's claim
         order (`_claim_order`: with priority aging, the aged runs by due time, then
-        the rest by priority, then due time; without, due time then priority)."""
+        the rest by priority, then due time; without, due time then priority; where
+        keys take turns, those of its own key, in due order)."""
         in_due_order = or_(
             runs.c.due_ms < row.due_ms,
             and_(runs.c.due_ms == row.due_ms, runs.c.priority > row.priority),
         )
-        aging = conn.execute(
-            select(queues_t.c.priority_aging_ms).where(queues_t.c.name == row.queue)
-        ).scalar()
-        if not aging:
+        settings = conn.execute(
+            select(queues_t.c.priority_aging_ms, queues_t.c.round_robin).where(
+                queues_t.c.name == row.queue
+            )
+        ).first()
+        aging, turns = settings if settings is not None else (None, None)
+        if turns:  # keys take turns: its own key's runs ahead of it, in due order
+            same = runs.c.key.is_(None) if row.key is None else runs.c.key == row.key
+            before = and_(same, in_due_order)
+        elif not aging:
             before = in_due_order
         elif row.due_ms <= now - aging:  # aged: only older aged runs go first
             before = in_due_order

@@ -117,6 +117,16 @@ Index(
     _runs.c.due_ms,
     **partial_index("state = 'pending'"),
 )
+# Round-robin between keys: a queue's distinct keys (a loose scan) and each key's
+# first due pending run.
+Index(
+    "ix_tiers_runs_queue_key_due",
+    _runs.c.queue,
+    _runs.c.key,
+    _runs.c.due_ms,
+    _runs.c.priority.desc(),
+    **partial_index("state = 'pending'"),
+)
 # on_complete deliveries waiting to run again, which no queue limit holds back.
 Index(
     "ix_tiers_runs_finishing",
@@ -183,6 +193,10 @@ class QueueRow(SQLModel, table=True):
     max_per_key: int | None = None
     max_per_worker: int | None = None
     priority_aging_ms: int | None = Field(default=None, sa_type=BigInteger)
+    round_robin: bool | None = None
+    # Where a round-robin queue's turn is: the last key (group) a claim visited; ''
+    # for the items without a key.
+    rr_cursor: str | None = Field(default=None, max_length=200)
     updated_ms: int = Field(sa_type=BigInteger)
 
 

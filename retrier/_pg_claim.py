@@ -114,6 +114,13 @@ DECLARE
     v_ord integer := 0;
     v_pos integer;
     v_latest bigint;
+    v_rr boolean[] := '{}';
+    v_cursor text;
+    v_at text;
+    v_group text;
+    v_seen text[];
+    v_dry text[];
+    v_visits integer;
     v_key_counts jsonb := '{}';
     v_full text[];
     v_used integer;
@@ -130,7 +137,7 @@ BEGIN
         SELECT q.name FROM tiers_queues q
          WHERE q.max_parallelism IS NOT NULL OR q.rate_limit IS NOT NULL
             OR q.max_per_key IS NOT NULL OR q.max_per_worker IS NOT NULL
-            OR q.priority_aging_ms IS NOT NULL
+            OR q.priority_aging_ms IS NOT NULL OR q.round_robin IS NOT NULL
          ORDER BY q.name FOR UPDATE) l;
     -- A claim that waited for another's locks must not stamp its runs as started
     -- before that claim committed: add the wait (if it was one) to the caller's clock.
@@ -142,6 +149,7 @@ BEGIN
     -- 2. Each limited queue's free slots, counted after the lock.
     FOR v_q IN
         SELECT q.name, q.max_per_key, q.rate_limit, q.rate_period_ms, q.priority_aging_ms,
+               COALESCE(q.round_robin, false) AS round_robin,
                LEAST(
                    COALESCE(q.max_parallelism - r.n, v_big),
                    COALESCE(q.max_per_worker - r.mine, v_big)
@@ -186,6 +194,7 @@ BEGIN
         v_slots := v_slots || v_left;
         v_per_key := v_per_key || v_q.max_per_key;
         v_aging := v_aging || v_q.priority_aging_ms;
+        v_rr := v_rr || v_q.round_robin;
     END LOOP;
     IF array_length(v_names, 1) IS NOT NULL THEN
         SELECT COALESCE(jsonb_object_agg(t.queue || E'\x1f' || t.key, t.n), '{}')
@@ -240,7 +249,106 @@ BEGIN
         v_i := array_position(v_names, v_q.name::text);
         v_want := CASE WHEN v_i IS NULL THEN p_limit ELSE LEAST(v_slots[v_i], p_limit) END;
         CONTINUE WHEN v_want <= 0;
-        IF v_i IS NULL OR v_per_key[v_i] IS NULL THEN
+        IF v_i IS NOT NULL AND v_rr[v_i] THEN
+            -- Keys take turns (see `_claim_order.KeyTurns`): round the ring of keys
+            -- (no key first, then the keys in order) from the stored cursor, one run
+            -- per key per turn, until a lap finds nothing or the visits run out.
+            SELECT q.rr_cursor INTO v_cursor FROM tiers_queues q WHERE q.name = v_q.name;
+            v_at := v_cursor;
+            v_seen := '{}';
+            v_dry := '{}';
+            v_visits := 0;
+            WHILE v_want > 0 AND v_visits < v_want * 2 + 8 LOOP
+                v_group := NULL;
+                IF v_at IS NULL AND EXISTS (
+                    SELECT 1 FROM tiers_runs t WHERE t.queue = v_q.name
+                       AND t.state = 'pending' AND t.key IS NULL) THEN
+                    v_group := '';
+                ELSE
+                    SELECT min(t.key) INTO v_group FROM tiers_runs t
+                     WHERE t.queue = v_q.name AND t.state = 'pending'
+                       AND t.key > COALESCE(v_at, '');
+                END IF;
+                IF v_group IS NULL THEN
+                    EXIT WHEN v_at IS NULL;
+                    v_at := NULL;
+                    CONTINUE;
+                END IF;
+                v_at := v_group;
+                EXIT WHEN v_group = ANY(v_seen)
+                    AND cardinality(v_seen) = cardinality(v_dry);
+                IF NOT v_group = ANY(v_seen) THEN
+                    v_seen := v_seen || v_group;
+                END IF;
+                CONTINUE WHEN v_group = ANY(v_dry);
+                v_visits := v_visits + 1;
+                IF v_group = '' THEN
+                    SELECT t.id, t.due_ms, t.key INTO v_r FROM tiers_runs t
+                     WHERE t.queue = v_q.name AND t.state = 'pending' AND t.key IS NULL
+                       AND t.due_ms <= v_now AND (p_any_fn OR t.fn = ANY(p_fns))
+                       AND NOT t.id = ANY(v_ids)
+                     ORDER BY t.due_ms, t.priority DESC LIMIT 1
+                     FOR UPDATE SKIP LOCKED;
+                ELSE
+                    SELECT t.id, t.due_ms, t.key INTO v_r FROM tiers_runs t
+                     WHERE t.queue = v_q.name AND t.state = 'pending' AND t.key = v_group
+                       AND t.due_ms <= v_now AND (p_any_fn OR t.fn = ANY(p_fns))
+                       AND NOT t.id = ANY(v_ids)
+                     ORDER BY t.due_ms, t.priority DESC LIMIT 1
+                     FOR UPDATE SKIP LOCKED;
+                END IF;
+                IF NOT FOUND THEN
+                    v_dry := v_dry || v_group;
+                    CONTINUE;
+                END IF;
+                IF v_r.key IS NOT NULL AND v_per_key[v_i] IS NOT NULL THEN
+                    v_used := COALESCE(
+                        (v_key_counts ->> (v_q.name || E'\x1f' || v_r.key))::integer, 0);
+                    IF v_used >= v_per_key[v_i] THEN
+                        v_dry := v_dry || v_group;
+                        CONTINUE;
+                    END IF;
+                    v_key_counts := v_key_counts
+                        || jsonb_build_object(v_q.name || E'\x1f' || v_r.key, v_used + 1);
+                END IF;
+                v_latest := GREATEST(COALESCE(v_latest, v_r.due_ms), v_r.due_ms);
+                v_ids := v_ids || v_r.id::text;
+                v_dues := v_dues || v_latest;
+                v_ords := v_ords || v_ord;
+                v_poss := v_poss || v_pos;
+                v_pos := v_pos + 1;
+                v_want := v_want - 1;
+            END LOOP;
+            IF v_at IS DISTINCT FROM v_cursor THEN
+                UPDATE tiers_queues SET rr_cursor = v_at WHERE name = v_q.name;
+            END IF;
+            IF v_want > 0 AND v_visits >= v_want * 2 + 8 THEN
+                -- Visits ran out: fill the remaining slots in due order.
+                SELECT COALESCE(array_agg(substr(k, length(v_q.name) + 2)), '{}')
+                  INTO v_full
+                  FROM jsonb_each_text(v_key_counts) e(k, v)
+                 WHERE left(k, length(v_q.name) + 1) = v_q.name || E'\x1f'
+                   AND v::integer >= COALESCE(v_per_key[v_i], v_big);
+                FOR v_r IN
+                    SELECT * FROM tiers_claim_queue_v3(
+                        v_q.name, NULL, v_want, v_now, p_any_fn, p_fns, v_full, v_ids)
+                LOOP
+                    IF v_r.key IS NOT NULL AND v_per_key[v_i] IS NOT NULL THEN
+                        v_used := COALESCE(
+                            (v_key_counts ->> (v_q.name || E'\x1f' || v_r.key))::integer, 0);
+                        CONTINUE WHEN v_used >= v_per_key[v_i];
+                        v_key_counts := v_key_counts
+                            || jsonb_build_object(v_q.name || E'\x1f' || v_r.key, v_used + 1);
+                    END IF;
+                    v_latest := GREATEST(COALESCE(v_latest, v_r.due_ms), v_r.due_ms);
+                    v_ids := v_ids || v_r.id::text;
+                    v_dues := v_dues || v_latest;
+                    v_ords := v_ords || v_ord;
+                    v_poss := v_poss || v_pos;
+                    v_pos := v_pos + 1;
+                END LOOP;
+            END IF;
+        ELSIF v_i IS NULL OR v_per_key[v_i] IS NULL THEN
             FOR v_r IN
                 SELECT * FROM tiers_claim_queue_v3(
                     v_q.name, CASE WHEN v_i IS NULL THEN NULL ELSE v_aging[v_i] END,

@@ -169,6 +169,9 @@ class QueueLimits:
     # Due runs start by priority (higher first); one due for longer than this starts
     # before every run due after it, whatever the priorities (None: due order).
     priority_aging_ms: int | None = None
+    # Keys take turns (round-robin, one item per key per turn); within a key, due
+    # order. None: the queue's order, whoever the keys are.
+    round_robin: bool | None = None
 
 
 @dataclass(frozen=True, slots=True)

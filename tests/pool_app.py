@@ -2,7 +2,7 @@
 
 Settings come from the environment, so the test and every worker build the same pool:
 TIERS_TEST_DB_URL (database), TIERS_TEST_POOL (JSON: name, max_parallelism,
-max_per_key, rate_limit as [limit, seconds]), TIERS_TEST_RECORD_DIR (where actions
+max_per_key, rate_limit as [limit, seconds], round_robin_keys), TIERS_TEST_RECORD_DIR (where actions
 record their intervals).
 
 Each attempt appends "start <pid> <ns>" and later "end <pid> <ns>" to a file of its
@@ -34,6 +34,7 @@ def make_pool(r: Retrier, settings: dict[str, Any]) -> Workpool:
         max_parallelism=settings.get("max_parallelism", 3),
         max_per_key=settings.get("max_per_key"),
         rate_limit=(rate[0], rate[1]) if rate else None,
+        round_robin_keys=settings.get("round_robin_keys", False),
         retry_actions_by_default=True,
         default_retry_behavior=RetryBehavior(max_attempts=5, initial_backoff_ms=50),
     )

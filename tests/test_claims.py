@@ -148,7 +148,72 @@ def priority_scenario(retrier: Retrier, clock: FakeClock) -> list[Any]:
     return log
 
 
-@pytest.mark.parametrize("script", [scenario, priority_scenario])
+def round_robin_scenario(retrier: Retrier, clock: FakeClock) -> list[Any]:
+    """Claims over round-robin pools (one with a key limit, one that runs out of visits
+    among many keys with nothing due) beside a priority pool; what each claim took."""
+    store = retrier.store
+
+    @retrier.action(name="work")
+    def work() -> None: ...
+
+    for limits in (
+        QueueLimits("turns", max_parallelism=7, round_robin=True),
+        QueueLimits("capped", max_parallelism=9, max_per_key=2, round_robin=True),
+        QueueLimits("sparse", max_parallelism=3, round_robin=True),
+        QueueLimits("ranked", max_parallelism=4, priority_aging_ms=1_000),
+    ):
+        store.set_queue(limits)
+    now = clock.now_ms()
+    layout = [  # queue, how many, key, how long due (ms; negative: due later)
+        ("turns", 30, lambda i: "big" if i < 20 else (f"t{i % 4}" if i % 5 else None),
+         lambda i: 400 - i * 10),
+        ("capped", 25, lambda i: f"c{i % 3}" if i % 4 else None, lambda i: (i % 6) * 40),
+        ("sparse", 40, lambda i: f"s{i:02d}", lambda i: -5_000 if i < 36 else 10),
+        ("ranked", 10, lambda i: None, lambda i: i * 30),
+    ]
+    new = [
+        retrier.prepare(
+            "work",
+            {},
+            queue=queue,
+            key=key(i),
+            priority=i % 3,
+            due_ms=now - age(i),
+            run_id=f"{queue}-{i:02d}",
+        )
+        for queue, count, key, age in layout
+        for i in range(count)
+    ]
+    retrier.submit(new)
+    log: list[Any] = []
+
+    def claim(worker: str, limit: int) -> list[Claimed]:
+        claimed, wake_at = store.claim(worker, limit, 5_000)
+        log.append((worker, [c.id for c in claimed], wake_at))
+        return claimed
+
+    def succeed(claimed: list[Claimed], worker: str) -> None:
+        outcomes = [
+            Outcome(c.id, c.fence, "success", c.started_ms, attempt=c.attempts, queue=c.queue)
+            for c in claimed
+        ]
+        store.record(outcomes, worker, 5_000)
+
+    first = claim("w1", 6)
+    second = claim("w2", 11)
+    succeed(first, "w1")
+    third = claim("w3", 5)
+    succeed(second, "w2")
+    succeed(third, "w3")
+    clock.advance(timedelta(milliseconds=300))
+    claim("w1", 40)
+    clock.advance(timedelta(seconds=6))
+    claim("w2", 40)
+    drain(retrier)
+    return log
+
+
+@pytest.mark.parametrize("script", [scenario, priority_scenario, round_robin_scenario])
 def test_the_server_claim_takes_what_the_python_claim_takes(
     db_url: str, script: Callable[[Retrier, FakeClock], list[Any]]
 ) -> None:

@@ -122,3 +122,54 @@ def test_bad_priority_aging_is_refused_before_anything_is_written(
     with pytest.raises(InvalidSettings, match="priority_aging"):
         Workpool(fake, "bad", priority_aging=bad)
     assert fake.store.get_queue("bad") is None
+
+
+def test_one_keys_backlog_does_not_delay_another_keys_item(
+    fake: Retrier, clock: FakeClock
+) -> None:
+    pool = Workpool(fake, "turns", max_parallelism=2, round_robin_keys=True)
+    fifo = Workpool(fake, "fifo", max_parallelism=2)
+    for p in (pool, fifo):
+        p.enqueue_batch([("work", {"i": i}, {"key": "big"}) for i in range(10_000)])
+        clock.advance(timedelta(milliseconds=1))
+        p.enqueue("work", {"i": -1}, key="small")
+    claimed, _ = fake.store.claim("w", 4, 60_000)
+    took = {(c.queue, c.args["i"]) for c in claimed}
+    assert len(took) == 4
+    assert ("turns", -1) in took, "its turn comes at once"
+    assert ("fifo", -1) not in took, "in due order it waits for the 10,000"
+
+
+def test_keys_take_turns_from_claim_to_claim(fake: Retrier, clock: FakeClock) -> None:
+    pool = Workpool(fake, "turns", max_parallelism=1, round_robin_keys=True)
+    items: list[tuple[Any, ...]] = []
+    for i in range(9):  # a's three items first, then b's, then the keyless ones
+        key = ["a", "b", None][i // 3]
+        items.append(("work", {"i": i}, {"key": key} if key else {}))
+    pool.enqueue_batch(items)
+    order = [claim(fake)[0] for _ in range(9)]
+    # Items without a key are one group, first in the ring; each key's in due order.
+    assert order == [6, 0, 3, 7, 1, 4, 8, 2, 5]
+
+
+def test_explain_counts_the_items_of_its_key_ahead_where_keys_take_turns(
+    fake: Retrier,
+) -> None:
+    pool = Workpool(fake, "turns", max_parallelism=1, round_robin_keys=True)
+    pool.enqueue_batch([("work", {"i": i}, {"key": "big"}) for i in range(50)])
+    small = pool.enqueue("work", {"i": 50}, key="small")
+    fake.worker().announce()
+    assert pool.explain(small).details["ahead"] == 0
+
+
+def test_turns_respect_the_per_key_limit(fake: Retrier, clock: FakeClock) -> None:
+    pool = Workpool(fake, "turns", max_parallelism=10, max_per_key=1, round_robin_keys=True)
+    pool.enqueue_batch([("work", {"i": i}, {"key": "ab"[i % 2]}) for i in range(6)])
+    claimed, _ = fake.store.claim("w", 10, 60_000)
+    assert sorted(c.args["i"] for c in claimed) == [0, 1]
+
+
+def test_bad_round_robin_keys_is_refused(fake: Retrier) -> None:
+    with pytest.raises(InvalidSettings, match="round_robin_keys"):
+        Workpool(fake, "bad", round_robin_keys="yes")  # type: ignore[arg-type]
+    assert fake.store.get_queue("bad") is None

@@ -282,3 +282,24 @@ def test_the_rate_limit_holds_across_processes(db_url: str, tmp_path: Path) -> N
     ]
     assert max(in_window) == limit, "never more than the limit in any window, and used fully"
     assert outcome.took_s > (80 / limit - 1) * period_ms / 1000
+
+
+def test_keys_take_turns_across_processes(db_url: str, tmp_path: Path) -> None:
+    """A round-robin pool: one tenant's backlog, enqueued first, does not delay the
+    other tenants' items, whichever of the worker processes claims."""
+    big, small = 120, 30
+    settings = {"name": "turns", "max_parallelism": 3, "round_robin_keys": True}
+    outcome = run_pool(db_url, tmp_path, settings, items=big + small, ms=30,
+                       workers=_workers(db_url),
+                       key=lambda i: "big" if i < big else f"t{i % 10}")
+    check_common(outcome, big + small)
+    starts = sorted((i.start, i.item) for i in outcome.intervals)
+    first_of: dict[str, int] = {}
+    for rank, (_, item) in enumerate(starts):
+        if big <= item < big + small:
+            first_of.setdefault(f"t{item % 10}", rank)
+    assert len(first_of) == 10
+    # 11 keys take turns, 3 at a time: every small tenant starts within a few turns,
+    # long before the big tenant's backlog (120 items ahead of them) is done.
+    assert max(first_of.values()) < 25, first_of
+    assert max_overlap((i.start, i.end) for i in outcome.intervals) <= 3

@@ -54,7 +54,9 @@ class Workpool:
     Among due items, higher `priority` starts first; an item due for longer than
     `priority_aging` (default one minute) starts before every item due after it,
     whatever their priorities, so no priority starves (`priority_aging=None`: due
-    order, priority only breaks ties). Failed items are retried only if `retry=`
+    order, priority only breaks ties). `round_robin_keys=True` makes the items'
+    keys take turns instead: one item per key per turn, due order within a key, so
+    one key's backlog never delays another key's items. Failed items are retried only if `retry=`
     (or `retry_actions_by_default`) says so; a retry waiting for its backoff holds
     no slot.
     """
@@ -71,6 +73,7 @@ class Workpool:
         max_per_key: int | None = None,
         max_per_worker: int | None = None,
         priority_aging: timedelta | float | None = DEFAULT_PRIORITY_AGING,
+        round_robin_keys: bool = False,
     ) -> None:
         self.retrier = retrier
         self.name = name
@@ -83,7 +86,13 @@ class Workpool:
                 f"default_retry_behavior must be a RetryBehavior, got {default_retry_behavior!r}"
             )
         self._limits = pool_limits(
-            name, max_parallelism, rate_limit, max_per_key, max_per_worker, priority_aging
+            name,
+            max_parallelism,
+            rate_limit,
+            max_per_key,
+            max_per_worker,
+            priority_aging,
+            round_robin_keys,
         )
         self._preparer = Preparer(
             retrier, name, retry_actions_by_default, self.default_retry_behavior

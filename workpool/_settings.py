@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import timedelta
 
 from retrier import InvalidSettings
-from retrier.engine import QueueLimits, check_name, delay_ms
+from retrier.engine import QueueLimits, check_flag, check_name, delay_ms
 
 MAX_PARALLELISM = 100_000
 
@@ -22,6 +22,7 @@ def pool_limits(
     max_per_key: int | None,
     max_per_worker: int | None = None,
     priority_aging: timedelta | float | None = DEFAULT_PRIORITY_AGING,
+    round_robin_keys: bool = False,
 ) -> QueueLimits:
     """The engine's `QueueLimits` for a pool; raises `InvalidSettings` on bad values."""
     check_name(name, "a pool name")
@@ -35,6 +36,7 @@ def pool_limits(
         )
     check_per_worker(max_per_worker)
     aging_ms = check_aging(priority_aging)
+    check_flag(round_robin_keys, "round_robin_keys")
     return QueueLimits(
         name=name,
         max_parallelism=max_parallelism,
@@ -43,6 +45,7 @@ def pool_limits(
         max_per_key=max_per_key,
         max_per_worker=max_per_worker,
         priority_aging_ms=aging_ms,
+        round_robin=True if round_robin_keys else None,
     )
 
 

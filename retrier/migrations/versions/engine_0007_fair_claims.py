@@ -1,9 +1,12 @@
-"""Fair claims: pools start due runs by priority, with aging.
+"""Fair claims: pools start due runs by priority, with aging, or keys take turns.
 
 `tiers_queues.priority_aging_ms`: a pool that sets it starts its due runs by priority
 (higher first), except that a run due for longer than that starts before every run
 due after it. An index of each queue's pending runs by priority, then due time, lets
-a claim read them in that order with a few seeks per distinct priority. The claim
+a claim read them in that order with a few seeks per distinct priority.
+`round_robin` and `rr_cursor`: a pool whose keys take turns, and where the turn is;
+an index of each queue's pending runs by key, then due time, finds the next key and
+its first due run in a seek or two. The claim
 on PostgreSQL is `tiers_claim_v3` (created with the other server-side objects,
 `Dialect.create_extras`); an older release, still running beside this one in a
 rolling deploy, keeps calling its `tiers_claim_v2`, which ignores the new settings.
@@ -27,6 +30,8 @@ def upgrade() -> None:
     op.add_column(
         "tiers_queues", sa.Column("priority_aging_ms", sa.BigInteger(), nullable=True)
     )
+    op.add_column("tiers_queues", sa.Column("round_robin", sa.Boolean(), nullable=True))
+    op.add_column("tiers_queues", sa.Column("rr_cursor", sa.String(length=200), nullable=True))
     pending = sa.text("state = 'pending'")
     op.create_index(
         "ix_tiers_runs_queue_priority",
@@ -35,8 +40,18 @@ def upgrade() -> None:
         sqlite_where=pending,
         postgresql_where=pending,
     )
+    op.create_index(
+        "ix_tiers_runs_queue_key_due",
+        "tiers_runs",
+        ["queue", "key", "due_ms", sa.text("priority DESC")],
+        sqlite_where=pending,
+        postgresql_where=pending,
+    )
 
 
 def downgrade() -> None:
+    op.drop_index("ix_tiers_runs_queue_key_due", table_name="tiers_runs")
     op.drop_index("ix_tiers_runs_queue_priority", table_name="tiers_runs")
+    op.drop_column("tiers_queues", "rr_cursor")
+    op.drop_column("tiers_queues", "round_robin")
     op.drop_column("tiers_queues", "priority_aging_ms")
