@@ -379,7 +379,7 @@ class Claims:
             return []
         if lim is not None and lim.round_robin:
             return self._turns.take(conn, budget, queue, want, params)
-        if lim is None or lim.max_per_key is None:
+        if not budget.keyed(queue):
             return self._order.fetch(conn, queue, aging, want, params)
         chosen: list[Row[Any]] = []
         for _ in range(_CLAIM_ROUNDS):

@@ -19,8 +19,9 @@ from ._claims import Claims
 from ._clock import Clock, ms_to_datetime
 from ._dialects import Dialect, reconnecting
 from ._errors import RunNotFound
+from ._limits import QueueBudget
 from ._models import CANCELED, COMPLETED, DELIVERING, FINISHING, PENDING, RUNNING, SUCCESS
-from ._run_types import Runnable
+from ._run_types import QueueLimits, Runnable
 from ._tables import LIVE_WORKERS, in_state, names_in, queues_t, runs
 
 # The reasons `Why.reason` takes, in the order they are checked.
@@ -35,6 +36,7 @@ PAUSED = "pool_paused"  # its pool's max_parallelism is 0
 POOL_FULL = "pool_full"  # its pool runs max_parallelism runs already
 RATE_LIMITED = "rate_limited"  # its pool's rate window is used up until a time
 KEY_FULL = "key_full"  # its key runs max_per_key runs already
+KEY_LIMIT = "key_limit"  # its key runs as many as its own cap (set_key_limit), or is paused
 CLAIMABLE = "claimable"  # due, room: the next claim of a worker that can run it takes it
 
 
@@ -192,15 +194,31 @@ class Explainer:
                     f"the window lets the next one start at {_at(budget.rate_retry_ms)}",
                     until=ms_to_datetime(budget.rate_retry_ms),
                 )
-        if row.key is not None and row.key in budget.full_keys.get(row.queue, []):
-            return Why(
-                row.id,
-                row.state,
-                KEY_FULL,
-                f"key {row.key!r} of {pool} runs {limits.max_per_key} of "
-                f"max_per_key={limits.max_per_key} already",
-            )
+        if row.key is not None:
+            return self._held_by_key(row, budget, limits, pool)
         return None
+
+    @staticmethod
+    def _held_by_key(
+        row: Any, budget: QueueBudget, limits: QueueLimits, pool: str
+    ) -> Why | None:
+        """Why the run's key leaves it no slot now (its own cap or max_per_key), if
+        it does: the budget's own cap of the key and its running count."""
+        cap = budget.key_cap(row.queue, row.key)
+        running = budget.key_running.get((row.queue, row.key), 0)
+        if cap is None or running < cap:
+            return None
+        key = f"key {row.key!r} of {pool}"
+        details = {"running": running, "max_parallelism": cap}
+        if budget.own_caps.get((row.queue, row.key)) is None:
+            message = f"{key} runs {running} of max_per_key={limits.max_per_key} already"
+            return Why(row.id, row.state, KEY_FULL, message, details=details)
+        message = (
+            f"{key} is paused by its own limit (max_parallelism 0)"
+            if cap == 0
+            else f"{key} runs {running} of its own limit of {cap} (set_key_limit) already"
+        )
+        return Why(row.id, row.state, KEY_LIMIT, message, details=details)
 
     def _ahead(self, conn: Connection, row: Any, now: int) -> int:
         """The due runs of its queue a claim takes before it, in the queue's claim

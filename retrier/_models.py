@@ -200,6 +200,21 @@ class QueueRow(SQLModel, table=True):
     updated_ms: int = Field(sa_type=BigInteger)
 
 
+class KeyLimitRow(SQLModel, table=True):
+    """One key's own cap in a queue (a tenant's limit), overriding its `max_per_key`.
+
+    Stored as data, so it changes at runtime, in the caller's transaction if need be;
+    every claim applies it under the queue's lock.
+    """
+
+    __tablename__ = "tiers_key_limits"
+
+    queue: str = Field(primary_key=True, max_length=200)
+    key: str = Field(primary_key=True, max_length=200)
+    max_parallelism: int
+    updated_ms: int = Field(sa_type=BigInteger)
+
+
 class WorkerRow(SQLModel, table=True):
     """A live worker: what it can run, refreshed by its heartbeat, deleted when it stops.
 
@@ -226,4 +241,5 @@ ENGINE_TABLES = [
     AttemptRow.__table__,  # type: ignore[attr-defined]
     QueueRow.__table__,  # type: ignore[attr-defined]
     WorkerRow.__table__,  # type: ignore[attr-defined]
+    KeyLimitRow.__table__,  # type: ignore[attr-defined]
 ]

@@ -17,6 +17,17 @@ release, still running beside this one in a rolling deploy, keeps its
 
 from __future__ import annotations
 
+# A key's cap in a queue: its own (tiers_key_limits), else the queue's default.
+KEY_CAP_FUNCTION = r"""
+CREATE OR REPLACE FUNCTION tiers_key_cap_v3(p_queue text, p_key text, p_default integer)
+RETURNS integer LANGUAGE sql STABLE AS $fn$
+    SELECT COALESCE(
+        (SELECT k.max_parallelism FROM tiers_key_limits k
+          WHERE k.queue = p_queue AND k.key = p_key),
+        p_default)
+$fn$
+"""
+
 # One queue's due pending runs in claim order (see `_claim_order.QueueOrder.fetch`):
 # with an aging threshold, the aged runs by due time, then one priority level at a
 # time (highest first, found by a loose scan) by due time; without, by due time.
@@ -115,6 +126,8 @@ DECLARE
     v_pos integer;
     v_latest bigint;
     v_rr boolean[] := '{}';
+    v_over boolean[] := '{}';
+    v_cap integer;
     v_cursor text;
     v_at text;
     v_group text;
@@ -150,6 +163,7 @@ BEGIN
     FOR v_q IN
         SELECT q.name, q.max_per_key, q.rate_limit, q.rate_period_ms, q.priority_aging_ms,
                COALESCE(q.round_robin, false) AS round_robin,
+               EXISTS (SELECT 1 FROM tiers_key_limits k WHERE k.queue = q.name) AS overridden,
                LEAST(
                    COALESCE(q.max_parallelism - r.n, v_big),
                    COALESCE(q.max_per_worker - r.mine, v_big)
@@ -195,6 +209,7 @@ BEGIN
         v_per_key := v_per_key || v_q.max_per_key;
         v_aging := v_aging || v_q.priority_aging_ms;
         v_rr := v_rr || v_q.round_robin;
+        v_over := v_over || v_q.overridden;
     END LOOP;
     IF array_length(v_names, 1) IS NOT NULL THEN
         SELECT COALESCE(jsonb_object_agg(t.queue || E'\x1f' || t.key, t.n), '{}')
@@ -301,15 +316,22 @@ BEGIN
                     v_dry := v_dry || v_group;
                     CONTINUE;
                 END IF;
-                IF v_r.key IS NOT NULL AND v_per_key[v_i] IS NOT NULL THEN
-                    v_used := COALESCE(
-                        (v_key_counts ->> (v_q.name || E'\x1f' || v_r.key))::integer, 0);
-                    IF v_used >= v_per_key[v_i] THEN
-                        v_dry := v_dry || v_group;
-                        CONTINUE;
+                IF v_r.key IS NOT NULL THEN
+                    v_cap := CASE WHEN v_over[v_i]
+                        THEN tiers_key_cap_v3(v_q.name, v_r.key, v_per_key[v_i])
+                        ELSE v_per_key[v_i] END;
+                    IF v_cap IS NOT NULL THEN
+                        v_used := COALESCE(
+                            (v_key_counts ->> (v_q.name || E'\x1f' || v_r.key))::integer, 0);
+                        IF v_used >= v_cap THEN  -- full: left out of the next fetches
+                            v_key_counts := v_key_counts
+                                || jsonb_build_object(v_q.name || E'\x1f' || v_r.key, v_used);
+                            v_dry := v_dry || v_group;
+                            CONTINUE;
+                        END IF;
+                        v_key_counts := v_key_counts
+                            || jsonb_build_object(v_q.name || E'\x1f' || v_r.key, v_used + 1);
                     END IF;
-                    v_key_counts := v_key_counts
-                        || jsonb_build_object(v_q.name || E'\x1f' || v_r.key, v_used + 1);
                 END IF;
                 v_latest := GREATEST(COALESCE(v_latest, v_r.due_ms), v_r.due_ms);
                 v_ids := v_ids || v_r.id::text;
@@ -328,17 +350,29 @@ BEGIN
                   INTO v_full
                   FROM jsonb_each_text(v_key_counts) e(k, v)
                  WHERE left(k, length(v_q.name) + 1) = v_q.name || E'\x1f'
-                   AND v::integer >= COALESCE(v_per_key[v_i], v_big);
+                   AND v::integer >= COALESCE(CASE WHEN v_over[v_i]
+                       THEN tiers_key_cap_v3(v_q.name, substr(k, length(v_q.name) + 2),
+                                             v_per_key[v_i])
+                       ELSE v_per_key[v_i] END, v_big);
                 FOR v_r IN
                     SELECT * FROM tiers_claim_queue_v3(
                         v_q.name, NULL, v_want, v_now, p_any_fn, p_fns, v_full, v_ids)
                 LOOP
-                    IF v_r.key IS NOT NULL AND v_per_key[v_i] IS NOT NULL THEN
-                        v_used := COALESCE(
-                            (v_key_counts ->> (v_q.name || E'\x1f' || v_r.key))::integer, 0);
-                        CONTINUE WHEN v_used >= v_per_key[v_i];
-                        v_key_counts := v_key_counts
-                            || jsonb_build_object(v_q.name || E'\x1f' || v_r.key, v_used + 1);
+                    IF v_r.key IS NOT NULL THEN
+                        v_cap := CASE WHEN v_over[v_i]
+                            THEN tiers_key_cap_v3(v_q.name, v_r.key, v_per_key[v_i])
+                            ELSE v_per_key[v_i] END;
+                        IF v_cap IS NOT NULL THEN
+                            v_used := COALESCE(
+                                (v_key_counts ->> (v_q.name || E'\x1f' || v_r.key))::integer, 0);
+                            IF v_used >= v_cap THEN  -- full: left out of the next fetches
+                                v_key_counts := v_key_counts
+                                    || jsonb_build_object(v_q.name || E'\x1f' || v_r.key, v_used);
+                                CONTINUE;
+                            END IF;
+                            v_key_counts := v_key_counts
+                                || jsonb_build_object(v_q.name || E'\x1f' || v_r.key, v_used + 1);
+                        END IF;
                     END IF;
                     v_latest := GREATEST(COALESCE(v_latest, v_r.due_ms), v_r.due_ms);
                     v_ids := v_ids || v_r.id::text;
@@ -348,7 +382,7 @@ BEGIN
                     v_pos := v_pos + 1;
                 END LOOP;
             END IF;
-        ELSIF v_i IS NULL OR v_per_key[v_i] IS NULL THEN
+        ELSIF v_i IS NULL OR (v_per_key[v_i] IS NULL AND NOT v_over[v_i]) THEN
             FOR v_r IN
                 SELECT * FROM tiers_claim_queue_v3(
                     v_q.name, CASE WHEN v_i IS NULL THEN NULL ELSE v_aging[v_i] END,
@@ -369,7 +403,10 @@ BEGIN
                   INTO v_full
                   FROM jsonb_each_text(v_key_counts) e(k, v)
                  WHERE left(k, length(v_q.name) + 1) = v_q.name || E'\x1f'
-                   AND v::integer >= v_per_key[v_i];
+                   AND v::integer >= COALESCE(CASE WHEN v_over[v_i]
+                       THEN tiers_key_cap_v3(v_q.name, substr(k, length(v_q.name) + 2),
+                                             v_per_key[v_i])
+                       ELSE v_per_key[v_i] END, v_big);
                 v_found := 0;
                 FOR v_r IN
                     SELECT * FROM tiers_claim_queue_v3(
@@ -379,11 +416,20 @@ BEGIN
                     v_found := v_found + 1;
                     EXIT WHEN v_want <= 0;
                     IF v_r.key IS NOT NULL THEN
-                        v_used := COALESCE(
-                            (v_key_counts ->> (v_q.name || E'\x1f' || v_r.key))::integer, 0);
-                        CONTINUE WHEN v_used >= v_per_key[v_i];
-                        v_key_counts := v_key_counts
-                            || jsonb_build_object(v_q.name || E'\x1f' || v_r.key, v_used + 1);
+                        v_cap := CASE WHEN v_over[v_i]
+                            THEN tiers_key_cap_v3(v_q.name, v_r.key, v_per_key[v_i])
+                            ELSE v_per_key[v_i] END;
+                        IF v_cap IS NOT NULL THEN
+                            v_used := COALESCE(
+                                (v_key_counts ->> (v_q.name || E'\x1f' || v_r.key))::integer, 0);
+                            IF v_used >= v_cap THEN  -- full: left out of the next fetches
+                                v_key_counts := v_key_counts
+                                    || jsonb_build_object(v_q.name || E'\x1f' || v_r.key, v_used);
+                                CONTINUE;
+                            END IF;
+                            v_key_counts := v_key_counts
+                                || jsonb_build_object(v_q.name || E'\x1f' || v_r.key, v_used + 1);
+                        END IF;
                     END IF;
                     v_latest := GREATEST(COALESCE(v_latest, v_r.due_ms), v_r.due_ms);
                     v_ids := v_ids || v_r.id::text;

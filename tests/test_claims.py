@@ -213,7 +213,72 @@ def round_robin_scenario(retrier: Retrier, clock: FakeClock) -> list[Any]:
     return log
 
 
-@pytest.mark.parametrize("script", [scenario, priority_scenario, round_robin_scenario])
+def key_limits_scenario(retrier: Retrier, clock: FakeClock) -> list[Any]:
+    """Claims over pools where some keys have caps of their own (one key paused),
+    with and without a default `max_per_key`, in due, priority and round-robin order;
+    caps changed between claims."""
+    store = retrier.store
+
+    @retrier.action(name="work")
+    def work() -> None: ...
+
+    for limits in (
+        QueueLimits("tenants", max_parallelism=10, max_per_key=3),
+        QueueLimits("own", max_parallelism=8, priority_aging_ms=1_000),
+        QueueLimits("turns", max_parallelism=9, round_robin=True),
+    ):
+        store.set_queue(limits)
+    for queue, key, cap in (
+        ("tenants", "t0", 1), ("tenants", "t1", 0), ("tenants", "t2", 5),
+        ("own", "t0", 2), ("turns", "t1", 1), ("turns", "t3", 0),
+    ):
+        store.set_key_limit(queue, key, cap)
+    now = clock.now_ms()
+    new = [
+        retrier.prepare(
+            "work",
+            {},
+            queue=queue,
+            key=f"t{i % 4}" if i % 5 else None,
+            priority=i % 3,
+            due_ms=now - (i % 7) * 20,
+            run_id=f"{queue}-{i:02d}",
+        )
+        for queue in ("tenants", "own", "turns")
+        for i in range(24)
+    ]
+    retrier.submit(new)
+    log: list[Any] = []
+
+    def claim(worker: str, limit: int) -> list[Claimed]:
+        claimed, wake_at = store.claim(worker, limit, 5_000)
+        log.append((worker, sorted(c.id for c in claimed), wake_at))
+        return claimed
+
+    def succeed(claimed: list[Claimed], worker: str) -> None:
+        outcomes = [
+            Outcome(c.id, c.fence, "success", c.started_ms, attempt=c.attempts, queue=c.queue)
+            for c in claimed
+        ]
+        store.record(outcomes, worker, 5_000)
+
+    first = claim("w1", 8)
+    second = claim("w2", 30)
+    succeed(first, "w1")
+    store.set_key_limit("tenants", "t1", 2)  # unpaused
+    store.set_key_limit("own", "t0", None)  # back to no limit
+    store.set_key_limit("turns", "t2", 1)
+    third = claim("w3", 12)
+    succeed(second, "w2")
+    succeed(third, "w3")
+    claim("w1", 40)
+    drain(retrier)
+    return log
+
+
+@pytest.mark.parametrize(
+    "script", [scenario, priority_scenario, round_robin_scenario, key_limits_scenario]
+)
 def test_the_server_claim_takes_what_the_python_claim_takes(
     db_url: str, script: Callable[[Retrier, FakeClock], list[Any]]
 ) -> None:

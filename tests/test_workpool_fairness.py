@@ -173,3 +173,100 @@ def test_bad_round_robin_keys_is_refused(fake: Retrier) -> None:
     with pytest.raises(InvalidSettings, match="round_robin_keys"):
         Workpool(fake, "bad", round_robin_keys="yes")  # type: ignore[arg-type]
     assert fake.store.get_queue("bad") is None
+
+
+# -- per-key (per-tenant) caps stored as data ---------------------------------------------
+
+
+def test_a_key_limit_overrides_max_per_key_for_one_key(fake: Retrier) -> None:
+    pool = Workpool(fake, "tenants", max_parallelism=20, max_per_key=2)
+    pool.set_key_limit("tenant-42", max_parallelism=5)
+    pool.set_key_limit("tenant-7", max_parallelism=0)  # paused
+    pool.enqueue_batch(
+        [("work", {"i": i}, {"key": ["tenant-42", "tenant-7", "other"][i % 3]})
+         for i in range(30)]
+    )
+    claimed, _ = fake.store.claim("w", 30, 60_000)
+    by_key: dict[str, int] = {}
+    for c in claimed:
+        key = ["tenant-42", "tenant-7", "other"][c.args["i"] % 3]
+        by_key[key] = by_key.get(key, 0) + 1
+    assert by_key == {"tenant-42": 5, "other": 2}
+    assert pool.key_limits() == {"tenant-42": 5, "tenant-7": 0}
+    pool.set_key_limit("tenant-7", max_parallelism=None)  # back to max_per_key
+    claimed, _ = fake.store.claim("w", 30, 60_000)
+    assert len(claimed) == 2 and pool.key_limits() == {"tenant-42": 5}
+
+
+def test_a_key_limit_alone_limits_only_that_key(fake: Retrier) -> None:
+    pool = Workpool(fake, "tenants", max_parallelism=20)
+    pool.set_key_limit("noisy", max_parallelism=1)
+    pool.enqueue_batch([("work", {"i": i}, {"key": "noisy" if i < 5 else "calm"})
+                        for i in range(10)])
+    claimed, _ = fake.store.claim("w", 30, 60_000)
+    assert sorted(c.args["i"] for c in claimed) == [0, 5, 6, 7, 8, 9]
+
+
+def test_a_key_limit_is_written_in_the_callers_transaction(fake: Retrier) -> None:
+    pool = Workpool(fake, "tenants", max_parallelism=20)
+    with fake.session() as s:
+        pool.set_key_limit("t", max_parallelism=1, session=s)
+        s.rollback()
+    assert pool.key_limits() == {}
+    with fake.session() as s:
+        pool.set_key_limit("t", max_parallelism=1, session=s)
+        s.commit()
+    assert pool.key_limits() == {"t": 1}
+
+
+def test_explain_names_a_keys_own_cap(fake: Retrier) -> None:
+    from retrier import _explain as reasons
+
+    pool = Workpool(fake, "tenants", max_parallelism=20, max_per_key=4)
+    pool.set_key_limit("t", max_parallelism=1)
+    pool.set_key_limit("off", max_parallelism=0)
+    first = pool.enqueue("work", {"i": 0}, key="t")
+    second = pool.enqueue("work", {"i": 1}, key="t")
+    paused = pool.enqueue("work", {"i": 2}, key="off")
+    fake.worker().announce()
+    assert [c.id for c in fake.store.claim("w", 10, 60_000)[0]] == [first]
+    why = pool.explain(second)
+    assert why.reason == reasons.KEY_LIMIT, why
+    assert "its own limit" in why.message and why.details["max_parallelism"] == 1
+    assert pool.explain(paused).reason == reasons.KEY_LIMIT
+    assert "paused" in pool.explain(paused).message
+
+
+@pytest.mark.parametrize("bad", [-1, 100_001, 1.5, True, "5"])
+def test_bad_key_limits_are_refused_before_anything_is_written(fake: Retrier, bad: Any) -> None:
+    pool = Workpool(fake, "tenants")
+    with pytest.raises(InvalidSettings, match="max_parallelism"):
+        pool.set_key_limit("t", max_parallelism=bad)
+    for bad_key in ("", "x" * 201, "a\x00b", 7):
+        with pytest.raises(InvalidSettings):
+            pool.set_key_limit(bad_key, max_parallelism=1)  # type: ignore[arg-type]
+    assert pool.key_limits() == {}
+
+
+def test_the_cli_sets_shows_and_removes_a_keys_cap(fake: Retrier, db_url: str) -> None:
+    from click.testing import CliRunner
+
+    from retrier._cli import main as cli
+
+    pool = Workpool(fake, "tenants", max_parallelism=8, max_per_key=2, round_robin_keys=True)
+    runner = CliRunner()
+    done = runner.invoke(cli, ["--db", db_url, "pools", "set-key-limit", "tenants", "t-42", "5"])
+    assert done.exit_code == 0, done.output
+    assert pool.key_limits() == {"t-42": 5}
+    shown = runner.invoke(cli, ["--db", db_url, "pools", "show", "tenants"])
+    assert shown.exit_code == 0, shown.output
+    for expected in ("key limits", "t-42", "5", "round-robin"):
+        assert expected in shown.output
+    removed = runner.invoke(
+        cli, ["--db", db_url, "pools", "set-key-limit", "tenants", "t-42", "--remove"]
+    )
+    assert removed.exit_code == 0 and pool.key_limits() == {}
+    for bad in (["tenants", "t", "-1"], ["nope", "t", "1"], ["tenants", "t"]):
+        refused = runner.invoke(cli, ["--db", db_url, "pools", "set-key-limit", *bad])
+        assert refused.exit_code != 0, bad
+    assert pool.key_limits() == {}

@@ -14,10 +14,11 @@ from functools import partial
 from typing import Any
 
 import anyio
+from sqlalchemy import event
 from sqlmodel import Session
 
 from retrier import Completed, InvalidSettings, Retrier, RunNotFound, Why
-from retrier.engine import Fn, NewRun, QueueLimits, RunRow, check_flag
+from retrier.engine import Fn, NewRun, QueueLimits, RunRow, check_flag, check_name
 
 from ._behavior import RetryBehavior
 from ._enqueue import Preparer, Retry
@@ -130,6 +131,29 @@ class Workpool:
         check_per_worker(max_per_worker)
         current = self.retrier.store.get_queue(self.name) or self._limits
         self._store_limits(dataclasses.replace(current, max_per_worker=max_per_worker))
+
+    def set_key_limit(
+        self, key: str, *, max_parallelism: int | None, session: Session | None = None
+    ) -> None:
+        """Give one key (a tenant) a cap of its own: at most `max_parallelism` of its
+        items run at once, across every process, instead of `max_per_key` (which
+        may be None: then only keys with a cap of their own are limited). 0 pauses
+        the key; None removes its cap. Stored as data: workers apply it at their next
+        claim. With `session=`, it is written in that session's transaction and takes
+        effect only if the caller commits. Lowering it never stops running items."""
+        check_name(key, "a key")
+        if max_parallelism is not None:
+            check_parallelism(max_parallelism)
+        if session is None:
+            self.retrier.store.set_key_limit(self.name, key, max_parallelism)
+            self.retrier.wake_workers()
+            return
+        self.retrier.store.set_key_limit(self.name, key, max_parallelism, session.connection())
+        event.listen(session, "after_commit", lambda _s: self.retrier.wake_workers(), once=True)
+
+    def key_limits(self) -> dict[str, int]:
+        """The keys that have a cap of their own, and their caps, as stored now."""
+        return self.retrier.store.key_limits(self.name)
 
     def _store_limits(self, limits: QueueLimits) -> None:
         self.retrier.store.set_queue(limits)
@@ -282,6 +306,11 @@ class Workpool:
 
     async def set_max_per_worker_async(self, max_per_worker: int | None) -> None:
         await anyio.to_thread.run_sync(self.set_max_per_worker, max_per_worker)
+
+    async def set_key_limit_async(self, key: str, *, max_parallelism: int | None) -> None:
+        await anyio.to_thread.run_sync(
+            partial(self.set_key_limit, key, max_parallelism=max_parallelism)
+        )
 
     async def wait_async(
         self,

@@ -6,7 +6,8 @@ due after it. An index of each queue's pending runs by priority, then due time, 
 a claim read them in that order with a few seeks per distinct priority.
 `round_robin` and `rr_cursor`: a pool whose keys take turns, and where the turn is;
 an index of each queue's pending runs by key, then due time, finds the next key and
-its first due run in a seek or two. The claim
+its first due run in a seek or two. `tiers_key_limits`: a key's own cap in a
+queue (a tenant's limit), overriding the queue's `max_per_key`. The claim
 on PostgreSQL is `tiers_claim_v3` (created with the other server-side objects,
 `Dialect.create_extras`); an older release, still running beside this one in a
 rolling deploy, keeps calling its `tiers_claim_v2`, which ignores the new settings.
@@ -29,6 +30,14 @@ depends_on = None
 def upgrade() -> None:
     op.add_column(
         "tiers_queues", sa.Column("priority_aging_ms", sa.BigInteger(), nullable=True)
+    )
+    op.create_table(
+        "tiers_key_limits",
+        sa.Column("queue", sa.String(length=200), nullable=False),
+        sa.Column("key", sa.String(length=200), nullable=False),
+        sa.Column("max_parallelism", sa.Integer(), nullable=False),
+        sa.Column("updated_ms", sa.BigInteger(), nullable=False),
+        sa.PrimaryKeyConstraint("queue", "key"),
     )
     op.add_column("tiers_queues", sa.Column("round_robin", sa.Boolean(), nullable=True))
     op.add_column("tiers_queues", sa.Column("rr_cursor", sa.String(length=200), nullable=True))
@@ -54,4 +63,5 @@ def downgrade() -> None:
     op.drop_index("ix_tiers_runs_queue_priority", table_name="tiers_runs")
     op.drop_column("tiers_queues", "rr_cursor")
     op.drop_column("tiers_queues", "round_robin")
+    op.drop_table("tiers_key_limits")
     op.drop_column("tiers_queues", "priority_aging_ms")
