@@ -25,9 +25,9 @@ from typing import Any
 from sqlalchemy import Connection, Row, and_, bindparam, func, not_, select, update
 
 from ._dialects import Dialect
-from ._models import PENDING
+from ._models import CLAIMABLE, PENDING
 from ._run_types import QueueLimits
-from ._tables import CLAIM_COLUMNS, queues_t, runs
+from ._tables import CLAIM_COLUMNS, in_state, queues_t, runs
 
 MergeKey = tuple[int, int, int]
 
@@ -69,9 +69,10 @@ class QueueOrder:
     ) -> list[Row[Any]]:
         """Up to `n` due pending runs of `queue` in claim order, leaving out runs of
         `full_keys` and the runs `exclude` names. `params`: now and the runnable filter."""
+        # State predicates as literals, matching the partial indexes' own (`in_state`).
         where = [
             runs.c.queue == bindparam("queue"),
-            runs.c.state == PENDING,
+            in_state(PENDING),
             runs.c.due_ms <= bindparam("now"),
             self._runnable,
         ]
@@ -81,12 +82,15 @@ class QueueOrder:
             where.append(runs.c.id.not_in(list(exclude)))
         base = select(*CLAIM_COLUMNS).where(*where)
         bound = {"queue": queue, **params}
+        # In due order: ix_tiers_runs_queue_due, whose predicate this one must name.
+        by_due = base.where(in_state(*CLAIMABLE)).order_by(
+            runs.c.due_ms, runs.c.priority.desc()
+        )
         if not aging_ms:
-            stmt = base.order_by(runs.c.due_ms, runs.c.priority.desc()).limit(n)
+            stmt = by_due.limit(n)
             return list(conn.execute(self.dialect.lock_for_claim(stmt), bound))
         aged_by = params["now"] - aging_ms
-        aged = base.where(runs.c.due_ms <= aged_by)
-        stmt = aged.order_by(runs.c.due_ms, runs.c.priority.desc()).limit(n)
+        stmt = by_due.where(runs.c.due_ms <= aged_by).limit(n)
         rows = list(conn.execute(self.dialect.lock_for_claim(stmt), bound))
         younger = base.where(runs.c.due_ms > aged_by)
         below: int | None = None
@@ -103,9 +107,7 @@ class QueueOrder:
     @staticmethod
     def _next_level(conn: Connection, queue: str, below: int | None) -> int | None:
         """The highest priority of the queue's pending runs, under `below` if given."""
-        stmt = select(func.max(runs.c.priority)).where(
-            runs.c.queue == queue, runs.c.state == PENDING
-        )
+        stmt = select(func.max(runs.c.priority)).where(runs.c.queue == queue, in_state(PENDING))
         if below is not None:
             stmt = stmt.where(runs.c.priority < below)
         level = conn.execute(stmt).scalar()
@@ -187,7 +189,7 @@ class KeyTurns:
     @staticmethod
     def _next_group(conn: Connection, queue: str, after: str | None) -> str | None:
         """The group after `after` in the ring (None: the first), None past the last."""
-        pending = and_(runs.c.queue == queue, runs.c.state == PENDING)
+        pending = and_(runs.c.queue == queue, in_state(PENDING))
         if after is None:
             keyless = select(runs.c.id).where(pending, runs.c.key.is_(None)).limit(1)
             if conn.execute(keyless).first() is not None:
@@ -209,7 +211,7 @@ class KeyTurns:
         of_group = runs.c.key.is_(None) if group == NO_KEY else runs.c.key == group
         stmt = select(*CLAIM_COLUMNS).where(
             runs.c.queue == queue,
-            runs.c.state == PENDING,
+            in_state(PENDING),
             of_group,
             runs.c.due_ms <= bindparam("now"),
             self._runnable,

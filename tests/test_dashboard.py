@@ -301,3 +301,16 @@ def test_token_and_authorize_exclude_each_other(demo: Demo) -> None:
         create_app(demo.retrier, token=TOKEN, authorize=lambda request: True)
     with pytest.raises(ValueError, match="at least 8"):
         create_app(demo.retrier, token="short")
+
+
+def test_the_pool_page_shows_its_order_and_key_limits(demo: Demo) -> None:
+    from workpool import Workpool
+
+    Workpool(demo.retrier, "tenants", max_parallelism=8, round_robin_keys=True)
+    store = demo.retrier.store
+    store.set_key_limit("tenants", "tenant-42", 5)
+    store.set_key_limit("tenants", "tenant-13", 0)
+    with client(demo) as c:
+        page = c.get("/pools/tenants").text
+    assert "Key limits (2)" in page and "tenant-42" in page and "paused" in page
+    assert "keys take turns" in page
