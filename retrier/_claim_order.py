@@ -20,9 +20,10 @@ The PostgreSQL claim (`_pg_claim`) follows the same rules.
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Connection, Row, and_, bindparam, func, not_, select, update
+from sqlalchemy import Connection, Row, String, and_, bindparam, func, not_, select, update
 
 from ._dialects import Dialect
 from ._models import CLAIMABLE, PENDING
@@ -50,12 +51,58 @@ def aging_of(limits: QueueLimits | None) -> int | None:
     return limits.priority_aging_ms if limits is not None else None
 
 
+@dataclass(frozen=True, slots=True)
+class _Reads:
+    """The statements of one queue's claim order, built once (SQLAlchemy then skips
+    construction and cache-key work on the hot path)."""
+
+    due: Any  # in due order, then priority
+    aged: Any  # due at or before :aged_by, in due order
+    level: Any  # of priority :level, due after :aged_by, in due order
+
+
+_TOP_LEVEL = select(func.max(runs.c.priority)).where(
+    runs.c.queue == bindparam("queue"), in_state(PENDING)
+)
+_LEVEL_BELOW = _TOP_LEVEL.where(runs.c.priority < bindparam("below"))
+
+
 class QueueOrder:
     """Reads one queue's due pending runs in claim order, locked as a claim locks them."""
 
     def __init__(self, dialect: Dialect, runnable: Any) -> None:
         self.dialect = dialect
         self._runnable = runnable  # the claim's filter of runs a worker can run
+        self._plain = self._reads(filtered=False)
+        self._filtered = self._reads(filtered=True)
+
+    def _reads(self, filtered: bool) -> _Reads:
+        # State predicates as literals, matching the partial indexes' own (`in_state`).
+        where = [
+            runs.c.queue == bindparam("queue"),
+            in_state(PENDING),
+            runs.c.due_ms <= bindparam("now"),
+            self._runnable,
+        ]
+        if filtered:  # leaving out full keys' runs and runs already taken
+            full = runs.c.key.in_(bindparam("full", expanding=True, type_=String))
+            where.append(not_(and_(runs.c.key.is_not(None), full)))
+            where.append(runs.c.id.not_in(bindparam("exclude", expanding=True, type_=String)))
+        base = select(*CLAIM_COLUMNS).where(*where)
+        # In due order: ix_tiers_runs_queue_due, whose predicate this one must name.
+        by_due = base.where(in_state(*CLAIMABLE)).order_by(
+            runs.c.due_ms, runs.c.priority.desc()
+        )
+        level = base.where(
+            runs.c.due_ms > bindparam("aged_by"), runs.c.priority == bindparam("level")
+        ).order_by(runs.c.due_ms)
+        lock = self.dialect.lock_for_claim
+        n: Any = bindparam("n")
+        return _Reads(
+            due=lock(by_due.limit(n)),
+            aged=lock(by_due.where(runs.c.due_ms <= bindparam("aged_by")).limit(n)),
+            level=lock(level.limit(n)),
+        )
 
     def fetch(
         self,
@@ -69,48 +116,32 @@ class QueueOrder:
     ) -> list[Row[Any]]:
         """Up to `n` due pending runs of `queue` in claim order, leaving out runs of
         `full_keys` and the runs `exclude` names. `params`: now and the runnable filter."""
-        # State predicates as literals, matching the partial indexes' own (`in_state`).
-        where = [
-            runs.c.queue == bindparam("queue"),
-            in_state(PENDING),
-            runs.c.due_ms <= bindparam("now"),
-            self._runnable,
-        ]
-        if full_keys:
-            where.append(not_(and_(runs.c.key.is_not(None), runs.c.key.in_(list(full_keys)))))
-        if exclude:
-            where.append(runs.c.id.not_in(list(exclude)))
-        base = select(*CLAIM_COLUMNS).where(*where)
-        bound = {"queue": queue, **params}
-        # In due order: ix_tiers_runs_queue_due, whose predicate this one must name.
-        by_due = base.where(in_state(*CLAIMABLE)).order_by(
-            runs.c.due_ms, runs.c.priority.desc()
-        )
+        bound = {"queue": queue, "n": n, **params}
+        reads = self._plain
+        if full_keys or exclude:
+            reads = self._filtered
+            bound.update(full=list(full_keys), exclude=list(exclude))
         if not aging_ms:
-            stmt = by_due.limit(n)
-            return list(conn.execute(self.dialect.lock_for_claim(stmt), bound))
-        aged_by = params["now"] - aging_ms
-        stmt = by_due.where(runs.c.due_ms <= aged_by).limit(n)
-        rows = list(conn.execute(self.dialect.lock_for_claim(stmt), bound))
-        younger = base.where(runs.c.due_ms > aged_by)
+            return list(conn.execute(reads.due, bound))
+        bound["aged_by"] = params["now"] - aging_ms
+        rows = list(conn.execute(reads.aged, bound))
         below: int | None = None
         while len(rows) < n:
             level = self._next_level(conn, queue, below)
             if level is None:
                 break
-            stmt = younger.where(runs.c.priority == level).order_by(runs.c.due_ms)
-            stmt = stmt.limit(n - len(rows))
-            rows.extend(conn.execute(self.dialect.lock_for_claim(stmt), bound))
+            bound.update(level=level, n=n - len(rows))
+            rows.extend(conn.execute(reads.level, bound))
             below = level
         return rows
 
     @staticmethod
     def _next_level(conn: Connection, queue: str, below: int | None) -> int | None:
         """The highest priority of the queue's pending runs, under `below` if given."""
-        stmt = select(func.max(runs.c.priority)).where(runs.c.queue == queue, in_state(PENDING))
-        if below is not None:
-            stmt = stmt.where(runs.c.priority < below)
-        level = conn.execute(stmt).scalar()
+        if below is None:
+            level = conn.execute(_TOP_LEVEL, {"queue": queue}).scalar()
+        else:
+            level = conn.execute(_LEVEL_BELOW, {"queue": queue, "below": below}).scalar()
         return None if level is None else int(level)
 
 
