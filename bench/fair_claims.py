@@ -66,8 +66,12 @@ def time_claims(retrier: Retrier, pairs: int) -> float:
         t = time.perf_counter()
         claimed, _ = store.claim("bench", 16, 30_000)
         claim_ms.append((time.perf_counter() - t) * 1000)
-        store.record([Outcome(c.id, c.fence, "success", c.started_ms) for c in claimed],
-                     "bench", 30_000)
+        store.record(
+            [Outcome(c.id, c.fence, "success", c.started_ms, attempt=c.attempts, queue=c.queue)
+             for c in claimed],
+            "bench",
+            30_000,
+        )
     return statistics.median(claim_ms)
 
 

@@ -23,7 +23,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Connection, Row, String, and_, bindparam, func, not_, select, update
+from sqlalchemy import Connection, Row, String, and_, bindparam, not_, select, update
 
 from ._dialects import Dialect
 from ._models import CLAIMABLE, PENDING
@@ -61,8 +61,13 @@ class _Reads:
     level: Any  # of priority :level, due after :aged_by, in due order
 
 
-_TOP_LEVEL = select(func.max(runs.c.priority)).where(
-    runs.c.queue == bindparam("queue"), in_state(PENDING)
+# Seeks written as ORDER BY ... LIMIT 1 on an index's columns (not min/max), so the
+# plan is a seek whatever the table's statistics say.
+_TOP_LEVEL = (
+    select(runs.c.priority)
+    .where(runs.c.queue == bindparam("queue"), in_state(PENDING))
+    .order_by(runs.c.priority.desc(), runs.c.due_ms)
+    .limit(1)
 )
 _LEVEL_BELOW = _TOP_LEVEL.where(runs.c.priority < bindparam("below"))
 
@@ -148,6 +153,16 @@ class QueueOrder:
 NO_KEY = ""
 """The group of a round-robin queue's runs without a key (no key is empty)."""
 
+# The ring's seeks, on ix_tiers_runs_queue_key_due (see _TOP_LEVEL for the form).
+_IN_KEY_ORDER = (
+    select(runs.c.key)
+    .where(runs.c.queue == bindparam("queue"), in_state(PENDING))
+    .order_by(runs.c.key, runs.c.due_ms)
+    .limit(1)
+)
+_KEYLESS = _IN_KEY_ORDER.where(runs.c.key.is_(None))
+_NEXT_KEY = _IN_KEY_ORDER.where(runs.c.key > bindparam("after"))
+
 
 class KeyTurns:
     """A round-robin queue's claim: its keys take turns, one run per key per turn.
@@ -220,14 +235,11 @@ class KeyTurns:
     @staticmethod
     def _next_group(conn: Connection, queue: str, after: str | None) -> str | None:
         """The group after `after` in the ring (None: the first), None past the last."""
-        pending = and_(runs.c.queue == queue, in_state(PENDING))
         if after is None:
-            keyless = select(runs.c.id).where(pending, runs.c.key.is_(None)).limit(1)
-            if conn.execute(keyless).first() is not None:
+            if conn.execute(_KEYLESS, {"queue": queue}).first() is not None:
                 return NO_KEY
             after = NO_KEY
-        stmt = select(func.min(runs.c.key)).where(pending, runs.c.key > after)
-        found = conn.execute(stmt).scalar()
+        found = conn.execute(_NEXT_KEY, {"queue": queue, "after": after}).scalar()
         return None if found is None else str(found)
 
     def _head(

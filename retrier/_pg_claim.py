@@ -67,12 +67,15 @@ BEGIN
     GET DIAGNOSTICS v_found = ROW_COUNT;
     v_left := p_n - v_found;
     WHILE v_left > 0 LOOP
+        v_level := NULL;  -- the next level down: a seek on ix_tiers_runs_queue_priority
         IF v_below IS NULL THEN
-            SELECT max(t.priority) INTO v_level FROM tiers_runs t
-             WHERE t.queue = p_queue AND t.state = 'pending';
+            SELECT t.priority INTO v_level FROM tiers_runs t
+             WHERE t.queue = p_queue AND t.state = 'pending'
+             ORDER BY t.priority DESC, t.due_ms LIMIT 1;
         ELSE
-            SELECT max(t.priority) INTO v_level FROM tiers_runs t
-             WHERE t.queue = p_queue AND t.state = 'pending' AND t.priority < v_below;
+            SELECT t.priority INTO v_level FROM tiers_runs t
+             WHERE t.queue = p_queue AND t.state = 'pending' AND t.priority < v_below
+             ORDER BY t.priority DESC, t.due_ms LIMIT 1;
         END IF;
         EXIT WHEN v_level IS NULL;
         RETURN QUERY SELECT t.id, t.due_ms, t.priority, t.key FROM tiers_runs t
@@ -275,14 +278,18 @@ BEGIN
             v_visits := 0;
             WHILE v_want > 0 AND v_visits < v_want * 2 + 8 LOOP
                 v_group := NULL;
+                -- Written as ORDER BY ... LIMIT 1 on ix_tiers_runs_queue_key_due's
+                -- columns, so the plan is a seek whatever the table's statistics say.
                 IF v_at IS NULL AND EXISTS (
                     SELECT 1 FROM tiers_runs t WHERE t.queue = v_q.name
-                       AND t.state = 'pending' AND t.key IS NULL) THEN
+                       AND t.state = 'pending' AND t.key IS NULL
+                     ORDER BY t.key, t.due_ms LIMIT 1) THEN
                     v_group := '';
                 ELSE
-                    SELECT min(t.key) INTO v_group FROM tiers_runs t
+                    SELECT t.key INTO v_group FROM tiers_runs t
                      WHERE t.queue = v_q.name AND t.state = 'pending'
-                       AND t.key > COALESCE(v_at, '');
+                       AND t.key > COALESCE(v_at, '')
+                     ORDER BY t.key, t.due_ms LIMIT 1;
                 END IF;
                 IF v_group IS NULL THEN
                     EXIT WHEN v_at IS NULL;
