@@ -241,6 +241,7 @@ class Claims:
             budget = QueueBudget.build(conn, limits, survey.counted, now)
             chosen = self._choose_limited(conn, budget, survey, limit, can_run)
             rate_retry_ms = budget.rate_retry_ms
+            budget.log_key_starts(conn, [(r.queue, r.key) for r in chosen if r.state == PENDING])
         else:
             chosen = list(
                 conn.execute(self._due_candidates, {"now": now, "limit": limit, **can_run})
@@ -420,4 +421,8 @@ class Claims:
         # Locks the queue's row as a claim does, so the two cannot both take its last slot
         # (a claim locks every limited queue's row, this one included).
         locked = (self._locked_queue, {"queue": queue})
-        return QueueBudget.load(conn, locked, self.clock, worker).take(queue, key)
+        budget = QueueBudget.load(conn, locked, self.clock, worker)
+        if not budget.take(queue, key):
+            return False
+        budget.log_key_starts(conn, [(queue, key)])
+        return True

@@ -37,6 +37,7 @@ POOL_FULL = "pool_full"  # its pool runs max_parallelism runs already
 RATE_LIMITED = "rate_limited"  # its pool's rate window is used up until a time
 KEY_FULL = "key_full"  # its key runs max_per_key runs already
 KEY_LIMIT = "key_limit"  # its key runs as many as its own cap (set_key_limit), or is paused
+KEY_RATE_LIMITED = "key_rate_limited"  # its key's rate window is used up until a time
 CLAIMABLE = "claimable"  # due, room: the next claim of a worker that can run it takes it
 
 
@@ -207,7 +208,7 @@ class Explainer:
         cap = budget.key_cap(row.queue, row.key)
         running = budget.key_running.get((row.queue, row.key), 0)
         if cap is None or running < cap:
-            return None
+            return Explainer._held_by_key_rate(row, budget, limits, pool)
         key = f"key {row.key!r} of {pool}"
         details = {"running": running, "max_parallelism": cap}
         if budget.own_caps.get((row.queue, row.key)) is None:
@@ -219,6 +220,27 @@ class Explainer:
             else f"{key} runs {running} of its own limit of {cap} (set_key_limit) already"
         )
         return Why(row.id, row.state, KEY_LIMIT, message, details=details)
+
+    @staticmethod
+    def _held_by_key_rate(
+        row: Any, budget: QueueBudget, limits: QueueLimits, pool: str
+    ) -> Why | None:
+        """Why the run's key may start nothing more in its rate window now, if so."""
+        retry_before = budget.rate_retry_ms
+        budget.rate_retry_ms = None
+        if budget.key_rate_room(row.queue, row.key) or budget.rate_retry_ms is None:
+            budget.rate_retry_ms = retry_before
+            return None
+        until = budget.rate_retry_ms
+        return Why(
+            row.id,
+            row.state,
+            KEY_RATE_LIMITED,
+            f"key {row.key!r} of {pool} has started {limits.key_rate_limit} run(s) in its "
+            f"rate window (rate_limit_per_key); the window lets the next one start at "
+            f"{_at(until)}",
+            until=ms_to_datetime(until),
+        )
 
     def _ahead(self, conn: Connection, row: Any, now: int) -> int:
         """The due runs of its queue a claim takes before it, in the queue's claim

@@ -194,6 +194,8 @@ class QueueRow(SQLModel, table=True):
     max_per_worker: int | None = None
     priority_aging_ms: int | None = Field(default=None, sa_type=BigInteger)
     round_robin: bool | None = None
+    key_rate_limit: int | None = None
+    key_rate_period_ms: int | None = Field(default=None, sa_type=BigInteger)
     # Where a round-robin queue's turn is: the last key (group) a claim visited; ''
     # for the items without a key.
     rr_cursor: str | None = Field(default=None, max_length=200)
@@ -213,6 +215,20 @@ class KeyLimitRow(SQLModel, table=True):
     key: str = Field(primary_key=True, max_length=200)
     max_parallelism: int
     updated_ms: int = Field(sa_type=BigInteger)
+
+
+class KeyStartRow(SQLModel, table=True):
+    """One start of a run of a key, in a queue with a per-key rate limit: what the
+    key's rate window counts. Written by the claim that starts it; a claim deletes a
+    key's starts once they are out of its window."""
+
+    __tablename__ = "tiers_key_starts"
+    __table_args__ = (Index("ix_tiers_key_starts", "queue", "key", "started_ms"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    queue: str = Field(max_length=200)
+    key: str = Field(max_length=200)
+    started_ms: int = Field(sa_type=BigInteger)
 
 
 class WorkerRow(SQLModel, table=True):
@@ -242,4 +258,5 @@ ENGINE_TABLES = [
     QueueRow.__table__,  # type: ignore[attr-defined]
     WorkerRow.__table__,  # type: ignore[attr-defined]
     KeyLimitRow.__table__,  # type: ignore[attr-defined]
+    KeyStartRow.__table__,  # type: ignore[attr-defined]
 ]

@@ -10,7 +10,9 @@ then priority; lease them; and say when to look again. `tests/test_claims.py` ru
 same claim scenarios against both implementations.
 
 It is `tiers_claim_v3` since it takes each queue's runs in its claim order (priority
-with aging, `_claim_order`; engine_0007) through `tiers_claim_queue_v3`; an older
+with aging, keys taking turns: `_claim_order`; engine_0007) through
+`tiers_claim_queue_v3`, and each key's run through `tiers_take_key_v3` (keys' own
+caps, rate limits per key); an older
 release, still running beside this one in a rolling deploy, keeps its
 `tiers_claim_v2` (and a still older one its `tiers_claim`), which stay in place.
 """
@@ -25,6 +27,64 @@ RETURNS integer LANGUAGE sql STABLE AS $fn$
         (SELECT k.max_parallelism FROM tiers_key_limits k
           WHERE k.queue = p_queue AND k.key = p_key),
         p_default)
+$fn$
+"""
+
+# Take one run of a key in a queue that limits its keys (`QueueBudget.take`, per key):
+# its cap (own or default), then its rate window (starts logged in tiers_key_starts,
+# looked up once per claim, noting when a full window lets the next start). A key
+# that cannot take is marked full in p_counts, so the next fetches leave it out.
+TAKE_KEY_FUNCTION = r"""
+CREATE OR REPLACE FUNCTION tiers_take_key_v3(
+    INOUT p_counts jsonb, INOUT p_rates jsonb, INOUT p_retry bigint,
+    p_queue text, p_key text, p_default integer, p_over boolean,
+    p_rate integer, p_period bigint, p_now bigint, OUT p_ok boolean
+) LANGUAGE plpgsql VOLATILE AS $fn$
+DECLARE
+    v_k text := p_queue || E'\x1f' || p_key;
+    v_cap integer;
+    v_used integer;
+    v_n integer;
+    v_oldest bigint;
+BEGIN
+    p_ok := false;
+    v_cap := CASE WHEN p_over THEN tiers_key_cap_v3(p_queue, p_key, p_default)
+                  ELSE p_default END;
+    v_used := COALESCE((p_counts ->> v_k)::integer, 0);
+    IF v_cap IS NOT NULL AND v_used >= v_cap THEN
+        p_counts := p_counts || jsonb_build_object(v_k, v_used);
+        RETURN;
+    END IF;
+    IF p_rate IS NOT NULL AND p_period > 0 THEN
+        IF NOT p_rates ? v_k THEN
+            SELECT count(*)::integer, min(x.started_ms) INTO v_n, v_oldest FROM (
+                SELECT s.started_ms FROM tiers_key_starts s
+                 WHERE s.queue = p_queue AND s.key = p_key
+                   AND s.started_ms > p_now - p_period
+                 ORDER BY s.started_ms DESC LIMIT p_rate) x;
+            -- [starts in the window, the oldest of them]
+            p_rates := p_rates || jsonb_build_object(v_k, jsonb_build_array(v_n, v_oldest));
+            IF v_n >= p_rate THEN
+                p_retry := LEAST(COALESCE(p_retry, v_oldest + p_period), v_oldest + p_period);
+            END IF;
+        END IF;
+        v_n := (p_rates -> v_k ->> 0)::integer;
+        IF v_n >= p_rate THEN
+            p_counts := p_counts
+                || jsonb_build_object(v_k, GREATEST(v_used, COALESCE(v_cap, 1073741824)));
+            RETURN;
+        END IF;
+        p_rates := p_rates
+            || jsonb_build_object(v_k, jsonb_build_array(v_n + 1, p_rates -> v_k -> 1));
+        IF v_n + 1 >= p_rate THEN
+            -- This start fills the window: look again no later than it reopens.
+            v_oldest := COALESCE((p_rates -> v_k ->> 1)::bigint, p_now) + p_period;
+            p_retry := LEAST(COALESCE(p_retry, v_oldest), v_oldest);
+        END IF;
+    END IF;
+    p_counts := p_counts || jsonb_build_object(v_k, v_used + 1);
+    p_ok := true;
+END
 $fn$
 """
 
@@ -130,7 +190,10 @@ DECLARE
     v_latest bigint;
     v_rr boolean[] := '{}';
     v_over boolean[] := '{}';
-    v_cap integer;
+    v_krate integer[] := '{}';
+    v_kperiod bigint[] := '{}';
+    v_krates jsonb := '{}';
+    v_ok boolean;
     v_cursor text;
     v_at text;
     v_group text;
@@ -154,6 +217,7 @@ BEGIN
          WHERE q.max_parallelism IS NOT NULL OR q.rate_limit IS NOT NULL
             OR q.max_per_key IS NOT NULL OR q.max_per_worker IS NOT NULL
             OR q.priority_aging_ms IS NOT NULL OR q.round_robin IS NOT NULL
+            OR q.key_rate_limit IS NOT NULL
          ORDER BY q.name FOR UPDATE) l;
     -- A claim that waited for another's locks must not stamp its runs as started
     -- before that claim committed: add the wait (if it was one) to the caller's clock.
@@ -166,6 +230,7 @@ BEGIN
     FOR v_q IN
         SELECT q.name, q.max_per_key, q.rate_limit, q.rate_period_ms, q.priority_aging_ms,
                COALESCE(q.round_robin, false) AS round_robin,
+               q.key_rate_limit, q.key_rate_period_ms,
                EXISTS (SELECT 1 FROM tiers_key_limits k WHERE k.queue = q.name) AS overridden,
                LEAST(
                    COALESCE(q.max_parallelism - r.n, v_big),
@@ -213,6 +278,8 @@ BEGIN
         v_aging := v_aging || v_q.priority_aging_ms;
         v_rr := v_rr || v_q.round_robin;
         v_over := v_over || v_q.overridden;
+        v_krate := v_krate || v_q.key_rate_limit;
+        v_kperiod := v_kperiod || v_q.key_rate_period_ms;
     END LOOP;
     IF array_length(v_names, 1) IS NOT NULL THEN
         SELECT COALESCE(jsonb_object_agg(t.queue || E'\x1f' || t.key, t.n), '{}')
@@ -323,21 +390,15 @@ BEGIN
                     v_dry := v_dry || v_group;
                     CONTINUE;
                 END IF;
-                IF v_r.key IS NOT NULL THEN
-                    v_cap := CASE WHEN v_over[v_i]
-                        THEN tiers_key_cap_v3(v_q.name, v_r.key, v_per_key[v_i])
-                        ELSE v_per_key[v_i] END;
-                    IF v_cap IS NOT NULL THEN
-                        v_used := COALESCE(
-                            (v_key_counts ->> (v_q.name || E'\x1f' || v_r.key))::integer, 0);
-                        IF v_used >= v_cap THEN  -- full: left out of the next fetches
-                            v_key_counts := v_key_counts
-                                || jsonb_build_object(v_q.name || E'\x1f' || v_r.key, v_used);
-                            v_dry := v_dry || v_group;
-                            CONTINUE;
-                        END IF;
-                        v_key_counts := v_key_counts
-                            || jsonb_build_object(v_q.name || E'\x1f' || v_r.key, v_used + 1);
+                IF v_r.key IS NOT NULL AND (v_per_key[v_i] IS NOT NULL OR v_over[v_i]
+                                           OR v_krate[v_i] IS NOT NULL) THEN
+                    SELECT * INTO v_key_counts, v_krates, v_rate_retry, v_ok
+                      FROM tiers_take_key_v3(
+                        v_key_counts, v_krates, v_rate_retry, v_q.name, v_r.key, v_per_key[v_i],
+                        v_over[v_i], v_krate[v_i], v_kperiod[v_i], v_now);
+                    IF NOT v_ok THEN
+                        v_dry := v_dry || v_group;
+                        CONTINUE;
                     END IF;
                 END IF;
                 v_latest := GREATEST(COALESCE(v_latest, v_r.due_ms), v_r.due_ms);
@@ -365,20 +426,14 @@ BEGIN
                     SELECT * FROM tiers_claim_queue_v3(
                         v_q.name, NULL, v_want, v_now, p_any_fn, p_fns, v_full, v_ids)
                 LOOP
-                    IF v_r.key IS NOT NULL THEN
-                        v_cap := CASE WHEN v_over[v_i]
-                            THEN tiers_key_cap_v3(v_q.name, v_r.key, v_per_key[v_i])
-                            ELSE v_per_key[v_i] END;
-                        IF v_cap IS NOT NULL THEN
-                            v_used := COALESCE(
-                                (v_key_counts ->> (v_q.name || E'\x1f' || v_r.key))::integer, 0);
-                            IF v_used >= v_cap THEN  -- full: left out of the next fetches
-                                v_key_counts := v_key_counts
-                                    || jsonb_build_object(v_q.name || E'\x1f' || v_r.key, v_used);
-                                CONTINUE;
-                            END IF;
-                            v_key_counts := v_key_counts
-                                || jsonb_build_object(v_q.name || E'\x1f' || v_r.key, v_used + 1);
+                    IF v_r.key IS NOT NULL AND (v_per_key[v_i] IS NOT NULL OR v_over[v_i]
+                                               OR v_krate[v_i] IS NOT NULL) THEN
+                        SELECT * INTO v_key_counts, v_krates, v_rate_retry, v_ok
+                          FROM tiers_take_key_v3(
+                            v_key_counts, v_krates, v_rate_retry, v_q.name, v_r.key, v_per_key[v_i],
+                            v_over[v_i], v_krate[v_i], v_kperiod[v_i], v_now);
+                        IF NOT v_ok THEN
+                            CONTINUE;
                         END IF;
                     END IF;
                     v_latest := GREATEST(COALESCE(v_latest, v_r.due_ms), v_r.due_ms);
@@ -389,7 +444,8 @@ BEGIN
                     v_pos := v_pos + 1;
                 END LOOP;
             END IF;
-        ELSIF v_i IS NULL OR (v_per_key[v_i] IS NULL AND NOT v_over[v_i]) THEN
+        ELSIF v_i IS NULL
+           OR (v_per_key[v_i] IS NULL AND NOT v_over[v_i] AND v_krate[v_i] IS NULL) THEN
             FOR v_r IN
                 SELECT * FROM tiers_claim_queue_v3(
                     v_q.name, CASE WHEN v_i IS NULL THEN NULL ELSE v_aging[v_i] END,
@@ -422,20 +478,14 @@ BEGIN
                 LOOP
                     v_found := v_found + 1;
                     EXIT WHEN v_want <= 0;
-                    IF v_r.key IS NOT NULL THEN
-                        v_cap := CASE WHEN v_over[v_i]
-                            THEN tiers_key_cap_v3(v_q.name, v_r.key, v_per_key[v_i])
-                            ELSE v_per_key[v_i] END;
-                        IF v_cap IS NOT NULL THEN
-                            v_used := COALESCE(
-                                (v_key_counts ->> (v_q.name || E'\x1f' || v_r.key))::integer, 0);
-                            IF v_used >= v_cap THEN  -- full: left out of the next fetches
-                                v_key_counts := v_key_counts
-                                    || jsonb_build_object(v_q.name || E'\x1f' || v_r.key, v_used);
-                                CONTINUE;
-                            END IF;
-                            v_key_counts := v_key_counts
-                                || jsonb_build_object(v_q.name || E'\x1f' || v_r.key, v_used + 1);
+                    IF v_r.key IS NOT NULL AND (v_per_key[v_i] IS NOT NULL OR v_over[v_i]
+                                               OR v_krate[v_i] IS NOT NULL) THEN
+                        SELECT * INTO v_key_counts, v_krates, v_rate_retry, v_ok
+                          FROM tiers_take_key_v3(
+                            v_key_counts, v_krates, v_rate_retry, v_q.name, v_r.key, v_per_key[v_i],
+                            v_over[v_i], v_krate[v_i], v_kperiod[v_i], v_now);
+                        IF NOT v_ok THEN
+                            CONTINUE;
                         END IF;
                     END IF;
                     v_latest := GREATEST(COALESCE(v_latest, v_r.due_ms), v_r.due_ms);
@@ -456,6 +506,22 @@ BEGIN
       FROM (SELECT u.id, u.due, u.ord, u.pos
               FROM unnest(v_ids, v_dues, v_ords, v_poss) AS u(id, due, ord, pos)
              ORDER BY u.due, u.ord, u.pos LIMIT p_limit) c;
+    -- 5'. Starts of keys with a rate limit per key, logged for their windows (and
+    --     their starts out of the window deleted).
+    IF EXISTS (SELECT 1 FROM unnest(v_krate) AS r(n) WHERE r.n IS NOT NULL) THEN
+        INSERT INTO tiers_key_starts (queue, key, started_ms)
+        SELECT t.queue, t.key, v_now FROM tiers_runs t
+         WHERE t.id = ANY(v_chosen) AND t.state = 'pending' AND t.key IS NOT NULL
+           AND v_krate[array_position(v_names, t.queue::text)] IS NOT NULL
+         ORDER BY t.queue, t.key;
+        DELETE FROM tiers_key_starts s USING (
+            SELECT DISTINCT t.queue, t.key,
+                   v_kperiod[array_position(v_names, t.queue::text)] AS period
+              FROM tiers_runs t
+             WHERE t.id = ANY(v_chosen) AND t.state = 'pending' AND t.key IS NOT NULL
+               AND v_krate[array_position(v_names, t.queue::text)] IS NOT NULL) c
+         WHERE s.queue = c.queue AND s.key = c.key AND s.started_ms <= v_now - c.period;
+    END IF;
     END IF;
     RETURN QUERY WITH leased AS (
         UPDATE tiers_runs t SET

@@ -172,6 +172,9 @@ class QueueLimits:
     # Keys take turns (round-robin, one item per key per turn); within a key, due
     # order. None: the queue's order, whoever the keys are.
     round_robin: bool | None = None
+    # Each key may start at most `key_rate_limit` runs in any window of this period.
+    key_rate_limit: int | None = None
+    key_rate_period_ms: int | None = None
 
 
 @dataclass(frozen=True, slots=True)

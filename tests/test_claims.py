@@ -276,8 +276,65 @@ def key_limits_scenario(retrier: Retrier, clock: FakeClock) -> list[Any]:
     return log
 
 
+def key_rate_scenario(retrier: Retrier, clock: FakeClock) -> list[Any]:
+    """Claims over pools with a rate limit per key (with a cap per key, keys taking
+    turns, priorities), windows filling and reopening; what each claim took, and
+    when it said to look again."""
+    store = retrier.store
+
+    @retrier.action(name="work")
+    def work() -> None: ...
+
+    for limits in (
+        QueueLimits("rated", max_parallelism=20, key_rate_limit=2, key_rate_period_ms=1_000,
+                    priority_aging_ms=5_000),
+        QueueLimits("both", max_parallelism=20, max_per_key=1, key_rate_limit=3,
+                    key_rate_period_ms=700),
+        QueueLimits("turns", max_parallelism=20, round_robin=True, key_rate_limit=1,
+                    key_rate_period_ms=400),
+    ):
+        store.set_queue(limits)
+    store.set_key_limit("both", "t1", 2)
+    now = clock.now_ms()
+    new = [
+        retrier.prepare(
+            "work",
+            {},
+            queue=queue,
+            key=f"t{i % 3}" if i % 4 else None,
+            priority=i % 2,
+            due_ms=now - (i % 5) * 30,
+            run_id=f"{queue}-{i:02d}",
+        )
+        for queue in ("rated", "both", "turns")
+        for i in range(18)
+    ]
+    retrier.submit(new)
+    log: list[Any] = []
+
+    def claim(worker: str, limit: int) -> list[Claimed]:
+        claimed, wake_at = store.claim(worker, limit, 5_000)
+        log.append((worker, sorted(c.id for c in claimed), wake_at))
+        return claimed
+
+    def succeed(claimed: list[Claimed], worker: str) -> None:
+        outcomes = [
+            Outcome(c.id, c.fence, "success", c.started_ms, attempt=c.attempts, queue=c.queue)
+            for c in claimed
+        ]
+        store.record(outcomes, worker, 5_000)
+
+    for step in range(6):
+        taken = claim(f"w{step % 2}", 10 + step)
+        succeed(taken, f"w{step % 2}")
+        clock.advance(timedelta(milliseconds=250))
+    drain(retrier)
+    return log
+
+
 @pytest.mark.parametrize(
-    "script", [scenario, priority_scenario, round_robin_scenario, key_limits_scenario]
+    "script",
+    [scenario, priority_scenario, round_robin_scenario, key_limits_scenario, key_rate_scenario],
 )
 def test_the_server_claim_takes_what_the_python_claim_takes(
     db_url: str, script: Callable[[Retrier, FakeClock], list[Any]]

@@ -253,14 +253,15 @@ def test_the_cli_sets_shows_and_removes_a_keys_cap(fake: Retrier, db_url: str) -
 
     from retrier._cli import main as cli
 
-    pool = Workpool(fake, "tenants", max_parallelism=8, max_per_key=2, round_robin_keys=True)
+    pool = Workpool(fake, "tenants", max_parallelism=8, max_per_key=2, round_robin_keys=True,
+                    rate_limit_per_key=(3, 2))
     runner = CliRunner()
     done = runner.invoke(cli, ["--db", db_url, "pools", "set-key-limit", "tenants", "t-42", "5"])
     assert done.exit_code == 0, done.output
     assert pool.key_limits() == {"t-42": 5}
     shown = runner.invoke(cli, ["--db", db_url, "pools", "show", "tenants"])
     assert shown.exit_code == 0, shown.output
-    for expected in ("key limits", "t-42", "5", "round-robin"):
+    for expected in ("key limits", "t-42", "5", "round-robin", "3 per 2 s per key"):
         assert expected in shown.output
     removed = runner.invoke(
         cli, ["--db", db_url, "pools", "set-key-limit", "tenants", "t-42", "--remove"]
@@ -270,3 +271,55 @@ def test_the_cli_sets_shows_and_removes_a_keys_cap(fake: Retrier, db_url: str) -
         refused = runner.invoke(cli, ["--db", db_url, "pools", "set-key-limit", *bad])
         assert refused.exit_code != 0, bad
     assert pool.key_limits() == {}
+
+
+# -- rate limit per key ---------------------------------------------------------------------
+
+
+def test_each_key_starts_at_most_n_items_per_window(fake: Retrier, clock: FakeClock) -> None:
+    pool = Workpool(fake, "rated", max_parallelism=50,
+                    rate_limit_per_key=(2, timedelta(seconds=1)))
+    pool.enqueue_batch(
+        [("work", {"i": i}, {"key": "ab"[i % 2]} if i < 10 else {}) for i in range(12)]
+    )
+    claimed, wake = fake.store.claim("w", 50, 60_000)
+    assert sorted(c.args["i"] for c in claimed) == [0, 1, 2, 3, 10, 11], "2 per key; no key: free"
+    assert wake == clock.now_ms() + 1000, "the claim says when a key's window reopens"
+    clock.advance(timedelta(milliseconds=999))
+    assert fake.store.claim("w", 50, 60_000)[0] == []
+    clock.advance(timedelta(milliseconds=1))
+    assert sorted(c.args["i"] for c in fake.store.claim("w", 50, 60_000)[0]) == [4, 5, 6, 7]
+
+
+def test_the_window_slides_over_finished_starts(fake: Retrier, clock: FakeClock) -> None:
+    pool = Workpool(fake, "rated", max_parallelism=50, rate_limit_per_key=(3, 10.0))
+    pool.enqueue_batch([("work", {"i": i}, {"key": "k"}) for i in range(6)])
+    assert claim(fake, 1) == [0]  # started and finished: still in the window
+    clock.advance(timedelta(seconds=4))
+    assert claim(fake, 5) == [1, 2]
+    clock.advance(timedelta(seconds=6))  # the first start leaves the window
+    assert claim(fake, 5) == [3]
+    clock.advance(timedelta(seconds=4))  # and the next two
+    assert claim(fake, 5) == [4, 5]
+
+
+def test_explain_says_a_keys_rate_window_is_used_up(fake: Retrier, clock: FakeClock) -> None:
+    from retrier import _explain as reasons
+
+    pool = Workpool(fake, "rated", max_parallelism=50, rate_limit_per_key=(1, 30.0))
+    pool.enqueue_batch([("work", {"i": i}, {"key": "k"}) for i in range(2)])
+    waiting = pool.enqueue("work", {"i": 2}, key="k")
+    other = pool.enqueue("work", {"i": 3}, key="other")
+    fake.worker().announce()
+    assert claim(fake, 1) == [0]
+    why = pool.explain(waiting)
+    assert why.reason == reasons.KEY_RATE_LIMITED, why
+    assert why.until is not None and "rate_limit_per_key" in why.message
+    assert pool.explain(other).reason == reasons.CLAIMABLE
+
+
+@pytest.mark.parametrize("bad", [(0, 1), (2, 0), (2, -1), 5, (1.5, 1), (2, timedelta(days=31))])
+def test_bad_rate_limit_per_key_is_refused(fake: Retrier, bad: Any) -> None:
+    with pytest.raises(InvalidSettings):
+        Workpool(fake, "bad", rate_limit_per_key=bad)
+    assert fake.store.get_queue("bad") is None

@@ -59,6 +59,7 @@ def pools_show(obj: CliContext, name: str) -> None:
         ("max_parallelism", _cap(limits)),
         ("rate_limit", _rate(limits)),
         ("max_per_key", _or_none(limits.max_per_key)),
+        ("rate_limit_per_key", _key_rate(limits)),
         ("max_per_worker", _or_none(limits.max_per_worker)),
         ("priority_aging", _aging(limits)),
         ("keys", "take turns (round-robin)" if limits.round_robin else "pool order"),
@@ -106,6 +107,12 @@ def pools_set_key_limit(
     or_exit(set_key_limit, obj.store(), name, key, max_parallelism)
     shown = "removed" if max_parallelism is None else f"cap {max_parallelism}"
     console.print(f"{name}: key {key!r} {shown}")
+
+
+def _key_rate(limits: QueueLimits) -> str:
+    if limits.key_rate_limit is None or not limits.key_rate_period_ms:
+        return "none"
+    return f"{limits.key_rate_limit} per {limits.key_rate_period_ms / 1000:g} s per key"
 
 
 def _aging(limits: QueueLimits) -> str:

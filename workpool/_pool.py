@@ -57,7 +57,9 @@ class Workpool:
     whatever their priorities, so no priority starves (`priority_aging=None`: due
     order, priority only breaks ties). `round_robin_keys=True` makes the items'
     keys take turns instead: one item per key per turn, due order within a key, so
-    one key's backlog never delays another key's items. Failed items are retried only if `retry=`
+    one key's backlog never delays another key's items. `rate_limit_per_key=(n,
+    period)`: each key starts at most n items in any window of that period; and
+    `set_key_limit` gives one key a cap of its own. Failed items are retried only if `retry=`
     (or `retry_actions_by_default`) says so; a retry waiting for its backoff holds
     no slot.
     """
@@ -75,6 +77,7 @@ class Workpool:
         max_per_worker: int | None = None,
         priority_aging: timedelta | float | None = DEFAULT_PRIORITY_AGING,
         round_robin_keys: bool = False,
+        rate_limit_per_key: RateLimit | None = None,
     ) -> None:
         self.retrier = retrier
         self.name = name
@@ -94,6 +97,7 @@ class Workpool:
             max_per_worker,
             priority_aging,
             round_robin_keys,
+            rate_limit_per_key,
         )
         self._preparer = Preparer(
             retrier, name, retry_actions_by_default, self.default_retry_behavior

@@ -23,6 +23,7 @@ def pool_limits(
     max_per_worker: int | None = None,
     priority_aging: timedelta | float | None = DEFAULT_PRIORITY_AGING,
     round_robin_keys: bool = False,
+    rate_limit_per_key: RateLimit | None = None,
 ) -> QueueLimits:
     """The engine's `QueueLimits` for a pool; raises `InvalidSettings` on bad values."""
     check_name(name, "a pool name")
@@ -37,6 +38,9 @@ def pool_limits(
     check_per_worker(max_per_worker)
     aging_ms = check_aging(priority_aging)
     check_flag(round_robin_keys, "round_robin_keys")
+    key_rate, key_period_ms = None, None
+    if rate_limit_per_key is not None:
+        key_rate, key_period_ms = _rate(rate_limit_per_key, "rate_limit_per_key")
     return QueueLimits(
         name=name,
         max_parallelism=max_parallelism,
@@ -46,6 +50,8 @@ def pool_limits(
         max_per_worker=max_per_worker,
         priority_aging_ms=aging_ms,
         round_robin=True if round_robin_keys else None,
+        key_rate_limit=key_rate,
+        key_rate_period_ms=key_period_ms,
     )
 
 
@@ -77,16 +83,16 @@ def check_parallelism(value: int) -> None:
         )
 
 
-def _rate(rate_limit: RateLimit) -> tuple[int, int]:
+def _rate(rate_limit: RateLimit, what: str = "rate_limit") -> tuple[int, int]:
     try:
         limit, period = rate_limit
     except (TypeError, ValueError):
         raise InvalidSettings(
-            f"rate_limit must be (limit, period), e.g. (100, timedelta(minutes=1)), "
+            f"{what} must be (limit, period), e.g. (100, timedelta(minutes=1)), "
             f"got {rate_limit!r}"
         ) from None
     if _not_int(limit) or limit < 1:
-        raise InvalidSettings(f"a rate limit must allow at least 1 start, got {limit!r}")
+        raise InvalidSettings(f"{what} must allow at least 1 start, got {limit!r}")
     period_ms = delay_ms(period, "a rate limit period")
     if period_ms < 1:
         raise InvalidSettings(f"a rate limit period must be at least 1 ms, got {period!r}")

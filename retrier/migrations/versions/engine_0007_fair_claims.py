@@ -7,7 +7,9 @@ a claim read them in that order with a few seeks per distinct priority.
 `round_robin` and `rr_cursor`: a pool whose keys take turns, and where the turn is;
 an index of each queue's pending runs by key, then due time, finds the next key and
 its first due run in a seek or two. `tiers_key_limits`: a key's own cap in a
-queue (a tenant's limit), overriding the queue's `max_per_key`. The claim
+queue (a tenant's limit), overriding the queue's `max_per_key`. `key_rate_limit`,
+`key_rate_period_ms` and `tiers_key_starts`: a rate limit per key, counted over the
+starts the claims log per key. The claim
 on PostgreSQL is `tiers_claim_v3` (created with the other server-side objects,
 `Dialect.create_extras`); an older release, still running beside this one in a
 rolling deploy, keeps calling its `tiers_claim_v2`, which ignores the new settings.
@@ -39,6 +41,19 @@ def upgrade() -> None:
         sa.Column("updated_ms", sa.BigInteger(), nullable=False),
         sa.PrimaryKeyConstraint("queue", "key"),
     )
+    op.create_table(
+        "tiers_key_starts",
+        sa.Column("id", sa.Integer(), nullable=False),
+        sa.Column("queue", sa.String(length=200), nullable=False),
+        sa.Column("key", sa.String(length=200), nullable=False),
+        sa.Column("started_ms", sa.BigInteger(), nullable=False),
+        sa.PrimaryKeyConstraint("id"),
+    )
+    op.create_index("ix_tiers_key_starts", "tiers_key_starts", ["queue", "key", "started_ms"])
+    op.add_column("tiers_queues", sa.Column("key_rate_limit", sa.Integer(), nullable=True))
+    op.add_column(
+        "tiers_queues", sa.Column("key_rate_period_ms", sa.BigInteger(), nullable=True)
+    )
     op.add_column("tiers_queues", sa.Column("round_robin", sa.Boolean(), nullable=True))
     op.add_column("tiers_queues", sa.Column("rr_cursor", sa.String(length=200), nullable=True))
     pending = sa.text("state = 'pending'")
@@ -64,4 +79,8 @@ def downgrade() -> None:
     op.drop_column("tiers_queues", "rr_cursor")
     op.drop_column("tiers_queues", "round_robin")
     op.drop_table("tiers_key_limits")
+    op.drop_column("tiers_queues", "key_rate_period_ms")
+    op.drop_column("tiers_queues", "key_rate_limit")
+    op.drop_index("ix_tiers_key_starts", table_name="tiers_key_starts")
+    op.drop_table("tiers_key_starts")
     op.drop_column("tiers_queues", "priority_aging_ms")
