@@ -15,7 +15,7 @@ on PostgreSQL is `tiers_claim_v3` (created with the other server-side objects,
 rolling deploy, keeps calling its `tiers_claim_v2`, which ignores the new settings.
 
 Revision ID: engine_0007
-Revises: engine_0003
+Revises: engine_0004
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision = "engine_0007"
-down_revision = "engine_0003"
+down_revision = "engine_0004"
 branch_labels = None
 depends_on = None
 
