@@ -24,7 +24,12 @@ from ._alone import CompiledInsert, wrapped
 from ._dberrors import DRIVER_ERRORS, raise_translated
 from ._dialect import CANCEL, WAKE, Durability, Listener, P, T
 from ._errors import InvalidDatabaseURL
-from ._pg_claim import CLAIM_FUNCTION
+from ._pg_claim import (
+    CLAIM_FUNCTION,
+    KEY_CAP_FUNCTION,
+    QUEUE_ORDER_FUNCTION,
+    TAKE_KEY_FUNCTION,
+)
 
 log = logging.getLogger("tiers.store")
 
@@ -161,6 +166,9 @@ class PostgresDialect:
         # New runs wake every listening worker: the server sends the NOTIFY itself,
         # at commit, whoever inserted them (including a user's own session).
         conn.execute(text(_WAKE_FUNCTION.replace("{channel}", self.wake_channel)))
+        conn.exec_driver_sql(KEY_CAP_FUNCTION)
+        conn.exec_driver_sql(TAKE_KEY_FUNCTION)
+        conn.exec_driver_sql(QUEUE_ORDER_FUNCTION)
         conn.exec_driver_sql(CLAIM_FUNCTION)
         conn.execute(text("DROP TRIGGER IF EXISTS tiers_runs_wake ON tiers_runs"))
         conn.execute(

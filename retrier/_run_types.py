@@ -185,6 +185,15 @@ class QueueLimits:
     rate_period_ms: int | None = None
     max_per_key: int | None = None
     max_per_worker: int | None = None
+    # Due runs start by priority (higher first); one due for longer than this starts
+    # before every run due after it, whatever the priorities (None: due order).
+    priority_aging_ms: int | None = None
+    # Keys take turns (round-robin, one item per key per turn); within a key, due
+    # order. None: the queue's order, whoever the keys are.
+    round_robin: bool | None = None
+    # Each key may start at most `key_rate_limit` runs in any window of this period.
+    key_rate_limit: int | None = None
+    key_rate_period_ms: int | None = None
 
 
 @dataclass(frozen=True, slots=True)

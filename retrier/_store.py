@@ -56,6 +56,7 @@ from ._tables import (
     attempts_t,
     chunks,
     in_state,
+    key_limits_t,
     meta_t,
     new_row,
     queues_t,
@@ -507,6 +508,38 @@ class Store:
             conn.execute(delete(attempts_t).where(attempts_t.c.run_id.in_(chunk)))
             conn.execute(delete(runs).where(runs.c.id.in_(chunk)))
         return len(ids)
+
+    def set_key_limit(
+        self, queue: str, key: str, max_parallelism: int | None, conn: Connection | None = None
+    ) -> None:
+        """Give `key` of `queue` a cap of its own (None: remove it, back to the queue's
+        `max_per_key`), in `conn`'s transaction if given; wakes the workers."""
+        if conn is not None:
+            self._set_key_limit(conn, queue, key, max_parallelism)
+            return
+        with self.dialect.write() as own:
+            self._set_key_limit(own, queue, key, max_parallelism)
+
+    def _set_key_limit(
+        self, conn: Connection, queue: str, key: str, max_parallelism: int | None
+    ) -> None:
+        where = (key_limits_t.c.queue == queue) & (key_limits_t.c.key == key)
+        if max_parallelism is None:
+            conn.execute(delete(key_limits_t).where(where))
+        else:
+            values = {"max_parallelism": max_parallelism, "updated_ms": self.clock.now_ms()}
+            if not conn.execute(update(key_limits_t).where(where).values(**values)).rowcount:
+                conn.execute(insert(key_limits_t).values(queue=queue, key=key, **values))
+        self.dialect.notify(conn, WAKE)
+
+    @reconnecting
+    def key_limits(self, queue: str) -> dict[str, int]:
+        """The keys of `queue` that have a cap of their own, and their caps."""
+        stmt = select(key_limits_t.c.key, key_limits_t.c.max_parallelism).where(
+            key_limits_t.c.queue == queue
+        )
+        with self.dialect.read() as conn:
+            return {key: int(cap) for key, cap in conn.execute(stmt.order_by(key_limits_t.c.key))}
 
     @reconnecting
     def set_queue(self, limits: QueueLimits) -> None:

@@ -21,7 +21,16 @@ from sqlalchemy import (
     update,
 )
 
-from ._models import PENDING, AttemptRow, MetaRow, QueueRow, RunRow, WorkerRow
+from ._models import (
+    PENDING,
+    AttemptRow,
+    KeyLimitRow,
+    KeyStartRow,
+    MetaRow,
+    QueueRow,
+    RunRow,
+    WorkerRow,
+)
 from ._run_types import NewRun, QueueLimits
 
 runs: Table = RunRow.__table__  # type: ignore[attr-defined]
@@ -29,6 +38,8 @@ attempts_t: Table = AttemptRow.__table__  # type: ignore[attr-defined]
 queues_t: Table = QueueRow.__table__  # type: ignore[attr-defined]
 meta_t: Table = MetaRow.__table__  # type: ignore[attr-defined]
 workers_t: Table = WorkerRow.__table__  # type: ignore[attr-defined]
+key_limits_t: Table = KeyLimitRow.__table__  # type: ignore[attr-defined]
+key_starts_t: Table = KeyStartRow.__table__  # type: ignore[attr-defined]
 
 
 CLAIM_COLUMNS = (
