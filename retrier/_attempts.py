@@ -1,6 +1,6 @@
 """One attempt of an action: arguments decoded, the function called (a thread for a
-`def`, a task for an `async def`), the result encoded, and whatever happened turned
-into an `Outcome` for the store to record.
+`def`, a task for an `async def`) within the run's time limit, the result encoded, and
+whatever happened turned into an `Outcome` for the store to record.
 """
 
 from __future__ import annotations
@@ -15,9 +15,10 @@ import anyio
 import anyio.to_thread
 import pydantic
 
+from ._checks import format_limit
 from ._clock import to_ms
 from ._errors import HandBack, NonRetryableError, RetryAfter, UnregisteredFunction, describe
-from ._registry import Registry, ResultNotSerializable
+from ._registry import Registered, Registry, ResultNotSerializable
 from ._run_types import Claimed, Outcome
 from ._stored_json import unreadable
 
@@ -73,12 +74,10 @@ async def attempt(
     except pydantic.ValidationError as exc:
         return outcome("fatal", error=f"CorruptRun: the stored args do not fit {c.fn!r}: {exc}")
     try:
-        if reg.is_async:
-            going_async()
-            value = await reg.fn(**kwargs)
-        else:
-            value = await anyio.to_thread.run_sync(partial(reg.fn, **kwargs), limiter=limiter)
+        value = await _call(reg, kwargs, c.timeout_ms, limiter, going_async)
         result = reg.encode_result(value)
+    except AttemptTimeout as exc:
+        return outcome("failure", error=describe(exc))
     except (NonRetryableError, ResultNotSerializable) as exc:
         return outcome("fatal", error=describe(exc), traceback=traceback_of(exc))
     except RetryAfter as exc:
@@ -89,6 +88,44 @@ async def attempt(
         # Logged once recorded, when it is known whether the run will be retried.
         return outcome("failure", error=describe(exc), traceback=traceback_of(exc))
     return outcome("success", result=result)
+
+
+class AttemptTimeout(Exception):
+    """An attempt ran past its run's time limit (stored as its error)."""
+
+    def __init__(self, timeout_ms: int, abandoned: bool) -> None:
+        detail = (
+            "; its thread was abandoned (the function may still be running), its result "
+            "will be discarded" if abandoned else ""
+        )
+        super().__init__(f"attempt exceeded {format_limit(timeout_ms)}{detail}")
+
+
+async def _call(
+    reg: Registered,
+    kwargs: dict[str, Any],
+    timeout_ms: int | None,
+    limiter: anyio.CapacityLimiter,
+    going_async: Callable[[], None],
+) -> Any:
+    """Call the action; raise `AttemptTimeout` once it has run `timeout_ms`.
+
+    Past the limit an `async def` is cancelled; a `def` cannot be stopped (Python has
+    no way to kill a thread), so the attempt stops waiting for it: its thread runs on
+    and its eventual result is discarded, and the worker's slot is free at once."""
+    if timeout_ms is None:
+        if reg.is_async:
+            going_async()
+            return await reg.fn(**kwargs)
+        return await anyio.to_thread.run_sync(partial(reg.fn, **kwargs), limiter=limiter)
+    with anyio.move_on_after(timeout_ms / 1000):
+        if reg.is_async:
+            going_async()
+            return await reg.fn(**kwargs)
+        return await anyio.to_thread.run_sync(
+            partial(reg.fn, **kwargs), limiter=limiter, abandon_on_cancel=True
+        )
+    raise AttemptTimeout(timeout_ms, abandoned=not reg.is_async)
 
 
 def handler_in_txn(registry: Registry, name: str | None) -> bool:

@@ -145,7 +145,7 @@ _START_DELIVERIES = (
 # The claim as one server-side call, where the dialect has one (PostgreSQL); run with
 # the driver's own parameters (no SQLAlchemy compilation on the hot path).
 _SERVER_CLAIM = (
-    "SELECT * FROM tiers_claim_v2(%(worker)s, %(limit)s, %(lease_ms)s, %(now)s, %(any_fn)s,"
+    "SELECT * FROM tiers_claim_v3(%(worker)s, %(limit)s, %(lease_ms)s, %(now)s, %(any_fn)s,"
     " %(fns)s::text[], %(handlers)s::text[])"
 )
 
@@ -265,6 +265,7 @@ class Claims:
                 started_ms=now,
                 trace=r.trace,
                 due_ms=r.due_ms,
+                timeout_ms=r.timeout_ms,
             )
             for r in chosen
         ]
@@ -273,7 +274,7 @@ class Claims:
     def _server_claim(
         self, conn: Connection, worker: str, limit: int, lease_ms: int, runnable: Runnable
     ) -> tuple[list[Claimed], int | None]:
-        """The same claim, as one call of the server's `tiers_claim_v2` (see `_pg_claim`)."""
+        """The same claim, as one call of the server's `tiers_claim_v3` (see `_pg_claim`)."""
         params = {
             "worker": worker,
             "limit": limit,
@@ -306,6 +307,7 @@ class Claims:
                     started_ms=r.wake_ms,
                     trace=r.trace,
                     due_ms=r.due_ms,
+                    timeout_ms=r.timeout_ms,
                 )
             )
         return claimed, wake_at

@@ -89,6 +89,8 @@ class RunRow(SQLModel, table=True):
     # The W3C traceparent of the context that enqueued the run (tracing on), so its
     # attempts, in any process, belong to the enqueuing trace.
     trace: str | None = Field(default=None, max_length=128)
+    # How long one attempt may run (None: no limit); past it, the attempt fails.
+    timeout_ms: int | None = Field(default=None, sa_type=BigInteger)
 
 
 _runs = RunRow.__table__  # type: ignore[attr-defined]

@@ -9,22 +9,23 @@ first due runs up to its free slots, and the due on_complete deliveries, in due 
 then priority; lease them; and say when to look again. `tests/test_claims.py` runs the
 same claim scenarios against both implementations.
 
-It is `tiers_claim_v2` since it also returns each run's trace context and due time
-(engine_0003): a function's result columns cannot change in place, and an older
-release, still running beside this one in a rolling deploy, keeps its `tiers_claim`.
+It is `tiers_claim_v3` since it also returns each run's trace context and due time
+(engine_0003, v2) and its attempt timeout (engine_0005, v3): a function's result
+columns cannot change in place, and an older release, still running beside this one
+in a rolling deploy, keeps its own version.
 """
 
 from __future__ import annotations
 
 CLAIM_FUNCTION = r"""
-CREATE OR REPLACE FUNCTION tiers_claim_v2(
+CREATE OR REPLACE FUNCTION tiers_claim_v3(
     p_worker text, p_limit integer, p_lease_ms bigint, p_now bigint,
     p_any_fn boolean, p_fns text[], p_handlers text[]
 ) RETURNS TABLE (
     kind text, id varchar, fn varchar, args json, state varchar, fence integer,
     attempts integer, failures integer, queue varchar, owner varchar,
     on_complete varchar, context json, outcome varchar, result json, error varchar,
-    wake_ms bigint, trace varchar, due_ms bigint
+    wake_ms bigint, trace varchar, due_ms bigint, timeout_ms bigint
 ) LANGUAGE plpgsql VOLATILE AS $fn$
 #variable_conflict use_column
 DECLARE
@@ -228,7 +229,7 @@ BEGIN
     )
     SELECT 'run'::text, l.id, l.fn, l.args, l.state, l.fence, l.attempts, l.failures,
            l.queue, l.owner, l.on_complete, l.context, l.outcome, l.result, l.error, v_now,
-           l.trace, l.due_ms
+           l.trace, l.due_ms, l.timeout_ms
       FROM leased l ORDER BY l.due_ms, l.priority DESC;
 
     -- 6. When to look again: the next due run, or when a rate window reopens.
@@ -242,7 +243,7 @@ BEGIN
     RETURN QUERY SELECT 'wake'::text, NULL::varchar, NULL::varchar, NULL::json,
         NULL::varchar, NULL::integer, NULL::integer, NULL::integer, NULL::varchar,
         NULL::varchar, NULL::varchar, NULL::json, NULL::varchar, NULL::json,
-        NULL::varchar, v_rate_retry, NULL::varchar, NULL::bigint;
+        NULL::varchar, v_rate_retry, NULL::varchar, NULL::bigint, NULL::bigint;
 END
 $fn$
 """

@@ -25,7 +25,7 @@ from ._log import configure_logging
 from ._migrations import Branch, Migrations
 from ._models import CANCELED, FAILED, PENDING, RUNNING, SUCCESS, RunRow
 from ._policy import RetryPolicy
-from ._registry import Fn, Registry
+from ._registry import Fn, Registry, attempt_timeout_ms
 from ._results import Canceled, Completed, Failed, InProgress, RunResult, RunStatus, Success
 from ._run_types import NewRun
 from ._run_waits import all_completed, warn_if_no_worker, warn_when_unserved
@@ -183,16 +183,35 @@ class Retrier:
     @overload
     def action(self, fn: F, /) -> F: ...
     @overload
-    def action(self, fn: None = None, /, *, name: str | None = None) -> Callable[[F], F]: ...
-    def action(self, fn: F | None = None, /, *, name: str | None = None) -> F | Callable[[F], F]:
+    def action(
+        self,
+        fn: None = None,
+        /,
+        *,
+        name: str | None = None,
+        timeout: timedelta | float | None = None,
+    ) -> Callable[[F], F]: ...
+    def action(
+        self,
+        fn: F | None = None,
+        /,
+        *,
+        name: str | None = None,
+        timeout: timedelta | float | None = None,
+    ) -> F | Callable[[F], F]:
         """Register an action (a `def` or `async def`) under a stable name.
 
         The name defaults to the function's qualified name; pass `name=` to keep it
         stable across renames. Stored runs refer to actions by this name only.
+
+        `timeout` (a timedelta or seconds, above 0 and at most 7 days) limits each
+        attempt of the runs enqueued from now on that give no `timeout=` of their own:
+        an attempt past it fails ("attempt exceeded 30 s") and is retried by the
+        run's policy. See "Timeouts" in docs/retrier.md.
         """
 
         def register(f: F) -> F:
-            self.registry.add_action(f, name)
+            self.registry.add_action(f, name, timeout)
             return f
 
         return register(fn) if fn is not None else register
@@ -231,11 +250,13 @@ class Retrier:
         max_failures: int | None = None,
         jitter: bool | None = None,
         max_backoff: timedelta | None = None,
+        timeout: timedelta | float | None = None,
     ) -> str:
         """Start a durable run of a registered action now; returns its run id.
 
         With `session=`, the run is written in that session's transaction and exists
-        only if the caller commits it.
+        only if the caller commits it. `timeout` limits each attempt (a timedelta or
+        seconds; default: the action's registered `timeout`, else none).
         """
         policy = self.policy.with_overrides(
             initial_backoff_ms=initial_backoff_ms,
@@ -245,7 +266,7 @@ class Retrier:
             max_backoff=max_backoff,
         )
         new = self.prepare(
-            fn, args, on_complete=on_complete, context=context, policy=policy
+            fn, args, on_complete=on_complete, context=context, policy=policy, timeout=timeout
         )
         self.submit([new], session=session)
         return new.id
@@ -275,15 +296,22 @@ class Retrier:
         session = options.pop("session", None)
         on_complete = options.pop("on_complete", None)
         context = options.pop("context", None)
+        timeout = options.pop("timeout", None)
         unknown = options.keys() - _POLICY_OPTIONS
         if unknown:
             raise InvalidSettings(
                 f"unknown option(s) {sorted(unknown)}; expected session, on_complete, "
-                f"context or some of {sorted(_POLICY_OPTIONS)}"
+                f"context, timeout or some of {sorted(_POLICY_OPTIONS)}"
             )
         policy = self.policy.with_overrides(**options)
         new = self.prepare(
-            fn, args, on_complete=on_complete, context=context, policy=policy, due_ms=due_ms
+            fn,
+            args,
+            on_complete=on_complete,
+            context=context,
+            policy=policy,
+            due_ms=due_ms,
+            timeout=timeout,
         )
         self.submit([new], session=session)
         return new.id
@@ -302,13 +330,22 @@ class Retrier:
         owner: str | None = None,
         priority: int = 0,
         run_id: str | None = None,
+        timeout: timedelta | float | None = None,
+        default_timeout_ms: int | None = None,
     ) -> NewRun:
         """Validate a run and build its row, writing nothing. For higher tiers.
 
         Raises `UnregisteredFunction` or `InvalidArguments` (arguments or a context that
-        are not strict JSON included) before anything is stored.
+        are not strict JSON included), or `InvalidSettings` for a bad `timeout`, before
+        anything is stored. Each attempt's limit is `timeout` if given, else the
+        action's registered one, else `default_timeout_ms` (a tier's default, already
+        checked), else none.
         """
         reg = self.registry.action(fn)
+        if timeout is not None:
+            timeout_ms: int | None = attempt_timeout_ms(timeout)
+        else:
+            timeout_ms = reg.timeout_ms if reg.timeout_ms is not None else default_timeout_ms
         stored_args = reg.validate_args(args)
         if context is not None:
             check_json(context, "the context", InvalidArguments)
@@ -330,6 +367,7 @@ class Retrier:
             priority=priority,
             on_complete=handler,
             context=context,
+            timeout_ms=timeout_ms,
         )
 
     def submit(self, new: Sequence[NewRun], *, session: Session | None = None) -> None:

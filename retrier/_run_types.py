@@ -67,6 +67,7 @@ class NewRun:
     on_complete: str | None = None
     context: Any = None
     trace: str | None = None  # the enqueuing trace context (W3C traceparent)
+    timeout_ms: int | None = None  # how long one attempt may run (None: no limit)
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,6 +91,7 @@ class Claimed:
     started_ms: int
     trace: str | None = None  # the enqueuing trace context (W3C traceparent)
     due_ms: int | None = None  # when it was due (its enqueue, run_at or backoff's end)
+    timeout_ms: int | None = None  # how long this attempt may run (None: no limit)
 
 
 @dataclass(frozen=True, slots=True)

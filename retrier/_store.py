@@ -283,6 +283,7 @@ class Store:
             started_ms=now,
             trace=row["trace"],
             due_ms=now,
+            timeout_ms=new.timeout_ms,
         )
 
     def insert_finished(
