@@ -19,7 +19,14 @@ engine's commit together.
 
 from __future__ import annotations
 
-from ._checks import MAX_NAME, check_flag, check_name
+from ._checks import (
+    MAX_ATTEMPT_TIMEOUT,
+    MAX_NAME,
+    check_flag,
+    check_name,
+    check_timeout,
+    format_limit,
+)
 from ._cli import Context as CliContext
 from ._cli import console, format_ms, or_exit, print_listing, print_why, shorten
 from ._clock import delay_ms, due_ms, ms_to_datetime, to_ms
@@ -73,6 +80,7 @@ __all__ = [
     "DELIVERING",
     "FAILED",
     "FINISHING",
+    "MAX_ATTEMPT_TIMEOUT",
     "MAX_NAME",
     "PENDING",
     "RUNNING",
@@ -103,6 +111,7 @@ __all__ = [
     "check_flag",
     "check_json",
     "check_name",
+    "check_timeout",
     "console",
     "current_worker",
     "default_name",
@@ -110,6 +119,7 @@ __all__ = [
     "describe_error",
     "describe_function",
     "due_ms",
+    "format_limit",
     "format_ms",
     "is_transient",
     "ms_to_datetime",

@@ -195,3 +195,75 @@ def test_registering_again_with_another_limit_is_refused(retrier: Retrier) -> No
     retrier.action(timeout=5)(act)  # the same registration again: fine
     with pytest.raises(DuplicateRegistration, match="another timeout"):
         retrier.action(timeout=6)(act)
+
+
+# -- the workpool ---------------------------------------------------------------------------
+
+
+def test_a_pool_item_past_its_limit_frees_its_slot_and_is_retried(
+    make_retrier: MakeRetrier,
+) -> None:
+    from workpool import RetryBehavior, Workpool
+
+    clock = FakeClock()
+    retrier = make_retrier(clock=clock)
+    pool = Workpool(retrier, "slow", max_parallelism=1, default_timeout=LIMIT)
+    calls = Calls()
+
+    @retrier.action
+    async def hangs_once(n: int) -> int:
+        calls.add(n)
+        if calls.count(n) == 1:
+            await anyio.sleep(3600)
+        return n
+
+    first = pool.enqueue(hangs_once, {"n": 1}, retry=RetryBehavior(max_attempts=2))
+    second = pool.enqueue(hangs_once, {"n": 2}, retry=False)
+    drain(retrier)
+    # The only slot went to the first item; its attempt timed out and freed the slot
+    # for the second, whose one attempt timed out too.
+    error = "AttemptTimeout: attempt exceeded 200 ms"
+    assert pool.status(first).previous_attempts == 1  # type: ignore[union-attr]
+    assert retrier.status(second) == Completed(Failed(error))
+    clock.advance(timedelta(seconds=1))
+    drain(retrier)
+    assert pool.wait(first, timeout=10) == Completed(Success(1))
+
+
+def test_pool_limits_follow_item_then_action_then_pool(make_retrier: MakeRetrier) -> None:
+    from workpool import Workpool
+
+    retrier = make_retrier()
+    pool = Workpool(retrier, "limits", default_timeout=timedelta(minutes=1))
+
+    @retrier.action(timeout=5)
+    def own_limit() -> None: ...
+
+    @retrier.action
+    def no_limit() -> None: ...
+
+    ids = [
+        pool.enqueue(own_limit),
+        pool.enqueue(no_limit),
+        pool.enqueue(own_limit, timeout=2.5),
+        *pool.enqueue_batch([(no_limit, {}, {"timeout": 7}), (no_limit, {})]),
+    ]
+    stored = [retrier.store.get(i).timeout_ms for i in ids]
+    assert stored == [5000, 60_000, 2500, 7000, 60_000]
+
+
+@pytest.mark.parametrize("limit", [0, -2, True, "1", float("nan"), 10**12], ids=repr)
+def test_bad_pool_limits_are_refused(retrier: Retrier, limit: Any) -> None:
+    from workpool import InvalidBatchItem, Workpool
+
+    @retrier.action
+    def act() -> None: ...
+
+    with pytest.raises(InvalidSettings, match="default_timeout"):
+        Workpool(retrier, "bad", default_timeout=limit)
+    pool = Workpool(retrier, "good")
+    with pytest.raises(InvalidSettings, match="timeout"):
+        pool.enqueue(act, timeout=limit)
+    with pytest.raises(InvalidBatchItem, match="timeout"):
+        pool.enqueue_batch([(act, {}), (act, {}, {"timeout": limit})])
+    assert count_runs(retrier) == 0

@@ -12,7 +12,7 @@ from retrier.engine import Fn, NewRun, check_name, delay_ms, due_ms
 from ._behavior import NO_RETRY, RetryBehavior
 
 OPTIONS = frozenset(
-    {"on_complete", "context", "retry", "run_at", "run_after", "priority", "key"}
+    {"on_complete", "context", "retry", "run_at", "run_after", "priority", "key", "timeout"}
 )
 _MAX_PRIORITY = 2**31 - 1
 
@@ -23,10 +23,16 @@ class Preparer:
     """Builds the rows of one pool; caches retry policies, which batches share."""
 
     def __init__(
-        self, retrier: Retrier, queue: str, retry_by_default: bool, default: RetryBehavior
+        self,
+        retrier: Retrier,
+        queue: str,
+        retry_by_default: bool,
+        default: RetryBehavior,
+        default_timeout_ms: int | None = None,
     ) -> None:
         self._retrier = retrier
         self._queue = queue
+        self._default_timeout_ms = default_timeout_ms
         self._with_retry = default.policy()
         self._default = self._with_retry if retry_by_default else NO_RETRY
         self._policies: dict[RetryBehavior, RetryPolicy] = {}
@@ -62,6 +68,8 @@ class Preparer:
             queue=self._queue,
             key=key,
             priority=priority,
+            timeout=options.get("timeout"),
+            default_timeout_ms=self._default_timeout_ms,
         )
 
     def _policy(self, retry: Retry) -> RetryPolicy:

@@ -17,7 +17,15 @@ import anyio
 from sqlmodel import Session
 
 from retrier import Completed, InvalidSettings, Retrier, RunNotFound, Why
-from retrier.engine import Fn, NewRun, QueueLimits, RunRow, check_flag
+from retrier.engine import (
+    MAX_ATTEMPT_TIMEOUT,
+    Fn,
+    NewRun,
+    QueueLimits,
+    RunRow,
+    check_flag,
+    check_timeout,
+)
 
 from ._behavior import RetryBehavior
 from ._enqueue import Preparer, Retry
@@ -48,6 +56,10 @@ class Workpool:
     Items start in due order, then by higher `priority`. Failed items are retried
     only if `retry=` (or `retry_actions_by_default`) says so; a retry waiting for
     its backoff holds no slot.
+
+    `default_timeout` limits each attempt of an item whose action registers no
+    `timeout` and whose `enqueue` gives none (a timedelta or seconds; None: no limit).
+    An attempt past its limit fails and frees its slot at once.
     """
 
     def __init__(
@@ -61,8 +73,15 @@ class Workpool:
         rate_limit: RateLimit | None = None,
         max_per_key: int | None = None,
         max_per_worker: int | None = None,
+        default_timeout: timedelta | float | None = None,
     ) -> None:
         self.retrier = retrier
+        self.default_timeout = default_timeout
+        default_timeout_ms = (
+            None
+            if default_timeout is None
+            else check_timeout(default_timeout, "default_timeout", MAX_ATTEMPT_TIMEOUT)
+        )
         self.name = name
         self.retry_actions_by_default = check_flag(
             retry_actions_by_default, "retry_actions_by_default"
@@ -76,7 +95,11 @@ class Workpool:
             name, max_parallelism, rate_limit, max_per_key, max_per_worker
         )
         self._preparer = Preparer(
-            retrier, name, retry_actions_by_default, self.default_retry_behavior
+            retrier,
+            name,
+            retry_actions_by_default,
+            self.default_retry_behavior,
+            default_timeout_ms,
         )
         if retrier.store.get_queue(name) != self._limits:
             self._store_limits(self._limits)
@@ -132,13 +155,16 @@ class Workpool:
         priority: int = 0,
         key: str | None = None,
         session: Session | None = None,
+        timeout: timedelta | float | None = None,
     ) -> str:
         """Add one item to the pool; returns its work id.
 
         `retry`: True (the pool's default behaviour), False (one attempt) or a
         `RetryBehavior`; None follows `retry_actions_by_default`. `key` groups items
         for `max_per_key`. With `session=`, the item is written in that session's
-        transaction and exists only if the caller commits.
+        transaction and exists only if the caller commits. `timeout` limits each
+        attempt (a timedelta or seconds; default: the action's registered `timeout`,
+        else the pool's `default_timeout`, else none).
         """
         options = {
             "on_complete": on_complete,
@@ -148,6 +174,7 @@ class Workpool:
             "run_after": run_after,
             "priority": priority,
             "key": key,
+            "timeout": timeout,
         }
         new = self._preparer.prepare(fn, args, options, self.retrier.clock.now_ms())
         self.retrier.submit([new], session=session)
