@@ -434,6 +434,18 @@ class Store:
         rows = conn.execute(_UNFINISHED_OF, {"owner": owner}).all()
         return [OwnedRun(r.id, r.fn, r.state) for r in rows]
 
+    def delete_pending_of(self, conn: Connection, owner: str, fn: str) -> int:
+        """Delete the pending runs of `fn` that `owner` owns, in the caller's
+        transaction (a run made moot, such as a finished workflow's deadline); runs
+        already running are left to finish. Returns how many."""
+        return int(
+            conn.execute(
+                delete(runs).where(
+                    runs.c.owner == owner, runs.c.fn == fn, in_state(PENDING)
+                )
+            ).rowcount
+        )
+
     def delete_finished_of(self, conn: Connection, owner: str, *also: str) -> int:
         """Delete the completed runs `owner` owns (and the runs `also` names, if
         completed) with their attempts, in the caller's transaction."""

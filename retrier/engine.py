@@ -29,7 +29,7 @@ from ._checks import (
 )
 from ._cli import Context as CliContext
 from ._cli import console, format_ms, or_exit, print_listing, print_why, shorten
-from ._clock import delay_ms, due_ms, ms_to_datetime, to_ms
+from ._clock import MAX_AHEAD, delay_ms, due_ms, ms_to_datetime, to_ms
 from ._dialects import Dialect, is_transient, partial_index
 from ._errors import describe as describe_error
 from ._explain import Why
@@ -80,6 +80,7 @@ __all__ = [
     "DELIVERING",
     "FAILED",
     "FINISHING",
+    "MAX_AHEAD",
     "MAX_ATTEMPT_TIMEOUT",
     "MAX_NAME",
     "PENDING",

@@ -17,10 +17,12 @@ import pytest
 from sqlalchemy import text
 
 from retrier import (
+    Canceled,
     Completed,
     DuplicateRegistration,
     Failed,
     FakeClock,
+    InProgress,
     InvalidSettings,
     Retrier,
     Success,
@@ -267,3 +269,262 @@ def test_bad_pool_limits_are_refused(retrier: Retrier, limit: Any) -> None:
     with pytest.raises(InvalidBatchItem, match="timeout"):
         pool.enqueue_batch([(act, {}), (act, {}, {"timeout": limit})])
     assert count_runs(retrier) == 0
+
+
+# -- workflows ------------------------------------------------------------------------------
+
+
+class Flows:
+    """A retrier on a FakeClock, a pool whose steps run one attempt, and a manager."""
+
+    def __init__(self, make_retrier: MakeRetrier, **pool_options: Any) -> None:
+        from workflow import WorkflowManager
+        from workpool import Workpool
+
+        self.clock = FakeClock()
+        self.retrier = make_retrier(clock=self.clock)
+        self.pool = Workpool(self.retrier, "steps", **pool_options)
+        self.workflows = WorkflowManager(self.pool)
+        self.ended = Calls()
+
+        @self.retrier.on_complete
+        def ended(run_id: str, result: Any, context: Any) -> None:
+            self.ended.add(result)
+
+        self.on_complete = ended
+
+    def later(self, delta: timedelta | float) -> None:
+        self.clock.advance(delta)
+        drain(self.retrier)
+
+    def pending_runs(self, fn_prefix: str) -> int:
+        with self.retrier.engine.connect() as conn:
+            return int(
+                conn.execute(
+                    text("SELECT count(*) FROM tiers_runs WHERE state = 'pending' AND fn LIKE :p"),
+                    {"p": fn_prefix + "%"},
+                ).scalar_one()
+            )
+
+
+DEADLINE_ERROR = "DeadlineExceeded: the workflow ran past its deadline (1 min after its start"
+
+
+def test_a_step_past_its_limit_fails_and_is_retried(make_retrier: MakeRetrier) -> None:
+    from workflow import StepFailed, WorkflowContext
+    from workpool import RetryBehavior
+
+    f = Flows(make_retrier, default_timeout=LIMIT)
+    calls = Calls()
+
+    @f.retrier.action
+    async def hangs_once(n: int) -> int:
+        calls.add(n)
+        if calls.count(n) == 1:
+            await anyio.sleep(3600)
+        return n
+
+    @f.workflows.define
+    async def flow(ctx: WorkflowContext) -> str:
+        retried = await ctx.step("retried", hangs_once, {"n": 1},
+                                 retry=RetryBehavior(max_attempts=2, initial_backoff_ms=100))
+        try:
+            await ctx.step("once", hangs_once, {"n": 2}, retry=False, timeout=0.1)
+        except StepFailed as exc:
+            return f"{retried}: {exc}"
+        return "no timeout"
+
+    wf_id = f.workflows.start(flow)
+    drain(f.retrier)
+    f.later(1)  # the first step's retry, after its backoff
+    f.later(1)
+    status = f.workflows.status(wf_id)
+    assert status == Completed(
+        Success("1: step 'once[0]' failed: AttemptTimeout: attempt exceeded 100 ms")
+    ), status
+
+
+def test_a_sleeping_workflow_fails_at_its_deadline(make_retrier: MakeRetrier) -> None:
+    from workflow import WorkflowContext
+
+    f = Flows(make_retrier)
+    steps = Calls()
+
+    @f.retrier.action
+    def step() -> None:
+        steps.add(1)
+
+    @f.workflows.define
+    async def naps(ctx: WorkflowContext) -> None:
+        await ctx.step("before", step)
+        await ctx.sleep("nap", timedelta(hours=1))
+        await ctx.step("after", step)
+
+    wf_id = f.workflows.start(naps, timeout=60, on_complete=f.on_complete)
+    drain(f.retrier)
+    f.later(59)
+    assert f.workflows.status(wf_id) == InProgress()
+    f.later(1)
+    status = f.workflows.status(wf_id)
+    assert isinstance(status, Completed) and isinstance(status.result, Failed)
+    assert status.result.error.startswith(DEADLINE_ERROR), status.result.error
+    assert f.ended.items == [status.result]
+    f.later(timedelta(hours=2))  # the sleep's driver finds it over
+    assert steps.items == [1]
+    assert f.pending_runs("tiers.workflow") == 0
+
+
+def test_a_workflow_waiting_for_an_event_fails_at_its_deadline(
+    make_retrier: MakeRetrier,
+) -> None:
+    from workflow import WorkflowContext
+
+    f = Flows(make_retrier)
+
+    @f.workflows.define
+    async def waits(ctx: WorkflowContext) -> Any:
+        return await ctx.wait_for_event("paid", "payment/completed")
+
+    @f.workflows.define
+    async def parent(ctx: WorkflowContext) -> Any:
+        return await ctx.invoke("child", waits, {})
+
+    wf_id = f.workflows.start(parent, timeout=timedelta(minutes=1), on_complete=f.on_complete)
+    drain(f.retrier)
+    (child,) = [w.id for w in f.workflows.list(name="waits")]
+    f.later(61)
+    status = f.workflows.status(wf_id)
+    assert isinstance(status, Completed) and isinstance(status.result, Failed)
+    assert status.result.error.startswith(DEADLINE_ERROR)
+    assert f.workflows.wait(wf_id, timeout=10) == status
+    assert f.workflows.status(child) == Completed(Canceled()), "its child is canceled"
+    assert f.ended.items == [status.result]
+
+
+def test_a_workflow_that_ends_in_time_leaves_no_deadline_behind(
+    make_retrier: MakeRetrier,
+) -> None:
+    from workflow import WorkflowContext
+
+    f = Flows(make_retrier)
+
+    @f.workflows.define
+    async def quick(ctx: WorkflowContext) -> int:
+        await ctx.sleep("nap", 10)
+        return 7
+
+    wf_id = f.workflows.start(quick, timeout=60)
+    drain(f.retrier)
+    assert f.pending_runs("tiers.workflow.deadline") == 1
+    f.later(10)
+    assert f.workflows.status(wf_id) == Completed(Success(7))
+    assert f.pending_runs("tiers.workflow.deadline") == 0
+    f.later(3600)
+    assert f.workflows.status(wf_id) == Completed(Success(7))
+    f.workflows.cleanup(wf_id)
+    with f.retrier.engine.connect() as conn:
+        assert conn.execute(text("SELECT count(*) FROM tiers_runs")).scalar_one() == 0
+
+
+def test_a_retrigger_gets_the_same_timeout_from_its_own_start(
+    make_retrier: MakeRetrier,
+) -> None:
+    from workflow import WorkflowContext
+
+    f = Flows(make_retrier)
+
+    @f.workflows.define
+    async def naps(ctx: WorkflowContext) -> None:
+        await ctx.sleep("nap", timedelta(hours=1))
+
+    first = f.workflows.start(naps, timeout=60)
+    f.later(61)
+    again = f.workflows.retrigger(first)
+    f.later(59)
+    assert f.workflows.status(again) == InProgress()
+    f.later(1)
+    status = f.workflows.status(again)
+    assert isinstance(status, Completed) and isinstance(status.result, Failed)
+    assert status.result.error.startswith(DEADLINE_ERROR)
+
+
+def test_a_deadline_cancels_the_step_running_when_it_passes(make_retrier: MakeRetrier) -> None:
+    from workflow import WorkflowContext, WorkflowManager
+    from workpool import Workpool
+
+    retrier = make_retrier()  # real time: the step runs inline in the driver meanwhile
+    workflows = WorkflowManager(Workpool(retrier, "steps"))
+    cancelled = threading.Event()
+
+    @retrier.action
+    async def hangs() -> None:
+        try:
+            await anyio.sleep(3600)
+        except anyio.get_cancelled_exc_class():
+            cancelled.set()
+            raise
+
+    @workflows.define
+    async def stuck(ctx: WorkflowContext) -> None:
+        await ctx.step("hangs", hangs)
+
+    with retrier:
+        wf_id = workflows.start(stuck, timeout=0.3)
+        status = workflows.wait(wf_id, timeout=10)
+        assert cancelled.wait(10)
+    assert isinstance(status.result, Failed)
+    assert status.result.error.startswith(
+        "DeadlineExceeded: the workflow ran past its deadline (300 ms after its start"
+    )
+    (step,) = workflows.steps(wf_id)
+    assert step.state == "canceled"
+
+
+@pytest.mark.parametrize("limit", [0, -60, True, "60", float("nan"), 10**12], ids=repr)
+def test_bad_deadlines_and_step_limits_are_refused(
+    make_retrier: MakeRetrier, limit: Any
+) -> None:
+    from workflow import WorkflowContext
+
+    f = Flows(make_retrier)
+
+    @f.retrier.action
+    def act() -> None: ...
+
+    @f.workflows.define
+    async def flow(ctx: WorkflowContext, limit: Any = None) -> None:
+        await ctx.step("act", act, timeout=limit)
+
+    with pytest.raises(InvalidSettings, match="timeout"):
+        f.workflows.start(flow, timeout=limit)
+    assert f.workflows.list() == []
+    assert count_runs(f.retrier) == 0
+    wf_id = f.workflows.start(flow, {"limit": limit if not isinstance(limit, float) else None})
+    drain(f.retrier)
+    status = f.workflows.status(wf_id)
+    if isinstance(limit, float):
+        return
+    assert isinstance(status, Completed) and isinstance(status.result, Failed)
+    assert "InvalidSettings" in status.result.error and "timeout" in status.result.error
+
+
+def test_a_driver_that_runs_after_the_deadline_runs_no_step(make_retrier: MakeRetrier) -> None:
+    from workflow import WorkflowContext
+
+    f = Flows(make_retrier)
+    steps = Calls()
+
+    @f.retrier.action
+    def step() -> None:
+        steps.add(1)
+
+    @f.workflows.define
+    async def late(ctx: WorkflowContext) -> None:
+        await ctx.step("step", step)
+
+    wf_id = f.workflows.start(late, timeout=60)
+    f.later(120)  # no worker until after the deadline: its first driver comes too late
+    status = f.workflows.status(wf_id)
+    assert isinstance(status, Completed) and isinstance(status.result, Failed)
+    assert status.result.error.startswith(DEADLINE_ERROR)
+    assert steps.items == []

@@ -122,6 +122,7 @@ class WorkflowContext:
         args: dict[str, Any] | None = None,
         *,
         retry: bool | RetryBehavior | None = None,
+        timeout: timedelta | float | None = None,
     ) -> Awaitable[Any]:
         """Run a registered action as a checkpointed step in the manager's pool.
 
@@ -130,7 +131,9 @@ class WorkflowContext:
         uses the pool's default `RetryBehavior`, False makes one attempt, a
         `RetryBehavior` sets its own; None follows the pool's
         `retry_actions_by_default`. A step that exhausts its attempts raises
-        `StepFailed` here.
+        `StepFailed` here. `timeout` limits each attempt (a timedelta or seconds;
+        default: the action's registered `timeout`, else the pool's
+        `default_timeout`); an attempt past it fails and is retried like any failure.
         """
         full, position, entry = self._call(name, STEP)
         _check_retry(retry)
@@ -151,6 +154,8 @@ class WorkflowContext:
             policy=self._driver.policy_for(retry),
             queue=self._driver.pool_name,
             owner=self.workflow_id,
+            timeout=timeout,
+            default_timeout_ms=self._driver.default_timeout_ms,
         )
         row = self._entry_row(full, position, STEP, RUNNING, fn=reg.name, run_id=new.id)
         return self._spawn(self._run_step(full, position, row, new, reg.decode_result))

@@ -7,11 +7,10 @@ without a driver to consume it.
 
 from __future__ import annotations
 
-import builtins
 import contextlib
 import uuid
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
 
@@ -23,7 +22,7 @@ from retrier.engine import CANCELED as RUN_CANCELED
 from retrier.engine import FAILED as RUN_FAILED
 from retrier.engine import RUNNING as RUN_RUNNING
 from retrier.engine import SUCCESS as RUN_SUCCESS
-from retrier.engine import Claimed, NewRun, OwnedRun, Store
+from retrier.engine import Claimed, NewRun, OwnedRun, Store, format_limit, ms_to_datetime
 
 from ._errors import WorkflowNotFinished, WorkflowNotFound
 from ._events import Events
@@ -51,12 +50,18 @@ def driver_name(pool: str) -> str:
     return f"tiers.workflow.drive:{pool}"
 
 
-def driver_run(workflow_id: str, pool: str, due_ms: int) -> NewRun:
-    """A run of the workflow's driver, due at `due_ms`, in the unlimited driver queue."""
+def deadline_name(pool: str) -> str:
+    """The engine action that fails a workflow (of `pool`) at its deadline."""
+    return f"tiers.workflow.deadline:{pool}"
+
+
+def driver_run(workflow_id: str, pool: str, due_ms: int, fn: str | None = None) -> NewRun:
+    """A run of the workflow's driver (or of another action of the workflow tier,
+    `fn`), due at `due_ms`, in the unlimited driver queue."""
     p = DRIVER_POLICY
     return NewRun(
         id=uuid.uuid4().hex,
-        fn=driver_name(pool),
+        fn=driver_name(pool) if fn is None else fn,
         args={"workflow_id": workflow_id},
         due_ms=due_ms,
         initial_backoff_ms=p.initial_backoff_ms,
@@ -72,8 +77,53 @@ def driver_run(workflow_id: str, pool: str, due_ms: int) -> NewRun:
 _STEP_STATE = {RUN_SUCCESS: COMPLETED, RUN_FAILED: FAILED, RUN_CANCELED: CANCELED}
 
 
+def completion_run(row: Any, now_ms: int) -> NewRun | None:
+    """The run that delivers a finished workflow's on_complete (its id is the
+    workflow's, so the handler gets the workflow id); None without one."""
+    if row.on_complete is None:
+        return None
+    return NewRun(
+        id=row.id,
+        fn=result_action_name(row.name),
+        args={},
+        due_ms=now_ms,
+        initial_backoff_ms=250,
+        base=2,
+        max_failures=1,
+        jitter=False,
+        max_backoff_ms=60_000,
+        queue=DRIVER_QUEUE,
+        on_complete=row.on_complete,
+        context=row.context,
+    )
+
+
+def result_action_name(workflow: str) -> str:
+    """The engine action standing for a workflow's result (it types its on_complete)."""
+    return f"tiers.workflow.result:{workflow}"
+
+
 class Conflict(Exception):
     """Another driver of the same workflow wrote this journal entry first."""
+
+
+@dataclass(slots=True)
+class Stopped:
+    """What ending a workflow early did (`Journal.cancel`, `Journal.expire`)."""
+
+    ended: bool
+    children: list[str] = field(default_factory=list)  # running: to be canceled too
+    run_ids: list[str] = field(default_factory=list)  # its unfinished runs to cancel
+    early_ms: int = 0  # expire: how far ahead its deadline still is
+    row: Any = None  # the workflow's locked row (id, name, pool, ...), once ended
+    error: str | None = None  # why it failed, if it did
+
+
+def deadline_error(deadline_ms: int, created_ms: int) -> str:
+    """The error of a workflow failed by its deadline: the limit and the time."""
+    when = ms_to_datetime(deadline_ms).isoformat(timespec="milliseconds")
+    limit = format_limit(max(1, deadline_ms - created_ms))
+    return f"DeadlineExceeded: the workflow ran past its deadline ({limit} after its start, {when})"
 
 
 class Unsettled(Exception):
@@ -149,6 +199,8 @@ _LOCK_WORKFLOW = select(
     workflows_t.c.on_complete,
     workflows_t.c.context,
     workflows_t.c.name,
+    workflows_t.c.pool,
+    workflows_t.c.deadline_ms,
 ).where(workflows_t.c.id == bindparam("wf"))
 
 
@@ -280,7 +332,11 @@ class Journal:
             if found is not None:
                 return str(found)
         conn.execute(_INSERT_WORKFLOW, [row])
-        self.store.insert_runs([driver_run(row["id"], row["pool"], row["created_ms"])], conn)
+        first = [driver_run(row["id"], row["pool"], row["created_ms"])]
+        deadline = row.get("deadline_ms")
+        if deadline is not None:  # a run that fails it then, whatever it is doing
+            first.append(driver_run(row["id"], row["pool"], deadline, deadline_name(row["pool"])))
+        self.store.insert_runs(first, conn)
         return str(row["id"])
 
     # -- steps -----------------------------------------------------------------------
@@ -437,9 +493,7 @@ class Journal:
             self._end(conn, row, state, result, error, completion)
             return True
 
-    def cancel(
-        self, workflow_id: str, completion: Callable[[Any], NewRun | None], driver_fn: str
-    ) -> tuple[bool, builtins.list[str], builtins.list[str]]:
+    def cancel(self, workflow_id: str, completion: Callable[[Any], NewRun | None]) -> Stopped:
         """Mark a running workflow canceled. Returns whether it was, its running
         children, and its unfinished runs (steps, and drivers not running) to cancel."""
         with self.dialect.write() as conn:
@@ -447,18 +501,49 @@ class Journal:
             if row is None:
                 raise WorkflowNotFound(workflow_id)
             if row.state != RUNNING:
-                return False, [], []
-            self._end(conn, row, CANCELED, None, None, completion)
-            children = list(
-                conn.execute(
-                    select(workflows_t.c.id).where(
-                        workflows_t.c.parent_id == workflow_id, workflows_t.c.state == RUNNING
-                    )
-                ).scalars()
-            )
-            owned = self.store.unfinished_of(conn, workflow_id)
-        run_ids = [r.id for r in owned if not (r.fn == driver_fn and r.state == RUN_RUNNING)]
-        return True, children, run_ids
+                return Stopped(False)
+            return self._stop(conn, row, CANCELED, None, completion)
+
+    def expire(self, workflow_id: str, completion: Callable[[Any], NewRun | None]) -> Stopped:
+        """Fail a running workflow whose deadline has passed, naming the deadline.
+        Returns as `cancel` does (its children and runs are to be canceled); when its
+        deadline is still ahead (a clock behind the one that set it), `Stopped.early`
+        is how many milliseconds."""
+        with self.dialect.write() as conn:
+            row = self._lock(conn, workflow_id)
+            if row is None or row.state != RUNNING or row.deadline_ms is None:
+                return Stopped(False)
+            early = row.deadline_ms - self.clock.now_ms()
+            if early > 0:
+                return Stopped(False, early_ms=early)
+            created = conn.execute(
+                select(workflows_t.c.created_ms).where(workflows_t.c.id == workflow_id)
+            ).scalar_one()
+            error = deadline_error(row.deadline_ms, created)
+            return self._stop(conn, row, FAILED, error, completion)
+
+    def _stop(
+        self,
+        conn: Connection,
+        row: Any,
+        state: str,
+        error: str | None,
+        completion: Callable[[Any], NewRun | None],
+    ) -> Stopped:
+        self._end(conn, row, state, None, error, completion)
+        children = list(
+            conn.execute(
+                select(workflows_t.c.id).where(
+                    workflows_t.c.parent_id == row.id, workflows_t.c.state == RUNNING
+                )
+            ).scalars()
+        )
+        owned = self.store.unfinished_of(conn, row.id)
+        # Not the running driver (it ends when it next writes) nor the deadline's run
+        # (which may be the caller).
+        spared = (driver_name(row.pool), deadline_name(row.pool))
+        run_ids = [r.id for r in owned if not (r.fn in spared and r.state == RUN_RUNNING)]
+        return Stopped(True, children, run_ids, row=row, error=error)
 
     def _end(
         self,
@@ -475,6 +560,8 @@ class Journal:
             .where(workflows_t.c.id == row.id)
             .values(state=state, result=result, error=error, finished_ms=now)
         )
+        if row.deadline_ms is not None:  # its deadline's run is moot now
+            self.store.delete_pending_of(conn, row.id, deadline_name(row.pool))
         new = completion(row)
         if new is not None:
             outcome = {COMPLETED: RUN_SUCCESS, FAILED: RUN_FAILED, CANCELED: RUN_CANCELED}[state]

@@ -7,7 +7,7 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from functools import partial
 from typing import Any, TypeVar, overload
 
@@ -28,12 +28,14 @@ from retrier import (
     WaitTimeout,
 )
 from retrier.engine import (
+    MAX_AHEAD,
     MAX_NAME,
     Changes,
     Why,
     check_flag,
     check_json,
     check_name,
+    check_timeout,
     ms_to_datetime,
     poll_until,
     poll_until_async,
@@ -132,6 +134,7 @@ class WorkflowManager:
             self._listeners,
             default_retry_behavior or RetryBehavior(),
             retry_steps_by_default,
+            pool.default_timeout_ms,
         )
         self._journal = self._driver.journal
         self.retrier.use_migrations(MIGRATIONS)
@@ -171,18 +174,25 @@ class WorkflowManager:
         context: Any = None,
         key: str | None = None,
         session: Session | None = None,
+        timeout: timedelta | float | None = None,
     ) -> str:
         """Start a workflow; returns its id. With `key`, a workflow already started with
         that key is not started again: its id comes back. `on_complete` (a registered
         `@retrier.on_complete` handler) runs exactly once with the workflow's id, its
-        result and `context`. With `session=`, it starts only if the caller commits."""
+        result and `context`. With `session=`, it starts only if the caller commits.
+
+        `timeout` (a timedelta or seconds, above 0 and at most 100 years) sets a
+        deadline: a workflow still running then fails ("DeadlineExceeded: ..."), even
+        while it sleeps or waits; its on_complete gets `Failed`, its unfinished steps
+        and child workflows are canceled."""
         d = self._defs.get(workflow)
         stored = d.validate_args(args)
         if key is not None:
             check_name(key, "key")
         if context is not None:
             check_json(context, "the context", InvalidArguments)
-        return self._start(d, stored, on_complete, context, key, session)
+        timeout_ms = None if timeout is None else check_timeout(timeout, "timeout", MAX_AHEAD)
+        return self._start(d, stored, on_complete, context, key, session, timeout_ms=timeout_ms)
 
     def _start(
         self,
@@ -193,6 +203,7 @@ class WorkflowManager:
         key: str | None,
         session: Session | None,
         retrigger_of: str | None = None,
+        timeout_ms: int | None = None,
     ) -> str:
         handler = None
         if on_complete is not None:
@@ -205,6 +216,7 @@ class WorkflowManager:
             context=context,
             key=key,
             retrigger_of=retrigger_of,
+            timeout_ms=timeout_ms,
         )
         if session is None:
             workflow_id = self._journal.create(row)
@@ -215,12 +227,21 @@ class WorkflowManager:
         return workflow_id
 
     def retrigger(self, workflow_id: str) -> str:
-        """Start a fresh run of a workflow with the same input, on_complete and context;
-        returns the new id. The original stays as it is."""
+        """Start a fresh run of a workflow with the same input, on_complete, context and
+        `timeout` (counted from the new start); returns the new id. The original stays
+        as it is."""
         row = self._journal.get(workflow_id)
         d = self._defs.get(row.name)
+        timeout_ms = None if row.deadline_ms is None else row.deadline_ms - row.created_ms
         return self._start(
-            d, row.args, row.on_complete, row.context, None, None, retrigger_of=workflow_id
+            d,
+            row.args,
+            row.on_complete,
+            row.context,
+            None,
+            None,
+            retrigger_of=workflow_id,
+            timeout_ms=timeout_ms,
         )
 
     # -- status ------------------------------------------------------------------------

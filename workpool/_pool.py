@@ -77,7 +77,8 @@ class Workpool:
     ) -> None:
         self.retrier = retrier
         self.default_timeout = default_timeout
-        default_timeout_ms = (
+        # In milliseconds, checked (a workflow's steps in this pool use it too).
+        self.default_timeout_ms = (
             None
             if default_timeout is None
             else check_timeout(default_timeout, "default_timeout", MAX_ATTEMPT_TIMEOUT)
@@ -99,7 +100,7 @@ class Workpool:
             name,
             retry_actions_by_default,
             self.default_retry_behavior,
-            default_timeout_ms,
+            self.default_timeout_ms,
         )
         if retrier.store.get_queue(name) != self._limits:
             self._store_limits(self._limits)
