@@ -528,3 +528,34 @@ def test_a_driver_that_runs_after_the_deadline_runs_no_step(make_retrier: MakeRe
     assert isinstance(status, Completed) and isinstance(status.result, Failed)
     assert status.result.error.startswith(DEADLINE_ERROR)
     assert steps.items == []
+
+
+# -- the docs ---------------------------------------------------------------------------------
+
+
+def test_the_docs_example_runs_as_written(tmp_path: Any) -> None:
+    import os
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    doc = (root / "docs" / "retrier.md").read_text()
+    section = doc.split("## Timeouts", 1)[1]
+    code = re.search(r"```python\n(.*?)```", section, re.S)
+    assert code is not None
+    done = subprocess.run(
+        [sys.executable, "-c", code.group(1)],
+        cwd=tmp_path,
+        env={**os.environ, "TIERS_LOG_LEVEL": "ERROR", "PYTHONPATH": str(root)},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == [
+        "Failed(error='AttemptTimeout: attempt exceeded 500 ms', kind='failed')",
+        "Success(value=1.0, kind='success')",
+    ]
