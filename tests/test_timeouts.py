@@ -559,3 +559,41 @@ def test_the_docs_example_runs_as_written(tmp_path: Any) -> None:
         "Failed(error='AttemptTimeout: attempt exceeded 500 ms', kind='failed')",
         "Success(value=1.0, kind='success')",
     ]
+
+
+def test_a_canceled_workflow_leaves_no_deadline_behind(make_retrier: MakeRetrier) -> None:
+    from workflow import WorkflowContext
+
+    f = Flows(make_retrier)
+
+    @f.workflows.define
+    async def naps(ctx: WorkflowContext) -> None:
+        await ctx.sleep("nap", timedelta(hours=1))
+
+    wf_id = f.workflows.start(naps, timeout=60, on_complete=f.on_complete)
+    drain(f.retrier)
+    f.workflows.cancel(wf_id)
+    assert f.pending_runs("tiers.workflow.deadline") == 0
+    f.later(120)
+    assert f.workflows.status(wf_id) == Completed(Canceled())
+    assert f.ended.items == [Canceled()]
+
+
+def test_a_deadline_run_that_comes_early_is_handed_back(make_retrier: MakeRetrier) -> None:
+    from retrier import HandBack
+    from workflow import WorkflowContext
+
+    f = Flows(make_retrier)
+
+    @f.workflows.define
+    async def naps(ctx: WorkflowContext) -> None:
+        await ctx.sleep("nap", timedelta(hours=1))
+
+    wf_id = f.workflows.start(naps, timeout=60)
+    drain(f.retrier)
+    f.clock.advance(30)  # a worker whose clock is 30 s behind the starter's
+    driver = f.workflows._driver
+    with pytest.raises(HandBack) as caught:
+        anyio.run(driver.deadline, wf_id)
+    assert caught.value.seconds == 30
+    assert f.workflows.status(wf_id) == InProgress()
