@@ -597,3 +597,19 @@ def test_a_deadline_run_that_comes_early_is_handed_back(make_retrier: MakeRetrie
         anyio.run(driver.deadline, wf_id)
     assert caught.value.seconds == 30
     assert f.workflows.status(wf_id) == InProgress()
+
+
+def test_runs_show_tells_the_limit(retrier: Retrier, db_url: str) -> None:
+    from click.testing import CliRunner
+
+    from retrier._cli import main
+
+    @retrier.action
+    def act() -> None: ...
+
+    limited = retrier.run(act, timeout=90)
+    free = retrier.run(act)
+    shown = CliRunner().invoke(main, ["--db", db_url, "runs", "show", limited])
+    assert shown.exit_code == 0 and "90 s an attempt" in shown.output
+    shown = CliRunner().invoke(main, ["--db", db_url, "runs", "show", free])
+    assert shown.exit_code == 0 and "an attempt" not in shown.output
