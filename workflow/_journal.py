@@ -201,6 +201,7 @@ _LOCK_WORKFLOW = select(
     workflows_t.c.name,
     workflows_t.c.pool,
     workflows_t.c.deadline_ms,
+    workflows_t.c.created_ms,
 ).where(workflows_t.c.id == bindparam("wf"))
 
 
@@ -507,7 +508,7 @@ class Journal:
     def expire(self, workflow_id: str, completion: Callable[[Any], NewRun | None]) -> Stopped:
         """Fail a running workflow whose deadline has passed, naming the deadline.
         Returns as `cancel` does (its children and runs are to be canceled); when its
-        deadline is still ahead (a clock behind the one that set it), `Stopped.early`
+        deadline is still ahead (a clock behind the one that set it), `Stopped.early_ms`
         is how many milliseconds."""
         with self.dialect.write() as conn:
             row = self._lock(conn, workflow_id)
@@ -516,10 +517,7 @@ class Journal:
             early = row.deadline_ms - self.clock.now_ms()
             if early > 0:
                 return Stopped(False, early_ms=early)
-            created = conn.execute(
-                select(workflows_t.c.created_ms).where(workflows_t.c.id == workflow_id)
-            ).scalar_one()
-            error = deadline_error(row.deadline_ms, created)
+            error = deadline_error(row.deadline_ms, row.created_ms)
             return self._stop(conn, row, FAILED, error, completion)
 
     def _stop(
