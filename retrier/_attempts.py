@@ -6,8 +6,9 @@ whatever happened turned into an `Outcome` for the store to record.
 from __future__ import annotations
 
 import logging
+import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from functools import partial
 from typing import Any
 
@@ -18,7 +19,7 @@ import pydantic
 from ._checks import format_limit
 from ._clock import to_ms
 from ._errors import HandBack, NonRetryableError, RetryAfter, UnregisteredFunction, describe
-from ._registry import Registered, Registry, ResultNotSerializable
+from ._registry import Registry, ResultNotSerializable
 from ._run_types import Claimed, Outcome
 from ._stored_json import unreadable
 
@@ -27,6 +28,9 @@ log = logging.getLogger("tiers.worker")
 # A failed attempt's traceback is kept up to this many characters (its last ones: the
 # frames nearest the error, and the error itself).
 TRACEBACK_CHARS = 8_000
+# A run claimed ahead of its start waits at most this long (a claim is made at most a
+# few milliseconds ahead; a clock that jumped must not hold a run back).
+_MAX_AHEAD_MS = 50
 
 
 async def attempt(
@@ -73,8 +77,14 @@ async def attempt(
         kwargs = reg.decode_args(c.args)
     except pydantic.ValidationError as exc:
         return outcome("fatal", error=f"CorruptRun: the stored args do not fit {c.fn!r}: {exc}")
+    # A claim made just ahead of a due time stamps the run as started then: wait for it.
+    ahead_s = 0.0 if now_ms is None else min(c.started_ms - now_ms(), _MAX_AHEAD_MS) / 1000
     try:
-        value = await _call(reg, kwargs, c.timeout_ms, limiter, going_async)
+        call = partial(reg.fn, **kwargs)
+        if reg.is_async:
+            value = await _call_async(call, c.timeout_ms, ahead_s, going_async)
+        else:
+            value = await _call_sync(call, c.timeout_ms, ahead_s, limiter)
         result = reg.encode_result(value)
     except AttemptTimeout as exc:
         return outcome("failure", error=describe(exc))
@@ -101,31 +111,47 @@ class AttemptTimeout(Exception):
         super().__init__(f"attempt exceeded {format_limit(timeout_ms)}{detail}")
 
 
-async def _call(
-    reg: Registered,
-    kwargs: dict[str, Any],
+async def _call_async(
+    call: Callable[[], Awaitable[Any]],
     timeout_ms: int | None,
-    limiter: anyio.CapacityLimiter,
+    ahead_s: float,
     going_async: Callable[[], None],
 ) -> Any:
-    """Call the action; raise `AttemptTimeout` once it has run `timeout_ms`.
-
-    Past the limit an `async def` is cancelled; a `def` cannot be stopped (Python has
-    no way to kill a thread), so the attempt stops waiting for it: its thread runs on
-    and its eventual result is discarded, and the worker's slot is free at once."""
+    """Await an `async def` action at its stamped start; past `timeout_ms` (counted
+    from then) its task is cancelled and `AttemptTimeout` raised."""
+    if ahead_s > 0:
+        await anyio.sleep(ahead_s)
+    going_async()
     if timeout_ms is None:
-        if reg.is_async:
-            going_async()
-            return await reg.fn(**kwargs)
-        return await anyio.to_thread.run_sync(partial(reg.fn, **kwargs), limiter=limiter)
+        return await call()
     with anyio.move_on_after(timeout_ms / 1000):
-        if reg.is_async:
-            going_async()
-            return await reg.fn(**kwargs)
-        return await anyio.to_thread.run_sync(
-            partial(reg.fn, **kwargs), limiter=limiter, abandon_on_cancel=True
-        )
-    raise AttemptTimeout(timeout_ms, abandoned=not reg.is_async)
+        return await call()
+    raise AttemptTimeout(timeout_ms, abandoned=False)
+
+
+async def _call_sync(
+    call: Callable[[], Any],
+    timeout_ms: int | None,
+    ahead_s: float,
+    limiter: anyio.CapacityLimiter,
+) -> Any:
+    """Run a `def` action on a thread at its stamped start. Python cannot stop a
+    thread: past `timeout_ms` the attempt stops waiting for it (its thread runs on, its
+    eventual result is discarded, the worker's slot is free at once) and raises
+    `AttemptTimeout`."""
+    if ahead_s > 0:  # in the thread: its sleep ends closer to the time than the loop's
+        call = partial(_call_at, time.perf_counter() + ahead_s, call)
+    if timeout_ms is None:
+        return await anyio.to_thread.run_sync(call, limiter=limiter)
+    with anyio.move_on_after(timeout_ms / 1000 + ahead_s):
+        return await anyio.to_thread.run_sync(call, limiter=limiter, abandon_on_cancel=True)
+    raise AttemptTimeout(timeout_ms, abandoned=True)
+
+
+def _call_at(when: float, call: Callable[[], Any]) -> Any:
+    """`call()` at `when` (`time.perf_counter()`), on this thread."""
+    time.sleep(max(0.0, when - time.perf_counter()))
+    return call()
 
 
 def handler_in_txn(registry: Registry, name: str | None) -> bool:
