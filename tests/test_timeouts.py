@@ -613,3 +613,28 @@ def test_runs_show_tells_the_limit(retrier: Retrier, db_url: str) -> None:
     assert shown.exit_code == 0 and "90 s an attempt" in shown.output
     shown = CliRunner().invoke(main, ["--db", db_url, "runs", "show", free])
     assert shown.exit_code == 0 and "an attempt" not in shown.output
+
+
+def test_a_child_past_its_deadline_fails_its_invoke(make_retrier: MakeRetrier) -> None:
+    from workflow import StepFailed, WorkflowContext
+
+    f = Flows(make_retrier)
+
+    @f.workflows.define
+    async def naps(ctx: WorkflowContext) -> None:
+        await ctx.sleep("nap", timedelta(hours=1))
+
+    @f.workflows.define
+    async def parent(ctx: WorkflowContext) -> str:
+        try:
+            await ctx.invoke("child", naps, {}, timeout=60)
+        except StepFailed as exc:
+            return str(exc)
+        return "in time"
+
+    wf_id = f.workflows.start(parent)
+    drain(f.retrier)
+    f.later(60)
+    status = f.workflows.status(wf_id)
+    assert isinstance(status, Completed) and isinstance(status.result, Success)
+    assert status.result.value.startswith(f"step 'child[0]' failed: {DEADLINE_ERROR}")
