@@ -414,6 +414,9 @@ def test_a_workflow_that_ends_in_time_leaves_no_deadline_behind(
         return 7
 
     wf_id = f.workflows.start(quick, timeout=60)
+    (info,) = f.workflows.list()
+    assert info.deadline is not None
+    assert info.deadline == f.clock.now() + timedelta(seconds=60)
     drain(f.retrier)
     assert f.pending_runs("tiers.workflow.deadline") == 1
     f.later(10)

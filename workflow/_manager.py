@@ -69,6 +69,7 @@ class WorkflowInfo:
     parent_id: str | None
     created: datetime
     finished: datetime | None
+    deadline: datetime | None = None  # when it fails if still running (`timeout=`)
 
 
 @dataclass(frozen=True, slots=True)
@@ -417,6 +418,7 @@ def workflow_info(r: WorkflowRow) -> WorkflowInfo:
         parent_id=r.parent_id,
         created=ms_to_datetime(r.created_ms),
         finished=None if r.finished_ms is None else ms_to_datetime(r.finished_ms),
+        deadline=None if r.deadline_ms is None else ms_to_datetime(r.deadline_ms),
     )
 
 
