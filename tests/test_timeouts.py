@@ -458,9 +458,11 @@ def test_a_deadline_cancels_the_step_running_when_it_passes(make_retrier: MakeRe
     retrier = make_retrier()  # real time: the step runs inline in the driver meanwhile
     workflows = WorkflowManager(Workpool(retrier, "steps"))
     cancelled = threading.Event()
+    started = threading.Event()
 
     @retrier.action
     async def hangs() -> None:
+        started.set()
         try:
             await anyio.sleep(3600)
         except anyio.get_cancelled_exc_class():
@@ -472,12 +474,13 @@ def test_a_deadline_cancels_the_step_running_when_it_passes(make_retrier: MakeRe
         await ctx.step("hangs", hangs)
 
     with retrier:
-        wf_id = workflows.start(stuck, timeout=0.3)
+        wf_id = workflows.start(stuck, timeout=1)  # room for the step to start first
+        assert started.wait(10)
         status = workflows.wait(wf_id, timeout=10)
         assert cancelled.wait(10)
     assert isinstance(status.result, Failed)
     assert status.result.error.startswith(
-        "DeadlineExceeded: the workflow ran past its deadline (300 ms after its start"
+        "DeadlineExceeded: the workflow ran past its deadline (1 s after its start"
     )
     (step,) = workflows.steps(wf_id)
     assert step.state == "canceled"
