@@ -3,15 +3,24 @@ cancel one, send an event. `WorkflowManager.cancel` and the dashboard share `can
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from retrier.engine import Store
 
 from ._context import _check_event
+from ._driver import completion_run
 from ._journal import Journal
-from ._stopping import cancel
+from ._stopping import cancel as cancel_with
 
-__all__ = ["cancel", "cancel_stored", "send_event_stored"]
+
+def cancel(journal: Journal, workflow_id: str, cancel_run: Callable[[str], Any]) -> bool:
+    """Cancel a running workflow and, through `cancel_run`, its unfinished runs, then
+    its running children; False if it had already ended. Raises `WorkflowNotFound`."""
+    clock = journal.clock
+    return cancel_with(
+        journal, workflow_id, cancel_run, lambda row: completion_run(row, clock.now_ms())
+    )
 
 
 def cancel_stored(store: Store, workflow_id: str) -> bool:

@@ -23,19 +23,10 @@ from retrier.engine import describe_error as describe
 from ._context import Interrupted, Suspend, WorkflowContext, step_failed_event
 from ._definitions import Definitions
 from ._errors import UnregisteredWorkflow
-from ._journal import (
-    Journal,
-    Unsettled,
-    completion_run,
-    deadline_name,
-    driver_name,
-    result_action_name,
-)
+from ._journal import DRIVER_QUEUE, Journal, Unsettled, deadline_name, driver_name
 from ._listeners import Listeners, WorkflowEvent
 from ._models import COMPLETED, FAILED, RUNNING, WorkflowRow
 from ._stopping import expire
-
-__all__ = ["Driver", "completion_run", "result_action_name"]
 
 log = logging.getLogger("tiers.workflow")
 
@@ -249,7 +240,7 @@ class Driver:
         """The action due at a workflow's deadline: fail it if it is still running
         (its on_complete gets `Failed`), cancel its unfinished steps and children."""
         stopped = await anyio.to_thread.run_sync(
-            expire, self.journal, workflow_id, self.retrier.cancel
+            expire, self.journal, workflow_id, self.retrier.cancel, self.completion
         )
         if stopped.early_ms > 0:  # this clock is behind the one that set it
             raise HandBack(stopped.early_ms / 1000, "the workflow's deadline is still ahead")
@@ -287,3 +278,29 @@ class Driver:
 
     def step_failed(self, workflow: WorkflowRow, step: str, error: str | None) -> None:
         self.listeners.emit(step_failed_event(workflow, step, error))
+
+
+def completion_run(row: Any, now_ms: int) -> NewRun | None:
+    """The run that delivers a finished workflow's on_complete (its id is the
+    workflow's, so the handler gets the workflow id); None without one."""
+    if row.on_complete is None:
+        return None
+    return NewRun(
+        id=row.id,
+        fn=result_action_name(row.name),
+        args={},
+        due_ms=now_ms,
+        initial_backoff_ms=250,
+        base=2,
+        max_failures=1,
+        jitter=False,
+        max_backoff_ms=60_000,
+        queue=DRIVER_QUEUE,
+        on_complete=row.on_complete,
+        context=row.context,
+    )
+
+
+def result_action_name(workflow: str) -> str:
+    """The engine action standing for a workflow's result (it types its on_complete)."""
+    return f"tiers.workflow.result:{workflow}"

@@ -77,32 +77,6 @@ def driver_run(workflow_id: str, pool: str, due_ms: int, fn: str | None = None) 
 _STEP_STATE = {RUN_SUCCESS: COMPLETED, RUN_FAILED: FAILED, RUN_CANCELED: CANCELED}
 
 
-def completion_run(row: Any, now_ms: int) -> NewRun | None:
-    """The run that delivers a finished workflow's on_complete (its id is the
-    workflow's, so the handler gets the workflow id); None without one."""
-    if row.on_complete is None:
-        return None
-    return NewRun(
-        id=row.id,
-        fn=result_action_name(row.name),
-        args={},
-        due_ms=now_ms,
-        initial_backoff_ms=250,
-        base=2,
-        max_failures=1,
-        jitter=False,
-        max_backoff_ms=60_000,
-        queue=DRIVER_QUEUE,
-        on_complete=row.on_complete,
-        context=row.context,
-    )
-
-
-def result_action_name(workflow: str) -> str:
-    """The engine action standing for a workflow's result (it types its on_complete)."""
-    return f"tiers.workflow.result:{workflow}"
-
-
 class Conflict(Exception):
     """Another driver of the same workflow wrote this journal entry first."""
 

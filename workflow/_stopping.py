@@ -8,33 +8,43 @@ from collections.abc import Callable
 from typing import Any
 
 from retrier import RunNotFound
+from retrier.engine import NewRun
 
-from ._journal import Journal, Stopped, completion_run
+from ._journal import Journal, Stopped
+
+Completion = Callable[[Any], NewRun | None]
+"""The run that delivers an ended workflow's on_complete (`Driver.completion`)."""
 
 
-def cancel(journal: Journal, workflow_id: str, cancel_run: Callable[[str], Any]) -> bool:
+def cancel(
+    journal: Journal,
+    workflow_id: str,
+    cancel_run: Callable[[str], Any],
+    completion: Completion,
+) -> bool:
     """Cancel a running workflow and, through `cancel_run`, its unfinished runs, then
     its running children; False if it had already ended. Raises `WorkflowNotFound`."""
-    stopped = journal.cancel(workflow_id, partial_completion(journal))
-    _cancel_rest(journal, stopped, cancel_run)
+    stopped = journal.cancel(workflow_id, completion)
+    _cancel_rest(journal, stopped, cancel_run, completion)
     return stopped.ended
 
 
-def expire(journal: Journal, workflow_id: str, cancel_run: Callable[[str], Any]) -> Stopped:
+def expire(
+    journal: Journal,
+    workflow_id: str,
+    cancel_run: Callable[[str], Any],
+    completion: Completion,
+) -> Stopped:
     """Fail a running workflow past its deadline, then cancel what it leaves running
     (as `cancel` does). Blocking."""
-    stopped = journal.expire(workflow_id, partial_completion(journal))
-    _cancel_rest(journal, stopped, cancel_run)
+    stopped = journal.expire(workflow_id, completion)
+    _cancel_rest(journal, stopped, cancel_run, completion)
     return stopped
 
 
-def partial_completion(journal: Journal) -> Callable[[Any], Any]:
-    """The run that delivers an ended workflow's on_complete, stamped now."""
-    clock = journal.clock
-    return lambda row: completion_run(row, clock.now_ms())
-
-
-def _cancel_rest(journal: Journal, stopped: Stopped, cancel_run: Callable[[str], Any]) -> None:
+def _cancel_rest(
+    journal: Journal, stopped: Stopped, cancel_run: Callable[[str], Any], completion: Completion
+) -> None:
     if not stopped.ended:
         return
     for run_id in stopped.run_ids:
@@ -43,4 +53,4 @@ def _cancel_rest(journal: Journal, stopped: Stopped, cancel_run: Callable[[str],
         except RunNotFound:
             pass
     for child in stopped.children:
-        cancel(journal, child, cancel_run)
+        cancel(journal, child, cancel_run, completion)
