@@ -15,12 +15,14 @@ from ._errors import (
     HandBack,
     InvalidArguments,
     InvalidDatabaseURL,
+    InvalidSchedule,
     InvalidSettings,
     NonRetryableError,
     RetryAfter,
     RunNotFinished,
     RunNotFound,
     RunNotRetryable,
+    ScheduleNotFound,
     SchemaMissing,
     SchemaTooNew,
     TiersError,
@@ -39,6 +41,7 @@ from ._results import (
     Success,
 )
 from ._retrier import Retrier
+from ._schedules import Schedule
 from ._worker import Worker
 
 __all__ = [
@@ -54,6 +57,7 @@ __all__ = [
     "InProgress",
     "InvalidArguments",
     "InvalidDatabaseURL",
+    "InvalidSchedule",
     "InvalidSettings",
     "NonRetryableError",
     "Retrier",
@@ -64,6 +68,8 @@ __all__ = [
     "RunNotRetryable",
     "RunResult",
     "RunStatus",
+    "Schedule",
+    "ScheduleNotFound",
     "SchemaMissing",
     "SchemaTooNew",
     "Success",

@@ -140,7 +140,7 @@ def test_an_apps_own_alembic_history_is_left_alone(db_url: str) -> None:
             conn.execute(sa.text("INSERT INTO alembic_version VALUES ('app_0007')"))
             applied = upgrade(conn)
         assert applied == [
-            "engine_0001", "engine_0002", "engine_0003", "engine_0005",
+            "engine_0001", "engine_0002", "engine_0003", "engine_0004", "engine_0005",
             "workflow_0001", "workflow_0002", "workflow_0003",
         ]
         with engine.connect() as conn:
@@ -158,7 +158,7 @@ def test_the_db_commands(db_url: str, tmp_path: Any) -> None:
     cli = CliRunner()
     upgraded = cli.invoke(main, ["--db", db_url, "db", "upgrade"])
     assert upgraded.exit_code == 0, upgraded.output
-    assert "applied engine_0001" in upgraded.output and "7 migration(s)" in upgraded.output
+    assert "applied engine_0001" in upgraded.output and "8 migration(s)" in upgraded.output
     again = cli.invoke(main, ["--db", db_url, "db", "upgrade"])
     assert again.exit_code == 0 and "up to date" in again.output
     current = cli.invoke(main, ["--db", db_url, "db", "current"])

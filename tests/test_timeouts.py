@@ -644,3 +644,41 @@ def test_a_child_past_its_deadline_fails_its_invoke(make_retrier: MakeRetrier) -
     status = f.workflows.status(wf_id)
     assert isinstance(status, Completed) and isinstance(status.result, Success)
     assert status.result.value.startswith(f"step 'child[0]' failed: {DEADLINE_ERROR}")
+
+
+# -- cron schedules -------------------------------------------------------------------------
+
+
+def test_scheduled_runs_keep_their_limit(make_retrier: MakeRetrier) -> None:
+    from retrier.testing import run_for
+    from workpool import Workpool
+
+    retrier = make_retrier(clock=FakeClock())
+    pool = Workpool(retrier, "ticks", default_timeout=9)
+
+    @retrier.action(timeout=5)
+    def registered() -> None: ...
+
+    @retrier.action
+    def plain() -> None: ...
+
+    retrier.schedule("by-registration", registered, cron="* * * * *")
+    retrier.schedule("by-schedule", plain, cron="* * * * *", timeout=2)
+    pool.schedule("by-pool", plain, cron="* * * * *")
+    pool.schedule("by-item", plain, cron="* * * * *", timeout=timedelta(seconds=3))
+    run_for(retrier, timedelta(minutes=1, seconds=1))
+    with retrier.engine.connect() as conn:
+        rows = conn.execute(text("SELECT fn, queue, timeout_ms FROM tiers_runs")).all()
+    assert sorted((r.queue, r.fn, r.timeout_ms) for r in rows) == [
+        ("", "plain", 2000),
+        ("", "registered", 5000),
+        ("ticks", "plain", 3000),
+        ("ticks", "plain", 9000),
+    ]
+    with pytest.raises(InvalidSettings, match="timeout"):
+        retrier.schedule("bad", plain, cron="* * * * *", timeout=0)
+    with pytest.raises(InvalidSettings, match="timeout"):
+        pool.schedule("bad", plain, cron="* * * * *", timeout=-1)
+    assert {s.name for s in retrier.schedules()} == {
+        "by-registration", "by-schedule", "by-pool", "by-item"
+    }

@@ -98,7 +98,8 @@ def upgrade(db_url: str, clock: FakeClock) -> None:
         migrations = Migrations()
         applied = store.migrate(migrations, list(migrations.branches))
         assert applied == [
-            "engine_0002", "engine_0003", "engine_0005", "workflow_0002", "workflow_0003"
+            "engine_0002", "engine_0003", "engine_0004", "engine_0005",
+            "workflow_0002", "workflow_0003",
         ], applied
         with store.dialect.read() as conn:
             assert migrations.current(conn) == {"engine_0005", "workflow_0003"}

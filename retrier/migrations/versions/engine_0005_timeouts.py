@@ -5,7 +5,7 @@ version stays 2 (a release that does not know the column still reads and writes 
 table correctly; it just does not enforce the limit).
 
 Revision ID: engine_0005
-Revises: engine_0003
+Revises: engine_0004
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision = "engine_0005"
-down_revision = "engine_0003"
+down_revision = "engine_0004"
 branch_labels = None
 depends_on = None
 
