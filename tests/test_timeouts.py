@@ -682,3 +682,25 @@ def test_scheduled_runs_keep_their_limit(make_retrier: MakeRetrier) -> None:
     assert {s.name for s in retrier.schedules()} == {
         "by-registration", "by-schedule", "by-pool", "by-item"
     }
+
+
+def test_scheduled_workflows_get_their_deadline(make_retrier: MakeRetrier) -> None:
+    from retrier.testing import run_for
+    from workflow import WorkflowContext
+
+    f = Flows(make_retrier)
+
+    @f.workflows.define
+    async def naps(ctx: WorkflowContext) -> None:
+        await ctx.sleep("nap", timedelta(hours=1))
+
+    with pytest.raises(InvalidSettings, match="timeout"):
+        f.workflows.schedule("bad", naps, cron="* * * * *", timeout=True)
+    f.workflows.schedule("every-minute", naps, cron="* * * * *", timeout=90)
+    run_for(f.retrier, timedelta(minutes=1, seconds=1))
+    (first,) = f.workflows.list()
+    assert first.deadline == first.created + timedelta(seconds=90)
+    run_for(f.retrier, timedelta(seconds=90))
+    status = f.workflows.status(first.id)
+    assert isinstance(status, Completed) and isinstance(status.result, Failed)
+    assert "past its deadline (90 s after its start" in status.result.error

@@ -243,9 +243,11 @@ class WorkflowManager:
         missed: str = "latest",
         on_complete: Callable[..., Any] | str | None = None,
         context: Any = None,
+        timeout: timedelta | float | None = None,
     ) -> Schedule:
         """Start `workflow` with `args` at every tick of `cron` in `timezone`, once per
-        tick across every worker; returns the stored schedule.
+        tick across every worker; returns the stored schedule. `timeout` gives each
+        workflow it starts a deadline, as `start(..., timeout=)` does.
 
         The schedule works as `Retrier.schedule` says (declared again: updated; a
         missed tick: as `missed` says; `retrier.unschedule(name)` deletes it). Each
@@ -270,6 +272,8 @@ class WorkflowManager:
             "on_complete": handler,
             "context": context,
         }
+        if timeout is not None:  # only then: a schedule without one suits older workers
+            start_args["timeout_ms"] = check_timeout(timeout, "timeout", MAX_AHEAD)
         run = self.retrier.prepare(_START_PREFIX + self.pool.name, start_args)
         spec = schedule_spec(
             name, "workflow", run, cron=cron, timezone=timezone, missed=missed,
@@ -285,11 +289,13 @@ class WorkflowManager:
         on_complete: str | None = None,
         context: Any = None,
         tick_ms: int = 0,
+        timeout_ms: int | None = None,
     ) -> str:
         """A schedule's tick: start the workflow once for this tick (its key)."""
         return self.start(
             workflow, args, on_complete=on_complete, context=context,
             key=f"schedule:{schedule}:{tick_ms}",
+            timeout=None if timeout_ms is None else timedelta(milliseconds=timeout_ms),
         )
 
     def retrigger(self, workflow_id: str) -> str:
