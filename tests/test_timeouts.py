@@ -704,3 +704,29 @@ def test_scheduled_workflows_get_their_deadline(make_retrier: MakeRetrier) -> No
     status = f.workflows.status(first.id)
     assert isinstance(status, Completed) and isinstance(status.result, Failed)
     assert "past its deadline (90 s after its start" in status.result.error
+
+
+def test_a_restart_gets_a_fresh_deadline_of_the_same_length(make_retrier: MakeRetrier) -> None:
+    from workflow import WorkflowContext
+
+    f = Flows(make_retrier)
+
+    @f.workflows.define
+    async def naps(ctx: WorkflowContext) -> None:
+        await ctx.sleep("nap", timedelta(hours=1))
+
+    wf_id = f.workflows.start(naps, timeout=60)
+    drain(f.retrier)
+    f.later(61)
+    assert isinstance(f.workflows.status(wf_id), Completed)
+    f.workflows.restart(wf_id, "nap")
+    drain(f.retrier)
+    (info,) = f.workflows.list()
+    assert info.deadline == f.clock.now() + timedelta(seconds=60)
+    f.later(59)
+    assert f.workflows.status(wf_id) == InProgress()
+    f.later(1)
+    status = f.workflows.status(wf_id)
+    assert isinstance(status, Completed) and isinstance(status.result, Failed)
+    # The error counts from the workflow's first start (121 s), which a restart keeps.
+    assert status.result.error.startswith("DeadlineExceeded: the workflow ran past its deadline")

@@ -13,11 +13,14 @@ See docs/workflow.md for every option and the determinism rules.
 
 from __future__ import annotations
 
+from ._check import CheckProblem, CheckReport
 from ._context import WorkflowContext
 from ._errors import (
+    CannotRestart,
     InvalidEvent,
     InvalidWorkflow,
     StepFailed,
+    StepNotFound,
     UnregisteredWorkflow,
     WorkflowDiverged,
     WorkflowNotFinished,
@@ -27,10 +30,14 @@ from ._listeners import WorkflowEvent
 from ._manager import StepInfo, WorkflowInfo, WorkflowManager
 
 __all__ = [
+    "CannotRestart",
+    "CheckProblem",
+    "CheckReport",
     "InvalidEvent",
     "InvalidWorkflow",
     "StepFailed",
     "StepInfo",
+    "StepNotFound",
     "UnregisteredWorkflow",
     "WorkflowContext",
     "WorkflowDiverged",

@@ -1,5 +1,5 @@
 """The workflow tier's dashboard pages: workflows, and one workflow with its journal as
-a timeline, what it waits for, cancel and send an event. Loaded through the
+a timeline, what it waits for, cancel, restart from a step and send an event. Loaded through the
 `tiers.dashboard` entry point (needs the `dashboard` extra)."""
 
 from __future__ import annotations
@@ -16,10 +16,10 @@ from starlette.routing import Route
 
 from retrier.dashboard import Dashboard, Section, timeline
 
-from ._admin import cancel_stored, send_event_stored
+from ._admin import cancel_stored, restart_stored, send_event_stored
 from ._errors import InvalidEvent, WorkflowNotFound
 from ._journal import Journal
-from ._models import EVENT, INVOKE, RUNNING, SLEEP, WAITING
+from ._models import EVENT, INVOKE, PATCH, RUNNING, SLEEP, WAITING
 
 STATES = ("running", "completed", "failed", "canceled")
 DRIVER_PREFIX = "tiers.workflow.drive:"
@@ -33,7 +33,8 @@ def section(dash: Dashboard) -> Section:
         row = journal.get(workflow_id)
         steps = [dict(s) for s in journal.steps(workflow_id)]
         waits = [_waiting_for(s) for s in steps if s["state"] == WAITING]
-        return {"wf": row, "steps": steps, "waits": waits}
+        restartable = [s["name"] for s in steps if s["kind"] != PATCH]
+        return {"wf": row, "steps": steps, "waits": waits, "restartable": restartable}
 
     async def workflow_list(request: Request) -> Response:
         q = request.query_params
@@ -71,6 +72,16 @@ def section(dash: Dashboard) -> Section:
 
         return await dash.act(request, f"/workflows/{workflow_id}", work)
 
+    async def restart(request: Request) -> Response:
+        workflow_id = request.path_params["workflow_id"]
+
+        def work(form: FormData) -> str:
+            step = str(form.get("step", "")).strip()
+            done = restart_stored(store, workflow_id, step)
+            return f"restarted from {step} ({len(done.deleted)} journal entries to run again)"
+
+        return await dash.act(request, f"/workflows/{workflow_id}", work)
+
     def send(form: FormData) -> str:
         name = str(form.get("name", "")).strip()
         raw = str(form.get("data", "") or "{}")
@@ -100,6 +111,7 @@ def section(dash: Dashboard) -> Section:
             Route("/workflows/events", send_any, methods=["POST"]),
             Route("/workflows/{workflow_id}", workflow_page),
             Route("/workflows/{workflow_id}/cancel", cancel, methods=["POST"]),
+            Route("/workflows/{workflow_id}/restart", restart, methods=["POST"]),
             Route("/workflows/{workflow_id}/events", send_to, methods=["POST"]),
         ],
         templates=Path(__file__).parent / "templates",

@@ -151,6 +151,8 @@ _SETTLE_STEP = (
         steps_t.c.workflow_id == bindparam("b_wf"),
         steps_t.c.name == bindparam("b_name"),
         steps_t.c.state == RUNNING,
+        # A restarted workflow may journal the step again: only its own run settles it.
+        steps_t.c.run_id == bindparam("b_run"),
     )
     .values(  # bind names differ from column names, which UPDATE reserves
         state=bindparam("b_state"),
@@ -307,12 +309,15 @@ class Journal:
             if found is not None:
                 return str(found)
         conn.execute(_INSERT_WORKFLOW, [row])
-        first = [driver_run(row["id"], row["pool"], row["created_ms"])]
-        deadline = row.get("deadline_ms")
-        if deadline is not None:  # a run that fails it then, whatever it is doing
-            first.append(driver_run(row["id"], row["pool"], deadline, deadline_name(row["pool"])))
-        self.store.insert_runs(first, conn)
+        self.store.insert_runs([driver_run(row["id"], row["pool"], row["created_ms"])], conn)
+        if row.get("deadline_ms") is not None:
+            self.arm_deadline(conn, row["id"], row["pool"], row["deadline_ms"])
         return str(row["id"])
+
+    def arm_deadline(self, conn: Connection, workflow_id: str, pool: str, at_ms: int) -> None:
+        """Store the run that fails the workflow at `at_ms` if it still runs then,
+        whatever it is doing (it holds nothing until then)."""
+        self.store.insert_runs([driver_run(workflow_id, pool, at_ms, deadline_name(pool))], conn)
 
     # -- steps -----------------------------------------------------------------------
 
@@ -362,6 +367,7 @@ class Journal:
             {
                 "b_wf": workflow_id,
                 "b_name": name,
+                "b_run": run_id,
                 "b_state": state,
                 "b_result": result,
                 "b_error": error,
@@ -582,6 +588,10 @@ class Journal:
                 yield conn
         except IntegrityError as exc:
             raise Conflict(str(exc)) from None
+
+    def lock(self, conn: Connection, workflow_id: str) -> Any:
+        """Lock a workflow's row for this transaction; the row (a few columns) or None."""
+        return self._lock(conn, workflow_id)
 
     def _lock(self, conn: Connection, workflow_id: str) -> Any:
         return conn.execute(self._lock_workflow, {"wf": workflow_id}).first()
