@@ -1,6 +1,6 @@
 """One attempt of an action: arguments decoded, the function called (a thread for a
-`def`, a task for an `async def`), the result encoded, and whatever happened turned
-into an `Outcome` for the store to record.
+`def`, a task for an `async def`) within the run's time limit, the result encoded, and
+whatever happened turned into an `Outcome` for the store to record.
 """
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ from __future__ import annotations
 import logging
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from functools import partial
 from typing import Any
 
@@ -17,6 +17,7 @@ import anyio.from_thread
 import anyio.to_thread
 import pydantic
 
+from ._checks import format_limit
 from ._clock import to_ms
 from ._errors import HandBack, NonRetryableError, RetryAfter, UnregisteredFunction, describe
 from ._registry import Registry, ResultNotSerializable
@@ -80,17 +81,14 @@ async def attempt(
     # A claim made just ahead of a due time stamps the run as started then: wait for it.
     ahead_s = 0.0 if now_ms is None else min(c.started_ms - now_ms(), _MAX_AHEAD_MS) / 1000
     try:
+        call = partial(reg.fn, **kwargs)
         if reg.is_async:
-            if ahead_s > 0:
-                await anyio.sleep(ahead_s)
-            going_async()
-            value = await reg.fn(**kwargs)
+            value = await _call_async(call, c.timeout_ms, ahead_s, going_async)
         else:
-            call = partial(reg.fn, **kwargs)
-            if ahead_s > 0:  # in the thread: its sleep ends closer to the time than the loop's
-                call = partial(_call_at, time.perf_counter() + ahead_s, call)
-            value = await anyio.to_thread.run_sync(call, limiter=limiter)
+            value = await _call_sync(call, c.timeout_ms, ahead_s, limiter)
         result = reg.encode_result(value)
+    except AttemptTimeout as exc:
+        return outcome("failure", error=describe(exc))
     except (NonRetryableError, ResultNotSerializable) as exc:
         return outcome("fatal", error=describe(exc), traceback=traceback_of(exc))
     except RetryAfter as exc:
@@ -101,6 +99,54 @@ async def attempt(
         # Logged once recorded, when it is known whether the run will be retried.
         return outcome("failure", error=describe(exc), traceback=traceback_of(exc))
     return outcome("success", result=result)
+
+
+class AttemptTimeout(Exception):
+    """An attempt ran past its run's time limit (stored as its error)."""
+
+    def __init__(self, timeout_ms: int, abandoned: bool) -> None:
+        detail = (
+            "; its thread was abandoned (the function may still be running), its result "
+            "will be discarded" if abandoned else ""
+        )
+        super().__init__(f"attempt exceeded {format_limit(timeout_ms)}{detail}")
+
+
+async def _call_async(
+    call: Callable[[], Awaitable[Any]],
+    timeout_ms: int | None,
+    ahead_s: float,
+    going_async: Callable[[], None],
+) -> Any:
+    """Await an `async def` action at its stamped start; past `timeout_ms` (counted
+    from then) its task is cancelled and `AttemptTimeout` raised."""
+    if ahead_s > 0:
+        await anyio.sleep(ahead_s)
+    going_async()
+    if timeout_ms is None:
+        return await call()
+    with anyio.move_on_after(timeout_ms / 1000):
+        return await call()
+    raise AttemptTimeout(timeout_ms, abandoned=False)
+
+
+async def _call_sync(
+    call: Callable[[], Any],
+    timeout_ms: int | None,
+    ahead_s: float,
+    limiter: anyio.CapacityLimiter,
+) -> Any:
+    """Run a `def` action on a thread at its stamped start. Python cannot stop a
+    thread: past `timeout_ms` the attempt stops waiting for it (its thread runs on, its
+    eventual result is discarded, the worker's slot is free at once) and raises
+    `AttemptTimeout`."""
+    if ahead_s > 0:  # in the thread: its sleep ends closer to the time than the loop's
+        call = partial(_call_at, time.perf_counter() + ahead_s, call)
+    if timeout_ms is None:
+        return await anyio.to_thread.run_sync(call, limiter=limiter)
+    with anyio.move_on_after(timeout_ms / 1000 + ahead_s):
+        return await anyio.to_thread.run_sync(call, limiter=limiter, abandon_on_cancel=True)
+    raise AttemptTimeout(timeout_ms, abandoned=True)
 
 
 def _call_at(when: float, call: Callable[[], Any]) -> Any:

@@ -50,6 +50,48 @@ def check_duration(value: Any, what: str, low: timedelta, high: timedelta) -> ti
     return value
 
 
+def check_timeout(value: Any, what: str, most: timedelta) -> int:
+    """A time limit (a timedelta or a real number of seconds, not a bool) in whole
+    milliseconds: more than zero, at most `most`. Zero is refused rather than read as
+    "no limit" (leave the option out, or pass None, for that)."""
+    if isinstance(value, timedelta):
+        ms = value / _ONE_MS
+    elif isinstance(value, numbers.Real) and not isinstance(value, bool):
+        try:
+            ms = float(value) * 1000
+        except OverflowError:  # an int too large for a float
+            ms = math.inf
+    else:
+        raise InvalidSettings(
+            f"{what} needs a timedelta or a number of seconds, got {value!r}"
+        )
+    most_ms = most / _ONE_MS
+    if not 0.5 <= ms <= most_ms:  # NaN fails this too
+        hint = " (seconds, not milliseconds?)" if 1 <= ms / 1000 <= most_ms else ""
+        raise InvalidSettings(
+            f"{what} needs a time limit above 0 and at most {_span(most)} (a timedelta, "
+            f"or seconds), got {value!r}{hint}"
+        )
+    return round(ms)
+
+
+def format_limit(ms: int) -> str:
+    """A time limit as people write it: "30 s", "1.5 s", "250 ms", "2 h"."""
+    if ms < 1000:
+        return f"{ms} ms"
+    seconds = ms / 1000
+    for unit, size in (("day", 86_400), ("h", 3600), ("min", 60)):
+        if seconds >= size and seconds % size == 0:
+            count = seconds // size
+            plural = "s" if unit == "day" and count != 1 else ""
+            return f"{count:g} {unit}{plural}"
+    return f"{seconds:g} s"
+
+
+def _span(limit: timedelta) -> str:
+    return format_limit(round(limit / _ONE_MS))
+
+
 def check_name(
     value: Any,
     what: str,
@@ -89,3 +131,8 @@ def check_worker_settings(
 
 
 _CENTURY = timedelta(days=36_525)
+_ONE_MS = timedelta(milliseconds=1)
+
+MAX_ATTEMPT_TIMEOUT = timedelta(days=7)
+"""The longest time limit an attempt may have (a longer one is a mistake: seconds
+read as milliseconds, or a limit meant for a whole workflow)."""

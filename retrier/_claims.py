@@ -141,7 +141,7 @@ _START_DELIVERIES = (
 # The claim as one server-side call, where the dialect has one (PostgreSQL); run with
 # the driver's own parameters (no SQLAlchemy compilation on the hot path).
 _SERVER_CLAIM = (
-    "SELECT * FROM tiers_claim_v3(%(worker)s, %(limit)s, %(lease_ms)s, %(now)s, %(any_fn)s,"
+    "SELECT * FROM tiers_claim_v4(%(worker)s, %(limit)s, %(lease_ms)s, %(now)s, %(any_fn)s,"
     " %(fns)s::text[], %(handlers)s::text[])"
 )
 
@@ -282,6 +282,7 @@ class Claims:
                 started_ms=now,
                 trace=r.trace,
                 due_ms=r.due_ms,
+                timeout_ms=r.timeout_ms,
             )
             for r in chosen
         ]
@@ -296,7 +297,7 @@ class Claims:
         runnable: Runnable,
         at_ms: int | None = None,
     ) -> tuple[list[Claimed], int | None]:
-        """The same claim, as one call of the server's `tiers_claim_v3` (see `_pg_claim`)."""
+        """The same claim, as one call of the server's `tiers_claim_v4` (see `_pg_claim`)."""
         now = self.clock.now_ms()
         params = {
             "worker": worker,
@@ -330,6 +331,7 @@ class Claims:
                     started_ms=r.wake_ms,
                     trace=r.trace,
                     due_ms=r.due_ms,
+                    timeout_ms=r.timeout_ms,
                 )
             )
         return claimed, wake_at

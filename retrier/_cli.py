@@ -25,6 +25,7 @@ from rich.markup import escape
 from rich.table import Column, Table
 from sqlalchemy.engine import URL, make_url
 
+from ._checks import format_limit
 from ._clock import SystemClock, ms_to_datetime
 from ._dberrors import DRIVER_ERRORS, translate
 from ._dialects import is_transient, open_dialect
@@ -326,6 +327,7 @@ def runs_show(obj: Context, run_id: str) -> None:
         ("error", row.error or ""), ("queue", row.queue or "(retrier)"),
         ("idempotency key", row.idempotency_key or ""), ("debounce key", row.debounce_key or ""),
         ("attempts", str(row.attempts)), ("failures", f"{row.failures} of {row.max_failures}"),
+        ("timeout", "" if row.timeout_ms is None else f"{format_limit(row.timeout_ms)} an attempt"),
         ("next due", format_ms(row.due_ms) if row.state == "pending" else ""),
         ("on_complete", row.on_complete or ""), ("handler error", row.handler_error or ""),
         ("created", format_ms(row.created_ms)), ("finished", format_ms(row.finished_ms)),

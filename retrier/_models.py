@@ -95,6 +95,8 @@ class RunRow(SQLModel, table=True):
     # Calls with the same debounce key (and queue and function) collapse into this
     # run while it has not started.
     debounce_key: str | None = Field(default=None, max_length=400)
+    # How long one attempt may run (None: no limit); past it, the attempt fails.
+    timeout_ms: int | None = Field(default=None, sa_type=BigInteger)
 
 
 _runs = RunRow.__table__  # type: ignore[attr-defined]

@@ -9,12 +9,13 @@ first due runs up to its free slots, and the due on_complete deliveries, in due 
 then priority; lease them; and say when to look again. `tests/test_claims.py` runs the
 same claim scenarios against both implementations.
 
-It is `tiers_claim_v3` since it takes each queue's runs in its claim order (priority
+It is `tiers_claim_v4` since it takes each queue's runs in its claim order (priority
 with aging, keys taking turns: `_claim_order`; engine_0007) through
 `tiers_claim_queue_v3`, and each key's run through `tiers_take_key_v3` (keys' own
-caps, rate limits per key); an older
-release, still running beside this one in a rolling deploy, keeps its
-`tiers_claim_v2` (and a still older one its `tiers_claim`), which stay in place.
+caps, rate limits per key), and returns each run's attempt timeout (engine_0008): a
+function's result columns cannot change in place, and an older release, still
+running beside this one in a rolling deploy, keeps its `tiers_claim_v2` (and a
+still older one its `tiers_claim`), which stay in place.
 """
 
 from __future__ import annotations
@@ -156,14 +157,14 @@ $fn$
 
 
 CLAIM_FUNCTION = r"""
-CREATE OR REPLACE FUNCTION tiers_claim_v3(
+CREATE OR REPLACE FUNCTION tiers_claim_v4(
     p_worker text, p_limit integer, p_lease_ms bigint, p_now bigint,
     p_any_fn boolean, p_fns text[], p_handlers text[]
 ) RETURNS TABLE (
     kind text, id varchar, fn varchar, args json, state varchar, fence integer,
     attempts integer, failures integer, queue varchar, owner varchar,
     on_complete varchar, context json, outcome varchar, result json, error varchar,
-    wake_ms bigint, trace varchar, due_ms bigint
+    wake_ms bigint, trace varchar, due_ms bigint, timeout_ms bigint
 ) LANGUAGE plpgsql VOLATILE AS $fn$
 #variable_conflict use_column
 DECLARE
@@ -536,7 +537,7 @@ BEGIN
     )
     SELECT 'run'::text, l.id, l.fn, l.args, l.state, l.fence, l.attempts, l.failures,
            l.queue, l.owner, l.on_complete, l.context, l.outcome, l.result, l.error, v_now,
-           l.trace, l.due_ms
+           l.trace, l.due_ms, l.timeout_ms
       FROM leased l ORDER BY array_position(v_chosen, l.id::text);
 
     -- 6. When to look again: the next due run, or when a rate window reopens.
@@ -550,7 +551,7 @@ BEGIN
     RETURN QUERY SELECT 'wake'::text, NULL::varchar, NULL::varchar, NULL::json,
         NULL::varchar, NULL::integer, NULL::integer, NULL::integer, NULL::varchar,
         NULL::varchar, NULL::varchar, NULL::json, NULL::varchar, NULL::json,
-        NULL::varchar, v_rate_retry, NULL::varchar, NULL::bigint;
+        NULL::varchar, v_rate_retry, NULL::varchar, NULL::bigint, NULL::bigint;
 END
 $fn$
 """

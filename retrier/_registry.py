@@ -6,17 +6,19 @@ here, so a row can never make a worker import or call anything else.
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import typing
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
 import pydantic
 from pydantic import BaseModel, ConfigDict, TypeAdapter
 from pydantic_core import PydanticSerializationError
 
-from ._checks import check_name
+from ._checks import MAX_ATTEMPT_TIMEOUT, check_name, check_timeout
 from ._errors import DuplicateRegistration, InvalidArguments, UnregisteredFunction
 from ._json import dumped_problem, json_problem, strict_hint
 from ._run_types import Runnable
@@ -54,6 +56,8 @@ class Registered:
     """The return type, in a 1-tuple: a model's own config cannot be overridden, but
     its enclosing type's can (see `_RESULT_CONFIG`)."""
     takes_session: bool
+    timeout_ms: int | None = None
+    """How long one attempt may run unless its run says otherwise (None: no limit)."""
 
     def validate_args(self, args: dict[str, Any] | None) -> dict[str, Any]:
         """Validate `args` against the signature; return their JSON form for storage.
@@ -155,6 +159,12 @@ def describe(fn: Fn, name: str, skip: int = 0) -> Registered:
     )
 
 
+def attempt_timeout_ms(timeout: timedelta | float) -> int:
+    """An attempt's time limit in milliseconds: above 0, at most `MAX_ATTEMPT_TIMEOUT`
+    (else `InvalidSettings`)."""
+    return check_timeout(timeout, "timeout", MAX_ATTEMPT_TIMEOUT)
+
+
 def return_hint(fn: Fn) -> Any:
     """The return annotation of `fn`, resolved (Any if it has none)."""
     return _type_hints(fn).get("return", Any)
@@ -184,11 +194,18 @@ class Registry:
         self.version = 0  # grows with every registration
         self._runnable = (-1, Runnable())  # (version, what it lets a worker run)
 
-    def add_action(self, fn: Fn, name: str | None = None) -> Registered:
+    def add_action(
+        self, fn: Fn, name: str | None = None, timeout: timedelta | float | None = None
+    ) -> Registered:
+        """Register `fn` as an action; `timeout` limits each attempt of its runs that
+        set no limit of their own (see `check_timeout`)."""
         name = check_name(
             default_name(fn) if name is None else name, "an action name (pass name=...)"
         )
+        timeout_ms = None if timeout is None else attempt_timeout_ms(timeout)
         reg = describe(fn, name)
+        if timeout_ms is not None:
+            reg = dataclasses.replace(reg, timeout_ms=timeout_ms)
         self._add(self._actions, reg, "action")
         return reg
 
@@ -222,6 +239,10 @@ class Registry:
 
     def _add(self, table: dict[str, Registered], reg: Registered, kind: str) -> None:
         existing = table.get(reg.name)
+        if existing is not None and existing.fn is reg.fn and existing.timeout_ms != reg.timeout_ms:
+            raise DuplicateRegistration(
+                f"{kind} {reg.name!r} is already registered with another timeout"
+            )
         if existing is not None and existing.fn is not reg.fn:
             raise DuplicateRegistration(
                 f"another {kind} is already registered as {reg.name!r}; "

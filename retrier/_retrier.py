@@ -26,7 +26,7 @@ from ._log import configure_logging
 from ._migrations import Branch, Migrations
 from ._models import CANCELED, FAILED, PENDING, RUNNING, SUCCESS, RunRow
 from ._policy import RetryPolicy
-from ._registry import Fn, Registry
+from ._registry import Fn, Registry, attempt_timeout_ms
 from ._results import Canceled, Completed, Failed, InProgress, RunResult, RunStatus, Success
 from ._run_types import NewRun
 from ._run_waits import all_completed, warn_if_no_worker, warn_when_unserved
@@ -185,16 +185,35 @@ class Retrier(Scheduling):
     @overload
     def action(self, fn: F, /) -> F: ...
     @overload
-    def action(self, fn: None = None, /, *, name: str | None = None) -> Callable[[F], F]: ...
-    def action(self, fn: F | None = None, /, *, name: str | None = None) -> F | Callable[[F], F]:
+    def action(
+        self,
+        fn: None = None,
+        /,
+        *,
+        name: str | None = None,
+        timeout: timedelta | float | None = None,
+    ) -> Callable[[F], F]: ...
+    def action(
+        self,
+        fn: F | None = None,
+        /,
+        *,
+        name: str | None = None,
+        timeout: timedelta | float | None = None,
+    ) -> F | Callable[[F], F]:
         """Register an action (a `def` or `async def`) under a stable name.
 
         The name defaults to the function's qualified name; pass `name=` to keep it
         stable across renames. Stored runs refer to actions by this name only.
+
+        `timeout` (a timedelta or seconds, above 0 and at most 7 days) limits each
+        attempt of the runs enqueued from now on that give no `timeout=` of their own:
+        an attempt past it fails ("attempt exceeded 30 s") and is retried by the
+        run's policy. See "Timeouts" in docs/retrier.md.
         """
 
         def register(f: F) -> F:
-            self.registry.add_action(f, name)
+            self.registry.add_action(f, name, timeout)
             return f
 
         return register(fn) if fn is not None else register
@@ -235,6 +254,7 @@ class Retrier(Scheduling):
         max_backoff: timedelta | None = None,
         idempotency_key: str | None = None,
         debounce: Debounce | None = None,
+        timeout: timedelta | float | None = None,
     ) -> str:
         """Start a durable run of a registered action now; returns its run id.
 
@@ -247,6 +267,8 @@ class Retrier(Scheduling):
         With `debounce=Debounce(key, period, max_wait)`, calls within `period` of each
         other collapse into one run with the latest args, which starts `period` after
         the last call (no later than `max_wait` after the first); all get its id.
+        `timeout` limits each attempt (a timedelta or seconds; default: the action's
+        registered `timeout`, else none).
         """
         policy = self.policy.with_overrides(
             initial_backoff_ms=initial_backoff_ms,
@@ -263,6 +285,7 @@ class Retrier(Scheduling):
             policy=policy,
             idempotency_key=idempotency_key,
             debounce=debounce,
+            timeout=timeout,
         )
         return self.submit([new], session=session)[0]
 
@@ -292,11 +315,12 @@ class Retrier(Scheduling):
         on_complete = options.pop("on_complete", None)
         context = options.pop("context", None)
         idempotency_key = options.pop("idempotency_key", None)
+        timeout = options.pop("timeout", None)
         unknown = options.keys() - _POLICY_OPTIONS
         if unknown:
             raise InvalidSettings(
                 f"unknown option(s) {sorted(unknown)}; expected session, on_complete, "
-                f"context, idempotency_key or some of {sorted(_POLICY_OPTIONS)}"
+                f"context, idempotency_key, timeout or some of {sorted(_POLICY_OPTIONS)}"
             )
         policy = self.policy.with_overrides(**options)
         new = self.prepare(
@@ -307,6 +331,7 @@ class Retrier(Scheduling):
             policy=policy,
             due_ms=due_ms,
             idempotency_key=idempotency_key,
+            timeout=timeout,
         )
         return self.submit([new], session=session)[0]
 
@@ -327,17 +352,25 @@ class Retrier(Scheduling):
         idempotency_key: str | None = None,
         debounce: Debounce | None = None,
         debounce_scope: str | None = None,
+        timeout: timedelta | float | None = None,
+        default_timeout_ms: int | None = None,
     ) -> NewRun:
         """Validate a run and build its row, writing nothing. For higher tiers.
 
         Raises `UnregisteredFunction` or `InvalidArguments` (arguments or a context that
         are not strict JSON included), or `InvalidSettings` (a bad idempotency key or
-        debounce) before anything is stored.
+        debounce, a bad `timeout`) before anything is stored. Each attempt's limit is
+        `timeout` if given, else the action's registered one, else `default_timeout_ms`
+        (a tier's default, already checked), else none.
         """
         check_idempotency_key(idempotency_key)
         check_debounce(debounce)
         check_once(idempotency_key, debounce)
         reg = self.registry.action(fn)
+        if timeout is not None:
+            timeout_ms: int | None = attempt_timeout_ms(timeout)
+        else:
+            timeout_ms = reg.timeout_ms if reg.timeout_ms is not None else default_timeout_ms
         stored_args = reg.validate_args(args)
         if context is not None:
             check_json(context, "the context", InvalidArguments)
@@ -362,6 +395,7 @@ class Retrier(Scheduling):
             idempotency_key=idempotency_key,
             debounce=debounce,
             debounce_scope=debounce_scope,
+            timeout_ms=timeout_ms,
         )
 
     def submit(self, new: Sequence[NewRun], *, session: Session | None = None) -> list[str]:

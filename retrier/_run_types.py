@@ -69,6 +69,7 @@ class NewRun:
     on_complete: str | None = None
     context: Any = None
     trace: str | None = None  # the enqueuing trace context (W3C traceparent)
+    timeout_ms: int | None = None  # how long one attempt may run (None: no limit)
     # Another run of the queue with this key already stored: its id is the answer.
     idempotency_key: str | None = None
     # Collapse into the pending run of (queue, fn, debounce key) when there is one.
@@ -109,6 +110,7 @@ class Claimed:
     started_ms: int
     trace: str | None = None  # the enqueuing trace context (W3C traceparent)
     due_ms: int | None = None  # when it was due (its enqueue, run_at or backoff's end)
+    timeout_ms: int | None = None  # how long this attempt may run (None: no limit)
 
 
 @dataclass(frozen=True, slots=True)

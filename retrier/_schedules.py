@@ -47,6 +47,7 @@ _RUN_OPTIONS = (
     "priority",
     "on_complete",
     "context",
+    "timeout_ms",
 )
 _DUE = (
     select(schedules_t)

@@ -74,6 +74,7 @@ class Scheduling:
         max_failures: int | None = None,
         jitter: bool | None = None,
         max_backoff: timedelta | None = None,
+        timeout: timedelta | float | None = None,
     ) -> Schedule:
         """Run `fn(**args)` at every tick of `cron` in `timezone`, once per tick across
         every worker sharing the database; returns the stored schedule.
@@ -87,8 +88,10 @@ class Scheduling:
         with seconds first, or `@hourly`, `@daily`, `@weekly`, `@monthly`, `@yearly`.
         `missed`: what ticks missed while no worker ran (more than a minute late) do:
         `"latest"` runs once for the latest of them, `"all"` runs each, `"none"`
-        skips them. Raises `InvalidSchedule` (an `InvalidSettings`), `UnregisteredFunction`
-        or `InvalidArguments` before anything is written.
+        skips them. `timeout` limits each attempt of each tick's run (default: the
+        action's registered `timeout`). Raises `InvalidSchedule` (an `InvalidSettings`),
+        `InvalidSettings`, `UnregisteredFunction` or `InvalidArguments` before anything
+        is written.
 
         >>> retrier.schedule("nightly-report", send_report, {"to": "ops@example.com"},
         ...                  cron="0 3 * * *", timezone="Europe/Paris")
@@ -100,7 +103,9 @@ class Scheduling:
             jitter=jitter,
             max_backoff=max_backoff,
         )
-        run = self.prepare(fn, args, on_complete=on_complete, context=context, policy=policy)
+        run = self.prepare(
+            fn, args, on_complete=on_complete, context=context, policy=policy, timeout=timeout
+        )
         spec = schedule_spec(name, "run", run, cron=cron, timezone=timezone, missed=missed)
         return self.declare_schedule(spec)
 

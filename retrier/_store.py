@@ -334,6 +334,7 @@ class Store:
             started_ms=now,
             trace=row["trace"],
             due_ms=now,
+            timeout_ms=new.timeout_ms,
         )
 
     def insert_finished(
@@ -483,6 +484,18 @@ class Store:
         """The pending and running runs `owner` owns, in the caller's transaction."""
         rows = conn.execute(_UNFINISHED_OF, {"owner": owner}).all()
         return [OwnedRun(r.id, r.fn, r.state) for r in rows]
+
+    def delete_pending_of(self, conn: Connection, owner: str, fn: str) -> int:
+        """Delete the pending runs of `fn` that `owner` owns, in the caller's
+        transaction (a run made moot, such as a finished workflow's deadline); runs
+        already running are left to finish. Returns how many."""
+        return int(
+            conn.execute(
+                delete(runs).where(
+                    runs.c.owner == owner, runs.c.fn == fn, in_state(PENDING)
+                )
+            ).rowcount
+        )
 
     def delete_completed(self, conn: Connection, run_id: str) -> str | None:
         """Delete a run and its attempts, in the caller's transaction, if it is

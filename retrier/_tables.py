@@ -61,6 +61,7 @@ CLAIM_COLUMNS = (
     runs.c.result,
     runs.c.error,
     runs.c.trace,
+    runs.c.timeout_ms,
 )
 
 
@@ -170,6 +171,7 @@ def new_row(r: NewRun, now: int) -> dict[str, Any]:
         "on_complete": r.on_complete,
         "context": r.context,
         "trace": r.trace,
+        "timeout_ms": r.timeout_ms,
         "created_ms": now,
         "attempts": 0,
         "failures": 0,

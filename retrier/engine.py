@@ -19,10 +19,17 @@ engine's commit together.
 
 from __future__ import annotations
 
-from ._checks import MAX_NAME, check_flag, check_name
+from ._checks import (
+    MAX_ATTEMPT_TIMEOUT,
+    MAX_NAME,
+    check_flag,
+    check_name,
+    check_timeout,
+    format_limit,
+)
 from ._cli import Context as CliContext
 from ._cli import console, format_ms, or_exit, print_listing, print_why, shorten
-from ._clock import delay_ms, due_ms, ms_to_datetime, to_ms
+from ._clock import MAX_AHEAD, delay_ms, due_ms, ms_to_datetime, to_ms
 from ._dialects import Dialect, is_transient, partial_index
 from ._errors import describe as describe_error
 from ._explain import Why
@@ -77,6 +84,8 @@ __all__ = [
     "DELIVERING",
     "FAILED",
     "FINISHING",
+    "MAX_AHEAD",
+    "MAX_ATTEMPT_TIMEOUT",
     "MAX_NAME",
     "PENDING",
     "RUNNING",
@@ -113,6 +122,7 @@ __all__ = [
     "check_json",
     "check_name",
     "check_once",
+    "check_timeout",
     "console",
     "current_worker",
     "default_name",
@@ -120,6 +130,7 @@ __all__ = [
     "describe_error",
     "describe_function",
     "due_ms",
+    "format_limit",
     "format_ms",
     "is_transient",
     "ms_to_datetime",

@@ -6,34 +6,23 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from retrier import RunNotFound
 from retrier.engine import Store
 
 from ._context import _check_event
 from ._driver import completion_run
-from ._journal import Journal, driver_name
+from ._journal import Journal
 from ._restart import Restarted
 from ._restart import restart as reset_and_cancel
+from ._stopping import cancel as cancel_with
 
 
 def cancel(journal: Journal, workflow_id: str, cancel_run: Callable[[str], Any]) -> bool:
     """Cancel a running workflow and, through `cancel_run`, its unfinished runs, then
     its running children; False if it had already ended. Raises `WorkflowNotFound`."""
-    pool = journal.get(workflow_id).pool
     clock = journal.clock
-    changed, children, run_ids = journal.cancel(
-        workflow_id, lambda row: completion_run(row, clock.now_ms()), driver_name(pool)
+    return cancel_with(
+        journal, workflow_id, cancel_run, lambda row: completion_run(row, clock.now_ms())
     )
-    if not changed:
-        return False
-    for run_id in run_ids:
-        try:
-            cancel_run(run_id)
-        except RunNotFound:
-            pass
-    for child in children:
-        cancel(journal, child, cancel_run)
-    return True
 
 
 def restart(

@@ -85,6 +85,7 @@ def show(obj: CliContext, workflow_id: str) -> None:
         ("retrigger of", row.retrigger_of or ""),
         ("on_complete", row.on_complete or ""),
         ("created", format_ms(row.created_ms)),
+        ("deadline", format_ms(row.deadline_ms)),
         ("finished", format_ms(row.finished_ms)),
     ]:
         info.add_row(name, value)

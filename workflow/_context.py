@@ -22,6 +22,7 @@ from sqlalchemy import Connection
 
 from retrier import InvalidArguments, InvalidSettings
 from retrier.engine import (
+    MAX_AHEAD,
     Delivery,
     Fn,
     NewRun,
@@ -29,6 +30,7 @@ from retrier.engine import (
     Worker,
     check_json,
     check_name,
+    check_timeout,
     delay_ms,
     due_ms,
     is_transient,
@@ -136,6 +138,7 @@ class WorkflowContext:
         args: dict[str, Any] | None = None,
         *,
         retry: bool | RetryBehavior | None = None,
+        timeout: timedelta | float | None = None,
     ) -> Awaitable[Any]:
         """Run a registered action as a checkpointed step in the manager's pool.
 
@@ -144,7 +147,9 @@ class WorkflowContext:
         uses the pool's default `RetryBehavior`, False makes one attempt, a
         `RetryBehavior` sets its own; None follows the pool's
         `retry_actions_by_default`. A step that exhausts its attempts raises
-        `StepFailed` here.
+        `StepFailed` here. `timeout` limits each attempt (a timedelta or seconds;
+        default: the action's registered `timeout`, else the pool's
+        `default_timeout`); an attempt past it fails and is retried like any failure.
         """
         full, position, entry = self._call(name, STEP)
         _check_retry(retry)
@@ -168,6 +173,8 @@ class WorkflowContext:
             policy=self._driver.policy_for(retry),
             queue=self._driver.pool_name,
             owner=self.workflow_id,
+            timeout=timeout,
+            default_timeout_ms=self._driver.default_timeout_ms,
         )
         row = self._entry_row(full, position, STEP, RUNNING, fn=reg.name, run_id=new.id)
         return self._spawn(self._run_step(full, position, row, new, reg.decode_result))
@@ -485,20 +492,32 @@ class WorkflowContext:
     # -- child workflows -------------------------------------------------------------------
 
     def invoke(
-        self, name: str, workflow: Any, args: dict[str, Any] | None = None
+        self,
+        name: str,
+        workflow: Any,
+        args: dict[str, Any] | None = None,
+        *,
+        timeout: timedelta | float | None = None,
     ) -> Awaitable[Any]:
         """Start a child workflow and wait (holding nothing) for its result.
 
-        A child that fails or is canceled raises `StepFailed` here.
+        A child that fails or is canceled raises `StepFailed` here. `timeout` gives
+        the child a deadline, as `WorkflowManager.start(..., timeout=)` does.
         """
         full, position, entry = self._call(name, INVOKE)
         child = self._driver.defs.get(workflow)
         if entry is not None:
             return self._replayed(full, entry, child.decode_result)
         stored = child.validate_args(args)
+        timeout_ms = None if timeout is None else check_timeout(timeout, "timeout", MAX_AHEAD)
         child_id = uuid.uuid4().hex
         child_row = self._driver.workflow_row(
-            child_id, child.name, stored, parent_id=self.workflow_id, parent_step=full
+            child_id,
+            child.name,
+            stored,
+            parent_id=self.workflow_id,
+            parent_step=full,
+            timeout_ms=timeout_ms,
         )
         row = self._entry_row(full, position, INVOKE, WAITING, fn=child.name, child_id=child_id)
         return self._spawn(self._invoke(row, child_row))

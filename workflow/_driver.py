@@ -14,6 +14,8 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+import anyio.to_thread
+
 from retrier import HandBack, Retrier, RetryPolicy
 from retrier.engine import NewRun, ResultNotSerializable, current_worker, to_ms
 from retrier.engine import describe_error as describe
@@ -21,9 +23,10 @@ from retrier.engine import describe_error as describe
 from ._context import Interrupted, Suspend, WorkflowContext, step_failed_event
 from ._definitions import Definitions
 from ._errors import UnregisteredWorkflow
-from ._journal import DRIVER_QUEUE, Journal, Unsettled, driver_name
+from ._journal import DRIVER_QUEUE, Journal, Unsettled, deadline_name, driver_name
 from ._listeners import Listeners, WorkflowEvent
 from ._models import COMPLETED, FAILED, RUNNING, WorkflowRow
+from ._stopping import expire
 
 log = logging.getLogger("tiers.workflow")
 
@@ -42,8 +45,10 @@ class Driver:
         listeners: Listeners,
         default_retry: Any,
         retry_by_default: bool,
+        default_timeout_ms: int | None = None,
     ) -> None:
         self.retrier = retrier
+        self.default_timeout_ms = default_timeout_ms  # of a step's attempts
         self.pool_name = pool_name
         self.defs = defs
         self.listeners = listeners
@@ -53,6 +58,7 @@ class Driver:
         self.step_handler = f"tiers.workflow.step_done:{pool_name}"
         self._policies: dict[Any, RetryPolicy] = {}
         retrier.registry.add_action(self.drive, name=self.drive_name)
+        retrier.registry.add_action(self.deadline, name=deadline_name(pool_name))
         retrier.registry.add_handler(self.step_done, name=self.step_handler)
         self.journal = Journal(retrier.store)
         # Runs a journal call (one transaction) from the driver's async code.
@@ -72,7 +78,9 @@ class Driver:
         parent_id: str | None = None,
         parent_step: str | None = None,
         retrigger_of: str | None = None,
+        timeout_ms: int | None = None,
     ) -> dict[str, Any]:
+        now = self.retrier.clock.now_ms()
         return {
             "id": workflow_id,
             "name": name,
@@ -85,7 +93,8 @@ class Driver:
             "retrigger_of": retrigger_of,
             "on_complete": on_complete,
             "context": context,
-            "created_ms": self.retrier.clock.now_ms(),
+            "created_ms": now,
+            "deadline_ms": None if timeout_ms is None else now + timeout_ms,
         }
 
     def completion(self, row: Any) -> NewRun | None:
@@ -119,6 +128,9 @@ class Driver:
         loaded = await self.store_call(self.journal.load, workflow_id)
         if loaded is None or loaded.workflow.state != RUNNING:
             return "idle"
+        deadline = loaded.workflow.deadline_ms
+        if deadline is not None and self.retrier.clock.now_ms() >= deadline:
+            return await self.deadline(workflow_id)  # it runs no further
         if not self.defs.has(loaded.workflow.name):
             await self._hand_back(loaded.workflow)  # or, past the grace, go on to fail it
         elif loaded.workflow.unrunnable_since_ms is not None:
@@ -225,6 +237,25 @@ class Driver:
         self.listeners.emit(WorkflowEvent(kind, wf.id, wf.name, error=error, result=result))
         return state
 
+    async def deadline(self, workflow_id: str) -> str:
+        """The action due at a workflow's deadline: fail it if it is still running
+        (its on_complete gets `Failed`), cancel its unfinished steps and children."""
+        stopped = await anyio.to_thread.run_sync(
+            expire, self.journal, workflow_id, self.retrier.cancel, self.completion
+        )
+        if stopped.early_ms > 0:  # this clock is behind the one that set it
+            raise HandBack(stopped.early_ms / 1000, "the workflow's deadline is still ahead")
+        if not stopped.ended:
+            return "over"
+        self.retrier.wake_workers()
+        row = stopped.row
+        log.info(
+            "workflow %s (%s) failed: %s", row.name, row.id, stopped.error,
+            extra={"workflow_id": row.id, "workflow": row.name, "state": FAILED},
+        )
+        self.listeners.emit(WorkflowEvent("run:fail", row.id, row.name, error=stopped.error))
+        return "expired"
+
     # -- a step's run is over -----------------------------------------------------------
 
     def step_done(self, run_id: str, result: Any, context: Any, session: Any) -> None:
@@ -274,4 +305,3 @@ def completion_run(row: Any, now_ms: int) -> NewRun | None:
 def result_action_name(workflow: str) -> str:
     """The engine action standing for a workflow's result (it types its on_complete)."""
     return f"tiers.workflow.result:{workflow}"
-

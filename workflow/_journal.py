@@ -7,12 +7,11 @@ without a driver to consume it.
 
 from __future__ import annotations
 
-import builtins
 import contextlib
 import dataclasses
 import uuid
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
 
@@ -24,7 +23,7 @@ from retrier.engine import CANCELED as RUN_CANCELED
 from retrier.engine import FAILED as RUN_FAILED
 from retrier.engine import RUNNING as RUN_RUNNING
 from retrier.engine import SUCCESS as RUN_SUCCESS
-from retrier.engine import Claimed, NewRun, OwnedRun, Store
+from retrier.engine import Claimed, NewRun, OwnedRun, Store, format_limit, ms_to_datetime
 
 from ._errors import WorkflowNotFinished, WorkflowNotFound
 from ._events import Events
@@ -52,12 +51,18 @@ def driver_name(pool: str) -> str:
     return f"tiers.workflow.drive:{pool}"
 
 
-def driver_run(workflow_id: str, pool: str, due_ms: int) -> NewRun:
-    """A run of the workflow's driver, due at `due_ms`, in the unlimited driver queue."""
+def deadline_name(pool: str) -> str:
+    """The engine action that fails a workflow (of `pool`) at its deadline."""
+    return f"tiers.workflow.deadline:{pool}"
+
+
+def driver_run(workflow_id: str, pool: str, due_ms: int, fn: str | None = None) -> NewRun:
+    """A run of the workflow's driver (or of another action of the workflow tier,
+    `fn`), due at `due_ms`, in the unlimited driver queue."""
     p = DRIVER_POLICY
     return NewRun(
         id=uuid.uuid4().hex,
-        fn=driver_name(pool),
+        fn=driver_name(pool) if fn is None else fn,
         args={"workflow_id": workflow_id},
         due_ms=due_ms,
         initial_backoff_ms=p.initial_backoff_ms,
@@ -75,6 +80,25 @@ _STEP_STATE = {RUN_SUCCESS: COMPLETED, RUN_FAILED: FAILED, RUN_CANCELED: CANCELE
 
 class Conflict(Exception):
     """Another driver of the same workflow wrote this journal entry first."""
+
+
+@dataclass(slots=True)
+class Stopped:
+    """What ending a workflow early did (`Journal.cancel`, `Journal.expire`)."""
+
+    ended: bool
+    children: list[str] = field(default_factory=list)  # running: to be canceled too
+    run_ids: list[str] = field(default_factory=list)  # its unfinished runs to cancel
+    early_ms: int = 0  # expire: how far ahead its deadline still is
+    row: Any = None  # the workflow's locked row (id, name, pool, ...), once ended
+    error: str | None = None  # why it failed, if it did
+
+
+def deadline_error(deadline_ms: int, created_ms: int) -> str:
+    """The error of a workflow failed by its deadline: the limit and the time."""
+    when = ms_to_datetime(deadline_ms).isoformat(timespec="milliseconds")
+    limit = format_limit(max(1, deadline_ms - created_ms))
+    return f"DeadlineExceeded: the workflow ran past its deadline ({limit} after its start, {when})"
 
 
 class Unsettled(Exception):
@@ -152,6 +176,9 @@ _LOCK_WORKFLOW = select(
     workflows_t.c.on_complete,
     workflows_t.c.context,
     workflows_t.c.name,
+    workflows_t.c.pool,
+    workflows_t.c.deadline_ms,
+    workflows_t.c.created_ms,
 ).where(workflows_t.c.id == bindparam("wf"))
 
 
@@ -294,6 +321,7 @@ class Journal:
                 )
                 return got.owner
             conn.execute(_INSERT_WORKFLOW, [row])
+            self._arm_new(conn, row)
             return str(row["id"])
         if row.get("key") is None:
             conn.execute(_INSERT_WORKFLOW, [row])
@@ -302,7 +330,13 @@ class Journal:
             if found is not None:
                 return found
         self.store.insert_runs([driver], conn)
+        self._arm_new(conn, row)
         return str(row["id"])
+
+    def _arm_new(self, conn: Connection, row: dict[str, Any]) -> None:
+        """A new workflow with a deadline: the run that fails it then (`arm_deadline`)."""
+        if row.get("deadline_ms") is not None:
+            self.arm_deadline(conn, row["id"], row["pool"], row["deadline_ms"])
 
     def _insert_once(self, conn: Connection, row: dict[str, Any]) -> str | None:
         """Insert a workflow with an idempotency key, unless one is stored with it:
@@ -316,6 +350,11 @@ class Journal:
             if found is not None:
                 return str(found)
         raise Conflict(f"idempotency key {row['key']!r} kept changing hands")
+
+    def arm_deadline(self, conn: Connection, workflow_id: str, pool: str, at_ms: int) -> None:
+        """Store the run that fails the workflow at `at_ms` if it still runs then,
+        whatever it is doing (it holds nothing until then)."""
+        self.store.insert_runs([driver_run(workflow_id, pool, at_ms, deadline_name(pool))], conn)
 
     # -- steps -----------------------------------------------------------------------
 
@@ -472,9 +511,7 @@ class Journal:
             self._end(conn, row, state, result, error, completion)
             return True
 
-    def cancel(
-        self, workflow_id: str, completion: Callable[[Any], NewRun | None], driver_fn: str
-    ) -> tuple[bool, builtins.list[str], builtins.list[str]]:
+    def cancel(self, workflow_id: str, completion: Callable[[Any], NewRun | None]) -> Stopped:
         """Mark a running workflow canceled. Returns whether it was, its running
         children, and its unfinished runs (steps, and drivers not running) to cancel."""
         with self.dialect.write() as conn:
@@ -482,18 +519,46 @@ class Journal:
             if row is None:
                 raise WorkflowNotFound(workflow_id)
             if row.state != RUNNING:
-                return False, [], []
-            self._end(conn, row, CANCELED, None, None, completion)
-            children = list(
-                conn.execute(
-                    select(workflows_t.c.id).where(
-                        workflows_t.c.parent_id == workflow_id, workflows_t.c.state == RUNNING
-                    )
-                ).scalars()
-            )
-            owned = self.store.unfinished_of(conn, workflow_id)
-        run_ids = [r.id for r in owned if not (r.fn == driver_fn and r.state == RUN_RUNNING)]
-        return True, children, run_ids
+                return Stopped(False)
+            return self._stop(conn, row, CANCELED, None, completion)
+
+    def expire(self, workflow_id: str, completion: Callable[[Any], NewRun | None]) -> Stopped:
+        """Fail a running workflow whose deadline has passed, naming the deadline.
+        Returns as `cancel` does (its children and runs are to be canceled); when its
+        deadline is still ahead (a clock behind the one that set it), `Stopped.early_ms`
+        is how many milliseconds."""
+        with self.dialect.write() as conn:
+            row = self._lock(conn, workflow_id)
+            if row is None or row.state != RUNNING or row.deadline_ms is None:
+                return Stopped(False)
+            early = row.deadline_ms - self.clock.now_ms()
+            if early > 0:
+                return Stopped(False, early_ms=early)
+            error = deadline_error(row.deadline_ms, row.created_ms)
+            return self._stop(conn, row, FAILED, error, completion)
+
+    def _stop(
+        self,
+        conn: Connection,
+        row: Any,
+        state: str,
+        error: str | None,
+        completion: Callable[[Any], NewRun | None],
+    ) -> Stopped:
+        self._end(conn, row, state, None, error, completion)
+        children = list(
+            conn.execute(
+                select(workflows_t.c.id).where(
+                    workflows_t.c.parent_id == row.id, workflows_t.c.state == RUNNING
+                )
+            ).scalars()
+        )
+        owned = self.store.unfinished_of(conn, row.id)
+        # Not the running driver (it ends when it next writes) nor the deadline's run
+        # (which may be the caller).
+        spared = (driver_name(row.pool), deadline_name(row.pool))
+        run_ids = [r.id for r in owned if not (r.fn in spared and r.state == RUN_RUNNING)]
+        return Stopped(True, children, run_ids, row=row, error=error)
 
     def _end(
         self,
@@ -510,6 +575,8 @@ class Journal:
             .where(workflows_t.c.id == row.id)
             .values(state=state, result=result, error=error, finished_ms=now)
         )
+        if row.deadline_ms is not None:  # its deadline's run is moot now
+            self.store.delete_pending_of(conn, row.id, deadline_name(row.pool))
         new = completion(row)
         if new is not None:
             outcome = {COMPLETED: RUN_SUCCESS, FAILED: RUN_FAILED, CANCELED: RUN_CANCELED}[state]

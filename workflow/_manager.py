@@ -8,7 +8,7 @@ import uuid
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from functools import partial
 from typing import Any, TypeVar, overload
 
@@ -32,6 +32,7 @@ from retrier import (
     WaitTimeout,
 )
 from retrier.engine import (
+    MAX_AHEAD,
     MAX_NAME,
     Changes,
     Why,
@@ -41,6 +42,7 @@ from retrier.engine import (
     check_json,
     check_name,
     check_once,
+    check_timeout,
     ms_to_datetime,
     poll_until,
     poll_until_async,
@@ -78,6 +80,7 @@ class WorkflowInfo:
     parent_id: str | None
     created: datetime
     finished: datetime | None
+    deadline: datetime | None = None  # when it fails if still running (`timeout=`)
 
     @property
     def key(self) -> str | None:
@@ -151,6 +154,7 @@ class WorkflowManager:
             self._listeners,
             default_retry_behavior or RetryBehavior(),
             retry_steps_by_default,
+            pool.default_timeout_ms,
         )
         self._journal = self._driver.journal
         self.retrier.use_migrations(MIGRATIONS)
@@ -194,6 +198,7 @@ class WorkflowManager:
         debounce: Debounce | None = None,
         session: Session | None = None,
         key: str | None = None,
+        timeout: timedelta | float | None = None,
     ) -> str:
         """Start a workflow; returns its id. `on_complete` (a registered
         `@retrier.on_complete` handler) runs exactly once with the workflow's id, its
@@ -208,6 +213,10 @@ class WorkflowManager:
         `max_wait` after the first); once it has begun, the next call starts another.
         `key=` is the deprecated name of `idempotency_key` (`DeprecationWarning`):
         in every tier, `key` means the concurrency key.
+        `timeout` (a timedelta or seconds, above 0 and at most 100 years) sets a
+        deadline: a workflow still running then fails ("DeadlineExceeded: ..."), even
+        while it sleeps or waits; its on_complete gets `Failed`, its unfinished steps
+        and child workflows are canceled.
         """
         idempotency_key = renamed_key(key, idempotency_key, "WorkflowManager.start")
         check_idempotency_key(idempotency_key)
@@ -217,7 +226,11 @@ class WorkflowManager:
         stored = d.validate_args(args)
         if context is not None:
             check_json(context, "the context", InvalidArguments)
-        return self._start(d, stored, on_complete, context, idempotency_key, session, debounce)
+        timeout_ms = None if timeout is None else check_timeout(timeout, "timeout", MAX_AHEAD)
+        return self._start(
+            d, stored, on_complete, context, idempotency_key, session, debounce,
+            timeout_ms=timeout_ms,
+        )
 
     def _start(
         self,
@@ -229,6 +242,7 @@ class WorkflowManager:
         session: Session | None,
         debounce: Debounce | None = None,
         retrigger_of: str | None = None,
+        timeout_ms: int | None = None,
     ) -> str:
         handler = None
         if on_complete is not None:
@@ -241,6 +255,7 @@ class WorkflowManager:
             context=context,
             key=idempotency_key,
             retrigger_of=retrigger_of,
+            timeout_ms=timeout_ms,
         )
         if session is None:
             workflow_id = self._journal.create(row, debounce=debounce)
@@ -261,9 +276,11 @@ class WorkflowManager:
         missed: str = "latest",
         on_complete: Callable[..., Any] | str | None = None,
         context: Any = None,
+        timeout: timedelta | float | None = None,
     ) -> Schedule:
         """Start `workflow` with `args` at every tick of `cron` in `timezone`, once per
-        tick across every worker; returns the stored schedule.
+        tick across every worker; returns the stored schedule. `timeout` gives each
+        workflow it starts a deadline, as `start(..., timeout=)` does.
 
         The schedule works as `Retrier.schedule` says (declared again: updated; a
         missed tick: as `missed` says; `retrier.unschedule(name)` deletes it). Each
@@ -288,6 +305,8 @@ class WorkflowManager:
             "on_complete": handler,
             "context": context,
         }
+        if timeout is not None:  # only then: a schedule without one suits older workers
+            start_args["timeout_ms"] = check_timeout(timeout, "timeout", MAX_AHEAD)
         run = self.retrier.prepare(_START_PREFIX + self.pool.name, start_args)
         spec = schedule_spec(
             name, "workflow", run, cron=cron, timezone=timezone, missed=missed,
@@ -303,20 +322,31 @@ class WorkflowManager:
         on_complete: str | None = None,
         context: Any = None,
         tick_ms: int = 0,
+        timeout_ms: int | None = None,
     ) -> str:
         """A schedule's tick: start the workflow once for this tick (its idempotency key)."""
         return self.start(
             workflow, args, on_complete=on_complete, context=context,
             idempotency_key=f"schedule:{schedule}:{tick_ms}",
+            timeout=None if timeout_ms is None else timedelta(milliseconds=timeout_ms),
         )
 
     def retrigger(self, workflow_id: str) -> str:
-        """Start a fresh run of a workflow with the same input, on_complete and context;
-        returns the new id. The original stays as it is."""
+        """Start a fresh run of a workflow with the same input, on_complete, context and
+        `timeout` (counted from the new start); returns the new id. The original stays
+        as it is."""
         row = self._journal.get(workflow_id)
         d = self._defs.get(row.name)
+        timeout_ms = None if row.deadline_ms is None else row.deadline_ms - row.created_ms
         return self._start(
-            d, row.args, row.on_complete, row.context, None, None, retrigger_of=workflow_id
+            d,
+            row.args,
+            row.on_complete,
+            row.context,
+            None,
+            None,
+            retrigger_of=workflow_id,
+            timeout_ms=timeout_ms,
         )
 
     # -- status ------------------------------------------------------------------------
@@ -543,6 +573,7 @@ def workflow_info(r: WorkflowRow) -> WorkflowInfo:
         parent_id=r.parent_id,
         created=ms_to_datetime(r.created_ms),
         finished=None if r.finished_ms is None else ms_to_datetime(r.finished_ms),
+        deadline=None if r.deadline_ms is None else ms_to_datetime(r.deadline_ms),
     )
 
 

@@ -60,6 +60,8 @@ class WorkflowRow(SQLModel, table=True):
     # Since when the workers that took its driver lacked its code (a rolling deploy);
     # cleared by one that has it. Past the retrier's unregistered_grace, it fails.
     unrunnable_since_ms: int | None = Field(default=None, sa_type=BigInteger)
+    # When it fails if still running (`start(..., timeout=)`); None: never.
+    deadline_ms: int | None = Field(default=None, sa_type=BigInteger)
 
 
 class StepRow(SQLModel, table=True):

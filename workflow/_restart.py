@@ -120,6 +120,10 @@ def reset(journal: Journal, workflow_id: str, from_step: str) -> Restarted:
                 steps_t.c.workflow_id == workflow_id, steps_t.c.position >= position
             )
         )
+        deadline = None
+        if row.deadline_ms is not None:  # a deadline as long as the first, from now
+            deadline = journal.clock.now_ms() + (row.deadline_ms - row.created_ms)
+            journal.arm_deadline(conn, workflow_id, row.pool, deadline)
         conn.execute(
             update(workflows_t)
             .where(workflows_t.c.id == workflow_id)
@@ -129,6 +133,7 @@ def reset(journal: Journal, workflow_id: str, from_step: str) -> Restarted:
                 error=None,
                 finished_ms=None,
                 unrunnable_since_ms=None,
+                deadline_ms=deadline,
             )
         )
         journal.wake(conn, workflow_id)

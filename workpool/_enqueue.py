@@ -22,6 +22,7 @@ OPTIONS = frozenset(
         "key",
         "idempotency_key",
         "debounce",
+        "timeout",
     }
 )
 _MAX_PRIORITY = 2**31 - 1
@@ -33,10 +34,16 @@ class Preparer:
     """Builds the rows of one pool; caches retry policies, which batches share."""
 
     def __init__(
-        self, retrier: Retrier, queue: str, retry_by_default: bool, default: RetryBehavior
+        self,
+        retrier: Retrier,
+        queue: str,
+        retry_by_default: bool,
+        default: RetryBehavior,
+        default_timeout_ms: int | None = None,
     ) -> None:
         self._retrier = retrier
         self._queue = queue
+        self._default_timeout_ms = default_timeout_ms
         self._with_retry = default.policy()
         self._default = self._with_retry if retry_by_default else NO_RETRY
         self._policies: dict[RetryBehavior, RetryPolicy] = {}
@@ -81,6 +88,8 @@ class Preparer:
             priority=priority,
             idempotency_key=options.get("idempotency_key"),
             debounce=debounce,
+            timeout=options.get("timeout"),
+            default_timeout_ms=self._default_timeout_ms,
         )
 
     def _policy(self, retry: Retry) -> RetryPolicy:

@@ -19,12 +19,14 @@ from sqlmodel import Session
 
 from retrier import Completed, Debounce, InvalidSettings, Retrier, RunNotFound, Schedule, Why
 from retrier.engine import (
+    MAX_ATTEMPT_TIMEOUT,
     Fn,
     NewRun,
     QueueLimits,
     RunRow,
     check_flag,
     check_name,
+    check_timeout,
     schedule_spec,
 )
 
@@ -67,9 +69,13 @@ class Workpool:
     keys take turns instead: one item per key per turn, due order within a key, so
     one key's backlog never delays another key's items. `rate_limit_per_key=(n,
     period)`: each key starts at most n items in any window of that period; and
-    `set_key_limit` gives one key a cap of its own. Failed items are retried only if `retry=`
-    (or `retry_actions_by_default`) says so; a retry waiting for its backoff holds
-    no slot.
+    `set_key_limit` gives one key a cap of its own. Failed items are retried only
+    if `retry=` (or `retry_actions_by_default`) says so; a retry waiting for its
+    backoff holds no slot.
+
+    `default_timeout` limits each attempt of an item whose action registers no
+    `timeout` and whose `enqueue` gives none (a timedelta or seconds; None: no limit).
+    An attempt past its limit fails and frees its slot at once.
     """
 
     def __init__(
@@ -86,8 +92,16 @@ class Workpool:
         priority_aging: timedelta | float | None = DEFAULT_PRIORITY_AGING,
         round_robin_keys: bool = False,
         rate_limit_per_key: RateLimit | None = None,
+        default_timeout: timedelta | float | None = None,
     ) -> None:
         self.retrier = retrier
+        self.default_timeout = default_timeout
+        # In milliseconds, checked (a workflow's steps in this pool use it too).
+        self.default_timeout_ms = (
+            None
+            if default_timeout is None
+            else check_timeout(default_timeout, "default_timeout", MAX_ATTEMPT_TIMEOUT)
+        )
         self.name = name
         self.retry_actions_by_default = check_flag(
             retry_actions_by_default, "retry_actions_by_default"
@@ -108,7 +122,11 @@ class Workpool:
             rate_limit_per_key,
         )
         self._preparer = Preparer(
-            retrier, name, retry_actions_by_default, self.default_retry_behavior
+            retrier,
+            name,
+            retry_actions_by_default,
+            self.default_retry_behavior,
+            self.default_timeout_ms,
         )
         if retrier.store.get_queue(name) != self._limits:
             self._store_limits(self._limits)
@@ -189,6 +207,7 @@ class Workpool:
         idempotency_key: str | None = None,
         debounce: Debounce | None = None,
         session: Session | None = None,
+        timeout: timedelta | float | None = None,
     ) -> str:
         """Add one item to the pool; returns its work id.
 
@@ -202,6 +221,8 @@ class Workpool:
         `debounce=Debounce(key, period, max_wait)`: calls within `period` collapse into
         one item with the latest args, starting `period` after the last call and no
         later than `max_wait` after the first; every such call returns its id.
+        `timeout` limits each attempt (a timedelta or seconds; default: the action's
+        registered `timeout`, else the pool's `default_timeout`, else none).
         """
         options = {
             "on_complete": on_complete,
@@ -213,6 +234,7 @@ class Workpool:
             "key": key,
             "idempotency_key": idempotency_key,
             "debounce": debounce,
+            "timeout": timeout,
         }
         new = self._preparer.prepare(fn, args, options, self.retrier.clock.now_ms())
         return self.retrier.submit([new], session=session)[0]
@@ -261,6 +283,7 @@ class Workpool:
         retry: Retry = None,
         priority: int = 0,
         key: str | None = None,
+        timeout: timedelta | float | None = None,
     ) -> Schedule:
         """Enqueue `fn(**args)` in this pool at every tick of `cron` in `timezone`,
         once per tick across every worker; returns the stored schedule.
@@ -268,7 +291,7 @@ class Workpool:
         The schedule works as `Retrier.schedule` says (declared again: updated; a
         missed tick: as `missed` says; `unschedule` to delete it); each tick's item
         takes the pool's limits and the options `enqueue` would (`retry`, `priority`,
-        `key`, `on_complete`, `context`).
+        `key`, `on_complete`, `context`, `timeout`).
 
         >>> pool.schedule("hourly-sync", sync_accounts, {}, cron="0 * * * *")
         """
@@ -278,6 +301,7 @@ class Workpool:
             "retry": retry,
             "priority": priority,
             "key": key,
+            "timeout": timeout,
         }
         new = self._preparer.prepare(fn, args, options, self.retrier.clock.now_ms())
         spec = schedule_spec(name, "pool", new, cron=cron, timezone=timezone, missed=missed)
