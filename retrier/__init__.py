@@ -25,6 +25,7 @@ from ._errors import (
     SchemaTooNew,
     TiersError,
     UnregisteredFunction,
+    ValueTooLarge,
     WaitTimeout,
 )
 from ._explain import Why
@@ -70,6 +71,7 @@ __all__ = [
     "SystemClock",
     "TiersError",
     "UnregisteredFunction",
+    "ValueTooLarge",
     "WaitTimeout",
     "Why",
     "Worker",

@@ -104,6 +104,21 @@ def reconnecting(fn: Callable[P, T]) -> Callable[P, T]:
     return call
 
 
+class Subscription(Protocol):
+    """What `Dialect.subscribe` returns: listening until closed."""
+
+    def close(self) -> None:
+        """Stop listening (blocks briefly while a listening thread ends)."""
+        ...
+
+
+class NoSubscription:
+    """A subscription where notifications cannot arrive."""
+
+    def close(self) -> None:
+        pass
+
+
 class WouldBlock(Exception):
     """A write on the event loop found the database locked; redo it on a thread."""
 
@@ -176,6 +191,26 @@ class Dialect(Protocol):
         the event loop or a thread of the dialect's), until cancelled; first with a
         WAKE with no payload once listening. Where hints cannot arrive
         (`can_notify` False), it only waits to be cancelled."""
+        ...
+    # -- a higher tier's own notifications (topics) ------------------------------------
+    #
+    # Apart from the engine's WAKE and CANCEL, which they leave alone: one channel per
+    # topic and namespace, for a tier's own "this changed" (the workflow tier's watch).
+
+    topics_notify: bool
+    """Whether `notify_topic` reaches `subscribe` in other processes; where it does
+    not (SQLite), watchers poll."""
+
+    def notify_topic(self, conn: Connection, topic: str, payload: str) -> None:
+        """Send `payload` on `topic` (a short lowercase name) when `conn`'s transaction
+        commits; nothing if it rolls back. A no-op where `topics_notify` is False."""
+        ...
+
+    def subscribe(self, topic: str, on_notify: Callable[[str], None]) -> Subscription:
+        """Call `on_notify(payload)` (from a thread of the dialect's) for each
+        notification on `topic` until the subscription is closed; first with "" once
+        listening (to catch up on anything sent before). Where `topics_notify` is
+        False nothing is ever called."""
         ...
 
 

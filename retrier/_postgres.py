@@ -190,6 +190,25 @@ class PostgresDialect:
                 await anyio.to_thread.run_sync(listener.stop)
 
 
+    topics_notify = True
+
+    def topic_channel(self, topic: str) -> str:
+        suffix = f"_{self.namespace}" if self.namespace else ""
+        return f"tiers_t_{topic}{suffix}"
+
+    def notify_topic(self, conn: Connection, topic: str, payload: str) -> None:
+        conn.execute(
+            text("SELECT pg_notify(:c, :p)"), {"c": self.topic_channel(topic), "p": payload}
+        )
+
+    def subscribe(self, topic: str, on_notify: Callable[[str], None]) -> _PgListener:
+        listener = _PgListener(
+            self.url, {topic: self.topic_channel(topic)}, lambda _kind, p: on_notify(p)
+        )
+        listener.start()
+        return listener
+
+
 def _search_path(namespace: str, dbapi_conn: Any, _record: Any) -> None:
     with dbapi_conn.cursor() as cursor:
         cursor.execute(f'SET search_path TO "{namespace}"')
@@ -226,6 +245,8 @@ class _PgListener:
     def stop(self) -> None:
         self._stopped.set()
         self._thread.join(timeout=5)
+
+    close = stop  # a Subscription
 
     def _run(self) -> None:
         import psycopg

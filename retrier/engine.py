@@ -25,8 +25,9 @@ from ._cli import console, format_ms, or_exit, print_listing, print_why, shorten
 from ._clock import delay_ms, due_ms, ms_to_datetime, to_ms
 from ._dialects import Dialect, is_transient, partial_index
 from ._errors import describe as describe_error
+from ._errors import format_size
 from ._explain import Why
-from ._json import check_json
+from ._json import check_json, check_size, json_size
 from ._models import (
     CANCELED,
     COMPLETED,
@@ -103,6 +104,7 @@ __all__ = [
     "check_flag",
     "check_json",
     "check_name",
+    "check_size",
     "console",
     "current_worker",
     "default_name",
@@ -111,7 +113,9 @@ __all__ = [
     "describe_function",
     "due_ms",
     "format_ms",
+    "format_size",
     "is_transient",
+    "json_size",
     "ms_to_datetime",
     "or_exit",
     "partial_index",

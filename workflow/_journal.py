@@ -18,15 +18,16 @@ from typing import Any
 from sqlalchemy import Connection, bindparam, delete, insert, select, update
 from sqlalchemy.exc import IntegrityError
 
-from retrier import RetryPolicy
+from retrier import RetryPolicy, ValueTooLarge
 from retrier.engine import CANCELED as RUN_CANCELED
 from retrier.engine import FAILED as RUN_FAILED
 from retrier.engine import RUNNING as RUN_RUNNING
 from retrier.engine import SUCCESS as RUN_SUCCESS
-from retrier.engine import Claimed, NewRun, OwnedRun, Store
+from retrier.engine import Claimed, NewRun, OwnedRun, Store, describe_error
 
 from ._errors import WorkflowNotFinished, WorkflowNotFound
 from ._events import Events
+from ._limits import load_results, stored_result
 from ._models import (
     CANCELED,
     COMPLETED,
@@ -34,11 +35,18 @@ from ._models import (
     RUNNING,
     WAITING,
     WorkflowRow,
+    logs_t,
+    results_t,
     steps_t,
     workflows_t,
 )
+from ._progress import Progress
 
 DRIVER_QUEUE = "tiers.workflow"
+# The Dialect topic every change to a workflow is announced on (its id the payload),
+# in the transaction that makes it: what `watch` listens to on PostgreSQL.
+TOPIC = "workflow"
+_NOTIFIED = "tiers.workflow.notified"
 # Driver runs fail only on infrastructure errors (workflow code errors fail the
 # workflow instead), so they retry long and patiently.
 DRIVER_POLICY = RetryPolicy(
@@ -97,6 +105,7 @@ class Entry:
     error: str | None = None
     wake_ms: int | None = None
     child_id: str | None = None
+    result_size: int | None = None  # set: the result is in the side table, not loaded
 
 
 @dataclass(slots=True)
@@ -117,6 +126,7 @@ _ENTRY_COLUMNS = (
     steps_t.c.error,
     steps_t.c.wake_ms,
     steps_t.c.child_id,
+    steps_t.c.result_size,
 )
 
 
@@ -131,6 +141,7 @@ _SETTLE_STEP = (
     .values(  # bind names differ from column names, which UPDATE reserves
         state=bindparam("b_state"),
         result=bindparam("b_result", type_=steps_t.c.result.type),
+        result_size=bindparam("b_result_size"),
         error=bindparam("b_error"),
         attempts=bindparam("b_attempts"),
         finished_ms=bindparam("b_finished_ms"),
@@ -162,6 +173,7 @@ class Journal:
         self._lock_workflow = self.dialect.lock_rows(_LOCK_WORKFLOW)
         self._lock_pool = self.dialect.lock_rows(_POOL_OF)
         self.events = Events(self)
+        self.progress = Progress(self)
 
     # -- reading -------------------------------------------------------------------
 
@@ -172,7 +184,8 @@ class Journal:
             )
             if row is None:
                 return None
-            entries = {r.name: Entry(*r) for r in conn.execute(_ENTRIES_OF, {"wf": workflow_id})}
+            rows = conn.execute(_ENTRIES_OF, {"wf": workflow_id})
+            entries = {r.name: Entry(*r) for r in rows}  # type: ignore[call-arg]  # 10 columns
         return Loaded(WorkflowRow.model_validate(dict(row)), entries)
 
     def get(self, workflow_id: str) -> WorkflowRow:
@@ -195,16 +208,42 @@ class Journal:
             ).all()
         return {r.id: r.state for r in rows}
 
-    def steps(self, workflow_id: str) -> list[Any]:
-        """Every journal entry of a workflow, in call order, as row mappings."""
+    def steps(self, workflow_id: str) -> list[dict[str, Any]]:
+        """Every journal entry of a workflow, in call order, as dicts of its columns
+        (with results kept in the side table filled in)."""
         with self.dialect.read() as conn:
-            return list(
-                conn.execute(
+            rows = [
+                dict(r)
+                for r in conn.execute(
                     select(steps_t)
                     .where(steps_t.c.workflow_id == workflow_id)
                     .order_by(steps_t.c.position, steps_t.c.id)
                 ).mappings()
-            )
+            ]
+            apart = [r["name"] for r in rows if r["result_size"] is not None]
+            found = load_results(conn, workflow_id, apart)
+        for r in rows:
+            if r["name"] in found:
+                r["result"] = found[r["name"]]
+        return rows
+
+    def load_result(self, workflow_id: str, name: str) -> Any:
+        """A step result kept in the side table (see `Entry.result_size`)."""
+        with self.dialect.read() as conn:
+            return load_results(conn, workflow_id, [name]).get(name)
+
+    def notify(self, conn: Connection, workflow_id: str) -> None:
+        """Announce a change to the workflow (to `watch`), once per transaction."""
+        if not self.dialect.topics_notify:
+            return
+        transaction = conn.get_transaction()
+        sent = conn.info.get(_NOTIFIED)
+        if sent is None or sent[0] is not transaction:
+            sent = (transaction, set[str]())
+            conn.info[_NOTIFIED] = sent
+        if workflow_id not in sent[1]:
+            sent[1].add(workflow_id)
+            self.dialect.notify_topic(conn, TOPIC, workflow_id)
 
     def unfinished_runs(self, workflow_id: str) -> list[OwnedRun]:
         """The pending and running runs a workflow owns (its steps, its driver)."""
@@ -303,6 +342,7 @@ class Journal:
             if before is not None:
                 before(conn)
             conn.execute(_INSERT_STEP, [entry])
+            self.notify(conn, workflow_id)
             claimed = None
             if worker is not None:
                 claimed = self.store.insert_running(new, worker, lease_ms, conn)
@@ -326,13 +366,21 @@ class Journal:
             stored = self.store.outcome_in(conn, run_id)
             attempts = 0 if stored is None else stored.attempts
         state = _STEP_STATE[outcome]
+        columns: dict[str, Any] = {"result": None, "result_size": None}
+        if state == COMPLETED and result is not None:
+            try:
+                what = f"the result of step {name!r}"
+                columns = stored_result(conn, workflow_id, name, result, what)
+            except ValueTooLarge as exc:
+                state, result, error = FAILED, None, describe_error(exc)
         changed = conn.execute(
             _SETTLE_STEP,
             {
                 "b_wf": workflow_id,
                 "b_name": name,
                 "b_state": state,
-                "b_result": result,
+                "b_result": columns["result"],
+                "b_result_size": columns["result_size"],
                 "b_error": error,
                 "b_attempts": attempts or 0,
                 "b_finished_ms": self.clock.now_ms(),
@@ -340,6 +388,7 @@ class Journal:
         ).rowcount
         if not changed:
             return None
+        self.notify(conn, workflow_id)
         return Entry(name, 0, "step", state, result=result, error=error)
 
     def wake(self, conn: Connection, workflow_id: str, due_ms: int | None = None) -> None:
@@ -373,6 +422,7 @@ class Journal:
         with self.write() as conn:
             self.lock_running(conn, workflow_id)
             conn.execute(_INSERT_STEP, [entry])
+            self.notify(conn, workflow_id)
             if wake_ms is not None:
                 self.wake(conn, workflow_id, wake_ms)
             if extra is not None:
@@ -391,27 +441,30 @@ class Journal:
             if out is not None:
                 entry = {**entry, "result": out}
             conn.execute(_INSERT_STEP, [entry])
+            self.notify(conn, workflow_id)
             return out
 
     def complete_waiting(self, workflow_id: str, name: str, result: Any = None) -> bool:
         with self.write() as conn:
-            return bool(
-                conn.execute(
-                    update(steps_t)
-                    .where(
-                        steps_t.c.workflow_id == workflow_id,
-                        steps_t.c.name == name,
-                        steps_t.c.state == WAITING,
-                    )
-                    .values(state=COMPLETED, result=result, finished_ms=self.clock.now_ms())
-                ).rowcount
-            )
+            changed = conn.execute(
+                update(steps_t)
+                .where(
+                    steps_t.c.workflow_id == workflow_id,
+                    steps_t.c.name == name,
+                    steps_t.c.state == WAITING,
+                )
+                .values(state=COMPLETED, result=result, finished_ms=self.clock.now_ms())
+            ).rowcount
+            if changed:
+                self.notify(conn, workflow_id)
+            return bool(changed)
 
     def start_child(self, parent_id: str, entry: dict[str, Any], child: dict[str, Any]) -> None:
         """Journal an `invoke` and start the child workflow, in one transaction."""
         with self.write() as conn:
             self.lock_running(conn, parent_id)
             conn.execute(_INSERT_STEP, [entry])
+            self.notify(conn, parent_id)
             self._create(conn, child)
 
     # -- finishing -------------------------------------------------------------------
@@ -475,13 +528,18 @@ class Journal:
             .where(workflows_t.c.id == row.id)
             .values(state=state, result=result, error=error, finished_ms=now)
         )
+        self.notify(conn, row.id)
         new = completion(row)
         if new is not None:
             outcome = {COMPLETED: RUN_SUCCESS, FAILED: RUN_FAILED, CANCELED: RUN_CANCELED}[state]
             self.store.insert_finished(new, outcome, conn, result=result, error=error)
         if row.parent_id is not None and row.parent_step is not None:
             if state == COMPLETED:
-                values: dict[str, Any] = {"state": COMPLETED, "result": result}
+                what = f"the result of child workflow {row.id}"
+                values: dict[str, Any] = {
+                    "state": COMPLETED,
+                    **stored_result(conn, row.parent_id, row.parent_step, result, what),
+                }
             else:
                 why = error if state == FAILED else "child workflow was canceled"
                 values = {"state": FAILED, "error": why}
@@ -494,6 +552,7 @@ class Journal:
                 )
                 .values(finished_ms=now, **values)
             )
+            self.notify(conn, row.parent_id)
             self.wake(conn, row.parent_id, now)
 
     def delete(self, workflow_id: str) -> None:
@@ -506,8 +565,7 @@ class Journal:
                 raise WorkflowNotFinished(workflow_id)
             # Its steps and drivers, and the run that delivered its on_complete.
             self.store.delete_finished_of(conn, workflow_id, workflow_id)
-            conn.execute(delete(steps_t).where(steps_t.c.workflow_id == workflow_id))
-            conn.execute(delete(workflows_t).where(workflows_t.c.id == workflow_id))
+            delete_workflows(conn, [workflow_id])
 
     # -- helpers ---------------------------------------------------------------------
 
@@ -533,3 +591,12 @@ class Journal:
             raise NotRunning(workflow_id)
 
 
+def delete_workflows(conn: Connection, ids: builtins.list[str]) -> None:
+    """Delete these workflows' rows, journals, log lines and large results."""
+    for table, column in (
+        (logs_t, logs_t.c.workflow_id),
+        (results_t, results_t.c.workflow_id),
+        (steps_t, steps_t.c.workflow_id),
+        (workflows_t, workflows_t.c.id),
+    ):
+        conn.execute(delete(table).where(column.in_(ids)))
