@@ -108,7 +108,7 @@ class Subscription(Protocol):
     """What `Dialect.subscribe` returns: listening until closed."""
 
     def close(self) -> None:
-        """Stop listening (blocks briefly while a listening thread ends)."""
+        """Stop listening, at once (a listening thread ends soon after)."""
         ...
 
 

@@ -246,7 +246,9 @@ class _PgListener:
         self._stopped.set()
         self._thread.join(timeout=5)
 
-    close = stop  # a Subscription
+    def close(self) -> None:
+        """Stop listening (a Subscription): the thread ends within half a second."""
+        self._stopped.set()
 
     def _run(self) -> None:
         import psycopg

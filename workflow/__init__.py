@@ -25,17 +25,26 @@ from ._errors import (
 )
 from ._listeners import WorkflowEvent
 from ._manager import StepInfo, WorkflowInfo, WorkflowManager
+from ._progress import LogLine, WorkflowLog
+from ._watch import LogAdded, ProgressChanged, StatusChanged, StepChanged, WatchEvent
 
 __all__ = [
     "InvalidEvent",
     "InvalidWorkflow",
+    "LogAdded",
+    "LogLine",
+    "ProgressChanged",
+    "StatusChanged",
+    "StepChanged",
     "StepFailed",
     "StepInfo",
     "UnregisteredWorkflow",
+    "WatchEvent",
     "WorkflowContext",
     "WorkflowDiverged",
     "WorkflowEvent",
     "WorkflowInfo",
+    "WorkflowLog",
     "WorkflowManager",
     "WorkflowNotFinished",
     "WorkflowNotFound",

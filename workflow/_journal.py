@@ -372,7 +372,10 @@ class Journal:
                 what = f"the result of step {name!r}"
                 columns = stored_result(conn, workflow_id, name, result, what)
             except ValueTooLarge as exc:
+                # The workflow may have gone on with it (an inline step): a replay
+                # meets the failure instead.
                 state, result, error = FAILED, None, describe_error(exc)
+                self.wake(conn, workflow_id)
         changed = conn.execute(
             _SETTLE_STEP,
             {
