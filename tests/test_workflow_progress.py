@@ -428,3 +428,41 @@ async def test_watch_of_a_finished_workflow_gives_its_picture_and_ends(app: App)
         ProgressChanged(wf_id, "all done"),
         StatusChanged(wf_id, "completed", "ok", None),
     ]
+
+
+# -- command line ----------------------------------------------------------------------------
+
+
+def test_cli_shows_progress_and_log_lines_watches_and_cleans_up(app: App, db_url: str) -> None:
+    import json
+
+    from click.testing import CliRunner
+
+    from retrier._cli import main
+
+    wf = app.workflows
+
+    @wf.define
+    async def reporting(ctx: WorkflowContext) -> str:
+        ctx.log.warning("disk at %d%%", 91)
+        ctx.set_progress({"pct": 40})
+        return "ok"
+
+    wf_id = wf.start(reporting)
+    app.drain()
+    runner = CliRunner()
+    shown = runner.invoke(main, ["--db", db_url, "workflows", "show", wf_id], terminal_width=200)
+    assert shown.exit_code == 0, shown.output
+    assert '{"pct": 40}' in shown.output and "disk at 91%" in shown.output
+    assert "warning" in shown.output
+    watched = runner.invoke(main, ["--db", db_url, "workflows", "watch", wf_id])
+    assert watched.exit_code == 0, watched.output
+    events = [json.loads(line) for line in watched.output.splitlines()]
+    assert [e["kind"] for e in events] == ["log", "progress", "status"]
+    assert events[-1]["state"] == "completed" and events[-1]["result"] == "ok"
+    # The command's clock is the real one, years after the test's fake clock.
+    kept = runner.invoke(main, ["--db", db_url, "workflows", "cleanup", "--older-than", "36500"])
+    assert kept.exit_code == 0 and "deleted 0 workflow(s)" in kept.output
+    cleaned = runner.invoke(main, ["--db", db_url, "workflows", "cleanup", "--older-than", "1"])
+    assert cleaned.exit_code == 0 and "deleted 1 workflow(s)" in cleaned.output, cleaned.output
+    assert app.count(workflows_t) == 0 and app.count(logs_t) == 0

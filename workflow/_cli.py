@@ -1,4 +1,4 @@
-"""`tiers workflows ...`: list, show, cancel, retrigger and send events.
+"""`tiers workflows ...`: list, show, watch, cancel, retrigger, send events, cleanup.
 
 Loaded by `retrier._cli` through the `tiers.cli` entry-point group. Reading needs only
 a database (`--db`); cancel and retrigger need the app (`--app module:workflows`),
@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+import anyio
 import click
 from rich.table import Table
 
@@ -26,6 +27,8 @@ from retrier.engine import (
 from ._explain import explain_workflow
 from ._journal import Journal
 from ._manager import WorkflowManager
+from ._retention import purge_events, purge_workflows
+from ._watch import watch_workflow
 
 
 def _journal(obj: CliContext) -> Journal:
@@ -83,6 +86,7 @@ def show(obj: CliContext, workflow_id: str) -> None:
         ("parent", row.parent_id or ""),
         ("retrigger of", row.retrigger_of or ""),
         ("on_complete", row.on_complete or ""),
+        ("progress", _json(row.progress)),
         ("created", format_ms(row.created_ms)),
         ("finished", format_ms(row.finished_ms)),
     ]:
@@ -114,6 +118,46 @@ def show(obj: CliContext, workflow_id: str) -> None:
             shorten(detail, 80),
         )
     console.print(steps)
+    lines = journal.progress.logs(workflow_id, limit=_SHOWN_LOGS)
+    if lines:
+        table = Table("#", "at", "level", "after", "message", title="log")
+        for line in lines:
+            table.add_row(
+                str(line.seq), format_ms(int(line.at.timestamp() * 1000)), line.level,
+                line.step or "", shorten(line.message, 120),
+            )
+        console.print(table)
+
+
+@workflows.command("watch")
+@click.argument("workflow_id")
+@click.pass_obj
+def watch(obj: CliContext, workflow_id: str) -> None:
+    """Print a workflow's changes as they happen (one JSON object a line) until it ends."""
+    journal = _journal(obj)
+    or_exit(journal.get, workflow_id)
+
+    async def follow() -> None:
+        async for event in watch_workflow(journal, workflow_id):
+            click.echo(json.dumps(event.to_json(), default=str))
+
+    anyio.run(follow)
+
+
+@workflows.command("cleanup")
+@click.option("--older-than", type=float, default=7.0, show_default=True,
+              help="Days since the workflows finished (and the events were sent).")
+@click.pass_obj
+def cleanup(obj: CliContext, older_than: float) -> None:
+    """Delete finished workflows (journals, log lines, large results) and events older
+    than --older-than days: what the workers' daily retention job does."""
+    journal = _journal(obj)
+    older_than_ms = int(older_than * 86_400_000)
+    gone = or_exit(purge_workflows, journal, older_than_ms)
+    events = or_exit(purge_events, journal, older_than_ms)
+    console.print(
+        f"deleted {gone} workflow(s) and {events} event(s) older than {older_than:g} day(s)"
+    )
 
 
 @workflows.command("why")
@@ -163,6 +207,9 @@ def send_event(obj: CliContext, name: str, data: str) -> None:
     else:
         event_id = journal.events.send_event_alone(name, payload)
     console.print(f"sent event {event_id}")
+
+
+_SHOWN_LOGS = 200
 
 
 def _json(value: Any) -> str:
