@@ -21,7 +21,7 @@ import anyio
 from anyio.abc import TaskStatus
 from sqlalchemy import Connection, Engine, text
 from sqlalchemy import exc as sa_exc
-from sqlalchemy.sql import Select
+from sqlalchemy.sql import ColumnElement, Select
 
 from ._dberrors import connection_lost
 from ._errors import DatabaseUnavailable
@@ -201,9 +201,16 @@ class Dialect(Protocol):
     """Whether `notify_topic` reaches `subscribe` in other processes; where it does
     not (SQLite), watchers poll."""
 
-    def notify_topic(self, conn: Connection, topic: str, payload: str) -> None:
-        """Send `payload` on `topic` (a short lowercase name) when `conn`'s transaction
-        commits; nothing if it rolls back. A no-op where `topics_notify` is False."""
+    def topic_notice(self, topic: str, payload: ColumnElement[Any]) -> ColumnElement[Any] | None:
+        """An SQL expression that, evaluated in a statement of a transaction, sends
+        `payload` on `topic` (a short lowercase name) when that transaction commits,
+        and nothing if it rolls back; None where `topics_notify` is False.
+
+        An expression rather than a call, so that a tier can fold it into a statement
+        it runs anyway (a row lock, under a condition such as "someone is watching"):
+        a notification costs no extra round trip, and none is sent when nobody
+        listens (on PostgreSQL, every notifying commit takes one database-wide lock).
+        """
         ...
 
     def subscribe(self, topic: str, on_notify: Callable[[str], None]) -> Subscription:

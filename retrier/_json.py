@@ -53,8 +53,10 @@ def check_json(value: Any, what: str, error: type[TiersError] = InvalidArguments
 
 
 def json_size(value: Any) -> int:
-    """How many bytes `value` takes as compact UTF-8 JSON (what a limit counts)."""
-    return len(json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode())
+    """How many bytes `value` takes as compact UTF-8 JSON (what a limit counts; a
+    part that is not JSON counts as its `str`)."""
+    dumped = json.dumps(value, ensure_ascii=False, separators=(",", ":"), default=str)
+    return len(dumped.encode())
 
 
 def check_size(value: Any, what: str, limit: int) -> int:

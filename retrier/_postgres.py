@@ -15,9 +15,9 @@ import anyio
 import anyio.to_thread
 from anyio.abc import TaskStatus
 from anyio.lowlevel import RunVar
-from sqlalchemy import Connection, create_engine, event, text
+from sqlalchemy import Connection, create_engine, event, func, literal, text
 from sqlalchemy.engine import URL
-from sqlalchemy.sql import Select
+from sqlalchemy.sql import ColumnElement, Select
 
 from ._dberrors import DRIVER_ERRORS, raise_translated
 from ._dialect import CANCEL, WAKE, Durability, Listener, P, T
@@ -196,10 +196,8 @@ class PostgresDialect:
         suffix = f"_{self.namespace}" if self.namespace else ""
         return f"tiers_t_{topic}{suffix}"
 
-    def notify_topic(self, conn: Connection, topic: str, payload: str) -> None:
-        conn.execute(
-            text("SELECT pg_notify(:c, :p)"), {"c": self.topic_channel(topic), "p": payload}
-        )
+    def topic_notice(self, topic: str, payload: ColumnElement[Any]) -> ColumnElement[Any] | None:
+        return func.pg_notify(literal(self.topic_channel(topic)), payload)
 
     def subscribe(self, topic: str, on_notify: Callable[[str], None]) -> _PgListener:
         listener = _PgListener(

@@ -16,7 +16,7 @@ import anyio.to_thread
 from anyio.abc import TaskStatus
 from sqlalchemy import Connection, Engine, create_engine, event
 from sqlalchemy.engine import URL
-from sqlalchemy.sql import Select
+from sqlalchemy.sql import ColumnElement, Select
 
 from ._dberrors import DRIVER_ERRORS, raise_translated
 from ._dialect import (
@@ -192,8 +192,8 @@ class SQLiteDialect:
 
     topics_notify = False  # watchers poll: a read is cheap on a local file
 
-    def notify_topic(self, conn: Connection, topic: str, payload: str) -> None:
-        pass
+    def topic_notice(self, topic: str, payload: ColumnElement[Any]) -> ColumnElement[Any] | None:
+        return None
 
     def subscribe(self, topic: str, on_notify: Callable[[str], None]) -> Subscription:
         return NoSubscription()

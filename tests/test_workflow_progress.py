@@ -466,3 +466,109 @@ def test_cli_shows_progress_and_log_lines_watches_and_cleans_up(app: App, db_url
     cleaned = runner.invoke(main, ["--db", db_url, "workflows", "cleanup", "--older-than", "1"])
     assert cleaned.exit_code == 0 and "deleted 1 workflow(s)" in cleaned.output, cleaned.output
     assert app.count(workflows_t) == 0 and app.count(logs_t) == 0
+
+
+def test_a_too_large_step_argument_fails_the_workflow_before_the_step_runs(app: App) -> None:
+    r, wf = app.retrier, app.workflows
+    ran: list[int] = []
+
+    @r.action
+    def take(blob: str) -> None:
+        ran.append(len(blob))
+
+    @wf.define
+    async def job(ctx: WorkflowContext) -> None:
+        await ctx.step("take", take, {"blob": "q" * (MiB + 1)})
+
+    wf_id = wf.start(job)
+    app.drain()
+    status = wf.status(wf_id)
+    assert isinstance(status, Completed)
+    assert "ValueTooLarge: the arguments of step 'take'" in str(status.result)
+    assert ran == [] and wf.steps(wf_id) == []
+
+
+def test_the_docs_progress_example_runs_as_written(tmp_path: Any) -> None:
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    doc = (Path(__file__).parent.parent / "docs" / "workflow.md").read_text()
+    snippet = doc.split("## Progress, log lines and watching")[1].split("```python")[1]
+    (tmp_path / "demo.py").write_text(snippet.split("```")[0])
+    done = subprocess.run(
+        [sys.executable, "demo.py"], cwd=tmp_path, capture_output=True, text=True, timeout=120,
+        env={**os.environ, "TIERS_LOG_LEVEL": "WARNING"}, check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[0].startswith("status {") and "'state': 'running'" in lines[0]
+    assert lines[-2].startswith("status {") and "'result': 300" in lines[-2]
+    assert "progress {" in done.stdout and "batch 2 imported (300 rows so far)" in lines[-1]
+
+
+@pytest.mark.anyio
+async def test_watch_sees_a_cancel_from_elsewhere_by_its_row_lock(app: App) -> None:
+    wf = app.workflows
+
+    @wf.define
+    async def idle(ctx: WorkflowContext) -> None:
+        await ctx.wait_for_event("go", "go")
+
+    wf_id = wf.start(idle)
+    await anyio.to_thread.run_sync(app.drain)
+    events = wf.watch(wf_id)
+    while not isinstance(await events.__anext__(), StepChanged):
+        pass
+    canceling = threading.Timer(0.3, lambda: wf.cancel(wf_id))
+    canceling.start()
+    try:
+        with anyio.fail_after(1.5):  # on PostgreSQL: under the 2 s safety poll
+            seen = [await events.__anext__()]
+            while not isinstance(seen[-1], StatusChanged):
+                seen.append(await events.__anext__())
+    finally:
+        canceling.join()
+        await events.aclose()  # type: ignore[attr-defined]
+    assert seen[-1] == StatusChanged(wf_id, "canceled")
+
+
+def test_only_watched_workflows_send_notifications(app: App) -> None:
+    from workflow._journal import TOPIC
+
+    wf = app.workflows
+    journal = wf._journal
+
+    @wf.define
+    async def idle(ctx: WorkflowContext) -> None:
+        await ctx.wait_for_event("go", "go")
+
+    quiet, watched = wf.start(idle), wf.start(idle)
+    app.drain()
+    got: list[str] = []
+    arrived = threading.Event()
+
+    def collect(payload: str) -> None:
+        got.append(payload)
+        arrived.set()
+
+    subscription = journal.dialect.subscribe(TOPIC, collect)
+    try:
+        if not journal.dialect.topics_notify:  # SQLite: watchers poll
+            assert journal._notice is None and not arrived.wait(0.3)
+            return
+        assert arrived.wait(5) and got == [""]  # listening
+        arrived.clear()
+        journal.progress.set_progress(quiet, 1, "no one looks")
+        wf.cancel(quiet)
+        assert not arrived.wait(0.7), got
+        journal.watching(watched, app.clock.now_ms() + 30_000)
+        journal.progress.set_progress(watched, 1, "someone looks")
+        assert arrived.wait(5)
+        arrived.clear()
+        wf.cancel(watched)  # announced with the lock of its row
+        assert arrived.wait(5)
+        assert got == ["", watched, watched]
+    finally:
+        subscription.close()

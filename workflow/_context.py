@@ -157,7 +157,6 @@ class WorkflowContext:
         """
         full, position, entry = self._call(name, STEP)
         _check_retry(retry)
-        check_args(args, f"the arguments of step {name!r}")
         reg = self._driver.retrier.registry.action(fn)
         if entry is not None:
             if entry.fn != reg.name:
@@ -176,6 +175,7 @@ class WorkflowContext:
             queue=self._driver.pool_name,
             owner=self.workflow_id,
         )
+        check_args(new.args, f"the arguments of step {name!r}")
         row = self._entry_row(full, position, STEP, RUNNING, fn=reg.name, run_id=new.id)
         return self._spawn(self._run_step(full, position, row, new, reg.decode_result))
 

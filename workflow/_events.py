@@ -58,7 +58,6 @@ class Events:
             elif current is None:
                 wake_ms = None if timeout_ms is None else now + timeout_ms
                 conn.execute(_INSERT_STEP, [{**entry, "state": WAITING, "wake_ms": wake_ms}])
-                self._journal.notify(conn, workflow.id)
                 if wake_ms is not None:
                     self._journal.wake(conn, workflow.id, wake_ms)
                 return False, None
@@ -75,7 +74,6 @@ class Events:
                     .where(steps_t.c.workflow_id == workflow.id, steps_t.c.name == entry["name"])
                     .values(**done)
                 )
-            self._journal.notify(conn, workflow.id)
             return True, done["result"]
 
     def _first_event(

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
-from sqlalchemy import Connection, bindparam, delete, insert, select, update
+from sqlalchemy import Connection, bindparam, case, delete, insert, select, update
 from sqlalchemy.exc import IntegrityError
 
 from retrier import RetryPolicy, ValueTooLarge
@@ -43,10 +43,9 @@ from ._models import (
 from ._progress import Progress
 
 DRIVER_QUEUE = "tiers.workflow"
-# The Dialect topic every change to a workflow is announced on (its id the payload),
-# in the transaction that makes it: what `watch` listens to on PostgreSQL.
+# The Dialect topic a change to a watched workflow is announced on (its id the
+# payload), in the transaction that makes it: what `watch` listens to on PostgreSQL.
 TOPIC = "workflow"
-_NOTIFIED = "tiers.workflow.notified"
 # Driver runs fail only on infrastructure errors (workflow code errors fail the
 # workflow instead), so they retry long and patiently.
 DRIVER_POLICY = RetryPolicy(
@@ -170,8 +169,20 @@ class Journal:
         self.store = store
         self.dialect = store.dialect
         self.clock = store.clock
-        self._lock_workflow = self.dialect.lock_rows(_LOCK_WORKFLOW)
-        self._lock_pool = self.dialect.lock_rows(_POOL_OF)
+        # Where the database can notify, locking a workflow's row also announces its
+        # change to its watchers, if it has any: no extra round trip, and no
+        # notification (which serializes commits on PostgreSQL) when nobody watches.
+        notice = self.dialect.topic_notice(TOPIC, workflows_t.c.id)
+        self._notice = notice
+        extra = []
+        if notice is not None:
+            watched = workflows_t.c.watched_until_ms > bindparam("now")
+            extra = [case((watched, notice), else_=None).label("notice")]
+            self._notify_watched = select(notice).where(
+                workflows_t.c.id == bindparam("wf"), watched
+            )
+        self._lock_workflow = self.dialect.lock_rows(_LOCK_WORKFLOW.add_columns(*extra))
+        self._lock_pool = self.dialect.lock_rows(_POOL_OF.add_columns(*extra))
         self.events = Events(self)
         self.progress = Progress(self)
 
@@ -233,17 +244,20 @@ class Journal:
             return load_results(conn, workflow_id, [name]).get(name)
 
     def notify(self, conn: Connection, workflow_id: str) -> None:
-        """Announce a change to the workflow (to `watch`), once per transaction."""
-        if not self.dialect.topics_notify:
-            return
-        transaction = conn.get_transaction()
-        sent = conn.info.get(_NOTIFIED)
-        if sent is None or sent[0] is not transaction:
-            sent = (transaction, set[str]())
-            conn.info[_NOTIFIED] = sent
-        if workflow_id not in sent[1]:
-            sent[1].add(workflow_id)
-            self.dialect.notify_topic(conn, TOPIC, workflow_id)
+        """Announce a change to the workflow to its watchers (at commit), if it has
+        any, in a transaction that has not locked its row (`_lock` and `wake` do it
+        with the lock)."""
+        if self._notice is not None:
+            conn.execute(self._notify_watched, {"wf": workflow_id, "now": self.clock.now_ms()})
+
+    def watching(self, workflow_id: str, until_ms: int) -> None:
+        """A watcher wants notifications of the workflow's changes until `until_ms`."""
+        with self.dialect.write_internal() as conn:
+            conn.execute(
+                update(workflows_t)
+                .where(workflows_t.c.id == workflow_id)
+                .values(watched_until_ms=until_ms)
+            )
 
     def unfinished_runs(self, workflow_id: str) -> list[OwnedRun]:
         """The pending and running runs a workflow owns (its steps, its driver)."""
@@ -342,7 +356,6 @@ class Journal:
             if before is not None:
                 before(conn)
             conn.execute(_INSERT_STEP, [entry])
-            self.notify(conn, workflow_id)
             claimed = None
             if worker is not None:
                 claimed = self.store.insert_running(new, worker, lease_ms, conn)
@@ -391,7 +404,6 @@ class Journal:
         ).rowcount
         if not changed:
             return None
-        self.notify(conn, workflow_id)
         return Entry(name, 0, "step", state, result=result, error=error)
 
     def wake(self, conn: Connection, workflow_id: str, due_ms: int | None = None) -> None:
@@ -402,7 +414,7 @@ class Journal:
         alone cannot see a row another transaction is inserting).
         """
         due = self.clock.now_ms() if due_ms is None else due_ms
-        pool = conn.execute(self._lock_pool, {"wf": workflow_id}).scalar()
+        pool = conn.execute(self._lock_pool, self._lock_params(workflow_id)).scalar()
         if pool is None:
             return
         self.store.ensure_pending(conn, driver_run(workflow_id, pool, due))
@@ -425,7 +437,6 @@ class Journal:
         with self.write() as conn:
             self.lock_running(conn, workflow_id)
             conn.execute(_INSERT_STEP, [entry])
-            self.notify(conn, workflow_id)
             if wake_ms is not None:
                 self.wake(conn, workflow_id, wake_ms)
             if extra is not None:
@@ -444,7 +455,6 @@ class Journal:
             if out is not None:
                 entry = {**entry, "result": out}
             conn.execute(_INSERT_STEP, [entry])
-            self.notify(conn, workflow_id)
             return out
 
     def complete_waiting(self, workflow_id: str, name: str, result: Any = None) -> bool:
@@ -467,7 +477,6 @@ class Journal:
         with self.write() as conn:
             self.lock_running(conn, parent_id)
             conn.execute(_INSERT_STEP, [entry])
-            self.notify(conn, parent_id)
             self._create(conn, child)
 
     # -- finishing -------------------------------------------------------------------
@@ -531,7 +540,6 @@ class Journal:
             .where(workflows_t.c.id == row.id)
             .values(state=state, result=result, error=error, finished_ms=now)
         )
-        self.notify(conn, row.id)
         new = completion(row)
         if new is not None:
             outcome = {COMPLETED: RUN_SUCCESS, FAILED: RUN_FAILED, CANCELED: RUN_CANCELED}[state]
@@ -555,7 +563,6 @@ class Journal:
                 )
                 .values(finished_ms=now, **values)
             )
-            self.notify(conn, row.parent_id)
             self.wake(conn, row.parent_id, now)
 
     def delete(self, workflow_id: str) -> None:
@@ -586,7 +593,12 @@ class Journal:
             raise Conflict(str(exc)) from None
 
     def _lock(self, conn: Connection, workflow_id: str) -> Any:
-        return conn.execute(self._lock_workflow, {"wf": workflow_id}).first()
+        return conn.execute(self._lock_workflow, self._lock_params(workflow_id)).first()
+
+    def _lock_params(self, workflow_id: str) -> dict[str, Any]:
+        if self._notice is None:
+            return {"wf": workflow_id}
+        return {"wf": workflow_id, "now": self.clock.now_ms()}
 
     def lock_running(self, conn: Connection, workflow_id: str) -> None:
         row = self._lock(conn, workflow_id)

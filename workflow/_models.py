@@ -62,6 +62,8 @@ class WorkflowRow(SQLModel, table=True):
     # workflow's code: a replay's earlier calls (lower ordinals) never overwrite it.
     progress: Any = Field(default=None, sa_column=Column(StoredJSON, nullable=True))
     progress_seq: int = 0
+    # Until when a `watch` (on PostgreSQL) wants notifications of its changes.
+    watched_until_ms: int | None = Field(default=None, sa_type=BigInteger)
 
 
 class StepRow(SQLModel, table=True):

@@ -1,9 +1,11 @@
 """`watch`: a workflow's changes as they happen, until it ends.
 
 Each change is read from the database, so a watcher in any process sees the changes
-of every process: on PostgreSQL it reads when the journal's notification for its
-workflow arrives (sent in the transaction of the change; a slow poll is the safety
-net), on SQLite it polls a cheap fingerprint of the workflow (a few indexed counts).
+of every process. On PostgreSQL the watcher marks the workflow watched (for 30 s,
+renewed) and reads when a notification for it arrives: the journal sends one in the
+transaction of each change to a watched workflow, folded into the row lock it takes
+anyway (a slow poll is the safety net). On SQLite it polls a cheap fingerprint of
+the workflow (a few indexed counts).
 """
 
 from __future__ import annotations
@@ -115,6 +117,7 @@ _STEP_COLUMNS = (
     steps_t.c.attempts, steps_t.c.error, steps_t.c.started_ms, steps_t.c.finished_ms,
 )
 _LOG_BATCH = 500
+_WATCHED_MS = 30_000  # how long one request for notifications lasts (renewed)
 
 
 @dataclass
@@ -223,9 +226,15 @@ async def watch_workflow(
 
         subscription = dialect.subscribe(TOPIC, on_notify)
     wait = safety_interval if subscription is not None else poll_interval
+    renew_at = 0
     try:
         while True:
             wake.clear()  # before the read: a change during it wakes the next wait
+            now = journal.clock.now_ms()
+            if subscription is not None and now >= renew_at:
+                # Ask for notifications (before the read, which sees what came before).
+                await dialect.call(journal.watching, workflow_id, now + _WATCHED_MS)
+                renew_at = now + _WATCHED_MS // 3
             events = await dialect.call(reader.read)
             for event in events:
                 yield event

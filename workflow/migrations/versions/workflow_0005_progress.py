@@ -1,6 +1,7 @@
 """Workflows: progress, log lines, large step results, retention indexes.
 
-`ctx.set_progress` stores its value (and the ordinal of the call) on the workflow;
+`ctx.set_progress` stores its value (and the ordinal of the call) on the workflow,
+with until when a watcher wants notifications of its changes;
 `ctx.log` lines go to tiers_workflow_logs; step results too large for the journal
 go to tiers_workflow_results; indexes let retention find finished workflows and old
 events without a scan.
@@ -25,6 +26,9 @@ def upgrade() -> None:
     op.add_column(
         "tiers_workflows",
         sa.Column("progress_seq", sa.Integer(), nullable=False, server_default="0"),
+    )
+    op.add_column(
+        "tiers_workflows", sa.Column("watched_until_ms", sa.BigInteger(), nullable=True)
     )
     op.add_column("tiers_workflow_steps", sa.Column("result_size", sa.Integer(), nullable=True))
     op.create_index("ix_tiers_workflows_finished", "tiers_workflows", ["finished_ms"])
@@ -60,5 +64,6 @@ def downgrade() -> None:
     with op.batch_alter_table("tiers_workflow_steps") as batch:
         batch.drop_column("result_size")
     with op.batch_alter_table("tiers_workflows") as batch:
+        batch.drop_column("watched_until_ms")
         batch.drop_column("progress_seq")
         batch.drop_column("progress")
