@@ -572,3 +572,42 @@ def test_only_watched_workflows_send_notifications(app: App) -> None:
         assert got == ["", watched, watched]
     finally:
         subscription.close()
+
+
+@pytest.mark.processes
+@pytest.mark.timeout(120)
+@pytest.mark.anyio
+async def test_watch_follows_a_workflow_run_by_a_worker_process(db_url: str) -> None:
+    import importlib
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    if str(root) not in sys.path:
+        sys.path.insert(0, str(root))
+    workflows = importlib.import_module("tests.progress_app").build(db_url)
+    env = {**os.environ, "TIERS_WF_TEST_DB": db_url, "TIERS_LOG_LEVEL": "ERROR"}
+    worker = subprocess.Popen(
+        [sys.executable, "-m", "retrier", "worker", "tests.progress_app:workflows"],
+        cwd=root, env=env,
+    )
+    seen: list[WatchEvent] = []
+    try:
+        wf_id = await workflows.start_async("reporting", {"steps": 3})
+        with anyio.fail_after(60):
+            async for event in workflows.watch(wf_id):
+                seen.append(event)
+                if isinstance(event, ProgressChanged) and event.progress["done"] == 3:
+                    await workflows.send_event_async("release", {})
+    finally:
+        worker.terminate()
+        worker.wait(timeout=30)
+        workflows.retrier.close()
+    assert seen[-1] == StatusChanged(wf_id, "completed", 3)
+    assert [e.line.message for e in seen if isinstance(e, LogAdded)] == [
+        "step 0 done", "step 1 done", "step 2 done",
+    ]
+    progress = [e.progress["done"] for e in seen if isinstance(e, ProgressChanged)]
+    assert progress == sorted(progress) and progress[-1] == 3
