@@ -7,6 +7,7 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -39,6 +40,7 @@ from workflow._models import events_t, logs_t, results_t, steps_t, workflows_t
 from workpool import Workpool
 
 MakeRetrier = Callable[..., Retrier]
+ROOT = Path(__file__).resolve().parent.parent
 DAY = timedelta(days=1)
 
 
@@ -492,9 +494,8 @@ def test_the_docs_progress_example_runs_as_written(tmp_path: Any) -> None:
     import os
     import subprocess
     import sys
-    from pathlib import Path
 
-    doc = (Path(__file__).parent.parent / "docs" / "workflow.md").read_text()
+    doc = (ROOT / "docs" / "workflow.md").read_text()
     snippet = doc.split("## Progress, log lines and watching")[1].split("```python")[1]
     (tmp_path / "demo.py").write_text(snippet.split("```")[0])
     done = subprocess.run(
@@ -580,18 +581,15 @@ def test_only_watched_workflows_send_notifications(app: App) -> None:
 async def test_watch_follows_a_workflow_run_by_a_worker_process(db_url: str) -> None:
     import importlib
     import os
-    import subprocess
     import sys
-    from pathlib import Path
 
-    root = Path(__file__).resolve().parent.parent
-    if str(root) not in sys.path:
-        sys.path.insert(0, str(root))
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))
     workflows = importlib.import_module("tests.progress_app").build(db_url)
     env = {**os.environ, "TIERS_WF_TEST_DB": db_url, "TIERS_LOG_LEVEL": "ERROR"}
-    worker = subprocess.Popen(
+    worker = await anyio.open_process(
         [sys.executable, "-m", "retrier", "worker", "tests.progress_app:workflows"],
-        cwd=root, env=env,
+        cwd=ROOT, env=env, stdout=None, stderr=None,
     )
     seen: list[WatchEvent] = []
     try:
@@ -603,7 +601,8 @@ async def test_watch_follows_a_workflow_run_by_a_worker_process(db_url: str) -> 
                     await workflows.send_event_async("release", {})
     finally:
         worker.terminate()
-        worker.wait(timeout=30)
+        with anyio.fail_after(30):
+            await worker.wait()
         workflows.retrier.close()
     assert seen[-1] == StatusChanged(wf_id, "completed", 3)
     assert [e.line.message for e in seen if isinstance(e, LogAdded)] == [

@@ -27,7 +27,7 @@ from retrier.engine import Claimed, NewRun, OwnedRun, Store, describe_error
 
 from ._errors import WorkflowNotFinished, WorkflowNotFound
 from ._events import Events
-from ._limits import load_results, stored_result
+from ._limits import load_results, result_columns, store_apart
 from ._models import (
     CANCELED,
     COMPLETED,
@@ -382,8 +382,7 @@ class Journal:
         columns: dict[str, Any] = {"result": None, "result_size": None}
         if state == COMPLETED and result is not None:
             try:
-                what = f"the result of step {name!r}"
-                columns = stored_result(conn, workflow_id, name, result, what)
+                columns = result_columns(result, f"the result of step {name!r}")
             except ValueTooLarge as exc:
                 # The workflow may have gone on with it (an inline step): a replay
                 # meets the failure instead.
@@ -404,6 +403,8 @@ class Journal:
         ).rowcount
         if not changed:
             return None
+        if columns["result_size"] is not None:
+            store_apart(conn, workflow_id, name, result)
         return Entry(name, 0, "step", state, result=result, error=error)
 
     def wake(self, conn: Connection, workflow_id: str, due_ms: int | None = None) -> None:
@@ -547,14 +548,11 @@ class Journal:
         if row.parent_id is not None and row.parent_step is not None:
             if state == COMPLETED:
                 what = f"the result of child workflow {row.id}"
-                values: dict[str, Any] = {
-                    "state": COMPLETED,
-                    **stored_result(conn, row.parent_id, row.parent_step, result, what),
-                }
+                values: dict[str, Any] = {"state": COMPLETED, **result_columns(result, what)}
             else:
                 why = error if state == FAILED else "child workflow was canceled"
                 values = {"state": FAILED, "error": why}
-            conn.execute(
+            changed = conn.execute(
                 update(steps_t)
                 .where(
                     steps_t.c.workflow_id == row.parent_id,
@@ -562,7 +560,9 @@ class Journal:
                     steps_t.c.state == WAITING,
                 )
                 .values(finished_ms=now, **values)
-            )
+            ).rowcount
+            if changed and values.get("result_size") is not None:
+                store_apart(conn, row.parent_id, row.parent_step, result)
             self.wake(conn, row.parent_id, now)
 
     def delete(self, workflow_id: str) -> None:

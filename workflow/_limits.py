@@ -53,19 +53,21 @@ def cut_log(message: str) -> str:
     return f"{kept}… [cut: {len(raw)} bytes]"
 
 
-def stored_result(
-    conn: Connection, workflow_id: str, name: str, result: Any, what: str
-) -> dict[str, Any]:
-    """The journal's columns for a result (`ValueTooLarge` over `MAX_RESULT`): inline,
-    or, over `INLINE_RESULT`, in the side table (written here) with only its size
-    in the journal."""
+def result_columns(result: Any, what: str) -> dict[str, Any]:
+    """The journal's columns for a result (`ValueTooLarge` over `MAX_RESULT`): the
+    result itself, or, over `INLINE_RESULT`, only its size (then `store_apart` it in
+    the same transaction, once the journal entry is written)."""
     size = check_size(result, what, MAX_RESULT)
     if size <= INLINE_RESULT:
         return {"result": result, "result_size": None}
+    return {"result": None, "result_size": size}
+
+
+def store_apart(conn: Connection, workflow_id: str, name: str, result: Any) -> None:
+    """Keep a journal entry's large result in the side table."""
     key = (results_t.c.workflow_id == workflow_id) & (results_t.c.name == name)
     conn.execute(delete(results_t).where(key))
     conn.execute(insert(results_t).values(workflow_id=workflow_id, name=name, result=result))
-    return {"result": None, "result_size": size}
 
 
 def load_results(conn: Connection, workflow_id: str, names: list[str]) -> dict[str, Any]:
