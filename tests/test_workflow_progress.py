@@ -247,6 +247,28 @@ def test_large_step_results_live_apart_and_load_only_on_replay(app: App) -> None
     assert app.count(results_t) == 0 and app.count(logs_t) == 0
 
 
+def test_a_large_child_result_lives_apart_in_the_parents_journal(app: App) -> None:
+    wf = app.workflows
+    big = "c" * (INLINE_RESULT * 2)
+
+    @wf.define
+    async def child(ctx: WorkflowContext) -> str:
+        return big
+
+    @wf.define
+    async def parent(ctx: WorkflowContext) -> int:
+        value = await ctx.invoke("child", child)
+        await ctx.sleep("nap", 60)
+        return len(value)
+
+    wf_id = wf.start(parent)
+    app.drain()
+    assert app.count(results_t, workflow_id=wf_id, name="child[0]") == 1
+    assert [s.result for s in wf.steps(wf_id) if s.kind == "invoke"] == [big]
+    app.later(60)
+    assert wf.status(wf_id) == Completed(Success(len(big)))
+
+
 # -- retention -----------------------------------------------------------------------------
 
 
