@@ -6,6 +6,7 @@ into an `Outcome` for the store to record.
 from __future__ import annotations
 
 import logging
+import time
 import traceback
 from collections.abc import Callable
 from functools import partial
@@ -26,6 +27,9 @@ log = logging.getLogger("tiers.worker")
 # A failed attempt's traceback is kept up to this many characters (its last ones: the
 # frames nearest the error, and the error itself).
 TRACEBACK_CHARS = 8_000
+# A run claimed ahead of its start waits at most this long (a claim is made at most a
+# few milliseconds ahead; a clock that jumped must not hold a run back).
+_MAX_AHEAD_MS = 50
 
 
 async def attempt(
@@ -72,12 +76,19 @@ async def attempt(
         kwargs = reg.decode_args(c.args)
     except pydantic.ValidationError as exc:
         return outcome("fatal", error=f"CorruptRun: the stored args do not fit {c.fn!r}: {exc}")
+    # A claim made just ahead of a due time stamps the run as started then: wait for it.
+    ahead_s = 0.0 if now_ms is None else min(c.started_ms - now_ms(), _MAX_AHEAD_MS) / 1000
     try:
         if reg.is_async:
+            if ahead_s > 0:
+                await anyio.sleep(ahead_s)
             going_async()
             value = await reg.fn(**kwargs)
         else:
-            value = await anyio.to_thread.run_sync(partial(reg.fn, **kwargs), limiter=limiter)
+            call = partial(reg.fn, **kwargs)
+            if ahead_s > 0:  # in the thread: its sleep ends closer to the time than the loop's
+                call = partial(_call_at, time.perf_counter() + ahead_s, call)
+            value = await anyio.to_thread.run_sync(call, limiter=limiter)
         result = reg.encode_result(value)
     except (NonRetryableError, ResultNotSerializable) as exc:
         return outcome("fatal", error=describe(exc), traceback=traceback_of(exc))
@@ -89,6 +100,12 @@ async def attempt(
         # Logged once recorded, when it is known whether the run will be retried.
         return outcome("failure", error=describe(exc), traceback=traceback_of(exc))
     return outcome("success", result=result)
+
+
+def _call_at(when: float, call: Callable[[], Any]) -> Any:
+    """`call()` at `when` (`time.perf_counter()`), on this thread."""
+    time.sleep(max(0.0, when - time.perf_counter()))
+    return call()
 
 
 def handler_in_txn(registry: Registry, name: str | None) -> bool:

@@ -193,7 +193,13 @@ class Claims:
         self._limited_queues = dialect.lock_rows(LIMITED_QUEUES)
 
     def claim(
-        self, worker: str, limit: int, lease_ms: int, runnable: Runnable = ANYTHING
+        self,
+        worker: str,
+        limit: int,
+        lease_ms: int,
+        runnable: Runnable = ANYTHING,
+        *,
+        at_ms: int | None = None,
     ) -> tuple[list[Claimed], int | None]:
         """Lease up to `limit` due runs that `runnable` covers, honouring every
         queue's limits.
@@ -201,22 +207,35 @@ class Claims:
         Returns the claimed runs and, if fewer than `limit` could start now, when
         the worker should look again: the next due time, or the moment a rate
         limit lets more start (None: only new work or freed slots can help).
+
+        `at_ms`, a moment a few milliseconds ahead, makes the claim the one that
+        would happen then (what is due by then, leases and starts stamped then): a
+        worker that claims just before a backoff ends starts the run on time, and
+        waits for `started_ms` before starting it.
         """
         if limit <= 0:
             return [], None
         if self.dialect.server_claim:  # one statement: no transaction to open and close
             with self.dialect.write_internal_one() as conn:
-                return self._server_claim(conn, worker, limit, lease_ms, runnable)
+                return self._server_claim(conn, worker, limit, lease_ms, runnable, at_ms)
         with self.dialect.write_internal() as conn:
-            return self.claim_in(conn, worker, limit, lease_ms, runnable)
+            return self.claim_in(conn, worker, limit, lease_ms, runnable, at_ms=at_ms)
 
     def claim_in(
-        self, conn: Connection, worker: str, limit: int, lease_ms: int, runnable: Runnable
+        self,
+        conn: Connection,
+        worker: str,
+        limit: int,
+        lease_ms: int,
+        runnable: Runnable,
+        *,
+        at_ms: int | None = None,
     ) -> tuple[list[Claimed], int | None]:
         """`claim`, inside the caller's write transaction."""
         if self.dialect.server_claim:
-            return self._server_claim(conn, worker, limit, lease_ms, runnable)
+            return self._server_claim(conn, worker, limit, lease_ms, runnable, at_ms)
         limits, now = QueueBudget.lock(conn, self._limited_queues, clock=self.clock)
+        now = now if at_ms is None else max(now, at_ms)
         survey: _Survey | None = None
         rate_retry_ms: int | None = None
         can_run = runnable.params()
@@ -271,14 +290,21 @@ class Claims:
         return claimed, wake_at
 
     def _server_claim(
-        self, conn: Connection, worker: str, limit: int, lease_ms: int, runnable: Runnable
+        self,
+        conn: Connection,
+        worker: str,
+        limit: int,
+        lease_ms: int,
+        runnable: Runnable,
+        at_ms: int | None = None,
     ) -> tuple[list[Claimed], int | None]:
         """The same claim, as one call of the server's `tiers_claim_v2` (see `_pg_claim`)."""
+        now = self.clock.now_ms()
         params = {
             "worker": worker,
             "limit": limit,
             "lease_ms": lease_ms,
-            "now": self.clock.now_ms(),
+            "now": now if at_ms is None else max(now, at_ms),
             **runnable.params(),
         }
         claimed: list[Claimed] = []

@@ -24,6 +24,10 @@ _WAKE_JOB = "wake"
 # database then and sets the next one. Due times near the end of what datetime can
 # hold (a bad row, seconds taken for milliseconds) then never reach APScheduler.
 _LONGEST_WAKE_MS = 3_600_000
+# A wake-up fires this much before its due time: the scheduler's own lateness and the
+# claim then fit before it, and the worker starts the run at its due time exactly
+# (`Claims.claim`'s `at_ms`).
+WAKE_LEAD_MS = 6
 
 
 class _SchedulerNotices(logging.Filter):
@@ -83,8 +87,9 @@ class Timers:
         if self._scheduler.running:
             self._scheduler.shutdown(wait=True)
 
-    def wake_at(self, due_ms: int, wake: Callable[[], None]) -> None:
-        """Call `wake` at `due_ms` (epoch ms), unless an earlier wake-up is pending.
+    def wake_at(self, due_ms: int, wake: Callable[[int], None]) -> None:
+        """Call `wake(due_ms)` `WAKE_LEAD_MS` before `due_ms` (epoch ms), unless an
+        earlier wake-up is pending.
 
         Never raises: a wake-up that cannot be set is logged, and the worker's poll
         finds the work instead.
@@ -94,7 +99,7 @@ class Timers:
         except Exception:
             _scheduler_log.exception("could not set a wake-up at %r; polling instead", due_ms)
 
-    def _wake_at(self, due_ms: int, wake: Callable[[], None]) -> None:
+    def _wake_at(self, due_ms: int, wake: Callable[[int], None]) -> None:
         with self._lock:
             now_ms = datetime.now(UTC).timestamp() * 1000
             due_ms = int(min(due_ms, now_ms + _LONGEST_WAKE_MS))
@@ -106,8 +111,8 @@ class Timers:
             self._fire_on_loop if self._on_loop else self._fire,
             "date",
             executor="loop" if self._on_loop else "default",
-            args=(wake,),
-            run_date=datetime.fromtimestamp(due_ms / 1000, tz=UTC),
+            args=(wake, due_ms),
+            run_date=datetime.fromtimestamp((due_ms - WAKE_LEAD_MS) / 1000, tz=UTC),
             id=_WAKE_JOB,
             replace_existing=True,
             # A wake-up replaced while the previous one is still firing must not be
@@ -115,13 +120,13 @@ class Timers:
             max_instances=100,
         )
 
-    def _fire(self, wake: Callable[[], None]) -> None:
+    def _fire(self, wake: Callable[[int], None], due_ms: int) -> None:
         with self._lock:
             self._wake_due_ms = None
-        wake()
+        wake(due_ms)
 
-    async def _fire_on_loop(self, wake: Callable[[], None]) -> None:
-        self._fire(wake)
+    async def _fire_on_loop(self, wake: Callable[[int], None], due_ms: int) -> None:
+        self._fire(wake, due_ms)
 
     def every(
         self, name: str, interval: timedelta, job: Callable[[], Any], *, now: bool = False

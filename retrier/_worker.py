@@ -38,7 +38,7 @@ from ._registry import Registry
 from ._run_types import Claimed, Delivery, Outcome, Recorded, Runnable, SessionHandler
 from ._store import Store
 from ._telemetry import Telemetry, outcomes_recorded
-from ._timers import Timers
+from ._timers import WAKE_LEAD_MS, Timers
 from ._upkeep import sweep_interval
 from ._waiting import loop_caller
 from ._worker_jobs import WorkerJobs
@@ -48,6 +48,8 @@ log = logging.getLogger("tiers.worker")
 T = TypeVar("T")
 
 _BATCH = 256
+# How far ahead a claim may be made as of (a timer's lead, and some scheduling slack).
+_CLAIM_AHEAD_MS = 4 * WAKE_LEAD_MS
 
 current_worker: ContextVar[Worker | None] = ContextVar("tiers_current_worker", default=None)
 """The worker executing the current action, seen from inside the action (or None)."""
@@ -108,6 +110,7 @@ class Worker:
         self._announced_at = NONE  # when the latest one was sent (see Hints)
         self._claims_left: int | None = None  # run_until_idle's budget of claims
         self.next_look_ms: int | None = None  # when the last claim said to look again
+        self._claim_at: int | None = None  # a timer's due time, for the next claim
         self.jobs = WorkerJobs(self)
 
     # -- lifecycle -----------------------------------------------------------------
@@ -235,7 +238,8 @@ class Worker:
             return []
         began = time.monotonic()
         claimed, wake_at_ms = await self.store.dialect.call(
-            self.store.claim, self.id, wanted, self.lease_ms, self.runnable()
+            partial(self.store.claim, at_ms=self._take_claim_at()),
+            self.id, wanted, self.lease_ms, self.runnable(),
         )
         self._hints.looked(began)
         self._start(claimed, wake_at_ms)
@@ -260,7 +264,28 @@ class Worker:
             self._claims_left -= 1
             self._stopping = self._stopping or self._claims_left <= 0
         if wake_at_ms is not None and self._timers is not None:
-            self._timers.wake_at(wake_at_ms, self.wake)  # never raises
+            self._timers.wake_at(wake_at_ms, self._wake_for)  # never raises
+
+    def _wake_for(self, due_ms: int) -> None:
+        """A timer fired just before `due_ms`: claim as at `due_ms` (the runs then
+        start on time, each waiting for its `started_ms`); thread-safe."""
+        if threading.get_ident() == self._loop_thread:
+            self._set_claim_at(due_ms)
+        else:
+            self._from_thread(partial(self._set_claim_at, due_ms))
+
+    def _set_claim_at(self, due_ms: int) -> None:
+        self._claim_at = max(self._claim_at or due_ms, due_ms)
+        self._wake.set()
+
+    def _take_claim_at(self) -> int | None:
+        """The due time a timer asked the next claim to be made as of, if still
+        ahead (by at most `_CLAIM_AHEAD_MS`)."""
+        at, self._claim_at = self._claim_at, None
+        if at is None:
+            return None
+        now = self.store.clock.now_ms()
+        return at if now < at <= now + _CLAIM_AHEAD_MS else None
 
     # -- executing --------------------------------------------------------------------
 

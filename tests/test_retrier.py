@@ -185,6 +185,46 @@ def test_backoff_fires_on_time_through_the_scheduler(make_retrier: MakeRetrier) 
     assert 0.195 <= t[2] - t[1] <= 0.3
 
 
+def test_a_backoff_never_starts_its_attempt_early(make_retrier: MakeRetrier) -> None:
+    """The worker's timer fires a few milliseconds ahead and claims as of the due time
+    (so the attempt starts on time); the attempt itself waits for that time."""
+    retrier = make_retrier(poll_interval=timedelta(seconds=10))
+    started: list[int] = []
+
+    @retrier.action
+    def flaky() -> str:
+        started.append(time.time_ns() // 1_000_000)
+        if len(started) < 4:
+            raise RuntimeError("not yet")
+        return "done"
+
+    with retrier:
+        run_id = retrier.run(flaky, initial_backoff_ms=40, max_failures=5)
+        assert retrier.wait(run_id, timeout=10) == Completed(Success("done"))
+    attempts = retrier.store.attempts(run_id)
+    assert len(attempts) == 4
+    for failed, nxt, t in zip(attempts, attempts[1:], started[1:], strict=False):
+        backoff = 40 * 2 ** (failed.number - 1)
+        assert nxt.started_ms >= failed.started_ms + backoff
+        assert t >= nxt.started_ms  # not started before its stamped start
+
+
+def test_a_claim_made_ahead_is_the_claim_of_that_moment(make_retrier: MakeRetrier) -> None:
+    clock = FakeClock()
+    retrier = make_retrier(clock=clock)
+
+    @retrier.action
+    def noop() -> None: ...
+
+    now = clock.now_ms()
+    due_soon = retrier.run_after(timedelta(milliseconds=5), noop)
+    retrier.run_after(timedelta(milliseconds=9), noop)
+    claimed, wake_at = retrier.store.claim("w", 10, 5_000, at_ms=now + 5)
+    assert [c.id for c in claimed] == [due_soon]
+    assert claimed[0].started_ms == now + 5
+    assert wake_at == now + 9
+
+
 # -- results and on_complete ---------------------------------------------------------
 
 
