@@ -203,7 +203,8 @@ class Dialect(Protocol):
 
     def topic_notice(self, topic: str, payload: ColumnElement[Any]) -> ColumnElement[Any] | None:
         """An SQL expression that, evaluated in a statement of a transaction, sends
-        `payload` on `topic` (a short lowercase name) when that transaction commits,
+        `payload` on `topic` (lowercase, at most 14 characters: with the namespace
+        it names a PostgreSQL channel) when that transaction commits,
         and nothing if it rolls back; None where `topics_notify` is False.
 
         An expression rather than a call, so that a tier can fold it into a statement

@@ -194,7 +194,10 @@ class PostgresDialect:
 
     def topic_channel(self, topic: str) -> str:
         suffix = f"_{self.namespace}" if self.namespace else ""
-        return f"tiers_t_{topic}{suffix}"
+        channel = f"tiers_t_{topic}{suffix}"
+        if len(channel) > 63:  # PostgreSQL refuses longer channel names
+            raise ValueError(f"topic {topic!r} is too long for a channel name ({channel!r})")
+        return channel
 
     def topic_notice(self, topic: str, payload: ColumnElement[Any]) -> ColumnElement[Any] | None:
         return func.pg_notify(literal(self.topic_channel(topic)), payload)
