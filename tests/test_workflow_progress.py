@@ -138,6 +138,27 @@ def test_a_replays_earlier_progress_never_overwrites_a_later_one(app: App) -> No
     assert wf.progress(wf_id) == "third"
 
 
+def test_a_restarted_workflow_can_forget_its_log_lines_and_progress_order(app: App) -> None:
+    wf = app.workflows
+
+    @wf.define
+    async def idle(ctx: WorkflowContext) -> None:
+        await ctx.wait_for_event("go", "go")
+
+    wf_id = wf.start(idle)
+    progress = wf._journal.progress
+    progress.set_progress(wf_id, 5, "old run")
+    line = {"workflow_id": wf_id, "seq": 1, "step": None, "level": "info",
+            "message": "old", "created_ms": 0}
+    assert progress.add_logs(wf_id, [line]) == 1
+    with wf._journal.dialect.write() as conn:
+        progress.forget(conn, wf_id)
+    assert wf.progress(wf_id) == "old run" and wf.logs(wf_id) == []
+    assert progress.set_progress(wf_id, 1, "new run")
+    assert progress.add_logs(wf_id, [{**line, "message": "new"}]) == 1
+    assert [x.message for x in wf.logs(wf_id)] == ["new"]
+
+
 def test_progress_must_be_json_and_small(app: App) -> None:
     wf = app.workflows
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import insert, select, update
+from sqlalchemy import Connection, delete, insert, select, update
 
 from retrier.engine import ms_to_datetime
 
@@ -94,6 +94,15 @@ class Progress:
                 conn.execute(insert(logs_t), new)
                 self._journal.notify(conn, workflow_id)
         return len(new)
+
+    def forget(self, conn: Connection, workflow_id: str) -> None:
+        """For a workflow that runs its code again from the start (a restart): its
+        log lines deleted and its progress's ordinal reset, so the new run's calls
+        are stored (its progress value stays until the new run sets one)."""
+        conn.execute(delete(logs_t).where(logs_t.c.workflow_id == workflow_id))
+        conn.execute(
+            update(workflows_t).where(workflows_t.c.id == workflow_id).values(progress_seq=0)
+        )
 
     def logs(self, workflow_id: str, after_seq: int = 0, limit: int = 1000) -> list[LogLine]:
         """A workflow's log lines after ordinal `after_seq`, in order."""
