@@ -13,6 +13,7 @@ from functools import partial
 from typing import Any
 
 import anyio
+import anyio.from_thread
 import anyio.to_thread
 import pydantic
 
@@ -103,8 +104,10 @@ async def attempt(
 
 
 def _call_at(when: float, call: Callable[[], Any]) -> Any:
-    """`call()` at `when` (`time.perf_counter()`), on this thread."""
+    """`call()` at `when` (`time.perf_counter()`), on a worker thread; not at all if
+    the attempt was cancelled meanwhile (a cancel request, a shutdown)."""
     time.sleep(max(0.0, when - time.perf_counter()))
+    anyio.from_thread.check_cancelled()
     return call()
 
 

@@ -440,14 +440,16 @@ def db_current(obj: Context) -> None:
 
 
 @db.command("history")
-def db_history() -> None:
+@click.option("--json", "as_json", is_flag=True, help="One JSON array.")
+def db_history(as_json: bool) -> None:
     """Every migration this durable-tiers knows, newest first."""
-    table = Table("revision", "follows", "what it does")
+    rows = []
     for script in Migrations().history():
         before = script.down_revision
         follows = before if isinstance(before, str) else ", ".join(before or ())
-        table.add_row(script.revision, follows, (script.doc or "").splitlines()[0])
-    console.print(table)
+        rows.append({"revision": script.revision, "follows": follows,
+                     "what": (script.doc or "").splitlines()[0]})
+    print_listing(("revision", "follows", "what"), rows, as_json, "migration(s)")
 
 
 @runs.command("cleanup")

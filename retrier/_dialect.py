@@ -15,7 +15,7 @@ import sqlite3
 import time
 from collections.abc import Callable
 from datetime import timedelta
-from typing import Any, Literal, ParamSpec, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, ParamSpec, Protocol, TypeVar
 
 import anyio
 from anyio.abc import TaskStatus
@@ -25,6 +25,9 @@ from sqlalchemy.sql import ColumnElement, Select
 
 from ._dberrors import connection_lost
 from ._errors import DatabaseUnavailable
+
+if TYPE_CHECKING:
+    from ._alone import CompiledInsert
 
 log = logging.getLogger("tiers.store")
 
@@ -156,6 +159,10 @@ class Dialect(Protocol):
         ...
     def write_internal_one(self) -> contextlib.AbstractContextManager[Connection]:
         """`write_one`, for one of the engine's own statements (see `write_internal`)."""
+        ...
+    def insert_alone(self, insert: CompiledInsert, row: dict[str, Any]) -> None:
+        """Insert one row in a transaction of its own, on the driver's connection
+        (`_alone`); errors as `write_one`'s."""
         ...
     def create_extras(self, conn: Connection) -> None:
         """Dialect-specific schema objects, created with the tables."""

@@ -19,6 +19,7 @@ from sqlalchemy import Connection, create_engine, event, func, literal, text
 from sqlalchemy.engine import URL
 from sqlalchemy.sql import ColumnElement, Select
 
+from ._alone import CompiledInsert, wrapped
 from ._dberrors import DRIVER_ERRORS, raise_translated
 from ._dialect import CANCEL, WAKE, Durability, Listener, P, T
 from ._errors import InvalidDatabaseURL
@@ -129,6 +130,31 @@ class PostgresDialect:
                 yield conn.execution_options(isolation_level="AUTOCOMMIT")
         except DRIVER_ERRORS as exc:  # unreachable, locked, no tables: a TiersError
             raise_translated(exc, self.engine.url)
+
+    def insert_alone(self, insert: CompiledInsert, row: dict[str, Any]) -> None:
+        # One statement in autocommit mode: one round trip, on the driver directly.
+        import psycopg
+
+        sql, params = insert.sql_and_params(row)
+        pooled = self.engine.raw_connection()
+        raw = pooled.driver_connection
+        assert raw is not None
+        try:
+            raw.autocommit = True
+            raw.execute(sql, params)
+        except psycopg.Error as exc:
+            lost = self.engine.dialect.is_disconnect(exc, pooled, None)  # type: ignore[arg-type]
+            if lost:  # the server restarted, or dropped us: so are the pool's others
+                pooled.invalidate(exc)
+                self.engine.dispose(close=False)
+            error = wrapped(exc, sql, params, psycopg.Error, invalidated=lost)
+            if isinstance(error, DRIVER_ERRORS):
+                raise_translated(error, self.engine.url)
+            raise error from exc
+        finally:
+            if not raw.closed:
+                raw.autocommit = False
+            pooled.close()
 
     def create_extras(self, conn: Connection) -> None:
         # New runs wake every listening worker: the server sends the NOTIFY itself,

@@ -18,6 +18,7 @@ from sqlalchemy import Connection, Engine, create_engine, event
 from sqlalchemy.engine import URL
 from sqlalchemy.sql import ColumnElement, Select
 
+from ._alone import CompiledInsert, wrapped
 from ._dberrors import DRIVER_ERRORS, raise_translated
 from ._dialect import (
     ON_LOOP,
@@ -113,6 +114,23 @@ class SQLiteDialect:
 
     def write_one(self) -> contextlib.AbstractContextManager[Connection]:
         return self.write()
+
+    def insert_alone(self, insert: CompiledInsert, row: dict[str, Any]) -> None:
+        # In autocommit mode (pysqlite's isolation_level=None) a lone INSERT is its own
+        # transaction: it takes the write lock, writes and commits, or does nothing.
+        sql, params = insert.sql_and_params(row)
+        pooled = self.engine.raw_connection()
+        try:
+            raw = pooled.driver_connection
+            assert raw is not None
+            _with_retry(raw, lambda: raw.execute(sql, params))
+        except sqlite3.Error as exc:
+            error = wrapped(exc, sql, params, sqlite3.Error)
+            if isinstance(exc, sqlite3.OperationalError):
+                raise_translated(error, self.engine.url)
+            raise error from exc
+        finally:
+            pooled.close()
 
     def write_internal_one(self) -> contextlib.AbstractContextManager[Connection]:
         return self.write_internal()
@@ -234,7 +252,13 @@ def _sqlite_begin(conn: Connection) -> None:
 
 
 def _begin_with_retry(raw: Any, begin: str, timeout: float = 30.0) -> None:
-    """BEGIN, retrying a locked database every ~0.1-2 ms.
+    """BEGIN, retrying a locked database every ~0.1-2 ms (see `_with_retry`)."""
+    _with_retry(raw, lambda: raw.execute(begin), timeout)
+
+
+def _with_retry(raw: Any, statement: Callable[[], object], timeout: float = 30.0) -> None:
+    """Run `statement` (one that takes the write lock or does nothing), retrying a
+    locked database every ~0.1-2 ms.
 
     SQLite's own busy handler sleeps 1, 2, 5, 10... ms between tries, so a writer
     waiting on a lock held for 100 us sleeps far past its release; under contention
@@ -248,7 +272,7 @@ def _begin_with_retry(raw: Any, begin: str, timeout: float = 30.0) -> None:
         pause = 0.0001
         while True:
             try:
-                raw.execute(begin)
+                statement()
                 return
             except sqlite3.OperationalError as exc:
                 if "locked" not in str(exc):

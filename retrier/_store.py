@@ -27,6 +27,7 @@ from sqlalchemy import (
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import SQLModel
 
+from ._alone import CompiledInsert
 from ._claims import Claims
 from ._clock import Clock
 from ._dialects import CANCEL, WAKE, Dialect, Durability, open_dialect, reconnecting
@@ -118,6 +119,7 @@ class Store:
         self.clock = clock
         self.dialect: Dialect = open_dialect(url, namespace, durability=durability)
         self.engine = self.dialect.engine
+        self._insert_run = CompiledInsert(INSERT_RUNS, self.engine.dialect)
         claims = Claims(self.dialect, clock)
         records = Records(self.dialect, clock, claims)
         upkeep = Upkeep(self.dialect, clock, records)
@@ -232,8 +234,11 @@ class Store:
         # Workers learn of new runs from the Retrier (same process), from a trigger's
         # NOTIFY (PostgreSQL) or by polling (SQLite in other processes).
         try:
-            with self.dialect.write_one() if len(rows) == 1 else self.dialect.write() as own:
-                own.execute(INSERT_RUNS, rows)
+            if len(rows) == 1:
+                self.dialect.insert_alone(self._insert_run, rows[0])
+            else:
+                with self.dialect.write() as own:
+                    own.execute(INSERT_RUNS, rows)
         except IntegrityError:
             # Tried again after a dropped connection: the first try may have committed.
             if self.states(r["id"] for r in rows).keys() != {r["id"] for r in rows}:

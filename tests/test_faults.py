@@ -798,6 +798,9 @@ def test_the_app_side_survives_its_connections_being_dropped(db_url: str) -> Non
 
         first = app.run(work)
         app.status(first)  # the pool now holds connections
+        held = [app.engine.connect() for _ in range(4)]  # several of them
+        for conn in held:
+            conn.close()
         with killer.engine.connect() as conn:
             conn.execute(
                 text("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
@@ -807,6 +810,7 @@ def test_the_app_side_survives_its_connections_being_dropped(db_url: str) -> Non
             conn.commit()
         second = app.run(work)  # each on a dead pooled connection first
         assert app.status(second) == InProgress()
+        assert app.status(app.run(work)) == InProgress()  # the pool's others were dead too
         assert app.store.get(first).state == "pending"
     finally:
         app.close()

@@ -5,6 +5,7 @@ clear of an app's own Alembic history."""
 
 from __future__ import annotations
 
+import json
 import threading
 from typing import Any
 
@@ -164,5 +165,8 @@ def test_the_db_commands(db_url: str, tmp_path: Any) -> None:
     assert current.exit_code == 0 and "engine_0003" in current.output
     history = cli.invoke(main, ["db", "history"])
     assert history.exit_code == 0 and "engine_0001" in history.output
+    listed = cli.invoke(main, ["db", "history", "--json"])
+    revisions = {m["revision"]: m["follows"] for m in json.loads(listed.output)}
+    assert revisions["engine_0002"] == "engine_0001" and "workflow_0001" in revisions
     bad = cli.invoke(main, ["--db", db_url, "db", "upgrade", "--branch", "nope"])
     assert bad.exit_code != 0 and "no branch" in bad.output

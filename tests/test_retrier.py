@@ -126,9 +126,11 @@ def test_per_run_overrides_set_the_schedule(make_retrier: MakeRetrier) -> None:
     starts = [s - start for s in attempt_starts(retrier, run_id)]
     gaps = [b - a for a, b in itertools.pairwise(starts)]
     # Each attempt starts on the first tick at or after its due time (ticks are 500 ms / 1 s).
+    # (PostgreSQL's claim adds a wait of 5 ms or more for its locks to the start it
+    # stamps, which a loaded machine can cause even here: hence the 20 ms.)
     assert len(starts) == 6
     for gap, expected in zip(gaps, [1000, 3000, 9000, 27000, 81000], strict=True):
-        assert expected <= gap < expected + 1000
+        assert expected - 20 <= gap < expected + 1000
 
 
 def test_retry_after_sets_the_next_delay(make_retrier: MakeRetrier) -> None:
@@ -207,6 +209,36 @@ def test_a_backoff_never_starts_its_attempt_early(make_retrier: MakeRetrier) -> 
         backoff = 40 * 2 ** (failed.number - 1)
         assert nxt.started_ms >= failed.started_ms + backoff
         assert t >= nxt.started_ms  # not started before its stamped start
+
+
+def test_an_attempt_claimed_ahead_and_cancelled_before_its_start_never_runs(
+    retrier: Retrier,
+) -> None:
+    from retrier._attempts import attempt
+    from retrier.engine import Claimed
+
+    calls = Calls()
+
+    @retrier.action
+    def work() -> None:
+        calls.add("ran")
+
+    now = retrier.clock.now_ms()
+    claimed = Claimed(
+        id="r1", fn="work", args={}, state="running", fence=1, attempts=1, failures=0,
+        queue="", owner=None, on_complete=None, context=None, outcome=None, result=None,
+        error=None, started_ms=now + 40,
+    )
+
+    async def main() -> None:
+        limiter = anyio.CapacityLimiter(1)
+        with anyio.move_on_after(0.01):  # a cancel request, before its start
+            await attempt(retrier.registry, claimed, limiter=limiter,
+                          going_async=lambda: None, now_ms=retrier.clock.now_ms)
+        await anyio.sleep(0.06)  # past the start it waited for
+
+    anyio.run(main)
+    assert calls.items == []
 
 
 def test_a_claim_made_ahead_is_the_claim_of_that_moment(make_retrier: MakeRetrier) -> None:
