@@ -15,12 +15,14 @@ from ._errors import (
     HandBack,
     InvalidArguments,
     InvalidDatabaseURL,
+    InvalidSchedule,
     InvalidSettings,
     NonRetryableError,
     RetryAfter,
     RunNotFinished,
     RunNotFound,
     RunNotRetryable,
+    ScheduleNotFound,
     SchemaMissing,
     SchemaTooNew,
     TiersError,
@@ -40,6 +42,7 @@ from ._results import (
     Success,
 )
 from ._retrier import Retrier
+from ._schedules import Schedule
 from ._worker import Worker
 
 __all__ = [
@@ -55,6 +58,7 @@ __all__ = [
     "InProgress",
     "InvalidArguments",
     "InvalidDatabaseURL",
+    "InvalidSchedule",
     "InvalidSettings",
     "NonRetryableError",
     "Retrier",
@@ -65,6 +69,8 @@ __all__ = [
     "RunNotRetryable",
     "RunResult",
     "RunStatus",
+    "Schedule",
+    "ScheduleNotFound",
     "SchemaMissing",
     "SchemaTooNew",
     "Success",

@@ -76,6 +76,19 @@ class InvalidSettings(TiersError, ValueError):
     """A retry policy, pool setting or other option is negative or absurd."""
 
 
+class InvalidSchedule(InvalidSettings):
+    """A schedule's cron expression, time zone or missed-tick policy is wrong (or
+    the expression never fires); raised before anything is written."""
+
+
+class ScheduleNotFound(TiersError, LookupError):
+    """No schedule with this name is stored."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(f"no schedule named {name!r}")
+        self.name = name
+
+
 class InvalidDatabaseURL(TiersError, ValueError):
     """The database URL cannot be parsed or names an unsupported backend.
 

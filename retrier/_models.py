@@ -196,10 +196,45 @@ class WorkerRow(SQLModel, table=True):
     heartbeat_ms: int = Field(sa_type=BigInteger)
 
 
+class ScheduleRow(SQLModel, table=True):
+    """A cron schedule: the run it starts at each tick, and when the next tick is.
+
+    Whichever worker first sees `next_fire_ms` pass moves it on with a
+    compare-and-set in the transaction that inserts the tick's run, so each tick
+    starts one run however many workers look (see `_schedules.py`).
+    """
+
+    __tablename__ = "tiers_schedules"
+
+    name: str = Field(primary_key=True, max_length=200)
+    target: str = Field(max_length=16)  # run | pool | workflow: what a tick starts
+    fn: str = Field(max_length=200)
+    args: Any = Field(sa_column=Column(StoredJSON, nullable=False))
+    # The rest of the run a tick starts (queue, retry policy, on_complete, ...).
+    options: Any = Field(sa_column=Column(StoredJSON, nullable=False))
+    cron: str = Field(max_length=120)
+    timezone: str = Field(max_length=64)
+    missed: str = Field(max_length=8)  # latest | all | none
+    paused: bool = False
+    next_fire_ms: int | None = Field(default=None, sa_type=BigInteger)
+    last_fire_ms: int | None = Field(default=None, sa_type=BigInteger)
+    last_run_id: str | None = Field(default=None, max_length=40)
+    created_ms: int = Field(sa_type=BigInteger)
+    updated_ms: int = Field(sa_type=BigInteger)
+
+
+Index(
+    "ix_tiers_schedules_due",
+    ScheduleRow.__table__.c.next_fire_ms,  # type: ignore[attr-defined]
+    **partial_index("paused = false"),
+)
+
+
 ENGINE_TABLES = [
     MetaRow.__table__,  # type: ignore[attr-defined]
     RunRow.__table__,  # type: ignore[attr-defined]
     AttemptRow.__table__,  # type: ignore[attr-defined]
     QueueRow.__table__,  # type: ignore[attr-defined]
     WorkerRow.__table__,  # type: ignore[attr-defined]
+    ScheduleRow.__table__,  # type: ignore[attr-defined]
 ]

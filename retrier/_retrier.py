@@ -29,6 +29,7 @@ from ._registry import Fn, Registry
 from ._results import Canceled, Completed, Failed, InProgress, RunResult, RunStatus, Success
 from ._run_types import NewRun
 from ._run_waits import all_completed, warn_if_no_worker, warn_when_unserved
+from ._scheduling import Scheduling
 from ._serving import AsTask, OnThread
 from ._store import Store
 from ._stored_json import unreadable
@@ -52,7 +53,7 @@ R = TypeVar("R")
 F = TypeVar("F", bound=Callable[..., Any])
 
 
-class Retrier:
+class Retrier(Scheduling):
     """Durable retries of actions, stored in SQLite or PostgreSQL.
 
     >>> retrier = Retrier("sqlite:///tiers.db")
@@ -63,7 +64,7 @@ class Retrier:
     ...     retrier.wait(run_id, timeout=10)
 
     Defaults follow Convex's action-retrier: first backoff 250 ms, base 2, and the
-    run fails after 4 failed attempts.
+    run fails after 4 failed attempts. Cron schedules: `schedule` (see `Scheduling`).
     """
 
     def __init__(

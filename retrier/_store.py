@@ -47,6 +47,7 @@ from ._models import (
 from ._reads import Gauges, Reads, WorkersSeen
 from ._records import Records
 from ._run_types import Canceling, Claimed, NewRun, OwnedRun, QueueLimits, StoredOutcome
+from ._schedules import Schedules
 from ._tables import (
     IDS,
     INSERT_RUNS,
@@ -159,6 +160,16 @@ class Store:
         # Why a run is not running (_explain.py)
         self.explain = Explainer(self.dialect, clock, claims).explain
         self._reads = reads
+        # Cron schedules (_schedules.py): declared, fired once per tick, managed
+        schedules = Schedules(self.dialect, clock, self._insert_in)
+        self.declare_schedule = schedules.declare
+        self.fire_schedules = schedules.fire_due
+        self.next_schedule_ms = schedules.next_fire_ms
+        self.trigger_schedule = schedules.trigger
+        self.pause_schedule = schedules.set_paused
+        self.delete_schedule = schedules.delete
+        self.get_schedule = schedules.get
+        self.list_schedules = schedules.list
         # Called with the rows of new runs before they are inserted (telemetry: the
         # trace context stamped, runs counted); None while telemetry is off.
         self.on_insert: Callable[[list[dict[str, Any]]], None] | None = None
@@ -228,6 +239,9 @@ class Store:
             conn.execute(INSERT_RUNS, rows)
             return
         self._insert_own(rows)
+
+    def _insert_in(self, new: Sequence[NewRun], conn: Connection) -> None:
+        self.insert_runs(new, conn)
 
     @reconnecting
     def _insert_own(self, rows: list[dict[str, Any]]) -> None:

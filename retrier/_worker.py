@@ -129,6 +129,7 @@ class Worker:
         timers.every("unrunnable", sweep_interval(self.unregistered_grace), self.jobs.sweep)
         timers.every("retention", timedelta(days=1), self.jobs.purge, now=True)
         timers.every("poll", self.poll_interval, self.jobs.poll)
+        timers.every("schedules", self.jobs.schedule_look, self.jobs.fire_schedules, now=True)
         log.info("worker %s started (concurrency %d)", self.id, self.concurrency)
         try:
             async with anyio.create_task_group() as tg:

@@ -1,8 +1,8 @@
 """A worker's periodic jobs besides running work: its heartbeat (its row in
 `tiers_workers`, what it can run, and its held runs' leases and cancel requests), the
-poll for due work, the sweep that fails runs no live worker can run, reaping expired
-leases, and retention. Each job logs its failure and never raises: a timer
-calls it again at its next tick.
+poll for due work, firing cron schedules' ticks, the sweep that fails runs no live
+worker can run, reaping expired leases, and retention. Each job logs its failure and
+never raises: a timer calls it again at its next tick.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ import logging
 import os
 import socket
 import time
+from datetime import timedelta
 from functools import partial
 from typing import TYPE_CHECKING
 
@@ -23,9 +24,14 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("tiers.worker")
 
+SCHEDULE_LOOK = timedelta(milliseconds=500)
+"""How often a worker looks for due cron ticks: a tick fires within this of its time."""
+
 
 class WorkerJobs:
     """The periodic jobs of one worker (blocking calls, run from its timers)."""
+
+    schedule_look = SCHEDULE_LOOK
 
     def __init__(self, worker: Worker) -> None:
         self._worker = worker
@@ -117,6 +123,25 @@ class WorkerJobs:
                 self._worker.wake()
         except Exception:
             log.exception("reaping expired leases failed")
+
+    def fire_schedules(self) -> None:
+        """Fire the cron schedules' due ticks (each once, whichever worker is first)."""
+        store = self._store
+        try:
+            due = store.next_schedule_ms()  # a read: most looks find nothing due
+            if due is None or due > store.clock.now_ms():
+                return
+            fired = store.fire_schedules()
+        except Exception:
+            log.exception("firing cron schedules failed")
+            return
+        for tick in fired:
+            log.info(
+                "schedule %s fired run %s", tick.name, tick.run_id,
+                extra={"schedule": tick.name, "run_id": tick.run_id},
+            )
+        if fired:
+            self._worker.wake()
 
     def purge(self) -> None:
         """Retention: completed runs, then the higher tiers' rows (`Store.add_retention`);

@@ -62,6 +62,8 @@ from ._run_types import (
     SessionHandler,
     StoredOutcome,
 )
+from ._schedules import Schedule, ScheduleSpec
+from ._scheduling import schedule_spec
 from ._store import Store
 from ._stored_json import CorruptValue, StoredJSON, unreadable
 from ._waiting import Changes, poll_until, poll_until_async
@@ -95,6 +97,8 @@ __all__ = [
     "ResultNotSerializable",
     "RunRow",
     "Runnable",
+    "Schedule",
+    "ScheduleSpec",
     "SessionHandler",
     "Store",
     "StoredJSON",
@@ -125,6 +129,7 @@ __all__ = [
     "print_why",
     "retrier_of",
     "return_hint",
+    "schedule_spec",
     "shorten",
     "to_ms",
     "unreadable",

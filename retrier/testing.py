@@ -285,6 +285,8 @@ async def _drain_once(retrier: Retrier, max_rounds: int, concurrency: int | None
     if isinstance(max_rounds, bool) or not isinstance(max_rounds, int) or max_rounds < 1:
         raise ValueError(f"max_rounds must be a positive integer, got {max_rounds!r}")
     options = {} if concurrency is None else {"concurrency": concurrency}
+    # What a worker's timer would do now: fire the cron schedules' due ticks.
+    await anyio.to_thread.run_sync(retrier.store.fire_schedules)
     worker = retrier.worker(**options)
     try:
         idle = await worker.run_until_idle(max_rounds=max_rounds)
@@ -297,7 +299,9 @@ async def _drain_once(retrier: Retrier, max_rounds: int, concurrency: int | None
             f"(raise max_rounds if the work is finite: each claim takes up to the "
             f"worker's concurrency of runs)"
         )
-    return worker.next_look_ms
+    tick = await anyio.to_thread.run_sync(retrier.store.next_schedule_ms)
+    looks = [m for m in (worker.next_look_ms, tick) if m is not None]
+    return min(looks, default=None)
 
 
 def _first_lease_expiry(retrier: Retrier) -> int | None:

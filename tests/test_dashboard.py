@@ -324,3 +324,30 @@ def test_token_and_authorize_exclude_each_other(demo: Demo) -> None:
         create_app(demo.retrier, token=TOKEN, authorize=lambda request: True)
     with pytest.raises(ValueError, match="at least 8"):
         create_app(demo.retrier, token="short")
+
+
+def test_schedules_page_pause_resume_and_trigger(demo: Demo) -> None:
+    retrier = demo.retrier
+    retrier.schedule("nightly-charge", "charge_card", {"order_id": "n", "amount": 1},
+                     cron="0 3 * * *", timezone="Europe/Paris")
+    demo.pool.schedule("digest", "send_email", {"to": "a@b.c", "subject": "d"}, cron="@hourly")
+    with client(demo) as c:
+        page = c.get("/schedules").text
+        assert "nightly-charge" in page and "Europe/Paris" in page and "in pool emails" in page
+        assert "Schedules (2)" in page
+        token = log_in(c)
+        assert "schedule digest paused" in c.post("/schedules/digest/pause",
+                                                  data={"csrf": token}).text
+        assert retrier.get_schedule("digest").paused
+        assert "Resume" in c.get("/schedules").text
+        c.post("/schedules/digest/resume", data={"csrf": token})
+        assert not retrier.get_schedule("digest").paused
+        triggered = c.post("/schedules/nightly-charge/trigger", data={"csrf": token}).text
+        assert "nightly-charge: run" in triggered
+        missing = c.post("/schedules/nope/pause", data={"csrf": token}).text
+        assert "no schedule named" in missing
+        forged = c.post("/schedules/digest/pause", data={"csrf": "forged"})
+        assert forged.status_code == 403 and not retrier.get_schedule("digest").paused
+    with client(demo, read_only=True) as c:
+        assert "Run now" not in c.get("/schedules").text
+        assert c.post("/schedules/digest/pause", data={}).status_code == 403

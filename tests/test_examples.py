@@ -118,3 +118,15 @@ def test_the_readme_snippet_runs_as_written(tmp_path: Path) -> None:
                           capture_output=True, text=True, timeout=120, check=False)
     assert done.returncode == 0, done.stderr
     assert (tmp_path / "tiers.db").exists()
+
+
+def test_the_cron_schedules_snippet_runs_as_written(tmp_path: Path) -> None:
+    doc = (ROOT / "docs" / "retrier.md").read_text()
+    snippet = doc.split("## Cron schedules")[1].split("```python")[1].split("```")[0]
+    script = tmp_path / "cron.py"
+    script.write_text(snippet)
+    env = {**os.environ, "TIERS_LOG_LEVEL": "WARNING", "PYTHONPATH": str(ROOT)}
+    done = subprocess.run([sys.executable, str(script)], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().endswith(("03:00:00+01:00", "03:00:00+02:00")), done.stdout

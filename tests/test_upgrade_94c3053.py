@@ -97,9 +97,11 @@ def upgrade(db_url: str, clock: FakeClock) -> None:
     try:
         migrations = Migrations()
         applied = store.migrate(migrations, list(migrations.branches))
-        assert applied == ["engine_0002", "engine_0003", "workflow_0002", "workflow_0005"], applied
+        assert applied == [
+            "engine_0002", "engine_0003", "engine_0004", "workflow_0002", "workflow_0005"
+        ], applied
         with store.dialect.read() as conn:
-            assert migrations.current(conn) == {"engine_0003", "workflow_0005"}
+            assert migrations.current(conn) == {"engine_0004", "workflow_0005"}
     finally:
         store.dispose()
 

@@ -21,9 +21,11 @@ from retrier import (
     Failed,
     InProgress,
     InvalidArguments,
+    InvalidSchedule,
     InvalidSettings,
     RunNotFound,
     RunStatus,
+    Schedule,
     Success,
     WaitTimeout,
 )
@@ -37,6 +39,7 @@ from retrier.engine import (
     ms_to_datetime,
     poll_until,
     poll_until_async,
+    schedule_spec,
 )
 from workpool import RetryBehavior, Workpool
 
@@ -148,6 +151,8 @@ class WorkflowManager:
         self._ended = Changes()
         self._listeners.add("run:complete", self._workflow_ended)
         self._listeners.add("run:fail", self._workflow_ended)
+        # What a schedule's tick runs: an engine action that starts the workflow.
+        self.retrier.registry.add_action(self._start_scheduled, name=_START_PREFIX + pool.name)
 
     # -- definitions -----------------------------------------------------------------------
 
@@ -222,6 +227,66 @@ class WorkflowManager:
         workflow_id = self._journal.create(row, conn=session.connection())
         event.listen(session, "after_commit", lambda _s: self.retrier.wake_workers(), once=True)
         return workflow_id
+
+    def schedule(
+        self,
+        name: str,
+        workflow: Callable[..., Any] | str,
+        args: dict[str, Any] | None = None,
+        *,
+        cron: str,
+        timezone: str = "UTC",
+        missed: str = "latest",
+        on_complete: Callable[..., Any] | str | None = None,
+        context: Any = None,
+    ) -> Schedule:
+        """Start `workflow` with `args` at every tick of `cron` in `timezone`, once per
+        tick across every worker; returns the stored schedule.
+
+        The schedule works as `Retrier.schedule` says (declared again: updated; a
+        missed tick: as `missed` says; `retrier.unschedule(name)` deletes it). Each
+        tick starts one workflow with the key `schedule:<name>:<tick epoch ms>`, so
+        even a tick whose start is retried starts it once.
+
+        >>> workflows.schedule("nightly-billing", bill_accounts, {}, cron="0 2 * * *",
+        ...                    timezone="Europe/Paris")
+        """
+        check_name(name, "a schedule name", max_length=150, error=InvalidSchedule)
+        d = self._defs.get(workflow)
+        stored = d.validate_args(args)
+        handler = None
+        if on_complete is not None:
+            handler = self.retrier.registry.handler(on_complete).name
+        if context is not None:
+            check_json(context, "the context", InvalidArguments)
+        start_args = {
+            "workflow": d.name,
+            "args": stored,
+            "schedule": name,
+            "on_complete": handler,
+            "context": context,
+        }
+        run = self.retrier.prepare(_START_PREFIX + self.pool.name, start_args)
+        spec = schedule_spec(
+            name, "workflow", run, cron=cron, timezone=timezone, missed=missed,
+            tick_arg="tick_ms",
+        )
+        return self.retrier.declare_schedule(spec)
+
+    def _start_scheduled(
+        self,
+        workflow: str,
+        args: dict[str, Any],
+        schedule: str,
+        on_complete: str | None = None,
+        context: Any = None,
+        tick_ms: int = 0,
+    ) -> str:
+        """A schedule's tick: start the workflow once for this tick (its key)."""
+        return self.start(
+            workflow, args, on_complete=on_complete, context=context,
+            key=f"schedule:{schedule}:{tick_ms}",
+        )
 
     def retrigger(self, workflow_id: str) -> str:
         """Start a fresh run of a workflow with the same input, on_complete and context;
@@ -406,6 +471,15 @@ class WorkflowManager:
     ) -> str:
         return await anyio.to_thread.run_sync(partial(self.start, workflow, args, **kw))
 
+    async def schedule_async(
+        self,
+        name: str,
+        workflow: Callable[..., Any] | str,
+        args: dict[str, Any] | None = None,
+        **kw: Any,
+    ) -> Schedule:
+        return await anyio.to_thread.run_sync(partial(self.schedule, name, workflow, args, **kw))
+
     async def status_async(self, workflow_id: str) -> RunStatus:
         return await anyio.to_thread.run_sync(self.status, workflow_id)
 
@@ -481,6 +555,7 @@ def step_info(r: Any, logs: tuple[LogLine, ...] = ()) -> StepInfo:
 
 _RESULT_PREFIX = result_action_name("")
 _STEP_LOGS = 10_000  # at most this many log lines are attached to `steps()`
+_START_PREFIX = "tiers.workflow.start:"  # + the pool's name: the action a tick runs
 
 
 def _result_stub(d: WorkflowDef) -> Callable[[], Any]:

@@ -16,8 +16,8 @@ from typing import Any
 import anyio
 from sqlmodel import Session
 
-from retrier import Completed, InvalidSettings, Retrier, RunNotFound, Why
-from retrier.engine import Fn, NewRun, QueueLimits, RunRow, check_flag
+from retrier import Completed, InvalidSettings, Retrier, RunNotFound, Schedule, Why
+from retrier.engine import Fn, NewRun, QueueLimits, RunRow, check_flag, schedule_spec
 
 from ._behavior import RetryBehavior
 from ._enqueue import Preparer, Retry
@@ -182,6 +182,42 @@ class Workpool:
             raise InvalidSettings(f"options must be a dict, got {options!r}")
         return self._preparer.prepare(item[0], item[1], options, now)
 
+    def schedule(
+        self,
+        name: str,
+        fn: Fn | str,
+        args: dict[str, Any] | None = None,
+        *,
+        cron: str,
+        timezone: str = "UTC",
+        missed: str = "latest",
+        on_complete: Fn | str | None = None,
+        context: Any = None,
+        retry: Retry = None,
+        priority: int = 0,
+        key: str | None = None,
+    ) -> Schedule:
+        """Enqueue `fn(**args)` in this pool at every tick of `cron` in `timezone`,
+        once per tick across every worker; returns the stored schedule.
+
+        The schedule works as `Retrier.schedule` says (declared again: updated; a
+        missed tick: as `missed` says; `unschedule` to delete it); each tick's item
+        takes the pool's limits and the options `enqueue` would (`retry`, `priority`,
+        `key`, `on_complete`, `context`).
+
+        >>> pool.schedule("hourly-sync", sync_accounts, {}, cron="0 * * * *")
+        """
+        options = {
+            "on_complete": on_complete,
+            "context": context,
+            "retry": retry,
+            "priority": priority,
+            "key": key,
+        }
+        new = self._preparer.prepare(fn, args, options, self.retrier.clock.now_ms())
+        spec = schedule_spec(name, "pool", new, cron=cron, timezone=timezone, missed=missed)
+        return self.retrier.declare_schedule(spec)
+
     # -- status, cancel, wait ----------------------------------------------------------------
 
     def status(self, work_id: str) -> WorkStatus:
@@ -242,6 +278,11 @@ class Workpool:
         self, fn: Fn | str, args: dict[str, Any] | None = None, **options: Any
     ) -> str:
         return await anyio.to_thread.run_sync(partial(self.enqueue, fn, args, **options))
+
+    async def schedule_async(
+        self, name: str, fn: Fn | str, args: dict[str, Any] | None = None, **options: Any
+    ) -> Schedule:
+        return await anyio.to_thread.run_sync(partial(self.schedule, name, fn, args, **options))
 
     async def enqueue_batch_async(self, items: Iterable[BatchItem]) -> list[str]:
         return await anyio.to_thread.run_sync(self.enqueue_batch, list(items))
