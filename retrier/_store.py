@@ -470,6 +470,16 @@ class Store:
         rows = conn.execute(_UNFINISHED_OF, {"owner": owner}).all()
         return [OwnedRun(r.id, r.fn, r.state) for r in rows]
 
+    def delete_completed(self, conn: Connection, run_id: str) -> str | None:
+        """Delete a run and its attempts, in the caller's transaction, if it is
+        completed (its on_complete delivered). Returns its state before; None if
+        there is no such run."""
+        state = conn.execute(select(runs.c.state).where(runs.c.id == run_id)).scalar()
+        if state == COMPLETED:
+            conn.execute(delete(attempts_t).where(attempts_t.c.run_id == run_id))
+            conn.execute(delete(runs).where(runs.c.id == run_id))
+        return None if state is None else str(state)
+
     def delete_finished_of(self, conn: Connection, owner: str, *also: str) -> int:
         """Delete the completed runs `owner` owns (and the runs `also` names, if
         completed) with their attempts, in the caller's transaction."""

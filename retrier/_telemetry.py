@@ -17,6 +17,8 @@ from ._log import run_extra
 from ._run_types import Claimed, Delivery, Outcome, Recorded
 
 if TYPE_CHECKING:
+    from opentelemetry.trace import Span
+
     from .metrics import Metrics
     from .tracing import Tracing
 
@@ -52,9 +54,17 @@ class Telemetry:
                 for row in rows:
                     if row.get("trace") is None:
                         row["trace"] = trace
-        if self.metrics is not None:
+        metrics = self.metrics
+        if metrics is not None:
+            if len(rows) == 1:
+                metrics.enqueued(rows[0]["fn"], rows[0]["queue"] or "")
+                return
+            counts: dict[tuple[str, str], int] = {}
             for row in rows:
-                self.metrics.enqueued(row["fn"], row["queue"] or "")
+                key = (row["fn"], row["queue"] or "")
+                counts[key] = counts.get(key, 0) + 1
+            for (fn, queue), n in counts.items():
+                metrics.enqueued(fn, queue, n)
 
     def enqueue_span(self, fns: Sequence[str]) -> Any:
         """A span around an enqueue (`Retrier.submit`), or nothing."""
@@ -72,35 +82,20 @@ class Telemetry:
         if metrics is not None:
             metrics.attempt_started(c)
         tracing = self.tracing
-        span = (
-            nullcontext(None)
-            if tracing is None
-            else tracing.span(
-                f"tiers attempt {c.fn}",
-                parent=c.trace,
-                kind="consumer",
-                attributes={
-                    "tiers.run_id": c.id,
-                    "tiers.fn": c.fn,
-                    "tiers.attempt": c.attempts,
-                    "tiers.queue": c.queue,
-                },
-            )
-        )
-        began = time.perf_counter()
-        outcome: Outcome | None = None
-        with span as s:
-            try:
-                outcome = await call()
-            finally:
-                took = time.perf_counter() - began
-                kind = "interrupted" if outcome is None else outcome.kind
-                if metrics is not None:
-                    metrics.attempt_ended(c.fn, c.queue, kind, took)
-                if s is not None and tracing is not None:
-                    tracing.ended(s, kind, None if outcome is None else outcome.error)
-        assert outcome is not None
-        return outcome
+        if tracing is None:
+            return await _timed(c, call, metrics, None, None)
+        with tracing.span(
+            f"tiers attempt {c.fn}",
+            parent=c.trace,
+            kind="consumer",
+            attributes={
+                "tiers.run_id": c.id,
+                "tiers.fn": c.fn,
+                "tiers.attempt": c.attempts,
+                "tiers.queue": c.queue,
+            },
+        ) as span:
+            return await _timed(c, call, metrics, tracing, span)
 
     @contextmanager
     def delivery(self, f: Delivery) -> Iterator[None]:
@@ -124,6 +119,29 @@ class Telemetry:
         return self.tracing.span(name, attributes=attributes, errors=False)
 
 
+async def _timed(
+    c: Claimed,
+    call: Callable[[], Awaitable[Outcome]],
+    metrics: Metrics | None,
+    tracing: Tracing | None,
+    span: Span | None,
+) -> Outcome:
+    """Run an attempt, then time it and mark its span with how it ended (also when
+    it is interrupted)."""
+    began = time.perf_counter()
+    outcome: Outcome | None = None
+    try:
+        outcome = await call()
+        return outcome
+    finally:
+        took = time.perf_counter() - began
+        kind = "interrupted" if outcome is None else outcome.kind
+        if metrics is not None:
+            metrics.attempt_ended(c.fn, c.queue, kind, took)
+        if span is not None and tracing is not None:
+            tracing.ended(span, kind, None if outcome is None else outcome.error)
+
+
 def outcomes_recorded(
     telemetry: Telemetry, outcomes: Sequence[Outcome], recorded: Recorded
 ) -> None:
@@ -131,6 +149,7 @@ def outcomes_recorded(
     at WARNING with its traceback) and, with metrics, count how runs ended."""
     final: set[str] | None = None
     metrics = telemetry.metrics
+    ends: list[tuple[Outcome, bool]] = []
     for o in outcomes:
         if o.kind != "failure" and o.kind != "fatal" and metrics is None:
             continue
@@ -158,7 +177,9 @@ def outcomes_recorded(
                     extra=extra,
                 )
         if metrics is not None:
-            metrics.run_recorded(o, ended)
+            ends.append((o, ended))
+    if ends and metrics is not None:
+        metrics.runs_recorded(ends)
     if log.isEnabledFor(logging.DEBUG):
         for run_id in recorded.completed:
             log.debug("run %s completed", run_id, extra={"run_id": run_id})

@@ -98,37 +98,62 @@ class Metrics:
         )
         self.registry.register(DatabaseCollector(store))
 
+        # The labelled series in use, by (metric, *label values): `labels()` takes a
+        # lock and hashes its arguments on every call, and these are hit per run.
+        # (Do not `remove()` or `clear()` the library's metrics: a cached series
+        # would go on counting outside the registry.)
+        self._series: dict[tuple[Any, ...], Any] = {}
+
+    def series(self, metric: Counter | Histogram, *labels: str) -> Any:
+        """`metric.labels(*labels)`, cached."""
+        key = (metric, *labels)
+        child = self._series.get(key)
+        if child is None:
+            child = self._series[key] = metric.labels(*labels)
+        return child
+
     # -- what the engine reports -------------------------------------------------------
 
-    def enqueued(self, fn: str, queue: str) -> None:
-        self.runs_enqueued.labels(fn, queue).inc()
+    def enqueued(self, fn: str, queue: str, count: int = 1) -> None:
+        self.series(self.runs_enqueued, fn, queue).inc(count)
 
     def attempt_started(self, c: Claimed) -> None:
         if c.attempts == 1:
-            self.runs_started.labels(c.fn, c.queue).inc()
+            self.series(self.runs_started, c.fn, c.queue).inc()
         if c.due_ms is not None:
             delay = max(0, c.started_ms - c.due_ms) / 1000
-            self.start_delay.labels(c.fn, c.queue).observe(delay)
+            self.series(self.start_delay, c.fn, c.queue).observe(delay)
 
     def attempt_ended(self, fn: str, queue: str, kind: str, seconds: float) -> None:
-        self.attempts.labels(fn, queue, kind).inc()
-        self.attempt_duration.labels(fn, queue).observe(seconds)
+        self.series(self.attempts, fn, queue, kind).inc()
+        self.series(self.attempt_duration, fn, queue).observe(seconds)
+
+    def runs_recorded(self, ends: Iterable[tuple[Outcome, bool]]) -> None:
+        """Count how recorded outcomes ended their runs (`ended`: for good), one
+        increment per series for the whole batch."""
+        counts: dict[tuple[Counter, str, str], int] = {}
+        for o, ended in ends:
+            if o.kind == "success":
+                if not ended:
+                    continue
+                metric = self.runs_succeeded
+            elif o.kind == "failure" or o.kind == "fatal":
+                metric = self.runs_failed if ended else self.retries
+            else:
+                continue
+            key = (metric, o.fn, o.queue)
+            counts[key] = counts.get(key, 0) + 1
+        for (metric, fn, queue), n in counts.items():
+            self.series(metric, fn, queue).inc(n)
 
     def run_recorded(self, o: Outcome, ended: bool) -> None:
-        if o.kind == "success":
-            if ended:
-                self.runs_succeeded.labels(o.fn, o.queue).inc()
-        elif o.kind in ("failure", "fatal"):
-            if ended:
-                self.runs_failed.labels(o.fn, o.queue).inc()
-            else:
-                self.retries.labels(o.fn, o.queue).inc()
+        self.runs_recorded([(o, ended)])
 
     def canceled(self, fn: str, queue: str, count: int = 1) -> None:
-        self.runs_canceled.labels(fn, queue).inc(count)
+        self.series(self.runs_canceled, fn, queue).inc(count)
 
     def handler_failed(self, handler: str) -> None:
-        self.handler_failures.labels(handler).inc()
+        self.series(self.handler_failures, handler).inc()
 
 
 class DatabaseCollector(Collector):

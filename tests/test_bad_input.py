@@ -462,9 +462,13 @@ def test_workflow_calls_refuse_bad_durations_names_and_data(workflows: WorkflowM
     for when in BAD_WHENS:
         error = _failure(workflows, lambda ctx, w=when: ctx.sleep_until("nap", w))
         assert error.startswith("InvalidSettings") and "sleep_until" in error, error
-    for name in ("a\x00b", "s" * 191):
+    for name in ("a\x00b", "s" * 191, ""):
         error = _failure(workflows, lambda ctx, n=name: ctx.step(n, work))
         assert error.startswith("InvalidArguments"), error
+        error = _failure(workflows, lambda ctx, n=name: ctx.patched(n))
+        assert error.startswith("InvalidArguments") and "patch name" in error, error
+        error = _failure(workflows, lambda ctx, n=name: ctx.deprecate_patch(n))
+        assert error.startswith("InvalidArguments") and "patch name" in error, error
     error = _failure(workflows, lambda ctx: ctx.step("s", work, {"x": NAN}))
     assert error.startswith("InvalidArguments"), error
     error = _failure(workflows, lambda ctx: ctx.step("s", work, retry="yes"))

@@ -193,6 +193,30 @@ def test_send_an_event_and_cancel_a_workflow(demo: Demo) -> None:
         assert workflows.list(state="canceled")[0].id == other
 
 
+def test_restart_a_finished_workflow_from_a_step(demo: Demo) -> None:
+    ids, workflows = demo.ids, demo.workflows
+    done = ids["done_workflow"]
+    before = {s.name: s for s in workflows.steps(done)}
+    with client(demo) as c:
+        token = log_in(c)
+        page = c.get(f"/workflows/{done}").text
+        assert "Restart from step" in page and '<option value="email[0]" selected>' in page
+        assert "Restart from step" not in c.get(f"/workflows/{ids['waiting_workflow']}").text
+        bad = c.post(f"/workflows/{done}/restart", data={"csrf": token, "step": "nope"})
+        assert "no journaled step &#39;nope&#39;" in bad.text
+        running = c.post(f"/workflows/{ids['waiting_workflow']}/restart",
+                         data={"csrf": token, "step": "charge"})
+        assert "is running; cancel it" in running.text
+        r = c.post(f"/workflows/{done}/restart", data={"csrf": token, "step": "email[0]"})
+        assert r.status_code == 200 and "restarted from email[0]" in r.text
+    testing.drain(demo.retrier)
+    after = {s.name: s for s in workflows.steps(done)}
+    assert workflows.status(done).result.value == "approved by ana"  # type: ignore[union-attr]
+    assert after["charge[0]"] == before["charge[0]"]
+    assert after["approval[0]"] == before["approval[0]"]
+    assert after["email[0]"].run_id != before["email[0]"].run_id
+
+
 # -- safety -------------------------------------------------------------------------
 
 
@@ -211,6 +235,8 @@ def test_actions_need_authentication(demo: Demo) -> None:
                       data={"csrf": token, "max_parallelism": "9"}).status_code == 403
         assert c.post(f"/workflows/{demo.ids['waiting_workflow']}/cancel",
                       data={"csrf": token}).status_code == 403
+        assert c.post(f"/workflows/{demo.ids['done_workflow']}/restart",
+                      data={"csrf": token, "step": "email"}).status_code == 403
     assert state_of(demo, run_id) == ("pending", None)
     # Without a token or authorize(), nobody may act: no login either.
     with client(demo, token=None) as c:
@@ -256,7 +282,8 @@ def test_read_only_hides_and_refuses_actions(demo: Demo) -> None:
     with client(demo, read_only=True) as c:
         token = csrf(c)
         for page in (f"/runs/{ids['scheduled']}", f"/runs/{ids['failed']}", "/pools/emails",
-                     f"/workflows/{ids['waiting_workflow']}", "/workflows"):
+                     f"/workflows/{ids['waiting_workflow']}", f"/workflows/{ids['done_workflow']}",
+                     "/workflows"):
             html = c.get(page).text
             assert 'method="post"' not in html, page
             assert "read-only" in html
@@ -266,6 +293,7 @@ def test_read_only_hides_and_refuses_actions(demo: Demo) -> None:
             ("/pools/emails/cap", {"max_parallelism": "4"}),
             ("/pools/emails/pause", {}),
             (f"/workflows/{ids['waiting_workflow']}/cancel", {}),
+            (f"/workflows/{ids['done_workflow']}/restart", {"step": "email"}),
             ("/workflows/events", {"name": "approved", "data": "{}"}),
         ]:
             r = c.post(path, data={"csrf": token, **data},

@@ -120,6 +120,15 @@ def test_the_readme_snippet_runs_as_written(tmp_path: Path) -> None:
     assert (tmp_path / "tiers.db").exists()
 
 
+def test_workflow_lifecycle_restarts_and_checks() -> None:
+    out = run_example("workflow_lifecycle.py")
+    assert "StepFailed: step 'save-order[0]' failed" in out
+    assert out.count("charged o1") == 1 and out.count("emailed the receipt of o1") == 2
+    assert "-> Success(value='saved o1'" in out
+    assert "check with the patched change: ok=True" in out
+    assert "check with the unpatched change: diverged at wait-a-week[0]: step 'survey[0]'" in out
+
+
 def test_the_cron_schedules_snippet_runs_as_written(tmp_path: Path) -> None:
     doc = (ROOT / "docs" / "retrier.md").read_text()
     snippet = doc.split("## Cron schedules")[1].split("```python")[1].split("```")[0]

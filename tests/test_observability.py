@@ -213,6 +213,151 @@ def test_one_trace_from_the_request_to_the_last_step_run_by_another_process(
     assert last and last[-1]["trace_id"] == trace_id
 
 
+def test_a_batch_is_counted_per_action_and_stamped_with_its_enqueue_span(
+    retrier: Retrier, spans: tuple[TracerProvider, InMemorySpanExporter]
+) -> None:
+    provider, exporter = spans
+    metrics = retrier.enable_metrics()
+    retrier.enable_tracing(provider)
+
+    @retrier.action(name="b.one")
+    def one() -> None: ...
+
+    @retrier.action(name="b.two")
+    def two() -> None: ...
+
+    batch = [retrier.prepare(one, None), retrier.prepare(two, None),
+             retrier.prepare(one, None, queue="q")]
+    retrier.submit(batch)
+    (enqueue,) = exporter.get_finished_spans()
+    assert enqueue.name == "tiers enqueue" and enqueue.attributes == {"tiers.runs": 3}
+    ctx = enqueue.context
+    assert {retrier.store.get(r.id).trace for r in batch} == {
+        f"00-{ctx.trace_id:032x}-{ctx.span_id:016x}-{ctx.trace_flags:02x}"
+    }
+    r = metrics.registry
+    assert sample(r, "tiers_runs_enqueued_total", fn="b.one", queue="") == 1
+    assert sample(r, "tiers_runs_enqueued_total", fn="b.one", queue="q") == 1
+    assert sample(r, "tiers_runs_enqueued_total", fn="b.two", queue="") == 1
+    retrier.run(one)
+    assert sample(r, "tiers_runs_enqueued_total", fn="b.one", queue="") == 2
+
+
+def test_outcomes_recorded_together_are_each_counted(
+    make_retrier: Callable[..., Retrier],
+) -> None:
+    retrier = make_retrier(max_failures=1)
+    metrics = retrier.enable_metrics()
+
+    @retrier.action(name="c.ok")
+    def ok() -> None: ...
+
+    @retrier.action(name="c.bad")
+    def bad() -> None:
+        raise RuntimeError("no")
+
+    # Enqueued before the worker starts: its first batches hold many outcomes.
+    ids = [retrier.run(ok) for _ in range(30)] + [retrier.run(bad) for _ in range(5)]
+    with retrier:
+        retrier.wait_all(ids, timeout=30)
+    r = metrics.registry
+    assert sample(r, "tiers_runs_succeeded_total", fn="c.ok", queue="") == 30
+    assert sample(r, "tiers_attempts_total", fn="c.ok", queue="", outcome="success") == 30
+    assert sample(r, "tiers_runs_failed_total", fn="c.bad", queue="") == 5
+    assert sample(r, "tiers_retries_total", fn="c.bad", queue="") == 0
+    assert sample(r, "tiers_attempt_duration_seconds_count", fn="c.bad", queue="") == 5
+
+
+def test_unsampled_runs_carry_their_context_and_record_nothing(
+    retrier: Retrier,
+) -> None:
+    from opentelemetry.sdk.trace.sampling import ALWAYS_OFF
+
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider(sampler=ALWAYS_OFF)
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    retrier.enable_tracing(provider)
+
+    @retrier.action(name="u.hello")
+    def hello() -> str:
+        return "hi"
+
+    run_id = retrier.run(hello)
+    stored = retrier.store.get(run_id).trace
+    assert stored is not None and int(stored[-2:], 16) & 1 == 0  # valid, not sampled
+    with retrier:
+        assert retrier.wait(run_id, timeout=10) == Completed(Success("hi"))
+    assert exporter.get_finished_spans() == ()
+    provider.shutdown()
+
+
+def test_an_error_through_a_span_is_recorded_unless_it_is_not_one(
+    retrier: Retrier, spans: tuple[TracerProvider, InMemorySpanExporter]
+) -> None:
+    from opentelemetry.trace import StatusCode
+
+    provider, exporter = spans
+    tracing = retrier.enable_tracing(provider)
+    with pytest.raises(ValueError), tracing.span("fails"):
+        raise ValueError("boom")
+    with pytest.raises(ValueError), tracing.span("suspends", errors=False):
+        raise ValueError("not an error")
+    with pytest.raises(KeyboardInterrupt), tracing.span("interrupted"):
+        raise KeyboardInterrupt
+    with tracing.span("outer") as outer, tracing.span("inner") as inner:
+        assert inner.get_span_context().trace_id == outer.get_span_context().trace_id
+    by_name = {s.name: s for s in exporter.get_finished_spans()}
+    fails = by_name["fails"]
+    assert fails.status.status_code is StatusCode.ERROR
+    assert fails.status.description == "ValueError: boom"
+    assert [e.name for e in fails.events] == ["exception"]
+    for name in ("suspends", "interrupted"):
+        assert by_name[name].status.status_code is StatusCode.UNSET
+        assert by_name[name].events == ()
+    inner_parent = by_name["inner"].parent
+    assert inner_parent is not None and inner_parent.span_id == outer.get_span_context().span_id
+    # Each span is current only inside its block.
+    from opentelemetry import trace
+
+    assert not trace.get_current_span().get_span_context().is_valid
+
+
+@pytest.mark.parametrize(
+    "stored",
+    [
+        "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+        "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-00",
+        "00-0AF7651916CD43DD8448EB211C80319C-B7AD6B7169203331-01",  # not lower case
+        "00-00000000000000000000000000000000-b7ad6b7169203331-01",  # no trace id
+        "00-0af7651916cd43dd8448eb211c80319c-0000000000000000-01",  # no span id
+        "01-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01-extra",  # a later version
+        "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01-extra",
+        "ff-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+        "garbage",
+        "",
+    ],
+)
+def test_a_stored_traceparent_is_read_as_the_w3c_propagator_reads_it(
+    retrier: Retrier, stored: str
+) -> None:
+    from opentelemetry import trace
+
+    tracing = retrier.enable_tracing()
+    from opentelemetry import baggage
+    from opentelemetry import context as otel_context
+
+    token = otel_context.attach(baggage.set_baggage("k", "v"))  # not carried into either
+    try:
+        ours_ctx = tracing.parent_context(stored)
+        theirs_ctx = tracing.propagator.extract({"traceparent": stored})
+    finally:
+        otel_context.detach(token)
+    ours = trace.get_current_span(ours_ctx).get_span_context()
+    theirs = trace.get_current_span(theirs_ctx).get_span_context()
+    assert ours == theirs and ours.is_remote == theirs.is_remote
+    assert baggage.get_all(ours_ctx) == baggage.get_all(theirs_ctx) == {}
+
+
 def _free_port() -> int:
     import socket
 

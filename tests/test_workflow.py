@@ -459,37 +459,6 @@ def test_a_step_of_another_kind_diverges(app: App) -> None:
     assert "diverged" in status.result.error and "'x[0]'" in status.result.error
 
 
-def test_renaming_a_step_runs_it_again(app: App) -> None:
-    r, wf = app.retrier, app.workflows
-    calls = Calls()
-    name = {"v": "charge"}
-
-    @r.action
-    def charge() -> str:
-        calls.add("charge")
-        return "ok"
-
-    @wf.define
-    async def job(ctx: WorkflowContext) -> None:
-        await ctx.sleep("nap", 60)
-        await ctx.step(name["v"], charge)
-        await ctx.sleep("nap-again", 60)
-
-    wf_id = wf.start(job)
-    app.drain()
-    app.later(60)
-    name["v"] = "charge-v2"
-    app.later(60)
-    assert wf.status(wf_id) == Completed(Success(None))
-    assert calls.items == ["charge", "charge"]
-    assert [s.name for s in wf.steps(wf_id)] == [
-        "nap[0]",
-        "charge[0]",
-        "charge-v2[0]",
-        "nap-again[0]",
-    ]
-
-
 def test_1000_sleeping_workflows_hold_only_rows(app: App) -> None:
     r, wf = app.retrier, app.workflows
 

@@ -13,11 +13,14 @@ See docs/workflow.md for every option and the determinism rules.
 
 from __future__ import annotations
 
+from ._check import CheckProblem, CheckReport
 from ._context import WorkflowContext
 from ._errors import (
+    CannotRestart,
     InvalidEvent,
     InvalidWorkflow,
     StepFailed,
+    StepNotFound,
     UnregisteredWorkflow,
     WorkflowDiverged,
     WorkflowNotFinished,
@@ -29,6 +32,9 @@ from ._progress import LogLine, WorkflowLog
 from ._watch import LogAdded, ProgressChanged, StatusChanged, StepChanged, WatchEvent
 
 __all__ = [
+    "CannotRestart",
+    "CheckProblem",
+    "CheckReport",
     "InvalidEvent",
     "InvalidWorkflow",
     "LogAdded",
@@ -38,6 +44,7 @@ __all__ = [
     "StepChanged",
     "StepFailed",
     "StepInfo",
+    "StepNotFound",
     "UnregisteredWorkflow",
     "WatchEvent",
     "WorkflowContext",

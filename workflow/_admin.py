@@ -1,5 +1,5 @@
 """Acting on stored workflows with only their database (no definitions, no handlers):
-cancel one, send an event. `WorkflowManager.cancel` and the dashboard share `cancel`."""
+cancel one, restart one, send an event. `WorkflowManager` and the dashboard share them."""
 
 from __future__ import annotations
 
@@ -12,6 +12,8 @@ from retrier.engine import Store
 from ._context import _check_event
 from ._driver import completion_run
 from ._journal import Journal, driver_name
+from ._restart import Restarted
+from ._restart import restart as reset_and_cancel
 
 
 def cancel(journal: Journal, workflow_id: str, cancel_run: Callable[[str], Any]) -> bool:
@@ -32,6 +34,24 @@ def cancel(journal: Journal, workflow_id: str, cancel_run: Callable[[str], Any])
     for child in children:
         cancel(journal, child, cancel_run)
     return True
+
+
+def restart(
+    journal: Journal, workflow_id: str, from_step: str, cancel_run: Callable[[str], Any]
+) -> Restarted:
+    """Restart a finished workflow from a journaled step (see `WorkflowManager.restart`)."""
+    return reset_and_cancel(
+        journal,
+        workflow_id,
+        from_step,
+        cancel_run,
+        lambda child: cancel(journal, child, cancel_run),
+    )
+
+
+def restart_stored(store: Store, workflow_id: str, from_step: str) -> Restarted:
+    """`restart` from outside the app (the dashboard)."""
+    return restart(Journal(store), workflow_id, from_step, store.cancel)
 
 
 def cancel_stored(store: Store, workflow_id: str) -> bool:

@@ -1,12 +1,14 @@
-"""`tiers workflows ...`: list, show, watch, cancel, retrigger, send events, cleanup.
+"""`tiers workflows ...`: list, show, watch, cancel, restart, retrigger, check, send
+events, cleanup.
 
 Loaded by `retrier._cli` through the `tiers.cli` entry-point group. Reading needs only
-a database (`--db`); cancel and retrigger need the app (`--app module:workflows`),
-whose definitions and handlers they use.
+a database (`--db`); cancel, restart, retrigger and check need the app
+(`--app module:workflows`), whose definitions and handlers they use.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from typing import Any
 
@@ -186,6 +188,48 @@ def retrigger(obj: CliContext, workflow_id: str) -> None:
     """Start a fresh run of a workflow with the same input (needs --app)."""
     new_id = or_exit(_manager(obj).retrigger, workflow_id)
     console.print(f"started {new_id}")
+
+
+@workflows.command("restart")
+@click.argument("workflow_id")
+@click.option("--from", "from_step", required=True, help="The step to run again (and all after).")
+@click.pass_obj
+def restart(obj: CliContext, workflow_id: str, from_step: str) -> None:
+    """Run a finished workflow again from a journaled step (needs --app)."""
+    manager = _manager(obj)
+    or_exit(manager.restart, workflow_id, from_step)
+    console.print(f"{workflow_id}: restarted from {from_step}")
+
+
+@workflows.command("check")
+@click.option("--limit", type=int, default=None, help="Check at most this many (oldest first).")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object.")
+@click.pass_obj
+def check(obj: CliContext, limit: int | None, as_json: bool) -> None:
+    """Replay every unfinished workflow against the code of --app, running nothing.
+
+    Lists the workflows that would diverge from their journal (step, expected,
+    found), fail, or are not defined; exits 1 if there is any, so a deploy can be
+    gated on it.
+    """
+    report = _manager(obj).check(limit=limit)
+    if as_json:
+        click.echo(json.dumps({
+            "checked": report.checked,
+            "problems": [dataclasses.asdict(p) for p in report.problems],
+        }))
+    else:
+        table = Table("workflow", "id", "problem", "step", "expected", "found", title="check")
+        for p in report.problems:
+            found = p.found if p.kind == "diverged" else shorten(p.detail, 80)
+            table.add_row(p.workflow, p.workflow_id, p.kind, p.step or "", p.expected, found)
+        if report.problems:
+            console.print(table)
+        console.print(
+            f"{report.checked} unfinished workflow(s) checked, {len(report.problems)} problem(s)"
+        )
+    if report.problems:
+        raise SystemExit(1)
 
 
 @workflows.command("send-event")

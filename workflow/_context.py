@@ -40,10 +40,12 @@ from ._journal import Conflict, Entry, Loaded, NotRunning, Unsettled
 from ._limits import check_args, check_event, check_progress
 from ._listeners import WorkflowEvent
 from ._models import (
+    CANCELED,
     COMPLETED,
     EVENT,
     FAILED,
     INVOKE,
+    PATCH,
     RUNNING,
     SEND,
     SLEEP,
@@ -51,6 +53,7 @@ from ._models import (
     WAITING,
 )
 from ._progress import Reporter, WorkflowLog
+from ._replay import Divergence, Replay
 
 T = TypeVar("T")
 
@@ -68,6 +71,11 @@ class Interrupted(BaseException):
     def __init__(self, cause: Exception) -> None:
         super().__init__(str(cause))
         self.cause = cause
+
+
+class Frontier(BaseException):
+    """A dry replay (`workflows.check`) reached a call that would run or wait: the
+    journal agreed with the code up to there."""
 
 
 class Suspend(BaseException):
@@ -89,7 +97,9 @@ class WorkflowContext:
     Code outside steps must be deterministic: it runs again on every replay.
     """
 
-    def __init__(self, driver: Driver, loaded: Loaded, worker: Worker | None) -> None:
+    def __init__(
+        self, driver: Driver, loaded: Loaded, worker: Worker | None, *, dry: bool = False
+    ) -> None:
         self._driver = driver
         self._workflow = loaded.workflow
         self._entries = loaded.entries
@@ -101,6 +111,10 @@ class WorkflowContext:
         self._unsettled: list[Outcome] = []  # see "outcomes of inline steps"
         self._inline_steps: dict[str, str] = {}  # run id -> step name
         self._journaled: dict[str, Entry] = {}  # run id -> its journal entry, once stored
+        self._replay = Replay(loaded.entries)
+        self._patches: dict[str, bool] = {}  # patch name -> what patched() answered
+        self._marker_writes: list[asyncio.Future[Any]] = []
+        self._dry = dry  # replay only: stop at the first call that would run or wait
         self.diverged: WorkflowDiverged | None = None
         self.replayed = 0  # calls answered from the journal (for metrics)
         self.executed = 0  # steps started by this pass
@@ -129,10 +143,14 @@ class WorkflowContext:
         Bad values raise `InvalidArguments` (`ValueTooLarge`) here."""
         check_json(value, "the progress", InvalidArguments)
         check_progress(value)
+        if self._dry:  # a check replays the code: it writes nothing
+            return
         if self._reporter.progress(value):
             self._spawn(self._reporter.write())
 
     def _log(self, level: str, message: str) -> None:
+        if self._dry:
+            return
         if self._reporter.log(level, message, self._at, self._now()):
             self._spawn(self._reporter.write())
 
@@ -161,7 +179,10 @@ class WorkflowContext:
         if entry is not None:
             if entry.fn != reg.name:
                 self._diverge(
-                    full, f"the journal ran {entry.fn!r} there, the code runs {reg.name!r}"
+                    full,
+                    f"the journal ran {entry.fn!r} there, the code runs {reg.name!r}",
+                    f"step {full!r} ({entry.fn})",
+                    f"step {full!r} ({reg.name})",
                 )
             self.replayed += 1
             return self._replayed(full, entry, reg.decode_result)
@@ -213,6 +234,7 @@ class WorkflowContext:
     async def _step(
         self, full: str, position: int, row: dict[str, Any], new: NewRun, decode: Any
     ) -> Any:
+        await self._markers_stored()
         worker = self._worker
         taken = self.take_unsettled()
         try:
@@ -324,7 +346,9 @@ class WorkflowContext:
             self._worker.settle_claimed(taken, self._journal_inline)
 
     async def _flush(self) -> None:
-        """Store unsettled outcomes before a write that cannot include them."""
+        """Store patch markers, and unsettled outcomes, before a write that cannot
+        include them."""
+        await self._markers_stored()
         taken = self.take_unsettled()
         if taken and not await self.settle_alone(taken):
             raise Suspend
@@ -527,24 +551,125 @@ class WorkflowContext:
         self._counts[name] = occurrence + 1
         full = f"{name}[{occurrence}]"
         self._at = full
-        position = max(self._calls, self._last_position)
-        self._calls += 1
         entry = self._entries.get(full)
         if entry is None:
+            position = self._new_position()
+            self._check(self._replay.new_call(kind, full, position))  # before it runs
+            if self._dry:
+                raise Frontier
             return full, position, None
         if entry.kind != kind:
-            self._diverge(full, f"the journal has a {entry.kind} there, the code asks for a {kind}")
-        if entry.position < self._last_position:
             self._diverge(
-                full, "it was journaled before a step that this replay has already passed"
+                full,
+                f"the journal has a {entry.kind} there, the code asks for a {kind}",
+                f"{entry.kind} {full!r}",
+                f"{kind} {full!r}",
             )
-        self._last_position = entry.position
+        self._take(full, entry)
+        if self._dry and entry.state not in (COMPLETED, FAILED, CANCELED):
+            raise Frontier
         return full, entry.position, entry
 
-    def _diverge(self, step: str, detail: str) -> None:
-        exc = WorkflowDiverged(self.workflow_id, self.workflow_name, step, detail)
+    def _new_position(self) -> int:
+        position = max(self._calls, self._last_position + 1)
+        self._calls += 1
+        return position
+
+    def _take(self, full: str, entry: Entry) -> None:
+        """Consume a journaled call, checking that it comes in its journaled order."""
+        self._calls += 1
+        if entry.position < self._last_position:
+            self._diverge(
+                full,
+                "it was journaled before a step that this replay has already passed",
+                f"{entry.kind} {full!r} earlier",
+                f"{entry.kind} {full!r} here",
+            )
+        self._check(self._replay.consume(entry))
+        self._last_position = entry.position
+
+    def ended(self) -> None:
+        """The workflow function returned: a journal holding entries it never reached
+        proves the code changed (see `_replay`). Code that raises ends the workflow
+        with its own error instead."""
+        if self.diverged is None:
+            d = self._replay.ended()
+            if d is not None:
+                self.diverged = self._diverged(d.step, d.detail, d.expected, d.found)
+
+    def _check(self, d: Divergence | None) -> None:
+        if d is not None:
+            self._diverge(d.step, d.detail, d.expected, d.found)
+
+    def _diverged(self, step: str, detail: str, expected: str, found: str) -> WorkflowDiverged:
+        return WorkflowDiverged(
+            self.workflow_id, self.workflow_name, step, detail, expected=expected, found=found
+        )
+
+    def _diverge(self, step: str, detail: str, expected: str = "", found: str = "") -> None:
+        exc = self._diverged(step, detail, expected, found)
         self.diverged = self.diverged or exc  # fails the workflow even if caught
         raise exc
+
+    # -- patching --------------------------------------------------------------------------
+
+    def patched(self, name: str) -> bool:
+        """Whether this run takes the patched path of a code change named `name`.
+
+        >>> if ctx.patched("fix-42"):
+        ...     await ctx.step("save-v2", save_v2, {...})
+        ... else:
+        ...     await ctx.step("save", save, {...})
+
+        True for a run that reaches this point with the new code (a marker is
+        journaled, so its replays answer True too); False for a run whose journal
+        went past this point without the marker (it started on the old code, whose
+        path it replays). The same name answers the same within one run.
+        """
+        known = self._patches.get(name)
+        if known is not None:
+            return known
+        check_name(name, "a patch name", max_length=190, error=InvalidArguments)
+        full = patch_entry_name(name)
+        entry = self._entries.get(full)
+        if entry is not None:
+            self._take(full, entry)
+            value = True
+        elif self._replay.unconsumed:
+            value = False  # the old code journaled further without the patch
+        else:
+            if self._dry:
+                raise Frontier
+            row = self._entry_row(full, self._new_position(), PATCH, COMPLETED)
+            row["finished_ms"] = row["started_ms"]
+            self._marker_writes.append(self._spawn(self._store_marker(row)))
+            value = True
+        self._patches[name] = value
+        return value
+
+    def deprecate_patch(self, name: str) -> None:
+        """The patched path of `name` is now the only one: call this instead of
+        `patched` once no run that started before the patch is unfinished. Runs that
+        journaled the marker replay as before; new runs journal nothing. The call
+        may be removed later, too (a marker no call reaches is ignored)."""
+        if name in self._patches:
+            return
+        check_name(name, "a patch name", max_length=190, error=InvalidArguments)
+        entry = self._entries.get(patch_entry_name(name))
+        if entry is not None:
+            self._take(entry.name, entry)
+        self._patches[name] = True
+
+    async def _store_marker(self, row: dict[str, Any]) -> None:
+        try:
+            await self._journal_call(self._driver.journal.add_entry, self.workflow_id, row)
+        except (Conflict, NotRunning):
+            raise Suspend from None
+
+    async def _markers_stored(self) -> None:
+        """Patch markers are stored before any entry journaled after them."""
+        for write in self._marker_writes:
+            await write
 
     def _replayed(self, full: str, entry: Entry, decode: Any) -> Awaitable[Any]:
         corrupt = unreadable("result", entry.result)
@@ -628,6 +753,11 @@ class WorkflowContext:
 
 async def _suspend() -> Any:
     raise Suspend
+
+
+def patch_entry_name(name: str) -> str:
+    """A patch marker's journal name; a step's always ends with "[n]", so none collide."""
+    return f"{name}@patch"
 
 
 def _check_retry(retry: Any) -> None:

@@ -1,7 +1,8 @@
 """The workflow tier's dashboard pages: workflows, and one workflow with its journal as
-a timeline, its progress and log lines, what it waits for, cancel and send an event;
-and `/workflows/{id}/watch`, its changes as Server-Sent Events for a web frontend.
-Loaded through the `tiers.dashboard` entry point (needs the `dashboard` extra)."""
+a timeline, its progress and log lines, what it waits for, cancel, restart from a step
+and send an event; and `/workflows/{id}/watch`, its changes as Server-Sent Events for a
+web frontend. Loaded through the `tiers.dashboard` entry point (needs the `dashboard`
+extra)."""
 
 from __future__ import annotations
 
@@ -18,10 +19,10 @@ from starlette.routing import Route
 
 from retrier.dashboard import Dashboard, Section, timeline
 
-from ._admin import cancel_stored, send_event_stored
+from ._admin import cancel_stored, restart_stored, send_event_stored
 from ._errors import InvalidEvent, WorkflowNotFound
 from ._journal import Journal
-from ._models import EVENT, INVOKE, RUNNING, SLEEP, WAITING
+from ._models import EVENT, INVOKE, PATCH, RUNNING, SLEEP, WAITING
 from ._watch import watch_workflow
 
 STATES = ("running", "completed", "failed", "canceled")
@@ -37,7 +38,10 @@ def section(dash: Dashboard) -> Section:
         steps = [dict(s) for s in journal.steps(workflow_id)]
         waits = [_waiting_for(s) for s in steps if s["state"] == WAITING]
         logs = journal.progress.logs(workflow_id, limit=_PAGE_LOGS)
-        return {"wf": row, "steps": steps, "waits": waits, "logs": logs}
+        restartable = [s["name"] for s in steps if s["kind"] != PATCH]
+        return {
+            "wf": row, "steps": steps, "waits": waits, "logs": logs, "restartable": restartable
+        }
 
     async def workflow_list(request: Request) -> Response:
         q = request.query_params
@@ -89,6 +93,16 @@ def section(dash: Dashboard) -> Section:
 
         return await dash.act(request, f"/workflows/{workflow_id}", work)
 
+    async def restart(request: Request) -> Response:
+        workflow_id = request.path_params["workflow_id"]
+
+        def work(form: FormData) -> str:
+            step = str(form.get("step", "")).strip()
+            done = restart_stored(store, workflow_id, step)
+            return f"restarted from {step} ({len(done.deleted)} journal entries to run again)"
+
+        return await dash.act(request, f"/workflows/{workflow_id}", work)
+
     def send(form: FormData) -> str:
         name = str(form.get("name", "")).strip()
         raw = str(form.get("data", "") or "{}")
@@ -119,6 +133,7 @@ def section(dash: Dashboard) -> Section:
             Route("/workflows/{workflow_id}", workflow_page),
             Route("/workflows/{workflow_id}/watch", watch),
             Route("/workflows/{workflow_id}/cancel", cancel, methods=["POST"]),
+            Route("/workflows/{workflow_id}/restart", restart, methods=["POST"]),
             Route("/workflows/{workflow_id}/events", send_to, methods=["POST"]),
         ],
         templates=Path(__file__).parent / "templates",

@@ -182,6 +182,7 @@ class Driver:
             state, error = FAILED, describe(ctx.diverged or exc)
         else:
             await ctx.drain()
+            ctx.ended()
             if ctx.diverged is not None:
                 state, error = FAILED, describe(ctx.diverged)
             else:

@@ -25,14 +25,26 @@ class WorkflowDiverged(TiersError):
     """A replay reached a different step sequence than the journal recorded: the
     workflow's code changed, or it is not deterministic outside its steps."""
 
-    def __init__(self, workflow_id: str, workflow: str, step: str, detail: str) -> None:
+    def __init__(
+        self,
+        workflow_id: str,
+        workflow: str,
+        step: str,
+        detail: str,
+        *,
+        expected: str = "",
+        found: str = "",
+    ) -> None:
         super().__init__(
             f"workflow {workflow!r} ({workflow_id}) diverged from its journal at step "
-            f"{step!r}: {detail}. Code outside steps must be deterministic; to change a "
-            f"workflow's steps, give changed steps new names or retrigger it"
+            f"{step!r}: {detail}. Code outside steps must be deterministic; to change "
+            f"the steps of running workflows, guard the change with ctx.patched(...), "
+            f"or restart or retrigger them"
         )
         self.workflow_id = workflow_id
         self.step = step
+        self.expected = expected  # what the journal has there
+        self.found = found  # what the code does instead
 
 
 class WorkflowNotFound(RunNotFound):
@@ -49,6 +61,22 @@ class WorkflowNotFinished(RunNotFinished):
     def __init__(self, workflow_id: str) -> None:
         super().__init__(workflow_id)
         self.args = (f"workflow {workflow_id!r} has not finished; cancel it or wait for it first",)
+
+
+class CannotRestart(TiersError):
+    """`restart` refused: the workflow is still running (cancel it first), or the
+    on_complete of its previous end is still being delivered (try again shortly)."""
+
+
+class StepNotFound(TiersError, LookupError):
+    """`restart(from_step=...)` named a step that the workflow's journal does not have."""
+
+    def __init__(self, workflow_id: str, step: str, journaled: list[str]) -> None:
+        names = ", ".join(repr(n) for n in journaled[:20]) or "none"
+        super().__init__(
+            f"workflow {workflow_id!r} has no journaled step {step!r}; its steps: {names}"
+        )
+        self.step = step
 
 
 class UnregisteredWorkflow(UnregisteredFunction):

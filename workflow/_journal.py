@@ -136,6 +136,8 @@ _SETTLE_STEP = (
         steps_t.c.workflow_id == bindparam("b_wf"),
         steps_t.c.name == bindparam("b_name"),
         steps_t.c.state == RUNNING,
+        # A restarted workflow may journal the step again: only its own run settles it.
+        steps_t.c.run_id == bindparam("b_run"),
     )
     .values(  # bind names differ from column names, which UPDATE reserves
         state=bindparam("b_state"),
@@ -393,6 +395,7 @@ class Journal:
             {
                 "b_wf": workflow_id,
                 "b_name": name,
+                "b_run": run_id,
                 "b_state": state,
                 "b_result": columns["result"],
                 "b_result_size": columns["result_size"],
@@ -591,6 +594,10 @@ class Journal:
                 yield conn
         except IntegrityError as exc:
             raise Conflict(str(exc)) from None
+
+    def lock(self, conn: Connection, workflow_id: str) -> Any:
+        """Lock a workflow's row for this transaction; the row (a few columns) or None."""
+        return self._lock(conn, workflow_id)
 
     def _lock(self, conn: Connection, workflow_id: str) -> Any:
         return conn.execute(self._lock_workflow, self._lock_params(workflow_id)).first()

@@ -70,6 +70,16 @@ def store_apart(conn: Connection, workflow_id: str, name: str, result: Any) -> N
     conn.execute(insert(results_t).values(workflow_id=workflow_id, name=name, result=result))
 
 
+def drop_results(conn: Connection, workflow_id: str, names: list[str]) -> None:
+    """Delete the side table's results of these journal entries (dropped by a restart)."""
+    if names:
+        conn.execute(
+            delete(results_t).where(
+                results_t.c.workflow_id == workflow_id, results_t.c.name.in_(names)
+            )
+        )
+
+
 def load_results(conn: Connection, workflow_id: str, names: list[str]) -> dict[str, Any]:
     """The side table's results of these journal entries."""
     if not names:

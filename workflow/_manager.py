@@ -44,13 +44,15 @@ from retrier.engine import (
 from workpool import RetryBehavior, Workpool
 
 from ._admin import cancel as cancel_workflow
+from ._admin import restart as restart_workflow
+from ._check import CheckReport, check_one, unfinished_ids
 from ._context import _check_event
 from ._definitions import Definitions, WorkflowDef, define
 from ._driver import Driver, result_action_name
 from ._errors import UnregisteredWorkflow, WorkflowNotFound
 from ._explain import explain_workflow
 from ._listeners import Listener, Listeners
-from ._models import CANCELED, COMPLETED, FAILED, FINISHED, WorkflowRow
+from ._models import CANCELED, COMPLETED, FAILED, FINISHED, RUNNING, WorkflowRow
 from ._progress import LogLine
 from ._retention import purge_events, purge_workflows
 from ._watch import WatchEvent, watch_workflow
@@ -438,6 +440,48 @@ class WorkflowManager:
             return
         self.retrier.wake_workers()
         self._workflow_ended()
+
+    def restart(self, workflow_id: str, from_step: str) -> None:
+        """Run a finished (completed, failed or canceled) workflow again from a
+        journaled step: the entries before it keep their results and are not run
+        again; it and everything after it run again, with this process's code.
+
+        `from_step` is a step's name (`"save-order"`, its first call) or name and
+        occurrence (`"save-order[1]"`). Its on_complete is delivered again for the
+        new outcome. Running children invoked from the dropped entries are canceled
+        and unfinished runs of dropped steps canceled; a wait for an event matches
+        again (the first event after the workflow's start that no kept wait took);
+        a dropped `send_event` sends again. Raises `WorkflowNotFound`, `StepNotFound`
+        (naming the journaled steps), or `CannotRestart` for a running workflow or
+        one whose previous on_complete is still being delivered, writing nothing.
+        """
+        restart_workflow(self._journal, workflow_id, from_step, self.retrier.cancel)
+        self.retrier.wake_workers()
+
+    async def restart_async(self, workflow_id: str, from_step: str) -> None:
+        await anyio.to_thread.run_sync(self.restart, workflow_id, from_step)
+
+    def check(self, *, limit: int | None = None) -> CheckReport:
+        """Replay the journal of every unfinished workflow of this manager against
+        this process's code, executing no step and writing nothing; report which
+        would diverge (with the step, what the journal has and what the code does),
+        fail, or are not defined. Run it with the code about to be deployed: a
+        report that is not `ok` means the deploy would break running workflows."""
+        return anyio.run(partial(self.check_async, limit=limit))
+
+    async def check_async(self, *, limit: int | None = None) -> CheckReport:
+        ids = await anyio.to_thread.run_sync(unfinished_ids, self._driver, limit)
+        problems = []
+        checked = 0
+        for workflow_id in ids:
+            loaded = await anyio.to_thread.run_sync(self._journal.load, workflow_id)
+            if loaded is None or loaded.workflow.state != RUNNING:
+                continue
+            checked += 1
+            problem = await check_one(self._driver, loaded)
+            if problem is not None:
+                problems.append(problem)
+        return CheckReport(checked, problems)
 
     def _workflow_ended(self, _event: Any = None) -> None:
         self._ended.notify()

@@ -25,6 +25,7 @@ SLEEP = "sleep"
 EVENT = "event"
 INVOKE = "invoke"
 SEND = "send"
+PATCH = "patch"  # a ctx.patched marker: this run took the patched path
 WAITING = "waiting"  # a sleep, an event wait or a child workflow not yet over
 # RUNNING, COMPLETED, FAILED and CANCELED are shared with workflows.
 
