@@ -653,3 +653,38 @@ async def test_watch_follows_a_workflow_run_by_a_worker_process(db_url: str) -> 
     ]
     progress = [e.progress["done"] for e in seen if isinstance(e, ProgressChanged)]
     assert progress == sorted(progress) and progress[-1] == 3
+
+
+def test_a_restart_stores_the_new_runs_progress_and_log_lines(app: App) -> None:
+    r, wf = app.retrier, app.workflows
+    fail = {"save": True}
+
+    @r.action
+    def load() -> str:
+        return "d" * (INLINE_RESULT + 1)
+
+    @r.action
+    def save() -> None:
+        if fail["save"]:
+            raise RuntimeError("disk full")
+
+    @wf.define
+    async def job(ctx: WorkflowContext) -> str:
+        ctx.log.info("run %s", "one" if fail["save"] else "two")  # the code was fixed
+        await ctx.step("load", load)
+        ctx.set_progress("loaded")
+        await ctx.step("save", save)
+        ctx.set_progress("saved")
+        ctx.log.info("saved")
+        return "ok"
+
+    wf_id = wf.start(job)
+    app.drain()
+    assert wf.progress(wf_id) == "loaded"
+    fail["save"] = False
+    wf.restart(wf_id, "load")
+    app.drain()
+    assert wf.status(wf_id) == Completed(Success("ok"))
+    assert wf.progress(wf_id) == "saved"
+    assert [x.message for x in wf.logs(wf_id)] == ["run two", "saved"]
+    assert app.count(results_t, workflow_id=wf_id) == 1
