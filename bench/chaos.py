@@ -193,7 +193,7 @@ class Feeder:
                 self.app.workflows.start("chaos_flow", {"label": f"w{i}"},
                                          on_complete="chaos_record",
                                          context={"kind": "workflow"},
-                                         key=f"w{i}", session=session): f"w{i}"
+                                         idempotency_key=f"w{i}", session=session): f"w{i}"
                 for i in numbers
             }
 

@@ -2,6 +2,13 @@
 
     python -m bench.workpool                 # SQLite and PostgreSQL, 1 and 4 workers
     python -m bench.workpool --db sqlite --workers 1 --items 2000 --cpu-items 0
+    python -m bench.workpool --orders due priority round_robin key_limits --rounds 3
+
+`--orders` compares how the pool orders its items, on the same items (5 priorities,
+50 keys), in alternating rounds (the machine is shared: compare within a round):
+`due` (priority_aging=None, the order before priorities), `priority` (the default:
+priority with aging), `round_robin` (round_robin_keys=True), `key_limits`
+(max_per_key=5 and 10 keys with caps of their own of 8).
 
 Workers are real processes (`python -m retrier worker bench.workpool_app:pool`).
 Two measurements per configuration of the no-op table:
@@ -87,8 +94,11 @@ def pct(values: list[float], q: float) -> float:
 def run(
     kind: str, workers: int, items: int, trickle: int, cpu_ms: float = 0.0,
     concurrency: int | None = None, max_per_worker: int | None = None,
+    order: str | None = None,
 ) -> dict[str, float]:
     os.environ["BENCH_DB_URL"] = "sqlite:///unused.db"
+    os.environ["BENCH_ORDER"] = order or "priority"
+    mixed = order is not None  # items with priorities and keys
     # The pool's settings: this process and the workers build the same pool.
     os.environ.pop("BENCH_MAX_PER_WORKER", None)
     if max_per_worker:
@@ -106,6 +116,11 @@ def run(
             t = time.perf_counter()
             if cpu_ms:
                 app.pool.enqueue_batch([("burn", {"i": i, "ms": cpu_ms}) for i in range(items)])
+            elif mixed:
+                app.pool.enqueue_batch([
+                    ("noop", {"i": i}, {"priority": i % 5, "key": f"t{i % 50}"})
+                    for i in range(items)
+                ])
             else:
                 app.pool.enqueue_batch([("noop", {"i": i}) for i in range(items)])
             enqueue_s = time.perf_counter() - t
@@ -121,7 +136,8 @@ def run(
                 # trickle: idle, warm workers; one item every 5 ms
                 ids: list[str] = []
                 for i in range(trickle):
-                    ids.append(app.pool.enqueue("noop", {"i": i}))
+                    options = {"priority": i % 5, "key": f"t{i % 50}"} if mixed else {}
+                    ids.append(app.pool.enqueue("noop", {"i": i}, **options))
                     time.sleep(0.005)
                 while completed(app.retrier.engine, items + trickle) < items + trickle:
                     time.sleep(0.05)
@@ -147,8 +163,15 @@ def main() -> None:
                         help="items of the CPU-bound table (0: skip it)")
     parser.add_argument("--cpu-ms", type=float, default=2.0,
                         help="CPU time each item of the CPU-bound table burns")
+    parser.add_argument("--orders", nargs="*", default=[],
+                        choices=["due", "priority", "round_robin", "key_limits"],
+                        help="compare these item orders instead (see above)")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds of --orders")
     args = parser.parse_args()
     kinds = ["sqlite", "postgresql"] if args.db == "both" else [args.db]
+    if args.orders:
+        compare_orders(args, kinds)
+        return
     print(f"{args.items} no-op items, pool of 10; latency from {args.trickle} trickled items")
     print(f"{'db':<11}{'workers':>8}{'enqueue s':>11}{'items/s':>10}{'p50 ms':>9}{'p95 ms':>9}")
     for kind in kinds:
@@ -170,6 +193,21 @@ def main() -> None:
                 else "up to 16 (default)"
             )
             print(f"{kind:<11}{n:>8}  {shown:<22}{r['items_per_s']:>10.0f}", flush=True)
+
+
+def compare_orders(args: argparse.Namespace, kinds: list[str]) -> None:
+    """Each order in turn, round after round, on the same mixed items."""
+    print(f"{args.items} no-op items (5 priorities, 50 keys), pool of 10; "
+          f"latency from {args.trickle} trickled items; {args.rounds} alternating rounds")
+    print(f"{'round':>5} {'db':<11}{'workers':>8} {'order':<12}{'items/s':>9}"
+          f"{'p50 ms':>9}{'p95 ms':>9}")
+    for round_ in range(1, args.rounds + 1):
+        for kind in kinds:
+            for n in args.workers:
+                for order in args.orders:
+                    r = run(kind, n, args.items, args.trickle, order=order)
+                    print(f"{round_:>5} {kind:<11}{n:>8} {order:<12}{r['items_per_s']:>9.0f}"
+                          f"{r['p50_ms']:>9.1f}{r['p95_ms']:>9.1f}", flush=True)
 
 
 # The default concurrency (16) lets the first worker take every slot of the pool; with

@@ -26,6 +26,18 @@ def burn(i: int, ms: float) -> None:
 
 # BENCH_MAX_PER_WORKER spreads the pool over the worker processes (see docs/workpool.md).
 _per_worker = os.environ.get("BENCH_MAX_PER_WORKER")
+# BENCH_ORDER: how the pool orders its items (bench.workpool --orders): due order,
+# priority with aging (the default), keys taking turns, or keys with caps of their own.
+_order = os.environ.get("BENCH_ORDER", "priority")
 pool = Workpool(
-    retrier, "bench", max_parallelism=10, max_per_worker=int(_per_worker) if _per_worker else None
+    retrier,
+    "bench",
+    max_parallelism=10,
+    max_per_worker=int(_per_worker) if _per_worker else None,
+    priority_aging=None if _order == "due" else 60.0,
+    round_robin_keys=_order == "round_robin",
+    max_per_key=5 if _order == "key_limits" else None,
 )
+if _order == "key_limits":
+    for _tenant in range(0, 50, 5):
+        pool.set_key_limit(f"t{_tenant}", max_parallelism=8)

@@ -82,7 +82,7 @@ def main() -> None:
                 {"request_id": rid, "amount": amount},
                 on_complete=report,
                 context={"request_id": rid},
-                key=f"expense-{rid}",  # starting twice returns the same workflow
+                idempotency_key=f"expense-{rid}",  # starting twice returns the same workflow
             )
             for rid, amount in (("r1", 120), ("r2", 900))
         ]

@@ -40,11 +40,11 @@ def main(db: str) -> None:
         return len(sent)
 
     with retrier:
-        ids = [workflows.start(drip, {"email": e, "plan": p}, key=f"drip-{e}")
+        ids = [workflows.start(drip, {"email": e, "plan": p}, idempotency_key=f"drip-{e}")
                for e, p in [("ann@example.com", "trial"), ("bob@example.com", "pro")]]
         # Starting again with the same key returns the same workflow: no double campaign.
         assert workflows.start(drip, {"email": "ann@example.com", "plan": "trial"},
-                               key="drip-ann@example.com") == ids[0]
+                               idempotency_key="drip-ann@example.com") == ids[0]
         for wf_id in ids:
             workflows.wait(wf_id, timeout=30)
     for at, to, template in sorted(sent):

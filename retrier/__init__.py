@@ -31,6 +31,7 @@ from ._errors import (
     WaitTimeout,
 )
 from ._explain import Why
+from ._keys import Debounce
 from ._policy import RetryPolicy
 from ._results import (
     Canceled,
@@ -51,6 +52,7 @@ __all__ = [
     "Completed",
     "DatabaseBusy",
     "DatabaseUnavailable",
+    "Debounce",
     "DuplicateRegistration",
     "Failed",
     "FakeClock",

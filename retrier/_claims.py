@@ -18,13 +18,13 @@ from sqlalchemy import (
     and_,
     bindparam,
     func,
-    not_,
     or_,
     select,
     text,
     update,
 )
 
+from ._claim_order import KeyTurns, MergeKey, QueueOrder, aging_of, merge_key_rows
 from ._clock import Clock
 from ._dialects import Dialect, reconnecting
 from ._limits import LIMITED_QUEUES, ONE_QUEUE, Counted, QueueBudget
@@ -62,10 +62,6 @@ _DUE_ORDERED = (
 
 
 _DUE_CANDIDATES = _DUE_ORDERED.limit(bindparam("limit"))
-
-
-# One queue's due runs in claim order (index ix_tiers_runs_queue_due).
-_DUE_IN_QUEUE = _DUE_ORDERED.where(runs.c.queue == bindparam("queue"))
 
 
 # Due deliveries of every queue (index ix_tiers_runs_finishing).
@@ -145,7 +141,7 @@ _START_DELIVERIES = (
 # The claim as one server-side call, where the dialect has one (PostgreSQL); run with
 # the driver's own parameters (no SQLAlchemy compilation on the hot path).
 _SERVER_CLAIM = (
-    "SELECT * FROM tiers_claim_v2(%(worker)s, %(limit)s, %(lease_ms)s, %(now)s, %(any_fn)s,"
+    "SELECT * FROM tiers_claim_v3(%(worker)s, %(limit)s, %(lease_ms)s, %(now)s, %(any_fn)s,"
     " %(fns)s::text[], %(handlers)s::text[])"
 )
 
@@ -187,7 +183,8 @@ class Claims:
         self.dialect = dialect
         self.clock = clock
         self._due_candidates = dialect.lock_for_claim(_DUE_CANDIDATES)
-        self._due_in_queue = dialect.lock_for_claim(_DUE_IN_QUEUE.limit(bindparam("limit")))
+        self._order = QueueOrder(dialect, _RUNNABLE)
+        self._turns = KeyTurns(dialect, _RUNNABLE)
         self._due_deliveries = dialect.lock_for_claim(_DUE_DELIVERIES)
         self._locked_queue = dialect.lock_rows(ONE_QUEUE)
         self._limited_queues = dialect.lock_rows(LIMITED_QUEUES)
@@ -244,6 +241,7 @@ class Claims:
             budget = QueueBudget.build(conn, limits, survey.counted, now)
             chosen = self._choose_limited(conn, budget, survey, limit, can_run)
             rate_retry_ms = budget.rate_retry_ms
+            budget.log_key_starts(conn, [(r.queue, r.key) for r in chosen if r.state == PENDING])
         else:
             chosen = list(
                 conn.execute(self._due_candidates, {"now": now, "limit": limit, **can_run})
@@ -298,7 +296,7 @@ class Claims:
         runnable: Runnable,
         at_ms: int | None = None,
     ) -> tuple[list[Claimed], int | None]:
-        """The same claim, as one call of the server's `tiers_claim_v2` (see `_pg_claim`)."""
+        """The same claim, as one call of the server's `tiers_claim_v3` (see `_pg_claim`)."""
         now = self.clock.now_ms()
         params = {
             "worker": worker,
@@ -346,66 +344,59 @@ class Claims:
     ) -> list[Row[Any]]:
         """Due runs to claim when some queues have limits; uses `budget`'s slots.
 
-        A busy queue can fill a whole fetch with rows it has no slot left for. When a
-        queue (or key) runs out during a round, fetch again without it, so the work
-        of other queues behind it is not starved.
+        Each open queue gives its first due runs in its claim order (`_claim_order`),
+        up to its free slots; the due deliveries come from their own fetch; the
+        lists are merged by due time and the first `limit` claimed. Reading queue by
+        queue, rather than `queue NOT IN (blocked)` on one index, does not read past
+        every waiting run of the queues at their limit on every claim.
         """
-        chosen: list[Row[Any]] = []
-        for _ in range(_CLAIM_ROUNDS):
-            want = limit - len(chosen)
-            over = want * 2 + 8
-            taken = {r.id for r in chosen}
-            rows = self._due_outside(conn, budget, survey, taken, over, can_run)
-            exhausted = budget.exhausted
-            for r in rows:
-                if len(chosen) == limit:
-                    break
-                if r.state == FINISHING or budget.take(r.queue, r.key):
-                    chosen.append(r)
-            if len(chosen) == limit or len(rows) < over or budget.exhausted == exhausted:
-                break
-        return chosen
+        params = {"now": budget.now, **can_run}
+        picked: list[tuple[MergeKey, Row[Any]]] = []
+        if survey.deliveries:
+            deliveries = conn.execute(self._due_deliveries, {"limit": limit, **params})
+            picked.extend(merge_key_rows(0, deliveries))
+        for ordinal, queue in enumerate(survey.queues, 1):
+            if queue not in budget.blocked:
+                rows = self._take_from(conn, budget, queue, limit, params)
+                picked.extend(merge_key_rows(ordinal, rows))
+        picked.sort(key=lambda keyed: keyed[0])
+        return [row for _, row in picked[:limit]]
 
-    def _due_outside(
+    def _take_from(
         self,
         conn: Connection,
         budget: QueueBudget,
-        survey: _Survey,
-        taken: set[str],
+        queue: str,
         limit: int,
-        can_run: dict[str, Any],
+        params: dict[str, Any],
     ) -> list[Row[Any]]:
-        """Up to `limit` due runs in claim order, leaving out the queues at their limit
-        (but not their deliveries) and runs in `taken`, and no more of a limited queue
-        than its free slots.
-
-        `queue NOT IN (blocked)` on the claim index would read past every waiting run
-        of the blocked queues, which in a backlog is all of them, on every claim.
-        Instead: the survey's queues that have claimable runs, then each open queue's
-        first due runs, merged.
-        """
-        wanted = limit + len(taken)
-        params = {"now": budget.now, "limit": wanted, **can_run}
-        rows: dict[str, Row[Any]] = {}
-        for queue in survey.queues:
-            if queue in budget.blocked:
-                continue
-            # No more than its free slots (its deliveries come from their own fetch).
-            params["limit"] = min(wanted, budget.slots.get(queue, wanted) + len(taken))
-            stmt = self._due_in_queue
-            keys = budget.full_keys.get(queue)
-            if keys:
-                full = and_(runs.c.state == PENDING, runs.c.key.is_not(None), runs.c.key.in_(keys))
-                stmt = self.dialect.lock_for_claim(
-                    _DUE_IN_QUEUE.where(not_(full)).limit(bindparam("limit"))
-                )
-            rows.update((r.id, r) for r in conn.execute(stmt, {"queue": queue, **params}))
-        if survey.deliveries:
-            params["limit"] = wanted
-            rows.update((r.id, r) for r in conn.execute(self._due_deliveries, params))
-        fresh = (r for r in rows.values() if r.id not in taken)
-        ordered = sorted(fresh, key=lambda r: (r.due_ms, -r.priority))
-        return ordered[:limit]
+        """The runs of `queue` a claim of `limit` would take, in its claim order, within
+        its slots. A key at its limit takes nothing more: its runs are left out of the
+        fetch, fetched again (a few rounds) while keys fill up and slots remain."""
+        lim = budget.limits.get(queue)
+        want = limit if lim is None else min(budget.slots.get(queue, 0), limit)
+        aging = aging_of(lim)
+        if want <= 0:
+            return []
+        if lim is not None and lim.round_robin:
+            return self._turns.take(conn, budget, queue, want, params)
+        if not budget.keyed(queue):
+            return self._order.fetch(conn, queue, aging, want, params)
+        chosen: list[Row[Any]] = []
+        for _ in range(_CLAIM_ROUNDS):
+            over = want * 2 + 8
+            full = budget.full_keys.get(queue, [])
+            taken = [r.id for r in chosen]
+            rows = self._order.fetch(conn, queue, aging, over, params, full, taken)
+            for r in rows:
+                if want <= 0:
+                    break
+                if budget.take(queue, r.key):
+                    chosen.append(r)
+                    want -= 1
+            if want <= 0 or len(rows) < want * 2 + 8:
+                break
+        return chosen
 
     @reconnecting
     def next_due_ms(self, runnable: Runnable = ANYTHING) -> int | None:
@@ -430,4 +421,8 @@ class Claims:
         # Locks the queue's row as a claim does, so the two cannot both take its last slot
         # (a claim locks every limited queue's row, this one included).
         locked = (self._locked_queue, {"queue": queue})
-        return QueueBudget.load(conn, locked, self.clock, worker).take(queue, key)
+        budget = QueueBudget.load(conn, locked, self.clock, worker)
+        if not budget.take(queue, key):
+            return False
+        budget.log_key_starts(conn, [(queue, key)])
+        return True

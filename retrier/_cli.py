@@ -324,6 +324,7 @@ def runs_show(obj: Context, run_id: str) -> None:
         ("outcome", row.outcome or ""), ("args", str(row.args)),
         ("result", "" if row.result is None else str(row.result)),
         ("error", row.error or ""), ("queue", row.queue or "(retrier)"),
+        ("idempotency key", row.idempotency_key or ""), ("debounce key", row.debounce_key or ""),
         ("attempts", str(row.attempts)), ("failures", f"{row.failures} of {row.max_failures}"),
         ("next due", format_ms(row.due_ms) if row.state == "pending" else ""),
         ("on_complete", row.on_complete or ""), ("handler error", row.handler_error or ""),

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, Literal, ParamSpec, Protocol, TypeVar
 
 import anyio
 from anyio.abc import TaskStatus
-from sqlalchemy import Connection, Engine, text
+from sqlalchemy import Connection, Engine, Insert, Table, text
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.sql import ColumnElement, Select
 
@@ -176,6 +176,12 @@ class Dialect(Protocol):
         ...
     def lock_for_claim(self, stmt: Select[Any]) -> Select[Any]: ...
     def lock_rows(self, stmt: Select[Any]) -> Select[Any]: ...
+    def insert_ignoring(self, table: Table) -> Insert:
+        """An INSERT into `table` that skips each row a unique index already holds
+        (`ON CONFLICT DO NOTHING`), waiting for a concurrent transaction that holds
+        such a row uncommitted to end. Add `.returning(...)` to learn whether a row
+        went in (a rowcount may read -1)."""
+        ...
     def lock_schema(self, conn: Connection) -> None:
         """Keep other processes from changing the schema until this transaction ends."""
         ...

@@ -19,9 +19,10 @@ from ._claims import Claims
 from ._clock import Clock, ms_to_datetime
 from ._dialects import Dialect, reconnecting
 from ._errors import RunNotFound
+from ._limits import QueueBudget
 from ._models import CANCELED, COMPLETED, DELIVERING, FINISHING, PENDING, RUNNING, SUCCESS
-from ._run_types import Runnable
-from ._tables import LIVE_WORKERS, in_state, names_in, runs
+from ._run_types import QueueLimits, Runnable
+from ._tables import LIVE_WORKERS, in_state, names_in, queues_t, runs
 
 # The reasons `Why.reason` takes, in the order they are checked.
 FINISHED = "finished"  # completed (succeeded or failed) and its on_complete is done
@@ -35,6 +36,8 @@ PAUSED = "pool_paused"  # its pool's max_parallelism is 0
 POOL_FULL = "pool_full"  # its pool runs max_parallelism runs already
 RATE_LIMITED = "rate_limited"  # its pool's rate window is used up until a time
 KEY_FULL = "key_full"  # its key runs max_per_key runs already
+KEY_LIMIT = "key_limit"  # its key runs as many as its own cap (set_key_limit), or is paused
+KEY_RATE_LIMITED = "key_rate_limited"  # its key's rate window is used up until a time
 CLAIMABLE = "claimable"  # due, room: the next claim of a worker that can run it takes it
 
 
@@ -192,22 +195,81 @@ class Explainer:
                     f"the window lets the next one start at {_at(budget.rate_retry_ms)}",
                     until=ms_to_datetime(budget.rate_retry_ms),
                 )
-        if row.key is not None and row.key in budget.full_keys.get(row.queue, []):
-            return Why(
-                row.id,
-                row.state,
-                KEY_FULL,
-                f"key {row.key!r} of {pool} runs {limits.max_per_key} of "
-                f"max_per_key={limits.max_per_key} already",
-            )
+        if row.key is not None:
+            return self._held_by_key(row, budget, limits, pool)
         return None
 
+    @staticmethod
+    def _held_by_key(
+        row: Any, budget: QueueBudget, limits: QueueLimits, pool: str
+    ) -> Why | None:
+        """Why the run's key leaves it no slot now (its own cap or max_per_key), if
+        it does: the budget's own cap of the key and its running count."""
+        cap = budget.key_cap(row.queue, row.key)
+        running = budget.key_running.get((row.queue, row.key), 0)
+        if cap is None or running < cap:
+            return Explainer._held_by_key_rate(row, budget, limits, pool)
+        key = f"key {row.key!r} of {pool}"
+        details = {"running": running, "max_parallelism": cap}
+        if budget.own_caps.get((row.queue, row.key)) is None:
+            message = f"{key} runs {running} of max_per_key={limits.max_per_key} already"
+            return Why(row.id, row.state, KEY_FULL, message, details=details)
+        message = (
+            f"{key} is paused by its own limit (max_parallelism 0)"
+            if cap == 0
+            else f"{key} runs {running} of its own limit of {cap} (set_key_limit) already"
+        )
+        return Why(row.id, row.state, KEY_LIMIT, message, details=details)
+
+    @staticmethod
+    def _held_by_key_rate(
+        row: Any, budget: QueueBudget, limits: QueueLimits, pool: str
+    ) -> Why | None:
+        """Why the run's key may start nothing more in its rate window now, if so."""
+        retry_before = budget.rate_retry_ms
+        budget.rate_retry_ms = None
+        if budget.key_rate_room(row.queue, row.key) or budget.rate_retry_ms is None:
+            budget.rate_retry_ms = retry_before
+            return None
+        until = budget.rate_retry_ms
+        return Why(
+            row.id,
+            row.state,
+            KEY_RATE_LIMITED,
+            f"key {row.key!r} of {pool} has started {limits.key_rate_limit} run(s) in its "
+            f"rate window (rate_limit_per_key); the window lets the next one start at "
+            f"{_at(until)}",
+            until=ms_to_datetime(until),
+        )
+
     def _ahead(self, conn: Connection, row: Any, now: int) -> int:
-        """The due runs of its queue a claim takes before it (due order, then priority)."""
-        before = or_(
+        """The due runs of its queue a claim takes before it, in the queue's claim
+        order (`_claim_order`: with priority aging, the aged runs by due time, then
+        the rest by priority, then due time; without, due time then priority; where
+        keys take turns, those of its own key, in due order)."""
+        in_due_order = or_(
             runs.c.due_ms < row.due_ms,
             and_(runs.c.due_ms == row.due_ms, runs.c.priority > row.priority),
         )
+        settings = conn.execute(
+            select(queues_t.c.priority_aging_ms, queues_t.c.round_robin).where(
+                queues_t.c.name == row.queue
+            )
+        ).first()
+        aging, turns = settings if settings is not None else (None, None)
+        if turns:  # keys take turns: its own key's runs ahead of it, in due order
+            same = runs.c.key.is_(None) if row.key is None else runs.c.key == row.key
+            before = and_(same, in_due_order)
+        elif not aging:
+            before = in_due_order
+        elif row.due_ms <= now - aging:  # aged: only older aged runs go first
+            before = in_due_order
+        else:
+            by_priority = or_(
+                runs.c.priority > row.priority,
+                and_(runs.c.priority == row.priority, runs.c.due_ms < row.due_ms),
+            )
+            before = or_(runs.c.due_ms <= now - aging, by_priority)
         stmt = select(func.count()).where(
             in_state(PENDING), runs.c.queue == row.queue, runs.c.due_ms <= now, before
         )

@@ -13,12 +13,31 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Connection, Select, bindparam, case, func, or_, select
+from sqlalchemy import (
+    Connection,
+    Select,
+    bindparam,
+    case,
+    delete,
+    exists,
+    func,
+    insert,
+    or_,
+    select,
+)
 
 from ._clock import Clock
 from ._models import RUNNING
 from ._run_types import QueueLimits
-from ._tables import attempts_t, in_state, limits_of, queues_t, runs
+from ._tables import (
+    attempts_t,
+    in_state,
+    key_limits_t,
+    key_starts_t,
+    limits_of,
+    queues_t,
+    runs,
+)
 
 LIMIT_FIELDS = tuple(f.name for f in dataclasses.fields(QueueLimits) if f.name != "name")
 """The settings of a queue, as stored in `tiers_queues`."""
@@ -78,8 +97,9 @@ QUEUE_RULES: tuple[Rule, ...] = (
     Rule("max_per_worker", _per_worker),
     Rule("rate_limit", _rate),
 )
-"""The limits on a whole queue. (`max_per_key` limits each key of a queue, and is
-applied run by run in `QueueBudget.take`.)"""
+"""The limits on a whole queue. (`max_per_key`, and a key's own cap in
+`tiers_key_limits`, limit each key of a queue, and are applied run by run in
+`QueueBudget.take`.)"""
 
 
 def stored_limits(limits: QueueLimits) -> dict[str, Any]:
@@ -102,6 +122,18 @@ class QueueBudget:
     """Each queue's running runs, as counted under its lock."""
     held_by: dict[str, list[str]] = dataclasses.field(default_factory=dict)
     """The rules that leave each blocked queue no slot (by `Rule.name`)."""
+    overridden: set[str] = dataclasses.field(default_factory=set)
+    """The queues where some key has a cap of its own (`tiers_key_limits`)."""
+    own_caps: dict[tuple[str, str], int | None] = dataclasses.field(default_factory=dict)
+    """Keys' own caps as looked up so far (None: the key has none)."""
+    conn: Connection | None = None
+    """The claim's connection, to look up the caps of keys met along the way."""
+    key_rate_used: dict[tuple[str, str], int] = dataclasses.field(default_factory=dict)
+    """Starts in each key's rate window as looked up, plus those taken since."""
+    key_rate_oldest: dict[tuple[str, str], int | None] = dataclasses.field(
+        default_factory=dict
+    )
+    """The oldest of those looked up (None: the window was empty)."""
 
     @classmethod
     def load(
@@ -169,18 +201,126 @@ class QueueBudget:
         return budget
 
     def _count_keys(self, conn: Connection) -> None:
-        keyed = [n for n, lim in self.limits.items() if lim.max_per_key is not None]
+        names = list(self.limits)
+        if not names:
+            return
+        has_own = exists().where(key_limits_t.c.queue == queues_t.c.name)
+        self.overridden = set(
+            conn.execute(select(queues_t.c.name).where(queues_t.c.name.in_(names), has_own))
+            .scalars()
+        )
+        keyed = [n for n in names if self.keyed(n)]
         if not keyed:
             return
-        for queue, key, count in conn.execute(
+        self.conn = conn
+        counts = conn.execute(
             select(runs.c.queue, runs.c.key, func.count())
             .where(in_state(RUNNING), runs.c.queue.in_(keyed), runs.c.key.is_not(None))
             .group_by(runs.c.queue, runs.c.key)
-        ).all():
+        ).all()
+        self._learn_caps(conn, [(q, k) for q, k, _ in counts if q in self.overridden])
+        for queue, key, count in counts:
             self.key_running[(queue, key)] = int(count)
-            max_per_key = self.limits[queue].max_per_key
-            if max_per_key is not None and count >= max_per_key:
+            cap = self.key_cap(queue, key)
+            if cap is not None and count >= cap:
                 self.full_keys.setdefault(queue, []).append(key)
+
+    def keyed(self, queue: str) -> bool:
+        """Whether the queue limits its keys (`max_per_key`, keys' own caps, or a rate
+        limit per key)."""
+        lim = self.limits.get(queue)
+        return lim is not None and (
+            lim.max_per_key is not None
+            or queue in self.overridden
+            or lim.key_rate_limit is not None
+        )
+
+    def key_rate_room(self, queue: str, key: str) -> bool:
+        """Whether `key` may start one more run within its queue's rate per key; when
+        not, as first looked up, notes when its window lets the next one start."""
+        lim = self.limits[queue]
+        if lim.key_rate_limit is None or not lim.key_rate_period_ms or self.conn is None:
+            return True
+        used = self.key_rate_used.get((queue, key))
+        if used is None:
+            since = self.now - lim.key_rate_period_ms
+            starts = self.conn.execute(
+                select(key_starts_t.c.started_ms)
+                .where(
+                    key_starts_t.c.queue == queue,
+                    key_starts_t.c.key == key,
+                    key_starts_t.c.started_ms > since,
+                )
+                .order_by(key_starts_t.c.started_ms.desc())
+                .limit(lim.key_rate_limit)
+            ).scalars().all()
+            used = len(starts)
+            self.key_rate_used[(queue, key)] = used
+            self.key_rate_oldest[(queue, key)] = starts[-1] if starts else None
+            if used >= lim.key_rate_limit:
+                # One more may start once the limit-th newest start leaves the window.
+                retry = starts[-1] + lim.key_rate_period_ms
+                self.rate_retry_ms = min(self.rate_retry_ms or retry, retry)
+        return used < lim.key_rate_limit
+
+    def key_cap(self, queue: str, key: str) -> int | None:
+        """The most runs `key` may run in `queue` at once: its own cap if it has one
+        (`tiers_key_limits`), else the queue's `max_per_key` (None: no limit)."""
+        lim = self.limits.get(queue)
+        default = lim.max_per_key if lim is not None else None
+        if queue not in self.overridden:
+            return default
+        if (queue, key) not in self.own_caps and self.conn is not None:
+            self._learn_caps(self.conn, [(queue, key)])
+        own = self.own_caps.get((queue, key))
+        return default if own is None else own
+
+    def _learn_caps(self, conn: Connection, pairs: list[tuple[str, str]]) -> None:
+        for queue in {q for q, _ in pairs}:
+            keys = [k for q, k in pairs if q == queue]
+            for key in keys:
+                self.own_caps[(queue, key)] = None
+            stmt = select(key_limits_t.c.key, key_limits_t.c.max_parallelism).where(
+                key_limits_t.c.queue == queue, key_limits_t.c.key.in_(keys)
+            )
+            for key, cap in conn.execute(stmt).all():
+                self.own_caps[(queue, key)] = int(cap)
+
+    def _count_key_start(self, queue: str, key: str) -> None:
+        """Count a start taken in the key's rate window; once that fills it, note a
+        time to look again no later than when it lets the next one start (the oldest
+        start looked up, or now, plus the period: early at worst)."""
+        used = self.key_rate_used[(queue, key)] + 1
+        self.key_rate_used[(queue, key)] = used
+        lim = self.limits[queue]
+        if lim.key_rate_limit is not None and used >= lim.key_rate_limit:
+            oldest = self.key_rate_oldest.get((queue, key))
+            retry = (self.now if oldest is None else oldest) + (lim.key_rate_period_ms or 0)
+            self.rate_retry_ms = min(self.rate_retry_ms or retry, retry)
+
+    def log_key_starts(self, conn: Connection, started: list[tuple[str, str | None]]) -> None:
+        """Log the starts of runs (queue, key) in queues with a rate limit per key, for
+        their windows; a key's starts out of its window are deleted as it starts more."""
+        logged: list[tuple[str, str]] = []
+        for queue, key in started:
+            lim = self.limits.get(queue)
+            if key is not None and lim is not None and lim.key_rate_limit is not None:
+                logged.append((queue, key))
+        if not logged:
+            return
+        conn.execute(
+            insert(key_starts_t),
+            [{"queue": q, "key": k, "started_ms": self.now} for q, k in logged],
+        )
+        for queue, key in sorted(set(logged)):
+            since = self.now - (self.limits[queue].key_rate_period_ms or 0)
+            conn.execute(
+                delete(key_starts_t).where(
+                    key_starts_t.c.queue == queue,
+                    key_starts_t.c.key == key,
+                    key_starts_t.c.started_ms <= since,
+                )
+            )
 
     def rate_slots(self, conn: Connection, lim: QueueLimits) -> int | None:
         """The starts a rate limit still allows in its window (None: no rate limit);
@@ -207,11 +347,6 @@ class QueueBudget:
             self.rate_retry_ms = min(self.rate_retry_ms or retry, retry)
         return free
 
-    @property
-    def exhausted(self) -> int:
-        """How many queues and keys have no slot left; grows as `take` uses them."""
-        return len(self.blocked) + sum(len(keys) for keys in self.full_keys.values())
-
     def take(self, queue: str, key: str | None) -> bool:
         """Use one slot of `queue` (and of its `key`) if one is free."""
         lim = self.limits.get(queue)
@@ -219,13 +354,19 @@ class QueueBudget:
             return True
         if self.slots.get(queue, 0) <= 0:
             return False
-        if lim.max_per_key is not None and key is not None:
+        if key is not None and self.keyed(queue):
+            cap = self.key_cap(queue, key)
             used = self.key_running.get((queue, key), 0)
-            if used >= lim.max_per_key:
+            full = self.full_keys.setdefault(queue, [])
+            if (cap is not None and used >= cap) or not self.key_rate_room(queue, key):
+                if key not in full:
+                    full.append(key)
                 return False
+            if cap is not None and used + 1 >= cap:
+                full.append(key)
             self.key_running[(queue, key)] = used + 1
-            if used + 1 >= lim.max_per_key:
-                self.full_keys.setdefault(queue, []).append(key)
+            if (queue, key) in self.key_rate_used:
+                self._count_key_start(queue, key)
         self.slots[queue] -= 1
         if self.slots[queue] <= 0:
             self.blocked.add(queue)

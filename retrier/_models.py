@@ -89,6 +89,12 @@ class RunRow(SQLModel, table=True):
     # The W3C traceparent of the context that enqueued the run (tracing on), so its
     # attempts, in any process, belong to the enqueuing trace.
     trace: str | None = Field(default=None, max_length=128)
+    # A second enqueue with the same key in the same queue gets this run's id, for as
+    # long as the run is kept (a unique index; deleting the run frees the key).
+    idempotency_key: str | None = Field(default=None, max_length=200)
+    # Calls with the same debounce key (and queue and function) collapse into this
+    # run while it has not started.
+    debounce_key: str | None = Field(default=None, max_length=400)
 
 
 _runs = RunRow.__table__  # type: ignore[attr-defined]
@@ -107,6 +113,25 @@ Index(
     _runs.c.due_ms,
     _runs.c.priority.desc(),
     **partial_index("state IN ('pending', 'finishing')"),
+)
+# Claiming from a queue by priority: its pending runs of one priority in due order,
+# and its distinct priorities (a loose scan, one seek each).
+Index(
+    "ix_tiers_runs_queue_priority",
+    _runs.c.queue,
+    _runs.c.priority.desc(),
+    _runs.c.due_ms,
+    **partial_index("state = 'pending'"),
+)
+# Round-robin between keys: a queue's distinct keys (a loose scan) and each key's
+# first due pending run.
+Index(
+    "ix_tiers_runs_queue_key_due",
+    _runs.c.queue,
+    _runs.c.key,
+    _runs.c.due_ms,
+    _runs.c.priority.desc(),
+    **partial_index("state = 'pending'"),
 )
 # on_complete deliveries waiting to run again, which no queue limit holds back.
 Index(
@@ -136,6 +161,21 @@ Index(
 # Listing, newest first; and the runs of one owner (a workflow's steps).
 Index("ix_tiers_runs_created", _runs.c.created_ms)
 Index("ix_tiers_runs_owner", _runs.c.owner)
+# Idempotency keys, one run per key in each queue (NULLs never conflict).
+Index(
+    "ux_tiers_runs_idempotency",
+    _runs.c.queue,
+    _runs.c.idempotency_key,
+    unique=True,
+    **partial_index("idempotency_key IS NOT NULL"),
+)
+# The run a debounced call may collapse into.
+Index(
+    "ix_tiers_runs_debounce",
+    _runs.c.queue,
+    _runs.c.debounce_key,
+    **partial_index("debounce_key IS NOT NULL AND state = 'pending'"),
+)
 
 
 class AttemptRow(SQLModel, table=True):
@@ -173,7 +213,43 @@ class QueueRow(SQLModel, table=True):
     rate_period_ms: int | None = Field(default=None, sa_type=BigInteger)
     max_per_key: int | None = None
     max_per_worker: int | None = None
+    priority_aging_ms: int | None = Field(default=None, sa_type=BigInteger)
+    round_robin: bool | None = None
+    key_rate_limit: int | None = None
+    key_rate_period_ms: int | None = Field(default=None, sa_type=BigInteger)
+    # Where a round-robin queue's turn is: the last key (group) a claim visited; ''
+    # for the items without a key.
+    rr_cursor: str | None = Field(default=None, max_length=200)
     updated_ms: int = Field(sa_type=BigInteger)
+
+
+class KeyLimitRow(SQLModel, table=True):
+    """One key's own cap in a queue (a tenant's limit), overriding its `max_per_key`.
+
+    Stored as data, so it changes at runtime, in the caller's transaction if need be;
+    every claim applies it under the queue's lock.
+    """
+
+    __tablename__ = "tiers_key_limits"
+
+    queue: str = Field(primary_key=True, max_length=200)
+    key: str = Field(primary_key=True, max_length=200)
+    max_parallelism: int
+    updated_ms: int = Field(sa_type=BigInteger)
+
+
+class KeyStartRow(SQLModel, table=True):
+    """One start of a run of a key, in a queue with a per-key rate limit: what the
+    key's rate window counts. Written by the claim that starts it; a claim deletes a
+    key's starts once they are out of its window."""
+
+    __tablename__ = "tiers_key_starts"
+    __table_args__ = (Index("ix_tiers_key_starts", "queue", "key", "started_ms"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    queue: str = Field(max_length=200)
+    key: str = Field(max_length=200)
+    started_ms: int = Field(sa_type=BigInteger)
 
 
 class WorkerRow(SQLModel, table=True):
@@ -237,4 +313,6 @@ ENGINE_TABLES = [
     QueueRow.__table__,  # type: ignore[attr-defined]
     WorkerRow.__table__,  # type: ignore[attr-defined]
     ScheduleRow.__table__,  # type: ignore[attr-defined]
+    KeyLimitRow.__table__,  # type: ignore[attr-defined]
+    KeyStartRow.__table__,  # type: ignore[attr-defined]
 ]

@@ -9,15 +9,154 @@ first due runs up to its free slots, and the due on_complete deliveries, in due 
 then priority; lease them; and say when to look again. `tests/test_claims.py` runs the
 same claim scenarios against both implementations.
 
-It is `tiers_claim_v2` since it also returns each run's trace context and due time
-(engine_0003): a function's result columns cannot change in place, and an older
-release, still running beside this one in a rolling deploy, keeps its `tiers_claim`.
+It is `tiers_claim_v3` since it takes each queue's runs in its claim order (priority
+with aging, keys taking turns: `_claim_order`; engine_0007) through
+`tiers_claim_queue_v3`, and each key's run through `tiers_take_key_v3` (keys' own
+caps, rate limits per key); an older
+release, still running beside this one in a rolling deploy, keeps its
+`tiers_claim_v2` (and a still older one its `tiers_claim`), which stay in place.
 """
 
 from __future__ import annotations
 
+# A key's cap in a queue: its own (tiers_key_limits), else the queue's default.
+KEY_CAP_FUNCTION = r"""
+CREATE OR REPLACE FUNCTION tiers_key_cap_v3(p_queue text, p_key text, p_default integer)
+RETURNS integer LANGUAGE sql STABLE AS $fn$
+    SELECT COALESCE(
+        (SELECT k.max_parallelism FROM tiers_key_limits k
+          WHERE k.queue = p_queue AND k.key = p_key),
+        p_default)
+$fn$
+"""
+
+# Take one run of a key in a queue that limits its keys (`QueueBudget.take`, per key):
+# its cap (own or default), then its rate window (starts logged in tiers_key_starts,
+# looked up once per claim, noting when a full window lets the next start). A key
+# that cannot take is marked full in p_counts, so the next fetches leave it out.
+TAKE_KEY_FUNCTION = r"""
+CREATE OR REPLACE FUNCTION tiers_take_key_v3(
+    INOUT p_counts jsonb, INOUT p_rates jsonb, INOUT p_retry bigint,
+    p_queue text, p_key text, p_default integer, p_over boolean,
+    p_rate integer, p_period bigint, p_now bigint, OUT p_ok boolean
+) LANGUAGE plpgsql VOLATILE AS $fn$
+DECLARE
+    v_k text := p_queue || E'\x1f' || p_key;
+    v_cap integer;
+    v_used integer;
+    v_n integer;
+    v_oldest bigint;
+BEGIN
+    p_ok := false;
+    v_cap := CASE WHEN p_over THEN tiers_key_cap_v3(p_queue, p_key, p_default)
+                  ELSE p_default END;
+    v_used := COALESCE((p_counts ->> v_k)::integer, 0);
+    IF v_cap IS NOT NULL AND v_used >= v_cap THEN
+        p_counts := p_counts || jsonb_build_object(v_k, v_used);
+        RETURN;
+    END IF;
+    IF p_rate IS NOT NULL AND p_period > 0 THEN
+        IF NOT p_rates ? v_k THEN
+            SELECT count(*)::integer, min(x.started_ms) INTO v_n, v_oldest FROM (
+                SELECT s.started_ms FROM tiers_key_starts s
+                 WHERE s.queue = p_queue AND s.key = p_key
+                   AND s.started_ms > p_now - p_period
+                 ORDER BY s.started_ms DESC LIMIT p_rate) x;
+            -- [starts in the window, the oldest of them]
+            p_rates := p_rates || jsonb_build_object(v_k, jsonb_build_array(v_n, v_oldest));
+            IF v_n >= p_rate THEN
+                p_retry := LEAST(COALESCE(p_retry, v_oldest + p_period), v_oldest + p_period);
+            END IF;
+        END IF;
+        v_n := (p_rates -> v_k ->> 0)::integer;
+        IF v_n >= p_rate THEN
+            p_counts := p_counts
+                || jsonb_build_object(v_k, GREATEST(v_used, COALESCE(v_cap, 1073741824)));
+            RETURN;
+        END IF;
+        p_rates := p_rates
+            || jsonb_build_object(v_k, jsonb_build_array(v_n + 1, p_rates -> v_k -> 1));
+        IF v_n + 1 >= p_rate THEN
+            -- This start fills the window: look again no later than it reopens.
+            v_oldest := COALESCE((p_rates -> v_k ->> 1)::bigint, p_now) + p_period;
+            p_retry := LEAST(COALESCE(p_retry, v_oldest), v_oldest);
+        END IF;
+    END IF;
+    p_counts := p_counts || jsonb_build_object(v_k, v_used + 1);
+    p_ok := true;
+END
+$fn$
+"""
+
+# One queue's due pending runs in claim order (see `_claim_order.QueueOrder.fetch`):
+# with an aging threshold, the aged runs by due time, then one priority level at a
+# time (highest first, found by a loose scan) by due time; without, by due time.
+QUEUE_ORDER_FUNCTION = r"""
+CREATE OR REPLACE FUNCTION tiers_claim_queue_v3(
+    p_queue text, p_aging bigint, p_n integer, p_now bigint,
+    p_any_fn boolean, p_fns text[], p_full text[], p_exclude text[]
+) RETURNS TABLE (id varchar, due_ms bigint, priority integer, key varchar)
+LANGUAGE plpgsql VOLATILE AS $fn$
+#variable_conflict use_column
+DECLARE
+    v_left integer := p_n;
+    v_level integer;
+    v_below integer;
+    v_found integer;
+BEGIN
+    IF p_n <= 0 THEN
+        RETURN;
+    END IF;
+    IF COALESCE(p_aging, 0) <= 0 THEN
+        RETURN QUERY SELECT t.id, t.due_ms, t.priority, t.key FROM tiers_runs t
+         WHERE t.queue = p_queue AND t.state = 'pending' AND t.due_ms <= p_now
+           AND (p_any_fn OR t.fn = ANY(p_fns))
+           AND (t.key IS NULL OR NOT t.key = ANY(p_full))
+           AND NOT t.id = ANY(p_exclude)
+         ORDER BY t.due_ms, t.priority DESC LIMIT p_n
+         FOR UPDATE SKIP LOCKED;
+        RETURN;
+    END IF;
+    RETURN QUERY SELECT t.id, t.due_ms, t.priority, t.key FROM tiers_runs t
+     WHERE t.queue = p_queue AND t.state = 'pending' AND t.due_ms <= p_now - p_aging
+       AND (p_any_fn OR t.fn = ANY(p_fns))
+       AND (t.key IS NULL OR NOT t.key = ANY(p_full))
+       AND NOT t.id = ANY(p_exclude)
+     ORDER BY t.due_ms, t.priority DESC LIMIT p_n
+     FOR UPDATE SKIP LOCKED;
+    GET DIAGNOSTICS v_found = ROW_COUNT;
+    v_left := p_n - v_found;
+    WHILE v_left > 0 LOOP
+        v_level := NULL;  -- the next level down: a seek on ix_tiers_runs_queue_priority
+        IF v_below IS NULL THEN
+            SELECT t.priority INTO v_level FROM tiers_runs t
+             WHERE t.queue = p_queue AND t.state = 'pending'
+             ORDER BY t.priority DESC, t.due_ms LIMIT 1;
+        ELSE
+            SELECT t.priority INTO v_level FROM tiers_runs t
+             WHERE t.queue = p_queue AND t.state = 'pending' AND t.priority < v_below
+             ORDER BY t.priority DESC, t.due_ms LIMIT 1;
+        END IF;
+        EXIT WHEN v_level IS NULL;
+        RETURN QUERY SELECT t.id, t.due_ms, t.priority, t.key FROM tiers_runs t
+         WHERE t.queue = p_queue AND t.state = 'pending' AND t.priority = v_level
+           AND t.due_ms > p_now - p_aging AND t.due_ms <= p_now
+           AND (p_any_fn OR t.fn = ANY(p_fns))
+           AND (t.key IS NULL OR NOT t.key = ANY(p_full))
+           AND NOT t.id = ANY(p_exclude)
+         ORDER BY t.due_ms LIMIT v_left
+         FOR UPDATE SKIP LOCKED;
+        GET DIAGNOSTICS v_found = ROW_COUNT;
+        v_left := v_left - v_found;
+        v_below := v_level;
+    END LOOP;
+END
+$fn$
+"""
+
+
 CLAIM_FUNCTION = r"""
-CREATE OR REPLACE FUNCTION tiers_claim_v2(
+CREATE OR REPLACE FUNCTION tiers_claim_v3(
     p_worker text, p_limit integer, p_lease_ms bigint, p_now bigint,
     p_any_fn boolean, p_fns text[], p_handlers text[]
 ) RETURNS TABLE (
@@ -43,7 +182,24 @@ DECLARE
     v_found integer;
     v_ids text[] := '{}';
     v_dues bigint[] := '{}';
-    v_prios integer[] := '{}';
+    v_ords integer[] := '{}';
+    v_poss integer[] := '{}';
+    v_aging bigint[] := '{}';
+    v_ord integer := 0;
+    v_pos integer;
+    v_latest bigint;
+    v_rr boolean[] := '{}';
+    v_over boolean[] := '{}';
+    v_krate integer[] := '{}';
+    v_kperiod bigint[] := '{}';
+    v_krates jsonb := '{}';
+    v_ok boolean;
+    v_cursor text;
+    v_at text;
+    v_group text;
+    v_seen text[];
+    v_dry text[];
+    v_visits integer;
     v_key_counts jsonb := '{}';
     v_full text[];
     v_used integer;
@@ -60,6 +216,8 @@ BEGIN
         SELECT q.name FROM tiers_queues q
          WHERE q.max_parallelism IS NOT NULL OR q.rate_limit IS NOT NULL
             OR q.max_per_key IS NOT NULL OR q.max_per_worker IS NOT NULL
+            OR q.priority_aging_ms IS NOT NULL OR q.round_robin IS NOT NULL
+            OR q.key_rate_limit IS NOT NULL
          ORDER BY q.name FOR UPDATE) l;
     -- A claim that waited for another's locks must not stamp its runs as started
     -- before that claim committed: add the wait (if it was one) to the caller's clock.
@@ -70,7 +228,10 @@ BEGIN
 
     -- 2. Each limited queue's free slots, counted after the lock.
     FOR v_q IN
-        SELECT q.name, q.max_per_key, q.rate_limit, q.rate_period_ms,
+        SELECT q.name, q.max_per_key, q.rate_limit, q.rate_period_ms, q.priority_aging_ms,
+               COALESCE(q.round_robin, false) AS round_robin,
+               q.key_rate_limit, q.key_rate_period_ms,
+               EXISTS (SELECT 1 FROM tiers_key_limits k WHERE k.queue = q.name) AS overridden,
                LEAST(
                    COALESCE(q.max_parallelism - r.n, v_big),
                    COALESCE(q.max_per_worker - r.mine, v_big)
@@ -114,6 +275,11 @@ BEGIN
         v_names := v_names || v_q.name::text;
         v_slots := v_slots || v_left;
         v_per_key := v_per_key || v_q.max_per_key;
+        v_aging := v_aging || v_q.priority_aging_ms;
+        v_rr := v_rr || v_q.round_robin;
+        v_over := v_over || v_q.overridden;
+        v_krate := v_krate || v_q.key_rate_limit;
+        v_kperiod := v_kperiod || v_q.key_rate_period_ms;
     END LOOP;
     IF array_length(v_names, 1) IS NOT NULL THEN
         SELECT COALESCE(jsonb_object_agg(t.queue || E'\x1f' || t.key, t.n), '{}')
@@ -133,7 +299,25 @@ BEGIN
              ORDER BY t.due_ms, t.priority DESC LIMIT p_limit
              FOR UPDATE SKIP LOCKED) c;
     ELSE
-    -- 3'. Each queue with claimable runs (a loose index scan), up to its free slots.
+    -- 3'. Due on_complete deliveries, which no queue limit holds back (merge
+    --     ordinal 0; see `_claim_order.merge_key_rows` for the merge).
+    v_pos := 0;
+    FOR v_r IN
+        SELECT t.id, t.due_ms FROM tiers_runs t
+         WHERE t.state = 'finishing' AND t.due_ms <= v_now
+           AND (p_any_fn OR t.on_complete = ANY(p_handlers))
+         ORDER BY t.due_ms LIMIT p_limit
+         FOR UPDATE SKIP LOCKED
+    LOOP
+        v_ids := v_ids || v_r.id::text;
+        v_dues := v_dues || v_r.due_ms;
+        v_ords := v_ords || 0;
+        v_poss := v_poss || v_pos;
+        v_pos := v_pos + 1;
+    END LOOP;
+
+    -- 4. Each queue with claimable runs (a loose index scan), in its claim order, up
+    --    to its free slots; merge keys: (latest due so far, the queue's ordinal, position).
     FOR v_q IN
         WITH RECURSIVE qs(name) AS (
             SELECT (SELECT min(t.queue) FROM tiers_runs t
@@ -144,20 +328,135 @@ BEGIN
               FROM qs WHERE qs.name IS NOT NULL
         ) SELECT qs.name FROM qs WHERE qs.name IS NOT NULL
     LOOP
+        v_ord := v_ord + 1;
+        v_pos := 0;
+        v_latest := NULL;
         v_i := array_position(v_names, v_q.name::text);
         v_want := CASE WHEN v_i IS NULL THEN p_limit ELSE LEAST(v_slots[v_i], p_limit) END;
         CONTINUE WHEN v_want <= 0;
-        IF v_i IS NULL OR v_per_key[v_i] IS NULL THEN
-            FOR v_r IN
-                SELECT t.id, t.due_ms, t.priority FROM tiers_runs t
-                 WHERE t.queue = v_q.name AND t.state = 'pending' AND t.due_ms <= v_now
-                   AND (p_any_fn OR t.fn = ANY(p_fns))
-                 ORDER BY t.due_ms, t.priority DESC LIMIT v_want
-                 FOR UPDATE SKIP LOCKED
-            LOOP
+        IF v_i IS NOT NULL AND v_rr[v_i] THEN
+            -- Keys take turns (see `_claim_order.KeyTurns`): round the ring of keys
+            -- (no key first, then the keys in order) from the stored cursor, one run
+            -- per key per turn, until a lap finds nothing or the visits run out.
+            SELECT q.rr_cursor INTO v_cursor FROM tiers_queues q WHERE q.name = v_q.name;
+            v_at := v_cursor;
+            v_seen := '{}';
+            v_dry := '{}';
+            v_visits := 0;
+            WHILE v_want > 0 AND v_visits < v_want * 2 + 8 LOOP
+                v_group := NULL;
+                -- Written as ORDER BY ... LIMIT 1 on ix_tiers_runs_queue_key_due's
+                -- columns, so the plan is a seek whatever the table's statistics say.
+                IF v_at IS NULL AND EXISTS (
+                    SELECT 1 FROM tiers_runs t WHERE t.queue = v_q.name
+                       AND t.state = 'pending' AND t.key IS NULL
+                     ORDER BY t.key, t.due_ms LIMIT 1) THEN
+                    v_group := '';
+                ELSE
+                    SELECT t.key INTO v_group FROM tiers_runs t
+                     WHERE t.queue = v_q.name AND t.state = 'pending'
+                       AND t.key > COALESCE(v_at, '')
+                     ORDER BY t.key, t.due_ms LIMIT 1;
+                END IF;
+                IF v_group IS NULL THEN
+                    EXIT WHEN v_at IS NULL;
+                    v_at := NULL;
+                    CONTINUE;
+                END IF;
+                v_at := v_group;
+                EXIT WHEN v_group = ANY(v_seen)
+                    AND cardinality(v_seen) = cardinality(v_dry);
+                IF NOT v_group = ANY(v_seen) THEN
+                    v_seen := v_seen || v_group;
+                END IF;
+                CONTINUE WHEN v_group = ANY(v_dry);
+                v_visits := v_visits + 1;
+                IF v_group = '' THEN
+                    SELECT t.id, t.due_ms, t.key INTO v_r FROM tiers_runs t
+                     WHERE t.queue = v_q.name AND t.state = 'pending' AND t.key IS NULL
+                       AND t.due_ms <= v_now AND (p_any_fn OR t.fn = ANY(p_fns))
+                       AND NOT t.id = ANY(v_ids)
+                     ORDER BY t.due_ms, t.priority DESC LIMIT 1
+                     FOR UPDATE SKIP LOCKED;
+                ELSE
+                    SELECT t.id, t.due_ms, t.key INTO v_r FROM tiers_runs t
+                     WHERE t.queue = v_q.name AND t.state = 'pending' AND t.key = v_group
+                       AND t.due_ms <= v_now AND (p_any_fn OR t.fn = ANY(p_fns))
+                       AND NOT t.id = ANY(v_ids)
+                     ORDER BY t.due_ms, t.priority DESC LIMIT 1
+                     FOR UPDATE SKIP LOCKED;
+                END IF;
+                IF NOT FOUND THEN
+                    v_dry := v_dry || v_group;
+                    CONTINUE;
+                END IF;
+                IF v_r.key IS NOT NULL AND (v_per_key[v_i] IS NOT NULL OR v_over[v_i]
+                                           OR v_krate[v_i] IS NOT NULL) THEN
+                    SELECT * INTO v_key_counts, v_krates, v_rate_retry, v_ok
+                      FROM tiers_take_key_v3(
+                        v_key_counts, v_krates, v_rate_retry, v_q.name, v_r.key, v_per_key[v_i],
+                        v_over[v_i], v_krate[v_i], v_kperiod[v_i], v_now);
+                    IF NOT v_ok THEN
+                        v_dry := v_dry || v_group;
+                        CONTINUE;
+                    END IF;
+                END IF;
+                v_latest := GREATEST(COALESCE(v_latest, v_r.due_ms), v_r.due_ms);
                 v_ids := v_ids || v_r.id::text;
-                v_dues := v_dues || v_r.due_ms;
-                v_prios := v_prios || v_r.priority;
+                v_dues := v_dues || v_latest;
+                v_ords := v_ords || v_ord;
+                v_poss := v_poss || v_pos;
+                v_pos := v_pos + 1;
+                v_want := v_want - 1;
+            END LOOP;
+            IF v_at IS DISTINCT FROM v_cursor THEN
+                UPDATE tiers_queues SET rr_cursor = v_at WHERE name = v_q.name;
+            END IF;
+            IF v_want > 0 AND v_visits >= v_want * 2 + 8 THEN
+                -- Visits ran out: fill the remaining slots in due order.
+                SELECT COALESCE(array_agg(substr(k, length(v_q.name) + 2)), '{}')
+                  INTO v_full
+                  FROM jsonb_each_text(v_key_counts) e(k, v)
+                 WHERE left(k, length(v_q.name) + 1) = v_q.name || E'\x1f'
+                   AND v::integer >= COALESCE(CASE WHEN v_over[v_i]
+                       THEN tiers_key_cap_v3(v_q.name, substr(k, length(v_q.name) + 2),
+                                             v_per_key[v_i])
+                       ELSE v_per_key[v_i] END, v_big);
+                FOR v_r IN
+                    SELECT * FROM tiers_claim_queue_v3(
+                        v_q.name, NULL, v_want, v_now, p_any_fn, p_fns, v_full, v_ids)
+                LOOP
+                    IF v_r.key IS NOT NULL AND (v_per_key[v_i] IS NOT NULL OR v_over[v_i]
+                                               OR v_krate[v_i] IS NOT NULL) THEN
+                        SELECT * INTO v_key_counts, v_krates, v_rate_retry, v_ok
+                          FROM tiers_take_key_v3(
+                            v_key_counts, v_krates, v_rate_retry, v_q.name, v_r.key, v_per_key[v_i],
+                            v_over[v_i], v_krate[v_i], v_kperiod[v_i], v_now);
+                        IF NOT v_ok THEN
+                            CONTINUE;
+                        END IF;
+                    END IF;
+                    v_latest := GREATEST(COALESCE(v_latest, v_r.due_ms), v_r.due_ms);
+                    v_ids := v_ids || v_r.id::text;
+                    v_dues := v_dues || v_latest;
+                    v_ords := v_ords || v_ord;
+                    v_poss := v_poss || v_pos;
+                    v_pos := v_pos + 1;
+                END LOOP;
+            END IF;
+        ELSIF v_i IS NULL
+           OR (v_per_key[v_i] IS NULL AND NOT v_over[v_i] AND v_krate[v_i] IS NULL) THEN
+            FOR v_r IN
+                SELECT * FROM tiers_claim_queue_v3(
+                    v_q.name, CASE WHEN v_i IS NULL THEN NULL ELSE v_aging[v_i] END,
+                    v_want, v_now, p_any_fn, p_fns, '{}', '{}')
+            LOOP
+                v_latest := GREATEST(COALESCE(v_latest, v_r.due_ms), v_r.due_ms);
+                v_ids := v_ids || v_r.id::text;
+                v_dues := v_dues || v_latest;
+                v_ords := v_ords || v_ord;
+                v_poss := v_poss || v_pos;
+                v_pos := v_pos + 1;
             END LOOP;
         ELSE
             -- A key at its limit takes nothing more: leave its runs out of the fetch,
@@ -167,29 +466,34 @@ BEGIN
                   INTO v_full
                   FROM jsonb_each_text(v_key_counts) e(k, v)
                  WHERE left(k, length(v_q.name) + 1) = v_q.name || E'\x1f'
-                   AND v::integer >= v_per_key[v_i];
+                   AND v::integer >= COALESCE(CASE WHEN v_over[v_i]
+                       THEN tiers_key_cap_v3(v_q.name, substr(k, length(v_q.name) + 2),
+                                             v_per_key[v_i])
+                       ELSE v_per_key[v_i] END, v_big);
                 v_found := 0;
                 FOR v_r IN
-                    SELECT t.id, t.due_ms, t.priority, t.key FROM tiers_runs t
-                     WHERE t.queue = v_q.name AND t.state = 'pending' AND t.due_ms <= v_now
-                       AND (p_any_fn OR t.fn = ANY(p_fns))
-                       AND (t.key IS NULL OR NOT t.key = ANY(v_full))
-                       AND NOT t.id = ANY(v_ids)
-                     ORDER BY t.due_ms, t.priority DESC LIMIT v_want * 2 + 8
-                     FOR UPDATE SKIP LOCKED
+                    SELECT * FROM tiers_claim_queue_v3(
+                        v_q.name, v_aging[v_i], v_want * 2 + 8, v_now, p_any_fn, p_fns,
+                        v_full, v_ids)
                 LOOP
                     v_found := v_found + 1;
                     EXIT WHEN v_want <= 0;
-                    IF v_r.key IS NOT NULL THEN
-                        v_used := COALESCE(
-                            (v_key_counts ->> (v_q.name || E'\x1f' || v_r.key))::integer, 0);
-                        CONTINUE WHEN v_used >= v_per_key[v_i];
-                        v_key_counts := v_key_counts
-                            || jsonb_build_object(v_q.name || E'\x1f' || v_r.key, v_used + 1);
+                    IF v_r.key IS NOT NULL AND (v_per_key[v_i] IS NOT NULL OR v_over[v_i]
+                                               OR v_krate[v_i] IS NOT NULL) THEN
+                        SELECT * INTO v_key_counts, v_krates, v_rate_retry, v_ok
+                          FROM tiers_take_key_v3(
+                            v_key_counts, v_krates, v_rate_retry, v_q.name, v_r.key, v_per_key[v_i],
+                            v_over[v_i], v_krate[v_i], v_kperiod[v_i], v_now);
+                        IF NOT v_ok THEN
+                            CONTINUE;
+                        END IF;
                     END IF;
+                    v_latest := GREATEST(COALESCE(v_latest, v_r.due_ms), v_r.due_ms);
                     v_ids := v_ids || v_r.id::text;
-                    v_dues := v_dues || v_r.due_ms;
-                    v_prios := v_prios || v_r.priority;
+                    v_dues := v_dues || v_latest;
+                    v_ords := v_ords || v_ord;
+                    v_poss := v_poss || v_pos;
+                    v_pos := v_pos + 1;
                     v_want := v_want - 1;
                 END LOOP;
                 EXIT WHEN v_want <= 0 OR v_found < (v_want * 2 + 8);
@@ -197,23 +501,27 @@ BEGIN
         END IF;
     END LOOP;
 
-    -- 4. Due on_complete deliveries, which no queue limit holds back.
-    FOR v_r IN
-        SELECT t.id, t.due_ms, t.priority FROM tiers_runs t
-         WHERE t.state = 'finishing' AND t.due_ms <= v_now
-           AND (p_any_fn OR t.on_complete = ANY(p_handlers))
-         ORDER BY t.due_ms LIMIT p_limit
-         FOR UPDATE SKIP LOCKED
-    LOOP
-        v_ids := v_ids || v_r.id::text;
-        v_dues := v_dues || v_r.due_ms;
-        v_prios := v_prios || v_r.priority;
-    END LOOP;
-
-    -- 5. The first p_limit of them in due order, then priority: leased.
-    SELECT COALESCE(array_agg(c.id ORDER BY c.due, c.prio DESC), '{}') INTO v_chosen
-      FROM (SELECT u.id, u.due, u.prio FROM unnest(v_ids, v_dues, v_prios) AS u(id, due, prio)
-             ORDER BY u.due, u.prio DESC LIMIT p_limit) c;
+    -- 5. The first p_limit of them in merge order: leased.
+    SELECT COALESCE(array_agg(c.id ORDER BY c.due, c.ord, c.pos), '{}') INTO v_chosen
+      FROM (SELECT u.id, u.due, u.ord, u.pos
+              FROM unnest(v_ids, v_dues, v_ords, v_poss) AS u(id, due, ord, pos)
+             ORDER BY u.due, u.ord, u.pos LIMIT p_limit) c;
+    -- 5'. Starts of keys with a rate limit per key, logged for their windows (and
+    --     their starts out of the window deleted).
+    IF EXISTS (SELECT 1 FROM unnest(v_krate) AS r(n) WHERE r.n IS NOT NULL) THEN
+        INSERT INTO tiers_key_starts (queue, key, started_ms)
+        SELECT t.queue, t.key, v_now FROM tiers_runs t
+         WHERE t.id = ANY(v_chosen) AND t.state = 'pending' AND t.key IS NOT NULL
+           AND v_krate[array_position(v_names, t.queue::text)] IS NOT NULL
+         ORDER BY t.queue, t.key;
+        DELETE FROM tiers_key_starts s USING (
+            SELECT DISTINCT t.queue, t.key,
+                   v_kperiod[array_position(v_names, t.queue::text)] AS period
+              FROM tiers_runs t
+             WHERE t.id = ANY(v_chosen) AND t.state = 'pending' AND t.key IS NOT NULL
+               AND v_krate[array_position(v_names, t.queue::text)] IS NOT NULL) c
+         WHERE s.queue = c.queue AND s.key = c.key AND s.started_ms <= v_now - c.period;
+    END IF;
     END IF;
     RETURN QUERY WITH leased AS (
         UPDATE tiers_runs t SET
@@ -229,7 +537,7 @@ BEGIN
     SELECT 'run'::text, l.id, l.fn, l.args, l.state, l.fence, l.attempts, l.failures,
            l.queue, l.owner, l.on_complete, l.context, l.outcome, l.result, l.error, v_now,
            l.trace, l.due_ms
-      FROM leased l ORDER BY l.due_ms, l.priority DESC;
+      FROM leased l ORDER BY array_position(v_chosen, l.id::text);
 
     -- 6. When to look again: the next due run, or when a rate window reopens.
     IF coalesce(array_length(v_chosen, 1), 0) < p_limit THEN

@@ -15,7 +15,8 @@ import anyio
 import anyio.to_thread
 from anyio.abc import TaskStatus
 from anyio.lowlevel import RunVar
-from sqlalchemy import Connection, create_engine, event, func, literal, text
+from sqlalchemy import Connection, Insert, Table, create_engine, event, func, literal, text
+from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 from sqlalchemy.engine import URL
 from sqlalchemy.sql import ColumnElement, Select
 
@@ -23,7 +24,12 @@ from ._alone import CompiledInsert, wrapped
 from ._dberrors import DRIVER_ERRORS, raise_translated
 from ._dialect import CANCEL, WAKE, Durability, Listener, P, T
 from ._errors import InvalidDatabaseURL
-from ._pg_claim import CLAIM_FUNCTION
+from ._pg_claim import (
+    CLAIM_FUNCTION,
+    KEY_CAP_FUNCTION,
+    QUEUE_ORDER_FUNCTION,
+    TAKE_KEY_FUNCTION,
+)
 
 log = logging.getLogger("tiers.store")
 
@@ -160,6 +166,9 @@ class PostgresDialect:
         # New runs wake every listening worker: the server sends the NOTIFY itself,
         # at commit, whoever inserted them (including a user's own session).
         conn.execute(text(_WAKE_FUNCTION.replace("{channel}", self.wake_channel)))
+        conn.exec_driver_sql(KEY_CAP_FUNCTION)
+        conn.exec_driver_sql(TAKE_KEY_FUNCTION)
+        conn.exec_driver_sql(QUEUE_ORDER_FUNCTION)
         conn.exec_driver_sql(CLAIM_FUNCTION)
         conn.execute(text("DROP TRIGGER IF EXISTS tiers_runs_wake ON tiers_runs"))
         conn.execute(
@@ -180,6 +189,9 @@ class PostgresDialect:
 
     def lock_for_claim(self, stmt: Select[Any]) -> Select[Any]:
         return stmt.with_for_update(skip_locked=True)
+
+    def insert_ignoring(self, table: Table) -> Insert:
+        return postgresql_insert(table).on_conflict_do_nothing()
 
     def lock_rows(self, stmt: Select[Any]) -> Select[Any]:
         return stmt.with_for_update()

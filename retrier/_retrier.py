@@ -21,6 +21,7 @@ from ._dialects import WAKE, Durability, stamped
 from ._errors import InvalidArguments, InvalidSettings, WaitTimeout
 from ._explain import Why
 from ._json import check_json
+from ._keys import Debounce, check_debounce, check_idempotency_key, check_once
 from ._log import configure_logging
 from ._migrations import Branch, Migrations
 from ._models import CANCELED, FAILED, PENDING, RUNNING, SUCCESS, RunRow
@@ -232,11 +233,20 @@ class Retrier(Scheduling):
         max_failures: int | None = None,
         jitter: bool | None = None,
         max_backoff: timedelta | None = None,
+        idempotency_key: str | None = None,
+        debounce: Debounce | None = None,
     ) -> str:
         """Start a durable run of a registered action now; returns its run id.
 
         With `session=`, the run is written in that session's transaction and exists
         only if the caller commits it.
+
+        With `idempotency_key=`, a call while a run with that key is stored (in the
+        retrier's own runs: each pool has its keys) returns that run's id and stores
+        nothing: the key is free again once the run is deleted (`cleanup`, retention).
+        With `debounce=Debounce(key, period, max_wait)`, calls within `period` of each
+        other collapse into one run with the latest args, which starts `period` after
+        the last call (no later than `max_wait` after the first); all get its id.
         """
         policy = self.policy.with_overrides(
             initial_backoff_ms=initial_backoff_ms,
@@ -246,10 +256,15 @@ class Retrier(Scheduling):
             max_backoff=max_backoff,
         )
         new = self.prepare(
-            fn, args, on_complete=on_complete, context=context, policy=policy
+            fn,
+            args,
+            on_complete=on_complete,
+            context=context,
+            policy=policy,
+            idempotency_key=idempotency_key,
+            debounce=debounce,
         )
-        self.submit([new], session=session)
-        return new.id
+        return self.submit([new], session=session)[0]
 
     def run_at(
         self, when: datetime, fn: Fn | str, args: dict[str, Any] | None = None, **options: Any
@@ -276,18 +291,24 @@ class Retrier(Scheduling):
         session = options.pop("session", None)
         on_complete = options.pop("on_complete", None)
         context = options.pop("context", None)
+        idempotency_key = options.pop("idempotency_key", None)
         unknown = options.keys() - _POLICY_OPTIONS
         if unknown:
             raise InvalidSettings(
                 f"unknown option(s) {sorted(unknown)}; expected session, on_complete, "
-                f"context or some of {sorted(_POLICY_OPTIONS)}"
+                f"context, idempotency_key or some of {sorted(_POLICY_OPTIONS)}"
             )
         policy = self.policy.with_overrides(**options)
         new = self.prepare(
-            fn, args, on_complete=on_complete, context=context, policy=policy, due_ms=due_ms
+            fn,
+            args,
+            on_complete=on_complete,
+            context=context,
+            policy=policy,
+            due_ms=due_ms,
+            idempotency_key=idempotency_key,
         )
-        self.submit([new], session=session)
-        return new.id
+        return self.submit([new], session=session)[0]
 
     def prepare(
         self,
@@ -303,12 +324,19 @@ class Retrier(Scheduling):
         owner: str | None = None,
         priority: int = 0,
         run_id: str | None = None,
+        idempotency_key: str | None = None,
+        debounce: Debounce | None = None,
+        debounce_scope: str | None = None,
     ) -> NewRun:
         """Validate a run and build its row, writing nothing. For higher tiers.
 
         Raises `UnregisteredFunction` or `InvalidArguments` (arguments or a context that
-        are not strict JSON included) before anything is stored.
+        are not strict JSON included), or `InvalidSettings` (a bad idempotency key or
+        debounce) before anything is stored.
         """
+        check_idempotency_key(idempotency_key)
+        check_debounce(debounce)
+        check_once(idempotency_key, debounce)
         reg = self.registry.action(fn)
         stored_args = reg.validate_args(args)
         if context is not None:
@@ -331,29 +359,36 @@ class Retrier(Scheduling):
             priority=priority,
             on_complete=handler,
             context=context,
+            idempotency_key=idempotency_key,
+            debounce=debounce,
+            debounce_scope=debounce_scope,
         )
 
-    def submit(self, new: Sequence[NewRun], *, session: Session | None = None) -> None:
-        """Store prepared runs in one transaction (the caller's, if `session` is given)."""
+    def submit(self, new: Sequence[NewRun], *, session: Session | None = None) -> list[str]:
+        """Store prepared runs in one transaction (the caller's, if `session` is given);
+        the id each got, in order: its own, or, for one with an idempotency key or a
+        debounce, that of the run stored before it collapses into."""
         if self.telemetry.tracing is not None:
             with self.telemetry.enqueue_span([r.fn for r in new]):
-                self._submit(new, session)
+                ids = self._submit(new, session)
         else:
-            self._submit(new, session)
+            ids = self._submit(new, session)
         if log.isEnabledFor(logging.DEBUG):
-            for r in new:
+            for r, run_id in zip(new, ids, strict=True):
                 log.debug(
-                    "run %s (%s) enqueued", r.id, r.fn,
-                    extra={"run_id": r.id, "fn": r.fn, "queue": r.queue},
+                    "run %s (%s) enqueued", run_id, r.fn,
+                    extra={"run_id": run_id, "fn": r.fn, "queue": r.queue},
                 )
+        return ids
 
-    def _submit(self, new: Sequence[NewRun], session: Session | None) -> None:
+    def _submit(self, new: Sequence[NewRun], session: Session | None) -> list[str]:
         if session is None:
-            self.store.insert_runs(new)
+            ids = self.store.insert_runs(new)
             self.wake_workers()
-            return
-        self.store.insert_runs(new, conn=session.connection())
+            return ids
+        ids = self.store.insert_runs(new, conn=session.connection())
         event.listen(session, "after_commit", lambda _s: self.wake_workers(), once=True)
+        return ids
 
     # -- status, cancel, cleanup, wait --------------------------------------------------
 

@@ -12,6 +12,8 @@ from typing import Any
 
 from sqlalchemy import Connection
 
+from ._keys import Debounce
+
 # An on_complete run inside the transaction that records the completion: it gets the
 # transaction's connection (the worker wraps user handlers in a SQLModel Session).
 SessionHandler = Callable[["Delivery", Connection], None]
@@ -67,6 +69,23 @@ class NewRun:
     on_complete: str | None = None
     context: Any = None
     trace: str | None = None  # the enqueuing trace context (W3C traceparent)
+    # Another run of the queue with this key already stored: its id is the answer.
+    idempotency_key: str | None = None
+    # Collapse into the pending run of (queue, fn, debounce key) when there is one.
+    debounce: Debounce | None = None
+    # The stored debounce key, when it is not `debounce.key` (a tier that scopes it).
+    debounce_scope: str | None = None
+
+    @property
+    def plain(self) -> bool:
+        """Inserted as it is: no key decides whether it collapses into another run."""
+        return self.idempotency_key is None and self.debounce is None
+
+    @property
+    def debounce_key(self) -> str | None:
+        if self.debounce is None:
+            return None
+        return self.debounce_scope or self.debounce.key
 
 
 @dataclass(frozen=True, slots=True)
@@ -166,6 +185,15 @@ class QueueLimits:
     rate_period_ms: int | None = None
     max_per_key: int | None = None
     max_per_worker: int | None = None
+    # Due runs start by priority (higher first); one due for longer than this starts
+    # before every run due after it, whatever the priorities (None: due order).
+    priority_aging_ms: int | None = None
+    # Keys take turns (round-robin, one item per key per turn); within a key, due
+    # order. None: the queue's order, whoever the keys are.
+    round_robin: bool | None = None
+    # Each key may start at most `key_rate_limit` runs in any window of this period.
+    key_rate_limit: int | None = None
+    key_rate_period_ms: int | None = None
 
 
 @dataclass(frozen=True, slots=True)

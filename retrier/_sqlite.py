@@ -14,7 +14,8 @@ from typing import Any
 import anyio
 import anyio.to_thread
 from anyio.abc import TaskStatus
-from sqlalchemy import Connection, Engine, create_engine, event
+from sqlalchemy import Connection, Engine, Insert, Table, create_engine, event
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import URL
 from sqlalchemy.sql import ColumnElement, Select
 
@@ -190,6 +191,9 @@ class SQLiteDialect:
 
     def lock_for_claim(self, stmt: Select[Any]) -> Select[Any]:
         return stmt
+
+    def insert_ignoring(self, table: Table) -> Insert:
+        return sqlite_insert(table).on_conflict_do_nothing()
 
     def lock_rows(self, stmt: Select[Any]) -> Select[Any]:
         return stmt

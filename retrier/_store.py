@@ -33,6 +33,7 @@ from ._clock import Clock
 from ._dialects import CANCEL, WAKE, Dialect, Durability, open_dialect, reconnecting
 from ._errors import RunNotFinished, RunNotFound, RunNotRetryable, SchemaTooNew
 from ._explain import Explainer
+from ._keyed import Debounced, KeyedInserts
 from ._limits import stored_limits
 from ._migrations import Migrations
 from ._models import (
@@ -55,6 +56,7 @@ from ._tables import (
     attempts_t,
     chunks,
     in_state,
+    key_limits_t,
     meta_t,
     new_row,
     queues_t,
@@ -127,6 +129,7 @@ class Store:
         reads = Reads(self.dialect)
         self._claims = claims
         self._records = records
+        self._keyed = KeyedInserts(self.dialect)
         self._lock_to_cancel = self.dialect.lock_rows(_LOCK_TO_CANCEL)
         self._pending_of_owner = self.dialect.lock_rows(_PENDING_OF_OWNER)
         # Claiming (_claims.py)
@@ -227,18 +230,35 @@ class Store:
         """Connections in use right now; zero once every transaction has ended."""
         return self.dialect.checked_out()
 
-    def insert_runs(self, new: Sequence[NewRun], conn: Connection | None = None) -> None:
-        """Insert runs, in `conn`'s transaction if given, else in a transaction of our own."""
+    def insert_runs(self, new: Sequence[NewRun], conn: Connection | None = None) -> list[str]:
+        """Insert runs, in `conn`'s transaction if given, else in a transaction of our
+        own; the id each gets, in order. A run with an idempotency key gets the id of
+        the queue's run stored with that key, if any; a debounced run, the id of the
+        pending run it collapses into (see `_keyed`)."""
         now = self.clock.now_ms()
         rows = [new_row(r, now) for r in new]
         if not rows:
-            return
+            return []
         if self.on_insert is not None:
             self.on_insert(rows)
+        if not all(r.plain for r in new):
+            if conn is not None:
+                return self._keyed.insert_in(conn, new, rows, now)
+            return self._insert_keyed_own(new, rows, now)
         if conn is not None:
             conn.execute(INSERT_RUNS, rows)
-            return
-        self._insert_own(rows)
+        else:
+            self._insert_own(rows)
+        return [r.id for r in new]
+
+    @reconnecting
+    def _insert_keyed_own(
+        self, new: Sequence[NewRun], rows: list[dict[str, Any]], now: int
+    ) -> list[str]:
+        # Safe to try twice: a first try that committed left the keys, which the
+        # second finds.
+        with self.dialect.write() as own:
+            return self._keyed.insert_in(own, new, rows, now)
 
     def _insert_in(self, new: Sequence[NewRun], conn: Connection) -> None:
         self.insert_runs(new, conn)
@@ -257,6 +277,18 @@ class Store:
             # Tried again after a dropped connection: the first try may have committed.
             if self.states(r["id"] for r in rows).keys() != {r["id"] for r in rows}:
                 raise
+
+    def debounce_in(self, conn: Connection, new: NewRun, *, replace_args: bool = True) -> Debounced:
+        """Store the debounced run `new` in the caller's transaction: collapsed into the
+        pending, never-started run of its queue, function and debounce key (its args
+        and context replaced unless `replace_args` is False; due one period from now,
+        and no later than `max_wait` after the first call), else inserted. For a tier
+        whose own rows depend on which it was (a workflow's start)."""
+        now = self.clock.now_ms()
+        row = new_row(new, now)
+        if self.on_insert is not None:
+            self.on_insert([row])
+        return self._keyed.debounce_in(conn, new, row, now, replace_args=replace_args)
 
     def ensure_pending(self, conn: Connection, new: NewRun) -> None:
         """Make sure one pending run of `new.fn` for `new.owner` is due by `new.due_ms`:
@@ -494,6 +526,38 @@ class Store:
             conn.execute(delete(attempts_t).where(attempts_t.c.run_id.in_(chunk)))
             conn.execute(delete(runs).where(runs.c.id.in_(chunk)))
         return len(ids)
+
+    def set_key_limit(
+        self, queue: str, key: str, max_parallelism: int | None, conn: Connection | None = None
+    ) -> None:
+        """Give `key` of `queue` a cap of its own (None: remove it, back to the queue's
+        `max_per_key`), in `conn`'s transaction if given; wakes the workers."""
+        if conn is not None:
+            self._set_key_limit(conn, queue, key, max_parallelism)
+            return
+        with self.dialect.write() as own:
+            self._set_key_limit(own, queue, key, max_parallelism)
+
+    def _set_key_limit(
+        self, conn: Connection, queue: str, key: str, max_parallelism: int | None
+    ) -> None:
+        where = (key_limits_t.c.queue == queue) & (key_limits_t.c.key == key)
+        if max_parallelism is None:
+            conn.execute(delete(key_limits_t).where(where))
+        else:
+            values = {"max_parallelism": max_parallelism, "updated_ms": self.clock.now_ms()}
+            if not conn.execute(update(key_limits_t).where(where).values(**values)).rowcount:
+                conn.execute(insert(key_limits_t).values(queue=queue, key=key, **values))
+        self.dialect.notify(conn, WAKE)
+
+    @reconnecting
+    def key_limits(self, queue: str) -> dict[str, int]:
+        """The keys of `queue` that have a cap of their own, and their caps."""
+        stmt = select(key_limits_t.c.key, key_limits_t.c.max_parallelism).where(
+            key_limits_t.c.queue == queue
+        )
+        with self.dialect.read() as conn:
+            return {key: int(cap) for key, cap in conn.execute(stmt.order_by(key_limits_t.c.key))}
 
     @reconnecting
     def set_queue(self, limits: QueueLimits) -> None:

@@ -21,7 +21,16 @@ from sqlalchemy import (
     update,
 )
 
-from ._models import PENDING, AttemptRow, MetaRow, QueueRow, RunRow, WorkerRow
+from ._models import (
+    PENDING,
+    AttemptRow,
+    KeyLimitRow,
+    KeyStartRow,
+    MetaRow,
+    QueueRow,
+    RunRow,
+    WorkerRow,
+)
 from ._run_types import NewRun, QueueLimits
 
 runs: Table = RunRow.__table__  # type: ignore[attr-defined]
@@ -29,6 +38,8 @@ attempts_t: Table = AttemptRow.__table__  # type: ignore[attr-defined]
 queues_t: Table = QueueRow.__table__  # type: ignore[attr-defined]
 meta_t: Table = MetaRow.__table__  # type: ignore[attr-defined]
 workers_t: Table = WorkerRow.__table__  # type: ignore[attr-defined]
+key_limits_t: Table = KeyLimitRow.__table__  # type: ignore[attr-defined]
+key_starts_t: Table = KeyStartRow.__table__  # type: ignore[attr-defined]
 
 
 CLAIM_COLUMNS = (
@@ -139,8 +150,9 @@ def held_in(state: str) -> ColumnElement[bool]:
 
 
 def new_row(r: NewRun, now: int) -> dict[str, Any]:
-    """The column values of a new pending run."""
-    return {
+    """The column values of a new pending run (its keys only if it has any, so a
+    plain run's INSERT stays as it was)."""
+    row = {
         "id": r.id,
         "fn": r.fn,
         "args": r.args,
@@ -165,6 +177,9 @@ def new_row(r: NewRun, now: int) -> dict[str, Any]:
         "cancel_requested": False,
         "handler_failures": 0,
     }
+    if not r.plain:
+        row.update(idempotency_key=r.idempotency_key, debounce_key=r.debounce_key)
+    return row
 
 
 def settle_values(row: Row[Any], **changes: Any) -> dict[str, Any]:

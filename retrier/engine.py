@@ -28,6 +28,8 @@ from ._errors import describe as describe_error
 from ._errors import format_size
 from ._explain import Why
 from ._json import check_json, check_size, json_size
+from ._keyed import Debounced
+from ._keys import check_debounce, check_idempotency_key, check_once, renamed_key
 from ._models import (
     CANCELED,
     COMPLETED,
@@ -84,6 +86,7 @@ __all__ = [
     "Claimed",
     "CliContext",
     "CorruptValue",
+    "Debounced",
     "Delivery",
     "Dialect",
     "Fn",
@@ -105,9 +108,12 @@ __all__ = [
     "StoredOutcome",
     "Why",
     "Worker",
+    "check_debounce",
     "check_flag",
+    "check_idempotency_key",
     "check_json",
     "check_name",
+    "check_once",
     "check_size",
     "console",
     "current_worker",
@@ -127,6 +133,7 @@ __all__ = [
     "poll_until_async",
     "print_listing",
     "print_why",
+    "renamed_key",
     "retrier_of",
     "return_hint",
     "schedule_spec",

@@ -2,8 +2,8 @@
 
 Settings come from the environment, so the test and every worker build the same pool:
 TIERS_TEST_DB_URL (database), TIERS_TEST_POOL (JSON: name, max_parallelism,
-max_per_key, rate_limit as [limit, seconds]), TIERS_TEST_RECORD_DIR (where actions
-record their intervals).
+max_per_key, rate_limit as [limit, seconds], round_robin_keys, key_limits as
+{key: cap}), TIERS_TEST_RECORD_DIR (where actions record their intervals).
 
 Each attempt appends "start <pid> <ns>" and later "end <pid> <ns>" to a file of its
 own item, instead of writing a table: the record must not compete for the database
@@ -28,15 +28,19 @@ from workpool import RetryBehavior, Workpool
 def make_pool(r: Retrier, settings: dict[str, Any]) -> Workpool:
     """The pool the settings describe; items are retried, so a killed attempt reruns."""
     rate = settings.get("rate_limit")
-    return Workpool(
+    pool = Workpool(
         r,
         settings["name"],
         max_parallelism=settings.get("max_parallelism", 3),
         max_per_key=settings.get("max_per_key"),
         rate_limit=(rate[0], rate[1]) if rate else None,
+        round_robin_keys=settings.get("round_robin_keys", False),
         retry_actions_by_default=True,
         default_retry_behavior=RetryBehavior(max_attempts=5, initial_backoff_ms=50),
     )
+    for key, cap in settings.get("key_limits", {}).items():
+        pool.set_key_limit(key, max_parallelism=cap)
+    return pool
 
 
 def register(r: Retrier) -> None:

@@ -407,7 +407,7 @@ def test_workflow_start_refuses_bad_arguments_context_and_key(workflows: Workflo
         workflows.start(flow, {"ratio": INF})
     for key in ("a\x00b", "k" * 201, "", 7):
         with pytest.raises(InvalidSettings, match="key"):
-            workflows.start(flow, {}, key=key)  # type: ignore[arg-type]
+            workflows.start(flow, {}, idempotency_key=key)  # type: ignore[arg-type]
     assert count_workflows(workflows) == 0
 
 

@@ -88,7 +88,257 @@ def scenario(retrier: Retrier, clock: FakeClock) -> list[Any]:
     return log
 
 
-def test_the_server_claim_takes_what_the_python_claim_takes(db_url: str) -> None:
+def priority_scenario(retrier: Retrier, clock: FakeClock) -> list[Any]:
+    """Claims over pools that start by priority with aging (one with a key limit too),
+    beside an unlimited queue and one in due order; what each claim took, in order."""
+    store = retrier.store
+
+    @retrier.action(name="work")
+    def work() -> None: ...
+
+    for limits in (
+        QueueLimits("urgent", max_parallelism=6, priority_aging_ms=1_000),
+        QueueLimits("fair", max_parallelism=5, max_per_key=2, priority_aging_ms=500),
+        QueueLimits("plain", max_parallelism=4),
+    ):
+        store.set_queue(limits)
+    now = clock.now_ms()
+    layout = [  # queue, how many, key, priority, how long due (ms)
+        ("urgent", 20, lambda i: None, lambda i: (i * 7) % 5, lambda i: (i % 10) * 50),
+        ("fair", 15, lambda i: f"k{i % 3}", lambda i: i % 3, lambda i: (i % 5) * 120),
+        ("plain", 8, lambda i: None, lambda i: i % 2, lambda i: i * 10),
+        ("", 6, lambda i: None, lambda i: i % 3, lambda i: i * 20),
+    ]
+    new = [
+        retrier.prepare(
+            "work",
+            {},
+            queue=queue,
+            key=key(i),
+            priority=priority(i),
+            due_ms=now - age(i),
+            run_id=f"{queue or 'any'}-{i:02d}",
+        )
+        for queue, count, key, priority, age in layout
+        for i in range(count)
+    ]
+    retrier.submit(new)
+    log: list[Any] = []
+
+    def claim(worker: str, limit: int) -> list[Claimed]:
+        claimed, wake_at = store.claim(worker, limit, 5_000)
+        log.append((worker, sorted(c.id for c in claimed), wake_at))
+        return claimed
+
+    def succeed(claimed: list[Claimed], worker: str) -> None:
+        outcomes = [
+            Outcome(c.id, c.fence, "success", c.started_ms, attempt=c.attempts, queue=c.queue)
+            for c in claimed
+        ]
+        store.record(outcomes, worker, 5_000)
+
+    first = claim("w1", 5)
+    second = claim("w2", 9)
+    succeed(first, "w1")
+    clock.advance(timedelta(milliseconds=700))
+    claim("w3", 4)
+    succeed(second, "w2")
+    claim("w1", 30)
+    drain(retrier)
+    return log
+
+
+def round_robin_scenario(retrier: Retrier, clock: FakeClock) -> list[Any]:
+    """Claims over round-robin pools (one with a key limit, one that runs out of visits
+    among many keys with nothing due) beside a priority pool; what each claim took."""
+    store = retrier.store
+
+    @retrier.action(name="work")
+    def work() -> None: ...
+
+    for limits in (
+        QueueLimits("turns", max_parallelism=7, round_robin=True),
+        QueueLimits("capped", max_parallelism=9, max_per_key=2, round_robin=True),
+        QueueLimits("sparse", max_parallelism=3, round_robin=True),
+        QueueLimits("ranked", max_parallelism=4, priority_aging_ms=1_000),
+    ):
+        store.set_queue(limits)
+    now = clock.now_ms()
+    layout = [  # queue, how many, key, how long due (ms; negative: due later)
+        ("turns", 30, lambda i: "big" if i < 20 else (f"t{i % 4}" if i % 5 else None),
+         lambda i: 400 - i * 10),
+        ("capped", 25, lambda i: f"c{i % 3}" if i % 4 else None, lambda i: (i % 6) * 40),
+        ("sparse", 40, lambda i: f"s{i:02d}", lambda i: -5_000 if i < 36 else 10),
+        ("ranked", 10, lambda i: None, lambda i: i * 30),
+    ]
+    new = [
+        retrier.prepare(
+            "work",
+            {},
+            queue=queue,
+            key=key(i),
+            priority=i % 3,
+            due_ms=now - age(i),
+            run_id=f"{queue}-{i:02d}",
+        )
+        for queue, count, key, age in layout
+        for i in range(count)
+    ]
+    retrier.submit(new)
+    log: list[Any] = []
+
+    def claim(worker: str, limit: int) -> list[Claimed]:
+        claimed, wake_at = store.claim(worker, limit, 5_000)
+        log.append((worker, [c.id for c in claimed], wake_at))
+        return claimed
+
+    def succeed(claimed: list[Claimed], worker: str) -> None:
+        outcomes = [
+            Outcome(c.id, c.fence, "success", c.started_ms, attempt=c.attempts, queue=c.queue)
+            for c in claimed
+        ]
+        store.record(outcomes, worker, 5_000)
+
+    first = claim("w1", 6)
+    second = claim("w2", 11)
+    succeed(first, "w1")
+    third = claim("w3", 5)
+    succeed(second, "w2")
+    succeed(third, "w3")
+    clock.advance(timedelta(milliseconds=300))
+    claim("w1", 40)
+    clock.advance(timedelta(seconds=6))
+    claim("w2", 40)
+    drain(retrier)
+    return log
+
+
+def key_limits_scenario(retrier: Retrier, clock: FakeClock) -> list[Any]:
+    """Claims over pools where some keys have caps of their own (one key paused),
+    with and without a default `max_per_key`, in due, priority and round-robin order;
+    caps changed between claims."""
+    store = retrier.store
+
+    @retrier.action(name="work")
+    def work() -> None: ...
+
+    for limits in (
+        QueueLimits("tenants", max_parallelism=10, max_per_key=3),
+        QueueLimits("own", max_parallelism=8, priority_aging_ms=1_000),
+        QueueLimits("turns", max_parallelism=9, round_robin=True),
+    ):
+        store.set_queue(limits)
+    for queue, key, cap in (
+        ("tenants", "t0", 1), ("tenants", "t1", 0), ("tenants", "t2", 5),
+        ("own", "t0", 2), ("turns", "t1", 1), ("turns", "t3", 0),
+    ):
+        store.set_key_limit(queue, key, cap)
+    now = clock.now_ms()
+    new = [
+        retrier.prepare(
+            "work",
+            {},
+            queue=queue,
+            key=f"t{i % 4}" if i % 5 else None,
+            priority=i % 3,
+            due_ms=now - (i % 7) * 20,
+            run_id=f"{queue}-{i:02d}",
+        )
+        for queue in ("tenants", "own", "turns")
+        for i in range(24)
+    ]
+    retrier.submit(new)
+    log: list[Any] = []
+
+    def claim(worker: str, limit: int) -> list[Claimed]:
+        claimed, wake_at = store.claim(worker, limit, 5_000)
+        log.append((worker, sorted(c.id for c in claimed), wake_at))
+        return claimed
+
+    def succeed(claimed: list[Claimed], worker: str) -> None:
+        outcomes = [
+            Outcome(c.id, c.fence, "success", c.started_ms, attempt=c.attempts, queue=c.queue)
+            for c in claimed
+        ]
+        store.record(outcomes, worker, 5_000)
+
+    first = claim("w1", 8)
+    second = claim("w2", 30)
+    succeed(first, "w1")
+    store.set_key_limit("tenants", "t1", 2)  # unpaused
+    store.set_key_limit("own", "t0", None)  # back to no limit
+    store.set_key_limit("turns", "t2", 1)
+    third = claim("w3", 12)
+    succeed(second, "w2")
+    succeed(third, "w3")
+    claim("w1", 40)
+    drain(retrier)
+    return log
+
+
+def key_rate_scenario(retrier: Retrier, clock: FakeClock) -> list[Any]:
+    """Claims over pools with a rate limit per key (with a cap per key, keys taking
+    turns, priorities), windows filling and reopening; what each claim took, and
+    when it said to look again."""
+    store = retrier.store
+
+    @retrier.action(name="work")
+    def work() -> None: ...
+
+    for limits in (
+        QueueLimits("rated", max_parallelism=20, key_rate_limit=2, key_rate_period_ms=1_000,
+                    priority_aging_ms=5_000),
+        QueueLimits("both", max_parallelism=20, max_per_key=1, key_rate_limit=3,
+                    key_rate_period_ms=700),
+        QueueLimits("turns", max_parallelism=20, round_robin=True, key_rate_limit=1,
+                    key_rate_period_ms=400),
+    ):
+        store.set_queue(limits)
+    store.set_key_limit("both", "t1", 2)
+    now = clock.now_ms()
+    new = [
+        retrier.prepare(
+            "work",
+            {},
+            queue=queue,
+            key=f"t{i % 3}" if i % 4 else None,
+            priority=i % 2,
+            due_ms=now - (i % 5) * 30,
+            run_id=f"{queue}-{i:02d}",
+        )
+        for queue in ("rated", "both", "turns")
+        for i in range(18)
+    ]
+    retrier.submit(new)
+    log: list[Any] = []
+
+    def claim(worker: str, limit: int) -> list[Claimed]:
+        claimed, wake_at = store.claim(worker, limit, 5_000)
+        log.append((worker, sorted(c.id for c in claimed), wake_at))
+        return claimed
+
+    def succeed(claimed: list[Claimed], worker: str) -> None:
+        outcomes = [
+            Outcome(c.id, c.fence, "success", c.started_ms, attempt=c.attempts, queue=c.queue)
+            for c in claimed
+        ]
+        store.record(outcomes, worker, 5_000)
+
+    for step in range(6):
+        taken = claim(f"w{step % 2}", 10 + step)
+        succeed(taken, f"w{step % 2}")
+        clock.advance(timedelta(milliseconds=250))
+    drain(retrier)
+    return log
+
+
+@pytest.mark.parametrize(
+    "script",
+    [scenario, priority_scenario, round_robin_scenario, key_limits_scenario, key_rate_scenario],
+)
+def test_the_server_claim_takes_what_the_python_claim_takes(
+    db_url: str, script: Callable[[Retrier, FakeClock], list[Any]]
+) -> None:
     if not db_url.startswith("postgresql"):
         pytest.skip("only PostgreSQL claims server-side")
     logs = []
@@ -98,13 +348,14 @@ def test_the_server_claim_takes_what_the_python_claim_takes(db_url: str) -> None
             retrier = Retrier(url, clock=clock)
             try:
                 retrier.store.dialect.server_claim = server_side  # type: ignore[misc]
-                logs.append(scenario(retrier, clock))
+                logs.append(script(retrier, clock))
             finally:
                 retrier.close()
     assert logs[0] == logs[1]
     claims = [entry for entry in logs[0] if entry[0] != "recorded"]
     assert any(entry[1] for entry in claims), "the scenario claims something"
-    assert any("delivering" in entry[2] for entry in claims), "it claims deliveries too"
+    if script is scenario:
+        assert any("delivering" in entry[2] for entry in claims), "it claims deliveries too"
 
 
 @contextmanager

@@ -382,3 +382,16 @@ def test_schedules_page_pause_resume_and_trigger(demo: Demo) -> None:
     with client(demo, read_only=True) as c:
         assert "Run now" not in c.get("/schedules").text
         assert c.post("/schedules/digest/pause", data={}).status_code == 403
+
+
+def test_the_pool_page_shows_its_order_and_key_limits(demo: Demo) -> None:
+    from workpool import Workpool
+
+    Workpool(demo.retrier, "tenants", max_parallelism=8, round_robin_keys=True)
+    store = demo.retrier.store
+    store.set_key_limit("tenants", "tenant-42", 5)
+    store.set_key_limit("tenants", "tenant-13", 0)
+    with client(demo) as c:
+        page = c.get("/pools/tenants").text
+    assert "Key limits (2)" in page and "tenant-42" in page and "paused" in page
+    assert "keys take turns" in page

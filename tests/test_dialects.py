@@ -105,6 +105,16 @@ def test_a_claim_lock_skips_rows_another_claim_holds(dialect: Dialect) -> None:
     assert taken["overlap"] == [1 if dialect.name == "postgresql" else 0]
 
 
+def test_an_insert_ignoring_skips_rows_a_unique_index_holds(dialect: Dialect) -> None:
+    stmt = dialect.insert_ignoring(items).returning(items.c.id)
+    with dialect.write() as conn:
+        assert conn.execute(stmt, {"id": 1, "label": "taken"}).first() is None
+        assert conn.execute(stmt, {"id": 9, "label": "new"}).first() == (9,)
+        both = [{"id": 2, "label": "x"}, {"id": 10, "label": "y"}]
+        conn.execute(dialect.insert_ignoring(items), both)
+    assert labels(dialect) == [f"item {i}" for i in range(5)] + ["new", "y"]
+
+
 def test_a_key_lock_serializes_transactions(dialect: Dialect) -> None:
     order: list[str] = []
     first_in = threading.Event()

@@ -340,7 +340,7 @@ def test_a_workflow_schedule_starts_one_workflow_per_tick(
     run_for(retrier, timedelta(minutes=3))
     started = workflows.list()
     assert len(started) == 3
-    assert sorted(w.key or "" for w in started) == [
+    assert sorted(w.idempotency_key or "" for w in started) == [
         f"schedule:nightly-billing:{at(2026, 1, 5, 9, m)}" for m in range(3)
     ]
     assert all(workflows.status(w.id) == Completed(Success("acme")) for w in started)

@@ -380,7 +380,7 @@ def test_retrigger_starts_a_fresh_run_and_leaves_the_old_one(app: App) -> None:
     assert [s.state for s in wf.steps(first)] == ["failed"]
 
 
-def test_idempotent_start_with_a_key(app: App) -> None:
+def test_idempotent_start_with_an_idempotency_key(app: App) -> None:
     r, wf = app.retrier, app.workflows
 
     @r.action
@@ -390,13 +390,15 @@ def test_idempotent_start_with_a_key(app: App) -> None:
     async def job(ctx: WorkflowContext, order_id: str) -> None:
         await ctx.step("noop", noop)
 
-    a = wf.start(job, {"order_id": "o1"}, key="order-o1")
-    b = wf.start(job, {"order_id": "o1"}, key="order-o1")
-    c = wf.start(job, {"order_id": "o2"}, key="order-o2")
+    a = wf.start(job, {"order_id": "o1"}, idempotency_key="order-o1")
+    b = wf.start(job, {"order_id": "o1"}, idempotency_key="order-o1")
+    c = wf.start(job, {"order_id": "o2"}, idempotency_key="order-o2")
     assert a == b != c
     assert len(wf.list()) == 2
     app.drain()
-    assert wf.start(job, {"order_id": "o1"}, key="order-o1") == a, "also once it is done"
+    assert wf.start(job, {"order_id": "o1"}, idempotency_key="order-o1") == a, "also once done"
+    wf.cleanup(a)
+    assert wf.start(job, {"order_id": "o1"}, idempotency_key="order-o1") != a, "key freed"
 
 
 def test_divergence_is_a_clear_error_naming_the_step_and_workflow(app: App) -> None:

@@ -45,7 +45,8 @@ def test_three_workers_one_killed_every_workflow_completes_exactly_once(db_url: 
         labels = [f"w{i}" for i in range(200)]
         ids = {
             label: workflows.start(
-                "five", {"label": label}, on_complete="record_completion", key=label
+                "five", {"label": label}, on_complete="record_completion",
+                idempotency_key=label,
             )
             for label in labels
         }

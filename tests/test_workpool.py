@@ -274,10 +274,12 @@ def test_a_retry_waiting_for_its_backoff_holds_no_slot(make_retrier: MakeRetrier
     assert pool.status(flaky) == Finished()
 
 
-def test_items_start_in_due_order_then_priority(make_retrier: MakeRetrier) -> None:
+def test_without_aging_items_start_in_due_order_then_priority(
+    make_retrier: MakeRetrier,
+) -> None:
     clock = FakeClock()
     retrier = make_retrier(clock=clock)
-    pool = Workpool(retrier, "ordered", max_parallelism=1)
+    pool = Workpool(retrier, "ordered", max_parallelism=1, priority_aging=None)
     order = Calls()
 
     @retrier.action
@@ -401,14 +403,16 @@ def test_a_steady_stream_of_new_work_does_not_starve_older_work(
 ) -> None:
     clock = FakeClock()
     retrier = make_retrier(clock=clock)
-    pool = Workpool(retrier, "stream", max_parallelism=2)
+    pool = Workpool(
+        retrier, "stream", max_parallelism=2, priority_aging=timedelta(milliseconds=2)
+    )
 
     @retrier.action
     def work(tag: str) -> None: ...
 
     old = pool.enqueue(work, {"tag": "old"}, priority=-100)
     store = retrier.store
-    for _round in range(3):
+    for _round in range(5):
         clock.advance(timedelta(milliseconds=1))
         pool.enqueue_batch([(work, {"tag": "new"}, {"priority": 100})] * 5)
         claimed, _ = store.claim("w", 100, 5000)
@@ -417,7 +421,7 @@ def test_a_steady_stream_of_new_work_does_not_starve_older_work(
             break
     else:
         pytest.fail("the old item never started")
-    assert _round == 0, "due order comes before priority"
+    assert _round == 1, "urgent work first, until the old item is due for priority_aging"
 
 
 def test_rate_limit_counts_starts_in_a_sliding_window(make_retrier: MakeRetrier) -> None:

@@ -282,3 +282,41 @@ def test_the_rate_limit_holds_across_processes(db_url: str, tmp_path: Path) -> N
     ]
     assert max(in_window) == limit, "never more than the limit in any window, and used fully"
     assert outcome.took_s > (80 / limit - 1) * period_ms / 1000
+
+
+def test_keys_take_turns_across_processes(db_url: str, tmp_path: Path) -> None:
+    """A round-robin pool: one tenant's backlog, enqueued first, does not delay the
+    other tenants' items, whichever of the worker processes claims."""
+    big, small = 120, 30
+    settings = {"name": "turns", "max_parallelism": 3, "round_robin_keys": True}
+    outcome = run_pool(db_url, tmp_path, settings, items=big + small, ms=30,
+                       workers=_workers(db_url),
+                       key=lambda i: "big" if i < big else f"t{i % 10}")
+    check_common(outcome, big + small)
+    starts = sorted((i.start, i.item) for i in outcome.intervals)
+    first_of: dict[str, int] = {}
+    for rank, (_, item) in enumerate(starts):
+        if big <= item < big + small:
+            first_of.setdefault(f"t{item % 10}", rank)
+    assert len(first_of) == 10
+    # 11 keys take turns, 3 at a time: every small tenant starts within a few turns,
+    # long before the big tenant's backlog (120 items ahead of them) is done.
+    assert max(first_of.values()) < 25, first_of
+    assert max_overlap((i.start, i.end) for i in outcome.intervals) <= 3
+
+
+def test_a_keys_own_cap_holds_across_processes(db_url: str, tmp_path: Path) -> None:
+    """Per-tenant caps stored as data: one key may run 4 at once, another 1, the
+    others the pool's max_per_key of 2, counted by every worker process alike."""
+    settings = {"name": "tenants", "max_parallelism": 7, "max_per_key": 2,
+                "key_limits": {"big": 4, "one": 1}}
+    names = ["big", "big", "k1", "one"]
+    outcome = run_pool(db_url, tmp_path, settings, items=160, ms=30,
+                       workers=_workers(db_url), key=lambda i: names[i % 4])
+    check_common(outcome, 160)
+    by_key: dict[str, list[tuple[int, int]]] = defaultdict(list)
+    for i in outcome.intervals:
+        by_key[names[i.item % 4]].append((i.start, i.end))
+    per_key = {key: max_overlap(spans) for key, spans in by_key.items()}
+    assert per_key == {"big": 4, "k1": 2, "one": 1}, per_key
+    assert max_overlap((i.start, i.end) for i in outcome.intervals) <= 7

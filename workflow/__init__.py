@@ -13,6 +13,8 @@ See docs/workflow.md for every option and the determinism rules.
 
 from __future__ import annotations
 
+from retrier import Debounce
+
 from ._check import CheckProblem, CheckReport
 from ._context import WorkflowContext
 from ._errors import (
@@ -35,6 +37,7 @@ __all__ = [
     "CannotRestart",
     "CheckProblem",
     "CheckReport",
+    "Debounce",
     "InvalidEvent",
     "InvalidWorkflow",
     "LogAdded",

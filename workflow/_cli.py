@@ -84,7 +84,7 @@ def show(obj: CliContext, workflow_id: str) -> None:
         ("args", json.dumps(row.args)),
         ("result", _json(row.result)),
         ("error", row.error or ""),
-        ("key", row.key or ""),
+        ("idempotency key", row.key or ""),
         ("parent", row.parent_id or ""),
         ("retrigger of", row.retrigger_of or ""),
         ("on_complete", row.on_complete or ""),

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import builtins
 import contextlib
+import dataclasses
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -18,7 +19,7 @@ from typing import Any
 from sqlalchemy import Connection, bindparam, case, delete, insert, select, update
 from sqlalchemy.exc import IntegrityError
 
-from retrier import RetryPolicy, ValueTooLarge
+from retrier import Debounce, RetryPolicy, ValueTooLarge
 from retrier.engine import CANCELED as RUN_CANCELED
 from retrier.engine import FAILED as RUN_FAILED
 from retrier.engine import RUNNING as RUN_RUNNING
@@ -184,6 +185,10 @@ class Journal:
                 workflows_t.c.id == bindparam("wf"), watched
             )
         self._lock_workflow = self.dialect.lock_rows(_LOCK_WORKFLOW.add_columns(*extra))
+        # RETURNING says whether it inserted (a rowcount may read -1 here).
+        self._insert_workflow_once = self.dialect.insert_ignoring(workflows_t).returning(
+            workflows_t.c.id
+        )
         self._lock_pool = self.dialect.lock_rows(_POOL_OF.add_columns(*extra))
         self.events = Events(self)
         self.progress = Progress(self)
@@ -308,35 +313,62 @@ class Journal:
 
     # -- starting workflows --------------------------------------------------------
 
-    def create(self, row: dict[str, Any], conn: Connection | None = None) -> str:
-        """Insert a workflow and its first driver run; with a key, return the existing
-        workflow's id instead if one has it."""
+    def create(
+        self,
+        row: dict[str, Any],
+        conn: Connection | None = None,
+        debounce: Debounce | None = None,
+    ) -> str:
+        """Insert a workflow and its first driver run; the id of the workflow the call
+        got. With an idempotency key (`row["key"]`), a stored workflow with that key
+        is the answer (concurrent starters wait for each other's transaction, and one
+        inserts). With `debounce`, a workflow of the same name and debounce key whose
+        driver has not started takes `row`'s args and context instead, and starts one
+        period after this call (no later than `max_wait` after the first)."""
         if conn is not None:
-            return self._create(conn, row)
-        try:
-            with self.dialect.write() as own:
-                return self._create(own, row)
-        except IntegrityError:
-            if row.get("key") is None:
-                raise
-            with self.dialect.read() as own:  # a concurrent start with the same key won
-                found = own.execute(
-                    select(workflows_t.c.id).where(workflows_t.c.key == row["key"])
-                ).scalar()
-            if found is None:
-                raise
-            return str(found)
+            return self._create(conn, row, debounce)
+        with self.dialect.write() as own:
+            return self._create(own, row, debounce)
 
-    def _create(self, conn: Connection, row: dict[str, Any]) -> str:
-        if row.get("key") is not None:
+    def _create(
+        self, conn: Connection, row: dict[str, Any], debounce: Debounce | None = None
+    ) -> str:
+        driver = driver_run(row["id"], row["pool"], row["created_ms"])
+        if debounce is not None:
+            driver = dataclasses.replace(
+                driver, debounce=debounce, debounce_scope=f"{row['name']}\x1f{debounce.key}"
+            )
+            got = self.store.debounce_in(conn, driver, replace_args=False)
+            if got.collapsed and got.owner is not None:
+                conn.execute(
+                    update(workflows_t)
+                    .where(workflows_t.c.id == got.owner, workflows_t.c.state == RUNNING)
+                    .values(args=row["args"], context=row["context"])
+                )
+                return got.owner
+            conn.execute(_INSERT_WORKFLOW, [row])
+            return str(row["id"])
+        if row.get("key") is None:
+            conn.execute(_INSERT_WORKFLOW, [row])
+        else:
+            found = self._insert_once(conn, row)
+            if found is not None:
+                return found
+        self.store.insert_runs([driver], conn)
+        return str(row["id"])
+
+    def _insert_once(self, conn: Connection, row: dict[str, Any]) -> str | None:
+        """Insert a workflow with an idempotency key, unless one is stored with it:
+        then its id. (Tried again if that one was deleted between the two statements.)"""
+        for _ in range(3):
+            if conn.execute(self._insert_workflow_once, row).first() is not None:
+                return None
             found = conn.execute(
                 select(workflows_t.c.id).where(workflows_t.c.key == row["key"])
             ).scalar()
             if found is not None:
                 return str(found)
-        conn.execute(_INSERT_WORKFLOW, [row])
-        self.store.insert_runs([driver_run(row["id"], row["pool"], row["created_ms"])], conn)
-        return str(row["id"])
+        raise Conflict(f"idempotency key {row['key']!r} kept changing hands")
 
     # -- steps -----------------------------------------------------------------------
 

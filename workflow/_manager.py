@@ -5,6 +5,7 @@ from __future__ import annotations
 import builtins
 import time
 import uuid
+import warnings
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from datetime import datetime
@@ -18,6 +19,7 @@ from sqlmodel import Session
 from retrier import (
     Canceled,
     Completed,
+    Debounce,
     Failed,
     InProgress,
     InvalidArguments,
@@ -33,12 +35,16 @@ from retrier.engine import (
     MAX_NAME,
     Changes,
     Why,
+    check_debounce,
     check_flag,
+    check_idempotency_key,
     check_json,
     check_name,
+    check_once,
     ms_to_datetime,
     poll_until,
     poll_until_async,
+    renamed_key,
     schedule_spec,
 )
 from workpool import RetryBehavior, Workpool
@@ -71,11 +77,19 @@ class WorkflowInfo:
     args: dict[str, Any]
     result: Any
     error: str | None
-    key: str | None
+    idempotency_key: str | None
     parent_id: str | None
     created: datetime
     finished: datetime | None
     progress: Any = None  # what `ctx.set_progress` last stored
+
+    @property
+    def key(self) -> str | None:
+        """Deprecated: `idempotency_key` (in every tier, `key` is the concurrency key)."""
+        warnings.warn(
+            "WorkflowInfo.key is deprecated: read idempotency_key", DeprecationWarning, 2
+        )
+        return self.idempotency_key
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,7 +117,7 @@ class WorkflowManager:
     >>> workflows = WorkflowManager(pool)
     >>> @workflows.define
     ... async def process_order(ctx: WorkflowContext, order_id: str) -> dict: ...
-    >>> wf_id = workflows.start(process_order, {"order_id": "o1"}, key="order-o1")
+    >>> wf_id = workflows.start(process_order, {"order_id": "o1"}, idempotency_key="order-o1")
     >>> workflows.wait(wf_id, timeout=60)
 
     Steps are registered actions (`@retrier.action`). Whether a step is retried
@@ -185,20 +199,34 @@ class WorkflowManager:
         *,
         on_complete: Callable[..., Any] | str | None = None,
         context: Any = None,
-        key: str | None = None,
+        idempotency_key: str | None = None,
+        debounce: Debounce | None = None,
         session: Session | None = None,
+        key: str | None = None,
     ) -> str:
-        """Start a workflow; returns its id. With `key`, a workflow already started with
-        that key is not started again: its id comes back. `on_complete` (a registered
+        """Start a workflow; returns its id. `on_complete` (a registered
         `@retrier.on_complete` handler) runs exactly once with the workflow's id, its
-        result and `context`. With `session=`, it starts only if the caller commits."""
+        result and `context`. With `session=`, it starts only if the caller commits.
+
+        `idempotency_key`: while a workflow started with that key is stored (any
+        workflow of this database's namespace, running or finished), the call returns
+        its id and starts nothing; once it is deleted (`cleanup`), the key is free.
+        `debounce=Debounce(key, period, max_wait)`: starts of this workflow with the
+        same debounce key within `period` collapse into one workflow, which runs with
+        the latest args and context, `period` after the last call (no later than
+        `max_wait` after the first); once it has begun, the next call starts another.
+        `key=` is the deprecated name of `idempotency_key` (`DeprecationWarning`):
+        in every tier, `key` means the concurrency key.
+        """
+        idempotency_key = renamed_key(key, idempotency_key, "WorkflowManager.start")
+        check_idempotency_key(idempotency_key)
+        check_debounce(debounce)
+        check_once(idempotency_key, debounce)
         d = self._defs.get(workflow)
         stored = d.validate_args(args)
-        if key is not None:
-            check_name(key, "key")
         if context is not None:
             check_json(context, "the context", InvalidArguments)
-        return self._start(d, stored, on_complete, context, key, session)
+        return self._start(d, stored, on_complete, context, idempotency_key, session, debounce)
 
     def _start(
         self,
@@ -206,8 +234,9 @@ class WorkflowManager:
         stored: dict[str, Any],
         on_complete: Callable[..., Any] | str | None,
         context: Any,
-        key: str | None,
+        idempotency_key: str | None,
         session: Session | None,
+        debounce: Debounce | None = None,
         retrigger_of: str | None = None,
     ) -> str:
         handler = None
@@ -219,14 +248,14 @@ class WorkflowManager:
             stored,
             on_complete=handler,
             context=context,
-            key=key,
+            key=idempotency_key,
             retrigger_of=retrigger_of,
         )
         if session is None:
-            workflow_id = self._journal.create(row)
+            workflow_id = self._journal.create(row, debounce=debounce)
             self.retrier.wake_workers()
             return workflow_id
-        workflow_id = self._journal.create(row, conn=session.connection())
+        workflow_id = self._journal.create(row, session.connection(), debounce)
         event.listen(session, "after_commit", lambda _s: self.retrier.wake_workers(), once=True)
         return workflow_id
 
@@ -284,10 +313,10 @@ class WorkflowManager:
         context: Any = None,
         tick_ms: int = 0,
     ) -> str:
-        """A schedule's tick: start the workflow once for this tick (its key)."""
+        """A schedule's tick: start the workflow once for this tick (its idempotency key)."""
         return self.start(
             workflow, args, on_complete=on_complete, context=context,
-            key=f"schedule:{schedule}:{tick_ms}",
+            idempotency_key=f"schedule:{schedule}:{tick_ms}",
         )
 
     def retrigger(self, workflow_id: str) -> str:
@@ -571,7 +600,7 @@ def workflow_info(r: WorkflowRow) -> WorkflowInfo:
         args=r.args,
         result=r.result,
         error=r.error,
-        key=r.key,
+        idempotency_key=r.key,
         parent_id=r.parent_id,
         created=ms_to_datetime(r.created_ms),
         finished=None if r.finished_ms is None else ms_to_datetime(r.finished_ms),

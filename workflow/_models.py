@@ -48,6 +48,8 @@ class WorkflowRow(SQLModel, table=True):
     state: str = Field(default=RUNNING, max_length=16)
     result: Any = Field(default=None, sa_column=Column(StoredJSON, nullable=True))
     error: str | None = None
+    # The idempotency key `start` was given (the column keeps its first name): unique
+    # across the namespace's workflows, freed when the workflow is deleted.
     key: str | None = Field(default=None, max_length=200, unique=True)
     parent_id: str | None = Field(default=None, max_length=40)
     parent_step: str | None = Field(default=None, max_length=200)

@@ -10,6 +10,8 @@ limit) are stored in the database and enforced when workers claim work.
 
 from __future__ import annotations
 
+from retrier import Debounce
+
 from ._behavior import RetryBehavior
 from ._errors import InvalidBatchItem, NotInPool, PoolNotFound
 from ._pool import BatchItem, Workpool
@@ -17,6 +19,7 @@ from ._status import Finished, Pending, Running, WorkStatus
 
 __all__ = [
     "BatchItem",
+    "Debounce",
     "Finished",
     "InvalidBatchItem",
     "NotInPool",

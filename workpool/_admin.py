@@ -1,11 +1,12 @@
-"""Changing a stored pool's cap without its `Workpool` object: what `tiers pools
-set-cap` and the dashboard do (the same check and write as `set_max_parallelism`)."""
+"""Changing a stored pool's cap (or a key's own cap) without its `Workpool` object:
+what `tiers pools set-cap` / `set-key-limit` and the dashboard do (the same checks
+and writes as `set_max_parallelism` and `set_key_limit`)."""
 
 from __future__ import annotations
 
 import dataclasses
 
-from retrier.engine import QueueLimits, Store
+from retrier.engine import QueueLimits, Store, check_name
 
 from ._errors import PoolNotFound
 from ._settings import check_parallelism
@@ -26,3 +27,14 @@ def set_cap(store: Store, name: str, max_parallelism: int) -> QueueLimits:
     limits = dataclasses.replace(stored_pool(store, name), max_parallelism=max_parallelism)
     store.set_queue(limits)  # wakes the workers of every process once committed
     return limits
+
+
+def set_key_limit(store: Store, name: str, key: str, max_parallelism: int | None) -> None:
+    """Give `key` of pool `name` a cap of its own (None: remove it), as
+    `Workpool.set_key_limit` does. Raises `PoolNotFound`, or `InvalidSettings` for a
+    bad key or a cap out of 0-100,000."""
+    check_name(key, "a key")
+    if max_parallelism is not None:
+        check_parallelism(max_parallelism)
+    stored_pool(store, name)
+    store.set_key_limit(name, key, max_parallelism)

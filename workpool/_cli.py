@@ -15,7 +15,7 @@ from retrier.engine import (
     print_listing,
 )
 
-from ._admin import set_cap, stored_pool
+from ._admin import set_cap, set_key_limit, stored_pool
 
 _HOUR_MS = 3_600_000
 
@@ -59,13 +59,22 @@ def pools_show(obj: CliContext, name: str) -> None:
         ("max_parallelism", _cap(limits)),
         ("rate_limit", _rate(limits)),
         ("max_per_key", _or_none(limits.max_per_key)),
+        ("rate_limit_per_key", _key_rate(limits)),
         ("max_per_worker", _or_none(limits.max_per_worker)),
+        ("priority_aging", _aging(limits)),
+        ("keys", "take turns (round-robin)" if limits.round_robin else "pool order"),
         ("running", str(counts["running"])),
         ("pending", str(counts["pending"])),
         ("failed (1 h)", str(counts["failed"])),
     ]:
         info.add_row(label, value)
     console.print(info)
+    own = store.key_limits(name)
+    if own:
+        caps = Table("key", "max_parallelism", title="key limits")
+        for key, cap in own.items():
+            caps.add_row(key, "0 (paused)" if cap == 0 else str(cap))
+        console.print(caps)
     running = Table("id", "function", "key", "attempt", "started", title="running")
     for row in store.list_runs(state=RUNNING, queue=name, limit=50):
         running.add_row(row.id, row.fn, row.key or "", str(row.attempts), format_ms(row.started_ms))
@@ -80,6 +89,36 @@ def pools_set_cap(obj: CliContext, name: str, max_parallelism: int) -> None:
     """Change a pool's cap for every worker (0 pauses it; running items finish)."""
     limits = or_exit(set_cap, obj.store(), name, max_parallelism)
     console.print(f"{name}: cap {_cap(limits)}")
+
+
+@pools.command("set-key-limit")
+@click.argument("name")
+@click.argument("key")
+@click.argument("max_parallelism", required=False, type=int)
+@click.option("--remove", is_flag=True, help="Remove the key's own cap (back to max_per_key).")
+@click.pass_obj
+def pools_set_key_limit(
+    obj: CliContext, name: str, key: str, max_parallelism: int | None, remove: bool
+) -> None:
+    """Give one key (a tenant) of a pool a cap of its own (0 pauses the key), or
+    --remove it; every worker applies it at its next claim."""
+    if remove == (max_parallelism is not None):
+        raise click.UsageError("give either MAX_PARALLELISM or --remove")
+    or_exit(set_key_limit, obj.store(), name, key, max_parallelism)
+    shown = "removed" if max_parallelism is None else f"cap {max_parallelism}"
+    console.print(f"{name}: key {key!r} {shown}")
+
+
+def _key_rate(limits: QueueLimits) -> str:
+    if limits.key_rate_limit is None or not limits.key_rate_period_ms:
+        return "none"
+    return f"{limits.key_rate_limit} per {limits.key_rate_period_ms / 1000:g} s per key"
+
+
+def _aging(limits: QueueLimits) -> str:
+    if not limits.priority_aging_ms:
+        return "none (due order)"
+    return f"{limits.priority_aging_ms / 1000:g} s"
 
 
 def _cap(limits: QueueLimits) -> str:

@@ -40,6 +40,7 @@ def section(dash: Dashboard) -> Section:
             "counts": store.queue_counts(name, store.clock.now_ms() - _HOUR_MS),
             "running": store.list_runs(state=RUNNING, queue=name, limit=50),
             "pending": store.list_runs(state=PENDING, queue=name, limit=20),
+            "key_limits": list(store.key_limits(name).items())[:100],
         }
 
     async def pool_list(request: Request) -> Response:

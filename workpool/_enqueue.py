@@ -12,7 +12,17 @@ from retrier.engine import Fn, NewRun, check_name, delay_ms, due_ms
 from ._behavior import NO_RETRY, RetryBehavior
 
 OPTIONS = frozenset(
-    {"on_complete", "context", "retry", "run_at", "run_after", "priority", "key"}
+    {
+        "on_complete",
+        "context",
+        "retry",
+        "run_at",
+        "run_after",
+        "priority",
+        "key",
+        "idempotency_key",
+        "debounce",
+    }
 )
 _MAX_PRIORITY = 2**31 - 1
 
@@ -52,6 +62,13 @@ class Preparer:
         key = options.get("key")
         if key is not None:
             check_name(key, "key")
+        debounce = options.get("debounce")
+        if debounce is not None and (
+            options.get("run_at") is not None or options.get("run_after") is not None
+        ):
+            raise InvalidSettings(
+                "give debounce or run_at/run_after, not both: a debounce sets the start"
+            )
         return self._retrier.prepare(
             fn,
             args,
@@ -62,6 +79,8 @@ class Preparer:
             queue=self._queue,
             key=key,
             priority=priority,
+            idempotency_key=options.get("idempotency_key"),
+            debounce=debounce,
         )
 
     def _policy(self, retry: Retry) -> RetryPolicy:

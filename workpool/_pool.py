@@ -14,15 +14,30 @@ from functools import partial
 from typing import Any
 
 import anyio
+from sqlalchemy import event
 from sqlmodel import Session
 
-from retrier import Completed, InvalidSettings, Retrier, RunNotFound, Schedule, Why
-from retrier.engine import Fn, NewRun, QueueLimits, RunRow, check_flag, schedule_spec
+from retrier import Completed, Debounce, InvalidSettings, Retrier, RunNotFound, Schedule, Why
+from retrier.engine import (
+    Fn,
+    NewRun,
+    QueueLimits,
+    RunRow,
+    check_flag,
+    check_name,
+    schedule_spec,
+)
 
 from ._behavior import RetryBehavior
 from ._enqueue import Preparer, Retry
 from ._errors import InvalidBatchItem, NotInPool
-from ._settings import RateLimit, check_parallelism, check_per_worker, pool_limits
+from ._settings import (
+    DEFAULT_PRIORITY_AGING,
+    RateLimit,
+    check_parallelism,
+    check_per_worker,
+    pool_limits,
+)
 from ._status import WorkStatus, status_of
 
 BatchItem = tuple[Fn | str, dict[str, Any] | None] | tuple[
@@ -45,9 +60,16 @@ class Workpool:
     `max_per_worker` spreads the pool over worker processes (for CPU-bound actions):
     no worker runs more than that many of its items at once.
 
-    Items start in due order, then by higher `priority`. Failed items are retried
-    only if `retry=` (or `retry_actions_by_default`) says so; a retry waiting for
-    its backoff holds no slot.
+    Among due items, higher `priority` starts first; an item due for longer than
+    `priority_aging` (default one minute) starts before every item due after it,
+    whatever their priorities, so no priority starves (`priority_aging=None`: due
+    order, priority only breaks ties). `round_robin_keys=True` makes the items'
+    keys take turns instead: one item per key per turn, due order within a key, so
+    one key's backlog never delays another key's items. `rate_limit_per_key=(n,
+    period)`: each key starts at most n items in any window of that period; and
+    `set_key_limit` gives one key a cap of its own. Failed items are retried only if `retry=`
+    (or `retry_actions_by_default`) says so; a retry waiting for its backoff holds
+    no slot.
     """
 
     def __init__(
@@ -61,6 +83,9 @@ class Workpool:
         rate_limit: RateLimit | None = None,
         max_per_key: int | None = None,
         max_per_worker: int | None = None,
+        priority_aging: timedelta | float | None = DEFAULT_PRIORITY_AGING,
+        round_robin_keys: bool = False,
+        rate_limit_per_key: RateLimit | None = None,
     ) -> None:
         self.retrier = retrier
         self.name = name
@@ -73,7 +98,14 @@ class Workpool:
                 f"default_retry_behavior must be a RetryBehavior, got {default_retry_behavior!r}"
             )
         self._limits = pool_limits(
-            name, max_parallelism, rate_limit, max_per_key, max_per_worker
+            name,
+            max_parallelism,
+            rate_limit,
+            max_per_key,
+            max_per_worker,
+            priority_aging,
+            round_robin_keys,
+            rate_limit_per_key,
         )
         self._preparer = Preparer(
             retrier, name, retry_actions_by_default, self.default_retry_behavior
@@ -112,6 +144,29 @@ class Workpool:
         current = self.retrier.store.get_queue(self.name) or self._limits
         self._store_limits(dataclasses.replace(current, max_per_worker=max_per_worker))
 
+    def set_key_limit(
+        self, key: str, *, max_parallelism: int | None, session: Session | None = None
+    ) -> None:
+        """Give one key (a tenant) a cap of its own: at most `max_parallelism` of its
+        items run at once, across every process, instead of `max_per_key` (which
+        may be None: then only keys with a cap of their own are limited). 0 pauses
+        the key; None removes its cap. Stored as data: workers apply it at their next
+        claim. With `session=`, it is written in that session's transaction and takes
+        effect only if the caller commits. Lowering it never stops running items."""
+        check_name(key, "a key")
+        if max_parallelism is not None:
+            check_parallelism(max_parallelism)
+        if session is None:
+            self.retrier.store.set_key_limit(self.name, key, max_parallelism)
+            self.retrier.wake_workers()
+            return
+        self.retrier.store.set_key_limit(self.name, key, max_parallelism, session.connection())
+        event.listen(session, "after_commit", lambda _s: self.retrier.wake_workers(), once=True)
+
+    def key_limits(self) -> dict[str, int]:
+        """The keys that have a cap of their own, and their caps, as stored now."""
+        return self.retrier.store.key_limits(self.name)
+
     def _store_limits(self, limits: QueueLimits) -> None:
         self.retrier.store.set_queue(limits)
         self._limits = limits
@@ -131,14 +186,22 @@ class Workpool:
         run_after: timedelta | float | None = None,
         priority: int = 0,
         key: str | None = None,
+        idempotency_key: str | None = None,
+        debounce: Debounce | None = None,
         session: Session | None = None,
     ) -> str:
         """Add one item to the pool; returns its work id.
 
         `retry`: True (the pool's default behaviour), False (one attempt) or a
-        `RetryBehavior`; None follows `retry_actions_by_default`. `key` groups items
-        for `max_per_key`. With `session=`, the item is written in that session's
-        transaction and exists only if the caller commits.
+        `RetryBehavior`; None follows `retry_actions_by_default`. `key` is the
+        concurrency key: it groups items for `max_per_key`. With `session=`, the item
+        is written in that session's transaction and exists only if the caller commits.
+
+        `idempotency_key`: while an item of this pool with that key is stored, the call
+        returns its id and adds nothing (once it is deleted, the key is free again).
+        `debounce=Debounce(key, period, max_wait)`: calls within `period` collapse into
+        one item with the latest args, starting `period` after the last call and no
+        later than `max_wait` after the first; every such call returns its id.
         """
         options = {
             "on_complete": on_complete,
@@ -148,10 +211,11 @@ class Workpool:
             "run_after": run_after,
             "priority": priority,
             "key": key,
+            "idempotency_key": idempotency_key,
+            "debounce": debounce,
         }
         new = self._preparer.prepare(fn, args, options, self.retrier.clock.now_ms())
-        self.retrier.submit([new], session=session)
-        return new.id
+        return self.retrier.submit([new], session=session)[0]
 
     def enqueue_batch(
         self, items: Iterable[BatchItem], *, session: Session | None = None
@@ -161,7 +225,9 @@ class Workpool:
         Each item is `(fn, args)` or `(fn, args, options)`, where `options` holds
         keyword arguments of `enqueue`. Every item is validated before anything is
         written: if one is invalid, `InvalidBatchItem` names it and nothing is stored.
-        Items of one batch share one due time, so `priority` orders them.
+        Items of one batch share one due time, so `priority` orders them. An item
+        with an `idempotency_key` already stored (or given earlier in the batch) gets
+        that item's id; a debounced one, the id of the item it collapses into.
         """
         listed = list(items)
         now = self.retrier.clock.now_ms()
@@ -171,8 +237,7 @@ class Workpool:
                 prepared.append(self._prepare_item(item, now))
             except Exception as exc:
                 raise InvalidBatchItem(index, len(listed), exc) from exc
-        self.retrier.submit(prepared, session=session)
-        return [new.id for new in prepared]
+        return self.retrier.submit(prepared, session=session)
 
     def _prepare_item(self, item: BatchItem, now: int) -> NewRun:
         if not isinstance(item, tuple) or len(item) not in (2, 3):
@@ -304,6 +369,11 @@ class Workpool:
 
     async def set_max_per_worker_async(self, max_per_worker: int | None) -> None:
         await anyio.to_thread.run_sync(self.set_max_per_worker, max_per_worker)
+
+    async def set_key_limit_async(self, key: str, *, max_parallelism: int | None) -> None:
+        await anyio.to_thread.run_sync(
+            partial(self.set_key_limit, key, max_parallelism=max_parallelism)
+        )
 
     async def wait_async(
         self,
