@@ -27,6 +27,7 @@ from ._errors import (
     SchemaTooNew,
     TiersError,
     UnregisteredFunction,
+    ValueTooLarge,
     WaitTimeout,
 )
 from ._explain import Why
@@ -78,6 +79,7 @@ __all__ = [
     "SystemClock",
     "TiersError",
     "UnregisteredFunction",
+    "ValueTooLarge",
     "WaitTimeout",
     "Why",
     "Worker",

@@ -21,7 +21,7 @@ import anyio
 from anyio.abc import TaskStatus
 from sqlalchemy import Connection, Engine, Insert, Table, text
 from sqlalchemy import exc as sa_exc
-from sqlalchemy.sql import Select
+from sqlalchemy.sql import ColumnElement, Select
 
 from ._dberrors import connection_lost
 from ._errors import DatabaseUnavailable
@@ -107,6 +107,21 @@ def reconnecting(fn: Callable[P, T]) -> Callable[P, T]:
     return call
 
 
+class Subscription(Protocol):
+    """What `Dialect.subscribe` returns: listening until closed."""
+
+    def close(self) -> None:
+        """Stop listening, at once (a listening thread ends soon after)."""
+        ...
+
+
+class NoSubscription:
+    """A subscription where notifications cannot arrive."""
+
+    def close(self) -> None:
+        pass
+
+
 class WouldBlock(Exception):
     """A write on the event loop found the database locked; redo it on a thread."""
 
@@ -189,6 +204,34 @@ class Dialect(Protocol):
         the event loop or a thread of the dialect's), until cancelled; first with a
         WAKE with no payload once listening. Where hints cannot arrive
         (`can_notify` False), it only waits to be cancelled."""
+        ...
+    # -- a higher tier's own notifications (topics) ------------------------------------
+    #
+    # Apart from the engine's WAKE and CANCEL, which they leave alone: one channel per
+    # topic and namespace, for a tier's own "this changed" (the workflow tier's watch).
+
+    topics_notify: bool
+    """Whether `notify_topic` reaches `subscribe` in other processes; where it does
+    not (SQLite), watchers poll."""
+
+    def topic_notice(self, topic: str, payload: ColumnElement[Any]) -> ColumnElement[Any] | None:
+        """An SQL expression that, evaluated in a statement of a transaction, sends
+        `payload` on `topic` (lowercase, at most 14 characters: with the namespace
+        it names a PostgreSQL channel) when that transaction commits,
+        and nothing if it rolls back; None where `topics_notify` is False.
+
+        An expression rather than a call, so that a tier can fold it into a statement
+        it runs anyway (a row lock, under a condition such as "someone is watching"):
+        a notification costs no extra round trip, and none is sent when nobody
+        listens (on PostgreSQL, every notifying commit takes one database-wide lock).
+        """
+        ...
+
+    def subscribe(self, topic: str, on_notify: Callable[[str], None]) -> Subscription:
+        """Call `on_notify(payload)` (from a thread of the dialect's) for each
+        notification on `topic` until the subscription is closed; first with "" once
+        listening (to catch up on anything sent before). Where `topics_notify` is
+        False nothing is ever called."""
         ...
 
 

@@ -50,6 +50,28 @@ class InvalidArguments(TiersError, ValueError):
     """The arguments given for a function do not match its signature."""
 
 
+class ValueTooLarge(InvalidArguments):
+    """A value is larger, as stored JSON, than its documented limit (an argument, a
+    result, event data, progress). Raised before anything is written."""
+
+    def __init__(self, what: str, size: int, limit: int) -> None:
+        super().__init__(
+            f"{what} is {format_size(size)} as JSON, over the limit of {format_size(limit)}"
+        )
+        self.what = what
+        self.size = size
+        self.limit = limit
+
+
+def format_size(size: int) -> str:
+    """Bytes for people: 812 B, 64 KiB, 1.5 MiB."""
+    if size < 1024:
+        return f"{size} B"
+    if size < 1024 * 1024:
+        return f"{size / 1024:.4g} KiB"
+    return f"{size / (1024 * 1024):.4g} MiB"
+
+
 class InvalidSettings(TiersError, ValueError):
     """A retry policy, pool setting or other option is negative or absurd."""
 

@@ -14,6 +14,7 @@ hold any character, NUL included (names may not: see `_checks.check_name`).
 from __future__ import annotations
 
 import collections.abc
+import json
 import math
 import types
 import typing
@@ -22,7 +23,7 @@ from typing import Annotated, Any, Union
 
 from pydantic import AfterValidator
 
-from ._errors import InvalidArguments, TiersError
+from ._errors import InvalidArguments, TiersError, ValueTooLarge
 
 MAX_DEPTH = 64
 """Most levels of lists and dicts nested in one value (an argument, a result, a
@@ -49,6 +50,24 @@ def check_json(value: Any, what: str, error: type[TiersError] = InvalidArguments
     problem = json_problem(value)
     if problem is not None:
         raise error(f"{what} is not JSON: {problem}")
+
+
+def json_size(value: Any) -> int:
+    """How many bytes `value` takes as compact UTF-8 JSON (what a limit counts; a
+    part that is not JSON counts as its `str`)."""
+    dumped = json.dumps(value, ensure_ascii=False, separators=(",", ":"), default=str)
+    return len(dumped.encode())
+
+
+def check_size(value: Any, what: str, limit: int) -> int:
+    """`value`'s `json_size`; `ValueTooLarge` naming `what` and `limit` if over it.
+
+    Every size limit of every tier is checked here, so each says the same thing.
+    """
+    size = json_size(value)
+    if size > limit:
+        raise ValueTooLarge(what, size, limit)
+    return size
 
 
 def dumped_problem(dumped: Any, python: Callable[[], Any]) -> str | None:

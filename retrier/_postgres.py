@@ -15,10 +15,10 @@ import anyio
 import anyio.to_thread
 from anyio.abc import TaskStatus
 from anyio.lowlevel import RunVar
-from sqlalchemy import Connection, Insert, Table, create_engine, event, text
+from sqlalchemy import Connection, Insert, Table, create_engine, event, func, literal, text
 from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 from sqlalchemy.engine import URL
-from sqlalchemy.sql import Select
+from sqlalchemy.sql import ColumnElement, Select
 
 from ._alone import CompiledInsert, wrapped
 from ._dberrors import DRIVER_ERRORS, raise_translated
@@ -228,6 +228,26 @@ class PostgresDialect:
                 await anyio.to_thread.run_sync(listener.stop)
 
 
+    topics_notify = True
+
+    def topic_channel(self, topic: str) -> str:
+        suffix = f"_{self.namespace}" if self.namespace else ""
+        channel = f"tiers_t_{topic}{suffix}"
+        if len(channel) > 63:  # PostgreSQL refuses longer channel names
+            raise ValueError(f"topic {topic!r} is too long for a channel name ({channel!r})")
+        return channel
+
+    def topic_notice(self, topic: str, payload: ColumnElement[Any]) -> ColumnElement[Any] | None:
+        return func.pg_notify(literal(self.topic_channel(topic)), payload)
+
+    def subscribe(self, topic: str, on_notify: Callable[[str], None]) -> _PgListener:
+        listener = _PgListener(
+            self.url, {topic: self.topic_channel(topic)}, lambda _kind, p: on_notify(p)
+        )
+        listener.start()
+        return listener
+
+
 def _search_path(namespace: str, dbapi_conn: Any, _record: Any) -> None:
     with dbapi_conn.cursor() as cursor:
         cursor.execute(f'SET search_path TO "{namespace}"')
@@ -264,6 +284,10 @@ class _PgListener:
     def stop(self) -> None:
         self._stopped.set()
         self._thread.join(timeout=5)
+
+    def close(self) -> None:
+        """Stop listening (a Subscription): the thread ends within half a second."""
+        self._stopped.set()
 
     def _run(self) -> None:
         import psycopg

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 
@@ -34,9 +34,14 @@ RunResult = Success | Failed | Canceled
 
 @dataclass(frozen=True, slots=True)
 class InProgress:
-    """The run is pending, backing off between attempts, or running."""
+    """The run is pending, backing off between attempts, or running.
+
+    `progress`: what a workflow last reported with `ctx.set_progress` (None for runs,
+    and until then); not part of equality, so `status == InProgress()` still holds.
+    """
 
     state: Literal["in_progress"] = "in_progress"
+    progress: Any = field(default=None, compare=False)
 
 
 @dataclass(frozen=True, slots=True)

@@ -17,11 +17,22 @@ from anyio.abc import TaskStatus
 from sqlalchemy import Connection, Engine, Insert, Table, create_engine, event
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import URL
-from sqlalchemy.sql import Select
+from sqlalchemy.sql import ColumnElement, Select
 
 from ._alone import CompiledInsert, wrapped
 from ._dberrors import DRIVER_ERRORS, raise_translated
-from ._dialect import ON_LOOP, WAKE, Durability, Listener, P, T, WouldBlock, stamped
+from ._dialect import (
+    ON_LOOP,
+    WAKE,
+    Durability,
+    Listener,
+    NoSubscription,
+    P,
+    Subscription,
+    T,
+    WouldBlock,
+    stamped,
+)
 from ._errors import InvalidDatabaseURL
 from ._pings import Pings
 
@@ -200,6 +211,14 @@ class SQLiteDialect:
     def announce(self, kind: str, payload: str = "") -> None:
         if self._pings is not None:
             self._pings.send(kind, stamped(kind, payload), fresh=kind != WAKE)
+
+    topics_notify = False  # watchers poll: a read is cheap on a local file
+
+    def topic_notice(self, topic: str, payload: ColumnElement[Any]) -> ColumnElement[Any] | None:
+        return None
+
+    def subscribe(self, topic: str, on_notify: Callable[[str], None]) -> Subscription:
+        return NoSubscription()
 
     async def listen(
         self, on_notify: Listener, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED

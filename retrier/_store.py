@@ -145,6 +145,8 @@ class Store:
         self.heartbeat = upkeep.heartbeat
         self.reap = upkeep.reap
         self.purge_completed = upkeep.purge_completed
+        # Retention of higher tiers' tables, run by the same daily job (see add_retention)
+        self.retention_purges: dict[str, Callable[[int], int]] = {}
         self.announce_worker = upkeep.announce_worker
         self.retire_worker = upkeep.retire_worker
         self.fail_unrunnable = upkeep.fail_unrunnable
@@ -204,6 +206,22 @@ class Store:
         with self.dialect.write() as conn:
             self.dialect.lock_schema(conn)
             SQLModel.metadata.create_all(conn, tables=list(tables))
+
+    def add_retention(self, name: str, purge: Callable[[int], int]) -> None:
+        """Have the daily retention job also call `purge(older_than_ms)`: a higher
+        tier deleting its own finished rows (in batches) as the engine deletes
+        completed runs; it returns how many it deleted. One per `name` (a second
+        registration under a name replaces the first)."""
+        self.retention_purges[name] = purge
+
+    def purge(self, older_than_ms: int) -> dict[str, int]:
+        """Retention: completed runs, then every tier's `add_retention`, each
+        deleting what finished more than `older_than_ms` ago. How many each deleted
+        (`runs` for the engine's own)."""
+        removed = {"runs": self.purge_completed(older_than_ms)}
+        for name, purge in list(self.retention_purges.items()):
+            removed[name] = purge(older_than_ms)
+        return removed
 
     def dispose(self) -> None:
         self.dialect.dispose()

@@ -144,9 +144,15 @@ class WorkerJobs:
             self._worker.wake()
 
     def purge(self) -> None:
-        try:
-            removed = self._store.purge_completed(to_ms(self._worker.retention))
+        """Retention: completed runs, then the higher tiers' rows (`Store.add_retention`);
+        each part on its own, so one failing does not keep the others from running."""
+        older_than_ms = to_ms(self._worker.retention)
+        parts = {"runs": self._store.purge_completed, **self._store.retention_purges}
+        for name, purge in parts.items():
+            try:
+                removed = purge(older_than_ms)
+            except Exception:
+                log.exception("retention cleanup of %s failed", name)
+                continue
             if removed:
-                log.info("retention: deleted %d completed runs", removed)
-        except Exception:
-            log.exception("retention cleanup failed")
+                log.info("retention: deleted %d %s", removed, name)

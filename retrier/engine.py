@@ -32,8 +32,9 @@ from ._cli import console, format_ms, or_exit, print_listing, print_why, shorten
 from ._clock import MAX_AHEAD, delay_ms, due_ms, ms_to_datetime, to_ms
 from ._dialects import Dialect, is_transient, partial_index
 from ._errors import describe as describe_error
+from ._errors import format_size
 from ._explain import Why
-from ._json import check_json
+from ._json import check_json, check_size, json_size
 from ._keyed import Debounced
 from ._keys import check_debounce, check_idempotency_key, check_once, renamed_key
 from ._models import (
@@ -122,6 +123,7 @@ __all__ = [
     "check_json",
     "check_name",
     "check_once",
+    "check_size",
     "check_timeout",
     "console",
     "current_worker",
@@ -132,7 +134,9 @@ __all__ = [
     "due_ms",
     "format_limit",
     "format_ms",
+    "format_size",
     "is_transient",
+    "json_size",
     "ms_to_datetime",
     "or_exit",
     "partial_index",

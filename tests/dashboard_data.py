@@ -51,6 +51,8 @@ def build(url: str, **options: Any) -> Demo:
     @workflows.define
     async def approve_order(ctx: WorkflowContext, order_id: str) -> str:
         await ctx.step("charge", charge_card, {"order_id": order_id, "amount": 120})
+        ctx.log.info("charged order %s", order_id)
+        ctx.set_progress({"stage": "awaiting approval"})
         approval = await ctx.wait_for_event("approval", "approved", match="order_id")
         await ctx.step("email", send_email, {"to": "ops@example.com", "subject": order_id})
         return f"approved by {(approval or {}).get('by', '?')}"

@@ -228,3 +228,38 @@ def test_an_unknown_durability_is_refused(db_url: str) -> None:
 
     with pytest.raises(InvalidSettings, match="durability"):
         open_dialect(db_url, durability="fsync")  # type: ignore[arg-type]
+
+
+def test_topic_notices_arrive_at_commit_and_never_after_a_rollback(dialect: Dialect) -> None:
+    from sqlalchemy import literal
+
+    got: list[str] = []
+    arrived = threading.Event()
+
+    def collect(payload: str) -> None:
+        got.append(payload)
+        arrived.set()
+
+    notice = dialect.topic_notice("contract", literal("hello"))
+    subscription = dialect.subscribe("contract", collect)
+    try:
+        if not dialect.topics_notify:
+            assert notice is None and not arrived.wait(0.3)
+            return
+        assert notice is not None
+        assert arrived.wait(5) and got == [""]  # listening
+        arrived.clear()
+        with pytest.raises(RuntimeError), dialect.write() as conn:
+            conn.execute(select(dialect.topic_notice("contract", literal("rolled back"))))
+            raise RuntimeError("roll back")
+        with dialect.write() as conn:
+            conn.execute(select(notice))
+            assert not arrived.wait(0.3), "sent before the commit"
+        assert arrived.wait(5) and got == ["", "hello"]
+        arrived.clear()
+        unrelated = dialect.topic_notice("other", literal("elsewhere"))
+        with dialect.write() as conn:
+            conn.execute(select(unrelated))
+        assert not arrived.wait(0.5) and got == ["", "hello"]
+    finally:
+        subscription.close()

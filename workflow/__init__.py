@@ -30,6 +30,8 @@ from ._errors import (
 )
 from ._listeners import WorkflowEvent
 from ._manager import StepInfo, WorkflowInfo, WorkflowManager
+from ._progress import LogLine, WorkflowLog
+from ._watch import LogAdded, ProgressChanged, StatusChanged, StepChanged, WatchEvent
 
 __all__ = [
     "CannotRestart",
@@ -38,14 +40,21 @@ __all__ = [
     "Debounce",
     "InvalidEvent",
     "InvalidWorkflow",
+    "LogAdded",
+    "LogLine",
+    "ProgressChanged",
+    "StatusChanged",
+    "StepChanged",
     "StepFailed",
     "StepInfo",
     "StepNotFound",
     "UnregisteredWorkflow",
+    "WatchEvent",
     "WorkflowContext",
     "WorkflowDiverged",
     "WorkflowEvent",
     "WorkflowInfo",
+    "WorkflowLog",
     "WorkflowManager",
     "WorkflowNotFinished",
     "WorkflowNotFound",

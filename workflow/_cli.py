@@ -1,4 +1,5 @@
-"""`tiers workflows ...`: list, show, cancel, restart, retrigger, check, send events.
+"""`tiers workflows ...`: list, show, watch, cancel, restart, retrigger, check, send
+events, cleanup.
 
 Loaded by `retrier._cli` through the `tiers.cli` entry-point group. Reading needs only
 a database (`--db`); cancel, restart, retrigger and check need the app
@@ -11,6 +12,7 @@ import dataclasses
 import json
 from typing import Any
 
+import anyio
 import click
 from rich.table import Table
 
@@ -27,6 +29,8 @@ from retrier.engine import (
 from ._explain import explain_workflow
 from ._journal import Journal
 from ._manager import WorkflowManager
+from ._retention import purge_events, purge_workflows
+from ._watch import watch_workflow
 
 
 def _journal(obj: CliContext) -> Journal:
@@ -84,6 +88,7 @@ def show(obj: CliContext, workflow_id: str) -> None:
         ("parent", row.parent_id or ""),
         ("retrigger of", row.retrigger_of or ""),
         ("on_complete", row.on_complete or ""),
+        ("progress", _json(row.progress)),
         ("created", format_ms(row.created_ms)),
         ("deadline", format_ms(row.deadline_ms)),
         ("finished", format_ms(row.finished_ms)),
@@ -116,6 +121,46 @@ def show(obj: CliContext, workflow_id: str) -> None:
             shorten(detail, 80),
         )
     console.print(steps)
+    lines = journal.progress.logs(workflow_id, limit=_SHOWN_LOGS)
+    if lines:
+        table = Table("#", "at", "level", "after", "message", title="log")
+        for line in lines:
+            table.add_row(
+                str(line.seq), format_ms(int(line.at.timestamp() * 1000)), line.level,
+                line.step or "", shorten(line.message, 120),
+            )
+        console.print(table)
+
+
+@workflows.command("watch")
+@click.argument("workflow_id")
+@click.pass_obj
+def watch(obj: CliContext, workflow_id: str) -> None:
+    """Print a workflow's changes as they happen (one JSON object a line) until it ends."""
+    journal = _journal(obj)
+    or_exit(journal.get, workflow_id)
+
+    async def follow() -> None:
+        async for event in watch_workflow(journal, workflow_id):
+            click.echo(json.dumps(event.to_json(), default=str))
+
+    anyio.run(follow)
+
+
+@workflows.command("cleanup")
+@click.option("--older-than", type=float, default=7.0, show_default=True,
+              help="Days since the workflows finished (and the events were sent).")
+@click.pass_obj
+def cleanup(obj: CliContext, older_than: float) -> None:
+    """Delete finished workflows (journals, log lines, large results) and events older
+    than --older-than days: what the workers' daily retention job does."""
+    journal = _journal(obj)
+    older_than_ms = int(older_than * 86_400_000)
+    gone = or_exit(purge_workflows, journal, older_than_ms)
+    events = or_exit(purge_events, journal, older_than_ms)
+    console.print(
+        f"deleted {gone} workflow(s) and {events} event(s) older than {older_than:g} day(s)"
+    )
 
 
 @workflows.command("why")
@@ -207,6 +252,9 @@ def send_event(obj: CliContext, name: str, data: str) -> None:
     else:
         event_id = journal.events.send_event_alone(name, payload)
     console.print(f"sent event {event_id}")
+
+
+_SHOWN_LOGS = 200
 
 
 def _json(value: Any) -> str:

@@ -39,6 +39,7 @@ from retrier.engine import (
 
 from ._errors import InvalidEvent, StepFailed, WorkflowDiverged
 from ._journal import Conflict, Entry, Loaded, NotRunning, Unsettled
+from ._limits import check_args, check_event, check_progress
 from ._listeners import WorkflowEvent
 from ._models import (
     CANCELED,
@@ -53,6 +54,7 @@ from ._models import (
     STEP,
     WAITING,
 )
+from ._progress import Reporter, WorkflowLog
 from ._replay import Divergence, Replay
 
 T = TypeVar("T")
@@ -118,6 +120,11 @@ class WorkflowContext:
         self.diverged: WorkflowDiverged | None = None
         self.replayed = 0  # calls answered from the journal (for metrics)
         self.executed = 0  # steps started by this pass
+        self._at: str | None = None  # the last call made, which log lines are kept with
+        self._reporter = Reporter(driver.journal, self._workflow.id, driver.store_call)
+        self.log = WorkflowLog(self._log)
+        """Log lines kept with the workflow: `ctx.log.info("charged %s", amount)`
+        (also `debug`, `warning`, `error`); see `WorkflowLog`."""
 
     @property
     def workflow_id(self) -> str:
@@ -128,6 +135,26 @@ class WorkflowContext:
     def workflow_name(self) -> str:
         """The defined name of the running workflow."""
         return self._workflow.name
+
+    # -- progress and log lines -------------------------------------------------------
+
+    def set_progress(self, value: Any) -> None:
+        """Store `value` (strict JSON, at most 64 KiB) as the workflow's progress, for
+        `progress()`, `watch()`, `tiers workflows show` and the dashboard. Not awaited;
+        written in the background (in call order) and never moved back by a replay.
+        Bad values raise `InvalidArguments` (`ValueTooLarge`) here."""
+        check_json(value, "the progress", InvalidArguments)
+        check_progress(value)
+        if self._dry:  # a check replays the code: it writes nothing
+            return
+        if self._reporter.progress(value):
+            self._spawn(self._reporter.write())
+
+    def _log(self, level: str, message: str) -> None:
+        if self._dry:
+            return
+        if self._reporter.log(level, message, self._at, self._now()):
+            self._spawn(self._reporter.write())
 
     # -- steps -------------------------------------------------------------------------
 
@@ -176,6 +203,7 @@ class WorkflowContext:
             timeout=timeout,
             default_timeout_ms=self._driver.default_timeout_ms,
         )
+        check_args(new.args, f"the arguments of step {name!r}")
         row = self._entry_row(full, position, STEP, RUNNING, fn=reg.name, run_id=new.id)
         return self._spawn(self._run_step(full, position, row, new, reg.decode_result))
 
@@ -541,6 +569,7 @@ class WorkflowContext:
         occurrence = self._counts.get(name, 0)
         self._counts[name] = occurrence + 1
         full = f"{name}[{occurrence}]"
+        self._at = full
         entry = self._entries.get(full)
         if entry is None:
             position = self._new_position()
@@ -665,11 +694,24 @@ class WorkflowContext:
         corrupt = unreadable("result", entry.result)
         if entry.state == COMPLETED and corrupt is not None:
             return self._rejected(StepFailed(full, corrupt))
+        if entry.state == COMPLETED and entry.result_size is not None:
+            return self._spawn(self._load_result(full, entry, decode))
         if entry.state == COMPLETED:
             return self._resolved(decode(entry.result))
         if entry.state in (FAILED, "canceled"):
             return self._rejected(StepFailed(full, entry.error or entry.state))
         return self._spawn(_suspend())  # running or waiting: its end wakes us
+
+    async def _load_result(self, full: str, entry: Entry, decode: Any) -> Any:
+        """A large result, kept apart from the journal: read once a replay needs it."""
+        entry.result = await self._journal_call(
+            self._driver.journal.load_result, self.workflow_id, full
+        )
+        entry.result_size = None
+        corrupt = unreadable("result", entry.result)
+        if corrupt is not None:
+            raise StepFailed(full, corrupt)
+        return decode(entry.result)
 
     def _entry_row(
         self, full: str, position: int, kind: str, state: str, **more: Any
@@ -749,6 +791,7 @@ def _check_event(event: str, data: Any) -> None:
     if not isinstance(data, dict):
         raise InvalidEvent(f"the data of event {event!r} must be a JSON object (a dict)")
     check_json(data, f"the data of event {event!r}", InvalidEvent)
+    check_event(data, event)
 
 
 def step_failed_event(workflow: Any, step: str, error: str | None) -> WorkflowEvent:

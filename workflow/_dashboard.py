@@ -1,17 +1,20 @@
 """The workflow tier's dashboard pages: workflows, and one workflow with its journal as
-a timeline, what it waits for, cancel, restart from a step and send an event. Loaded through the
-`tiers.dashboard` entry point (needs the `dashboard` extra)."""
+a timeline, its progress and log lines, what it waits for, cancel, restart from a step
+and send an event; and `/workflows/{id}/watch`, its changes as Server-Sent Events for a
+web frontend. Loaded through the `tiers.dashboard` entry point (needs the `dashboard`
+extra)."""
 
 from __future__ import annotations
 
 import json
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 from starlette.datastructures import FormData
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
-from starlette.responses import Response
+from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
 from retrier.dashboard import Dashboard, Section, timeline
@@ -20,6 +23,7 @@ from ._admin import cancel_stored, restart_stored, send_event_stored
 from ._errors import InvalidEvent, WorkflowNotFound
 from ._journal import Journal
 from ._models import EVENT, INVOKE, PATCH, RUNNING, SLEEP, WAITING
+from ._watch import watch_workflow
 
 STATES = ("running", "completed", "failed", "canceled")
 DRIVER_PREFIX = "tiers.workflow.drive:"
@@ -33,8 +37,11 @@ def section(dash: Dashboard) -> Section:
         row = journal.get(workflow_id)
         steps = [dict(s) for s in journal.steps(workflow_id)]
         waits = [_waiting_for(s) for s in steps if s["state"] == WAITING]
+        logs = journal.progress.logs(workflow_id, limit=_PAGE_LOGS)
         restartable = [s["name"] for s in steps if s["kind"] != PATCH]
-        return {"wf": row, "steps": steps, "waits": waits, "restartable": restartable}
+        return {
+            "wf": row, "steps": steps, "waits": waits, "logs": logs, "restartable": restartable
+        }
 
     async def workflow_list(request: Request) -> Response:
         q = request.query_params
@@ -62,6 +69,20 @@ def section(dash: Dashboard) -> Section:
         event = next((w for w in data["waits"] if w["kind"] == EVENT), None)
         return await dash.page(
             request, "workflows/show.html", chart=timeline(spans, now), event=event, **data
+        )
+
+    async def watch(request: Request) -> Response:
+        """The workflow's changes as Server-Sent Events (`event: status|step|log|
+        progress`, `data:` the event's JSON), ending with `event: end` once it ends."""
+        workflow_id = request.path_params["workflow_id"]
+        try:
+            await dash.call(journal.get, workflow_id)
+        except WorkflowNotFound:
+            raise HTTPException(404, f"no workflow {workflow_id}") from None
+        return StreamingResponse(
+            _sse(journal, workflow_id),
+            media_type="text/event-stream",
+            headers={"cache-control": "no-store", "x-accel-buffering": "no"},
         )
 
     async def cancel(request: Request) -> Response:
@@ -110,6 +131,7 @@ def section(dash: Dashboard) -> Section:
             Route("/workflows", workflow_list),
             Route("/workflows/events", send_any, methods=["POST"]),
             Route("/workflows/{workflow_id}", workflow_page),
+            Route("/workflows/{workflow_id}/watch", watch),
             Route("/workflows/{workflow_id}/cancel", cancel, methods=["POST"]),
             Route("/workflows/{workflow_id}/restart", restart, methods=["POST"]),
             Route("/workflows/{workflow_id}/events", send_to, methods=["POST"]),
@@ -118,6 +140,20 @@ def section(dash: Dashboard) -> Section:
         hidden_fn_prefixes=(DRIVER_PREFIX,),
         run_links=run_links,
     )
+
+
+_PAGE_LOGS = 500  # log lines on a workflow's page
+
+
+async def _sse(journal: Journal, workflow_id: str) -> AsyncIterator[str]:
+    events = watch_workflow(journal, workflow_id)
+    try:
+        async for event in events:
+            data = json.dumps(event.to_json(), default=str)
+            yield f"event: {event.kind}\ndata: {data}\n\n"
+        yield "event: end\ndata: {}\n\n"
+    finally:
+        await events.aclose()  # type: ignore[attr-defined]
 
 
 def _end(step: dict[str, Any]) -> int | None:

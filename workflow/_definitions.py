@@ -11,6 +11,7 @@ from retrier import InvalidArguments
 from retrier.engine import Registered, default_name, describe_function, return_hint
 
 from ._errors import InvalidWorkflow, UnregisteredWorkflow
+from ._limits import check_args
 
 WorkflowFn = Callable[..., Any]
 
@@ -29,8 +30,11 @@ class WorkflowDef:
     return_hint: Any
 
     def validate_args(self, args: dict[str, Any] | None) -> dict[str, Any]:
-        """Validate `args` against the signature; their JSON form, for storage."""
-        return self.signature.validate_args(args)
+        """Validate `args` against the signature; their JSON form, for storage (at
+        most `MAX_ARGS`, else `ValueTooLarge`)."""
+        stored = self.signature.validate_args(args)
+        check_args(stored, f"the arguments of workflow {self.name!r}")
+        return stored
 
     def decode_args(self, stored: dict[str, Any]) -> dict[str, Any]:
         return self.signature.decode_args(stored)

@@ -16,14 +16,15 @@ from typing import Any
 
 import anyio.to_thread
 
-from retrier import HandBack, Retrier, RetryPolicy
-from retrier.engine import NewRun, ResultNotSerializable, current_worker, to_ms
+from retrier import HandBack, Retrier, RetryPolicy, ValueTooLarge
+from retrier.engine import NewRun, ResultNotSerializable, check_size, current_worker, to_ms
 from retrier.engine import describe_error as describe
 
 from ._context import Interrupted, Suspend, WorkflowContext, step_failed_event
 from ._definitions import Definitions
 from ._errors import UnregisteredWorkflow
 from ._journal import DRIVER_QUEUE, Journal, Unsettled, deadline_name, driver_name
+from ._limits import MAX_RESULT
 from ._listeners import Listeners, WorkflowEvent
 from ._models import COMPLETED, FAILED, RUNNING, WorkflowRow
 from ._stopping import expire
@@ -199,8 +200,11 @@ class Driver:
             else:
                 try:
                     result = definition.encode_result(value)
+                    check_size(result, f"the result of workflow {wf.name!r}", MAX_RESULT)
                 except ResultNotSerializable as exc:
                     state, error = FAILED, str(exc)
+                except ValueTooLarge as exc:
+                    state, result, error = FAILED, None, describe(exc)
         # The last inline steps' outcomes are stored with the end, or not at all.
         taken = ctx.take_unsettled()
         try:

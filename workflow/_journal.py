@@ -7,6 +7,7 @@ without a driver to consume it.
 
 from __future__ import annotations
 
+import builtins
 import contextlib
 import dataclasses
 import uuid
@@ -15,18 +16,27 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
 
-from sqlalchemy import Connection, bindparam, delete, insert, select, update
+from sqlalchemy import Connection, bindparam, case, delete, insert, select, update
 from sqlalchemy.exc import IntegrityError
 
-from retrier import Debounce, RetryPolicy
+from retrier import Debounce, RetryPolicy, ValueTooLarge
 from retrier.engine import CANCELED as RUN_CANCELED
 from retrier.engine import FAILED as RUN_FAILED
 from retrier.engine import RUNNING as RUN_RUNNING
 from retrier.engine import SUCCESS as RUN_SUCCESS
-from retrier.engine import Claimed, NewRun, OwnedRun, Store, format_limit, ms_to_datetime
+from retrier.engine import (
+    Claimed,
+    NewRun,
+    OwnedRun,
+    Store,
+    describe_error,
+    format_limit,
+    ms_to_datetime,
+)
 
 from ._errors import WorkflowNotFinished, WorkflowNotFound
 from ._events import Events
+from ._limits import load_results, result_columns, store_apart
 from ._models import (
     CANCELED,
     COMPLETED,
@@ -34,11 +44,17 @@ from ._models import (
     RUNNING,
     WAITING,
     WorkflowRow,
+    logs_t,
+    results_t,
     steps_t,
     workflows_t,
 )
+from ._progress import Progress
 
 DRIVER_QUEUE = "tiers.workflow"
+# The Dialect topic a change to a watched workflow is announced on (its id the
+# payload), in the transaction that makes it: what `watch` listens to on PostgreSQL.
+TOPIC = "workflow"
 # Driver runs fail only on infrastructure errors (workflow code errors fail the
 # workflow instead), so they retry long and patiently.
 DRIVER_POLICY = RetryPolicy(
@@ -122,6 +138,7 @@ class Entry:
     error: str | None = None
     wake_ms: int | None = None
     child_id: str | None = None
+    result_size: int | None = None  # set: the result is in the side table, not loaded
 
 
 @dataclass(slots=True)
@@ -142,6 +159,7 @@ _ENTRY_COLUMNS = (
     steps_t.c.error,
     steps_t.c.wake_ms,
     steps_t.c.child_id,
+    steps_t.c.result_size,
 )
 
 
@@ -158,6 +176,7 @@ _SETTLE_STEP = (
     .values(  # bind names differ from column names, which UPDATE reserves
         state=bindparam("b_state"),
         result=bindparam("b_result", type_=steps_t.c.result.type),
+        result_size=bindparam("b_result_size"),
         error=bindparam("b_error"),
         attempts=bindparam("b_attempts"),
         finished_ms=bindparam("b_finished_ms"),
@@ -189,13 +208,26 @@ class Journal:
         self.store = store
         self.dialect = store.dialect
         self.clock = store.clock
-        self._lock_workflow = self.dialect.lock_rows(_LOCK_WORKFLOW)
+        # Where the database can notify, locking a workflow's row also announces its
+        # change to its watchers, if it has any: no extra round trip, and no
+        # notification (which serializes commits on PostgreSQL) when nobody watches.
+        notice = self.dialect.topic_notice(TOPIC, workflows_t.c.id)
+        self._notice = notice
+        extra = []
+        if notice is not None:
+            watched = workflows_t.c.watched_until_ms > bindparam("now")
+            extra = [case((watched, notice), else_=None).label("notice")]
+            self._notify_watched = select(notice).where(
+                workflows_t.c.id == bindparam("wf"), watched
+            )
+        self._lock_workflow = self.dialect.lock_rows(_LOCK_WORKFLOW.add_columns(*extra))
         # RETURNING says whether it inserted (a rowcount may read -1 here).
         self._insert_workflow_once = self.dialect.insert_ignoring(workflows_t).returning(
             workflows_t.c.id
         )
-        self._lock_pool = self.dialect.lock_rows(_POOL_OF)
+        self._lock_pool = self.dialect.lock_rows(_POOL_OF.add_columns(*extra))
         self.events = Events(self)
+        self.progress = Progress(self)
 
     # -- reading -------------------------------------------------------------------
 
@@ -206,7 +238,8 @@ class Journal:
             )
             if row is None:
                 return None
-            entries = {r.name: Entry(*r) for r in conn.execute(_ENTRIES_OF, {"wf": workflow_id})}
+            rows = conn.execute(_ENTRIES_OF, {"wf": workflow_id})
+            entries = {r.name: Entry(*r) for r in rows}  # type: ignore[call-arg]  # 10 columns
         return Loaded(WorkflowRow.model_validate(dict(row)), entries)
 
     def get(self, workflow_id: str) -> WorkflowRow:
@@ -229,15 +262,44 @@ class Journal:
             ).all()
         return {r.id: r.state for r in rows}
 
-    def steps(self, workflow_id: str) -> list[Any]:
-        """Every journal entry of a workflow, in call order, as row mappings."""
+    def steps(self, workflow_id: str) -> list[dict[str, Any]]:
+        """Every journal entry of a workflow, in call order, as dicts of its columns
+        (with results kept in the side table filled in)."""
         with self.dialect.read() as conn:
-            return list(
-                conn.execute(
+            rows = [
+                dict(r)
+                for r in conn.execute(
                     select(steps_t)
                     .where(steps_t.c.workflow_id == workflow_id)
                     .order_by(steps_t.c.position, steps_t.c.id)
                 ).mappings()
+            ]
+            apart = [r["name"] for r in rows if r["result_size"] is not None]
+            found = load_results(conn, workflow_id, apart)
+        for r in rows:
+            if r["name"] in found:
+                r["result"] = found[r["name"]]
+        return rows
+
+    def load_result(self, workflow_id: str, name: str) -> Any:
+        """A step result kept in the side table (see `Entry.result_size`)."""
+        with self.dialect.read() as conn:
+            return load_results(conn, workflow_id, [name]).get(name)
+
+    def notify(self, conn: Connection, workflow_id: str) -> None:
+        """Announce a change to the workflow to its watchers (at commit), if it has
+        any, in a transaction that has not locked its row (`_lock` and `wake` do it
+        with the lock)."""
+        if self._notice is not None:
+            conn.execute(self._notify_watched, {"wf": workflow_id, "now": self.clock.now_ms()})
+
+    def watching(self, workflow_id: str, until_ms: int) -> None:
+        """A watcher wants notifications of the workflow's changes until `until_ms`."""
+        with self.dialect.write_internal() as conn:
+            conn.execute(
+                update(workflows_t)
+                .where(workflows_t.c.id == workflow_id)
+                .values(watched_until_ms=until_ms)
             )
 
     def unfinished_runs(self, workflow_id: str) -> list[OwnedRun]:
@@ -399,6 +461,15 @@ class Journal:
             stored = self.store.outcome_in(conn, run_id)
             attempts = 0 if stored is None else stored.attempts
         state = _STEP_STATE[outcome]
+        columns: dict[str, Any] = {"result": None, "result_size": None}
+        if state == COMPLETED and result is not None:
+            try:
+                columns = result_columns(result, f"the result of step {name!r}")
+            except ValueTooLarge as exc:
+                # The workflow may have gone on with it (an inline step): a replay
+                # meets the failure instead.
+                state, result, error = FAILED, None, describe_error(exc)
+                self.wake(conn, workflow_id)
         changed = conn.execute(
             _SETTLE_STEP,
             {
@@ -406,7 +477,8 @@ class Journal:
                 "b_name": name,
                 "b_run": run_id,
                 "b_state": state,
-                "b_result": result,
+                "b_result": columns["result"],
+                "b_result_size": columns["result_size"],
                 "b_error": error,
                 "b_attempts": attempts or 0,
                 "b_finished_ms": self.clock.now_ms(),
@@ -414,6 +486,8 @@ class Journal:
         ).rowcount
         if not changed:
             return None
+        if columns["result_size"] is not None:
+            store_apart(conn, workflow_id, name, result)
         return Entry(name, 0, "step", state, result=result, error=error)
 
     def wake(self, conn: Connection, workflow_id: str, due_ms: int | None = None) -> None:
@@ -424,7 +498,7 @@ class Journal:
         alone cannot see a row another transaction is inserting).
         """
         due = self.clock.now_ms() if due_ms is None else due_ms
-        pool = conn.execute(self._lock_pool, {"wf": workflow_id}).scalar()
+        pool = conn.execute(self._lock_pool, self._lock_params(workflow_id)).scalar()
         if pool is None:
             return
         self.store.ensure_pending(conn, driver_run(workflow_id, pool, due))
@@ -469,17 +543,18 @@ class Journal:
 
     def complete_waiting(self, workflow_id: str, name: str, result: Any = None) -> bool:
         with self.write() as conn:
-            return bool(
-                conn.execute(
-                    update(steps_t)
-                    .where(
-                        steps_t.c.workflow_id == workflow_id,
-                        steps_t.c.name == name,
-                        steps_t.c.state == WAITING,
-                    )
-                    .values(state=COMPLETED, result=result, finished_ms=self.clock.now_ms())
-                ).rowcount
-            )
+            changed = conn.execute(
+                update(steps_t)
+                .where(
+                    steps_t.c.workflow_id == workflow_id,
+                    steps_t.c.name == name,
+                    steps_t.c.state == WAITING,
+                )
+                .values(state=COMPLETED, result=result, finished_ms=self.clock.now_ms())
+            ).rowcount
+            if changed:
+                self.notify(conn, workflow_id)
+            return bool(changed)
 
     def start_child(self, parent_id: str, entry: dict[str, Any], child: dict[str, Any]) -> None:
         """Journal an `invoke` and start the child workflow, in one transaction."""
@@ -583,11 +658,12 @@ class Journal:
             self.store.insert_finished(new, outcome, conn, result=result, error=error)
         if row.parent_id is not None and row.parent_step is not None:
             if state == COMPLETED:
-                values: dict[str, Any] = {"state": COMPLETED, "result": result}
+                what = f"the result of child workflow {row.id}"
+                values: dict[str, Any] = {"state": COMPLETED, **result_columns(result, what)}
             else:
                 why = error if state == FAILED else "child workflow was canceled"
                 values = {"state": FAILED, "error": why}
-            conn.execute(
+            changed = conn.execute(
                 update(steps_t)
                 .where(
                     steps_t.c.workflow_id == row.parent_id,
@@ -595,7 +671,9 @@ class Journal:
                     steps_t.c.state == WAITING,
                 )
                 .values(finished_ms=now, **values)
-            )
+            ).rowcount
+            if changed and values.get("result_size") is not None:
+                store_apart(conn, row.parent_id, row.parent_step, result)
             self.wake(conn, row.parent_id, now)
 
     def delete(self, workflow_id: str) -> None:
@@ -608,8 +686,7 @@ class Journal:
                 raise WorkflowNotFinished(workflow_id)
             # Its steps and drivers, and the run that delivered its on_complete.
             self.store.delete_finished_of(conn, workflow_id, workflow_id)
-            conn.execute(delete(steps_t).where(steps_t.c.workflow_id == workflow_id))
-            conn.execute(delete(workflows_t).where(workflows_t.c.id == workflow_id))
+            delete_workflows(conn, [workflow_id])
 
     # -- helpers ---------------------------------------------------------------------
 
@@ -631,7 +708,12 @@ class Journal:
         return self._lock(conn, workflow_id)
 
     def _lock(self, conn: Connection, workflow_id: str) -> Any:
-        return conn.execute(self._lock_workflow, {"wf": workflow_id}).first()
+        return conn.execute(self._lock_workflow, self._lock_params(workflow_id)).first()
+
+    def _lock_params(self, workflow_id: str) -> dict[str, Any]:
+        if self._notice is None:
+            return {"wf": workflow_id}
+        return {"wf": workflow_id, "now": self.clock.now_ms()}
 
     def lock_running(self, conn: Connection, workflow_id: str) -> None:
         row = self._lock(conn, workflow_id)
@@ -639,3 +721,12 @@ class Journal:
             raise NotRunning(workflow_id)
 
 
+def delete_workflows(conn: Connection, ids: builtins.list[str]) -> None:
+    """Delete these workflows' rows, journals, log lines and large results."""
+    for table, column in (
+        (logs_t, logs_t.c.workflow_id),
+        (results_t, results_t.c.workflow_id),
+        (steps_t, steps_t.c.workflow_id),
+        (workflows_t, workflows_t.c.id),
+    ):
+        conn.execute(delete(table).where(column.in_(ids)))

@@ -6,7 +6,7 @@ import builtins
 import time
 import uuid
 import warnings
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from functools import partial
@@ -61,6 +61,9 @@ from ._errors import UnregisteredWorkflow, WorkflowNotFound
 from ._explain import explain_workflow
 from ._listeners import Listener, Listeners
 from ._models import CANCELED, COMPLETED, FAILED, FINISHED, RUNNING, WorkflowRow
+from ._progress import LogLine
+from ._retention import purge_events, purge_workflows
+from ._watch import WatchEvent, watch_workflow
 from .migrations import BRANCH as MIGRATIONS
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -81,6 +84,7 @@ class WorkflowInfo:
     created: datetime
     finished: datetime | None
     deadline: datetime | None = None  # when it fails if still running (`timeout=`)
+    progress: Any = None  # what `ctx.set_progress` last stored
 
     @property
     def key(self) -> str | None:
@@ -107,6 +111,7 @@ class StepInfo:
     wake_at: datetime | None
     run_id: str | None
     child_id: str | None
+    logs: tuple[LogLine, ...] = ()  # `ctx.log` lines logged after this call was made
 
 
 class WorkflowManager:
@@ -158,6 +163,10 @@ class WorkflowManager:
         )
         self._journal = self._driver.journal
         self.retrier.use_migrations(MIGRATIONS)
+        # The daily retention job deletes finished workflows and old events too.
+        store = self.retrier.store
+        store.add_retention("workflows", partial(purge_workflows, self._journal))
+        store.add_retention("workflow events", partial(purge_events, self._journal))
         # Workflows that ended in this process wake `wait` at once (others are polled).
         self._ended = Changes()
         self._listeners.add("run:complete", self._workflow_ended)
@@ -368,7 +377,7 @@ class WorkflowManager:
             return Completed(Failed(row.error or "failed"))
         if row.state == CANCELED:
             return Completed(Canceled())
-        return InProgress()
+        return InProgress(progress=row.progress)
 
     def wait(self, workflow_id: str, timeout: float | None = None) -> Completed:
         """Block until the workflow has finished and its on_complete has run.
@@ -437,9 +446,48 @@ class WorkflowManager:
         return [workflow_info(r) for r in rows]
 
     def steps(self, workflow_id: str) -> builtins.list[StepInfo]:
-        """The journal of a workflow, in call order."""
+        """The journal of a workflow, in call order, each entry with the `ctx.log`
+        lines logged after it was called (lines before the first call: `logs()`)."""
         self._journal.get(workflow_id)
-        return [step_info(r) for r in self._journal.steps(workflow_id)]
+        lines: dict[str | None, builtins.list[LogLine]] = {}
+        for line in self._journal.progress.logs(workflow_id, limit=_STEP_LOGS):
+            lines.setdefault(line.step, []).append(line)
+        return [
+            step_info(r, tuple(lines.get(r["name"], ())))
+            for r in self._journal.steps(workflow_id)
+        ]
+
+    # -- progress, log lines, watching ---------------------------------------------------
+
+    def get(self, workflow_id: str) -> WorkflowInfo:
+        """One workflow, with its progress; `WorkflowNotFound` if there is none."""
+        return workflow_info(self._journal.get(workflow_id))
+
+    def progress(self, workflow_id: str) -> Any:
+        """What the workflow last stored with `ctx.set_progress` (None until then)."""
+        return self._journal.get(workflow_id).progress
+
+    def logs(
+        self, workflow_id: str, *, after: int = 0, limit: int = 1000
+    ) -> builtins.list[LogLine]:
+        """The workflow's `ctx.log` lines after ordinal `after`, oldest first."""
+        self._journal.get(workflow_id)
+        return self._journal.progress.logs(workflow_id, after, limit)
+
+    def watch(self, workflow_id: str, *, poll_interval: float = 0.15) -> AsyncIterator[WatchEvent]:
+        """Its changes as they happen, until it ends: an async iterator of
+        `StatusChanged` (first the current state; a finished one is the last event),
+        `StepChanged`, `LogAdded` and `ProgressChanged`, each with `to_json()`.
+
+        Starts with the current picture (status, journal, log lines, progress), so
+        a late watcher misses nothing. On PostgreSQL changes arrive by notification
+        (one LISTEN connection per watch); on SQLite it polls every `poll_interval`
+        seconds. Raises `WorkflowNotFound` (at the first iteration) for an unknown id.
+
+        >>> async for event in workflows.watch(wf_id):
+        ...     print(event.to_json())
+        """
+        return watch_workflow(self._journal, workflow_id, poll_interval=poll_interval)
 
     # -- cancel, cleanup ---------------------------------------------------------------
 
@@ -544,6 +592,19 @@ class WorkflowManager:
     async def steps_async(self, workflow_id: str) -> builtins.list[StepInfo]:
         return await anyio.to_thread.run_sync(self.steps, workflow_id)
 
+    async def get_async(self, workflow_id: str) -> WorkflowInfo:
+        return await anyio.to_thread.run_sync(self.get, workflow_id)
+
+    async def progress_async(self, workflow_id: str) -> Any:
+        return await anyio.to_thread.run_sync(self.progress, workflow_id)
+
+    async def logs_async(
+        self, workflow_id: str, *, after: int = 0, limit: int = 1000
+    ) -> builtins.list[LogLine]:
+        return await anyio.to_thread.run_sync(
+            partial(self.logs, workflow_id, after=after, limit=limit)
+        )
+
     async def cancel_async(self, workflow_id: str) -> None:
         await anyio.to_thread.run_sync(self.cancel, workflow_id)
 
@@ -574,10 +635,11 @@ def workflow_info(r: WorkflowRow) -> WorkflowInfo:
         created=ms_to_datetime(r.created_ms),
         finished=None if r.finished_ms is None else ms_to_datetime(r.finished_ms),
         deadline=None if r.deadline_ms is None else ms_to_datetime(r.deadline_ms),
+        progress=r.progress,
     )
 
 
-def step_info(r: Any) -> StepInfo:
+def step_info(r: Any, logs: tuple[LogLine, ...] = ()) -> StepInfo:
     return StepInfo(
         name=r["name"],
         kind=r["kind"],
@@ -591,10 +653,12 @@ def step_info(r: Any) -> StepInfo:
         wake_at=None if r["wake_ms"] is None else ms_to_datetime(r["wake_ms"]),
         run_id=r["run_id"],
         child_id=r["child_id"],
+        logs=logs,
     )
 
 
 _RESULT_PREFIX = result_action_name("")
+_STEP_LOGS = 10_000  # at most this many log lines are attached to `steps()`
 _START_PREFIX = "tiers.workflow.start:"  # + the pool's name: the action a tick runs
 
 

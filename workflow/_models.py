@@ -38,6 +38,7 @@ class WorkflowRow(SQLModel, table=True):
         Index("ix_tiers_workflows_state_created", "state", "created_ms"),
         Index("ix_tiers_workflows_name", "name", "created_ms"),
         Index("ix_tiers_workflows_parent", "parent_id"),
+        Index("ix_tiers_workflows_finished", "finished_ms"),  # retention
     )
 
     id: str = Field(primary_key=True, max_length=40)
@@ -62,6 +63,12 @@ class WorkflowRow(SQLModel, table=True):
     unrunnable_since_ms: int | None = Field(default=None, sa_type=BigInteger)
     # When it fails if still running (`start(..., timeout=)`); None: never.
     deadline_ms: int | None = Field(default=None, sa_type=BigInteger)
+    # What `ctx.set_progress` last stored, and the ordinal of that call in the
+    # workflow's code: a replay's earlier calls (lower ordinals) never overwrite it.
+    progress: Any = Field(default=None, sa_column=Column(StoredJSON, nullable=True))
+    progress_seq: int = 0
+    # Until when a `watch` (on PostgreSQL) wants notifications of its changes.
+    watched_until_ms: int | None = Field(default=None, sa_type=BigInteger)
 
 
 class StepRow(SQLModel, table=True):
@@ -96,13 +103,19 @@ class StepRow(SQLModel, table=True):
     match: Any = Field(default=None, sa_column=Column(StoredJSON, nullable=True))
     event_id: int | None = Field(default=None, sa_type=BigInteger)
     child_id: str | None = Field(default=None, max_length=40)
+    # A step result larger than the journal keeps inline lives in tiers_workflow_results
+    # (its size here, its `result` null), read only when a replay reaches the step.
+    result_size: int | None = Field(default=None)
 
 
 class EventRow(SQLModel, table=True):
     """An event sent with `send_event`, kept for workflows that wait for it later."""
 
     __tablename__ = "tiers_workflow_events"
-    __table_args__ = (Index("ix_tiers_workflow_events_name", "name", "id"),)
+    __table_args__ = (
+        Index("ix_tiers_workflow_events_name", "name", "id"),
+        Index("ix_tiers_workflow_events_created", "created_ms"),  # retention
+    )
 
     id: int | None = Field(default=None, primary_key=True)
     name: str = Field(max_length=200)
@@ -110,8 +123,39 @@ class EventRow(SQLModel, table=True):
     created_ms: int = Field(sa_type=BigInteger)
 
 
+class LogRow(SQLModel, table=True):
+    """A line of `ctx.log`, kept with the journal entry the workflow had reached.
+
+    `seq` is the line's ordinal in the workflow's code, so a replay that logs the same
+    lines again stores nothing new.
+    """
+
+    __tablename__ = "tiers_workflow_logs"
+    __table_args__ = (UniqueConstraint("workflow_id", "seq", name="uq_tiers_workflow_logs_seq"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    workflow_id: str = Field(max_length=40)
+    seq: int
+    step: str | None = Field(default=None, max_length=240)
+    level: str = Field(max_length=16)
+    message: str
+    created_ms: int = Field(sa_type=BigInteger)
+
+
+class ResultRow(SQLModel, table=True):
+    """A large step result, kept out of the journal so that loading it stays cheap."""
+
+    __tablename__ = "tiers_workflow_results"
+
+    workflow_id: str = Field(primary_key=True, max_length=40)
+    name: str = Field(primary_key=True, max_length=240)
+    result: Any = Field(sa_column=Column(StoredJSON, nullable=True))
+
+
 workflows_t: Table = WorkflowRow.__table__  # type: ignore[attr-defined]
 steps_t: Table = StepRow.__table__  # type: ignore[attr-defined]
 events_t: Table = EventRow.__table__  # type: ignore[attr-defined]
+logs_t: Table = LogRow.__table__  # type: ignore[attr-defined]
+results_t: Table = ResultRow.__table__  # type: ignore[attr-defined]
 
-TABLES = [workflows_t, steps_t, events_t]
+TABLES = [workflows_t, steps_t, events_t, logs_t, results_t]

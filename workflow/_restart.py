@@ -25,6 +25,7 @@ from retrier.engine import RUNNING as RUN_RUNNING
 
 from ._errors import CannotRestart, StepNotFound, WorkflowNotFound
 from ._journal import Journal, driver_name
+from ._limits import drop_results
 from ._models import INVOKE, PATCH, RUNNING, steps_t, workflows_t
 
 _OCCURRENCE = re.compile(r"\[\d+\]$")
@@ -124,6 +125,9 @@ def reset(journal: Journal, workflow_id: str, from_step: str) -> Restarted:
         if row.deadline_ms is not None:  # a deadline as long as the first, from now
             deadline = journal.clock.now_ms() + (row.deadline_ms - row.created_ms)
             journal.arm_deadline(conn, workflow_id, row.pool, deadline)
+        drop_results(conn, workflow_id, done.deleted)
+        # The code runs again from its start: its progress and log lines are the new run's.
+        journal.progress.forget(conn, workflow_id)
         conn.execute(
             update(workflows_t)
             .where(workflows_t.c.id == workflow_id)
