@@ -76,7 +76,8 @@ _DUE_DELIVERIES = (
 # What a claim of limited queues reads once it holds their rows' locks, in one round
 # trip: the queues that have claimable runs (a loose index scan: one seek per queue),
 # each limited queue's running count (and how many of those the claiming worker
-# holds), whether any delivery is due, and the earliest claimable run due after now.
+# holds), the limited queues where some key has a cap of its own, whether any
+# delivery is due, and the earliest claimable run due after now.
 _CLAIM_SURVEY = text(
     "WITH RECURSIVE q(name) AS ("
     " SELECT (SELECT min(queue) FROM tiers_runs WHERE state IN ('pending', 'finishing'))"
@@ -89,6 +90,8 @@ _CLAIM_SURVEY = text(
     " SELECT 'running', queue, count(*),"
     "  sum(CASE WHEN lease_owner = :worker THEN 1 ELSE 0 END) FROM tiers_runs"
     "  WHERE state = 'running' AND queue IN :names GROUP BY queue"
+    " UNION ALL"
+    " SELECT 'own', queue, 0, 0 FROM tiers_key_limits WHERE queue IN :names GROUP BY queue"
     " UNION ALL"
     " SELECT 'deliveries', '', count(*), 0 FROM (SELECT 1 AS one FROM tiers_runs"
     f"  WHERE state = 'finishing' AND due_ms <= :now AND {_RUNNABLE_SQL} LIMIT 1) AS due"
@@ -153,6 +156,7 @@ class _Survey:
 
     queues: list[str]  # the queues that have claimable runs, due now or later
     counted: dict[str, Counted]  # each limited queue's running runs (of those that have)
+    overridden: set[str]  # the limited queues where some key has a cap of its own
     deliveries: bool  # whether an on_complete delivery is due now
     next_due_ms: int | None  # the earliest claimable run due after now
 
@@ -162,6 +166,7 @@ class _Survey:
     ) -> _Survey:
         queues: list[str] = []
         counted: dict[str, Counted] = {}
+        overridden: set[str] = set()
         deliveries, next_due = False, None
         params = {"names": limited, "worker": worker, "now": now, **can_run}
         for kind, name, n, held in conn.execute(_CLAIM_SURVEY, params):
@@ -169,11 +174,13 @@ class _Survey:
                 queues.append(name)
             elif kind == "running":
                 counted[name] = Counted(int(n), int(held))
+            elif kind == "own":
+                overridden.add(name)
             elif kind == "deliveries":
                 deliveries = bool(n)
             elif n is not None:
                 next_due = int(n)
-        return cls(queues, counted, deliveries, next_due)
+        return cls(queues, counted, overridden, deliveries, next_due)
 
 
 class Claims:
@@ -238,7 +245,7 @@ class Claims:
         can_run = runnable.params()
         if limits:
             survey = _Survey.read(conn, list(limits), worker, now, can_run)
-            budget = QueueBudget.build(conn, limits, survey.counted, now)
+            budget = QueueBudget.build(conn, limits, survey.counted, survey.overridden, now)
             chosen = self._choose_limited(conn, budget, survey, limit, can_run)
             rate_retry_ms = budget.rate_retry_ms
             budget.log_key_starts(conn, [(r.queue, r.key) for r in chosen if r.state == PENDING])

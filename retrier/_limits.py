@@ -14,16 +14,18 @@ from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import (
+    BindParameter,
     Connection,
     Select,
     bindparam,
     case,
     delete,
-    exists,
     func,
     insert,
+    literal,
     or_,
     select,
+    union_all,
 )
 
 from ._clock import Clock
@@ -51,15 +53,22 @@ LIMITED_QUEUES = (
     .where(or_(*(queues_t.c[name].is_not(None) for name in LIMIT_FIELDS)))
     .order_by(queues_t.c.name)
 )
-# Each queue's running runs, and how many of them the worker `worker` holds.
-RUNNING_PER_QUEUE = (
+# Each queue's running runs and how many of them the worker `worker` holds ('running'),
+# and the queues where some key has a cap of its own ('own'): read after the lock, in
+# one statement.
+_NAMES: BindParameter[Any] = bindparam("names", expanding=True)
+COUNTED_PER_QUEUE = union_all(
     select(
+        literal("running"),
         runs.c.queue,
         func.count(),
         func.sum(case((runs.c.lease_owner == bindparam("worker"), 1), else_=0)),
     )
-    .where(in_state(RUNNING), runs.c.queue.in_(bindparam("names", expanding=True)))
-    .group_by(runs.c.queue)
+    .where(in_state(RUNNING), runs.c.queue.in_(_NAMES))
+    .group_by(runs.c.queue),
+    select(literal("own"), key_limits_t.c.queue, literal(0), literal(0))
+    .where(key_limits_t.c.queue.in_(_NAMES))
+    .group_by(key_limits_t.c.queue),
 )
 
 
@@ -147,10 +156,16 @@ class QueueBudget:
         count their slots for `worker` (see `lock`)."""
         limits, now = cls.lock(conn, *queues, clock=clock)
         if not limits:
-            return cls.build(conn, limits, {}, now)
-        rows = conn.execute(RUNNING_PER_QUEUE, {"names": list(limits), "worker": worker}).all()
-        counted = {q: Counted(int(n), int(held)) for q, n, held in rows}
-        return cls.build(conn, limits, counted, now)
+            return cls.build(conn, limits, {}, set(), now)
+        counted: dict[str, Counted] = {}
+        overridden: set[str] = set()
+        params = {"names": list(limits), "worker": worker}
+        for kind, queue, n, held in conn.execute(COUNTED_PER_QUEUE, params):
+            if kind == "own":
+                overridden.add(queue)
+            else:
+                counted[queue] = Counted(int(n), int(held))
+        return cls.build(conn, limits, counted, overridden, now)
 
     @staticmethod
     def lock(
@@ -178,12 +193,14 @@ class QueueBudget:
         conn: Connection,
         limits: dict[str, QueueLimits],
         counted: dict[str, Counted],
+        overridden: set[str],
         now: int,
     ) -> QueueBudget:
         """The budget of the locked `limits`, given what each queue's slots are
-        `counted` from (a queue missing there has nothing running); the rules that
-        need more (rate, per key) read it here."""
-        budget = cls(limits, {}, {}, set(), {}, None, now)
+        `counted` from (a queue missing there has nothing running) and the queues
+        where some key has a cap of its own (`overridden`, read with the counts); the
+        rules that need more (rate, per key) read it here."""
+        budget = cls(limits, {}, {}, set(), {}, None, now, overridden=overridden)
         nothing = Counted(0, 0)
         for name, lim in limits.items():
             budget.running[name] = counted.get(name, nothing).running
@@ -201,15 +218,7 @@ class QueueBudget:
         return budget
 
     def _count_keys(self, conn: Connection) -> None:
-        names = list(self.limits)
-        if not names:
-            return
-        has_own = exists().where(key_limits_t.c.queue == queues_t.c.name)
-        self.overridden = set(
-            conn.execute(select(queues_t.c.name).where(queues_t.c.name.in_(names), has_own))
-            .scalars()
-        )
-        keyed = [n for n in names if self.keyed(n)]
+        keyed = [n for n in self.limits if self.keyed(n)]
         if not keyed:
             return
         self.conn = conn

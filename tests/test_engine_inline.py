@@ -34,6 +34,25 @@ def test_insert_running_respects_the_queue_limit(retrier: Retrier) -> None:
     assert retrier.store.states([second.id]) == {}, "nothing written when the queue is full"
 
 
+def test_insert_running_respects_a_keys_own_cap(retrier: Retrier) -> None:
+    """A key's cap of its own (no `max_per_key` on the queue) holds for inline starts
+    too: the overrides are read with the queue's counts."""
+
+    @retrier.action
+    def work() -> None: ...
+
+    retrier.store.set_queue(QueueLimits("q", max_parallelism=10))
+    retrier.store.set_key_limit("q", "tenant", 1)
+    first, second, other = (
+        retrier.prepare(work, {}, queue="q", key=k) for k in ("tenant", "tenant", "other")
+    )
+    with retrier.store.dialect.write() as conn:
+        assert retrier.store.insert_running(first, "me", 5000, conn) is not None
+    with retrier.store.dialect.write() as conn:
+        assert retrier.store.insert_running(second, "me", 5000, conn) is None, "key full"
+        assert retrier.store.insert_running(other, "me", 5000, conn) is not None
+
+
 def test_an_inline_start_that_waits_for_a_claim_counts_what_the_claim_started(
     retrier: Retrier,
 ) -> None:
