@@ -18,7 +18,7 @@ import anyio.to_thread
 import pydantic
 
 from ._checks import format_limit
-from ._clock import to_ms
+from ._clock import Clock, seconds_until, to_ms
 from ._errors import HandBack, NonRetryableError, RetryAfter, UnregisteredFunction, describe
 from ._registry import Registry, ResultNotSerializable
 from ._run_types import Claimed, Outcome
@@ -31,7 +31,7 @@ log = logging.getLogger("tiers.worker")
 TRACEBACK_CHARS = 8_000
 # A run claimed ahead of its start waits at most this long (a claim is made at most a
 # few milliseconds ahead; a clock that jumped must not hold a run back).
-_MAX_AHEAD_MS = 50
+_MAX_AHEAD_S = 0.050
 
 
 async def attempt(
@@ -40,13 +40,14 @@ async def attempt(
     *,
     limiter: anyio.CapacityLimiter,
     going_async: Callable[[], None],
-    now_ms: Callable[[], int] | None = None,
+    clock: Clock | None = None,
 ) -> Outcome:
     """Run the claimed run's action once; never raises (but for cancellation).
 
     `limiter` bounds the threads of `def` actions; `going_async` is called just before
-    an `async def` action starts (a shutdown may then cancel it); `now_ms` stamps when
-    the attempt ended (a retry's backoff counts from then, not from its recording)."""
+    an `async def` action starts (a shutdown may then cancel it); `clock` stamps when
+    the attempt ended (a retry's backoff counts from then, not from its recording)
+    and times a start claimed ahead of its due time."""
     in_txn = handler_in_txn(registry, c.on_complete)
 
     def outcome(kind: str, **fields: Any) -> Outcome:
@@ -60,7 +61,7 @@ async def attempt(
             queue=c.queue,
             plain=c.on_complete is None,
             fn=c.fn,
-            ended_ms=None if now_ms is None else now_ms(),
+            ended_ms=None if clock is None else clock.now_ms(),
             **fields,
         )
 
@@ -79,7 +80,7 @@ async def attempt(
     except pydantic.ValidationError as exc:
         return outcome("fatal", error=f"CorruptRun: the stored args do not fit {c.fn!r}: {exc}")
     # A claim made just ahead of a due time stamps the run as started then: wait for it.
-    ahead_s = 0.0 if now_ms is None else min(c.started_ms - now_ms(), _MAX_AHEAD_MS) / 1000
+    ahead_s = 0.0 if clock is None else min(seconds_until(clock, c.started_ms), _MAX_AHEAD_S)
     try:
         call = partial(reg.fn, **kwargs)
         if reg.is_async:

@@ -58,6 +58,14 @@ class FakeClock:
             self._now += ms
 
 
+def seconds_until(clock: Clock, epoch_ms: int) -> float:
+    """Seconds from now until `epoch_ms` on `clock`. The system clock's fraction of a
+    millisecond counts: a wait counted from whole milliseconds ends up to 1 ms late."""
+    if isinstance(clock, SystemClock):
+        return epoch_ms / 1000 - time.time()
+    return (epoch_ms - clock.now_ms()) / 1000
+
+
 def to_ms(delta: timedelta | float) -> int:
     """A duration (timedelta or seconds) in whole milliseconds, unchecked: for values
     already validated (see `delay_ms` for what users give)."""

@@ -388,7 +388,7 @@ class Worker:
                     c,
                     limiter=self._limiter,
                     going_async=going_async,
-                    now_ms=self.store.clock.now_ms,
+                    clock=self.store.clock,
                 )
                 if self.telemetry.active:
                     return await self.telemetry.attempt(c, call)

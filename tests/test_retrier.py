@@ -234,7 +234,7 @@ def test_an_attempt_claimed_ahead_and_cancelled_before_its_start_never_runs(
         limiter = anyio.CapacityLimiter(1)
         with anyio.move_on_after(0.01):  # a cancel request, before its start
             await attempt(retrier.registry, claimed, limiter=limiter,
-                          going_async=lambda: None, now_ms=retrier.clock.now_ms)
+                          going_async=lambda: None, clock=retrier.clock)
         await anyio.sleep(0.06)  # past the start it waited for
 
     anyio.run(main)
