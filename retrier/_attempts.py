@@ -18,7 +18,7 @@ import anyio.to_thread
 import pydantic
 
 from ._checks import format_limit
-from ._clock import Clock, seconds_until, to_ms
+from ._clock import Clock, ms_after, seconds_until, to_ms
 from ._errors import HandBack, NonRetryableError, RetryAfter, UnregisteredFunction, describe
 from ._registry import Registry, ResultNotSerializable
 from ._run_types import Claimed, Outcome
@@ -49,6 +49,7 @@ async def attempt(
     the attempt ended (a retry's backoff counts from then, not from its recording)
     and times a start claimed ahead of its due time."""
     in_txn = handler_in_txn(registry, c.on_complete)
+    ended: list[int] = []  # when the action returned or raised, stamped where it ran
 
     def outcome(kind: str, **fields: Any) -> Outcome:
         return Outcome(
@@ -61,7 +62,7 @@ async def attempt(
             queue=c.queue,
             plain=c.on_complete is None,
             fn=c.fn,
-            ended_ms=None if clock is None else clock.now_ms(),
+            ended_ms=ended[0] if ended else None if clock is None else ms_after(clock),
             **fields,
         )
 
@@ -82,10 +83,17 @@ async def attempt(
     # A claim made just ahead of a due time stamps the run as started then: wait for it.
     ahead_s = 0.0 if clock is None else min(seconds_until(clock, c.started_ms), _MAX_AHEAD_S)
     try:
-        call = partial(reg.fn, **kwargs)
         if reg.is_async:
-            value = await _call_async(call, c.timeout_ms, ahead_s, going_async)
+            acall = partial(reg.fn, **kwargs)
+            if clock is not None:
+                acall = partial(_stamping_end_async, clock, ended, acall)
+            value = await _call_async(acall, c.timeout_ms, ahead_s, going_async)
         else:
+            call = partial(reg.fn, **kwargs)
+            if clock is not None:
+                # On its thread: the hop back to the loop (late when the loop is busy)
+                # must not push the retry's due time back.
+                call = partial(_stamping_end, clock, ended, call)
             value = await _call_sync(call, c.timeout_ms, ahead_s, limiter)
         result = reg.encode_result(value)
     except AttemptTimeout as exc:
@@ -148,6 +156,24 @@ async def _call_sync(
     with anyio.move_on_after(timeout_ms / 1000 + ahead_s):
         return await anyio.to_thread.run_sync(call, limiter=limiter, abandon_on_cancel=True)
     raise AttemptTimeout(timeout_ms, abandoned=True)
+
+
+def _stamping_end(clock: Clock, ended: list[int], call: Callable[[], Any]) -> Any:
+    """`call()`, noting when it returned or raised in `ended`."""
+    try:
+        return call()
+    finally:
+        ended.append(ms_after(clock))
+
+
+async def _stamping_end_async(
+    clock: Clock, ended: list[int], call: Callable[[], Awaitable[Any]]
+) -> Any:
+    """`await call()`, noting when it returned or raised in `ended`."""
+    try:
+        return await call()
+    finally:
+        ended.append(ms_after(clock))
 
 
 def _call_at(when: float, call: Callable[[], Any]) -> Any:

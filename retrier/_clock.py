@@ -66,6 +66,14 @@ def seconds_until(clock: Clock, epoch_ms: int) -> float:
     return (epoch_ms - clock.now_ms()) / 1000
 
 
+def ms_after(clock: Clock) -> int:
+    """Now on `clock`, rounded up to a whole millisecond: a time counted from an event
+    stamped so (a retry's backoff from its attempt's end) never falls before it."""
+    if isinstance(clock, SystemClock):
+        return -(-time.time_ns() // 1_000_000)
+    return clock.now_ms()
+
+
 def to_ms(delta: timedelta | float) -> int:
     """A duration (timedelta or seconds) in whole milliseconds, unchecked: for values
     already validated (see `delay_ms` for what users give)."""

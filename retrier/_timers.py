@@ -27,7 +27,7 @@ _LONGEST_WAKE_MS = 3_600_000
 # A wake-up fires this much before its due time: the scheduler's own lateness and the
 # claim then fit before it, and the worker starts the run at its due time exactly
 # (`Claims.claim`'s `at_ms`).
-WAKE_LEAD_MS = 6
+WAKE_LEAD_MS = 12
 
 
 class _SchedulerNotices(logging.Filter):

@@ -241,6 +241,51 @@ def test_an_attempt_claimed_ahead_and_cancelled_before_its_start_never_runs(
     assert calls.items == []
 
 
+def test_an_attempts_end_is_stamped_where_its_action_ran(retrier: Retrier) -> None:
+    """A retry's backoff counts from when the action returned or raised, stamped on
+    its thread: a loop slow to take the outcome back must not push the retry later."""
+    import threading
+
+    from retrier._attempts import attempt
+    from retrier.engine import Claimed
+
+    class StampingClock(FakeClock):
+        """Moves 100 ms on each reading; notes what the action's thread read."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.on_thread: list[int] = []
+            self.loop = threading.get_ident()
+
+        def now_ms(self) -> int:
+            self.advance(0.1)
+            value = super().now_ms()
+            if threading.get_ident() != self.loop:
+                self.on_thread.append(value)
+            return value
+
+    @retrier.action
+    def fails() -> None:
+        raise RuntimeError("try again")
+
+    clock = StampingClock()
+    claimed = Claimed(
+        id="r1", fn="fails", args={}, state="running", fence=1, attempts=1, failures=0,
+        queue="", owner=None, on_complete=None, context=None, outcome=None, result=None,
+        error=None, started_ms=clock.now_ms(),
+    )
+
+    async def main() -> Any:
+        clock.loop = threading.get_ident()
+        return await attempt(retrier.registry, claimed, limiter=anyio.CapacityLimiter(1),
+                             going_async=lambda: None, clock=clock)
+
+    outcome = anyio.run(main)
+    assert outcome.kind == "failure"
+    assert clock.on_thread, "the end was not stamped on the action's thread"
+    assert outcome.ended_ms == clock.on_thread[-1]
+
+
 def test_a_claim_made_ahead_is_the_claim_of_that_moment(make_retrier: MakeRetrier) -> None:
     clock = FakeClock()
     retrier = make_retrier(clock=clock)
