@@ -27,7 +27,7 @@ from ._dberrors import connection_lost
 from ._errors import DatabaseUnavailable
 
 if TYPE_CHECKING:
-    from ._alone import CompiledInsert
+    from ._compiled import CompiledWrite
 
 log = logging.getLogger("tiers.store")
 
@@ -160,9 +160,9 @@ class Dialect(Protocol):
     def write_internal_one(self) -> contextlib.AbstractContextManager[Connection]:
         """`write_one`, for one of the engine's own statements (see `write_internal`)."""
         ...
-    def insert_alone(self, insert: CompiledInsert, row: dict[str, Any]) -> None:
+    def insert_alone(self, insert: CompiledWrite, row: dict[str, Any]) -> None:
         """Insert one row in a transaction of its own, on the driver's connection
-        (`_alone`); errors as `write_one`'s."""
+        (`_compiled`); errors as `write_one`'s."""
         ...
     def create_extras(self, conn: Connection) -> None:
         """Dialect-specific schema objects, created with the tables."""

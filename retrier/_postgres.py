@@ -20,7 +20,7 @@ from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 from sqlalchemy.engine import URL
 from sqlalchemy.sql import ColumnElement, Select
 
-from ._alone import CompiledInsert, wrapped
+from ._compiled import CompiledWrite, wrapped
 from ._dberrors import DRIVER_ERRORS, raise_translated
 from ._dialect import CANCEL, WAKE, Durability, Listener, P, T
 from ._errors import InvalidDatabaseURL
@@ -137,7 +137,7 @@ class PostgresDialect:
         except DRIVER_ERRORS as exc:  # unreachable, locked, no tables: a TiersError
             raise_translated(exc, self.engine.url)
 
-    def insert_alone(self, insert: CompiledInsert, row: dict[str, Any]) -> None:
+    def insert_alone(self, insert: CompiledWrite, row: dict[str, Any]) -> None:
         # One statement in autocommit mode: one round trip, on the driver directly.
         import psycopg
 

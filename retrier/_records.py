@@ -14,6 +14,7 @@ from sqlalchemy import Connection, Row, bindparam, case, false, select, update
 
 from ._claims import Claims
 from ._clock import Clock
+from ._compiled import CompiledWrite
 from ._dialects import WAKE, Dialect, is_transient
 from ._errors import describe
 from ._models import (
@@ -114,6 +115,11 @@ class Records:
         self._row_by_id = dialect.lock_rows(ROW_BY_ID)
         self._update_returning = dialect.update_returning
         self._batch_rowcount = dialect.batch_rowcount
+        # The writes of every recorded outcome, on the driver directly (`_compiled`).
+        sa_dialect = dialect.engine.dialect
+        self._insert_attempts = CompiledWrite(INSERT_ATTEMPTS, sa_dialect)
+        self._settle = CompiledWrite(SETTLE, sa_dialect)
+        self._complete_plain_success = CompiledWrite(_COMPLETE_PLAIN_SUCCESS, sa_dialect)
 
     def record(
         self,
@@ -256,10 +262,8 @@ class Records:
                 in_txn.append(finished)
             else:
                 done.to_deliver.append(finished)
-        if settles:
-            conn.execute(SETTLE, settles)
-        if attempt_rows:
-            conn.execute(INSERT_ATTEMPTS, attempt_rows)
+        self._settle.run_in(conn, settles)
+        self._insert_attempts.run_in(conn, attempt_rows)
         for finished in in_txn:
             assert session_handler is not None
             if not handler_savepoint:
@@ -289,13 +293,13 @@ class Records:
         plain = [o for o in outcomes if o.kind == "success" and o.plain and o.attempt]
         if len(plain) < 2 or not self._batch_rowcount:
             return outcomes
-        changed = conn.execute(
-            _COMPLETE_PLAIN_SUCCESS,
+        changed = self._complete_plain_success.run_in(
+            conn,
             [
                 {"b_id": o.run_id, "b_fence": o.fence, "b_result": o.result, "b_now": now}
                 for o in plain
             ],
-        ).rowcount
+        )
         if changed != len(plain):
             rows = self.rows_for_update(conn, [o.run_id for o in plain])
             plain = [
@@ -306,14 +310,14 @@ class Records:
                 # reaper completes a lost attempt as failed).
                 and (row.fence, row.state, row.outcome) == (o.fence, COMPLETED, SUCCESS)
             ]
-        if plain:  # all of them may have been canceled meanwhile
-            conn.execute(
-                INSERT_ATTEMPTS,
-                [
-                    attempt_row(o.run_id, o.attempt, o.queue, worker, o.started_ms, now, SUCCESS)
-                    for o in plain
-                ],
-            )
+        # (All of them may have been canceled meanwhile.)
+        self._insert_attempts.run_in(
+            conn,
+            [
+                attempt_row(o.run_id, o.attempt, o.queue, worker, o.started_ms, now, SUCCESS)
+                for o in plain
+            ],
+        )
         done.completed.extend(o.run_id for o in plain)
         freed.update(o.queue for o in plain if o.queue)
         completed = {o.run_id for o in plain}
@@ -336,9 +340,9 @@ class Records:
         ).first()
         if row is None:
             return None
-        conn.execute(
-            INSERT_ATTEMPTS,
-            attempt_row(o.run_id, row.attempts, row.queue, worker, o.started_ms, now, SUCCESS),
+        self._insert_attempts.run_in(
+            conn,
+            [attempt_row(o.run_id, row.attempts, row.queue, worker, o.started_ms, now, SUCCESS)],
         )
         if row.on_complete is not None:
             session_handler(

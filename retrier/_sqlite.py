@@ -19,7 +19,7 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import URL
 from sqlalchemy.sql import ColumnElement, Select
 
-from ._alone import CompiledInsert, wrapped
+from ._compiled import CompiledWrite, wrapped
 from ._dberrors import DRIVER_ERRORS, raise_translated
 from ._dialect import (
     ON_LOOP,
@@ -116,7 +116,7 @@ class SQLiteDialect:
     def write_one(self) -> contextlib.AbstractContextManager[Connection]:
         return self.write()
 
-    def insert_alone(self, insert: CompiledInsert, row: dict[str, Any]) -> None:
+    def insert_alone(self, insert: CompiledWrite, row: dict[str, Any]) -> None:
         # In autocommit mode (pysqlite's isolation_level=None) a lone INSERT is its own
         # transaction: it takes the write lock, writes and commits, or does nothing.
         sql, params = insert.sql_and_params(row)

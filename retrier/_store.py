@@ -27,9 +27,9 @@ from sqlalchemy import (
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import SQLModel
 
-from ._alone import CompiledInsert
 from ._claims import Claims
 from ._clock import Clock
+from ._compiled import CompiledWrite
 from ._dialects import CANCEL, WAKE, Dialect, Durability, open_dialect, reconnecting
 from ._errors import RunNotFinished, RunNotFound, RunNotRetryable, SchemaTooNew
 from ._explain import Explainer
@@ -122,7 +122,7 @@ class Store:
         self.clock = clock
         self.dialect: Dialect = open_dialect(url, namespace, durability=durability)
         self.engine = self.dialect.engine
-        self._insert_run = CompiledInsert(INSERT_RUNS, self.engine.dialect)
+        self._insert_run = CompiledWrite(INSERT_RUNS, self.engine.dialect)
         claims = Claims(self.dialect, clock)
         records = Records(self.dialect, clock, claims)
         upkeep = Upkeep(self.dialect, clock, records)
@@ -333,7 +333,7 @@ class Store:
             started_ms=now,
             due_ms=now,
         )
-        conn.execute(INSERT_RUNS, [row])
+        self._insert_run.run_in(conn, [row])
         return Claimed(
             id=new.id,
             fn=new.fn,
@@ -379,7 +379,7 @@ class Store:
             finished_ms=now,
             due_ms=now,
         )
-        conn.execute(INSERT_RUNS, [row])  # the PostgreSQL trigger wakes the workers
+        self._insert_run.run_in(conn, [row])  # the PostgreSQL trigger wakes the workers
 
     @reconnecting
     def cancel(self, run_id: str) -> bool:

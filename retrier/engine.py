@@ -30,6 +30,7 @@ from ._checks import (
 from ._cli import Context as CliContext
 from ._cli import console, format_ms, or_exit, print_listing, print_why, shorten
 from ._clock import MAX_AHEAD, delay_ms, due_ms, ms_to_datetime, to_ms
+from ._compiled import CompiledWrite
 from ._dialects import Dialect, is_transient, partial_index
 from ._errors import describe as describe_error
 from ._errors import format_size
@@ -94,6 +95,7 @@ __all__ = [
     "Changes",
     "Claimed",
     "CliContext",
+    "CompiledWrite",
     "CorruptValue",
     "Debounced",
     "Delivery",

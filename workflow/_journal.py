@@ -26,6 +26,7 @@ from retrier.engine import RUNNING as RUN_RUNNING
 from retrier.engine import SUCCESS as RUN_SUCCESS
 from retrier.engine import (
     Claimed,
+    CompiledWrite,
     NewRun,
     OwnedRun,
     Store,
@@ -226,6 +227,9 @@ class Journal:
             workflows_t.c.id
         )
         self._lock_pool = self.dialect.lock_rows(_POOL_OF.add_columns(*extra))
+        # A step's journal writes, on the driver directly (see retrier's `_compiled`).
+        self._insert_step = CompiledWrite(_INSERT_STEP, store.engine.dialect)
+        self._settle_step = CompiledWrite(_SETTLE_STEP, store.engine.dialect)
         self.events = Events(self)
         self.progress = Progress(self)
 
@@ -437,7 +441,7 @@ class Journal:
             self.lock_running(conn, workflow_id)
             if before is not None:
                 before(conn)
-            conn.execute(_INSERT_STEP, [entry])
+            self._insert_step.run_in(conn, [entry])
             claimed = None
             if worker is not None:
                 claimed = self.store.insert_running(new, worker, lease_ms, conn)
@@ -470,20 +474,18 @@ class Journal:
                 # meets the failure instead.
                 state, result, error = FAILED, None, describe_error(exc)
                 self.wake(conn, workflow_id)
-        changed = conn.execute(
-            _SETTLE_STEP,
-            {
-                "b_wf": workflow_id,
-                "b_name": name,
-                "b_run": run_id,
-                "b_state": state,
-                "b_result": columns["result"],
-                "b_result_size": columns["result_size"],
-                "b_error": error,
-                "b_attempts": attempts or 0,
-                "b_finished_ms": self.clock.now_ms(),
-            },
-        ).rowcount
+        settle = {
+            "b_wf": workflow_id,
+            "b_name": name,
+            "b_run": run_id,
+            "b_state": state,
+            "b_result": columns["result"],
+            "b_result_size": columns["result_size"],
+            "b_error": error,
+            "b_attempts": attempts or 0,
+            "b_finished_ms": self.clock.now_ms(),
+        }
+        changed = self._settle_step.run_in(conn, [settle])
         if not changed:
             return None
         if columns["result_size"] is not None:
