@@ -140,6 +140,9 @@ class Dialect(Protocol):
     """Whether UPDATE ... RETURNING is available (one round trip instead of two)."""
     batch_rowcount: bool
     """Whether an executemany reports how many rows it changed in all."""
+    writes_in_cte: bool
+    """Whether a statement may write in its WITH clause (PostgreSQL): two dependent
+    writes then take one round trip."""
     server_claim: bool
     """Whether claims run as one server-side call (`tiers_claim`, PostgreSQL): the
     locks they take are then held for one round trip."""

@@ -64,6 +64,7 @@ class PostgresDialect:
     default_poll_interval = timedelta(seconds=1)
     update_returning = True
     batch_rowcount = True
+    writes_in_cte = True
     server_claim = True
 
     def __init__(

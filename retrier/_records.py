@@ -10,7 +10,20 @@ import random
 from collections.abc import Sequence
 from typing import Any
 
-from sqlalchemy import Connection, Row, bindparam, case, false, select, update
+from sqlalchemy import (
+    BigInteger,
+    Connection,
+    Row,
+    Select,
+    String,
+    bindparam,
+    case,
+    false,
+    insert,
+    literal,
+    select,
+    update,
+)
 
 from ._claims import Claims
 from ._clock import Clock
@@ -36,6 +49,7 @@ from ._tables import (
     ROWS_BY_ID,
     SETTLE,
     attempt_row,
+    attempts_t,
     chunks,
     held_in,
     in_state,
@@ -81,10 +95,29 @@ _COMPLETE_SUCCESS = (
         fence=case((runs.c.on_complete.is_(None), runs.c.fence), else_=runs.c.fence + 1),
     )
     .returning(
-        runs.c.fn, runs.c.fence, runs.c.attempts, runs.c.on_complete, runs.c.context,
-        runs.c.queue, runs.c.owner, runs.c.trace,
+        runs.c.id, runs.c.fn, runs.c.fence, runs.c.attempts, runs.c.on_complete,
+        runs.c.context, runs.c.queue, runs.c.owner, runs.c.trace,
     )
 )
+
+
+def _completing_with_attempt() -> Select[Any]:
+    """`_COMPLETE_SUCCESS` and the attempt's row in one statement (a write in a WITH
+    clause: one round trip where the database allows it)."""
+    done = _COMPLETE_SUCCESS.cte("done")
+    attempt = insert(attempts_t).from_select(
+        ["run_id", "number", "queue", "worker", "started_ms", "finished_ms", "outcome"],
+        select(
+            done.c.id,
+            done.c.attempts,
+            done.c.queue,
+            bindparam("b_worker", type_=String),
+            bindparam("b_started", type_=BigInteger),
+            bindparam("b_now"),
+            literal(SUCCESS, type_=String),
+        ),
+    )
+    return select(done).add_cte(attempt.cte("attempt"))
 
 
 # Many successes of runs without an on_complete, executed as one batch.
@@ -120,6 +153,9 @@ class Records:
         self._insert_attempts = CompiledWrite(INSERT_ATTEMPTS, sa_dialect)
         self._settle = CompiledWrite(SETTLE, sa_dialect)
         self._complete_plain_success = CompiledWrite(_COMPLETE_PLAIN_SUCCESS, sa_dialect)
+        self._completing_with_attempt = (
+            _completing_with_attempt() if dialect.writes_in_cte else None
+        )
 
     def record(
         self,
@@ -334,16 +370,22 @@ class Records:
         """Complete a held run whose attempt succeeded, calling `session_handler` for
         its on_complete in this transaction; its queue, or None if the run could not
         simply complete (then nothing was written)."""
-        row = conn.execute(
-            _COMPLETE_SUCCESS,
-            {"b_id": o.run_id, "b_fence": o.fence, "b_result": o.result, "b_now": now},
-        ).first()
-        if row is None:
-            return None
-        self._insert_attempts.run_in(
-            conn,
-            [attempt_row(o.run_id, row.attempts, row.queue, worker, o.started_ms, now, SUCCESS)],
-        )
+        params = {"b_id": o.run_id, "b_fence": o.fence, "b_result": o.result, "b_now": now}
+        if self._completing_with_attempt is not None:
+            row = conn.execute(
+                self._completing_with_attempt,
+                {**params, "b_worker": worker, "b_started": o.started_ms},
+            ).first()
+            if row is None:
+                return None
+        else:
+            row = conn.execute(_COMPLETE_SUCCESS, params).first()
+            if row is None:
+                return None
+            attempt = attempt_row(
+                o.run_id, row.attempts, row.queue, worker, o.started_ms, now, SUCCESS
+            )
+            self._insert_attempts.run_in(conn, [attempt])
         if row.on_complete is not None:
             session_handler(
                 Delivery(

@@ -52,6 +52,7 @@ class SQLiteDialect:
     wake_channel = ""
     update_returning = True
     batch_rowcount = True
+    writes_in_cte = False
     server_claim = False  # a claim here is in-process already: no round trips to save
 
     def __init__(self, url: URL, durability: Durability = "normal") -> None:

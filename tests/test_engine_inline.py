@@ -151,6 +151,10 @@ def test_a_claimed_run_attempted_inline_records_with_the_given_handler(
     assert retrier.status(seen[0][0]) == Completed(Success(42))
     assert workers[0] is not None
     assert current_worker.get() is None
+    # Its attempt is stored with the completion (on PostgreSQL, by the same statement).
+    [attempt] = retrier.store.attempts(seen[0][0])
+    assert (attempt.number, attempt.outcome, attempt.worker) == (1, "success", workers[0].id)
+    assert attempt.finished_ms >= attempt.started_ms > 0
 
 
 def test_insert_finished_delivers_its_on_complete_once(retrier: Retrier) -> None:
