@@ -51,6 +51,10 @@ class Tracing:
         """The current context as a traceparent (None without a valid span)."""
         return traceparent(trace.get_current_span().get_span_context())
 
+    def recording(self) -> bool:
+        """Whether the current span is recorded (a sampled span of an SDK)."""
+        return trace.get_current_span().is_recording()
+
     def span(
         self,
         name: str,
