@@ -67,8 +67,17 @@ class Telemetry:
                 metrics.enqueued(fn, queue, n)
 
     def enqueue_span(self, fns: Sequence[str]) -> Any:
-        """A span around an enqueue (`Retrier.submit`), or nothing."""
-        if self.tracing is None:
+        """A span around an enqueue (`Retrier.submit`) made in a recorded trace, or
+        nothing.
+
+        Outside a recorded trace there is none: with no current span (a script, a
+        cron tick) the run stores no context and its first attempt starts a trace;
+        under a span that is not sampled, the run stores that span's context, so its
+        attempts are not sampled either. A root enqueue span costs the enqueuing
+        thread a sampled span per run for a trace holding nothing but that run, and
+        in a flood of enqueues that CPU slows the enqueuer many times over
+        (docs/observability.md, Overhead)."""
+        if self.tracing is None or not self.tracing.recording():
             return nullcontext()
         name = f"tiers enqueue {fns[0]}" if len(set(fns)) == 1 else "tiers enqueue"
         return self.tracing.span(name, kind="producer", attributes={"tiers.runs": len(fns)})

@@ -2,7 +2,8 @@
 
     retrier.enable_tracing()            # the global TracerProvider, or pass your own
 
-Spans: `tiers enqueue <fn>` around `run()`/`enqueue()`, `tiers attempt <fn>` for each
+Spans: `tiers enqueue <fn>` around `run()`/`enqueue()` inside a recorded trace (outside
+one, a run's first attempt starts its trace), `tiers attempt <fn>` for each
 attempt, `tiers on_complete <handler>`, `tiers workflow <name>` for each pass of a
 workflow's driver and `tiers step <name>` for its steps. A run stores the W3C
 traceparent of the context that enqueued it, so its attempts, in whichever process
@@ -50,6 +51,10 @@ class Tracing:
     def current(self) -> str | None:
         """The current context as a traceparent (None without a valid span)."""
         return traceparent(trace.get_current_span().get_span_context())
+
+    def recording(self) -> bool:
+        """Whether the current span is recorded (a sampled span of an SDK)."""
+        return trace.get_current_span().is_recording()
 
     def span(
         self,

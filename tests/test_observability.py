@@ -25,6 +25,7 @@ from prometheus_client import CollectorRegistry
 from retrier import Completed, Failed, Retrier, Success, WaitTimeout
 from retrier._log import JsonFormatter
 from retrier.metrics import make_asgi_app, make_wsgi_app, render
+from retrier.tracing import traceparent
 from tests.obs_app import build
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -228,8 +229,9 @@ def test_a_batch_is_counted_per_action_and_stamped_with_its_enqueue_span(
 
     batch = [retrier.prepare(one, None), retrier.prepare(two, None),
              retrier.prepare(one, None, queue="q")]
-    retrier.submit(batch)
-    (enqueue,) = exporter.get_finished_spans()
+    with provider.get_tracer("test").start_as_current_span("request"):
+        retrier.submit(batch)
+    enqueue, _request = exporter.get_finished_spans()
     assert enqueue.name == "tiers enqueue" and enqueue.attributes == {"tiers.runs": 3}
     ctx = enqueue.context
     assert {retrier.store.get(r.id).trace for r in batch} == {
@@ -282,13 +284,48 @@ def test_unsampled_runs_carry_their_context_and_record_nothing(
     def hello() -> str:
         return "hi"
 
-    run_id = retrier.run(hello)
+    with provider.get_tracer("test").start_as_current_span("request") as request:
+        run_id = retrier.run(hello)
+    # No enqueue span under an unsampled one: the run stores the request's context.
     stored = retrier.store.get(run_id).trace
     assert stored is not None and int(stored[-2:], 16) & 1 == 0  # valid, not sampled
+    assert stored == traceparent(request.get_span_context())
     with retrier:
         assert retrier.wait(run_id, timeout=10) == Completed(Success("hi"))
     assert exporter.get_finished_spans() == ()
     provider.shutdown()
+
+
+def test_a_run_enqueued_outside_a_trace_starts_one_at_its_attempt(
+    retrier: Retrier, spans: tuple[TracerProvider, InMemorySpanExporter]
+) -> None:
+    """No enqueue span without a recorded trace to put it in (a script, a cron
+    tick): the run stores no context, its attempt is the root of a trace, and runs
+    the attempt enqueues are in that trace."""
+    provider, exporter = spans
+    retrier.enable_tracing(provider)
+
+    @retrier.action(name="r.child")
+    def child() -> None: ...
+
+    @retrier.action(name="r.parent")
+    def parent() -> str:
+        return retrier.run(child)
+
+    run_id = retrier.run(parent)
+    assert retrier.store.get(run_id).trace is None
+    assert exporter.get_finished_spans() == ()
+    with retrier:
+        completed = retrier.wait(run_id, timeout=10)
+        assert isinstance(completed.result, Success)
+        retrier.wait(completed.result.value, timeout=10)
+    by_name = {s.name: s for s in exporter.get_finished_spans()}
+    root = by_name["tiers attempt r.parent"]
+    enqueue, attempt = by_name["tiers enqueue r.child"], by_name["tiers attempt r.child"]
+    assert root.parent is None
+    assert {s.context.trace_id for s in (root, enqueue, attempt)} == {root.context.trace_id}
+    assert enqueue.parent is not None and enqueue.parent.span_id == root.context.span_id
+    assert attempt.parent is not None and attempt.parent.span_id == enqueue.context.span_id
 
 
 def test_an_error_through_a_span_is_recorded_unless_it_is_not_one(
