@@ -427,7 +427,10 @@ class Claims:
         # (a claim locks every limited queue's row, this one included), then its
         # group's row, as a claim does too: the group's members take its slots in turn.
         locked = (self._locked_queue, {"queue": queue})
-        budget = QueueBudget.load(conn, locked, self.clock, worker, self._locked_groups)
+        # The run it starts is not stored yet: counted as due in its group's budget.
+        budget = QueueBudget.load(
+            conn, locked, self.clock, worker, self._locked_groups, arriving=queue
+        )
         if not budget.take(queue, key):
             return False
         budget.log_key_starts(conn, [(queue, key)])

@@ -105,10 +105,16 @@ class GroupBudget:
 
 
 def load_groups(
-    conn: Connection, limits: dict[str, QueueLimits], now: int, rows: Select[Any]
+    conn: Connection,
+    limits: dict[str, QueueLimits],
+    now: int,
+    rows: Select[Any],
+    arriving: str | None = None,
 ) -> dict[str, GroupBudget]:
     """Lock the rows of the groups of `limits`' queues (`rows`: `GROUP_ROWS`, locked
     as the dialect locks rows, or not, for `explain`) and count their budgets.
+    `arriving`: a queue about to start a run that is not stored yet (an inline start),
+    counted as one more due run of that queue.
 
     Read after the lock, in statements of their own (on PostgreSQL a statement that
     waited for a lock reads from the snapshot it took before the wait)."""
@@ -125,7 +131,7 @@ def load_groups(
         unmet = max(0, goal - int(running))
         due = 0 if unmet == 0 else int(
             conn.execute(_DUE, {"queue": queue, "now": now, "n": unmet}).scalar() or 0
-        )
+        ) + (queue == arriving)
         members[group][queue] = Member(guaranteed or 0, int(running), min(unmet, due))
     for name, cap in caps.items():
         running = sum(m.running for m in members[name].values())

@@ -160,16 +160,17 @@ class QueueBudget:
         clock: Clock,
         worker: str,
         group_rows: Select[Any] = GROUP_ROWS,
+        arriving: str | None = None,
     ) -> QueueBudget:
         """Lock the rows of `queues` (a locking statement and its parameters), then
         those of their groups (`group_rows`), and count their slots for `worker` (see
-        `lock`)."""
+        `lock`; `arriving`: see `load_groups`)."""
         limits, now = cls.lock(conn, *queues, clock=clock)
         if not limits:
             return cls.build(conn, limits, {}, now)
         rows = conn.execute(RUNNING_PER_QUEUE, {"names": list(limits), "worker": worker}).all()
         counted = {q: Counted(int(n), int(held)) for q, n, held in rows}
-        return cls.build(conn, limits, counted, now, group_rows)
+        return cls.build(conn, limits, counted, now, group_rows, arriving)
 
     @staticmethod
     def lock(
@@ -199,12 +200,13 @@ class QueueBudget:
         counted: dict[str, Counted],
         now: int,
         group_rows: Select[Any] = GROUP_ROWS,
+        arriving: str | None = None,
     ) -> QueueBudget:
         """The budget of the locked `limits`, given what each queue's slots are
         `counted` from (a queue missing there has nothing running); the rules that
         need more (rate, per key, groups: whose rows `group_rows` locks) read it here."""
         budget = cls(limits, {}, {}, set(), {}, None, now)
-        budget.groups = load_groups(conn, limits, now, group_rows)
+        budget.groups = load_groups(conn, limits, now, group_rows, arriving)
         nothing = Counted(0, 0)
         for name, lim in limits.items():
             budget.running[name] = counted.get(name, nothing).running

@@ -223,3 +223,24 @@ def test_the_cli_shows_groups_and_changes_their_cap(fake: Retrier, db_url: str) 
     assert refused.exit_code != 0 and "guaranteed 5 slot" in refused.output
     missing = runner.invoke(cli, ["--db", db_url, "pools", "set-group-cap", "nope", "4"])
     assert missing.exit_code != 0 and "no pool group named 'nope'" in missing.output
+
+
+def test_an_inline_start_takes_the_groups_slots_as_a_claim_does(fake: Retrier) -> None:
+    """A workflow step run inline by the worker (`insert_running`) locks the group's
+    row and counts its budget like a claim: it borrows idle slots, not reserved ones."""
+    _, train, infer, batch = gpu_pools(fake)
+    fill(infer, 1)  # reserves 1 of infer's guarantee
+    fill(batch, 4)
+    assert by_pool(claim(fake)) == {"batch": 4, "infer": 1}
+    store = fake.store
+    inline = [fake.prepare("work", {}, queue=q) for q in ("batch", "infer", "train")]
+    fill(infer, 1)  # due: reserves infer's second guaranteed slot
+    with store.dialect.write() as conn:
+        assert store.insert_running(inline[0], "w", 5000, conn) is None, "reserved for infer"
+    with store.dialect.write() as conn:
+        # train runs nothing (below its guarantee of 3): its step is due work too, so
+        # the one free slot is reserved for train's guarantee and infer's, 2 for 1.
+        assert store.insert_running(inline[2], "w", 5000, conn) is not None
+    with store.dialect.write() as conn:
+        assert store.insert_running(inline[1], "w", 5000, conn) is None, "group full"
+    assert claim(fake) == []
