@@ -228,7 +228,7 @@ def test_the_cli_shows_groups_and_changes_their_cap(fake: Retrier, db_url: str) 
 def test_an_inline_start_takes_the_groups_slots_as_a_claim_does(fake: Retrier) -> None:
     """A workflow step run inline by the worker (`insert_running`) locks the group's
     row and counts its budget like a claim: it borrows idle slots, not reserved ones."""
-    _, train, infer, batch = gpu_pools(fake)
+    _, _, infer, batch = gpu_pools(fake)
     fill(infer, 1)  # reserves 1 of infer's guarantee
     fill(batch, 4)
     assert by_pool(claim(fake)) == {"batch": 4, "infer": 1}
