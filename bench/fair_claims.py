@@ -6,7 +6,10 @@
 A pool of 16 holds a backlog of pending items (5 priorities, 1,000 keys, due over the
 last minute); we time claim(16) + record(16) pairs, with the pool ordering its items
 in due order, by priority with aging, with keys taking turns, or with per-key caps
-(`max_per_key=2`, 100 keys with caps of their own). Flat figures across sizes mean
+(`max_per_key=2`, 100 keys with caps of their own), or by priority in a pool group
+(`group`: cap 24, guaranteed 8, beside two idle members guaranteed 8 each, whose
+due items the claim counts, so it counts the group's whole budget: compare with
+`priority`). Flat figures across sizes mean
 indexes, not scans, do the work. Orders alternate within each round: the machine is
 shared, so compare figures of one round.
 """
@@ -24,12 +27,16 @@ from bench.throughput import fresh_database
 from retrier import Retrier
 from retrier._tables import new_row, runs
 from retrier.engine import Outcome
-from workpool import Workpool
+from workpool import PoolGroup, Workpool
 
-ORDERS = ("due", "priority", "round_robin", "key_limits")
+ORDERS = ("due", "priority", "round_robin", "key_limits", "group")
 
 
 def make_pool(retrier: Retrier, order: str) -> Workpool:
+    if order == "group":
+        PoolGroup(retrier, "fair_gpu", max_parallelism=24)
+        for idle in ("fair_idle_a", "fair_idle_b"):
+            Workpool(retrier, idle, max_parallelism=8, group="fair_gpu", guaranteed=8)
     pool = Workpool(
         retrier,
         f"fair_{order}",
@@ -37,6 +44,8 @@ def make_pool(retrier: Retrier, order: str) -> Workpool:
         priority_aging=None if order == "due" else 30.0,
         round_robin_keys=order == "round_robin",
         max_per_key=2 if order == "key_limits" else None,
+        group="fair_gpu" if order == "group" else None,
+        guaranteed=8 if order == "group" else 0,
     )
     if order == "key_limits":
         for tenant in range(0, 1000, 10):

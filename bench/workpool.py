@@ -3,12 +3,15 @@
     python -m bench.workpool                 # SQLite and PostgreSQL, 1 and 4 workers
     python -m bench.workpool --db sqlite --workers 1 --items 2000 --cpu-items 0
     python -m bench.workpool --orders due priority round_robin key_limits --rounds 3
+    python -m bench.workpool --orders priority group --rounds 3 --workers 1 4
 
 `--orders` compares how the pool orders its items, on the same items (5 priorities,
 50 keys), in alternating rounds (the machine is shared: compare within a round):
 `due` (priority_aging=None, the order before priorities), `priority` (the default:
 priority with aging), `round_robin` (round_robin_keys=True), `key_limits`
-(max_per_key=5 and 10 keys with caps of their own of 8).
+(max_per_key=5 and 10 keys with caps of their own of 8), `group` (`priority`, in a
+pool group of 18 with two idle members guaranteed 4 each: the pool borrows their
+slots, and every claim counts the group's budget).
 
 Workers are real processes (`python -m retrier worker bench.workpool_app:pool`).
 Two measurements per configuration of the no-op table:
@@ -164,7 +167,7 @@ def main() -> None:
     parser.add_argument("--cpu-ms", type=float, default=2.0,
                         help="CPU time each item of the CPU-bound table burns")
     parser.add_argument("--orders", nargs="*", default=[],
-                        choices=["due", "priority", "round_robin", "key_limits"],
+                        choices=["due", "priority", "round_robin", "key_limits", "group"],
                         help="compare these item orders instead (see above)")
     parser.add_argument("--rounds", type=int, default=3, help="rounds of --orders")
     args = parser.parse_args()

@@ -6,7 +6,7 @@ import os
 import time
 
 from retrier import Retrier
-from workpool import Workpool
+from workpool import PoolGroup, Workpool
 
 retrier = Retrier(os.environ["BENCH_DB_URL"])
 
@@ -27,8 +27,13 @@ def burn(i: int, ms: float) -> None:
 # BENCH_MAX_PER_WORKER spreads the pool over the worker processes (see docs/workpool.md).
 _per_worker = os.environ.get("BENCH_MAX_PER_WORKER")
 # BENCH_ORDER: how the pool orders its items (bench.workpool --orders): due order,
-# priority with aging (the default), keys taking turns, or keys with caps of their own.
+# priority with aging (the default), keys taking turns, keys with caps of their own, or
+# priority with aging in a pool group (see bench.workpool's docstring).
 _order = os.environ.get("BENCH_ORDER", "priority")
+if _order == "group":
+    PoolGroup(retrier, "bench_group", max_parallelism=18)
+    for _idle in ("bench_idle_a", "bench_idle_b"):  # guaranteed 4 each, no items: lent
+        Workpool(retrier, _idle, max_parallelism=4, group="bench_group", guaranteed=4)
 pool = Workpool(
     retrier,
     "bench",
@@ -37,6 +42,8 @@ pool = Workpool(
     priority_aging=None if _order == "due" else 60.0,
     round_robin_keys=_order == "round_robin",
     max_per_key=5 if _order == "key_limits" else None,
+    group="bench_group" if _order == "group" else None,
+    guaranteed=4 if _order == "group" else 0,
 )
 if _order == "key_limits":
     for _tenant in range(0, 50, 5):

@@ -27,6 +27,7 @@ from sqlalchemy import (
 from ._claim_order import KeyTurns, MergeKey, QueueOrder, aging_of, merge_key_rows
 from ._clock import Clock
 from ._dialects import Dialect, reconnecting
+from ._group_budget import GROUP_ROWS
 from ._limits import LIMITED_QUEUES, ONE_QUEUE, Counted, QueueBudget
 from ._models import CLAIMABLE, DELIVERING, FINISHING, PENDING, RUNNING
 from ._run_types import ANYTHING, Claimed, Runnable
@@ -144,7 +145,7 @@ _START_DELIVERIES = (
 # The claim as one server-side call, where the dialect has one (PostgreSQL); run with
 # the driver's own parameters (no SQLAlchemy compilation on the hot path).
 _SERVER_CLAIM = (
-    "SELECT * FROM tiers_claim_v4(%(worker)s, %(limit)s, %(lease_ms)s, %(now)s, %(any_fn)s,"
+    "SELECT * FROM tiers_claim_v5(%(worker)s, %(limit)s, %(lease_ms)s, %(now)s, %(any_fn)s,"
     " %(fns)s::text[], %(handlers)s::text[])"
 )
 
@@ -195,6 +196,7 @@ class Claims:
         self._due_deliveries = dialect.lock_for_claim(_DUE_DELIVERIES)
         self._locked_queue = dialect.lock_rows(ONE_QUEUE)
         self._limited_queues = dialect.lock_rows(LIMITED_QUEUES)
+        self._locked_groups = dialect.lock_rows(GROUP_ROWS)
 
     def claim(
         self,
@@ -245,7 +247,9 @@ class Claims:
         can_run = runnable.params()
         if limits:
             survey = _Survey.read(conn, list(limits), worker, now, can_run)
-            budget = QueueBudget.build(conn, limits, survey.counted, survey.overridden, now)
+            budget = QueueBudget.build(
+                conn, limits, survey.counted, survey.overridden, now, self._locked_groups
+            )
             chosen = self._choose_limited(conn, budget, survey, limit, can_run)
             rate_retry_ms = budget.rate_retry_ms
             budget.log_key_starts(conn, [(r.queue, r.key) for r in chosen if r.state == PENDING])
@@ -304,7 +308,7 @@ class Claims:
         runnable: Runnable,
         at_ms: int | None = None,
     ) -> tuple[list[Claimed], int | None]:
-        """The same claim, as one call of the server's `tiers_claim_v4` (see `_pg_claim`)."""
+        """The same claim, as one call of the server's `tiers_claim_v5` (see `_pg_claim`)."""
         now = self.clock.now_ms()
         params = {
             "worker": worker,
@@ -367,6 +371,7 @@ class Claims:
         for ordinal, queue in enumerate(survey.queues, 1):
             if queue not in budget.blocked:
                 rows = self._take_from(conn, budget, queue, limit, params)
+                budget.started(queue, len(rows))
                 picked.extend(merge_key_rows(ordinal, rows))
         picked.sort(key=lambda keyed: keyed[0])
         return [row for _, row in picked[:limit]]
@@ -383,7 +388,7 @@ class Claims:
         its slots. A key at its limit takes nothing more: its runs are left out of the
         fetch, fetched again (a few rounds) while keys fill up and slots remain."""
         lim = budget.limits.get(queue)
-        want = limit if lim is None else min(budget.slots.get(queue, 0), limit)
+        want = limit if lim is None else min(budget.room(queue), limit)
         aging = aging_of(lim)
         if want <= 0:
             return []
@@ -428,9 +433,13 @@ class Claims:
     def queue_has_room(self, conn: Connection, queue: str, key: str | None, worker: str) -> bool:
         """Take a slot of `queue` (and of its `key`) for `worker`, if one is free now."""
         # Locks the queue's row as a claim does, so the two cannot both take its last slot
-        # (a claim locks every limited queue's row, this one included).
+        # (a claim locks every limited queue's row, this one included), then its
+        # group's row, as a claim does too: the group's members take its slots in turn.
         locked = (self._locked_queue, {"queue": queue})
-        budget = QueueBudget.load(conn, locked, self.clock, worker)
+        # The run it starts is not stored yet: counted as due in its group's budget.
+        budget = QueueBudget.load(
+            conn, locked, self.clock, worker, self._locked_groups, arriving=queue
+        )
         if not budget.take(queue, key):
             return False
         budget.log_key_starts(conn, [(queue, key)])

@@ -35,6 +35,8 @@ DUE_LATER = "due_later"  # waits for its due time: a backoff, or run_at / run_af
 PAUSED = "pool_paused"  # its pool's max_parallelism is 0
 POOL_FULL = "pool_full"  # its pool runs max_parallelism runs already
 RATE_LIMITED = "rate_limited"  # its pool's rate window is used up until a time
+GROUP_FULL = "group_full"  # its pool's group runs its cap already (PoolGroup)
+GROUP_RESERVED = "group_reserved"  # the group's free slots are other pools' guarantees
 KEY_FULL = "key_full"  # its key runs max_per_key runs already
 KEY_LIMIT = "key_limit"  # its key runs as many as its own cap (set_key_limit), or is paused
 KEY_RATE_LIMITED = "key_rate_limited"  # its key's rate window is used up until a time
@@ -195,9 +197,43 @@ class Explainer:
                     f"the window lets the next one start at {_at(budget.rate_retry_ms)}",
                     until=ms_to_datetime(budget.rate_retry_ms),
                 )
+            if rule in (GROUP_FULL, GROUP_RESERVED):
+                return self._held_by_group(row, budget, pool)
         if row.key is not None:
             return self._held_by_key(row, budget, limits, pool)
         return None
+
+    @staticmethod
+    def _held_by_group(row: Any, budget: QueueBudget, pool: str) -> Why | None:
+        """Why the run's pool group leaves it no slot now: the group's cap, or the
+        other members' guarantees (the group's budget, as a claim counts it)."""
+        group = budget.group_of(row.queue)
+        if group is None:
+            return None
+        own = group.members.get(row.queue)
+        details: dict[str, Any] = {
+            "group": group.name,
+            "running": group.running,
+            "max_parallelism": group.cap,
+            "pool_running": own.running if own else 0,
+            "guaranteed": own.guaranteed if own else 0,
+        }
+        if group.held_by(row.queue) == GROUP_FULL:
+            message = (
+                f"group full ({group.running} of {group.cap} running): {pool} shares "
+                f"group {group.name!r}'s cap, and runs {details['pool_running']} of it"
+            )
+            return Why(row.id, row.state, GROUP_FULL, message, details=details)
+        others = group.reserved_by_others(row.queue)
+        details["reserved"] = others
+        shown = ", ".join(f"{q!r} {n}" for q, n in sorted(others.items()))
+        message = (
+            f"slots reserved for other pools' guarantees: group {group.name!r} has "
+            f"{group.free} free slot(s), held for {shown}; {pool} runs "
+            f"{details['pool_running']}, at least its guarantee of {details['guaranteed']}, "
+            f"and borrows only slots the others leave idle"
+        )
+        return Why(row.id, row.state, GROUP_RESERVED, message, details=details)
 
     @staticmethod
     def _held_by_key(

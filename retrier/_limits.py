@@ -29,6 +29,7 @@ from sqlalchemy import (
 )
 
 from ._clock import Clock
+from ._group_budget import GROUP_FULL, GROUP_RESERVED, GROUP_ROWS, GroupBudget, load_groups
 from ._models import RUNNING
 from ._run_types import QueueLimits
 from ._tables import (
@@ -101,10 +102,24 @@ def _rate(budget: QueueBudget, conn: Connection, lim: QueueLimits, _n: Counted) 
     return budget.rate_slots(conn, lim)
 
 
+def _group_full(budget: QueueBudget, _c: Connection, lim: QueueLimits, _n: Counted) -> int | None:
+    group = budget.group_of(lim.name)
+    return None if group is None else group.free
+
+
+def _group_reserved(
+    budget: QueueBudget, _c: Connection, lim: QueueLimits, _n: Counted
+) -> int | None:
+    group = budget.group_of(lim.name)
+    return None if group is None or group.free <= 0 else group.room(lim.name)
+
+
 QUEUE_RULES: tuple[Rule, ...] = (
     Rule("max_parallelism", _parallelism),
     Rule("max_per_worker", _per_worker),
     Rule("rate_limit", _rate),
+    Rule(GROUP_FULL, _group_full),
+    Rule(GROUP_RESERVED, _group_reserved),
 )
 """The limits on a whole queue. (`max_per_key`, and a key's own cap in
 `tiers_key_limits`, limit each key of a queue, and are applied run by run in
@@ -143,6 +158,8 @@ class QueueBudget:
         default_factory=dict
     )
     """The oldest of those looked up (None: the window was empty)."""
+    groups: dict[str, GroupBudget] = dataclasses.field(default_factory=dict)
+    """The pool groups of the queues, by name, counted once (`_group_budget`)."""
 
     @classmethod
     def load(
@@ -151,12 +168,15 @@ class QueueBudget:
         queues: tuple[Select[Any], dict[str, Any]],
         clock: Clock,
         worker: str,
+        group_rows: Select[Any] = GROUP_ROWS,
+        arriving: str | None = None,
     ) -> QueueBudget:
-        """Lock the rows of `queues` (a locking statement and its parameters) and
-        count their slots for `worker` (see `lock`)."""
+        """Lock the rows of `queues` (a locking statement and its parameters), then
+        those of their groups (`group_rows`), and count their slots for `worker` (see
+        `lock`; `arriving`: see `load_groups`)."""
         limits, now = cls.lock(conn, *queues, clock=clock)
         if not limits:
-            return cls.build(conn, limits, {}, set(), now)
+            return cls.build(conn, limits, {}, set(), now, group_rows, arriving)
         counted: dict[str, Counted] = {}
         overridden: set[str] = set()
         params = {"names": list(limits), "worker": worker}
@@ -165,7 +185,7 @@ class QueueBudget:
                 overridden.add(queue)
             else:
                 counted[queue] = Counted(int(n), int(held))
-        return cls.build(conn, limits, counted, overridden, now)
+        return cls.build(conn, limits, counted, overridden, now, group_rows, arriving)
 
     @staticmethod
     def lock(
@@ -195,12 +215,16 @@ class QueueBudget:
         counted: dict[str, Counted],
         overridden: set[str],
         now: int,
+        group_rows: Select[Any] = GROUP_ROWS,
+        arriving: str | None = None,
     ) -> QueueBudget:
         """The budget of the locked `limits`, given what each queue's slots are
         `counted` from (a queue missing there has nothing running) and the queues
         where some key has a cap of its own (`overridden`, read with the counts); the
-        rules that need more (rate, per key) read it here."""
+        rules that need more (rate, per key, groups: whose rows `group_rows` locks)
+        read it here."""
         budget = cls(limits, {}, {}, set(), {}, None, now, overridden=overridden)
+        budget.groups = load_groups(conn, limits, now, group_rows, arriving)
         nothing = Counted(0, 0)
         for name, lim in limits.items():
             budget.running[name] = counted.get(name, nothing).running
@@ -233,6 +257,24 @@ class QueueBudget:
             cap = self.key_cap(queue, key)
             if cap is not None and count >= cap:
                 self.full_keys.setdefault(queue, []).append(key)
+
+    def group_of(self, queue: str) -> GroupBudget | None:
+        """The budget of `queue`'s pool group (None: it belongs to none)."""
+        lim = self.limits.get(queue)
+        return None if lim is None or not lim.group_name else self.groups.get(lim.group_name)
+
+    def room(self, queue: str) -> int:
+        """How many runs `queue` may start now: its slots, within its group's room
+        (which the queues of the group taken before it in this claim have used)."""
+        group = self.group_of(queue)
+        slots = self.slots.get(queue, 0)
+        return slots if group is None else min(slots, group.room(queue))
+
+    def started(self, queue: str, n: int) -> None:
+        """Count `n` runs of `queue` taken in this claim against its group's slots."""
+        group = self.group_of(queue)
+        if group is not None and n:
+            group.use(queue, n)
 
     def keyed(self, queue: str) -> bool:
         """Whether the queue limits its keys (`max_per_key`, keys' own caps, or a rate

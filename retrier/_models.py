@@ -222,6 +222,25 @@ class QueueRow(SQLModel, table=True):
     # Where a round-robin queue's turn is: the last key (group) a claim visited; ''
     # for the items without a key.
     rr_cursor: str | None = Field(default=None, max_length=200)
+    # The pool group whose cap this queue shares (tiers_queue_groups), and the slots
+    # of that cap it is guaranteed (lent to the other members while it has no due run).
+    group_name: str | None = Field(default=None, max_length=200)
+    guaranteed: int | None = None
+    updated_ms: int = Field(sa_type=BigInteger)
+
+
+class QueueGroupRow(SQLModel, table=True):
+    """A cap shared by several queues (a pool group): at most `max_parallelism` runs
+    of its members run at once, each member having its `guaranteed` slots of it.
+
+    Stored as data, so it changes at runtime; claims lock its row, so every member's
+    claims (and inline starts) take its slots one after the other.
+    """
+
+    __tablename__ = "tiers_queue_groups"
+
+    name: str = Field(primary_key=True, max_length=200)
+    max_parallelism: int
     updated_ms: int = Field(sa_type=BigInteger)
 
 
@@ -317,4 +336,5 @@ ENGINE_TABLES = [
     ScheduleRow.__table__,  # type: ignore[attr-defined]
     KeyLimitRow.__table__,  # type: ignore[attr-defined]
     KeyStartRow.__table__,  # type: ignore[attr-defined]
+    QueueGroupRow.__table__,  # type: ignore[attr-defined]
 ]

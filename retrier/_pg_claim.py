@@ -9,13 +9,14 @@ first due runs up to its free slots, and the due on_complete deliveries, in due 
 then priority; lease them; and say when to look again. `tests/test_claims.py` runs the
 same claim scenarios against both implementations.
 
-It is `tiers_claim_v4` since it takes each queue's runs in its claim order (priority
-with aging, keys taking turns: `_claim_order`; engine_0007) through
-`tiers_claim_queue_v3`, and each key's run through `tiers_take_key_v3` (keys' own
-caps, rate limits per key), and returns each run's attempt timeout (engine_0008): a
-function's result columns cannot change in place, and an older release, still
-running beside this one in a rolling deploy, keeps its `tiers_claim_v2` (and a
-still older one its `tiers_claim`), which stay in place.
+It is `tiers_claim_v5` since it shares pool groups' caps among their members
+(engine_0009, through `tiers_group_budget_v1`: `_pg_groups`). It takes each queue's
+runs in its claim order (priority with aging, keys taking turns: `_claim_order`;
+engine_0007) through `tiers_claim_queue_v3`, and each key's run through
+`tiers_take_key_v3` (keys' own caps, rate limits per key), and returns each run's
+attempt timeout (engine_0008). Each version is a new name, never a replacement: an
+older release, still running beside this one in a rolling deploy, keeps calling its
+`tiers_claim_v4` (or `tiers_claim_v2`, or `tiers_claim`), which stay in place.
 """
 
 from __future__ import annotations
@@ -157,7 +158,7 @@ $fn$
 
 
 CLAIM_FUNCTION = r"""
-CREATE OR REPLACE FUNCTION tiers_claim_v4(
+CREATE OR REPLACE FUNCTION tiers_claim_v5(
     p_worker text, p_limit integer, p_lease_ms bigint, p_now bigint,
     p_any_fn boolean, p_fns text[], p_handlers text[]
 ) RETURNS TABLE (
@@ -209,6 +210,12 @@ DECLARE
     v_big constant integer := 1073741824;
     v_locked text[];
     v_t timestamptz;
+    v_qgroup integer[];
+    v_greserve integer[];
+    v_gfree integer[];
+    v_gborrow integer[];
+    v_gi integer;
+    v_own integer;
 BEGIN
     -- 1. The limited queues' rows, locked: claims (and inline starts) of one queue
     --    take its slots one after the other.
@@ -218,7 +225,8 @@ BEGIN
          WHERE q.max_parallelism IS NOT NULL OR q.rate_limit IS NOT NULL
             OR q.max_per_key IS NOT NULL OR q.max_per_worker IS NOT NULL
             OR q.priority_aging_ms IS NOT NULL OR q.round_robin IS NOT NULL
-            OR q.key_rate_limit IS NOT NULL
+            OR q.key_rate_limit IS NOT NULL OR q.group_name IS NOT NULL
+            OR q.guaranteed IS NOT NULL
          ORDER BY q.name FOR UPDATE) l;
     -- A claim that waited for another's locks must not stamp its runs as started
     -- before that claim committed: add the wait (if it was one) to the caller's clock.
@@ -289,6 +297,10 @@ BEGIN
                  WHERE t.state = 'running' AND t.key IS NOT NULL
                    AND t.queue = ANY(v_names) GROUP BY t.queue, t.key) t;
     END IF;
+    -- 2'. Pool groups, counted once (`_pg_groups`): each member's group and reserve,
+    --     each group's free slots and the slots beyond every reserve.
+    SELECT * INTO v_qgroup, v_greserve, v_gfree, v_gborrow
+      FROM tiers_group_budget_v1(v_names, v_now);
 
     -- 3. With no limited queue, the first due runs and deliveries, in one fetch.
     IF array_length(v_names, 1) IS NULL THEN
@@ -334,6 +346,12 @@ BEGIN
         v_latest := NULL;
         v_i := array_position(v_names, v_q.name::text);
         v_want := CASE WHEN v_i IS NULL THEN p_limit ELSE LEAST(v_slots[v_i], p_limit) END;
+        v_gi := CASE WHEN v_i IS NULL THEN NULL ELSE v_qgroup[v_i] END;
+        IF v_gi IS NOT NULL THEN
+            -- Its group's room: its reserve left, then the borrowable slots.
+            v_want := LEAST(v_want, GREATEST(0, LEAST(v_gfree[v_gi],
+                                                      v_greserve[v_i] + v_gborrow[v_gi])));
+        END IF;
         CONTINUE WHEN v_want <= 0;
         IF v_i IS NOT NULL AND v_rr[v_i] THEN
             -- Keys take turns (see `_claim_order.KeyTurns`): round the ring of keys
@@ -499,6 +517,13 @@ BEGIN
                 END LOOP;
                 EXIT WHEN v_want <= 0 OR v_found < (v_want * 2 + 8);
             END LOOP;
+        END IF;
+        IF v_gi IS NOT NULL AND v_pos > 0 THEN
+            -- What it took, counted against its group: its reserve first.
+            v_own := LEAST(v_pos, v_greserve[v_i]);
+            v_greserve[v_i] := v_greserve[v_i] - v_own;
+            v_gborrow[v_gi] := v_gborrow[v_gi] - (v_pos - v_own);
+            v_gfree[v_gi] := v_gfree[v_gi] - v_pos;
         END IF;
     END LOOP;
 

@@ -30,6 +30,7 @@ from ._pg_claim import (
     QUEUE_ORDER_FUNCTION,
     TAKE_KEY_FUNCTION,
 )
+from ._pg_groups import GROUP_BUDGET_FUNCTION
 
 log = logging.getLogger("tiers.store")
 
@@ -170,6 +171,7 @@ class PostgresDialect:
         conn.exec_driver_sql(KEY_CAP_FUNCTION)
         conn.exec_driver_sql(TAKE_KEY_FUNCTION)
         conn.exec_driver_sql(QUEUE_ORDER_FUNCTION)
+        conn.exec_driver_sql(GROUP_BUDGET_FUNCTION)
         conn.exec_driver_sql(CLAIM_FUNCTION)
         conn.execute(text("DROP TRIGGER IF EXISTS tiers_runs_wake ON tiers_runs"))
         conn.execute(

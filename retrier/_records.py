@@ -53,6 +53,7 @@ from ._tables import (
     chunks,
     held_in,
     in_state,
+    queues_t,
     runs,
     settle_values,
 )
@@ -61,6 +62,16 @@ from ._tables import (
 MAX_HANDLER_FAILURES = 5
 
 
+# These queues and the other members of their pool groups (a freed slot of a group
+# member may start a run of another member).
+_SHARING = select(queues_t.c.name).where(
+    queues_t.c.group_name.in_(
+        select(queues_t.c.group_name).where(
+            queues_t.c.name.in_(bindparam("queues", expanding=True)),
+            queues_t.c.group_name.is_not(None),
+        )
+    )
+)
 # Whether any run of these queues is due now (a freed slot is worth a wake-up).
 _WAITING_IN = (
     select(runs.c.id)
@@ -406,7 +417,8 @@ class Records:
         return str(row.queue or "")
 
     def _waiting_in(self, conn: Connection, queues: set[str], now: int) -> bool:
-        found = conn.execute(_WAITING_IN, {"now": now, "queues": sorted(queues)}).first()
+        sharing = set(conn.execute(_SHARING, {"queues": sorted(queues)}).scalars())
+        found = conn.execute(_WAITING_IN, {"now": now, "queues": sorted(queues | sharing)}).first()
         return found is not None
 
     def decide(

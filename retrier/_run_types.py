@@ -196,6 +196,10 @@ class QueueLimits:
     # Each key may start at most `key_rate_limit` runs in any window of this period.
     key_rate_limit: int | None = None
     key_rate_period_ms: int | None = None
+    # A member of the pool group of this name (`QueueGroup`), guaranteed this many
+    # of its slots (None without a group).
+    group_name: str | None = None
+    guaranteed: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -215,3 +219,33 @@ class OwnedRun:
     id: str
     fn: str
     state: str
+
+
+@dataclass(frozen=True, slots=True)
+class GroupMember:
+    """One queue of a pool group, as stored now: its guarantee, its own cap, and its
+    running runs."""
+
+    name: str
+    guaranteed: int
+    max_parallelism: int | None
+    running: int
+
+
+@dataclass(frozen=True, slots=True)
+class QueueGroup:
+    """A pool group: a cap shared by its member queues, and the members as stored now."""
+
+    name: str
+    max_parallelism: int
+    members: tuple[GroupMember, ...] = ()
+
+    @property
+    def running(self) -> int:
+        """The members' running runs, together."""
+        return sum(m.running for m in self.members)
+
+    @property
+    def guaranteed(self) -> int:
+        """The members' guarantees, together (at most the cap)."""
+        return sum(m.guaranteed for m in self.members)

@@ -20,7 +20,6 @@ from sqlalchemy import (
     case,
     delete,
     false,
-    insert,
     select,
     update,
 )
@@ -34,7 +33,6 @@ from ._dialects import CANCEL, WAKE, Dialect, Durability, open_dialect, reconnec
 from ._errors import RunNotFinished, RunNotFound, RunNotRetryable, SchemaTooNew
 from ._explain import Explainer
 from ._keyed import Debounced, KeyedInserts
-from ._limits import stored_limits
 from ._migrations import Migrations
 from ._models import (
     CANCELED,
@@ -45,9 +43,10 @@ from ._models import (
     RUNNING,
     SCHEMA_VERSION,
 )
+from ._queue_settings import QueueSettings
 from ._reads import Gauges, Reads, WorkersSeen
 from ._records import Records
-from ._run_types import Canceling, Claimed, NewRun, OwnedRun, QueueLimits, StoredOutcome
+from ._run_types import Canceling, Claimed, NewRun, OwnedRun, StoredOutcome
 from ._schedules import Schedules
 from ._tables import (
     IDS,
@@ -56,10 +55,8 @@ from ._tables import (
     attempts_t,
     chunks,
     in_state,
-    key_limits_t,
     meta_t,
     new_row,
-    queues_t,
     runs,
     settle_values,
 )
@@ -160,6 +157,14 @@ class Store:
         self.get_queue = reads.get_queue
         self.list_queues = reads.list_queues
         self.queue_counts = reads.queue_counts
+        # Queues' settings: limits, keys' own caps, pool groups (_queue_settings.py)
+        settings = QueueSettings(self.dialect, clock)
+        self.set_queue = settings.set_queue
+        self.set_key_limit = settings.set_key_limit
+        self.key_limits = settings.key_limits
+        self.set_group = settings.set_group
+        self.get_group = settings.get_group
+        self.list_groups = settings.list_groups
         # Why a run is not running (_explain.py)
         self.explain = Explainer(self.dialect, clock, claims).explain
         self._reads = reads
@@ -539,47 +544,3 @@ class Store:
             conn.execute(delete(attempts_t).where(attempts_t.c.run_id.in_(chunk)))
             conn.execute(delete(runs).where(runs.c.id.in_(chunk)))
         return len(ids)
-
-    def set_key_limit(
-        self, queue: str, key: str, max_parallelism: int | None, conn: Connection | None = None
-    ) -> None:
-        """Give `key` of `queue` a cap of its own (None: remove it, back to the queue's
-        `max_per_key`), in `conn`'s transaction if given; wakes the workers."""
-        if conn is not None:
-            self._set_key_limit(conn, queue, key, max_parallelism)
-            return
-        with self.dialect.write() as own:
-            self._set_key_limit(own, queue, key, max_parallelism)
-
-    def _set_key_limit(
-        self, conn: Connection, queue: str, key: str, max_parallelism: int | None
-    ) -> None:
-        where = (key_limits_t.c.queue == queue) & (key_limits_t.c.key == key)
-        if max_parallelism is None:
-            conn.execute(delete(key_limits_t).where(where))
-        else:
-            values = {"max_parallelism": max_parallelism, "updated_ms": self.clock.now_ms()}
-            if not conn.execute(update(key_limits_t).where(where).values(**values)).rowcount:
-                conn.execute(insert(key_limits_t).values(queue=queue, key=key, **values))
-        self.dialect.notify(conn, WAKE)
-
-    @reconnecting
-    def key_limits(self, queue: str) -> dict[str, int]:
-        """The keys of `queue` that have a cap of their own, and their caps."""
-        stmt = select(key_limits_t.c.key, key_limits_t.c.max_parallelism).where(
-            key_limits_t.c.queue == queue
-        )
-        with self.dialect.read() as conn:
-            return {key: int(cap) for key, cap in conn.execute(stmt.order_by(key_limits_t.c.key))}
-
-    @reconnecting
-    def set_queue(self, limits: QueueLimits) -> None:
-        """Store a queue's limits (the last writer wins) and wake the workers."""
-        values = {**stored_limits(limits), "updated_ms": self.clock.now_ms()}
-        with self.dialect.write() as conn:
-            changed = conn.execute(
-                update(queues_t).where(queues_t.c.name == limits.name).values(**values)
-            ).rowcount
-            if not changed:
-                conn.execute(insert(queues_t).values(name=limits.name, **values))
-            self.dialect.notify(conn, WAKE)

@@ -27,6 +27,7 @@ from ._models import (
     KeyLimitRow,
     KeyStartRow,
     MetaRow,
+    QueueGroupRow,
     QueueRow,
     RunRow,
     WorkerRow,
@@ -40,6 +41,7 @@ meta_t: Table = MetaRow.__table__  # type: ignore[attr-defined]
 workers_t: Table = WorkerRow.__table__  # type: ignore[attr-defined]
 key_limits_t: Table = KeyLimitRow.__table__  # type: ignore[attr-defined]
 key_starts_t: Table = KeyStartRow.__table__  # type: ignore[attr-defined]
+groups_t: Table = QueueGroupRow.__table__  # type: ignore[attr-defined]
 
 
 CLAIM_COLUMNS = (

@@ -3,7 +3,9 @@
 Settings come from the environment, so the test and every worker build the same pool:
 TIERS_TEST_DB_URL (database), TIERS_TEST_POOL (JSON: name, max_parallelism,
 max_per_key, rate_limit as [limit, seconds], round_robin_keys, key_limits as
-{key: cap}), TIERS_TEST_RECORD_DIR (where actions record their intervals).
+{key: cap}, group as {name, max_parallelism} with guaranteed, and the group's
+other members as [{name, max_parallelism, guaranteed}]), TIERS_TEST_RECORD_DIR
+(where actions record their intervals).
 
 Each attempt appends "start <pid> <ns>" and later "end <pid> <ns>" to a file of its
 own item, instead of writing a table: the record must not compete for the database
@@ -22,12 +24,19 @@ from pathlib import Path
 from typing import Any
 
 from retrier import Retrier
-from workpool import RetryBehavior, Workpool
+from workpool import PoolGroup, RetryBehavior, Workpool
 
 
 def make_pool(r: Retrier, settings: dict[str, Any]) -> Workpool:
     """The pool the settings describe; items are retried, so a killed attempt reruns."""
     rate = settings.get("rate_limit")
+    group = settings.get("group")
+    if group is not None:
+        PoolGroup(r, group["name"], max_parallelism=group["max_parallelism"])
+        for member in settings.get("members", []):
+            Workpool(r, member["name"], max_parallelism=member["max_parallelism"],
+                     group=group["name"], guaranteed=member["guaranteed"],
+                     retry_actions_by_default=True)
     pool = Workpool(
         r,
         settings["name"],
@@ -37,6 +46,8 @@ def make_pool(r: Retrier, settings: dict[str, Any]) -> Workpool:
         round_robin_keys=settings.get("round_robin_keys", False),
         retry_actions_by_default=True,
         default_retry_behavior=RetryBehavior(max_attempts=5, initial_backoff_ms=50),
+        group=group["name"] if group else None,
+        guaranteed=settings.get("guaranteed", 0),
     )
     for key, cap in settings.get("key_limits", {}).items():
         pool.set_key_limit(key, max_parallelism=cap)

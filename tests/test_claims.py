@@ -332,9 +332,83 @@ def key_rate_scenario(retrier: Retrier, clock: FakeClock) -> list[Any]:
     return log
 
 
+def groups_scenario(retrier: Retrier, clock: FakeClock) -> list[Any]:
+    """Claims over two pool groups whose members have guarantees (one member keyed,
+    one whose keys take turns, one by priority), beside a pool of no group; claims
+    cut short by their limit, items finishing, runs due later, caps changed."""
+    store = retrier.store
+
+    @retrier.action(name="work")
+    def work() -> None: ...
+
+    store.set_group("gpu", 8)
+    store.set_group("cpu", 4)
+    for limits in (
+        QueueLimits("train", max_parallelism=6, group_name="gpu", guaranteed=3,
+                    priority_aging_ms=1_000),
+        QueueLimits("infer", max_parallelism=8, group_name="gpu", guaranteed=2,
+                    max_per_key=2),
+        QueueLimits("batch", max_parallelism=8, group_name="gpu", guaranteed=0,
+                    round_robin=True),
+        QueueLimits("etl", max_parallelism=4, group_name="cpu", guaranteed=1),
+        QueueLimits("mail", max_parallelism=4, group_name="cpu", guaranteed=3),
+        QueueLimits("free", max_parallelism=3),
+    ):
+        store.set_queue(limits)
+    now = clock.now_ms()
+    new = [
+        retrier.prepare(
+            "work",
+            {},
+            queue=queue,
+            key=f"k{i % 3}" if queue in ("infer", "batch") else None,
+            priority=i % 3,
+            due_ms=now - (i * 37) % 200 + (400 if i % 6 == 5 else 0),
+            run_id=f"{queue}-{i:02d}",
+        )
+        for queue, count in (("train", 14), ("infer", 9), ("batch", 16), ("etl", 10),
+                             ("free", 5))
+        for i in range(count)
+    ]
+    retrier.submit(new)
+    log: list[Any] = []
+
+    def claim(worker: str, limit: int) -> list[Claimed]:
+        claimed, wake_at = store.claim(worker, limit, 5_000)
+        log.append((worker, sorted(c.id for c in claimed), wake_at))
+        return claimed
+
+    def succeed(claimed: list[Claimed], worker: str) -> None:
+        outcomes = [
+            Outcome(c.id, c.fence, "success", c.started_ms, attempt=c.attempts, queue=c.queue)
+            for c in claimed
+        ]
+        store.record(outcomes, worker, 5_000)
+
+    first = claim("w1", 5)  # cut short by its limit
+    second = claim("w2", 40)
+    succeed(first[:3], "w1")
+    retrier.submit([
+        retrier.prepare("work", {}, queue="mail", due_ms=clock.now_ms(), run_id=f"mail-{i}")
+        for i in range(4)
+    ])
+    third = claim("w3", 40)
+    succeed(second, "w2")
+    store.set_group("gpu", 10)
+    clock.advance(timedelta(milliseconds=500))  # the later runs are due
+    fourth = claim("w1", 7)
+    succeed(third + first[3:], "w3")
+    claim("w2", 40)
+    succeed(fourth, "w1")
+    claim("w3", 40)
+    drain(retrier)
+    return log
+
+
 @pytest.mark.parametrize(
     "script",
-    [scenario, priority_scenario, round_robin_scenario, key_limits_scenario, key_rate_scenario],
+    [scenario, priority_scenario, round_robin_scenario, key_limits_scenario, key_rate_scenario,
+     groups_scenario],
 )
 def test_the_server_claim_takes_what_the_python_claim_takes(
     db_url: str, script: Callable[[Retrier, FakeClock], list[Any]]

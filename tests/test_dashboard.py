@@ -395,3 +395,28 @@ def test_the_pool_page_shows_its_order_and_key_limits(demo: Demo) -> None:
         page = c.get("/pools/tenants").text
     assert "Key limits (2)" in page and "tenant-42" in page and "paused" in page
     assert "keys take turns" in page
+
+
+def test_the_pool_page_shows_its_group_and_changes_its_cap(demo: Demo) -> None:
+    from workpool import PoolGroup, Workpool
+
+    gpu = PoolGroup(demo.retrier, "gpu", max_parallelism=6)
+    Workpool(demo.retrier, "train", max_parallelism=6, group=gpu, guaranteed=4)
+    Workpool(demo.retrier, "infer", max_parallelism=3, group=gpu, guaranteed=2)
+    store = demo.retrier.store
+    with client(demo) as c:
+        listed = c.get("/pools").text
+        assert "gpu (guaranteed 4)" in listed
+        page = c.get("/pools/train").text
+        assert "Group gpu (0 of 6 running)" in page
+        members = page[page.index('id="group-members"'):]
+        assert re.search(r"infer</a></td><td>2</td><td>3</td><td>0</td>", members)
+        token = log_in(c)
+        r = c.post("/pools/train/group-cap", data={"csrf": token, "max_parallelism": "9"})
+        assert "group gpu cap set to 9" in r.text
+        assert store.get_group("gpu").max_parallelism == 9  # type: ignore[union-attr]
+        bad = c.post("/pools/train/group-cap", data={"csrf": token, "max_parallelism": "5"})
+        assert "guaranteed 6 slot" in bad.text
+        assert store.get_group("gpu").max_parallelism == 9  # type: ignore[union-attr]
+        alone = c.post("/pools/emails/group-cap", data={"csrf": token, "max_parallelism": "5"})
+        assert "belongs to no group" in alone.text

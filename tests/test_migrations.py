@@ -44,7 +44,7 @@ def test_the_migrations_build_exactly_the_models_schema(db_url: str) -> None:
         # Only our version table is not a model.
         assert [d[0] for d in differences] == ["remove_table"]
         assert differences[0][1].name == VERSION_TABLE
-        assert versions(retrier) == {"engine_0008", "workflow_0004"}
+        assert versions(retrier) == {"engine_0009", "workflow_0004"}
     finally:
         retrier.close()
 
@@ -52,7 +52,7 @@ def test_the_migrations_build_exactly_the_models_schema(db_url: str) -> None:
 def test_an_engine_only_app_gets_no_workflow_tables(db_url: str) -> None:
     retrier = Retrier(db_url)
     try:
-        assert versions(retrier) == {"engine_0008"}
+        assert versions(retrier) == {"engine_0009"}
         with retrier.engine.connect() as conn:
             assert not sa.inspect(conn).has_table("tiers_workflows")
     finally:
@@ -79,7 +79,7 @@ def test_a_database_from_before_migrations_is_stamped_then_upgraded(db_url: str)
     engine.dispose()
     retrier = Retrier(db_url)
     try:
-        assert versions(retrier) == {"engine_0008"}
+        assert versions(retrier) == {"engine_0009"}
 
         @retrier.action(name="work")
         def work() -> str:
@@ -125,7 +125,7 @@ def test_processes_starting_at_once_migrate_once(db_url: str) -> None:
         t.join(30)
     try:
         assert errors == [] and len(made) == 4
-        assert versions(made[0]) == {"engine_0008"}
+        assert versions(made[0]) == {"engine_0009"}
     finally:
         for retrier in made:
             retrier.close()
@@ -141,7 +141,7 @@ def test_an_apps_own_alembic_history_is_left_alone(db_url: str) -> None:
             applied = upgrade(conn)
         assert applied == [
             "engine_0001", "engine_0002", "engine_0003", "engine_0004", "engine_0006",
-            "engine_0007", "engine_0008",
+            "engine_0007", "engine_0008", "engine_0009",
             "workflow_0001", "workflow_0002", "workflow_0003", "workflow_0004",
         ]
         with engine.connect() as conn:
@@ -149,7 +149,7 @@ def test_an_apps_own_alembic_history_is_left_alone(db_url: str) -> None:
                 ("app_0007",)
             ]
         retrier = Retrier(db_url)
-        assert versions(retrier) == {"engine_0008", "workflow_0004"}
+        assert versions(retrier) == {"engine_0009", "workflow_0004"}
         retrier.close()
     finally:
         engine.dispose()
@@ -159,11 +159,11 @@ def test_the_db_commands(db_url: str, tmp_path: Any) -> None:
     cli = CliRunner()
     upgraded = cli.invoke(main, ["--db", db_url, "db", "upgrade"])
     assert upgraded.exit_code == 0, upgraded.output
-    assert "applied engine_0001" in upgraded.output and "11 migration(s)" in upgraded.output
+    assert "applied engine_0001" in upgraded.output and "12 migration(s)" in upgraded.output
     again = cli.invoke(main, ["--db", db_url, "db", "upgrade"])
     assert again.exit_code == 0 and "up to date" in again.output
     current = cli.invoke(main, ["--db", db_url, "db", "current"])
-    assert current.exit_code == 0 and "engine_0008" in current.output
+    assert current.exit_code == 0 and "engine_0009" in current.output
     history = cli.invoke(main, ["db", "history"])
     assert history.exit_code == 0 and "engine_0001" in history.output
     listed = cli.invoke(main, ["db", "history", "--json"])

@@ -13,7 +13,8 @@ from __future__ import annotations
 from retrier import Debounce
 
 from ._behavior import RetryBehavior
-from ._errors import InvalidBatchItem, NotInPool, PoolNotFound
+from ._errors import InvalidBatchItem, NotInPool, PoolGroupNotFound, PoolNotFound
+from ._group import PoolGroup
 from ._pool import BatchItem, Workpool
 from ._status import Finished, Pending, Running, WorkStatus
 
@@ -24,6 +25,8 @@ __all__ = [
     "InvalidBatchItem",
     "NotInPool",
     "Pending",
+    "PoolGroup",
+    "PoolGroupNotFound",
     "PoolNotFound",
     "RetryBehavior",
     "Running",

@@ -15,7 +15,7 @@ from retrier.engine import (
     print_listing,
 )
 
-from ._admin import set_cap, set_key_limit, stored_pool
+from ._admin import set_cap, set_group_cap, set_key_limit, stored_pool
 
 _HOUR_MS = 3_600_000
 
@@ -29,7 +29,8 @@ def pools() -> None:
 @click.option("--json", "as_json", is_flag=True, help="One JSON array.")
 @click.pass_obj
 def pools_list(obj: CliContext, as_json: bool) -> None:
-    """Every pool: its cap, running and pending items, failures in the last hour."""
+    """Every pool: its cap, its group (and guarantee), running and pending items,
+    failures in the last hour."""
     store = obj.store()
     since = store.clock.now_ms() - _HOUR_MS
     rows = []
@@ -38,11 +39,14 @@ def pools_list(obj: CliContext, as_json: bool) -> None:
         rows.append({
             "pool": limits.name,
             "cap": limits.max_parallelism if as_json else _cap(limits),
+            "group": limits.group_name if as_json else _group(limits),
+            "guaranteed": limits.guaranteed,
             "running": counts["running"],
             "pending": counts["pending"],
             "failed_1h": counts["failed"],
         })
-    print_listing(("pool", "cap", "running", "pending", "failed_1h"), rows, as_json, "pool(s)")
+    columns = ("pool", "cap", "group", "running", "pending", "failed_1h")
+    print_listing(columns, rows, as_json, "pool(s)")
 
 
 @pools.command("show")
@@ -61,6 +65,7 @@ def pools_show(obj: CliContext, name: str) -> None:
         ("max_per_key", _or_none(limits.max_per_key)),
         ("rate_limit_per_key", _key_rate(limits)),
         ("max_per_worker", _or_none(limits.max_per_worker)),
+        ("group", _group(limits)),
         ("priority_aging", _aging(limits)),
         ("keys", "take turns (round-robin)" if limits.round_robin else "pool order"),
         ("running", str(counts["running"])),
@@ -69,6 +74,16 @@ def pools_show(obj: CliContext, name: str) -> None:
     ]:
         info.add_row(label, value)
     console.print(info)
+    group = store.get_group(limits.group_name) if limits.group_name else None
+    if group is not None:
+        members = Table(
+            "pool", "guaranteed", "max_parallelism", "running",
+            title=f"group {group.name}: {group.running} of {group.max_parallelism} running",
+        )
+        for m in group.members:
+            members.add_row(m.name, str(m.guaranteed), _or_none(m.max_parallelism),
+                            str(m.running))
+        console.print(members)
     own = store.key_limits(name)
     if own:
         caps = Table("key", "max_parallelism", title="key limits")
@@ -107,6 +122,23 @@ def pools_set_key_limit(
     or_exit(set_key_limit, obj.store(), name, key, max_parallelism)
     shown = "removed" if max_parallelism is None else f"cap {max_parallelism}"
     console.print(f"{name}: key {key!r} {shown}")
+
+
+@pools.command("set-group-cap")
+@click.argument("group")
+@click.argument("max_parallelism", type=int)
+@click.pass_obj
+def pools_set_group_cap(obj: CliContext, group: str, max_parallelism: int) -> None:
+    """Change a pool group's shared cap for every worker (not below the sum of its
+    members' guarantees; running items finish)."""
+    stored = or_exit(set_group_cap, obj.store(), group, max_parallelism)
+    console.print(f"group {group}: cap {stored.max_parallelism}, {stored.running} running")
+
+
+def _group(limits: QueueLimits) -> str:
+    if limits.group_name is None:
+        return ""
+    return f"{limits.group_name} (guaranteed {limits.guaranteed or 0})"
 
 
 def _key_rate(limits: QueueLimits) -> str:

@@ -1,5 +1,6 @@
 """The workpool's dashboard pages: every pool with its limits and load; one pool, with
-its cap to change, pause and resume. Loaded through the `tiers.dashboard` entry point
+its cap to change, pause and resume, and its pool group (the members' guarantees and
+load, the group's cap to change). Loaded through the `tiers.dashboard` entry point
 (needs the `dashboard` extra)."""
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from retrier import InvalidSettings
 from retrier.dashboard import Dashboard, Section
 from retrier.engine import PENDING, RUNNING
 
-from ._admin import set_cap, stored_pool
+from ._admin import set_cap, set_group_cap, stored_pool
 from ._errors import PoolNotFound
 
 _HOUR_MS = 3_600_000
@@ -41,6 +42,7 @@ def section(dash: Dashboard) -> Section:
             "running": store.list_runs(state=RUNNING, queue=name, limit=50),
             "pending": store.list_runs(state=PENDING, queue=name, limit=20),
             "key_limits": list(store.key_limits(name).items())[:100],
+            "group": store.get_group(limits.group_name) if limits.group_name else None,
         }
 
     async def pool_list(request: Request) -> Response:
@@ -66,6 +68,18 @@ def section(dash: Dashboard) -> Section:
         name = request.path_params["name"]
         return await dash.act(request, f"/pools/{name}", change(name, None))
 
+    async def set_group_cap_action(request: Request) -> Response:
+        name = request.path_params["name"]
+
+        def work(form: FormData) -> str:
+            limits = stored_pool(store, name)
+            if limits.group_name is None:
+                raise InvalidSettings(f"pool {name!r} belongs to no group")
+            group = set_group_cap(store, limits.group_name, _int(form.get("max_parallelism")))
+            return f"group {group.name} cap set to {group.max_parallelism}"
+
+        return await dash.act(request, f"/pools/{name}", work)
+
     async def pause(request: Request) -> Response:
         name = request.path_params["name"]
         return await dash.act(request, f"/pools/{name}", change(name, 0))
@@ -77,6 +91,7 @@ def section(dash: Dashboard) -> Section:
             Route("/pools", pool_list),
             Route("/pools/{name:path}/cap", set_cap_action, methods=["POST"]),
             Route("/pools/{name:path}/pause", pause, methods=["POST"]),
+            Route("/pools/{name:path}/group-cap", set_group_cap_action, methods=["POST"]),
             Route("/pools/{name:path}", pool_page),
         ],
         templates=Path(__file__).parent / "templates",

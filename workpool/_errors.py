@@ -24,6 +24,14 @@ class PoolNotFound(TiersError, LookupError):
         self.name = name
 
 
+class PoolGroupNotFound(TiersError, LookupError):
+    """No pool group of this name has been declared on the database."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(f"no pool group named {name!r} is declared on this database")
+        self.name = name
+
+
 class InvalidBatchItem(TiersError, ValueError):
     """One item of `enqueue_batch` is invalid, so the whole batch was refused.
 

@@ -33,6 +33,7 @@ from retrier.engine import (
 from ._behavior import RetryBehavior
 from ._enqueue import Preparer, Retry
 from ._errors import InvalidBatchItem, NotInPool
+from ._group import PoolGroup
 from ._settings import (
     DEFAULT_PRIORITY_AGING,
     RateLimit,
@@ -73,6 +74,10 @@ class Workpool:
     if `retry=` (or `retry_actions_by_default`) says so; a retry waiting for its
     backoff holds no slot.
 
+    `group=` (a `PoolGroup`, or its name) makes the pool share the group's cap with
+    its other members, `guaranteed=` of its slots guaranteed (0: it only borrows what
+    the others leave idle); see `PoolGroup` for the rule.
+
     `default_timeout` limits each attempt of an item whose action registers no
     `timeout` and whose `enqueue` gives none (a timedelta or seconds; None: no limit).
     An attempt past its limit fails and frees its slot at once.
@@ -93,6 +98,8 @@ class Workpool:
         round_robin_keys: bool = False,
         rate_limit_per_key: RateLimit | None = None,
         default_timeout: timedelta | float | None = None,
+        group: PoolGroup | str | None = None,
+        guaranteed: int = 0,
     ) -> None:
         self.retrier = retrier
         self.default_timeout = default_timeout
@@ -120,6 +127,8 @@ class Workpool:
             priority_aging,
             round_robin_keys,
             rate_limit_per_key,
+            group.name if isinstance(group, PoolGroup) else group,
+            guaranteed,
         )
         self._preparer = Preparer(
             retrier,
@@ -409,4 +418,8 @@ class Workpool:
         return await self.retrier.wait_async(work_id, timeout)
 
     def __repr__(self) -> str:
-        return f"Workpool({self.name!r}, max_parallelism={self.max_parallelism})"
+        group = self._limits.group_name
+        grouped = (
+            "" if group is None else f", group={group!r}, guaranteed={self._limits.guaranteed}"
+        )
+        return f"Workpool({self.name!r}, max_parallelism={self.max_parallelism}{grouped})"

@@ -24,6 +24,8 @@ def pool_limits(
     priority_aging: timedelta | float | None = DEFAULT_PRIORITY_AGING,
     round_robin_keys: bool = False,
     rate_limit_per_key: RateLimit | None = None,
+    group: str | None = None,
+    guaranteed: int = 0,
 ) -> QueueLimits:
     """The engine's `QueueLimits` for a pool; raises `InvalidSettings` on bad values."""
     check_name(name, "a pool name")
@@ -41,6 +43,7 @@ def pool_limits(
     key_rate, key_period_ms = None, None
     if rate_limit_per_key is not None:
         key_rate, key_period_ms = _rate(rate_limit_per_key, "rate_limit_per_key")
+    check_guaranteed(group, guaranteed, max_parallelism)
     return QueueLimits(
         name=name,
         max_parallelism=max_parallelism,
@@ -52,7 +55,28 @@ def pool_limits(
         round_robin=True if round_robin_keys else None,
         key_rate_limit=key_rate,
         key_rate_period_ms=key_period_ms,
+        group_name=group,
+        guaranteed=guaranteed if group is not None else None,
     )
+
+
+def check_guaranteed(group: str | None, guaranteed: int, max_parallelism: int) -> None:
+    """A pool's `guaranteed` slots of its group: 0 to its own cap, and only in a group
+    (whether the group's cap covers them is checked when they are stored)."""
+    if group is not None:
+        check_name(group, "a pool group's name")
+    if _not_int(guaranteed) or guaranteed < 0:
+        raise InvalidSettings(f"guaranteed must be an integer of 0 or more, got {guaranteed!r}")
+    if guaranteed and group is None:
+        raise InvalidSettings(
+            f"guaranteed={guaranteed} needs a group=: the slots are guaranteed out of a "
+            f"PoolGroup's cap"
+        )
+    if guaranteed > max_parallelism:
+        raise InvalidSettings(
+            f"guaranteed={guaranteed} is more than the pool's own "
+            f"max_parallelism={max_parallelism}"
+        )
 
 
 def check_aging(value: timedelta | float | None) -> int | None:
