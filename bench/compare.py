@@ -9,6 +9,7 @@ Workloads (each peer where it has the feature):
   noop     2,000 no-op jobs end to end, concurrency 10             (runs/s, higher wins)
   steps    one workflow of 500 sequential no-op steps              (ms/step, lower wins)
   backoff  lateness of a 250 ms retry backoff                      (p95 ms, lower wins)
+  workflows  300 workflows of 5 no-op steps started at once        (workflows/s, higher wins)
 
 Same work: durable-tiers' noop job is the sync no-op (`noop_sync`, run on a worker
 thread) as the peers' tasks are plain functions (`--fn noop` for the async one). Its
@@ -75,7 +76,7 @@ class System:
         return self.module == "ours"
 
 
-ALL = ("noop", "steps", "backoff")
+ALL = ("noop", "steps", "backoff", "workflows")
 QUEUES = ("noop", "backoff")
 OURS_SQLITE_FULL = "durable-tiers (SQLite, FULL)"
 OURS_SQLITE_NORMAL = "durable-tiers (SQLite, NORMAL = default)"
@@ -121,8 +122,9 @@ METRICS = {
     "noop": ("runs_per_s", "runs/s", True),
     "steps": ("ms_per_step", "ms/step", False),
     "backoff": ("p95_ms", "p95 ms late", False),
+    "workflows": ("workflows_per_s", "workflows/s", True),
 }
-DEFAULT_N = {"noop": 2000, "steps": 500, "backoff": 20}
+DEFAULT_N = {"noop": 2000, "steps": 500, "backoff": 20, "workflows": 300}
 
 
 def run_once(system: System, workload: str, n: int, timeout: float,

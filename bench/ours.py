@@ -27,7 +27,7 @@ from typing import Any
 
 from bench.throughput import DURABILITIES, backoff_lateness, throughput
 
-DEFAULT_N = {"noop": 2000, "steps": 500, "backoff": 20}
+DEFAULT_N = {"noop": 2000, "steps": 500, "backoff": 20, "workflows": 300}
 
 
 def measure(workload: str, backend: str, n: int, concurrency: int, durability: str,
@@ -46,6 +46,11 @@ def measure(workload: str, backend: str, n: int, concurrency: int, durability: s
         from bench.workflow import sequential_ms_per_step
 
         out["ms_per_step"] = sequential_ms_per_step(kind, n, durability)
+    elif workload == "workflows":
+        from bench.workflow import concurrent_workflows_per_s
+
+        out["workflows_per_s"] = concurrent_workflows_per_s(kind, n, durability)
+        out["note"] = f"{n} workflows of 5 no-op steps started at once; in-process worker"
     elif workload == "backoff":
         p50, p95 = backoff_lateness(kind, n, durability)
         out.update(p50_ms=p50, p95_ms=p95)

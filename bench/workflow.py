@@ -76,6 +76,18 @@ def sequential_ms_per_step(kind: str, steps: int, durability: str = "normal") ->
             retrier.close()
 
 
+def concurrent_workflows_per_s(kind: str, count: int, durability: str = "normal") -> float:
+    """Workflows/s of `count` concurrent 5-step workflows, on a fresh database."""
+    with fresh_database(kind) as url:
+        retrier, workflows = build(url, durability)
+        try:
+            with retrier:
+                bench_concurrent(workflows, 20)  # warm up
+                return bench_concurrent(workflows, count)
+        finally:
+            retrier.close()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--db", choices=["sqlite", "postgresql", "both"], default="both")

@@ -30,9 +30,9 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-WORKLOADS = ("noop", "steps", "backoff")
+WORKLOADS = ("noop", "steps", "backoff", "workflows")
 WORKER_MODE = "_worker"
-DEFAULT_N = {"noop": 2000, "steps": 500, "backoff": 20}
+DEFAULT_N = {"noop": 2000, "steps": 500, "backoff": 20, "workflows": 300}
 DEFAULT_TIMEOUT_S = 300.0
 DEFAULT_CONCURRENCY = 10
 DEFAULT_POLL_S = 0.01

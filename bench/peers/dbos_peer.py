@@ -1,4 +1,5 @@
-"""DBOS Transact peer: queued workflows, sequential steps, step-retry backoff.
+"""DBOS Transact peer: queued workflows, sequential steps, step-retry backoff,
+concurrent 5-step workflows.
 
 DBOS runs workflows inside the application process (its standard mechanism: the
 process that calls ``DBOS.launch()`` dequeues from its queues in background threads),
@@ -63,6 +64,13 @@ def steps_workflow(count: int) -> int:
     for _ in range(count):
         noop_step()
     return count
+
+
+@DBOS.workflow()
+def five_steps_workflow() -> int:
+    for _ in range(5):
+        noop_step()
+    return 5
 
 
 @DBOS.step(
@@ -153,6 +161,20 @@ def bench_steps(args: Args) -> JsonDict:
     return {"elapsed_s": round(elapsed, 4), "ms_per_step": round(elapsed * 1000 / args.n, 3)}
 
 
+def bench_workflows(args: Args) -> JsonDict:
+    """`args.n` workflows of 5 steps started at once (DBOS runs each started workflow
+    on a thread of the process), workflows/s until the last result is read."""
+    for handle in [DBOS.start_workflow(five_steps_workflow) for _ in range(20)]:  # warm up
+        handle.get_result()
+    watch = common.Stopwatch()
+    handles = [DBOS.start_workflow(five_steps_workflow) for _ in range(args.n)]
+    for handle in handles:
+        handle.get_result()
+    elapsed = watch.elapsed()
+    return {"elapsed_s": round(elapsed, 4), "workflows_per_s": round(args.n / elapsed, 2),
+            "note": f"{args.n} workflows of 5 steps, DBOS.start_workflow"}
+
+
 def bench_backoff(args: Args) -> JsonDict:
     rng = random.Random(1234)
     keys = [f"s{i}" for i in range(args.n)]
@@ -168,7 +190,12 @@ def bench_backoff(args: Args) -> JsonDict:
     return out
 
 
-WORKLOADS = {"noop": bench_noop, "steps": bench_steps, "backoff": bench_backoff}
+WORKLOADS = {
+    "noop": bench_noop,
+    "steps": bench_steps,
+    "backoff": bench_backoff,
+    "workflows": bench_workflows,
+}
 
 
 def bench(args: Args) -> JsonDict:
