@@ -14,6 +14,7 @@ import argparse
 import asyncio
 import time
 import uuid
+from collections.abc import Callable
 
 from bench.throughput import fresh_database
 from retrier import Retrier
@@ -66,24 +67,28 @@ def bench_concurrent(workflows: WorkflowManager, count: int) -> float:
 
 def sequential_ms_per_step(kind: str, steps: int, durability: str = "normal") -> float:
     """ms per step of one workflow of `steps` sequential no-op steps, on a fresh database."""
-    with fresh_database(kind) as url:
-        retrier, workflows = build(url, durability)
-        try:
-            with retrier:
-                bench_sequential(workflows, 50)  # warm up
-                return bench_sequential(workflows, steps)
-        finally:
-            retrier.close()
+    return _on_fresh_database(kind, durability, bench_sequential, warm_up=50, n=steps)
 
 
 def concurrent_workflows_per_s(kind: str, count: int, durability: str = "normal") -> float:
     """Workflows/s of `count` concurrent 5-step workflows, on a fresh database."""
+    return _on_fresh_database(kind, durability, bench_concurrent, warm_up=20, n=count)
+
+
+def _on_fresh_database(
+    kind: str,
+    durability: str,
+    bench: Callable[[WorkflowManager, int], float],
+    *,
+    warm_up: int,
+    n: int,
+) -> float:
     with fresh_database(kind) as url:
         retrier, workflows = build(url, durability)
         try:
             with retrier:
-                bench_concurrent(workflows, 20)  # warm up
-                return bench_concurrent(workflows, count)
+                bench(workflows, warm_up)
+                return bench(workflows, n)
         finally:
             retrier.close()
 

@@ -20,6 +20,28 @@ from tests.support import drain
 MakeRetrier = Callable[..., Retrier]
 
 
+class _LoggedClaims:
+    """Claims through `store`, logging what each took (sorted) and its wake-up time,
+    and successes recorded for what was claimed: a scenario's log, compared between
+    the Python and the server-side claim."""
+
+    def __init__(self, store: Any) -> None:
+        self.store = store
+        self.log: list[Any] = []
+
+    def claim(self, worker: str, limit: int) -> list[Claimed]:
+        claimed, wake_at = self.store.claim(worker, limit, 5_000)
+        self.log.append((worker, sorted(c.id for c in claimed), wake_at))
+        return list(claimed)
+
+    def succeed(self, claimed: list[Claimed], worker: str) -> None:
+        outcomes = [
+            Outcome(c.id, c.fence, "success", c.started_ms, attempt=c.attempts, queue=c.queue)
+            for c in claimed
+        ]
+        self.store.record(outcomes, worker, 5_000)
+
+
 def scenario(retrier: Retrier, clock: FakeClock) -> list[Any]:
     """Claims and records over pools with every kind of limit; what each claim did."""
     store = retrier.store
@@ -123,19 +145,8 @@ def priority_scenario(retrier: Retrier, clock: FakeClock) -> list[Any]:
         for i in range(count)
     ]
     retrier.submit(new)
-    log: list[Any] = []
-
-    def claim(worker: str, limit: int) -> list[Claimed]:
-        claimed, wake_at = store.claim(worker, limit, 5_000)
-        log.append((worker, sorted(c.id for c in claimed), wake_at))
-        return claimed
-
-    def succeed(claimed: list[Claimed], worker: str) -> None:
-        outcomes = [
-            Outcome(c.id, c.fence, "success", c.started_ms, attempt=c.attempts, queue=c.queue)
-            for c in claimed
-        ]
-        store.record(outcomes, worker, 5_000)
+    claims = _LoggedClaims(store)
+    log, claim, succeed = claims.log, claims.claim, claims.succeed
 
     first = claim("w1", 5)
     second = claim("w2", 9)
@@ -248,19 +259,8 @@ def key_limits_scenario(retrier: Retrier, clock: FakeClock) -> list[Any]:
         for i in range(24)
     ]
     retrier.submit(new)
-    log: list[Any] = []
-
-    def claim(worker: str, limit: int) -> list[Claimed]:
-        claimed, wake_at = store.claim(worker, limit, 5_000)
-        log.append((worker, sorted(c.id for c in claimed), wake_at))
-        return claimed
-
-    def succeed(claimed: list[Claimed], worker: str) -> None:
-        outcomes = [
-            Outcome(c.id, c.fence, "success", c.started_ms, attempt=c.attempts, queue=c.queue)
-            for c in claimed
-        ]
-        store.record(outcomes, worker, 5_000)
+    claims = _LoggedClaims(store)
+    log, claim, succeed = claims.log, claims.claim, claims.succeed
 
     first = claim("w1", 8)
     second = claim("w2", 30)
@@ -310,19 +310,8 @@ def key_rate_scenario(retrier: Retrier, clock: FakeClock) -> list[Any]:
         for i in range(18)
     ]
     retrier.submit(new)
-    log: list[Any] = []
-
-    def claim(worker: str, limit: int) -> list[Claimed]:
-        claimed, wake_at = store.claim(worker, limit, 5_000)
-        log.append((worker, sorted(c.id for c in claimed), wake_at))
-        return claimed
-
-    def succeed(claimed: list[Claimed], worker: str) -> None:
-        outcomes = [
-            Outcome(c.id, c.fence, "success", c.started_ms, attempt=c.attempts, queue=c.queue)
-            for c in claimed
-        ]
-        store.record(outcomes, worker, 5_000)
+    claims = _LoggedClaims(store)
+    log, claim, succeed = claims.log, claims.claim, claims.succeed
 
     for step in range(6):
         taken = claim(f"w{step % 2}", 10 + step)
@@ -371,19 +360,8 @@ def groups_scenario(retrier: Retrier, clock: FakeClock) -> list[Any]:
         for i in range(count)
     ]
     retrier.submit(new)
-    log: list[Any] = []
-
-    def claim(worker: str, limit: int) -> list[Claimed]:
-        claimed, wake_at = store.claim(worker, limit, 5_000)
-        log.append((worker, sorted(c.id for c in claimed), wake_at))
-        return claimed
-
-    def succeed(claimed: list[Claimed], worker: str) -> None:
-        outcomes = [
-            Outcome(c.id, c.fence, "success", c.started_ms, attempt=c.attempts, queue=c.queue)
-            for c in claimed
-        ]
-        store.record(outcomes, worker, 5_000)
+    claims = _LoggedClaims(store)
+    log, claim, succeed = claims.log, claims.claim, claims.succeed
 
     first = claim("w1", 5)  # cut short by its limit
     second = claim("w2", 40)
