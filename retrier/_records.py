@@ -286,7 +286,9 @@ class Records:
             if o.kind == "released":  # as if never started (shutdown, HandBack)
                 due = now + (o.retry_after_ms or 0)
                 settles.append(
-                    settle_values(row, state=PENDING, attempts=row.attempts - 1, due_ms=due)
+                    settle_values(
+                        row, state=PENDING, attempts=row.attempts - 1, due_ms=due, trace=o.trace
+                    )
                 )
                 continue
             settle, finished = self.decide(row, o, now, lease_ms, worker)
@@ -410,7 +412,9 @@ class Records:
                     context=row.context,
                     queue=row.queue,
                     owner=row.owner,
-                    trace=row.trace,
+                    # The run completes here: its attempt's context, if it had none,
+                    # is needed by this on_complete's span only.
+                    trace=row.trace if row.trace is not None else o.trace,
                 ),
                 conn,
             )
@@ -424,14 +428,17 @@ class Records:
     def decide(
         self, row: Row[Any], o: Outcome, now: int, lease_ms: int, worker: str
     ) -> tuple[dict[str, Any], Delivery | None]:
-        """The next state of a run after an attempt ended as `o`."""
+        """The next state of a run after an attempt ended as `o`.
+
+        A run with no trace context stored takes the one its attempt's outcome
+        carries (`Outcome.trace`), for its retries and its on_complete."""
         if row.cancel_requested or o.kind == "canceled":
-            return self._finish(row, CANCELED, None, None, now, lease_ms, worker)
+            return self._finish(row, o, CANCELED, None, None, now, lease_ms, worker)
         if o.kind == "success":
-            return self._finish(row, SUCCESS, o.result, None, now, lease_ms, worker)
+            return self._finish(row, o, SUCCESS, o.result, None, now, lease_ms, worker)
         failures = row.failures + 1
         if o.kind == "fatal" or failures >= row.max_failures:
-            settle, finished = self._finish(row, FAILED, None, o.error, now, lease_ms, worker)
+            settle, finished = self._finish(row, o, FAILED, None, o.error, now, lease_ms, worker)
             settle["b_failures"] = failures
             return settle, finished
         delay = o.retry_after_ms
@@ -448,7 +455,12 @@ class Records:
         since = now if o.ended_ms is None else min(o.ended_ms, now)
         return (
             settle_values(
-                row, state=PENDING, failures=failures, due_ms=since + delay, error=o.error
+                row,
+                state=PENDING,
+                failures=failures,
+                due_ms=since + delay,
+                error=o.error,
+                trace=o.trace,
             ),
             None,
         )
@@ -456,6 +468,7 @@ class Records:
     def _finish(
         self,
         row: Row[Any],
+        o: Outcome,
         outcome: str,
         result: Any,
         error: str | None,
@@ -487,6 +500,7 @@ class Records:
             fence=fence,
             lease_owner=worker,
             lease_until_ms=now + lease_ms,
+            trace=o.trace,  # kept for a delivery made again (handed back, failed, lost)
         )
         return settle, Delivery(
             id=row.id,
@@ -499,7 +513,7 @@ class Records:
             context=row.context,
             queue=row.queue,
             owner=row.owner,
-            trace=row.trace,
+            trace=row.trace if row.trace is not None else o.trace,
         )
 
     def delivered(self, finished: Sequence[Delivery], failures: dict[str, str]) -> list[str]:

@@ -15,6 +15,7 @@ from sqlalchemy import (
     Table,
     and_,
     bindparam,
+    func,
     insert,
     literal_column,
     select,
@@ -96,7 +97,10 @@ DECIDE_COLUMNS = (
 
 
 # One statement shape for every state change of a leased run, so a batch of them
-# goes to the database as a single executemany.
+# goes to the database as a single executemany. `b_trace` stores the trace context of
+# a run that had none (its first attempt's span, when it was enqueued outside any
+# trace); a stored context is kept, and None (`settle_values`' default) changes
+# nothing.
 SETTLE = (
     update(runs)
     .where(runs.c.id == bindparam("b_id"))
@@ -114,6 +118,7 @@ SETTLE = (
         finished_ms=bindparam("b_finished_ms"),
         handler_failures=bindparam("b_handler_failures"),
         handler_error=bindparam("b_handler_error"),
+        trace=func.coalesce(runs.c.trace, bindparam("b_trace", type_=runs.c.trace.type)),
     )
 )
 
@@ -202,6 +207,7 @@ def settle_values(row: Row[Any], **changes: Any) -> dict[str, Any]:
         "finished_ms": None,
         "handler_failures": row.handler_failures,
         "handler_error": None,
+        "trace": None,  # a context to store if the run has none (`SETTLE`)
     }
     values.update(changes)
     return {"b_id": row.id, **{f"b_{k}": v for k, v in values.items()}}

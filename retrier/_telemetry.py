@@ -11,6 +11,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 from ._log import run_extra
@@ -71,7 +72,8 @@ class Telemetry:
         nothing.
 
         Outside a recorded trace there is none: with no current span (a script, a
-        cron tick) the run stores no context and its first attempt starts a trace;
+        cron tick) the run stores no context and its first attempt starts a trace
+        (stored when it is recorded, if a retry or an on_complete follows: `attempt`);
         under a span that is not sampled, the run stores that span's context, so its
         attempts are not sampled either. A root enqueue span costs the enqueuing
         thread a sampled span per run for a trace holding nothing but that run, and
@@ -86,7 +88,15 @@ class Telemetry:
 
     async def attempt(self, c: Claimed, call: Callable[[], Awaitable[Outcome]]) -> Outcome:
         """One attempt, observed: counted and timed, in a span whose parent is the
-        context that enqueued the run (another process's, often)."""
+        context that enqueued the run (another process's, often).
+
+        A run with no stored context (enqueued outside any trace) has its attempt's
+        span start a trace (or join the current context's); if the run goes on after
+        this attempt (a retry, an on_complete, handed back), the outcome carries that
+        span's context for the record to store as the run's, so what follows is in
+        the same trace. A plain success needs none (nothing follows), and is spared
+        the formatting. An unsampled context is carried too: the sampler decided
+        once for the whole trace."""
         metrics = self.metrics
         if metrics is not None:
             metrics.attempt_started(c)
@@ -104,7 +114,12 @@ class Telemetry:
                 "tiers.queue": c.queue,
             },
         ) as span:
-            return await _timed(c, call, metrics, tracing, span)
+            outcome = await _timed(c, call, metrics, tracing, span)
+        if c.trace is None and (c.on_complete is not None or outcome.kind != "success"):
+            trace = tracing.context_of(span)
+            if trace is not None:
+                return replace(outcome, trace=trace)
+        return outcome
 
     @contextmanager
     def delivery(self, f: Delivery) -> Iterator[None]:

@@ -8,8 +8,10 @@ attempt, `tiers on_complete <handler>`, `tiers workflow <name>` for each pass of
 workflow's driver and `tiers step <name>` for its steps. A run stores the W3C
 traceparent of the context that enqueued it, so its attempts, in whichever process
 runs them, are children of that context: one trace from a web request to the last
-step of the workflow it started. Configure an SDK (exporter, sampler) as usual; with
-the API alone every span is a no-op.
+step of the workflow it started. A run enqueued outside any trace stores its first
+attempt's context instead, when that attempt is recorded and the run goes on (a
+retry, an on_complete): one trace per run either way. Configure an SDK (exporter,
+sampler) as usual; with the API alone every span is a no-op.
 """
 
 from __future__ import annotations
@@ -51,6 +53,11 @@ class Tracing:
     def current(self) -> str | None:
         """The current context as a traceparent (None without a valid span)."""
         return traceparent(trace.get_current_span().get_span_context())
+
+    def context_of(self, span: Span) -> str | None:
+        """A span's context as a traceparent (None if it has no valid one: the API
+        without an SDK)."""
+        return traceparent(span.get_span_context())
 
     def recording(self) -> bool:
         """Whether the current span is recorded (a sampled span of an SDK)."""

@@ -328,6 +328,137 @@ def test_a_run_enqueued_outside_a_trace_starts_one_at_its_attempt(
     assert attempt.parent is not None and attempt.parent.span_id == enqueue.context.span_id
 
 
+def test_a_run_enqueued_outside_a_trace_is_one_trace_through_retries_and_on_complete(
+    retrier: Retrier, spans: tuple[TracerProvider, InMemorySpanExporter]
+) -> None:
+    """Enqueued outside any trace, no enqueue span: the first attempt is the root of
+    the run's trace, stored as the run's context when the attempt is recorded, and the
+    retry and the on_complete are its children. A plain success stores nothing."""
+    provider, exporter = spans
+    retrier.enable_tracing(provider)
+    calls: list[int] = []
+    handled: list[str] = []
+
+    @retrier.action(name="o.flaky")
+    def flaky() -> str:
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("first time")
+        return "ok"
+
+    @retrier.action(name="o.plain")
+    def plain() -> str:
+        return "plain"
+
+    @retrier.on_complete(name="o.done")
+    def done(run_id: str, result: Any, context: Any) -> None:
+        handled.append(run_id)
+
+    run_id = retrier.run(flaky, on_complete=done, initial_backoff_ms=10, max_failures=3)
+    plain_id = retrier.run(plain)
+    assert retrier.store.get(run_id).trace is None
+    assert exporter.get_finished_spans() == ()  # no enqueue span
+    with retrier:
+        assert retrier.wait(run_id, timeout=10) == Completed(Success("ok"))
+        assert retrier.wait(plain_id, timeout=10) == Completed(Success("plain"))
+        deadline = time.monotonic() + 10
+        while not handled and time.monotonic() < deadline:
+            time.sleep(0.01)
+    assert handled == [run_id]
+    finished = exporter.get_finished_spans()
+    assert not [s for s in finished if s.name.startswith("tiers enqueue")]
+    attempts = sorted(
+        (s for s in finished if s.name == "tiers attempt o.flaky"),
+        key=lambda s: s.attributes["tiers.attempt"] if s.attributes else 0,
+    )
+    (handler,) = [s for s in finished if s.name == "tiers on_complete o.done"]
+    assert len(attempts) == 2
+    first, second = attempts
+    assert first.parent is None
+    assert {s.context.trace_id for s in (first, second, handler)} == {first.context.trace_id}
+    assert second.parent is not None and second.parent.span_id == first.context.span_id
+    assert handler.parent is not None and handler.parent.span_id == first.context.span_id
+    assert retrier.store.get(run_id).trace == traceparent(first.context)
+    # Nothing follows a plain success: its run stores no context.
+    (plain_attempt,) = [s for s in finished if s.name == "tiers attempt o.plain"]
+    assert plain_attempt.parent is None
+    assert plain_attempt.context.trace_id != first.context.trace_id
+    assert retrier.store.get(plain_id).trace is None
+
+
+def test_a_run_handed_back_outside_a_trace_stays_in_its_trace(
+    retrier: Retrier, spans: tuple[TracerProvider, InMemorySpanExporter]
+) -> None:
+    from retrier import HandBack
+
+    provider, exporter = spans
+    retrier.enable_tracing(provider)
+    calls: list[int] = []
+
+    @retrier.action(name="o.handed")
+    def handed() -> str:  # no on_complete: only the hand-back makes it go on
+        calls.append(1)
+        if len(calls) == 1:
+            raise HandBack(0)
+        return "ok"
+
+    run_id = retrier.run(handed)
+    with retrier:
+        assert retrier.wait(run_id, timeout=10) == Completed(Success("ok"))
+    first, second = sorted(exporter.get_finished_spans(), key=lambda s: s.start_time or 0)
+    assert first.attributes is not None and first.attributes["tiers.outcome"] == "released"
+    assert first.parent is None
+    assert second.parent is not None and second.parent.span_id == first.context.span_id
+    assert second.context.trace_id == first.context.trace_id
+
+
+def test_an_unsampled_root_attempt_keeps_its_retries_unsampled(retrier: Retrier) -> None:
+    """The sampler decides once per trace: a run enqueued outside any trace whose
+    first attempt was not sampled stores that unsampled context, so its retry and its
+    on_complete are not sampled either (rather than each sampled on its own, a trace
+    without its start)."""
+    from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, ParentBased, Sampler
+
+    exporter = InMemorySpanExporter()
+    roots: list[int] = []
+
+    class FirstRootOff(Sampler):  # a root is not sampled, its children as their parent
+        def should_sample(self, parent_context: Any, *args: Any, **kwargs: Any) -> Any:
+            from opentelemetry import trace
+
+            parent = trace.get_current_span(parent_context).get_span_context()
+            if not parent.is_valid:
+                roots.append(1)
+            return ParentBased(ALWAYS_OFF).should_sample(parent_context, *args, **kwargs)
+
+        def get_description(self) -> str:
+            return "FirstRootOff"
+
+    provider = TracerProvider(sampler=FirstRootOff())
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    retrier.enable_tracing(provider)
+    calls: list[int] = []
+
+    @retrier.action(name="o.unsampled")
+    def flaky() -> str:
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("first time")
+        return "ok"
+
+    @retrier.on_complete(name="o.unsampled_done")
+    def done(run_id: str, result: Any, context: Any) -> None: ...
+
+    run_id = retrier.run(flaky, on_complete=done, initial_backoff_ms=10, max_failures=3)
+    with retrier:
+        assert retrier.wait(run_id, timeout=10) == Completed(Success("ok"))
+    stored = retrier.store.get(run_id).trace
+    assert stored is not None and int(stored[-2:], 16) & 1 == 0  # valid, not sampled
+    assert roots == [1]  # the retry and the on_complete had the stored parent
+    assert exporter.get_finished_spans() == ()
+    provider.shutdown()
+
+
 def test_an_error_through_a_span_is_recorded_unless_it_is_not_one(
     retrier: Retrier, spans: tuple[TracerProvider, InMemorySpanExporter]
 ) -> None:
