@@ -11,16 +11,8 @@ from collections.abc import Sequence
 from typing import Any
 
 from sqlalchemy import (
-    BigInteger,
     Connection,
     Row,
-    Select,
-    String,
-    bindparam,
-    case,
-    false,
-    insert,
-    literal,
     select,
     update,
 )
@@ -32,7 +24,6 @@ from ._dialects import WAKE, Dialect, is_transient
 from ._errors import describe
 from ._models import (
     CANCELED,
-    CLAIMABLE,
     COMPLETED,
     DELIVERING,
     FAILED,
@@ -42,6 +33,14 @@ from ._models import (
     SUCCESS,
 )
 from ._policy import backoff_ms
+from ._record_statements import (
+    COMPLETE_DELIVERY,
+    COMPLETE_PLAIN_SUCCESS,
+    COMPLETE_SUCCESS,
+    SHARING,
+    WAITING_IN,
+    completing_with_attempt,
+)
 from ._run_types import ANYTHING, Delivery, Outcome, Recorded, Runnable, SessionHandler
 from ._tables import (
     INSERT_ATTEMPTS,
@@ -49,101 +48,14 @@ from ._tables import (
     ROWS_BY_ID,
     SETTLE,
     attempt_row,
-    attempts_t,
     chunks,
-    held_in,
     in_state,
-    queues_t,
     runs,
     settle_values,
 )
 
 # A handler that fails this many times is given up on; the run stays completed.
 MAX_HANDLER_FAILURES = 5
-
-
-# These queues and the other members of their pool groups (a freed slot of a group
-# member may start a run of another member).
-_SHARING = select(queues_t.c.name).where(
-    queues_t.c.group_name.in_(
-        select(queues_t.c.group_name).where(
-            queues_t.c.name.in_(bindparam("queues", expanding=True)),
-            queues_t.c.group_name.is_not(None),
-        )
-    )
-)
-# Whether any run of these queues is due now (a freed slot is worth a wake-up).
-_WAITING_IN = (
-    select(runs.c.id)
-    .where(
-        in_state(*CLAIMABLE),
-        runs.c.due_ms <= bindparam("now"),
-        runs.c.queue.in_(bindparam("queues", expanding=True)),
-    )
-    .limit(1)
-)
-
-
-# The columns of a run that completes with a success (result in `b_result`).
-_SUCCESS_VALUES: dict[str, Any] = {
-    "state": COMPLETED,
-    "outcome": SUCCESS,
-    "result": bindparam("b_result", type_=runs.c.result.type),
-    "error": None,
-    "due_ms": 0,
-    "lease_owner": None,
-    "lease_until_ms": None,
-    "finished_ms": bindparam("b_now"),
-    "handler_error": None,
-}
-# A held run's successful attempt, when it can simply complete (fenced, not canceled):
-# one statement where the general record reads the row first.
-_COMPLETE_SUCCESS = (
-    update(runs)
-    .where(held_in(RUNNING), runs.c.cancel_requested == false())
-    .values(
-        **_SUCCESS_VALUES,
-        fence=case((runs.c.on_complete.is_(None), runs.c.fence), else_=runs.c.fence + 1),
-    )
-    .returning(
-        runs.c.id, runs.c.fn, runs.c.fence, runs.c.attempts, runs.c.on_complete,
-        runs.c.context, runs.c.queue, runs.c.owner, runs.c.trace,
-    )
-)
-
-
-def _completing_with_attempt() -> Select[Any]:
-    """`_COMPLETE_SUCCESS` and the attempt's row in one statement (a write in a WITH
-    clause: one round trip where the database allows it)."""
-    done = _COMPLETE_SUCCESS.cte("done")
-    attempt = insert(attempts_t).from_select(
-        ["run_id", "number", "queue", "worker", "started_ms", "finished_ms", "outcome"],
-        select(
-            done.c.id,
-            done.c.attempts,
-            done.c.queue,
-            bindparam("b_worker", type_=String),
-            bindparam("b_started", type_=BigInteger),
-            bindparam("b_now"),
-            literal(SUCCESS, type_=String),
-        ),
-    )
-    return select(done).add_cte(attempt.cte("attempt"))
-
-
-# Many successes of runs without an on_complete, executed as one batch.
-_COMPLETE_PLAIN_SUCCESS = (
-    update(runs)
-    .where(held_in(RUNNING), runs.c.cancel_requested == false(), runs.c.on_complete.is_(None))
-    .values(**_SUCCESS_VALUES)
-)
-
-
-_COMPLETE_DELIVERY = (
-    update(runs)
-    .where(held_in(DELIVERING))
-    .values(state=COMPLETED, lease_owner=None, lease_until_ms=None)
-)
 
 
 class Records:
@@ -163,9 +75,9 @@ class Records:
         sa_dialect = dialect.engine.dialect
         self._insert_attempts = CompiledWrite(INSERT_ATTEMPTS, sa_dialect)
         self._settle = CompiledWrite(SETTLE, sa_dialect)
-        self._complete_plain_success = CompiledWrite(_COMPLETE_PLAIN_SUCCESS, sa_dialect)
-        self._completing_with_attempt = (
-            _completing_with_attempt() if dialect.writes_in_cte else None
+        self._complete_plain_success = CompiledWrite(COMPLETE_PLAIN_SUCCESS, sa_dialect)
+        self.completing_with_attempt = (
+            completing_with_attempt() if dialect.writes_in_cte else None
         )
 
     def record(
@@ -384,15 +296,15 @@ class Records:
         its on_complete in this transaction; its queue, or None if the run could not
         simply complete (then nothing was written)."""
         params = {"b_id": o.run_id, "b_fence": o.fence, "b_result": o.result, "b_now": now}
-        if self._completing_with_attempt is not None:
+        if self.completing_with_attempt is not None:
             row = conn.execute(
-                self._completing_with_attempt,
+                self.completing_with_attempt,
                 {**params, "b_worker": worker, "b_started": o.started_ms},
             ).first()
             if row is None:
                 return None
         else:
-            row = conn.execute(_COMPLETE_SUCCESS, params).first()
+            row = conn.execute(COMPLETE_SUCCESS, params).first()
             if row is None:
                 return None
             attempt = attempt_row(
@@ -421,8 +333,8 @@ class Records:
         return str(row.queue or "")
 
     def _waiting_in(self, conn: Connection, queues: set[str], now: int) -> bool:
-        sharing = set(conn.execute(_SHARING, {"queues": sorted(queues)}).scalars())
-        found = conn.execute(_WAITING_IN, {"now": now, "queues": sorted(queues | sharing)}).first()
+        sharing = set(conn.execute(SHARING, {"queues": sorted(queues)}).scalars())
+        found = conn.execute(WAITING_IN, {"now": now, "queues": sorted(queues | sharing)}).first()
         return found is not None
 
     def decide(
@@ -527,7 +439,7 @@ class Records:
                 if f.id in failures:
                     self._handler_failed(conn, f, failures[f.id], now)
                     continue
-                result = conn.execute(_COMPLETE_DELIVERY, {"b_id": f.id, "b_fence": f.fence})
+                result = conn.execute(COMPLETE_DELIVERY, {"b_id": f.id, "b_fence": f.fence})
                 if result.rowcount:
                     completed.append(f.id)
         return completed
