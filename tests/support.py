@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import signal
+import subprocess
 import threading
-from typing import Any
+from typing import IO, Any
 
 from retrier import Retrier, testing
 
@@ -28,3 +30,18 @@ class Calls:
     def count(self, item: Any) -> int:
         with self._lock:
             return self.items.count(item)
+
+
+def stop_processes(procs: list[subprocess.Popen[Any]], logs: list[IO[Any]]) -> None:
+    """Stop worker processes as a deploy would (SIGTERM, then SIGKILL after 15 s) and
+    close their log files."""
+    for proc in procs:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+    for proc in procs:
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    for log in logs:
+        log.close()

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from retrier import Completed, Retrier, Success
+from tests.support import stop_processes
 from workpool import Workpool
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -79,16 +80,7 @@ def test_a_groups_cap_holds_across_processes(db_url: str, tmp_path: Path) -> Non
         statuses = [retrier.status_of(row) for name in ITEMS
                     for row in retrier.store.list_runs(queue=name, limit=1000)]
     finally:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-        for proc in procs:
-            try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-        for log in logs:
-            log.close()
+        stop_processes(procs, logs)
         retrier.close()
     assert len(statuses) == total
     assert all(isinstance(s, Completed) and isinstance(s.result, Success) for s in statuses)

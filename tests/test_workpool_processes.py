@@ -34,6 +34,7 @@ import pytest
 from sqlalchemy import text
 
 from retrier import Completed, Retrier, Success
+from tests.support import stop_processes
 from workpool import Workpool
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -118,16 +119,7 @@ def run_pool(
             killed_pid, killed_at = _kill_one_half_way(retrier, pool, procs, items, started, key)
             _wait_until_done(retrier, pool.name, items + LONG_ITEMS, started)
         finally:
-            for proc in procs:
-                if proc.poll() is None:
-                    proc.send_signal(signal.SIGTERM)
-            for proc in procs:
-                try:
-                    proc.wait(timeout=15)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-            for log in logs:
-                log.close()
+            stop_processes(procs, logs)
         took = time.monotonic() - started
         intervals, ends = _read_records(record, killed_pid, killed_at)
         with retrier.engine.connect() as conn:
