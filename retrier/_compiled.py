@@ -63,28 +63,7 @@ class CompiledWrite:
             return 0
         sql, first = self.sql_and_params(rows[0])
         params = [first, *(self.sql_and_params(row)[1] for row in rows[1:])]
-        pooled = conn.connection
-        raw = pooled.dbapi_connection
-        assert raw is not None
-        cursor = raw.cursor()
-        try:
-            if len(params) == 1:
-                cursor.execute(sql, params[0])
-            else:
-                cursor.executemany(sql, params)  # type: ignore[arg-type]
-            return int(cursor.rowcount)
-        except self._dialect.loaded_dbapi.Error as exc:
-            lost = self._dialect.is_disconnect(exc, raw, cursor)
-            if lost:
-                conn.invalidate(exc)
-            raise wrapped(
-                exc, sql, params, self._dialect.loaded_dbapi.Error, invalidated=lost
-            ) from exc
-        finally:
-            try:
-                cursor.close()
-            except self._dialect.loaded_dbapi.Error:
-                pass  # the connection is gone; the error above says so
+        return on_cursor(conn, sql, params, self._dialect)[0]
 
     def _compile(self, keys: tuple[str, ...]) -> tuple[str, list[_Bind]]:
         compiled = self._stmt.compile(dialect=self._dialect, column_keys=list(keys))
@@ -97,6 +76,42 @@ class CompiledWrite:
             # A name the row lacks takes the statement's own value, as SQLAlchemy would.
             binds.append((name, processor, bind.effective_value))
         return compiled.string, binds
+
+
+def on_cursor(
+    conn: Connection,
+    sql: str,
+    params: Sequence[Sequence[Any] | dict[str, Any]],
+    dialect: SADialect,
+    *,
+    fetch: bool = False,
+) -> tuple[int, list[tuple[Any, ...]]]:
+    """Execute `sql` once per parameter set of `params` on `conn`'s driver connection
+    (inside its transaction, or alone on a connection in autocommit mode); the rows
+    changed (as the driver counts: -1 where it does not say) and, with `fetch`, the
+    rows a single execution returned (values as the driver decodes them). Errors come
+    back as SQLAlchemy's, a lost connection invalidated."""
+    pooled = conn.connection
+    raw = pooled.dbapi_connection
+    assert raw is not None
+    cursor = raw.cursor()
+    try:
+        if len(params) == 1:
+            cursor.execute(sql, params[0])
+        else:
+            cursor.executemany(sql, params)  # type: ignore[arg-type]
+        rows = [tuple(r) for r in cursor.fetchall()] if fetch else []
+        return int(cursor.rowcount), rows
+    except dialect.loaded_dbapi.Error as exc:
+        lost = dialect.is_disconnect(exc, raw, cursor)
+        if lost:
+            conn.invalidate(exc)
+        raise wrapped(exc, sql, params, dialect.loaded_dbapi.Error, invalidated=lost) from exc
+    finally:
+        try:
+            cursor.close()
+        except dialect.loaded_dbapi.Error:
+            pass  # the connection is gone; the error above says so
 
 
 def wrapped(exc: Exception, sql: str, params: Any, base: type[Exception],

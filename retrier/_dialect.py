@@ -230,6 +230,11 @@ class Dialect(Protocol):
         """
         ...
 
+    def topic_channel(self, topic: str) -> str | None:
+        """The server's channel for `topic` in this namespace, for notices sent from
+        server-side code (`pg_notify`); None where `topics_notify` is False."""
+        ...
+
     def subscribe(self, topic: str, on_notify: Callable[[str], None]) -> Subscription:
         """Call `on_notify(payload)` (from a thread of the dialect's) for each
         notification on `topic` until the subscription is closed; first with "" once

@@ -218,6 +218,9 @@ class SQLiteDialect:
     def topic_notice(self, topic: str, payload: ColumnElement[Any]) -> ColumnElement[Any] | None:
         return None
 
+    def topic_channel(self, topic: str) -> str | None:
+        return None
+
     def subscribe(self, topic: str, on_notify: Callable[[str], None]) -> Subscription:
         return NoSubscription()
 

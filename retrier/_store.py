@@ -290,9 +290,7 @@ class Store:
         and no later than `max_wait` after the first call), else inserted. For a tier
         whose own rows depend on which it was (a workflow's start)."""
         now = self.clock.now_ms()
-        row = new_row(new, now)
-        if self.on_insert is not None:
-            self.on_insert([row])
+        row = self.pending_row(new, now)
         return self._keyed.debounce_in(conn, new, row, now, replace_args=replace_args)
 
     def ensure_pending(self, conn: Connection, new: NewRun) -> None:
@@ -326,39 +324,17 @@ class Store:
         now = self.clock.now_ms()
         if new.queue and not self._claims.queue_has_room(conn, new.queue, new.key, worker):
             return None
+        row = self.pending_row(new, now)
+        row.update(running_values(worker, lease_ms, now))
+        self._insert_run.run_in(conn, [row])
+        return claimed_inline(new, row)
+
+    def pending_row(self, new: NewRun, now: int) -> dict[str, Any]:
+        """The column values of `new`, pending (seen by `on_insert` first)."""
         row = new_row(new, now)
         if self.on_insert is not None:
             self.on_insert([row])
-        row.update(
-            state=RUNNING,
-            attempts=1,
-            fence=1,
-            lease_owner=worker,
-            lease_until_ms=now + lease_ms,
-            started_ms=now,
-            due_ms=now,
-        )
-        self._insert_run.run_in(conn, [row])
-        return Claimed(
-            id=new.id,
-            fn=new.fn,
-            args=new.args,
-            state=RUNNING,
-            fence=1,
-            attempts=1,
-            failures=0,
-            queue=new.queue,
-            owner=new.owner,
-            on_complete=new.on_complete,
-            context=new.context,
-            outcome=None,
-            result=None,
-            error=None,
-            started_ms=now,
-            trace=row["trace"],
-            due_ms=now,
-            timeout_ms=new.timeout_ms,
-        )
+        return row
 
     def insert_finished(
         self,
@@ -544,3 +520,41 @@ class Store:
             conn.execute(delete(attempts_t).where(attempts_t.c.run_id.in_(chunk)))
             conn.execute(delete(runs).where(runs.c.id.in_(chunk)))
         return len(ids)
+
+
+def running_values(worker: str, lease_ms: int, now: int) -> dict[str, Any]:
+    """The columns that make a new run's row one `worker` holds, started at `now`."""
+    return {
+        "state": RUNNING,
+        "attempts": 1,
+        "fence": 1,
+        "lease_owner": worker,
+        "lease_until_ms": now + lease_ms,
+        "started_ms": now,
+        "due_ms": now,
+    }
+
+
+def claimed_inline(new: NewRun, row: dict[str, Any]) -> Claimed:
+    """`new`, stored as `row` with `running_values`: held by its caller, to execute
+    at once (`Worker.attempt_claimed`)."""
+    return Claimed(
+        id=new.id,
+        fn=new.fn,
+        args=new.args,
+        state=RUNNING,
+        fence=1,
+        attempts=1,
+        failures=0,
+        queue=new.queue,
+        owner=new.owner,
+        on_complete=new.on_complete,
+        context=new.context,
+        outcome=None,
+        result=None,
+        error=None,
+        started_ms=row["started_ms"],
+        trace=row["trace"],
+        due_ms=row["started_ms"],
+        timeout_ms=new.timeout_ms,
+    )

@@ -342,6 +342,13 @@ class Worker:
         outcomes_recorded(self.telemetry, outcomes, recorded)
         return recorded
 
+    def recorded_elsewhere(self, outcomes: list[Outcome]) -> None:
+        """Successes of runs held after `attempt_claimed` that a higher tier completed
+        in its own statement (a workflow's server-side step start): logged and counted
+        as `record_claimed` does; then `release_claimed` them."""
+        completed = Recorded(completed=[o.run_id for o in outcomes])
+        outcomes_recorded(self.telemetry, outcomes, completed)
+
     def release_claimed(self, run_ids: list[str], completed: list[str]) -> None:
         """After the transaction of `record_claimed` has committed (or if it did not,
         for runs whose outcome is left to their lease expiring)."""

@@ -30,7 +30,7 @@ from ._checks import (
 from ._cli import Context as CliContext
 from ._cli import console, format_ms, or_exit, print_listing, print_why, shorten
 from ._clock import MAX_AHEAD, delay_ms, due_ms, ms_to_datetime, to_ms
-from ._compiled import CompiledWrite
+from ._compiled import CompiledWrite, on_cursor
 from ._dialects import Dialect, is_transient, partial_index
 from ._errors import describe as describe_error
 from ._errors import format_size
@@ -76,7 +76,7 @@ from ._run_types import (
 )
 from ._schedules import Schedule, ScheduleSpec
 from ._scheduling import schedule_spec
-from ._store import Store
+from ._store import Store, claimed_inline, running_values
 from ._stored_json import CorruptValue, StoredJSON, unreadable
 from ._waiting import Changes, poll_until, poll_until_async
 from ._worker import Worker, current_worker
@@ -131,6 +131,7 @@ __all__ = [
     "check_once",
     "check_size",
     "check_timeout",
+    "claimed_inline",
     "console",
     "current_worker",
     "default_name",
@@ -144,6 +145,7 @@ __all__ = [
     "is_transient",
     "json_size",
     "ms_to_datetime",
+    "on_cursor",
     "or_exit",
     "partial_index",
     "poll_until",
@@ -153,6 +155,7 @@ __all__ = [
     "renamed_key",
     "retrier_of",
     "return_hint",
+    "running_values",
     "schedule_spec",
     "shorten",
     "to_ms",

@@ -38,7 +38,8 @@ from retrier.engine import (
 )
 
 from ._errors import InvalidEvent, StepFailed, WorkflowDiverged
-from ._journal import Conflict, Entry, Loaded, NotRunning, Unsettled
+from ._journal import Entry, Loaded
+from ._journal_signals import Conflict, NotRunning, Unsettled
 from ._limits import check_args, check_event, check_progress
 from ._listeners import WorkflowEvent
 from ._models import (
@@ -56,6 +57,7 @@ from ._models import (
 )
 from ._progress import Reporter, WorkflowLog
 from ._replay import Divergence, Replay
+from ._step_call import Previous, SimpleStart
 
 T = TypeVar("T")
 
@@ -253,6 +255,7 @@ class WorkflowContext:
                 None if worker is None else worker.id,
                 0 if worker is None else worker.lease_ms,
                 self.settler(taken, starts_step=True),
+                self._simple_start(taken),
             )
         except BaseException as exc:
             await self.settle_alone(taken)
@@ -322,6 +325,21 @@ class WorkflowContext:
                 raise Unsettled
 
         return settle
+
+    def _simple_start(self, taken: list[Outcome]) -> SimpleStart | None:
+        """`taken`, where a step's server-side start may store it (`_step_call`):
+        nothing, or one inline step's success."""
+        worker = self._worker
+        if worker is None or len(taken) > 1:
+            return None
+        if not taken:
+            return SimpleStart(None, _nothing)
+        o = taken[0]
+        name = self._inline_steps.get(o.run_id)
+        if o.kind != "success" or name is None:
+            return None
+        previous = Previous(o.run_id, o.fence, o.result, o.started_ms, name)
+        return SimpleStart(previous, partial(worker.recorded_elsewhere, taken))
 
     def settled(self, taken: list[Outcome]) -> None:
         """After the transaction of `settler(taken)` committed."""
@@ -796,3 +814,7 @@ def _check_event(event: str, data: Any) -> None:
 
 def step_failed_event(workflow: Any, step: str, error: str | None) -> WorkflowEvent:
     return WorkflowEvent("step:fail", workflow.id, workflow.name, step=step, error=error)
+
+
+def _nothing() -> None:
+    """What a step's start that stored no earlier outcome does after it."""

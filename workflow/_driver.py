@@ -23,7 +23,8 @@ from retrier.engine import describe_error as describe
 from ._context import Interrupted, Suspend, WorkflowContext, step_failed_event
 from ._definitions import Definitions
 from ._errors import UnregisteredWorkflow
-from ._journal import DRIVER_QUEUE, Journal, Unsettled, deadline_name, driver_name
+from ._journal import DRIVER_QUEUE, Journal, deadline_name, driver_name
+from ._journal_signals import Unsettled
 from ._limits import MAX_RESULT
 from ._listeners import Listeners, WorkflowEvent
 from ._models import COMPLETED, FAILED, RUNNING, WorkflowRow

@@ -37,6 +37,7 @@ from retrier.engine import (
 
 from ._errors import WorkflowNotFinished, WorkflowNotFound
 from ._events import Events
+from ._journal_signals import Conflict, NotRunning
 from ._limits import load_results, result_columns, store_apart
 from ._models import (
     CANCELED,
@@ -51,6 +52,7 @@ from ._models import (
     workflows_t,
 )
 from ._progress import Progress
+from ._step_call import NotSimple, ServerStep, SimpleStart
 
 DRIVER_QUEUE = "tiers.workflow"
 # The Dialect topic a change to a watched workflow is announced on (its id the
@@ -95,10 +97,6 @@ def driver_run(workflow_id: str, pool: str, due_ms: int, fn: str | None = None) 
 _STEP_STATE = {RUN_SUCCESS: COMPLETED, RUN_FAILED: FAILED, RUN_CANCELED: CANCELED}
 
 
-class Conflict(Exception):
-    """Another driver of the same workflow wrote this journal entry first."""
-
-
 @dataclass(slots=True)
 class Stopped:
     """What ending a workflow early did (`Journal.cancel`, `Journal.expire`)."""
@@ -116,14 +114,6 @@ def deadline_error(deadline_ms: int, created_ms: int) -> str:
     when = ms_to_datetime(deadline_ms).isoformat(timespec="milliseconds")
     limit = format_limit(max(1, deadline_ms - created_ms))
     return f"DeadlineExceeded: the workflow ran past its deadline ({limit} after its start, {when})"
-
-
-class Unsettled(Exception):
-    """An inline step's outcome did not complete; its transaction must roll back."""
-
-
-class NotRunning(Exception):
-    """The workflow is no longer running (canceled, or finished by another driver)."""
 
 
 @dataclass(slots=True)
@@ -232,6 +222,13 @@ class Journal:
         self._settle_step = CompiledWrite(_SETTLE_STEP, store.engine.dialect)
         self.events = Events(self)
         self.progress = Progress(self)
+        # PostgreSQL starts plain steps in one server-side call (migration workflow_0005).
+        channel = self.dialect.topic_channel(TOPIC)
+        self._server_step = (
+            ServerStep(store, channel)
+            if self.dialect.name == "postgresql" and channel is not None
+            else None
+        )
 
     # -- reading -------------------------------------------------------------------
 
@@ -432,10 +429,23 @@ class Journal:
         worker: str | None,
         lease_ms: int,
         before: Callable[[Connection], None] | None = None,
+        simple: SimpleStart | None = None,
     ) -> Claimed | None:
         """Journal a new step and store its run: claimed by `worker` if its pool has
         room now (the caller runs it inline), else pending in the pool. `before`
-        writes first in the same transaction (the outcomes of earlier inline steps)."""
+        writes first in the same transaction (the outcomes of earlier inline steps).
+        `simple`: what `before` stores, where it is plain enough for the server-side
+        start (`_step_call`), which is tried first where there is one."""
+        if simple is not None and worker is not None and self._server_step is not None:
+            try:
+                claimed = self._server_step.start(
+                    workflow_id, entry, new, worker, lease_ms, simple.previous
+                )
+            except NotSimple:
+                pass
+            else:
+                simple.stored()
+                return claimed
         # Internal: lost in a database crash, the step simply runs again.
         with self.write(internal=True) as conn:
             self.lock_running(conn, workflow_id)

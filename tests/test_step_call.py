@@ -1,0 +1,208 @@
+"""A step's start on PostgreSQL as one server-side call (`workflow._step_call`,
+`tiers_step_v1`): it writes what the general path writes, and leaves to it, having
+written nothing, every case it does not take."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+from sqlalchemy import select, text, update
+
+from retrier import Completed, Retrier, Success
+from retrier._tables import new_row, runs
+from retrier.engine import RUNNING, NewRun, running_values
+from retrier.testing import FakeClock
+from tests.support import drain
+from workflow import WorkflowContext, WorkflowManager
+from workflow._models import steps_t
+from workflow._step_call import ServerStep
+from workflow.migrations.versions.workflow_0005_step_function import STEP_FUNCTION
+from workpool import Workpool
+
+MakeRetrier = Callable[..., Retrier]
+on_postgresql = pytest.mark.parametrize("db_url", ["postgresql"], indirect=True)
+
+
+@pytest.fixture
+def calls(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[str]]:
+    """The outcome of each server-side call: 'took', 'pending' or the error's name."""
+    seen: list[str] = []
+    call = ServerStep._call
+
+    def counted(self: ServerStep, *args: Any) -> bool:
+        try:
+            took = call(self, *args)
+        except Exception as exc:
+            seen.append(type(exc).__name__)
+            raise
+        seen.append("took" if took else "pending")
+        return took
+
+    monkeypatch.setattr(ServerStep, "_call", counted)
+    yield seen
+
+
+def _build(
+    make_retrier: MakeRetrier, *, server: bool, **pool_options: Any
+) -> tuple[Retrier, WorkflowManager]:
+    retrier = make_retrier(clock=FakeClock())
+    pool = Workpool(retrier, "steps", **{"max_parallelism": 4, **pool_options})
+    workflows = WorkflowManager(pool)
+    if not server:
+        workflows._journal._server_step = None
+
+    @retrier.action
+    def shape(i: int) -> Any:
+        return [None, "text", {"i": i, "nested": [1.5, True, None]}, i][i % 4]
+
+    @workflows.define
+    async def steps(ctx: WorkflowContext, n: int) -> list[Any]:
+        return [await ctx.step("s", shape, {"i": i}) for i in range(n)]
+
+    return retrier, workflows
+
+
+_VOLATILE_RUN = {"id", "owner", "created_ms", "started_ms", "finished_ms", "due_ms", "trace"}
+_VOLATILE_STEP = {"id", "workflow_id", "run_id", "started_ms", "finished_ms"}
+
+
+def _stored(retrier: Retrier, wf_id: str) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The step runs and journal entries of a workflow, without ids and times, in
+    call order."""
+    with retrier.engine.connect() as conn:
+        step_runs = [
+            {k: v for k, v in r.items() if k not in _VOLATILE_RUN}
+            | {"context": {**r["context"], "wf": "..."}}
+            for r in conn.execute(
+                select(runs).where(runs.c.owner == wf_id, runs.c.fn.like("%shape%"))
+            ).mappings()
+        ]
+        step_runs.sort(key=lambda r: r["args"]["i"])
+        entries = [
+            {k: v for k, v in r.items() if k not in _VOLATILE_STEP}
+            for r in conn.execute(
+                select(steps_t).where(steps_t.c.workflow_id == wf_id)
+                .order_by(steps_t.c.position)
+            ).mappings()
+        ]
+        attempts = conn.execute(
+            text(
+                "SELECT number, queue, outcome FROM tiers_attempts WHERE run_id IN "
+                "(SELECT id FROM tiers_runs WHERE owner = :wf AND fn LIKE '%shape%') "
+                "ORDER BY started_ms, id"
+            ),
+            {"wf": wf_id},
+        ).all()
+    assert len(attempts) == len(step_runs)
+    assert all(tuple(a) == (1, "steps", "success") for a in attempts), attempts
+    return step_runs, entries
+
+
+@on_postgresql
+def test_the_server_start_writes_what_the_general_path_writes(
+    make_retrier: MakeRetrier, calls: list[str]
+) -> None:
+    stored = []
+    for server in (True, False):
+        retrier, workflows = _build(make_retrier, server=server)
+        wf_id = workflows.start("steps", {"n": 6})
+        drain(retrier)
+        assert workflows.status(wf_id) == Completed(
+            Success([None, "text", {"i": 2, "nested": [1.5, True, None]}, 3, None, "text"])
+        )
+        stored.append(_stored(retrier, wf_id))
+        if server:
+            assert calls == ["took"] * 6
+    assert stored[0] == stored[1]
+
+
+@on_postgresql
+def test_a_full_pool_leaves_the_step_pending(
+    make_retrier: MakeRetrier, calls: list[str]
+) -> None:
+    """The pool's slots, counted under its lock: no room, the run waits in the pool."""
+    retrier, workflows = _build(make_retrier, server=True, max_parallelism=1)
+    with retrier.engine.begin() as conn:  # another worker holds the pool's one slot
+        row = new_row(_new_run("held", "elsewhere"), 0)
+        conn.execute(runs.insert(), [{**row, **running_values("other", 60_000, 0)}])
+    wf_id = workflows.start("steps", {"n": 2})
+    drain(retrier)
+    assert calls[:1] == ["pending"]
+    with retrier.engine.begin() as conn:
+        conn.execute(update(runs).where(runs.c.id == "held").values(state="completed"))
+    drain(retrier)
+    assert workflows.status(wf_id) == Completed(Success([None, "text"]))
+
+
+@on_postgresql
+def test_a_pool_with_other_limits_takes_the_general_path_once_told(
+    make_retrier: MakeRetrier, calls: list[str]
+) -> None:
+    """A rate limit (like a group or a key) is the general path's: the call refuses
+    having written nothing, and the pool is not sent to it again."""
+    retrier, workflows = _build(make_retrier, server=True, rate_limit=(100, 60))
+    wf_id = workflows.start("steps", {"n": 4})
+    drain(retrier)
+    assert workflows.status(wf_id) == Completed(
+        Success([None, "text", {"i": 2, "nested": [1.5, True, None]}, 3])
+    )
+    assert calls == ["NotSimple"]
+    entries = _stored(retrier, wf_id)[1]
+    assert [e["name"] for e in entries] == ["s[0]", "s[1]", "s[2]", "s[3]"]
+
+
+def _canceled_meanwhile(make_retrier: MakeRetrier, *, server: bool) -> tuple[Any, Any]:
+    """A workflow whose first step's run is asked to cancel while it runs inline:
+    its status and journal once drained."""
+    retrier, workflows = _build(make_retrier, server=server)
+
+    @retrier.action
+    def canceled_meanwhile() -> str:
+        with retrier.engine.begin() as conn:
+            conn.execute(
+                update(runs)
+                .where(runs.c.fn.like("%canceled_meanwhile%"), runs.c.state == RUNNING)
+                .values(cancel_requested=True)
+            )
+        return "done"
+
+    @workflows.define
+    async def two(ctx: WorkflowContext) -> str:
+        await ctx.step("first", canceled_meanwhile, {})
+        return str(await ctx.step("second", "shape", {"i": 1}))
+
+    wf_id = workflows.start("two", {})
+    drain(retrier)
+    return workflows.status(wf_id), workflows.steps(wf_id)
+
+
+@on_postgresql
+def test_a_previous_outcome_that_cannot_simply_complete_goes_the_general_way(
+    make_retrier: MakeRetrier, calls: list[str]
+) -> None:
+    """A cancel requested while an inline step ran: the call refuses (nothing
+    written) and the general path records the cancel, as it would have alone."""
+    results = [_canceled_meanwhile(make_retrier, server=server) for server in (True, False)]
+    assert "NotSimple" in calls
+    (status_server, steps_server), (status_general, steps_general) = results
+    assert status_server == status_general
+    assert [(s.name, s.state) for s in steps_server] == [(s.name, s.state) for s in steps_general]
+
+
+def _new_run(run_id: str, fn: str) -> NewRun:
+    return NewRun(
+        id=run_id, fn=fn, args={}, due_ms=0, initial_backoff_ms=0, base=2.0, max_failures=0,
+        jitter=False, max_backoff_ms=0, queue="steps",
+    )
+
+
+def test_the_function_inserts_every_column_of_a_new_run() -> None:
+    """A column added to new runs must be added to the function (a new version)."""
+    inserted = re.search(r"INSERT INTO tiers_runs \(([^)]*)\)", STEP_FUNCTION)
+    assert inserted is not None
+    columns = {c.strip() for c in inserted.group(1).split(",")}
+    plain = new_row(_new_run("x", "f"), 0)
+    assert set(plain) | set(running_values("w", 1, 0)) == columns
