@@ -60,8 +60,7 @@ def bench_concurrent(workflows: WorkflowManager, count: int) -> float:
         return [await workflows.start_async("five") for _ in range(count)]
 
     ids = asyncio.run(start_all())
-    for wf_id in ids:
-        workflows.wait(wf_id, timeout=600)
+    workflows.wait_all(ids, timeout=600)
     return count / (time.perf_counter() - t)
 
 

@@ -89,7 +89,12 @@ class PostgresDialect:
         self.wake_channel = f"tiers_wake{suffix}"
         self._channels = {WAKE: self.wake_channel, CANCEL: f"tiers_cancel{suffix}"}
         self.engine = create_engine(url, pool_size=10, max_overflow=30, pool_timeout=60)
-        self._internal = create_engine(url, pool_size=4, max_overflow=16, pool_timeout=60)
+        # Every store call a thread may run at once, and the worker's claims, heartbeats
+        # and timers beside them, keep a connection: one made per call (an overflow,
+        # closed on return) costs a server process and a handshake.
+        self._internal = create_engine(
+            url, pool_size=_PG_CALL_THREADS + 4, max_overflow=16, pool_timeout=60
+        )
         if namespace is not None:
             for engine in (self.engine, self._internal):
                 event.listen(engine, "connect", partial(_search_path, namespace))

@@ -33,6 +33,7 @@ from retrier import (
     Success,
     TiersError,
     UnregisteredFunction,
+    WaitTimeout,
 )
 from retrier._tables import runs
 from tests.support import Calls, drain
@@ -955,3 +956,49 @@ def test_shutdown_during_an_inline_step_releases_it(make_retrier: MakeRetrier) -
     with retrier:
         (wf,) = workflows.list()
         assert workflows.wait(wf.id, timeout=20) == Completed(Success("done"))
+
+
+def test_wait_all_returns_each_outcome_in_order_and_times_out_on_one_still_going(
+    app: App,
+) -> None:
+    r, wf = app.retrier, app.workflows
+    handled = Calls()
+
+    @r.action
+    def echo(x: str) -> str:
+        return x
+
+    @r.action
+    def broken() -> None:
+        raise ValueError("always")
+
+    @r.on_complete
+    def done(run_id: str, result: Any, context: Any) -> None:
+        handled.add(run_id)
+
+    @wf.define
+    async def echoing(ctx: WorkflowContext, x: str) -> str:
+        return str(await ctx.step("echo", echo, {"x": x}))
+
+    @wf.define
+    async def failing(ctx: WorkflowContext) -> None:
+        await ctx.step("broken", broken, retry=False)
+
+    @wf.define
+    async def sleepy(ctx: WorkflowContext) -> None:
+        await ctx.sleep("nap", 3600)
+
+    a = wf.start(echoing, {"x": "a"}, on_complete=done)
+    b = wf.start(failing)
+    c = wf.start(echoing, {"x": "c"})
+    slow = wf.start(sleepy)
+    app.drain()
+    got = wf.wait_all([c, a, b, a], timeout=5)
+    assert got[:2] == [Completed(Success("c")), Completed(Success("a"))] and got[3] == got[1]
+    assert isinstance(got[2].result, Failed) and "always" in got[2].result.error
+    assert a in handled.items  # its on_complete ran before the wait returned
+    with pytest.raises(WaitTimeout):
+        wf.wait_all([a, slow], timeout=0.2)
+    with pytest.raises(WorkflowNotFound):
+        wf.wait_all([a, "no-such-workflow"], timeout=5)
+    assert anyio.run(wf.wait_all_async, [b, c]) == [got[2], got[0]]

@@ -254,6 +254,21 @@ class Journal:
             raise WorkflowNotFound(workflow_id)
         return WorkflowRow.model_validate(dict(row))
 
+    def rows(self, workflow_ids: builtins.list[str]) -> dict[str, WorkflowRow]:
+        """The rows of these workflows, by id (`WorkflowNotFound` if one is missing)."""
+        found: dict[str, WorkflowRow] = {}
+        with self.dialect.read() as conn:
+            for start in range(0, len(workflow_ids), 500):
+                chunk = workflow_ids[start : start + 500]
+                for r in conn.execute(
+                    select(workflows_t).where(workflows_t.c.id.in_(chunk))
+                ).mappings():
+                    found[r["id"]] = WorkflowRow.model_validate(dict(r))
+        for workflow_id in workflow_ids:
+            if workflow_id not in found:
+                raise WorkflowNotFound(workflow_id)
+        return found
+
     def states(self, workflow_ids: list[str]) -> dict[str, str]:
         with self.dialect.read() as conn:
             rows = conn.execute(

@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import builtins
-import time
 import uuid
 import warnings
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from functools import partial
@@ -25,11 +24,9 @@ from retrier import (
     InvalidArguments,
     InvalidSchedule,
     InvalidSettings,
-    RunNotFound,
     RunStatus,
     Schedule,
     Success,
-    WaitTimeout,
 )
 from retrier.engine import (
     MAX_AHEAD,
@@ -44,8 +41,6 @@ from retrier.engine import (
     check_once,
     check_timeout,
     ms_to_datetime,
-    poll_until,
-    poll_until_async,
     renamed_key,
     schedule_spec,
 )
@@ -57,12 +52,13 @@ from ._check import CheckReport, check_one, unfinished_ids
 from ._context import _check_event
 from ._definitions import Definitions, WorkflowDef, define
 from ._driver import Driver, result_action_name
-from ._errors import UnregisteredWorkflow, WorkflowNotFound
+from ._errors import UnregisteredWorkflow
 from ._explain import explain_workflow
 from ._listeners import Listener, Listeners
-from ._models import CANCELED, COMPLETED, FAILED, FINISHED, RUNNING, WorkflowRow
+from ._models import CANCELED, COMPLETED, FAILED, RUNNING, WorkflowRow
 from ._progress import LogLine
 from ._retention import purge_events, purge_workflows
+from ._waits import Waits
 from ._watch import WatchEvent, watch_workflow
 from .migrations import BRANCH as MIGRATIONS
 
@@ -169,6 +165,7 @@ class WorkflowManager:
         store.add_retention("workflow events", partial(purge_events, self._journal))
         # Workflows that ended in this process wake `wait` at once (others are polled).
         self._ended = Changes()
+        self._waits = Waits(self._journal, self.retrier, self._ended)
         self._listeners.add("run:complete", self._workflow_ended)
         self._listeners.add("run:fail", self._workflow_ended)
         # What a schedule's tick runs: an engine action that starts the workflow.
@@ -384,19 +381,16 @@ class WorkflowManager:
 
         Raises `WaitTimeout` (a `TimeoutError`) after `timeout` seconds.
         """
-        deadline = None if timeout is None else time.monotonic() + timeout
-        row = poll_until(
-            self.retrier.watched(partial(self._finished_row, workflow_id)),
-            self._ended,
-            timeout,
-            lambda: WaitTimeout(workflow_id, timeout or 0),
-        )
-        if row.on_complete is not None:
-            try:
-                self.retrier.wait(workflow_id, timeout=_left(deadline))
-            except RunNotFound:
-                pass  # cleaned up meanwhile
-        return self._completed(row)
+        return self.wait_all([workflow_id], timeout)[0]
+
+    def wait_all(
+        self, workflow_ids: Sequence[str], timeout: float | None = None
+    ) -> builtins.list[Completed]:
+        """Block until every workflow has finished and its on_complete has run; their
+        outcomes, in the order of `workflow_ids`. One short read per look, however
+        many are waited for. Raises `WaitTimeout` after `timeout` seconds."""
+        rows = self._waits.wait_all(workflow_ids, timeout)
+        return [self._completed(row) for row in rows]
 
     async def wait_async(
         self,
@@ -404,25 +398,16 @@ class WorkflowManager:
         timeout: float | None = None,  # noqa: ASYNC109 - mirrors wait(id, timeout=...)
     ) -> Completed:
         """`wait` without holding a thread while waiting."""
-        deadline = None if timeout is None else time.monotonic() + timeout
-        row = await poll_until_async(
-            self.retrier.watched(partial(self._finished_row, workflow_id)),
-            self._ended,
-            timeout,
-            lambda: WaitTimeout(workflow_id, timeout or 0),
-        )
-        if row.on_complete is not None:
-            try:
-                await self.retrier.wait_async(workflow_id, _left(deadline))
-            except RunNotFound:
-                pass
-        return self._completed(row)
+        return (await self.wait_all_async([workflow_id], timeout))[0]
 
-    def _finished_row(self, workflow_id: str) -> WorkflowRow | None:
-        states = self._journal.states([workflow_id])
-        if workflow_id not in states:
-            raise WorkflowNotFound(workflow_id)
-        return self._journal.get(workflow_id) if states[workflow_id] in FINISHED else None
+    async def wait_all_async(
+        self,
+        workflow_ids: Sequence[str],
+        timeout: float | None = None,  # noqa: ASYNC109 - mirrors wait_all(ids, timeout=...)
+    ) -> builtins.list[Completed]:
+        """`wait_all` without holding a thread while waiting."""
+        rows = await self._waits.wait_all_async(workflow_ids, timeout)
+        return [self._completed(row) for row in rows]
 
     def _completed(self, row: WorkflowRow) -> Completed:
         status = self._status_of(row)
@@ -616,10 +601,6 @@ class WorkflowManager:
 
     async def send_event_async(self, name: str, data: dict[str, Any]) -> int:
         return await anyio.to_thread.run_sync(self.send_event, name, data)
-
-
-def _left(deadline: float | None) -> float | None:
-    return None if deadline is None else max(0.0, deadline - time.monotonic())
 
 
 def workflow_info(r: WorkflowRow) -> WorkflowInfo:
