@@ -71,6 +71,22 @@ COUNTED_PER_QUEUE = union_all(
     .where(key_limits_t.c.queue.in_(_NAMES))
     .group_by(key_limits_t.c.queue),
 )
+# The same for one queue (`names` a single name): no list to expand at each execution,
+# so the statement's compiled form is reused whole (an inline start counts one queue).
+_NAME: BindParameter[Any] = bindparam("name")
+COUNTED_IN_QUEUE = union_all(
+    select(
+        literal("running"),
+        runs.c.queue,
+        func.count(),
+        func.sum(case((runs.c.lease_owner == bindparam("worker"), 1), else_=0)),
+    )
+    .where(in_state(RUNNING), runs.c.queue == _NAME)
+    .group_by(runs.c.queue),
+    select(literal("own"), key_limits_t.c.queue, literal(0), literal(0))
+    .where(key_limits_t.c.queue == _NAME)
+    .group_by(key_limits_t.c.queue),
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -179,8 +195,11 @@ class QueueBudget:
             return cls.build(conn, limits, {}, set(), now, group_rows, arriving)
         counted: dict[str, Counted] = {}
         overridden: set[str] = set()
-        params = {"names": list(limits), "worker": worker}
-        for kind, queue, n, held in conn.execute(COUNTED_PER_QUEUE, params):
+        if len(limits) == 1:
+            counting, params = COUNTED_IN_QUEUE, {"name": next(iter(limits)), "worker": worker}
+        else:
+            counting, params = COUNTED_PER_QUEUE, {"names": list(limits), "worker": worker}
+        for kind, queue, n, held in conn.execute(counting, params):
             if kind == "own":
                 overridden.add(queue)
             else:
