@@ -195,6 +195,7 @@ class QueueBudget:
             return cls.build(conn, limits, {}, set(), now, group_rows, arriving)
         counted: dict[str, Counted] = {}
         overridden: set[str] = set()
+        params: dict[str, Any]
         if len(limits) == 1:
             counting, params = COUNTED_IN_QUEUE, {"name": next(iter(limits)), "worker": worker}
         else:
