@@ -212,6 +212,12 @@ class Journal:
                 workflows_t.c.id == bindparam("wf"), watched
             )
         self._lock_workflow = self.dialect.lock_rows(_LOCK_WORKFLOW.add_columns(*extra))
+        # The same lock where only the state matters (no JSON to decode).
+        self._lock_state = self.dialect.lock_rows(
+            select(workflows_t.c.state)
+            .where(workflows_t.c.id == bindparam("wf"))
+            .add_columns(*extra)
+        )
         # RETURNING says whether it inserted (a rowcount may read -1 here).
         self._insert_workflow_once = self.dialect.insert_ignoring(workflows_t).returning(
             workflows_t.c.id
@@ -743,7 +749,7 @@ class Journal:
         return {"wf": workflow_id, "now": self.clock.now_ms()}
 
     def lock_running(self, conn: Connection, workflow_id: str) -> None:
-        row = self._lock(conn, workflow_id)
+        row = conn.execute(self._lock_state, self._lock_params(workflow_id)).first()
         if row is None or row.state != RUNNING:
             raise NotRunning(workflow_id)
 
