@@ -57,7 +57,7 @@ from ._models import (
 )
 from ._progress import Reporter, WorkflowLog
 from ._replay import Divergence, Replay
-from ._step_call import Previous, SimpleStart
+from ._server_calls import Previous, SimpleSettle
 
 T = TypeVar("T")
 
@@ -255,7 +255,7 @@ class WorkflowContext:
                 None if worker is None else worker.id,
                 0 if worker is None else worker.lease_ms,
                 self.settler(taken, starts_step=True),
-                self._simple_start(taken),
+                self.simple_settle(taken),
             )
         except BaseException as exc:
             await self.settle_alone(taken)
@@ -326,20 +326,20 @@ class WorkflowContext:
 
         return settle
 
-    def _simple_start(self, taken: list[Outcome]) -> SimpleStart | None:
-        """`taken`, where a step's server-side start may store it (`_step_call`):
-        nothing, or one inline step's success."""
+    def simple_settle(self, taken: list[Outcome]) -> SimpleSettle | None:
+        """`taken`, where a server-side call (a step's start, the workflow's end:
+        `_server_calls`) may store it: nothing, or one inline step's success."""
         worker = self._worker
         if worker is None or len(taken) > 1:
             return None
         if not taken:
-            return SimpleStart(None, _nothing)
+            return SimpleSettle(None, _nothing, worker.id)
         o = taken[0]
         name = self._inline_steps.get(o.run_id)
         if o.kind != "success" or name is None:
             return None
         previous = Previous(o.run_id, o.fence, o.result, o.started_ms, name)
-        return SimpleStart(previous, partial(worker.recorded_elsewhere, taken))
+        return SimpleSettle(previous, partial(worker.recorded_elsewhere, taken), worker.id)
 
     def settled(self, taken: list[Outcome]) -> None:
         """After the transaction of `settler(taken)` committed."""
@@ -817,4 +817,4 @@ def step_failed_event(workflow: Any, step: str, error: str | None) -> WorkflowEv
 
 
 def _nothing() -> None:
-    """What a step's start that stored no earlier outcome does after it."""
+    """What a server-side call that stored no earlier outcome does after it."""

@@ -217,6 +217,7 @@ class Driver:
                 error,
                 self.completion,
                 ctx.settler(taken),
+                ctx.simple_settle(taken),
             )
         except Unsettled:
             await ctx.settle_alone(taken)

@@ -52,7 +52,7 @@ from ._models import (
     workflows_t,
 )
 from ._progress import Progress
-from ._step_call import NotSimple, ServerStep, SimpleStart
+from ._server_calls import NotSimple, ServerCalls, SimpleSettle
 
 DRIVER_QUEUE = "tiers.workflow"
 # The Dialect topic a change to a watched workflow is announced on (its id the
@@ -230,8 +230,8 @@ class Journal:
         self.progress = Progress(self)
         # PostgreSQL starts plain steps in one server-side call (migration workflow_0005).
         channel = self.dialect.topic_channel(TOPIC)
-        self._server_step = (
-            ServerStep(store, channel)
+        self._server = (
+            ServerCalls(store, channel)
             if self.dialect.name == "postgresql" and channel is not None
             else None
         )
@@ -450,16 +450,16 @@ class Journal:
         worker: str | None,
         lease_ms: int,
         before: Callable[[Connection], None] | None = None,
-        simple: SimpleStart | None = None,
+        simple: SimpleSettle | None = None,
     ) -> Claimed | None:
         """Journal a new step and store its run: claimed by `worker` if its pool has
         room now (the caller runs it inline), else pending in the pool. `before`
         writes first in the same transaction (the outcomes of earlier inline steps).
         `simple`: what `before` stores, where it is plain enough for the server-side
-        start (`_step_call`), which is tried first where there is one."""
-        if simple is not None and worker is not None and self._server_step is not None:
+        start (`_server_calls`), which is tried first where there is one."""
+        if simple is not None and worker is not None and self._server is not None:
             try:
-                claimed = self._server_step.start(
+                claimed = self._server.start(
                     workflow_id, entry, new, worker, lease_ms, simple.previous
                 )
             except NotSimple:
@@ -606,10 +606,22 @@ class Journal:
         error: str | None,
         completion: Callable[[Any], NewRun | None],
         before: Callable[[Connection], None] | None = None,
+        simple: SimpleSettle | None = None,
     ) -> bool:
         """Record a workflow's end: its row, its on_complete run, and its parent's
         journal entry. False if it had already ended (canceled, or another driver).
-        `before` writes first in the same transaction."""
+        `before` writes first in the same transaction; `simple` as in `start_step`."""
+        if simple is not None and self._server is not None:
+            try:
+                ended = self._server.finish(
+                    workflow_id, state, result, error, simple.worker, simple.previous
+                )
+            except NotSimple:
+                pass
+            else:
+                if ended:
+                    simple.stored()
+                return ended
         with self.dialect.write() as conn:
             row = self._lock(conn, workflow_id)
             if row is None or row.state != RUNNING:

@@ -1,6 +1,7 @@
-"""A step's start on PostgreSQL as one server-side call (`workflow._step_call`,
-`tiers_step_v1`): it writes what the general path writes, and leaves to it, having
-written nothing, every case it does not take."""
+"""A step's start and a workflow's end on PostgreSQL as one server-side call each
+(`workflow._server_calls`, `tiers_step_v1`, `tiers_finish_v1`): they write what the
+general path writes, and leave to it, having written nothing, every case they do not
+take."""
 
 from __future__ import annotations
 
@@ -17,8 +18,8 @@ from retrier.engine import RUNNING, NewRun, running_values
 from retrier.testing import FakeClock
 from tests.support import drain
 from workflow import WorkflowContext, WorkflowManager
-from workflow._models import steps_t
-from workflow._step_call import ServerStep
+from workflow._models import steps_t, workflows_t
+from workflow._server_calls import ServerCalls
 from workflow.migrations.versions.workflow_0005_step_function import STEP_FUNCTION
 from workpool import Workpool
 
@@ -30,18 +31,19 @@ on_postgresql = pytest.mark.parametrize("db_url", ["postgresql"], indirect=True)
 def calls(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[str]]:
     """The outcome of each server-side call: 'took', 'pending' or the error's name."""
     seen: list[str] = []
-    call = ServerStep._call
+    call = ServerCalls._call
 
-    def counted(self: ServerStep, *args: Any) -> bool:
+    def counted(self: ServerCalls, *args: Any, **kwargs: Any) -> bool:
         try:
-            took = call(self, *args)
+            took = call(self, *args, **kwargs)
         except Exception as exc:
             seen.append(type(exc).__name__)
             raise
-        seen.append("took" if took else "pending")
+        seen.append(("ended" if args[0].startswith("SELECT tiers_finish") else "took")
+                    if took else "pending")
         return took
 
-    monkeypatch.setattr(ServerStep, "_call", counted)
+    monkeypatch.setattr(ServerCalls, "_call", counted)
     yield seen
 
 
@@ -52,7 +54,7 @@ def _build(
     pool = Workpool(retrier, "steps", **{"max_parallelism": 4, **pool_options})
     workflows = WorkflowManager(pool)
     if not server:
-        workflows._journal._server_step = None
+        workflows._journal._server = None
 
     @retrier.action
     def shape(i: int) -> Any:
@@ -69,10 +71,21 @@ _VOLATILE_RUN = {"id", "owner", "created_ms", "started_ms", "finished_ms", "due_
 _VOLATILE_STEP = {"id", "workflow_id", "run_id", "started_ms", "finished_ms"}
 
 
-def _stored(retrier: Retrier, wf_id: str) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """The step runs and journal entries of a workflow, without ids and times, in
-    call order."""
+_VOLATILE_WORKFLOW = {"id", "created_ms", "finished_ms"}
+
+
+def _stored(retrier: Retrier, wf_id: str) -> tuple[Any, ...]:
+    """The row, step runs and journal entries of a workflow, without ids and times,
+    in call order."""
     with retrier.engine.connect() as conn:
+        workflow = {
+            k: v
+            for k, v in conn.execute(select(workflows_t).where(workflows_t.c.id == wf_id))
+            .mappings()
+            .one()
+            .items()
+            if k not in _VOLATILE_WORKFLOW
+        }
         step_runs = [
             {k: v for k, v in r.items() if k not in _VOLATILE_RUN}
             | {"context": {**r["context"], "wf": "..."}}
@@ -98,7 +111,7 @@ def _stored(retrier: Retrier, wf_id: str) -> tuple[list[dict[str, Any]], list[di
         ).all()
     assert len(attempts) == len(step_runs)
     assert all(tuple(a) == (1, "steps", "success") for a in attempts), attempts
-    return step_runs, entries
+    return workflow, step_runs, entries
 
 
 @on_postgresql
@@ -114,8 +127,8 @@ def test_the_server_start_writes_what_the_general_path_writes(
             Success([None, "text", {"i": 2, "nested": [1.5, True, None]}, 3, None, "text"])
         )
         stored.append(_stored(retrier, wf_id))
-        if server:
-            assert calls == ["took"] * 6
+        # The general path's run calls no function.
+        assert calls == ["took"] * 6 + ["ended"], calls
     assert stored[0] == stored[1]
 
 
@@ -149,8 +162,8 @@ def test_a_pool_with_other_limits_takes_the_general_path_once_told(
     assert workflows.status(wf_id) == Completed(
         Success([None, "text", {"i": 2, "nested": [1.5, True, None]}, 3])
     )
-    assert calls == ["NotSimple"]
-    entries = _stored(retrier, wf_id)[1]
+    assert calls == ["_General", "ended"]
+    entries = _stored(retrier, wf_id)[2]
     assert [e["name"] for e in entries] == ["s[0]", "s[1]", "s[2]", "s[3]"]
 
 
@@ -206,3 +219,49 @@ def test_the_function_inserts_every_column_of_a_new_run() -> None:
     columns = {c.strip() for c in inserted.group(1).split(",")}
     plain = new_row(_new_run("x", "f"), 0)
     assert set(plain) | set(running_values("w", 1, 0)) == columns
+
+
+@on_postgresql
+def test_an_end_the_function_leaves_to_the_general_path_writes_the_same(
+    make_retrier: MakeRetrier, calls: list[str]
+) -> None:
+    """A workflow with an on_complete (like one with a deadline or a parent) ends the
+    general way; a failed one ends in the function: both as the Python path ends them."""
+    stored = [_two_ends(make_retrier, server=server) for server in (True, False)]
+    assert "_General" in calls and "ended" in calls
+    assert stored[0] == stored[1]
+
+
+def _two_ends(make_retrier: MakeRetrier, *, server: bool) -> tuple[Any, ...]:
+    """A workflow with an on_complete and one that fails, run to their ends: what
+    they stored."""
+    retrier, workflows = _build(make_retrier, server=server)
+    handled: list[str] = []
+
+    @retrier.on_complete
+    def done(run_id: str, result: Any, context: Any) -> None:
+        handled.append(run_id)
+
+    @retrier.action
+    def broken() -> None:
+        raise ValueError("always")
+
+    @workflows.define
+    async def failing(ctx: WorkflowContext) -> None:
+        await ctx.step("s", "shape", {"i": 1})
+        await ctx.step("broken", broken, retry=False)
+
+    with_handler = workflows.start("steps", {"n": 2}, on_complete=done)
+    failed = workflows.start("failing")
+    drain(retrier)
+    assert handled == [with_handler]
+    assert workflows.status(with_handler) == Completed(Success([None, "text"]))
+    status = workflows.status(failed)
+    assert isinstance(status, Completed) and "always" in str(status.result)
+    return _stored(retrier, with_handler), _row(retrier, failed)
+
+
+def _row(retrier: Retrier, wf_id: str) -> dict[str, Any]:
+    with retrier.engine.connect() as conn:
+        row = conn.execute(select(workflows_t).where(workflows_t.c.id == wf_id)).mappings().one()
+    return {k: v for k, v in row.items() if k not in _VOLATILE_WORKFLOW}

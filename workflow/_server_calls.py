@@ -1,0 +1,192 @@
+"""An inline step's start, and a workflow's end, on PostgreSQL as one server-side call
+each (`tiers_step_v1`, `tiers_finish_v1`, created by migration workflow_0005): one
+round trip where the same transaction took nine from Python for a step (BEGIN, the
+workflow's lock, the previous step's completion and its journal entry, the new entry,
+the pool's lock and count, the new run, COMMIT), six for an end.
+
+They take the plain case only, all or nothing: at most one earlier inline step's
+success to store (`Previous`), kept in the journal itself; for a step, a plain run
+without a key in a pool limited by `max_parallelism` and `max_per_worker` at most;
+for an end, a workflow without a deadline, an on_complete or a parent. Anything else
+(`NotSimple`) goes the general way (`Journal.start_step`, `Journal.finish`), which
+writes nothing twice: the call that refused wrote nothing. A pool the step function
+sent back for its limits is not tried again in this process.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy.exc import DBAPIError, IntegrityError
+
+from retrier.engine import (
+    Claimed,
+    NewRun,
+    Store,
+    claimed_inline,
+    on_cursor,
+    running_values,
+)
+
+from ._journal_signals import Conflict, NotRunning
+from ._limits import result_columns
+
+_STEP = (
+    "SELECT tiers_step_v1(%(wf)s::text, %(now)s::bigint, %(channel)s::text,"
+    " %(worker)s::text, %(lease_ms)s::bigint, %(prev_run)s::text,"
+    " %(prev_fence)s::integer, %(prev_result)s::json, %(prev_started)s::bigint,"
+    " %(prev_step)s::text, %(name)s::text, %(position)s::integer, %(fn)s::text,"
+    " %(started)s::bigint, %(run)s::json)"
+)
+_FINISH = (
+    "SELECT tiers_finish_v1(%(wf)s::text, %(now)s::bigint, %(channel)s::text,"
+    " %(worker)s::text, %(prev_run)s::text, %(prev_fence)s::integer,"
+    " %(prev_result)s::json, %(prev_started)s::bigint, %(prev_step)s::text,"
+    " %(state)s::text, %(result)s::json, %(error)s::text)"
+)
+_NOT_SIMPLE = "TS001"  # the previous outcome cannot simply complete
+_NOT_RUNNING = "TS002"
+_GENERAL = "TS003"  # limits of the pool, or ways of the workflow, left to the general path
+
+
+class NotSimple(Exception):
+    """The general path must start this step (nothing was written)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Previous:
+    """An earlier inline step's success, stored by the start of the next step."""
+
+    run_id: str
+    fence: int
+    result: Any
+    started_ms: int
+    step: str  # its journal entry's name
+
+
+@dataclass(frozen=True, slots=True)
+class SimpleSettle:
+    """A workflow's unsettled inline outcomes, where a server-side call may store them:
+    `previous` (None: no outcome is waiting), and what to call once it did
+    (`Worker.recorded_elsewhere`)."""
+
+    previous: Previous | None
+    stored: Callable[[], None]
+    worker: str  # the worker holding their runs
+
+
+class ServerCalls:
+    """Starts steps and ends workflows through the server-side functions, for one
+    store (PostgreSQL only)."""
+
+    def __init__(self, store: Store, channel: str) -> None:
+        self.store = store
+        self.channel = channel
+        self._general_pools: set[str] = set()
+
+    def start(
+        self,
+        workflow_id: str,
+        entry: dict[str, Any],
+        new: NewRun,
+        worker: str,
+        lease_ms: int,
+        previous: Previous | None,
+    ) -> Claimed | None:
+        """`Journal.start_step` in one call: the new run, held by `worker` if the pool
+        had room (the caller runs it inline), else None (pending in the pool).
+        `NotSimple` if the general path must do it; `NotRunning`, `Conflict` as there."""
+        if not new.plain or new.key is not None or new.queue in self._general_pools:
+            raise NotSimple
+        now = self.store.clock.now_ms()
+        params = self._common(workflow_id, now, worker, previous)
+        row = self.store.pending_row(new, now)
+        params |= {
+            "lease_ms": lease_ms,
+            "name": entry["name"],
+            "position": entry["position"],
+            "fn": entry.get("fn"),
+            "started": entry["started_ms"],
+            "run": json.dumps(row),
+        }
+        try:
+            took = self._call(_STEP, params, internal=True)
+        except NotRunning:
+            raise NotRunning(workflow_id) from None
+        except _General:
+            self._general_pools.add(new.queue)
+            raise NotSimple from None
+        if not took:
+            return None
+        row.update(running_values(worker, lease_ms, now))
+        return claimed_inline(new, row)
+
+    def finish(
+        self,
+        workflow_id: str,
+        state: str,
+        result: Any,
+        error: str | None,
+        worker: str,
+        previous: Previous | None,
+    ) -> bool:
+        """`Journal.finish` in one call, for a workflow without a deadline, an
+        on_complete or a parent: False if it had ended already (nothing written).
+        `NotSimple` if the general path must do it."""
+        now = self.store.clock.now_ms()
+        params = self._common(workflow_id, now, worker, previous)
+        params |= {"state": state, "result": json.dumps(result), "error": error}
+        try:
+            return self._call(_FINISH, params, internal=False)
+        except _General:
+            raise NotSimple from None
+
+    def _common(
+        self, workflow_id: str, now: int, worker: str, previous: Previous | None
+    ) -> dict[str, Any]:
+        """The parameters both functions take: the workflow, the time, its watchers'
+        channel, the worker, and the previous inline step's success, if any."""
+        prev_result = None
+        if previous is not None:
+            columns = result_columns(previous.result, f"the result of step {previous.step!r}")
+            if columns["result_size"] is not None:
+                raise NotSimple  # kept in the side table: the general path writes it
+            prev_result = json.dumps(previous.result)
+        return {
+            "wf": workflow_id,
+            "now": now,
+            "channel": self.channel,
+            "worker": worker,
+            "prev_run": None if previous is None else previous.run_id,
+            "prev_fence": None if previous is None else previous.fence,
+            "prev_result": prev_result,
+            "prev_started": None if previous is None else previous.started_ms,
+            "prev_step": None if previous is None else previous.step,
+        }
+
+    def _call(self, sql: str, params: dict[str, Any], *, internal: bool) -> bool:
+        """One function call that commits alone (the engine's own durability for a
+        step's start, the user's for a workflow's end); its boolean answer."""
+        dialect = self.store.dialect
+        try:
+            with dialect.write_internal_one() if internal else dialect.write_one() as conn:
+                _, rows = on_cursor(conn, sql, [params], self.store.engine.dialect, fetch=True)
+        except IntegrityError as exc:
+            raise Conflict(str(exc)) from None
+        except DBAPIError as exc:
+            code = getattr(exc.orig, "sqlstate", None)
+            if code == _NOT_RUNNING:
+                raise NotRunning from None
+            if code == _GENERAL:
+                raise _General from None
+            if code == _NOT_SIMPLE:
+                raise NotSimple from None
+            raise
+        return bool(rows[0][0])
+
+
+class _General(Exception):
+    """The function left this case to the general path (`TS003`)."""
