@@ -100,7 +100,11 @@ def server(tmp_path: Path) -> Iterator[tuple[str, Any]]:
 def wait_for(check: Callable[[], bool], timeout: float = 10.0) -> None:
     """Until `check()` holds; a page that changes under it (a navigation, the live
     refresh replacing an element) just means: look again."""
-    from selenium.common.exceptions import NoSuchElementException, StaleElementReferenceException
+    from selenium.common.exceptions import (
+        NoSuchElementException,
+        StaleElementReferenceException,
+        WebDriverException,
+    )
 
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -109,6 +113,11 @@ def wait_for(check: Callable[[], bool], timeout: float = 10.0) -> None:
                 return
         except (StaleElementReferenceException, NoSuchElementException):
             pass
+        except WebDriverException as exc:
+            # Chromium's way of saying "stale" when the document was replaced between
+            # finding an element and reading it (a navigation under way).
+            if "does not belong to the document" not in str(exc):
+                raise
         time.sleep(0.1)
     raise AssertionError("timed out")
 

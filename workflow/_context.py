@@ -18,15 +18,12 @@ from functools import partial
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import anyio.to_thread
-from sqlalchemy import Connection
 
 from retrier import InvalidArguments, InvalidSettings
 from retrier.engine import (
     MAX_AHEAD,
-    Delivery,
     Fn,
     NewRun,
-    Outcome,
     Worker,
     check_json,
     check_name,
@@ -38,6 +35,7 @@ from retrier.engine import (
 )
 
 from ._errors import InvalidEvent, StepFailed, WorkflowDiverged
+from ._inline import InlineOutcomes
 from ._journal import Entry, Loaded
 from ._journal_signals import Conflict, NotRunning, Unsettled
 from ._limits import check_args, check_event, check_progress
@@ -57,7 +55,6 @@ from ._models import (
 )
 from ._progress import Reporter, WorkflowLog
 from ._replay import Divergence, Replay
-from ._server_calls import Previous, SimpleSettle
 
 T = TypeVar("T")
 
@@ -112,9 +109,7 @@ class WorkflowContext:
         self._calls = 0
         self._last_position = -1
         self._futures: list[asyncio.Future[Any]] = []
-        self._unsettled: list[Outcome] = []  # see "outcomes of inline steps"
-        self._inline_steps: dict[str, str] = {}  # run id -> step name
-        self._journaled: dict[str, Entry] = {}  # run id -> its journal entry, once stored
+        self.inline = InlineOutcomes(self._workflow.id, driver.journal, worker, driver.store_call)
         self._replay = Replay(loaded.entries)
         self._patches: dict[str, bool] = {}  # patch name -> what patched() answered
         self._marker_writes: list[asyncio.Future[Any]] = []
@@ -245,7 +240,7 @@ class WorkflowContext:
     ) -> Any:
         await self._markers_stored()
         worker = self._worker
-        taken = self.take_unsettled()
+        taken = self.inline.take()
         try:
             claimed = await self._driver.store_call(
                 self._driver.journal.start_step,
@@ -254,32 +249,32 @@ class WorkflowContext:
                 new,
                 None if worker is None else worker.id,
                 0 if worker is None else worker.lease_ms,
-                self.settler(taken, starts_step=True),
-                self.simple_settle(taken),
+                self.inline.settler(taken, starts_step=True),
+                self.inline.simple(taken),
             )
         except BaseException as exc:
-            await self.settle_alone(taken)
+            await self.inline.settle_alone(taken)
             if isinstance(exc, (Conflict, NotRunning, Unsettled)):
                 raise Suspend from None
             if isinstance(exc, Exception) and is_transient(exc):
                 raise Interrupted(exc) from exc
             raise
-        self.settled(taken)
+        self.inline.settled(taken)
         if claimed is None or worker is None:
             self._driver.retrier.wake_workers()
             raise Suspend
-        self._inline_steps[claimed.id] = full
-        outcome = await worker.attempt_claimed(claimed, self._journal_inline)
+        self.inline.steps[claimed.id] = full
+        outcome = await worker.attempt_claimed(claimed, self.inline.journal_inline)
         if outcome.kind == "success":
             # Not stored yet: the transaction of this workflow's next write stores it
             # first, and commits only if it completes (see `settler`).
-            self._unsettled.append(outcome)
+            self.inline.pending.append(outcome)
             self._entries[full] = Entry(
                 full, position, STEP, COMPLETED, fn=new.fn, result=outcome.result
             )
             return decode(outcome.result)
-        stored = await self.settle_alone([outcome])
-        entry = self._journaled.pop(claimed.id, None)
+        stored = await self.inline.settle_alone([outcome])
+        entry = self.inline.journaled.pop(claimed.id, None)
         if not stored or entry is None:
             # Retried later: the step's on_complete wakes this workflow when it is over.
             self._driver.retrier.wake_workers()
@@ -291,110 +286,13 @@ class WorkflowContext:
             raise StepFailed(full, entry.error or entry.state)
         return decode(entry.result)
 
-    # -- outcomes of inline steps --------------------------------------------------------
-    #
-    # A step that succeeds inline returns to the workflow function at once; its
-    # outcome is stored in the transaction of the workflow's next write (the next
-    # step's start, a sleep, the workflow's end), which commits only if every such
-    # outcome completes. So a step costs one transaction, and nothing is journaled
-    # after a step whose result is not stored. Until then the worker holds (and
-    # heartbeats) its run; a crash leaves it to its lease, and it runs again.
-
-    def take_unsettled(self) -> list[Outcome]:
-        taken, self._unsettled = self._unsettled, []
-        return taken
-
-    def settler(
-        self, taken: list[Outcome], *, starts_step: bool = False
-    ) -> Callable[[Connection], None] | None:
-        """What stores `taken` inside another write's transaction; it raises
-        `Unsettled` (rolling that transaction back) unless each completes.
-        `starts_step`: that transaction starts a step, which takes a freed slot again."""
-        if not taken:
-            return None
-        worker = self._worker
-        assert worker is not None
-        wake_waiting = not starts_step or len(taken) > 1
-
-        def settle(conn: Connection) -> None:
-            recorded = worker.record_claimed(
-                conn, taken, self._journal_inline, wake_waiting=wake_waiting
-            )
-            ok = [self._journaled.pop(i, None) for i in recorded.completed]
-            if len(ok) != len(taken) or any(e is None or e.state != COMPLETED for e in ok):
-                raise Unsettled
-
-        return settle
-
-    def simple_settle(self, taken: list[Outcome]) -> SimpleSettle | None:
-        """`taken`, where a server-side call (a step's start, the workflow's end:
-        `_server_calls`) may store it: nothing, or one inline step's success."""
-        worker = self._worker
-        if worker is None or len(taken) > 1:
-            return None
-        if not taken:
-            return SimpleSettle(None, _nothing, worker.id)
-        o = taken[0]
-        name = self._inline_steps.get(o.run_id)
-        if o.kind != "success" or name is None:
-            return None
-        previous = Previous(o.run_id, o.fence, o.result, o.started_ms, name)
-        return SimpleSettle(previous, partial(worker.recorded_elsewhere, taken), worker.id)
-
-    def settled(self, taken: list[Outcome]) -> None:
-        """After the transaction of `settler(taken)` committed."""
-        if taken:
-            assert self._worker is not None
-            ids = [o.run_id for o in taken]
-            self._worker.release_claimed(ids, ids)
-            for run_id in ids:
-                self._inline_steps.pop(run_id, None)
-
-    async def settle_alone(self, outcomes: list[Outcome]) -> bool:
-        """Store outcomes in a transaction of their own; whether each completed."""
-        if not outcomes:
-            return True
-        assert self._worker is not None
-        with anyio.CancelScope(shield=True):
-            recorded = await self._driver.store_call(
-                self._worker.settle_claimed, outcomes, self._journal_inline
-            )
-        for o in outcomes:
-            self._inline_steps.pop(o.run_id, None)
-        return len(recorded.completed) == len(outcomes)
-
-    def settle_now(self) -> None:
-        """Store any unsettled outcome, blocking (for a driver cancelled from outside)."""
-        taken = self.take_unsettled()
-        if taken:
-            assert self._worker is not None
-            self._worker.settle_claimed(taken, self._journal_inline)
-
     async def _flush(self) -> None:
         """Store patch markers, and unsettled outcomes, before a write that cannot
         include them."""
         await self._markers_stored()
-        taken = self.take_unsettled()
-        if taken and not await self.settle_alone(taken):
+        taken = self.inline.take()
+        if taken and not await self.inline.settle_alone(taken):
             raise Suspend
-
-    def _journal_inline(self, f: Delivery, conn: Connection) -> None:
-        """The on_complete of an inline step's run, in the transaction recording it."""
-        name = self._inline_steps.get(f.id)
-        if name is None:
-            return
-        entry = self._driver.journal.settle_step(
-            conn,
-            self.workflow_id,
-            name,
-            f.outcome,
-            f.result,
-            f.error,
-            f.id,
-            attempts=1,  # an inline run that is over at once had one attempt
-        )
-        if entry is not None:
-            self._journaled[f.id] = entry
 
     # -- sleeping ------------------------------------------------------------------------
 
@@ -814,7 +712,3 @@ def _check_event(event: str, data: Any) -> None:
 
 def step_failed_event(workflow: Any, step: str, error: str | None) -> WorkflowEvent:
     return WorkflowEvent("step:fail", workflow.id, workflow.name, step=step, error=error)
-
-
-def _nothing() -> None:
-    """What a server-side call that stored no earlier outcome does after it."""

@@ -153,7 +153,7 @@ class Driver:
                     span.set_attribute("tiers.steps.executed", ctx.executed)
                 return state
         finally:
-            ctx.settle_now()  # only if cancelled from outside with outcomes unstored
+            ctx.inline.settle_now()  # only if cancelled from outside with outcomes unstored
             metrics = telemetry.metrics
             if metrics is not None:
                 name = loaded.workflow.name
@@ -180,12 +180,12 @@ class Driver:
             # The database failed: this driver run fails and is retried; the workflow
             # goes on from its journal then.
             await ctx.drain()
-            await ctx.settle_alone(ctx.take_unsettled())
+            await ctx.inline.settle_alone(ctx.inline.take())
             raise exc.cause from None
         except Suspend:
             await ctx.drain()
             if ctx.diverged is None:
-                await ctx.settle_alone(ctx.take_unsettled())
+                await ctx.inline.settle_alone(ctx.inline.take())
                 return "waiting"
             state, error = FAILED, describe(ctx.diverged)
         except UnregisteredWorkflow as exc:
@@ -207,7 +207,7 @@ class Driver:
                 except ValueTooLarge as exc:
                     state, result, error = FAILED, None, describe(exc)
         # The last inline steps' outcomes are stored with the end, or not at all.
-        taken = ctx.take_unsettled()
+        taken = ctx.inline.take()
         try:
             ended = await self.store_call(
                 self.journal.finish,
@@ -216,19 +216,19 @@ class Driver:
                 result,
                 error,
                 self.completion,
-                ctx.settler(taken),
-                ctx.simple_settle(taken),
+                ctx.inline.settler(taken),
+                ctx.inline.simple(taken),
             )
         except Unsettled:
-            await ctx.settle_alone(taken)
+            await ctx.inline.settle_alone(taken)
             return "waiting"  # a step is not over after all: its end wakes us again
         except BaseException:
-            await ctx.settle_alone(taken)
+            await ctx.inline.settle_alone(taken)
             raise
         if not ended:
-            await ctx.settle_alone(taken)
+            await ctx.inline.settle_alone(taken)
             return state
-        ctx.settled(taken)
+        ctx.inline.settled(taken)
         self.retrier.wake_workers()
         metrics = self.retrier.telemetry.metrics
         if metrics is not None:
