@@ -23,7 +23,7 @@ from ._models import RUNNING, workflows_t
 
 if TYPE_CHECKING:
     from ._driver import Driver
-    from ._journal import Loaded
+    from ._journal_reads import Loaded
 
 DIVERGED = "diverged"
 FAILS = "fails"

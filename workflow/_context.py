@@ -36,7 +36,7 @@ from retrier.engine import (
 
 from ._errors import InvalidEvent, StepFailed, WorkflowDiverged
 from ._inline import InlineOutcomes
-from ._journal import Entry, Loaded
+from ._journal_reads import Entry, Loaded
 from ._journal_signals import Conflict, NotRunning, Unsettled
 from ._limits import check_args, check_event, check_progress
 from ._listeners import WorkflowEvent

@@ -19,7 +19,8 @@ from sqlalchemy import Connection
 
 from retrier.engine import Delivery, Outcome, Worker
 
-from ._journal import Entry, Journal
+from ._journal import Journal
+from ._journal_reads import Entry
 from ._journal_signals import Unsettled
 from ._models import COMPLETED
 from ._server_calls import Previous, SimpleSettle

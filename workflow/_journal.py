@@ -28,7 +28,6 @@ from retrier.engine import (
     Claimed,
     CompiledWrite,
     NewRun,
-    OwnedRun,
     Store,
     describe_error,
     format_limit,
@@ -37,15 +36,15 @@ from retrier.engine import (
 
 from ._errors import WorkflowNotFinished, WorkflowNotFound
 from ._events import Events
+from ._journal_reads import Entry, JournalReads
 from ._journal_signals import Conflict, NotRunning
-from ._limits import load_results, result_columns, store_apart
+from ._limits import result_columns, store_apart
 from ._models import (
     CANCELED,
     COMPLETED,
     FAILED,
     RUNNING,
     WAITING,
-    WorkflowRow,
     logs_t,
     results_t,
     steps_t,
@@ -116,44 +115,6 @@ def deadline_error(deadline_ms: int, created_ms: int) -> str:
     return f"DeadlineExceeded: the workflow ran past its deadline ({limit} after its start, {when})"
 
 
-@dataclass(slots=True)
-class Entry:
-    """One journal entry, as a driver sees it."""
-
-    name: str
-    position: int
-    kind: str
-    state: str
-    fn: str | None = None
-    result: Any = None
-    error: str | None = None
-    wake_ms: int | None = None
-    child_id: str | None = None
-    result_size: int | None = None  # set: the result is in the side table, not loaded
-
-
-@dataclass(slots=True)
-class Loaded:
-    """A workflow and its whole journal, read in one transaction."""
-
-    workflow: WorkflowRow
-    entries: dict[str, Entry]
-
-
-_ENTRY_COLUMNS = (
-    steps_t.c.name,
-    steps_t.c.position,
-    steps_t.c.kind,
-    steps_t.c.state,
-    steps_t.c.fn,
-    steps_t.c.result,
-    steps_t.c.error,
-    steps_t.c.wake_ms,
-    steps_t.c.child_id,
-    steps_t.c.result_size,
-)
-
-
 # Hot statements, built once (SQLAlchemy then skips construction and cache keys).
 _SETTLE_STEP = (
     update(steps_t)
@@ -175,8 +136,6 @@ _SETTLE_STEP = (
 )
 _INSERT_STEP = insert(steps_t)
 _INSERT_WORKFLOW = insert(workflows_t)
-_WORKFLOW_BY_ID = select(workflows_t).where(workflows_t.c.id == bindparam("wf"))
-_ENTRIES_OF = select(*_ENTRY_COLUMNS).where(steps_t.c.workflow_id == bindparam("wf"))
 _POOL_OF = select(workflows_t.c.pool).where(workflows_t.c.id == bindparam("wf"))
 _LOCK_WORKFLOW = select(
     workflows_t.c.id,
@@ -192,7 +151,7 @@ _LOCK_WORKFLOW = select(
 ).where(workflows_t.c.id == bindparam("wf"))
 
 
-class Journal:
+class Journal(JournalReads):
     """Workflow rows, journal entries and events of one database."""
 
     def __init__(self, store: Store) -> None:
@@ -236,77 +195,7 @@ class Journal:
             else None
         )
 
-    # -- reading -------------------------------------------------------------------
-
-    def load(self, workflow_id: str) -> Loaded | None:
-        with self.dialect.read() as conn:
-            row = (
-                conn.execute(_WORKFLOW_BY_ID, {"wf": workflow_id}).mappings().first()
-            )
-            if row is None:
-                return None
-            rows = conn.execute(_ENTRIES_OF, {"wf": workflow_id})
-            entries = {r.name: Entry(*r) for r in rows}  # type: ignore[call-arg]  # 10 columns
-        return Loaded(WorkflowRow.model_validate(dict(row)), entries)
-
-    def get(self, workflow_id: str) -> WorkflowRow:
-        with self.dialect.read() as conn:
-            row = (
-                conn.execute(select(workflows_t).where(workflows_t.c.id == workflow_id))
-                .mappings()
-                .first()
-            )
-        if row is None:
-            raise WorkflowNotFound(workflow_id)
-        return WorkflowRow.model_validate(dict(row))
-
-    def rows(self, workflow_ids: builtins.list[str]) -> dict[str, WorkflowRow]:
-        """The rows of these workflows, by id (`WorkflowNotFound` if one is missing)."""
-        found: dict[str, WorkflowRow] = {}
-        with self.dialect.read() as conn:
-            for start in range(0, len(workflow_ids), 500):
-                chunk = workflow_ids[start : start + 500]
-                for r in conn.execute(
-                    select(workflows_t).where(workflows_t.c.id.in_(chunk))
-                ).mappings():
-                    found[r["id"]] = WorkflowRow.model_validate(dict(r))
-        for workflow_id in workflow_ids:
-            if workflow_id not in found:
-                raise WorkflowNotFound(workflow_id)
-        return found
-
-    def states(self, workflow_ids: list[str]) -> dict[str, str]:
-        with self.dialect.read() as conn:
-            rows = conn.execute(
-                select(workflows_t.c.id, workflows_t.c.state).where(
-                    workflows_t.c.id.in_(workflow_ids)
-                )
-            ).all()
-        return {r.id: r.state for r in rows}
-
-    def steps(self, workflow_id: str) -> list[dict[str, Any]]:
-        """Every journal entry of a workflow, in call order, as dicts of its columns
-        (with results kept in the side table filled in)."""
-        with self.dialect.read() as conn:
-            rows = [
-                dict(r)
-                for r in conn.execute(
-                    select(steps_t)
-                    .where(steps_t.c.workflow_id == workflow_id)
-                    .order_by(steps_t.c.position, steps_t.c.id)
-                ).mappings()
-            ]
-            apart = [r["name"] for r in rows if r["result_size"] is not None]
-            found = load_results(conn, workflow_id, apart)
-        for r in rows:
-            if r["name"] in found:
-                r["result"] = found[r["name"]]
-        return rows
-
-    def load_result(self, workflow_id: str, name: str) -> Any:
-        """A step result kept in the side table (see `Entry.result_size`)."""
-        with self.dialect.read() as conn:
-            return load_results(conn, workflow_id, [name]).get(name)
+    # -- watching ------------------------------------------------------------------
 
     def notify(self, conn: Connection, workflow_id: str) -> None:
         """Announce a change to the workflow to its watchers (at commit), if it has
@@ -323,29 +212,6 @@ class Journal:
                 .where(workflows_t.c.id == workflow_id)
                 .values(watched_until_ms=until_ms)
             )
-
-    def unfinished_runs(self, workflow_id: str) -> list[OwnedRun]:
-        """The pending and running runs a workflow owns (its steps, its driver)."""
-        with self.dialect.read() as conn:
-            return self.store.unfinished_of(conn, workflow_id)
-
-    def list(
-        self,
-        *,
-        state: str | None = None,
-        name: str | None = None,
-        pool: str | None = None,
-        limit: int = 100,
-    ) -> list[WorkflowRow]:
-        stmt = select(workflows_t).order_by(workflows_t.c.created_ms.desc()).limit(limit)
-        if state is not None:
-            stmt = stmt.where(workflows_t.c.state == state)
-        if name is not None:
-            stmt = stmt.where(workflows_t.c.name == name)
-        if pool is not None:
-            stmt = stmt.where(workflows_t.c.pool == pool)
-        with self.dialect.read() as conn:
-            return [WorkflowRow.model_validate(dict(r)) for r in conn.execute(stmt).mappings()]
 
     def mark_unrunnable(self, workflow_id: str, now_ms: int) -> int:
         """Note that a worker lacking the workflow's code took its driver; returns

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ._journal import Entry
+from ._journal_reads import Entry
 from ._models import PATCH
 
 
