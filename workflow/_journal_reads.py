@@ -147,12 +147,12 @@ class JournalReads:
         pool: str | None = None,
         limit: int = 100,
     ) -> list[WorkflowRow]:
-        stmt = select(workflows_t).order_by(workflows_t.c.created_ms.desc()).limit(limit)
-        if state is not None:
-            stmt = stmt.where(workflows_t.c.state == state)
-        if name is not None:
-            stmt = stmt.where(workflows_t.c.name == name)
-        if pool is not None:
-            stmt = stmt.where(workflows_t.c.pool == pool)
+        wanted = {"state": state, "name": name, "pool": pool}
+        stmt = (
+            select(workflows_t)
+            .where(*(workflows_t.c[k] == v for k, v in wanted.items() if v is not None))
+            .order_by(workflows_t.c.created_ms.desc())
+            .limit(limit)
+        )
         with self.dialect.read() as conn:
             return [WorkflowRow.model_validate(dict(r)) for r in conn.execute(stmt).mappings()]
