@@ -15,6 +15,8 @@ from typing import Any
 
 from sqlalchemy import (
     BindParameter,
+    ColumnElement,
+    CompoundSelect,
     Connection,
     Select,
     bindparam,
@@ -54,39 +56,33 @@ LIMITED_QUEUES = (
     .where(or_(*(queues_t.c[name].is_not(None) for name in LIMIT_FIELDS)))
     .order_by(queues_t.c.name)
 )
-# Each queue's running runs and how many of them the worker `worker` holds ('running'),
-# and the queues where some key has a cap of its own ('own'): read after the lock, in
-# one statement.
+
+
+def _counted(queue_is: Callable[[ColumnElement[Any]], ColumnElement[bool]]) -> CompoundSelect[Any]:
+    """Each queue's running runs and how many of them the worker `worker` holds
+    ('running'), and the queues where some key has a cap of its own ('own'), for the
+    queues `queue_is` selects: read after the lock, in one statement."""
+    return union_all(
+        select(
+            literal("running"),
+            runs.c.queue,
+            func.count(),
+            func.sum(case((runs.c.lease_owner == bindparam("worker"), 1), else_=0)),
+        )
+        .where(in_state(RUNNING), queue_is(runs.c.queue))
+        .group_by(runs.c.queue),
+        select(literal("own"), key_limits_t.c.queue, literal(0), literal(0))
+        .where(queue_is(key_limits_t.c.queue))
+        .group_by(key_limits_t.c.queue),
+    )
+
+
 _NAMES: BindParameter[Any] = bindparam("names", expanding=True)
-COUNTED_PER_QUEUE = union_all(
-    select(
-        literal("running"),
-        runs.c.queue,
-        func.count(),
-        func.sum(case((runs.c.lease_owner == bindparam("worker"), 1), else_=0)),
-    )
-    .where(in_state(RUNNING), runs.c.queue.in_(_NAMES))
-    .group_by(runs.c.queue),
-    select(literal("own"), key_limits_t.c.queue, literal(0), literal(0))
-    .where(key_limits_t.c.queue.in_(_NAMES))
-    .group_by(key_limits_t.c.queue),
-)
-# The same for one queue (`names` a single name): no list to expand at each execution,
-# so the statement's compiled form is reused whole (an inline start counts one queue).
+COUNTED_PER_QUEUE = _counted(lambda queue: queue.in_(_NAMES))
+# The same for one queue (`name`): no list to expand at each execution, so the
+# statement's compiled form is reused whole (an inline start counts one queue).
 _NAME: BindParameter[Any] = bindparam("name")
-COUNTED_IN_QUEUE = union_all(
-    select(
-        literal("running"),
-        runs.c.queue,
-        func.count(),
-        func.sum(case((runs.c.lease_owner == bindparam("worker"), 1), else_=0)),
-    )
-    .where(in_state(RUNNING), runs.c.queue == _NAME)
-    .group_by(runs.c.queue),
-    select(literal("own"), key_limits_t.c.queue, literal(0), literal(0))
-    .where(key_limits_t.c.queue == _NAME)
-    .group_by(key_limits_t.c.queue),
-)
+COUNTED_IN_QUEUE = _counted(lambda queue: queue == _NAME)
 
 
 @dataclass(frozen=True, slots=True)

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from typing import TypeVar
 
 from ._clock import ms_to_datetime
@@ -16,25 +16,36 @@ from ._store import Store
 
 log = logging.getLogger("tiers")
 
-# How many runs `wait_all` reads the state of at a time.
+# How many runs (or workflows) a wait reads the state of at a time.
 _WAIT_SLICE = 200
 R = TypeVar("R")
 
 
 def all_completed(store: Store, remaining: set[str]) -> bool | None:
-    """True once every run in `remaining` has completed; removes those that have.
+    """True once every run in `remaining` has completed; removes those that have."""
+    return all_reached(remaining, store.states, {COMPLETED}, RunNotFound)
 
-    Reads a slice at a time, and stops at the first slice with a run still going:
-    a wait for thousands of runs then costs one short read per look, not one of
-    everything left.
+
+def all_reached(
+    remaining: set[str],
+    states_of: Callable[[list[str]], dict[str, str]],
+    final: Collection[str],
+    not_found: Callable[[str], Exception],
+) -> bool | None:
+    """True once every id in `remaining` is in one of the `final` states (read with
+    `states_of`); removes those that are. An id `states_of` does not know raises
+    `not_found(id)`.
+
+    Reads a slice at a time, and stops at the first slice with one still going: a wait
+    for thousands then costs one short read per look, not one of everything left.
     """
     ordered = sorted(remaining)
     for start in range(0, len(ordered), _WAIT_SLICE):
         chunk = ordered[start : start + _WAIT_SLICE]
-        states = store.states(chunk)
-        for rid in set(chunk) - states.keys():
-            raise RunNotFound(rid)
-        done = {rid for rid, state in states.items() if state == COMPLETED}
+        states = states_of(chunk)
+        for missing in set(chunk) - states.keys():
+            raise not_found(missing)
+        done = {i for i, state in states.items() if state in final}
         remaining.difference_update(done)
         if len(done) < len(chunk):
             return None

@@ -74,6 +74,7 @@ from ._run_types import (
     SessionHandler,
     StoredOutcome,
 )
+from ._run_waits import all_reached
 from ._schedules import Schedule, ScheduleSpec
 from ._scheduling import schedule_spec
 from ._store import Store, claimed_inline, running_values
@@ -123,6 +124,7 @@ __all__ = [
     "StoredOutcome",
     "Why",
     "Worker",
+    "all_reached",
     "check_debounce",
     "check_flag",
     "check_idempotency_key",

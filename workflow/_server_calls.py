@@ -114,8 +114,6 @@ class ServerCalls:
         }
         try:
             took = self._call(_STEP, params, internal=True)
-        except NotRunning:
-            raise NotRunning(workflow_id) from None
         except _General:
             self._general_pools.add(new.queue)
             raise NotSimple from None
@@ -179,7 +177,7 @@ class ServerCalls:
         except DBAPIError as exc:
             code = getattr(exc.orig, "sqlstate", None)
             if code == _NOT_RUNNING:
-                raise NotRunning from None
+                raise NotRunning(params["wf"]) from None
             if code == _GENERAL:
                 raise _General from None
             if code == _NOT_SIMPLE:

@@ -9,14 +9,11 @@ from collections.abc import Callable, Sequence
 from functools import partial
 
 from retrier import Retrier, RunNotFound, WaitTimeout
-from retrier.engine import Changes, poll_until, poll_until_async
+from retrier.engine import Changes, all_reached, poll_until, poll_until_async
 
 from ._errors import WorkflowNotFound
 from ._journal import Journal
 from ._models import FINISHED, WorkflowRow
-
-# How many workflows a look reads the state of at a time.
-_SLICE = 200
 
 
 class Waits:
@@ -77,19 +74,8 @@ class Waits:
 
     def _all_finished(self, remaining: set[str]) -> bool | None:
         """True once every workflow in `remaining` has finished; removes those that
-        have. Stops at the first slice with one still running: a wait for thousands
-        costs one short read per look."""
-        ordered = sorted(remaining)
-        for start in range(0, len(ordered), _SLICE):
-            chunk = ordered[start : start + _SLICE]
-            states = self.journal.states(chunk)
-            for missing in set(chunk) - states.keys():
-                raise WorkflowNotFound(missing)
-            done = {i for i, state in states.items() if state in FINISHED}
-            remaining.difference_update(done)
-            if len(done) < len(chunk):
-                return None
-        return True
+        have (a slice at a time, as a wait for runs reads them)."""
+        return all_reached(remaining, self.journal.states, FINISHED, WorkflowNotFound)
 
     def _still_stored(self, run_ids: list[str]) -> list[str]:
         """The on_complete runs (a workflow's has its id) not cleaned up yet."""
