@@ -20,7 +20,7 @@ import pydantic
 from ._checks import format_limit
 from ._clock import Clock, ms_after, seconds_until, to_ms
 from ._errors import HandBack, NonRetryableError, RetryAfter, UnregisteredFunction, describe
-from ._registry import Registry, ResultNotSerializable
+from ._registry import Registered, Registry, ResultNotSerializable
 from ._run_types import Claimed, Outcome
 from ._stored_json import unreadable
 
@@ -48,66 +48,135 @@ async def attempt(
     an `async def` action starts (a shutdown may then cancel it); `clock` stamps when
     the attempt ended (a retry's backoff counts from then, not from its recording)
     and times a start claimed ahead of its due time."""
-    in_txn = handler_in_txn(registry, c.on_complete)
-    ended: list[int] = []  # when the action returned or raised, stamped where it ran
+    a = _prepare(registry, c, clock)
+    if isinstance(a, Outcome):
+        return a
+    try:
+        if a.reg.is_async:
+            acall = partial(a.reg.fn, **a.kwargs)
+            if clock is not None:
+                acall = partial(_stamping_end_async, clock, a.ended, acall)
+            value = await _call_async(acall, c.timeout_ms, a.ahead_s, going_async)
+        else:
+            call = partial(a.reg.fn, **a.kwargs)
+            if clock is not None:
+                # On its thread: the hop back to the loop (late when the loop is busy)
+                # must not push the retry's due time back.
+                call = partial(_stamping_end, clock, a.ended, call)
+            value = await _call_sync(call, c.timeout_ms, a.ahead_s, limiter)
+        result = a.reg.encode_result(value)
+    except Exception as exc:
+        return a.failed(exc)
+    return a.outcome("success", result=result)
 
-    def outcome(kind: str, **fields: Any) -> Outcome:
-        return Outcome(
-            c.id,
-            c.fence,
-            kind,
-            c.started_ms,
-            handler_in_txn=in_txn,
-            attempt=c.attempts,
-            queue=c.queue,
-            plain=c.on_complete is None,
-            fn=c.fn,
-            ended_ms=ended[0] if ended else None if clock is None else ms_after(clock),
-            **fields,
+
+def attempt_blocking(
+    registry: Registry, c: Claimed, *, clock: Clock, cancelled: Callable[[], bool]
+) -> Outcome | None:
+    """`attempt` of a `def` action with no time limit, wholly on the calling thread
+    (one of `AttemptThreads`): no hop to the event loop and back per run. None if
+    `cancelled()` said so while the run waited for a start claimed ahead of time."""
+    a = _prepare(registry, c, clock)
+    if isinstance(a, Outcome):
+        return a
+    if a.ahead_s > 0:
+        time.sleep(a.ahead_s)
+        if cancelled():
+            return None
+    try:
+        value = _stamping_end(clock, a.ended, partial(a.reg.fn, **a.kwargs))
+        result = a.reg.encode_result(value)
+    except BaseException as exc:  # SystemExit too: on its own thread, it is a failure
+        return a.failed(exc)
+    return a.outcome("success", result=result)
+
+
+def runs_blocking(registry: Registry, c: Claimed) -> bool:
+    """Whether `attempt_blocking` can run `c`: a registered `def` action without a
+    time limit (past a limit, a thread is abandoned, which needs the loop's timer)."""
+    if c.timeout_ms is not None or not registry.has_action(c.fn):
+        return False
+    return not registry.action(c.fn).is_async
+
+
+class _Attempt:
+    """One attempt under way: the action and its decoded arguments, and how to turn
+    what happened into an `Outcome`."""
+
+    __slots__ = ("ahead_s", "c", "clock", "ended", "in_txn", "kwargs", "reg")
+
+    def __init__(
+        self, c: Claimed, reg: Registered, kwargs: dict[str, Any], in_txn: bool,
+        clock: Clock | None,
+    ) -> None:
+        self.c, self.reg, self.kwargs, self.in_txn, self.clock = c, reg, kwargs, in_txn, clock
+        # A claim made just ahead of a due time stamps the run as started then: the
+        # attempt waits for it.
+        self.ahead_s = 0.0 if clock is None else min(
+            seconds_until(clock, c.started_ms), _MAX_AHEAD_S
         )
+        self.ended: list[int] = []  # when the action returned or raised, stamped where it ran
 
+    def outcome(self, kind: str, **fields: Any) -> Outcome:
+        return _outcome(self.c, kind, self.in_txn, self.clock, self.ended, **fields)
+
+    def failed(self, exc: BaseException) -> Outcome:
+        """The outcome of an action that raised `exc` (or whose result is not JSON)."""
+        if isinstance(exc, AttemptTimeout):
+            return self.outcome("failure", error=describe(exc))
+        if isinstance(exc, (NonRetryableError, ResultNotSerializable)):
+            return self.outcome("fatal", error=describe(exc), traceback=traceback_of(exc))
+        if isinstance(exc, RetryAfter):
+            return self.outcome(
+                "failure", error=describe(exc), retry_after_ms=to_ms(exc.seconds)
+            )
+        if isinstance(exc, HandBack):
+            return self.outcome(
+                "released", error=describe(exc), retry_after_ms=to_ms(exc.seconds)
+            )
+        # Logged once recorded, when it is known whether the run will be retried.
+        return self.outcome("failure", error=describe(exc), traceback=traceback_of(exc))
+
+
+def _prepare(registry: Registry, c: Claimed, clock: Clock | None) -> _Attempt | Outcome:
+    """The attempt of `c`, or the outcome that ends it before its action is called."""
+    in_txn = handler_in_txn(registry, c.on_complete)
     try:
         reg = registry.action(c.fn)
     except UnregisteredFunction as exc:
         # Not ours to fail (claimed before the registry changed, or inserted running
         # by a higher tier): hand it back, as if never started.
-        return outcome("released", error=describe(exc))
+        return _outcome(c, "released", in_txn, clock, [], error=describe(exc))
     corrupt = unreadable("args", c.args, need_object=True) or unreadable("context", c.context)
     if corrupt is not None:
         # Retrying cannot help: fail this run alone; every other run goes on.
-        return outcome("fatal", error=f"CorruptRun: {corrupt}")
+        return _outcome(c, "fatal", in_txn, clock, [], error=f"CorruptRun: {corrupt}")
     try:
         kwargs = reg.decode_args(c.args)
     except pydantic.ValidationError as exc:
-        return outcome("fatal", error=f"CorruptRun: the stored args do not fit {c.fn!r}: {exc}")
-    # A claim made just ahead of a due time stamps the run as started then: wait for it.
-    ahead_s = 0.0 if clock is None else min(seconds_until(clock, c.started_ms), _MAX_AHEAD_S)
-    try:
-        if reg.is_async:
-            acall = partial(reg.fn, **kwargs)
-            if clock is not None:
-                acall = partial(_stamping_end_async, clock, ended, acall)
-            value = await _call_async(acall, c.timeout_ms, ahead_s, going_async)
-        else:
-            call = partial(reg.fn, **kwargs)
-            if clock is not None:
-                # On its thread: the hop back to the loop (late when the loop is busy)
-                # must not push the retry's due time back.
-                call = partial(_stamping_end, clock, ended, call)
-            value = await _call_sync(call, c.timeout_ms, ahead_s, limiter)
-        result = reg.encode_result(value)
-    except AttemptTimeout as exc:
-        return outcome("failure", error=describe(exc))
-    except (NonRetryableError, ResultNotSerializable) as exc:
-        return outcome("fatal", error=describe(exc), traceback=traceback_of(exc))
-    except RetryAfter as exc:
-        return outcome("failure", error=describe(exc), retry_after_ms=to_ms(exc.seconds))
-    except HandBack as exc:
-        return outcome("released", error=describe(exc), retry_after_ms=to_ms(exc.seconds))
-    except Exception as exc:
-        # Logged once recorded, when it is known whether the run will be retried.
-        return outcome("failure", error=describe(exc), traceback=traceback_of(exc))
-    return outcome("success", result=result)
+        return _outcome(
+            c, "fatal", in_txn, clock, [],
+            error=f"CorruptRun: the stored args do not fit {c.fn!r}: {exc}",
+        )
+    return _Attempt(c, reg, kwargs, in_txn, clock)
+
+
+def _outcome(
+    c: Claimed, kind: str, in_txn: bool, clock: Clock | None, ended: list[int], **fields: Any
+) -> Outcome:
+    return Outcome(
+        c.id,
+        c.fence,
+        kind,
+        c.started_ms,
+        handler_in_txn=in_txn,
+        attempt=c.attempts,
+        queue=c.queue,
+        plain=c.on_complete is None,
+        fn=c.fn,
+        ended_ms=ended[0] if ended else None if clock is None else ms_after(clock),
+        **fields,
+    )
 
 
 class AttemptTimeout(Exception):

@@ -26,7 +26,8 @@ from anyio.abc import TaskGroup, TaskStatus
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 from sqlalchemy import Connection
 
-from ._attempts import attempt
+from ._attempt_threads import AttemptThreads, Finished
+from ._attempts import attempt, attempt_blocking, runs_blocking
 from ._clock import to_ms
 from ._deliveries import Deliveries, finished_from
 from ._dialects import CANCEL, WouldBlock, is_transient, sent_at
@@ -112,6 +113,14 @@ class Worker:
         self.next_look_ms: int | None = None  # when the last claim said to look again
         self._claim_at: int | None = None  # a timer's due time, for the next claim
         self.jobs = WorkerJobs(self)
+        # `def` actions without a time limit run wholly on these threads (see
+        # `_attempt_threads`); every other attempt is a task on the loop.
+        self._threads = AttemptThreads(
+            self._attempt_blocking,
+            self._threads_finished,
+            self._from_thread,
+            on_thread_start=partial(current_worker.set, self),
+        )
 
     # -- lifecycle -----------------------------------------------------------------
 
@@ -144,6 +153,7 @@ class Worker:
                 listening.cancel()
         finally:
             timers.shutdown()
+            self._threads.close()
             with anyio.CancelScope(shield=True):
                 await anyio.to_thread.run_sync(self.jobs.retire_quietly)
             self._tg = None
@@ -176,6 +186,7 @@ class Worker:
                 if self._stopping:  # the rounds are spent
                     break
             send.close()
+        self._threads.close()
         self._tg = None
         return idle
 
@@ -258,6 +269,8 @@ class Worker:
             self._hold(c.id, c.fence)
             if c.state == DELIVERING:
                 self._tg.start_soon(self._deliver, finished_from(c))
+            elif not self.telemetry.active and runs_blocking(self.registry, c):
+                self._threads.submit(c)
             else:
                 self._tg.start_soon(self._execute, c)
         self.next_look_ms = wake_at_ms  # a due time, or when a rate limit lets more start
@@ -299,6 +312,28 @@ class Worker:
             current_worker.reset(token)
             with anyio.CancelScope(shield=True):
                 await self._record(outcome)
+
+    def _attempt_blocking(self, c: Claimed) -> Outcome | None:
+        """An attempt on one of `_threads` (called there)."""
+        return attempt_blocking(
+            self.registry, c, clock=self.store.clock,
+            cancelled=partial(self._cancel_reason.__contains__, c.id),
+        )
+
+    def _threads_finished(self, finished: Finished) -> None:
+        """Attempts that ended on `_threads`, to be recorded (called on the loop).
+        One whose run was cancelled or whose lease was lost meanwhile ends as
+        interrupted, as an attempt on the loop whose scope was cancelled does."""
+        outcomes = self._outcomes
+        for c, outcome in finished:
+            if outcome is None or c.id in self._cancel_reason:
+                outcome = self._interrupted(c)
+            if outcomes is None:  # the worker stopped meanwhile: the lease expires
+                continue
+            try:
+                outcomes.send_nowait(outcome)
+            except (anyio.ClosedResourceError, anyio.BrokenResourceError):
+                log.warning("run %s ended after its worker stopped; it will run again", c.id)
 
     async def attempt_claimed(self, c: Claimed, session_handler: SessionHandler) -> Outcome:
         """Execute a run this worker holds (from `Store.insert_running`) here and now,
@@ -545,10 +580,14 @@ class Worker:
         if scope is not None:
             self._cancel_reason.setdefault(run_id, reason)
             scope.cancel()
+        elif run_id in self._threads.running:
+            # A thread cannot be stopped: its outcome is replaced when it ends.
+            self._cancel_reason.setdefault(run_id, reason)
 
     def _lease_lost(self, run_id: str, fence: int) -> None:
         # The heartbeat read a snapshot; the attempt may have finished since.
-        if self._held.get(run_id) == fence and run_id in self._scopes:
+        attempting = run_id in self._scopes or run_id in self._threads.running
+        if self._held.get(run_id) == fence and attempting:
             log.warning(
                 "lost the lease of run %s; abandoning its attempt", run_id,
                 extra=run_extra(run_id),
