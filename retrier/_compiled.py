@@ -13,16 +13,19 @@ workflow step). Driver errors come back wrapped as SQLAlchemy's
 (`DBAPIError.instance`), a lost connection invalidated as SQLAlchemy would, so
 callers and `is_transient` see what they see from any other write.
 
-Only writes whose results are a row count take this path: statements that return
-rows go through SQLAlchemy, which processes their values by type.
+A `CompiledQuery` does the same for a claim's statements, which take lists
+(`IN :ids`, expanded per call by SQLAlchemy) and return rows: compiled once per size
+of its lists, its rows' values processed by their columns' types as SQLAlchemy's
+result would, returned as named tuples.
 """
 
 from __future__ import annotations
 
+from collections import namedtuple
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from sqlalchemy import Connection, Delete, Insert, Update
+from sqlalchemy import Connection, Delete, Insert, Select, Update
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import Dialect as SADialect
 
@@ -76,6 +79,85 @@ class CompiledWrite:
             # A name the row lacks takes the statement's own value, as SQLAlchemy would.
             binds.append((name, processor, bind.effective_value))
         return compiled.string, binds
+
+
+# A parameter as the driver takes it: its name in the expanded statement, the name
+# (and index, for a list's item) of the value it takes, the statement's own value
+# where the caller gives none, and its bind processor.
+_Param = tuple[str, str, int | None, Any, _Processor]
+
+
+class CompiledQuery:
+    """`stmt` compiled for one SQLAlchemy dialect once per size of its expanding
+    (`IN :list`) parameters, and run on a connection's driver cursor (inside its
+    transaction). A SELECT's rows come back as named tuples of its columns, their
+    values processed as SQLAlchemy's result processes them (the driver's type code
+    is not consulted: for dialects whose processors do not depend on it, such as
+    SQLite's)."""
+
+    def __init__(self, stmt: Select[Any] | Update | Delete, dialect: SADialect) -> None:
+        self._dialect = dialect
+        self._compiled = stmt.compile(dialect=dialect)
+        self._lists = [name for name, bind in self._compiled.binds.items() if bind.expanding]
+        self._expanded: dict[tuple[int, ...], tuple[str, list[_Param]]] = {}
+        self._row: Any = None
+        self._columns: list[_Processor] = []
+        if isinstance(stmt, Select):
+            columns = list(stmt.selected_columns)
+            self._row = namedtuple("Row", [str(c.key) for c in columns], rename=True)  # type: ignore[misc]
+            self._columns = [
+                c.type.dialect_impl(dialect).result_processor(dialect, None) for c in columns
+            ]
+
+    def rows(self, conn: Connection, params: dict[str, Any]) -> list[Any]:
+        """Execute with `params` (a value per parameter, a list for a list); the rows."""
+        sql, values = self._sql_and_values(params)
+        _, rows = on_cursor(conn, sql, [values], self._dialect, fetch=self._row is not None)
+        make, columns = self._row._make, self._columns
+        if not any(columns):
+            return [make(r) for r in rows]
+        return [
+            make([v if proc is None else proc(v) for proc, v in zip(columns, r, strict=True)])
+            for r in rows
+        ]
+
+    def execute(self, conn: Connection, params: dict[str, Any]) -> int:
+        """Execute with `params`; the rows changed."""
+        sql, values = self._sql_and_values(params)
+        return on_cursor(conn, sql, [values], self._dialect)[0]
+
+    def _sql_and_values(self, params: dict[str, Any]) -> tuple[str, Any]:
+        sizes = tuple(len(params[name]) for name in self._lists)
+        found = self._expanded.get(sizes)
+        if found is None:
+            found = self._expanded[sizes] = self._expand(params)
+        sql, binds = found
+        values = [
+            (expanded, value if proc is None else proc(value))
+            for expanded, name, index, constant, proc in binds
+            for value in (
+                constant if name not in params
+                else params[name] if index is None else params[name][index],
+            )
+        ]
+        if self._dialect.positional:
+            return sql, [value for _, value in values]
+        return sql, dict(values)
+
+    def _expand(self, params: dict[str, Any]) -> tuple[str, list[_Param]]:
+        state = self._compiled.construct_expanded_state(params)
+        origin: dict[str, tuple[str, int | None]] = {}
+        for name, expanded in (state.parameter_expansion or {}).items():
+            for position, each in enumerate(expanded):
+                origin[each] = (name, position)
+        names = state.positiontup if self._dialect.positional else list(state.parameters)
+        assert names is not None
+        binds: list[_Param] = []
+        for each in names:
+            name, index = origin.get(each, (each, None))
+            constant = None if name in params else state.parameters[each]
+            binds.append((each, name, index, constant, state.processors.get(each)))
+        return state.statement, binds
 
 
 def on_cursor(

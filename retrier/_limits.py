@@ -9,7 +9,7 @@ locking query, the stored values and the budget all follow from those.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,6 +31,7 @@ from sqlalchemy import (
 )
 
 from ._clock import Clock
+from ._compiled import CompiledQuery
 from ._group_budget import GROUP_FULL, GROUP_RESERVED, GROUP_ROWS, GroupBudget, load_groups
 from ._models import RUNNING
 from ._run_types import QueueLimits
@@ -206,7 +207,7 @@ class QueueBudget:
     @staticmethod
     def lock(
         conn: Connection,
-        queues: Select[Any],
+        queues: Select[Any] | CompiledQuery,
         params: dict[str, Any] | None = None,
         *,
         clock: Clock,
@@ -220,7 +221,10 @@ class QueueBudget:
         of their own: on PostgreSQL a statement that waits for a lock reads from the
         snapshot it took before the wait.
         """
-        rows = conn.execute(queues, params or {}).all()
+        if isinstance(queues, CompiledQuery):
+            rows: Sequence[Any] = queues.rows(conn, params or {})
+        else:
+            rows = conn.execute(queues, params or {}).all()
         return {r.name: limits_of(r) for r in rows}, clock.now_ms()
 
     @classmethod

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 import sqlite3
 import threading
 import time
@@ -36,7 +37,9 @@ from ._dialect import (
 from ._errors import InvalidDatabaseURL
 from ._pings import Pings
 
-_BUSY_TIMEOUT_MS = 30_000
+# How long a write waits for another's lock before it fails with DatabaseBusy, unless
+# the URL says (`sqlite:///app.db?timeout=5`, in seconds, as sqlite3.connect takes it).
+_DEFAULT_TIMEOUT_S = 30.0
 # Pings a SQLite transaction asked for (key in a connection's info), sent at commit.
 _PINGS = "tiers_pings"
 # How long a store call on the event loop retries a locked SQLite database before it
@@ -63,6 +66,7 @@ class SQLiteDialect:
                 "an in-memory SQLite database cannot be shared with workers; "
                 "give a file: sqlite:///tiers.db"
             )
+        timeout = _timeout_of(url)
         self.engine = create_engine(url, pool_size=8, max_overflow=32, pool_timeout=60)
         self.update_returning = bool(self.engine.dialect.update_returning)  # SQLite >= 3.35
         # The engine's own writes (claims, records, workflow steps) have connections
@@ -72,8 +76,9 @@ class SQLiteDialect:
             url, pool_size=4, max_overflow=16, pool_timeout=60, pool_use_lifo=True
         )
         for engine in (self.engine, self._internal):
-            event.listen(engine, "connect", partial(_sqlite_connect, durability))
-            event.listen(engine, "begin", _sqlite_begin)
+            event.listen(engine, "connect", partial(_sqlite_connect, durability, timeout))
+            event.listen(engine, "begin", _begin_waiting_up_to(timeout))
+        self._timeout = timeout
         # SQLite admits one writer at a time. This process's engine-internal writers
         # queue on a lock of our own, which hands over at once (see write_internal).
         self._write_lock = threading.RLock()
@@ -125,7 +130,7 @@ class SQLiteDialect:
         try:
             raw = pooled.driver_connection
             assert raw is not None
-            _with_retry(raw, lambda: raw.execute(sql, params))
+            _with_retry(raw, lambda: raw.execute(sql, params), self._timeout, self._timeout)
         except sqlite3.Error as exc:
             error = wrapped(exc, sql, params, sqlite3.Error)
             if isinstance(exc, sqlite3.OperationalError):
@@ -243,35 +248,64 @@ class SQLiteDialect:
 
 
 
-def _sqlite_connect(durability: Durability, dbapi_conn: Any, _record: Any) -> None:
+def _timeout_of(url: URL) -> float:
+    """The URL's `timeout` (seconds a write waits for a lock), or the default."""
+    given = url.query.get("timeout")
+    if given is None:
+        return _DEFAULT_TIMEOUT_S
+    try:
+        timeout = float(given if isinstance(given, str) else given[-1])
+    except ValueError:
+        timeout = math.nan
+    if not 0 <= timeout <= 3600:
+        raise InvalidDatabaseURL(f"timeout must be seconds from 0 to 3600, got {given!r}")
+    return timeout
+
+
+def _sqlite_connect(
+    durability: Durability, timeout: float, dbapi_conn: Any, _record: Any
+) -> None:
     dbapi_conn.isolation_level = None  # we issue BEGIN ourselves
     cursor = dbapi_conn.cursor()
     cursor.execute("PRAGMA journal_mode=WAL")
-    cursor.execute(f"PRAGMA busy_timeout={_BUSY_TIMEOUT_MS}")
+    cursor.execute(f"PRAGMA busy_timeout={round(timeout * 1000)}")
     cursor.execute(f"PRAGMA synchronous={durability.upper()}")
     cursor.close()
 
 
-def _sqlite_begin(conn: Connection) -> None:
+def _begin_waiting_up_to(timeout: float) -> Callable[[Connection], None]:
+    """The engine's "begin" listener (a plain function: SQLAlchemy inspects what it
+    is given, and a partial costs more per call)."""
+
+    def begin(conn: Connection) -> None:
+        _sqlite_begin(timeout, conn)
+
+    return begin
+
+
+def _sqlite_begin(timeout: float, conn: Connection) -> None:
     mode = conn.get_execution_options().get("tiers_begin", "IMMEDIATE")
     raw = conn.connection.dbapi_connection
     assert raw is not None
-    _begin_with_retry(raw, f"BEGIN {mode}", timeout=-1.0 if ON_LOOP.get() else 30.0)
+    _begin_with_retry(raw, f"BEGIN {mode}", -1.0 if ON_LOOP.get() else timeout, timeout)
 
 
-def _begin_with_retry(raw: Any, begin: str, timeout: float = 30.0) -> None:
+def _begin_with_retry(raw: Any, begin: str, timeout: float, busy_timeout: float) -> None:
     """BEGIN, retrying a locked database every ~0.1-2 ms (see `_with_retry`)."""
-    _with_retry(raw, lambda: raw.execute(begin), timeout)
+    _with_retry(raw, lambda: raw.execute(begin), timeout, busy_timeout)
 
 
-def _with_retry(raw: Any, statement: Callable[[], object], timeout: float = 30.0) -> None:
+def _with_retry(
+    raw: Any, statement: Callable[[], object], timeout: float, busy_timeout: float
+) -> None:
     """Run `statement` (one that takes the write lock or does nothing), retrying a
     locked database every ~0.1-2 ms.
 
     SQLite's own busy handler sleeps 1, 2, 5, 10... ms between tries, so a writer
     waiting on a lock held for 100 us sleeps far past its release; under contention
     between processes that halves throughput. We retry on a finer schedule instead,
-    with busy_timeout off for this one statement. A negative timeout means one try:
+    with busy_timeout off for this one statement (then back to the connection's
+    `busy_timeout`, in seconds). A negative timeout means one try:
     a locked database raises WouldBlock.
     """
     raw.execute("PRAGMA busy_timeout=0")
@@ -292,4 +326,4 @@ def _with_retry(raw: Any, statement: Callable[[], object], timeout: float = 30.0
             time.sleep(pause)
             pause = min(pause * 1.5, 0.002)
     finally:
-        raw.execute(f"PRAGMA busy_timeout={_BUSY_TIMEOUT_MS}")
+        raw.execute(f"PRAGMA busy_timeout={round(busy_timeout * 1000)}")

@@ -239,9 +239,8 @@ def attempt_row(
 
 
 def limits_of(row: Any) -> QueueLimits:
-    """The limits a `tiers_queues` row holds."""
-    values = row._mapping
-    return QueueLimits(**{f.name: values[f.name] for f in dataclasses.fields(QueueLimits)})
+    """The limits a `tiers_queues` row holds (a SQLAlchemy row or a named tuple)."""
+    return QueueLimits(**{f.name: getattr(row, f.name) for f in dataclasses.fields(QueueLimits)})
 
 
 # Workers whose heartbeat is recent enough (three leases): who can run what.

@@ -173,19 +173,10 @@ def test_the_api_raises_schema_missing_when_tables_are_dropped(retrier: Retrier)
 
 
 @pytest.fixture
-def hold_write_lock(db_url: str, monkeypatch: pytest.MonkeyPatch) -> Callable[[], Any]:
+def hold_write_lock(db_url: str) -> Callable[[], Any]:
     """A context manager factory: while open, another connection holds the lock an
-    enqueue needs, and SQLite writers give up after 0.2 s instead of 30 s."""
+    enqueue needs."""
     import contextlib
-
-    import retrier._sqlite as dialects
-
-    begin = dialects._begin_with_retry
-
-    def impatient(raw: Any, statement: str, timeout: float = 30.0) -> None:
-        begin(raw, statement, min(timeout, 0.2))
-
-    monkeypatch.setattr(dialects, "_begin_with_retry", impatient)
 
     @contextlib.contextmanager
     def hold() -> Iterator[None]:
@@ -216,9 +207,11 @@ def hold_write_lock(db_url: str, monkeypatch: pytest.MonkeyPatch) -> Callable[[]
 def test_an_enqueue_on_a_locked_database_raises_database_busy(
     db_url: str, hold_write_lock: Callable[[], Any]
 ) -> None:
-    # PostgreSQL waits on locks as long as lock_timeout says (forever by default); the
-    # test sets 200 ms, as an application may in its URL.
-    url = db_url if kind_of(db_url) == "sqlite" else db_url + "%20-clock_timeout%3D200"
+    # PostgreSQL waits on locks as long as lock_timeout says (forever by default),
+    # SQLite as long as the URL's timeout (30 s by default); the test sets 200 ms, as
+    # an application may in its URL.
+    sqlite = kind_of(db_url) == "sqlite"
+    url = db_url + ("?timeout=0.2" if sqlite else "%20-clock_timeout%3D200")
     retrier = Retrier(url)
     try:
 
@@ -237,3 +230,9 @@ def test_an_enqueue_on_a_locked_database_raises_database_busy(
         assert retrier.store.checked_out() == 0
     finally:
         retrier.close()
+
+
+@pytest.mark.parametrize("timeout", ["-1", "nan", "soon", "7200"])
+def test_a_bad_sqlite_timeout_is_refused(tmp_path: Path, timeout: str) -> None:
+    with pytest.raises(InvalidDatabaseURL, match="timeout"):
+        Retrier(f"sqlite:///{tmp_path}/x.db?timeout={timeout}")
