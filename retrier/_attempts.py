@@ -65,7 +65,7 @@ async def attempt(
                 call = partial(_stamping_end, clock, a.ended, call)
             value = await _call_sync(call, c.timeout_ms, a.ahead_s, limiter)
         result = a.reg.encode_result(value)
-    except Exception as exc:
+    except (Exception, SystemExit) as exc:  # an action's sys.exit() must not end the worker
         return a.failed(exc)
     return a.outcome("success", result=result)
 

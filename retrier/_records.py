@@ -252,7 +252,7 @@ class Records:
         Those that could not (a lost lease, a cancel request: rare) are found by
         reading the batch back, and go the general way."""
         plain = [o for o in outcomes if o.kind == "success" and o.plain and o.attempt]
-        if len(plain) < 2 or not self._batch_rowcount:
+        if not plain or not self._batch_rowcount:
             return outcomes
         changed = self._complete_plain_success.run_in(
             conn,

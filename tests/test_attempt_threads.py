@@ -88,3 +88,15 @@ def test_a_sync_action_with_a_time_limit_still_times_out(make_retrier: MakeRetri
         release.set()
     assert isinstance(status, Completed) and isinstance(status.result, Failed)
     assert "exceeded" in status.result.error
+
+
+def test_system_exit_in_an_async_action_is_a_failed_attempt(make_retrier: MakeRetrier) -> None:
+    retrier = make_retrier(max_failures=1)
+
+    @retrier.action
+    async def exits() -> None:
+        raise SystemExit("bye")
+
+    with retrier:
+        run_id = retrier.run(exits)
+        assert retrier.wait(run_id, timeout=20) == Completed(Failed("SystemExit: bye"))
