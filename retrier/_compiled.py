@@ -54,9 +54,7 @@ class CompiledWrite:
             for name, proc, default in binds
             for value in (row.get(name, default),)
         ]
-        if self._dialect.positional:
-            return sql, [value for _, value in values]
-        return sql, dict(values)
+        return sql, _for_driver(self._dialect, values)
 
     def run_in(self, conn: Connection, rows: Sequence[dict[str, Any]]) -> int:
         """Execute the statement once per row of `rows` (which share their names), on
@@ -140,9 +138,7 @@ class CompiledQuery:
                 else params[name] if index is None else params[name][index],
             )
         ]
-        if self._dialect.positional:
-            return sql, [value for _, value in values]
-        return sql, dict(values)
+        return sql, _for_driver(self._dialect, values)
 
     def _expand(self, params: dict[str, Any]) -> tuple[str, list[_Param]]:
         state = self._compiled.construct_expanded_state(params)
@@ -158,6 +154,15 @@ class CompiledQuery:
             constant = None if name in params else state.parameters[each]
             binds.append((each, name, index, constant, state.processors.get(each)))
         return state.statement, binds
+
+
+def _for_driver(
+    dialect: SADialect, values: list[tuple[str, Any]]
+) -> Sequence[Any] | dict[str, Any]:
+    """Named values as the driver takes them: in order (qmark, format) or by name."""
+    if dialect.positional:
+        return [value for _, value in values]
+    return dict(values)
 
 
 def on_cursor(

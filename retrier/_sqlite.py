@@ -278,16 +278,12 @@ def _begin_waiting_up_to(timeout: float) -> Callable[[Connection], None]:
     is given, and a partial costs more per call)."""
 
     def begin(conn: Connection) -> None:
-        _sqlite_begin(timeout, conn)
+        mode = conn.get_execution_options().get("tiers_begin", "IMMEDIATE")
+        raw = conn.connection.dbapi_connection
+        assert raw is not None
+        _begin_with_retry(raw, f"BEGIN {mode}", -1.0 if ON_LOOP.get() else timeout, timeout)
 
     return begin
-
-
-def _sqlite_begin(timeout: float, conn: Connection) -> None:
-    mode = conn.get_execution_options().get("tiers_begin", "IMMEDIATE")
-    raw = conn.connection.dbapi_connection
-    assert raw is not None
-    _begin_with_retry(raw, f"BEGIN {mode}", -1.0 if ON_LOOP.get() else timeout, timeout)
 
 
 def _begin_with_retry(raw: Any, begin: str, timeout: float, busy_timeout: float) -> None:
