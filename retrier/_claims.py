@@ -29,7 +29,7 @@ from ._clock import Clock
 from ._compiled import CompiledQuery
 from ._dialects import Dialect, reconnecting
 from ._group_budget import GROUP_ROWS
-from ._limits import LIMITED_QUEUES, ONE_QUEUE, Counted, QueueBudget
+from ._limits import COUNTED_IN_QUEUE, LIMITED_QUEUES, ONE_QUEUE, Counted, QueueBudget
 from ._models import CLAIMABLE, DELIVERING, FINISHING, PENDING, RUNNING
 from ._run_types import ANYTHING, Claimed, Runnable
 from ._tables import CLAIM_COLUMNS, IDS, in_state, runs
@@ -213,6 +213,9 @@ class Claims:
         # refills: on the driver, its statements' lists expanded once per size
         # (through SQLAlchemy, parameter work measured half of such a claim's CPU).
         sa_dialect = dialect.engine.dialect
+        # An inline start's slot (`queue_has_room`), taken the same way.
+        self._one_queue = CompiledQuery(self._locked_queue, sa_dialect)
+        self._counted_in_queue = CompiledQuery(COUNTED_IN_QUEUE, sa_dialect)
         self._plain = _PlainClaim(
             limited_queues=CompiledQuery(self._limited_queues, sa_dialect),
             due=CompiledQuery(self._due_candidates, sa_dialect),
@@ -457,10 +460,11 @@ class Claims:
         # Locks the queue's row as a claim does, so the two cannot both take its last slot
         # (a claim locks every limited queue's row, this one included), then its
         # group's row, as a claim does too: the group's members take its slots in turn.
-        locked = (self._locked_queue, {"queue": queue})
+        locked = (self._one_queue, {"queue": queue})
         # The run it starts is not stored yet: counted as due in its group's budget.
         budget = QueueBudget.load(
-            conn, locked, self.clock, worker, self._locked_groups, arriving=queue
+            conn, locked, self.clock, worker, self._locked_groups, arriving=queue,
+            counted_in_queue=self._counted_in_queue,
         )
         if not budget.take(queue, key):
             return False

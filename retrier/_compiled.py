@@ -25,7 +25,7 @@ from collections import namedtuple
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from sqlalchemy import Connection, Delete, Insert, Select, Update
+from sqlalchemy import CompoundSelect, Connection, Delete, Insert, Select, Update
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import Dialect as SADialect
 
@@ -88,20 +88,27 @@ _Param = tuple[str, str, int | None, Any, _Processor]
 class CompiledQuery:
     """`stmt` compiled for one SQLAlchemy dialect once per size of its expanding
     (`IN :list`) parameters, and run on a connection's driver cursor (inside its
-    transaction). A SELECT's rows come back as named tuples of its columns, their
-    values processed as SQLAlchemy's result processes them (the driver's type code
-    is not consulted: for dialects whose processors do not depend on it, such as
-    SQLite's)."""
+    transaction). The rows of a SELECT (or of an UPDATE's or DELETE's RETURNING) come
+    back as named tuples of its columns, their values processed as SQLAlchemy's
+    result processes them (the driver's type code is not consulted: for dialects
+    whose processors do not depend on it, such as SQLite's, or for columns with no
+    processor, such as integers and strings on psycopg)."""
 
-    def __init__(self, stmt: Select[Any] | Update | Delete, dialect: SADialect) -> None:
+    def __init__(
+        self, stmt: Select[Any] | CompoundSelect[Any] | Update | Delete, dialect: SADialect
+    ) -> None:
         self._dialect = dialect
         self._compiled = stmt.compile(dialect=dialect)
         self._lists = [name for name, bind in self._compiled.binds.items() if bind.expanding]
         self._expanded: dict[tuple[int, ...], tuple[str, list[_Param]]] = {}
         self._row: Any = None
         self._columns: list[_Processor] = []
-        if isinstance(stmt, Select):
-            columns = list(stmt.selected_columns)
+        columns = list(
+            stmt.selected_columns
+            if isinstance(stmt, Select | CompoundSelect)
+            else stmt.exported_columns  # what it returns: none without RETURNING
+        )
+        if columns:
             self._row = namedtuple("Row", [str(c.key) for c in columns], rename=True)  # type: ignore[misc]
             self._columns = [
                 c.type.dialect_impl(dialect).result_processor(dialect, None) for c in columns
@@ -152,8 +159,17 @@ class CompiledQuery:
         for each in names:
             name, index = origin.get(each, (each, None))
             constant = None if name in params else state.parameters[each]
-            binds.append((each, name, index, constant, state.processors.get(each)))
+            # A statement without lists has no expanded state's processors: its own.
+            processor = state.processors.get(each) or self._processor(each)
+            binds.append((each, name, index, constant, processor))
         return state.statement, binds
+
+
+    def _processor(self, name: str) -> _Processor:
+        bind = self._compiled.binds.get(name)
+        if bind is None:
+            return None
+        return bind.type.dialect_impl(self._dialect).bind_processor(self._dialect)
 
 
 def _for_driver(

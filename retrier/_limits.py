@@ -9,7 +9,7 @@ locking query, the stored values and the budget all follow from those.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -178,26 +178,32 @@ class QueueBudget:
     def load(
         cls,
         conn: Connection,
-        queues: tuple[Select[Any], dict[str, Any]],
+        queues: tuple[Select[Any] | CompiledQuery, dict[str, Any]],
         clock: Clock,
         worker: str,
         group_rows: Select[Any] = GROUP_ROWS,
         arriving: str | None = None,
+        counted_in_queue: CompiledQuery | None = None,
     ) -> QueueBudget:
         """Lock the rows of `queues` (a locking statement and its parameters), then
         those of their groups (`group_rows`), and count their slots for `worker` (see
-        `lock`; `arriving`: see `load_groups`)."""
+        `lock`; `arriving`: see `load_groups`). `counted_in_queue`: COUNTED_IN_QUEUE
+        compiled for the driver, to count a single queue with."""
         limits, now = cls.lock(conn, *queues, clock=clock)
         if not limits:
             return cls.build(conn, limits, {}, set(), now, group_rows, arriving)
         counted: dict[str, Counted] = {}
         overridden: set[str] = set()
-        params: dict[str, Any]
+        rows: Iterable[Any]
         if len(limits) == 1:
-            counting, params = COUNTED_IN_QUEUE, {"name": next(iter(limits)), "worker": worker}
+            params = {"name": next(iter(limits)), "worker": worker}
+            rows = (
+                conn.execute(COUNTED_IN_QUEUE, params) if counted_in_queue is None
+                else counted_in_queue.rows(conn, params)
+            )
         else:
-            counting, params = COUNTED_PER_QUEUE, {"names": list(limits), "worker": worker}
-        for kind, queue, n, held in conn.execute(counting, params):
+            rows = conn.execute(COUNTED_PER_QUEUE, {"names": list(limits), "worker": worker})
+        for kind, queue, n, held in rows:
             if kind == "own":
                 overridden.add(queue)
             else:

@@ -19,7 +19,7 @@ from sqlalchemy import (
 
 from ._claims import Claims
 from ._clock import Clock
-from ._compiled import CompiledWrite
+from ._compiled import CompiledQuery, CompiledWrite
 from ._dialects import WAKE, Dialect, is_transient
 from ._errors import describe
 from ._models import (
@@ -76,9 +76,12 @@ class Records:
         self._insert_attempts = CompiledWrite(INSERT_ATTEMPTS, sa_dialect)
         self._settle = CompiledWrite(SETTLE, sa_dialect)
         self._complete_plain_success = CompiledWrite(COMPLETE_PLAIN_SUCCESS, sa_dialect)
+        # A success and its attempt's row: one statement where writes nest in a WITH
+        # (PostgreSQL), else an UPDATE ... RETURNING on the driver, then the INSERT.
         self.completing_with_attempt = (
             completing_with_attempt() if dialect.writes_in_cte else None
         )
+        self._completing_success = CompiledQuery(COMPLETE_SUCCESS, sa_dialect)
 
     def record(
         self,
@@ -304,9 +307,10 @@ class Records:
             if row is None:
                 return None
         else:
-            row = conn.execute(COMPLETE_SUCCESS, params).first()
-            if row is None:
+            found = self._completing_success.rows(conn, params)
+            if not found:
                 return None
+            row = found[0]
             attempt = attempt_row(
                 o.run_id, row.attempts, row.queue, worker, o.started_ms, now, SUCCESS
             )

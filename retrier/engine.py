@@ -30,7 +30,7 @@ from ._checks import (
 from ._cli import Context as CliContext
 from ._cli import console, format_ms, or_exit, print_listing, print_why, shorten
 from ._clock import MAX_AHEAD, delay_ms, due_ms, ms_to_datetime, to_ms
-from ._compiled import CompiledWrite, on_cursor
+from ._compiled import CompiledQuery, CompiledWrite, on_cursor
 from ._dialects import Dialect, is_transient, partial_index
 from ._errors import describe as describe_error
 from ._errors import format_size
@@ -98,6 +98,7 @@ __all__ = [
     "Changes",
     "Claimed",
     "CliContext",
+    "CompiledQuery",
     "CompiledWrite",
     "CorruptValue",
     "Debounced",

@@ -93,3 +93,24 @@ def test_a_statements_own_values_are_kept(stored: Retrier) -> None:
         assert CompiledQuery(stmt, sa_dialect).execute(conn, {"ids": [one], "failures": 3}) == 1
     row = stored.store.get(one)
     assert (row.error, row.failures) == ("set by the statement", 3)
+
+
+def test_an_update_returning_without_lists_encodes_and_decodes_json(stored: Retrier) -> None:
+    """No list to expand: the bind processors are the statement's own (a JSON value is
+    encoded), and RETURNING's rows are decoded by their columns' types."""
+    sa_dialect = stored.store.engine.dialect
+    stmt = (
+        update(runs)
+        .where(runs.c.id == bindparam("b_id"))
+        .values(result=bindparam("b_result"))
+        .returning(runs.c.id, runs.c.result, runs.c.args)
+    )
+    with stored.store.dialect.read() as conn:
+        one = conn.execute(select(runs.c.id).where(runs.c.fn == "first").limit(1)).scalar_one()
+    value = {"list": [1, "two"], "nested": {"n": None}}
+    with stored.store.dialect.write() as conn:
+        got = CompiledQuery(stmt, sa_dialect).rows(conn, {"b_id": one, "b_result": value})
+        missing = CompiledQuery(stmt, sa_dialect).rows(conn, {"b_id": "none", "b_result": 1})
+    assert [(r.id, r.result) for r in got] == [(one, value)]
+    assert isinstance(got[0].args, dict) and missing == []
+    assert stored.store.get(one).result == value

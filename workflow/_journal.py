@@ -26,6 +26,7 @@ from retrier.engine import RUNNING as RUN_RUNNING
 from retrier.engine import SUCCESS as RUN_SUCCESS
 from retrier.engine import (
     Claimed,
+    CompiledQuery,
     CompiledWrite,
     NewRun,
     Store,
@@ -171,11 +172,15 @@ class Journal(JournalReads):
                 workflows_t.c.id == bindparam("wf"), watched
             )
         self._lock_workflow = self.dialect.lock_rows(_LOCK_WORKFLOW.add_columns(*extra))
-        # The same lock where only the state matters (no JSON to decode).
-        self._lock_state = self.dialect.lock_rows(
-            select(workflows_t.c.state)
-            .where(workflows_t.c.id == bindparam("wf"))
-            .add_columns(*extra)
+        # The same lock where only the state matters (no JSON to decode), taken by
+        # every step's start: on the driver (see retrier's `_compiled`).
+        self._lock_state = CompiledQuery(
+            self.dialect.lock_rows(
+                select(workflows_t.c.state)
+                .where(workflows_t.c.id == bindparam("wf"))
+                .add_columns(*extra)
+            ),
+            self.dialect.engine.dialect,
         )
         # RETURNING says whether it inserted (a rowcount may read -1 here).
         self._insert_workflow_once = self.dialect.insert_ignoring(workflows_t).returning(
@@ -627,8 +632,8 @@ class Journal(JournalReads):
         return {"wf": workflow_id, "now": self.clock.now_ms()}
 
     def lock_running(self, conn: Connection, workflow_id: str) -> None:
-        row = conn.execute(self._lock_state, self._lock_params(workflow_id)).first()
-        if row is None or row.state != RUNNING:
+        rows = self._lock_state.rows(conn, self._lock_params(workflow_id))
+        if not rows or rows[0].state != RUNNING:
             raise NotRunning(workflow_id)
 
 
