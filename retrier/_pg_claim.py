@@ -17,6 +17,15 @@ engine_0007) through `tiers_claim_queue_v3`, and each key's run through
 attempt timeout (engine_0008). Each version is a new name, never a replacement: an
 older release, still running beside this one in a rolling deploy, keeps calling its
 `tiers_claim_v4` (or `tiers_claim_v2`, or `tiers_claim`), which stay in place.
+
+It runs with `plan_cache_mode = force_generic_plan` (and so do the functions it
+calls). PL/pgSQL plans each statement once per session, but under the default
+(`auto`) a statement with parameters is planned again at every call while the
+custom plans look cheaper than the generic one, which they do for these statements:
+planning then cost more than running them (a claim of 5 with nothing limited, 1.4 ms
+of server time against 0.85 ms with generic plans; `tiers_group_budget_v1` alone
+122 us against 26 us per call). The generic plans are the index scans the custom
+ones are, at every table size (`bench.claim_scaling`, `bench.fair_claims`).
 """
 
 from __future__ import annotations
@@ -166,7 +175,7 @@ CREATE OR REPLACE FUNCTION tiers_claim_v5(
     attempts integer, failures integer, queue varchar, owner varchar,
     on_complete varchar, context json, outcome varchar, result json, error varchar,
     wake_ms bigint, trace varchar, due_ms bigint, timeout_ms bigint
-) LANGUAGE plpgsql VOLATILE AS $fn$
+) LANGUAGE plpgsql VOLATILE SET plan_cache_mode = force_generic_plan AS $fn$
 #variable_conflict use_column
 DECLARE
     v_now bigint := p_now;
