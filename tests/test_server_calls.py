@@ -265,3 +265,27 @@ def _row(retrier: Retrier, wf_id: str) -> dict[str, Any]:
     with retrier.engine.connect() as conn:
         row = conn.execute(select(workflows_t).where(workflows_t.c.id == wf_id)).mappings().one()
     return {k: v for k, v in row.items() if k not in _VOLATILE_WORKFLOW}
+
+
+@on_postgresql
+def test_the_server_functions_plan_their_statements_once_per_session(
+    make_retrier: MakeRetrier,
+) -> None:
+    """The claim (created at start-up) and the workflow entry points (workflow_0006)
+    run with generic plans: under `auto` PL/pgSQL planned their statements anew at
+    every call."""
+    retrier, _ = _build(make_retrier, server=True)
+    with retrier.store.dialect.read() as conn:
+        settings = dict(
+            conn.execute(
+                text(
+                    "SELECT p.proname, p.proconfig FROM pg_proc p"
+                    " WHERE p.proname IN ('tiers_claim_v5', 'tiers_step_v1', 'tiers_finish_v1')"
+                    " AND p.pronamespace = current_schema()::regnamespace"
+                )
+            ).all()
+        )
+    assert settings == {
+        name: ["plan_cache_mode=force_generic_plan"]
+        for name in ("tiers_claim_v5", "tiers_step_v1", "tiers_finish_v1")
+    }
