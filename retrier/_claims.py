@@ -26,7 +26,7 @@ from sqlalchemy import (
 
 from ._claim_order import KeyTurns, MergeKey, QueueOrder, aging_of, merge_key_rows
 from ._clock import Clock
-from ._compiled import CompiledQuery
+from ._compiled import CompiledQuery, on_cursor
 from ._dialects import Dialect, reconnecting
 from ._group_budget import GROUP_ROWS
 from ._limits import COUNTED_IN_QUEUE, LIMITED_QUEUES, ONE_QUEUE, Counted, QueueBudget
@@ -344,30 +344,35 @@ class Claims:
         }
         claimed: list[Claimed] = []
         wake_at: int | None = None
-        for r in conn.exec_driver_sql(_SERVER_CLAIM, params):
-            if r.kind == "wake":
-                wake_at = r.wake_ms
+        # On the driver's cursor: psycopg decodes every column (JSON included), and
+        # SQLAlchemy's result would only wrap the rows (a third of the call's CPU).
+        _, rows = on_cursor(conn, _SERVER_CLAIM, [params], conn.dialect, fetch=True)
+        for (kind, run_id, fn, args, state, fence, attempts, failures, queue, owner,
+             on_complete, context, outcome, result, error, wake_ms, trace, due_ms,
+             timeout_ms) in rows:
+            if kind == "wake":
+                wake_at = wake_ms
                 continue
             claimed.append(
                 Claimed(
-                    id=r.id,
-                    fn=r.fn,
-                    args=r.args,
-                    state=r.state,
-                    fence=r.fence,
-                    attempts=r.attempts,
-                    failures=r.failures,
-                    queue=r.queue,
-                    owner=r.owner,
-                    on_complete=r.on_complete,
-                    context=r.context,
-                    outcome=r.outcome,
-                    result=r.result,
-                    error=r.error,
-                    started_ms=r.wake_ms,
-                    trace=r.trace,
-                    due_ms=r.due_ms,
-                    timeout_ms=r.timeout_ms,
+                    id=run_id,
+                    fn=fn,
+                    args=args,
+                    state=state,
+                    fence=fence,
+                    attempts=attempts,
+                    failures=failures,
+                    queue=queue,
+                    owner=owner,
+                    on_complete=on_complete,
+                    context=context,
+                    outcome=outcome,
+                    result=result,
+                    error=error,
+                    started_ms=wake_ms,
+                    trace=trace,
+                    due_ms=due_ms,
+                    timeout_ms=timeout_ms,
                 )
             )
         return claimed, wake_at

@@ -20,7 +20,7 @@ from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 from sqlalchemy.engine import URL
 from sqlalchemy.sql import ColumnElement, Select
 
-from ._compiled import CompiledWrite, wrapped
+from ._compiled import CompiledWrite, on_cursor, wrapped
 from ._dberrors import DRIVER_ERRORS, raise_translated
 from ._dialect import CANCEL, WAKE, Durability, Listener, P, T
 from ._errors import InvalidDatabaseURL
@@ -219,9 +219,8 @@ class PostgresDialect:
         pass  # runs committed by anyone are announced by the trigger on tiers_runs
 
     def notify(self, conn: Connection, kind: str, payload: str = "") -> None:
-        conn.execute(
-            text("SELECT pg_notify(:c, :p)"), {"c": self._channels[kind], "p": payload}
-        )
+        # On the driver's cursor: a worker sends one with most records.
+        on_cursor(conn, _NOTIFY, [(self._channels[kind], payload)], conn.dialect)
 
     async def listen(
         self, on_notify: Listener, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED
@@ -261,6 +260,8 @@ def _search_path(namespace: str, dbapi_conn: Any, _record: Any) -> None:
         cursor.execute(f'SET search_path TO "{namespace}"')
     dbapi_conn.commit()
 
+
+_NOTIFY = "SELECT pg_notify(%s, %s)"
 
 _WAKE_FUNCTION = """
 CREATE OR REPLACE FUNCTION tiers_notify_wake() RETURNS trigger AS $$
