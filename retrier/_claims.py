@@ -206,7 +206,6 @@ class Claims:
         self._order = QueueOrder(dialect, _RUNNABLE)
         self._turns = KeyTurns(dialect, _RUNNABLE)
         self._due_deliveries = dialect.lock_for_claim(_DUE_DELIVERIES)
-        self._locked_queue = dialect.lock_rows(ONE_QUEUE)
         self._limited_queues = dialect.lock_rows(LIMITED_QUEUES)
         self._locked_groups = dialect.lock_rows(GROUP_ROWS)
         # A claim with no limited queue, as SQLite makes it every time it claims or
@@ -214,7 +213,7 @@ class Claims:
         # (through SQLAlchemy, parameter work measured half of such a claim's CPU).
         sa_dialect = dialect.engine.dialect
         # An inline start's slot (`queue_has_room`), taken the same way.
-        self._one_queue = CompiledQuery(self._locked_queue, sa_dialect)
+        self._one_queue = CompiledQuery(dialect.lock_rows(ONE_QUEUE), sa_dialect)
         self._counted_in_queue = CompiledQuery(COUNTED_IN_QUEUE, sa_dialect)
         self._plain = _PlainClaim(
             limited_queues=CompiledQuery(self._limited_queues, sa_dialect),
