@@ -16,7 +16,9 @@ from ._store import Store
 
 log = logging.getLogger("tiers")
 
-# How many runs (or workflows) a wait reads the state of at a time.
+# How many runs (or workflows) a wait reads the state of at a time: the first slice,
+# then twice as many each time a slice is all done, up to the last.
+_FIRST_SLICE = 8
 _WAIT_SLICE = 200
 R = TypeVar("R")
 
@@ -37,11 +39,14 @@ def all_reached(
     `not_found(id)`.
 
     Reads a slice at a time, and stops at the first slice with one still going: a wait
-    for thousands then costs one short read per look, not one of everything left.
+    for thousands then costs one short read per look, not one of everything left. The
+    slices start small and double while they are all done: a wait for hundreds, woken
+    as each one ends, reads a few rows per look until most have ended.
     """
     ordered = sorted(remaining)
-    for start in range(0, len(ordered), _WAIT_SLICE):
-        chunk = ordered[start : start + _WAIT_SLICE]
+    start, size = 0, _FIRST_SLICE
+    while start < len(ordered):
+        chunk = ordered[start : start + size]
         states = states_of(chunk)
         for missing in set(chunk) - states.keys():
             raise not_found(missing)
@@ -49,6 +54,7 @@ def all_reached(
         remaining.difference_update(done)
         if len(done) < len(chunk):
             return None
+        start, size = start + size, min(size * 2, _WAIT_SLICE)
     return True
 
 
