@@ -42,7 +42,7 @@ def test_three_workers_one_killed_every_workflow_completes_exactly_once(db_url: 
     ]
     procs = [subprocess.Popen(cmd, cwd=ROOT, env=env) for _ in range(3)]
     try:
-        labels = [f"w{i}" for i in range(200)]
+        labels = [f"w{i}" for i in range(120)]
         ids = {
             label: workflows.start(
                 "five", {"label": label}, on_complete="record_completion",

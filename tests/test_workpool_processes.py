@@ -241,8 +241,8 @@ def _workers(db_url: str) -> int:
 
 def test_the_cap_holds_across_processes(db_url: str, tmp_path: Path) -> None:
     settings = {"name": "capped", "max_parallelism": 3}
-    outcome = run_pool(db_url, tmp_path, settings, items=500, ms=40, workers=_workers(db_url))
-    check_common(outcome, 500)
+    outcome = run_pool(db_url, tmp_path, settings, items=250, ms=40, workers=_workers(db_url))
+    check_common(outcome, 250)
     spans = [(i.start, i.end) for i in outcome.intervals]
     assert max_overlap(spans) == 3, "at most 3 at once, and the pool was used fully"
 
@@ -261,7 +261,7 @@ def test_the_per_key_limit_holds_across_processes(db_url: str, tmp_path: Path) -
 
 
 def test_the_rate_limit_holds_across_processes(db_url: str, tmp_path: Path) -> None:
-    limit, period_ms = 10, 500
+    limit, period_ms = 10, 250
     settings = {"name": "rated", "max_parallelism": 50, "rate_limit": [limit, period_ms / 1000]}
     outcome = run_pool(db_url, tmp_path, settings, items=80, ms=20, workers=_workers(db_url))
     check_common(outcome, 80)
