@@ -146,6 +146,10 @@ class Dialect(Protocol):
     server_claim: bool
     """Whether claims run as one server-side call (`tiers_claim`, PostgreSQL): the
     locks they take are then held for one round trip."""
+    straggler_wait_s: float
+    """How long a worker's record waits for the few attempts of a batch still running
+    (see `Worker._record_loop`): worth it where a record is a round trip and a commit
+    (PostgreSQL), not where it is a local write (SQLite: 0, no wait)."""
 
     def read(self) -> contextlib.AbstractContextManager[Connection]: ...
     def write(self) -> contextlib.AbstractContextManager[Connection]: ...

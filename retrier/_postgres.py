@@ -67,6 +67,11 @@ class PostgresDialect:
     batch_rowcount = True
     writes_in_cte = True
     server_claim = True
+    # A backlog of short runs, drained with records of 16: the last run of each batch
+    # used to miss its record and take one of its own, every time after (records of
+    # 15 and 1); waiting this long for it halves the records (measured: a drain at
+    # synchronous_commit on 1,570-1,780 -> 2,340-2,530 runs/s).
+    straggler_wait_s = 0.0003
 
     def __init__(
         self, url: URL, namespace: str | None = None, durability: Durability = "normal"

@@ -57,6 +57,7 @@ class SQLiteDialect:
     batch_rowcount = True
     writes_in_cte = False
     server_claim = False  # a claim here is in-process already: no round trips to save
+    straggler_wait_s = 0.0  # a record is a local write: not worth a wait
 
     def __init__(self, url: URL, durability: Durability = "normal") -> None:
         if url.drivername != "sqlite" and url.drivername != "sqlite+pysqlite":

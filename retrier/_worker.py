@@ -464,14 +464,18 @@ class Worker:
         async with receive:
             async for first in receive:
                 batch = [first]
-                while len(batch) < 512:
-                    try:
-                        batch.append(receive.receive_nowait())
-                    except anyio.WouldBlock:
-                        break
-                self._hints.recording = True
+                _take_ready(receive, batch)
+                self._hints.recording = True  # announcements now wait for its refill
+                wait = self.store.dialect.straggler_wait_s
                 try:
                     with anyio.CancelScope(shield=True):
+                        # A few of the batch's attempts still running on threads
+                        # (ending a moment later, they would take a record of their
+                        # own, and their refills would stay apart from the batch's ever
+                        # after): wait for them.
+                        if wait and 0 < len(self._threads.running) * 4 <= len(batch):
+                            await anyio.sleep(wait)
+                            _take_ready(receive, batch)
                         await self._record_batch(batch)
                 finally:
                     self._hints.recording = False
@@ -666,3 +670,13 @@ class Worker:
         for run_id in list(self._async_runs):
             self._cancel_scope(run_id, "released")
         await self._wait_idle()
+
+
+
+def _take_ready(receive: MemoryObjectReceiveStream[Outcome], batch: list[Outcome]) -> None:
+    """Add the outcomes already waiting in `receive` to `batch` (512 at most)."""
+    while len(batch) < 512:
+        try:
+            batch.append(receive.receive_nowait())
+        except anyio.WouldBlock:
+            break

@@ -5,11 +5,16 @@ an action that raises past `Exception` is a failed attempt, not a dead thread.""
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable
 from datetime import timedelta
+from typing import Any
+
+import anyio
+import pytest
 
 from retrier import Completed, Failed, Retrier, Success
-from retrier.engine import current_worker
+from retrier.engine import Outcome, Worker, current_worker
 from tests.support import Calls
 
 MakeRetrier = Callable[..., Retrier]
@@ -100,3 +105,34 @@ def test_system_exit_in_an_async_action_is_a_failed_attempt(make_retrier: MakeRe
     with retrier:
         run_id = retrier.run(exits)
         assert retrier.wait(run_id, timeout=20) == Completed(Failed("SystemExit: bye"))
+
+
+def test_a_record_waits_for_the_last_few_attempts_of_its_batch(
+    make_retrier: MakeRetrier, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Where the database says a record is worth a short wait (PostgreSQL's), an
+    attempt ending just after the rest of its batch is recorded with them, not alone
+    (its refill would stay apart from theirs ever after)."""
+    retrier = make_retrier(concurrency=32)
+    retrier.store.dialect.straggler_wait_s = 0.2  # type: ignore[misc]
+    batches: list[list[str]] = []
+    record_batch = Worker._record_batch
+
+    async def recorded(self: Worker, batch: list[Outcome], **kw: Any) -> None:
+        batches.append([o.run_id for o in batch])
+        await record_batch(self, batch, **kw)
+
+    monkeypatch.setattr(Worker, "_record_batch", recorded)
+
+    @retrier.action
+    def work(slow: bool) -> None:
+        if slow:
+            time.sleep(0.03)
+
+    straggler = retrier.run(work, {"slow": True})
+    for _ in range(31):
+        retrier.run(work, {"slow": False})
+    anyio.run(retrier.worker().run_until_idle)
+    assert sum(len(b) for b in batches) == 32
+    alone = [b for b in batches if b == [straggler]]
+    assert not alone, f"the slow attempt was recorded on its own: {batches}"
