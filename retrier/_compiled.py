@@ -164,7 +164,6 @@ class CompiledQuery:
             binds.append((each, name, index, constant, processor))
         return state.statement, binds
 
-
     def _processor(self, name: str) -> _Processor:
         bind = self._compiled.binds.get(name)
         if bind is None:

@@ -672,7 +672,6 @@ class Worker:
         await self._wait_idle()
 
 
-
 def _take_ready(receive: MemoryObjectReceiveStream[Outcome], batch: list[Outcome]) -> None:
     """Add the outcomes already waiting in `receive` to `batch` (512 at most)."""
     while len(batch) < 512:
