@@ -25,7 +25,7 @@ from sqlalchemy import (
 )
 
 from ._claim_order import KeyTurns, MergeKey, QueueOrder, aging_of, merge_key_rows
-from ._clock import Clock
+from ._clock import Clock, SystemClock
 from ._compiled import CompiledQuery, on_cursor
 from ._dialects import Dialect, reconnecting
 from ._group_budget import GROUP_ROWS
@@ -146,8 +146,8 @@ _START_DELIVERIES = (
 # The claim as one server-side call, where the dialect has one (PostgreSQL); run with
 # the driver's own parameters (no SQLAlchemy compilation on the hot path).
 _SERVER_CLAIM = (
-    "SELECT * FROM tiers_claim_v5(%(worker)s, %(limit)s, %(lease_ms)s, %(now)s, %(any_fn)s,"
-    " %(fns)s::text[], %(handlers)s::text[])"
+    "SELECT * FROM tiers_claim_v6(%(worker)s, %(limit)s, %(lease_ms)s, %(now)s, %(any_fn)s,"
+    " %(fns)s::text[], %(handlers)s::text[], %(wall_clock)s)"
 )
 
 
@@ -332,13 +332,14 @@ class Claims:
         runnable: Runnable,
         at_ms: int | None = None,
     ) -> tuple[list[Claimed], int | None]:
-        """The same claim, as one call of the server's `tiers_claim_v5` (see `_pg_claim`)."""
+        """The same claim, as one call of the server's `tiers_claim_v6` (see `_pg_claim`)."""
         now = self.clock.now_ms()
         params = {
             "worker": worker,
             "limit": limit,
             "lease_ms": lease_ms,
             "now": now if at_ms is None else max(now, at_ms),
+            "wall_clock": isinstance(self.clock, SystemClock),
             **runnable.params(),
         }
         claimed: list[Claimed] = []

@@ -9,14 +9,19 @@ first due runs up to its free slots, and the due on_complete deliveries, in due 
 then priority; lease them; and say when to look again. `tests/test_claims.py` runs the
 same claim scenarios against both implementations.
 
-It is `tiers_claim_v5` since it shares pool groups' caps among their members
-(engine_0009, through `tiers_group_budget_v1`: `_pg_groups`). It takes each queue's
+It is `tiers_claim_v6` since it is told whether the caller's clock is the wall
+clock (`p_wall_clock`): a claim that waited for another's locks adds the wait to the
+time it was given only then, so a fake clock (tests, simulations), which a lock wait
+does not move, is never moved by one either; the Python claim reads its clock after
+the lock, to the same effect. Before, it was `tiers_claim_v5`, which shares pool
+groups' caps among their members (engine_0009, through `tiers_group_budget_v1`:
+`_pg_groups`). It takes each queue's
 runs in its claim order (priority with aging, keys taking turns: `_claim_order`;
 engine_0007) through `tiers_claim_queue_v3`, and each key's run through
 `tiers_take_key_v3` (keys' own caps, rate limits per key), and returns each run's
 attempt timeout (engine_0008). Each version is a new name, never a replacement: an
 older release, still running beside this one in a rolling deploy, keeps calling its
-`tiers_claim_v4` (or `tiers_claim_v2`, or `tiers_claim`), which stay in place.
+`tiers_claim_v5` (or `tiers_claim_v4`, ... or `tiers_claim`), which stay in place.
 
 It runs with `plan_cache_mode = force_generic_plan` (and so do the functions it
 calls). PL/pgSQL plans each statement once per session, but under the default
@@ -167,9 +172,9 @@ $fn$
 
 
 CLAIM_FUNCTION = r"""
-CREATE OR REPLACE FUNCTION tiers_claim_v5(
+CREATE OR REPLACE FUNCTION tiers_claim_v6(
     p_worker text, p_limit integer, p_lease_ms bigint, p_now bigint,
-    p_any_fn boolean, p_fns text[], p_handlers text[]
+    p_any_fn boolean, p_fns text[], p_handlers text[], p_wall_clock boolean
 ) RETURNS TABLE (
     kind text, id varchar, fn varchar, args json, state varchar, fence integer,
     attempts integer, failures integer, queue varchar, owner varchar,
@@ -238,10 +243,14 @@ BEGIN
             OR q.guaranteed IS NOT NULL
          ORDER BY q.name FOR UPDATE) l;
     -- A claim that waited for another's locks must not stamp its runs as started
-    -- before that claim committed: add the wait (if it was one) to the caller's clock.
-    v_waited := floor(extract(epoch FROM clock_timestamp() - v_t) * 1000);
-    IF v_waited >= 5 THEN
-        v_now := v_now + v_waited;
+    -- before that claim committed: add the wait (if it was one) to the caller's clock,
+    -- when that is the wall clock. (A session's first call also counts its planning
+    -- here: a fake clock must not move by that, or by any real time.)
+    IF p_wall_clock THEN
+        v_waited := ceil(extract(epoch FROM clock_timestamp() - v_t) * 1000);
+        IF v_waited >= 5 THEN
+            v_now := v_now + v_waited;
+        END IF;
     END IF;
 
     -- 2. Each limited queue's free slots, counted after the lock.

@@ -1,5 +1,5 @@
 """Pool groups in the PostgreSQL claim: `tiers_group_budget_v1`, the server-side
-twin of `_group_budget.load_groups`, which `tiers_claim_v5` calls once per claim.
+twin of `_group_budget.load_groups`, which `tiers_claim_v6` calls once per claim.
 
 It locks the rows of the groups the locked queues belong to (after the queues' rows,
 as every taker of a member's slots does) and counts, in statements of their own (so

@@ -5,6 +5,8 @@ the same time to look again."""
 
 from __future__ import annotations
 
+import threading
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -12,6 +14,7 @@ from datetime import timedelta
 from typing import Any
 
 import pytest
+from sqlalchemy import text
 
 from retrier import FakeClock, Retrier
 from retrier.engine import Claimed, Outcome, QueueLimits
@@ -425,3 +428,44 @@ def fresh_schema(db_url: str) -> Iterator[str]:
     finally:
         with psycopg.connect(_libpq(PG_BASE), autocommit=True) as conn:
             conn.execute(f"DROP SCHEMA {schema} CASCADE")
+
+
+@pytest.mark.parametrize("wall_clock", [True, False], ids=["wall-clock", "fake-clock"])
+def test_a_claim_that_waited_for_a_lock_stamps_its_runs_on_its_own_clock(
+    make_retrier: MakeRetrier, wall_clock: bool
+) -> None:
+    """A claim that waited for another writer's lock stamps its runs as started after
+    that writer committed, on the wall clock (PostgreSQL's claim ignores a wait under
+    5 ms); on a fake clock, which a lock wait does not move, at the time it was given."""
+    clock = None if wall_clock else FakeClock()
+    retrier = make_retrier() if clock is None else make_retrier(clock=clock)
+    store = retrier.store
+
+    @retrier.action(name="work")
+    def work() -> None: ...
+
+    store.set_queue(QueueLimits("capped", max_parallelism=3))
+    retrier.submit([retrier.prepare("work", {}, queue="capped", due_ms=store.clock.now_ms())])
+    holding, committed_at = threading.Event(), []
+
+    def hold_the_queue_row() -> None:
+        with store.dialect.write() as conn:
+            # Locks the queue's row (PostgreSQL) or the database (SQLite).
+            conn.execute(
+                text("UPDATE tiers_queues SET max_parallelism = 3 WHERE name = 'capped'")
+            )
+            holding.set()
+            time.sleep(0.3)
+            committed_at.append(time.time() * 1000)
+
+    holder = threading.Thread(target=hold_the_queue_row)
+    holder.start()
+    assert holding.wait(10)
+    given = store.clock.now_ms()
+    claimed, _ = store.claim("w", 5, 5_000)
+    holder.join(10)
+    assert len(claimed) == 1
+    if clock is None:
+        assert claimed[0].started_ms >= committed_at[0] - 5, "stamped before the lock"
+    else:
+        assert claimed[0].started_ms == given == clock.now_ms()

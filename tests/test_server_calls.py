@@ -280,12 +280,12 @@ def test_the_server_functions_plan_their_statements_once_per_session(
             conn.execute(
                 text(
                     "SELECT p.proname, p.proconfig FROM pg_proc p"
-                    " WHERE p.proname IN ('tiers_claim_v5', 'tiers_step_v1', 'tiers_finish_v1')"
+                    " WHERE p.proname IN ('tiers_claim_v6', 'tiers_step_v1', 'tiers_finish_v1')"
                     " AND p.pronamespace = current_schema()::regnamespace"
                 )
             ).all()
         )
     assert settings == {
         name: ["plan_cache_mode=force_generic_plan"]
-        for name in ("tiers_claim_v5", "tiers_step_v1", "tiers_finish_v1")
+        for name in ("tiers_claim_v6", "tiers_step_v1", "tiers_finish_v1")
     }
