@@ -6,6 +6,7 @@ whatever happened turned into an `Outcome` for the store to record.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 import traceback
 from collections.abc import Awaitable, Callable
@@ -18,7 +19,7 @@ import anyio.to_thread
 import pydantic
 
 from ._checks import format_limit
-from ._clock import Clock, ms_after, seconds_until, to_ms
+from ._clock import Clock, ms_after_ns, seconds_until, to_ms
 from ._errors import HandBack, NonRetryableError, RetryAfter, UnregisteredFunction, describe
 from ._registry import Registered, Registry, ResultNotSerializable
 from ._run_types import Claimed, Outcome
@@ -41,14 +42,16 @@ async def attempt(
     limiter: anyio.CapacityLimiter,
     going_async: Callable[[], None],
     clock: Clock | None = None,
+    early_s: float = 0.0,
 ) -> Outcome:
     """Run the claimed run's action once; never raises (but for cancellation).
 
     `limiter` bounds the threads of `def` actions; `going_async` is called just before
     an `async def` action starts (a shutdown may then cancel it); `clock` stamps when
     the attempt ended (a retry's backoff counts from then, not from its recording)
-    and times a start claimed ahead of its due time."""
-    a = _prepare(registry, c, clock)
+    and times a start claimed ahead of its due time, `early_s` before it (see
+    `EarlyEnds`)."""
+    a = _prepare(registry, c, clock, early_s)
     if isinstance(a, Outcome):
         return a
     try:
@@ -71,12 +74,17 @@ async def attempt(
 
 
 def attempt_blocking(
-    registry: Registry, c: Claimed, *, clock: Clock, cancelled: Callable[[], bool]
+    registry: Registry,
+    c: Claimed,
+    *,
+    clock: Clock,
+    cancelled: Callable[[], bool],
+    early_s: float = 0.0,
 ) -> Outcome | None:
     """`attempt` of a `def` action with no time limit, wholly on the calling thread
     (one of `AttemptThreads`): no hop to the event loop and back per run. None if
     `cancelled()` said so while the run waited for a start claimed ahead of time."""
-    a = _prepare(registry, c, clock)
+    a = _prepare(registry, c, clock, early_s)
     if isinstance(a, Outcome):
         return a
     if a.ahead_s > 0:
@@ -107,15 +115,16 @@ class _Attempt:
 
     def __init__(
         self, c: Claimed, reg: Registered, kwargs: dict[str, Any], in_txn: bool,
-        clock: Clock | None,
+        clock: Clock | None, early_s: float = 0.0,
     ) -> None:
         self.c, self.reg, self.kwargs, self.in_txn, self.clock = c, reg, kwargs, in_txn, clock
         # A claim made just ahead of a due time stamps the run as started then: the
-        # attempt waits for it.
+        # attempt waits for it (less what rounding its previous end up added).
         self.ahead_s = 0.0 if clock is None else min(
-            seconds_until(clock, c.started_ms), _MAX_AHEAD_S
+            seconds_until(clock, c.started_ms) - early_s, _MAX_AHEAD_S
         )
-        self.ended: list[int] = []  # when the action returned or raised, stamped where it ran
+        # When the action returned or raised, stamped where it ran (`ms_after_ns`).
+        self.ended: list[tuple[int, int]] = []
 
     def outcome(self, kind: str, **fields: Any) -> Outcome:
         return _outcome(self.c, kind, self.in_txn, self.clock, self.ended, **fields)
@@ -138,7 +147,9 @@ class _Attempt:
         return self.outcome("failure", error=describe(exc), traceback=traceback_of(exc))
 
 
-def _prepare(registry: Registry, c: Claimed, clock: Clock | None) -> _Attempt | Outcome:
+def _prepare(
+    registry: Registry, c: Claimed, clock: Clock | None, early_s: float = 0.0
+) -> _Attempt | Outcome:
     """The attempt of `c`, or the outcome that ends it before its action is called."""
     in_txn = handler_in_txn(registry, c.on_complete)
     try:
@@ -158,12 +169,18 @@ def _prepare(registry: Registry, c: Claimed, clock: Clock | None) -> _Attempt | 
             c, "fatal", in_txn, clock, [],
             error=f"CorruptRun: the stored args do not fit {c.fn!r}: {exc}",
         )
-    return _Attempt(c, reg, kwargs, in_txn, clock)
+    return _Attempt(c, reg, kwargs, in_txn, clock, early_s)
 
 
 def _outcome(
-    c: Claimed, kind: str, in_txn: bool, clock: Clock | None, ended: list[int], **fields: Any
+    c: Claimed,
+    kind: str,
+    in_txn: bool,
+    clock: Clock | None,
+    ended: list[tuple[int, int]],
+    **fields: Any,
 ) -> Outcome:
+    ended_ms, early_ns = ended[0] if ended else (None, 0) if clock is None else ms_after_ns(clock)
     return Outcome(
         c.id,
         c.fence,
@@ -174,7 +191,8 @@ def _outcome(
         queue=c.queue,
         plain=c.on_complete is None,
         fn=c.fn,
-        ended_ms=ended[0] if ended else None if clock is None else ms_after(clock),
+        ended_ms=ended_ms,
+        ended_early_ns=early_ns,
         **fields,
     )
 
@@ -227,22 +245,22 @@ async def _call_sync(
     raise AttemptTimeout(timeout_ms, abandoned=True)
 
 
-def _stamping_end(clock: Clock, ended: list[int], call: Callable[[], Any]) -> Any:
+def _stamping_end(clock: Clock, ended: list[tuple[int, int]], call: Callable[[], Any]) -> Any:
     """`call()`, noting when it returned or raised in `ended`."""
     try:
         return call()
     finally:
-        ended.append(ms_after(clock))
+        ended.append(ms_after_ns(clock))
 
 
 async def _stamping_end_async(
-    clock: Clock, ended: list[int], call: Callable[[], Awaitable[Any]]
+    clock: Clock, ended: list[tuple[int, int]], call: Callable[[], Awaitable[Any]]
 ) -> Any:
     """`await call()`, noting when it returned or raised in `ended`."""
     try:
         return await call()
     finally:
-        ended.append(ms_after(clock))
+        ended.append(ms_after_ns(clock))
 
 
 def _call_at(when: float, call: Callable[[], Any]) -> Any:
@@ -271,3 +289,32 @@ def traceback_of(exc: BaseException) -> str:
     if len(text) <= TRACEBACK_CHARS:
         return text
     return "…(earlier frames cut)\n" + text[-TRACEBACK_CHARS:]
+
+
+class EarlyEnds:
+    """How long before its stamped end each of a worker's recent failed attempts
+    really ended: the stamp is rounded up to a whole millisecond, and the retry's due
+    time counted from it. A retry the same worker starts then starts that much before
+    its stamped start: no earlier than its backoff after the real end, and not up to
+    a millisecond later. (Another worker starts it at its stamped start.)"""
+
+    def __init__(self, keep: int = 1024) -> None:
+        self._ns: dict[str, int] = {}
+        self._keep = keep
+        self._lock = threading.Lock()
+
+    def note(self, outcomes: list[Outcome]) -> None:
+        """Remember the failures among `outcomes` (before they are recorded)."""
+        with self._lock:
+            for o in outcomes:
+                if o.kind == "failure" and o.ended_early_ns:
+                    self._ns[o.run_id] = o.ended_early_ns
+            while len(self._ns) > self._keep:  # retries another worker took
+                del self._ns[next(iter(self._ns))]
+
+    def take(self, run_id: str) -> float:
+        """Seconds the attempt of `run_id` about to start may start before its stamp."""
+        if not self._ns:
+            return 0.0
+        with self._lock:
+            return self._ns.pop(run_id, 0) / 1e9

@@ -401,8 +401,10 @@ class Records:
                 row.jitter,
                 self._rng,
             )
-        # From when the attempt ended (recording may come a little later).
-        since = now if o.ended_ms is None else min(o.ended_ms, now)
+        # From when the attempt ended (recording may come a little later). Its end is
+        # stamped rounded up, `now` rounded down: within the same millisecond, the end
+        # is the later of the two, and a backoff counted from `now` would end early.
+        since = now if o.ended_ms is None else min(o.ended_ms, now + 1)
         return (
             settle_values(
                 row,

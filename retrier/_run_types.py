@@ -133,6 +133,8 @@ class Outcome:
     plain: bool = False
     fn: str = ""  # the action, for logs and metrics
     ended_ms: int | None = None  # when the attempt ended: a retry's backoff counts from it
+    # How long before `ended_ms` (rounded up to a whole ms) it really ended, in ns.
+    ended_early_ns: int = 0
     # The traceparent of this attempt's span, when its run had no stored trace context
     # (enqueued outside any trace) and goes on after it (a retry, an on_complete): the
     # record stores it as the run's, so what follows continues that trace.

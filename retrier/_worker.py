@@ -27,7 +27,7 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 from sqlalchemy import Connection
 
 from ._attempt_threads import AttemptThreads, Finished
-from ._attempts import attempt, attempt_blocking, runs_blocking
+from ._attempts import EarlyEnds, attempt, attempt_blocking, runs_blocking
 from ._clock import to_ms
 from ._deliveries import Deliveries, finished_from
 from ._dialects import CANCEL, WouldBlock, is_transient, sent_at
@@ -112,6 +112,7 @@ class Worker:
         self._claims_left: int | None = None  # run_until_idle's budget of claims
         self.next_look_ms: int | None = None  # when the last claim said to look again
         self._claim_at: int | None = None  # a timer's due time, for the next claim
+        self._early_ends = EarlyEnds()  # so that this worker's retries start on time
         self.jobs = WorkerJobs(self)
         # `def` actions without a time limit run wholly on these threads (see
         # `_attempt_threads`); every other attempt is a task on the loop.
@@ -318,6 +319,7 @@ class Worker:
         return attempt_blocking(
             self.registry, c, clock=self.store.clock,
             cancelled=partial(self._cancel_reason.__contains__, c.id),
+            early_s=self._early_ends.take(c.id),
         )
 
     def _threads_finished(self, finished: Finished) -> None:
@@ -431,6 +433,7 @@ class Worker:
                     limiter=self._limiter,
                     going_async=going_async,
                     clock=self.store.clock,
+                    early_s=self._early_ends.take(c.id),
                 )
                 if self.telemetry.active:
                     return await self.telemetry.attempt(c, call)
@@ -486,6 +489,7 @@ class Worker:
         """Store a batch of outcomes, retrying through a database blip; one outcome
         that cannot be stored must not sink the others, so a batch that fails for
         another reason is stored one outcome at a time."""
+        self._early_ends.note(batch)  # before the refill may claim their retries
         # The slots these outcomes free are refilled in the same transaction.
         room = 0 if self._stopping or not refill else (
             self.concurrency - len(self._held) + len(batch)

@@ -52,6 +52,40 @@ def attempt_starts(retrier: Retrier, run_id: str) -> list[int]:
 # -- backoff ------------------------------------------------------------------------
 
 
+def test_a_retry_starts_its_backoff_after_the_real_end_of_the_attempt_before(
+    make_retrier: MakeRetrier,
+) -> None:
+    """On the wall clock, an attempt's end is stamped rounded up to a whole millisecond,
+    and its retry is due a backoff after that stamp. The retry never starts before the
+    backoff has passed since the real end (a record made within the same millisecond
+    once counted it from the millisecond before); and the worker that ran the attempt
+    gives back what the rounding added, so some retries start before their stamp."""
+    retrier = make_retrier(initial_backoff_ms=20)
+    ends: dict[int, int] = {}
+    starts: dict[int, int] = {}
+
+    @retrier.action
+    def fails_once(key: int) -> None:
+        if key in ends:
+            starts[key] = time.time_ns()
+            return
+        ends[key] = time.time_ns()
+        raise RuntimeError("first attempt fails")
+
+    with retrier:
+        ids = []
+        for key in range(20):  # one at a time: each retry is claimed ahead, by its timer
+            ids.append(retrier.run(fails_once, {"key": key}))
+            retrier.wait(ids[-1], timeout=30)
+    for key, end in ends.items():
+        assert starts[key] - end >= 20_000_000, f"retry {key} started early"
+    before_stamp = [
+        key for key, run_id in enumerate(ids)
+        if starts[key] < attempt_starts(retrier, run_id)[1] * 1_000_000
+    ]
+    assert before_stamp, "no retry started before its stamp: the rounding was not given back"
+
+
 def test_default_backoff_reproduces_the_seed_table(make_retrier: MakeRetrier) -> None:
     clock = FakeClock()
     retrier = make_retrier(clock=clock)
@@ -208,7 +242,9 @@ def test_a_backoff_never_starts_its_attempt_early(make_retrier: MakeRetrier) -> 
     for failed, nxt, t in zip(attempts, attempts[1:], started[1:], strict=False):
         backoff = 40 * 2 ** (failed.number - 1)
         assert nxt.started_ms >= failed.started_ms + backoff
-        assert t >= nxt.started_ms  # not started before its stamped start
+        # Not started before its stamped start, but for what rounding up the previous
+        # attempt's end added, which this worker gives back (less than 1 ms).
+        assert t >= nxt.started_ms - 1
 
 
 def test_an_attempt_claimed_ahead_and_cancelled_before_its_start_never_runs(
