@@ -6,17 +6,26 @@ from __future__ import annotations
 from typing import Any
 
 from sqlalchemy import (
+    CTE,
     BigInteger,
+    ColumnElement,
+    Integer,
     Select,
     String,
+    Text,
+    and_,
     bindparam,
     case,
+    cast,
+    column,
     false,
+    func,
     insert,
     literal,
     select,
     update,
 )
+from sqlalchemy.dialects.postgresql import ARRAY
 
 from ._models import CLAIMABLE, COMPLETED, DELIVERING, RUNNING, SUCCESS
 from ._tables import attempts_t, held_in, in_state, queues_t, runs
@@ -71,29 +80,48 @@ COMPLETE_SUCCESS = (
 )
 
 
-def completing_with_attempt() -> Select[Any]:
-    """`COMPLETE_SUCCESS` and the attempt's row in one statement (a write in a WITH
-    clause: one round trip where the database allows it)."""
-    done = COMPLETE_SUCCESS.cte("done")
-    attempt = insert(attempts_t).from_select(
+def _successful_attempt(done: CTE, started: ColumnElement[Any]) -> CTE:
+    """The attempts' rows of the runs `done` completed with a success (`started`: when
+    each attempt started), as a write in a WITH clause."""
+    return insert(attempts_t).from_select(
         ["run_id", "number", "queue", "worker", "started_ms", "finished_ms", "outcome"],
         select(
             done.c.id,
             done.c.attempts,
             done.c.queue,
             bindparam("b_worker", type_=String),
-            bindparam("b_started", type_=BigInteger),
+            started,
             bindparam("b_now"),
             literal(SUCCESS, type_=String),
         ),
+    ).cte("attempt")
+
+
+def completing_with_attempt() -> Select[Any]:
+    """`COMPLETE_SUCCESS` and the attempt's row in one statement (a write in a WITH
+    clause: one round trip where the database allows it)."""
+    done = COMPLETE_SUCCESS.cte("done")
+    return select(done).add_cte(
+        _successful_attempt(done, bindparam("b_started", type_=BigInteger))
     )
-    return select(done).add_cte(attempt.cte("attempt"))
+
+
+def _plain_success(run_id: Any, fence: Any) -> ColumnElement[bool]:
+    """The run `run_id`, held under `fence`, that can simply complete with a success:
+    not canceled meanwhile, and without an on_complete to deliver."""
+    return and_(
+        runs.c.id == run_id,
+        runs.c.fence == fence,
+        runs.c.state == RUNNING,
+        runs.c.cancel_requested == false(),
+        runs.c.on_complete.is_(None),
+    )
 
 
 # Many successes of runs without an on_complete, executed as one batch.
 COMPLETE_PLAIN_SUCCESS = (
     update(runs)
-    .where(held_in(RUNNING), runs.c.cancel_requested == false(), runs.c.on_complete.is_(None))
+    .where(_plain_success(bindparam("b_id"), bindparam("b_fence")))
     .values(**SUCCESS_VALUES)
 )
 
@@ -105,24 +133,33 @@ COMPLETE_DELIVERY = (
 )
 
 
-# `COMPLETE_PLAIN_SUCCESS` for a whole batch, with each completed run's attempt row,
-# as one PostgreSQL statement (parameters: the batch's ids, fences, results as JSON
-# text and attempts' start times, in four arrays; `now`, `worker`): what it returns
-# is the runs it completed. One round trip, and one statement for the server to run,
-# where an executemany of each took one per row.
-COMPLETE_PLAIN_BATCH = f"""
-WITH done AS (
-    UPDATE tiers_runs t
-       SET state = '{COMPLETED}', outcome = '{SUCCESS}', result = b.result::json,
-           error = NULL, due_ms = 0, lease_owner = NULL, lease_until_ms = NULL,
-           finished_ms = %(now)s, handler_error = NULL
-      FROM unnest(%(ids)s::text[], %(fences)s::integer[], %(results)s::text[],
-                  %(started)s::bigint[]) AS b(id, fence, result, started_ms)
-     WHERE t.id = b.id AND t.fence = b.fence AND t.state = '{RUNNING}'
-       AND NOT t.cancel_requested AND t.on_complete IS NULL
-    RETURNING t.id, t.attempts, t.queue, b.started_ms
-)
-INSERT INTO tiers_attempts (run_id, number, queue, worker, started_ms, finished_ms, outcome)
-SELECT d.id, d.attempts, d.queue, %(worker)s, d.started_ms, %(now)s, '{SUCCESS}' FROM done d
-RETURNING run_id
-"""
+def completing_plain_batch() -> Select[Any]:
+    """`COMPLETE_PLAIN_SUCCESS` for a whole batch, with each completed run's attempt
+    row, as one statement (PostgreSQL: arrays, `unnest`, writes in a WITH clause);
+    returns the runs it completed. Parameters: the batch's `b_ids`, `b_fences`,
+    `b_results` (JSON text) and `b_started` as four arrays, `b_now` and `b_worker`.
+    One round trip, and one statement for the server to run, where an executemany
+    of each took one per row."""
+    batch = (
+        func.unnest(
+            bindparam("b_ids", type_=ARRAY(String)),
+            bindparam("b_fences", type_=ARRAY(Integer)),
+            bindparam("b_results", type_=ARRAY(Text)),
+            bindparam("b_started", type_=ARRAY(BigInteger)),
+        )
+        .table_valued(
+            column("id", String),
+            column("fence", Integer),
+            column("result", Text),
+            column("started_ms", BigInteger),
+        )
+        .render_derived(name="b")
+    )
+    done = (
+        update(runs)
+        .where(_plain_success(batch.c.id, batch.c.fence))
+        .values(**{**SUCCESS_VALUES, "result": cast(batch.c.result, runs.c.result.type)})
+        .returning(runs.c.id, runs.c.attempts, runs.c.queue, batch.c.started_ms)
+        .cte("done")
+    )
+    return select(done.c.id).add_cte(_successful_attempt(done, done.c.started_ms))

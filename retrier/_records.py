@@ -20,7 +20,7 @@ from sqlalchemy import (
 
 from ._claims import Claims
 from ._clock import Clock
-from ._compiled import CompiledQuery, CompiledWrite, on_cursor
+from ._compiled import CompiledQuery, CompiledWrite
 from ._dialects import WAKE, Dialect, is_transient
 from ._errors import describe
 from ._models import (
@@ -36,11 +36,11 @@ from ._models import (
 from ._policy import backoff_ms
 from ._record_statements import (
     COMPLETE_DELIVERY,
-    COMPLETE_PLAIN_BATCH,
     COMPLETE_PLAIN_SUCCESS,
     COMPLETE_SUCCESS,
     SHARING,
     WAITING_IN,
+    completing_plain_batch,
     completing_with_attempt,
 )
 from ._run_types import ANYTHING, Delivery, Outcome, Recorded, Runnable, SessionHandler
@@ -84,6 +84,11 @@ class Records:
             completing_with_attempt() if dialect.writes_in_cte else None
         )
         self._completing_success = CompiledQuery(COMPLETE_SUCCESS, sa_dialect)
+        # And a batch of plain successes with their attempts' rows, in one statement.
+        self._completing_plain_batch = (
+            CompiledQuery(completing_plain_batch(), sa_dialect) if dialect.writes_in_cte
+            else None
+        )
 
     def record(
         self,
@@ -259,7 +264,7 @@ class Records:
         plain = [o for o in outcomes if o.kind == "success" and o.plain and o.attempt]
         if not plain or not self._batch_rowcount:
             return outcomes
-        if self.completing_with_attempt is not None:
+        if self._completing_plain_batch is not None:
             return self._complete_plain_batch(conn, outcomes, plain, worker, now, done, freed)
         changed = self._complete_plain_success.run_in(
             conn,
@@ -303,15 +308,16 @@ class Records:
     ) -> Sequence[Outcome]:
         """`_complete_plain` where writes nest in a WITH (PostgreSQL): the batch and
         its attempts' rows in one statement, which says which runs it completed."""
+        assert self._completing_plain_batch is not None
         params = {
-            "ids": [o.run_id for o in plain],
-            "fences": [o.fence for o in plain],
-            "results": [json.dumps(o.result) for o in plain],
-            "started": [o.started_ms for o in plain],
-            "now": now,
-            "worker": worker,
+            "b_ids": [o.run_id for o in plain],
+            "b_fences": [o.fence for o in plain],
+            "b_results": [json.dumps(o.result) for o in plain],
+            "b_started": [o.started_ms for o in plain],
+            "b_now": now,
+            "b_worker": worker,
         }
-        _, rows = on_cursor(conn, COMPLETE_PLAIN_BATCH, [params], conn.dialect, fetch=True)
+        rows = self._completing_plain_batch.rows(conn, params)
         completed = {run_id for (run_id,) in rows}
         for o in plain:
             if o.run_id in completed:
