@@ -463,7 +463,7 @@ class Claims:
     def queue_has_room(self, conn: Connection, queue: str, key: str | None, worker: str) -> bool:
         """Take a slot of `queue` (and of its `key`) for `worker`, if one is free now."""
         # Locks the queue's row as a claim does, so the two cannot both take its last slot
-        # (a claim locks every limited queue's row, this one included), then its
+        # (a claim that may take this queue's runs locks its row), then its
         # group's row, as a claim does too: the group's members take its slots in turn.
         locked = (self._one_queue, {"queue": queue})
         # The run it starts is not stored yet: counted as due in its group's budget.

@@ -2,12 +2,15 @@
 statements, so a worker holds the limited queues' row locks for one round trip.
 
 It does what `Claims.claim_in` does in Python (which SQLite and `explain` use): lock
-the limited queues' rows; count, in statements of their own (so in fresh snapshots,
-after the lock), what their budget depends on (running runs, the claiming worker's
-share, starts in a rate window, running runs per key); then take each open queue's
-first due runs up to its free slots, and the due on_complete deliveries, in due order
-then priority; lease them; and say when to look again. `tests/test_claims.py` runs the
-same claim scenarios against both implementations.
+the limited queues' rows (here only those of queues with claimable runs and of the
+other members of their pool groups, so that claims of other queues need not wait for
+a busy pool's claims; on SQLite's single writer, locking them all costs nothing);
+count, in statements of their own (so in fresh snapshots, after the lock), what their
+budget depends on (running runs, the claiming worker's share, starts in a rate window,
+running runs per key); then take each open queue's first due runs up to its free
+slots, and the due on_complete deliveries, in due order then priority; lease them; and
+say when to look again. `tests/test_claims.py` runs the same claim scenarios against
+both implementations.
 
 It is `tiers_claim_v6` since it is told whether the caller's clock is the wall
 clock (`p_wall_clock`): a claim that waited for another's locks adds the wait to the
@@ -222,8 +225,9 @@ DECLARE
     v_chosen text[];
     v_next bigint;
     v_big constant integer := 1073741824;
-    v_locked text[];
-    v_t timestamptz;
+    v_locked text[] := '{}';
+    v_limited text[];
+    v_busy text[] := '{}';
     v_qgroup integer[];
     v_greserve integer[];
     v_gfree integer[];
@@ -231,25 +235,41 @@ DECLARE
     v_gi integer;
     v_own integer;
 BEGIN
-    -- 1. The limited queues' rows, locked: claims (and inline starts) of one queue
-    --    take its slots one after the other.
-    v_t := clock_timestamp();
-    SELECT COALESCE(array_agg(l.name), '{}') INTO v_locked FROM (
-        SELECT q.name FROM tiers_queues q
-         WHERE q.max_parallelism IS NOT NULL OR q.rate_limit IS NOT NULL
-            OR q.max_per_key IS NOT NULL OR q.max_per_worker IS NOT NULL
-            OR q.priority_aging_ms IS NOT NULL OR q.round_robin IS NOT NULL
-            OR q.key_rate_limit IS NOT NULL OR q.group_name IS NOT NULL
-            OR q.guaranteed IS NOT NULL
-         ORDER BY q.name FOR UPDATE) l;
-    -- A claim that waited for another's locks must not stamp its runs as started
-    -- before that claim committed: add the wait (if it was one) to the caller's clock,
-    -- when that is the wall clock. (A session's first call also counts its planning
-    -- here: a fake clock must not move by that, or by any real time.)
-    IF p_wall_clock THEN
-        v_waited := ceil(extract(epoch FROM clock_timestamp() - v_t) * 1000);
-        IF v_waited >= 5 THEN
-            v_now := v_now + v_waited;
+    -- 1. The limited queues; and, locked, the rows of those with claimable runs and
+    --    of the other members of their pool groups: claims (and inline starts) of one
+    --    queue take its slots one after the other, while claims that find nothing in
+    --    it do not wait for them.
+    SELECT COALESCE(array_agg(q.name), '{}') INTO v_limited FROM tiers_queues q
+     WHERE q.max_parallelism IS NOT NULL OR q.rate_limit IS NOT NULL
+        OR q.max_per_key IS NOT NULL OR q.max_per_worker IS NOT NULL
+        OR q.priority_aging_ms IS NOT NULL OR q.round_robin IS NOT NULL
+        OR q.key_rate_limit IS NOT NULL OR q.group_name IS NOT NULL
+        OR q.guaranteed IS NOT NULL;
+    IF cardinality(v_limited) > 0 THEN
+        SELECT COALESCE(array_agg(q.name), '{}') INTO v_busy FROM tiers_queues q
+         WHERE q.name = ANY(v_limited) AND (
+               -- (a scalar subquery, written as ORDER BY ... LIMIT 1 on
+               -- ix_tiers_runs_queue_due's columns, so the plan is one seek per queue
+               -- whatever the table's statistics say: an EXISTS became a semi join)
+               SELECT t.due_ms FROM tiers_runs t
+                WHERE t.queue = q.name AND t.state IN ('pending', 'finishing')
+                ORDER BY t.queue, t.due_ms LIMIT 1) IS NOT NULL;
+        SELECT COALESCE(array_agg(l.name), '{}') INTO v_locked FROM (
+            SELECT q.name FROM tiers_queues q
+             WHERE q.name = ANY(v_busy) OR q.group_name IN (
+                   SELECT b.group_name FROM tiers_queues b WHERE b.name = ANY(v_busy))
+             ORDER BY q.name FOR UPDATE) l;
+        -- A claim that waited for another's locks must not stamp its runs as started
+        -- before that claim committed: add the time since this call began (if it was
+        -- a wait) to the caller's clock, when that is the wall clock. (A session's first
+        -- call also counts its planning here: a fake clock must not move by that, or by
+        -- any real time.)
+        IF p_wall_clock THEN
+            v_waited := ceil(extract(epoch FROM clock_timestamp() - statement_timestamp())
+                             * 1000);
+            IF v_waited >= 5 THEN
+                v_now := v_now + v_waited;
+            END IF;
         END IF;
     END IF;
 
@@ -327,6 +347,8 @@ BEGIN
              WHERE t.state IN ('pending', 'finishing') AND t.due_ms <= v_now
                AND (p_any_fn OR (t.state = 'pending' AND t.fn = ANY(p_fns))
                     OR (t.state = 'finishing' AND t.on_complete = ANY(p_handlers)))
+               -- (not a limited queue's runs, which came after step 1 looked)
+               AND (t.state = 'finishing' OR NOT t.queue = ANY(v_limited))
              ORDER BY t.due_ms, t.priority DESC LIMIT p_limit
              FOR UPDATE SKIP LOCKED) c;
     ELSE
@@ -363,6 +385,8 @@ BEGIN
         v_pos := 0;
         v_latest := NULL;
         v_i := array_position(v_names, v_q.name::text);
+        -- A limited queue whose runs came after step 1 looked: the next claim's.
+        CONTINUE WHEN v_i IS NULL AND v_q.name = ANY(v_limited);
         v_want := CASE WHEN v_i IS NULL THEN p_limit ELSE LEAST(v_slots[v_i], p_limit) END;
         v_gi := CASE WHEN v_i IS NULL THEN NULL ELSE v_qgroup[v_i] END;
         IF v_gi IS NOT NULL THEN

@@ -469,3 +469,44 @@ def test_a_claim_that_waited_for_a_lock_stamps_its_runs_on_its_own_clock(
         assert claimed[0].started_ms >= committed_at[0] - 5, "stamped before the lock"
     else:
         assert claimed[0].started_ms == given == clock.now_ms()
+
+
+def test_a_claim_does_not_wait_for_a_limited_queue_it_has_nothing_to_claim_from(
+    db_url: str,
+) -> None:
+    """A claim locks the rows of the limited queues that have claimable runs (and of
+    their pool groups' members) only: while another claim holds an idle pool's row,
+    runs of other queues are claimed without waiting for it."""
+    if not db_url.startswith("postgresql"):
+        pytest.skip("SQLite's writers take the whole database's lock")
+    import psycopg
+
+    from tests.conftest import _libpq
+
+    retrier = Retrier(db_url, clock=FakeClock())
+    try:
+        store = retrier.store
+
+        @retrier.action(name="work")
+        def work() -> None: ...
+
+        store.set_queue(QueueLimits("idle_pool", max_parallelism=3))
+        store.set_queue(QueueLimits("busy_pool", max_parallelism=3))
+        now = store.clock.now_ms()
+        retrier.submit([
+            retrier.prepare("work", {}, due_ms=now, run_id="plain"),
+            retrier.prepare("work", {}, queue="busy_pool", due_ms=now, run_id="pooled"),
+        ])
+        with psycopg.connect(_libpq(db_url)) as holder:
+            holder.execute("SELECT 1 FROM tiers_queues WHERE name = 'idle_pool' FOR UPDATE")
+            claimed: list[Any] = []
+            claimer = threading.Thread(
+                target=lambda: claimed.extend(store.claim("w", 5, 5_000)[0]), daemon=True
+            )
+            claimer.start()
+            claimer.join(5)
+            assert not claimer.is_alive(), "the claim waited for the idle pool's lock"
+            holder.rollback()
+        assert sorted(c.id for c in claimed) == ["plain", "pooled"]
+    finally:
+        retrier.close()
