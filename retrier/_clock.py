@@ -66,15 +66,11 @@ def seconds_until(clock: Clock, epoch_ms: int) -> float:
     return (epoch_ms - clock.now_ms()) / 1000
 
 
-def ms_after(clock: Clock) -> int:
-    """Now on `clock`, rounded up to a whole millisecond: a time counted from an event
-    stamped so (a retry's backoff from its attempt's end) never falls before it."""
-    return ms_after_ns(clock)[0]
-
-
 def ms_after_ns(clock: Clock) -> tuple[int, int]:
-    """`ms_after(clock)`, and how many nanoseconds before that stamp now really is
-    (what rounding up added; 0 on any clock but the system's)."""
+    """Now on `clock`, rounded up to a whole millisecond: a time counted from an event
+    stamped so (a retry's backoff from its attempt's end) never falls before it. And
+    how many nanoseconds before that stamp now really is (what rounding up added; 0
+    on any clock but the system's)."""
     if isinstance(clock, SystemClock):
         ns = time.time_ns()
         ms = -(-ns // 1_000_000)
