@@ -11,9 +11,11 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from importlib.metadata import entry_points
 from pathlib import Path
+from typing import Any
 
 from alembic import command
 from alembic.config import Config
+from alembic.runtime.environment import EnvironmentContext
 from alembic.runtime.migration import MigrationContext
 from alembic.script import Script, ScriptDirectory
 from sqlalchemy import Connection, inspect
@@ -102,10 +104,26 @@ class Migrations:
         wanted = self.heads(labels)
         if wanted <= current:
             return []
-        config = self.config(conn)
         for label in labels:
-            command.upgrade(config, f"{label}@head")
+            self._upgrade_to_head(conn, label)
         return self._between(self.current(conn), current)
+
+    def _upgrade_to_head(self, conn: Connection, label: str) -> None:
+        """What `alembic upgrade <label>@head` does (`command.upgrade`, then env.py),
+        with the scripts read once per process (`_script`): the command reads and
+        compiles every revision file again at each call."""
+        script = self.script
+        target = f"{label}@head"
+
+        def to_head(revision: Any, _context: MigrationContext) -> Any:
+            return script._upgrade_revs(target, revision)
+
+        with EnvironmentContext(
+            self.config(conn), script, fn=to_head, destination_rev=target
+        ) as env:
+            env.configure(connection=conn, version_table=VERSION_TABLE, transactional_ddl=True)
+            with env.begin_transaction():
+                env.run_migrations()
 
     def _between(self, new: set[str], old: set[str]) -> list[str]:
         """The revisions below the heads `new` that are not below the heads `old`."""
