@@ -5,13 +5,24 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import timedelta
 from functools import partial
 
 import anyio
 import pytest
-from sqlalchemy import Column, Integer, MetaData, String, Table, insert, select, update
+from sqlalchemy import (
+    Column,
+    Engine,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    event,
+    insert,
+    select,
+    update,
+)
 from sqlalchemy.exc import IntegrityError, OperationalError
 
 from retrier._dialects import CANCEL, WAKE, Dialect, is_transient, open_dialect
@@ -190,6 +201,72 @@ def test_a_blocking_call_runs_from_async_code(dialect: Dialect) -> None:
         return await dialect.call(count)
 
     assert anyio.run(main) == 5
+
+
+def test_store_calls_made_together_commit_or_undo_only_their_own_writes(
+    dialect: Dialect,
+) -> None:
+    # On SQLite they share one transaction (a group commit), each in a savepoint.
+    def relabel(item: int, label: str) -> str:
+        with dialect.write_internal() as conn:
+            conn.execute(update(items).where(items.c.id == item).values(label=label))
+        with dialect.read() as conn:  # its own write, seen before the commit
+            return str(conn.execute(select(items.c.label).where(items.c.id == item)).scalar())
+
+    def clash() -> None:
+        with dialect.write() as conn:
+            conn.execute(update(items).where(items.c.id == 1).values(label="lost"))
+            conn.execute(insert(items).values(id=2, label="duplicate key"))
+
+    async def main() -> dict[str, object]:
+        ended: dict[str, object] = {}
+
+        async def run(name: str, fn: Callable[[], object]) -> None:
+            try:
+                ended[name] = await dialect.call(fn)
+            except IntegrityError as exc:
+                ended[name] = exc
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(run, "first", partial(relabel, 0, "first"))
+            tg.start_soon(run, "clash", clash)
+            tg.start_soon(run, "last", partial(relabel, 4, "last"))
+        return ended
+
+    ended = anyio.run(main)
+    assert ended["first"] == "first" and ended["last"] == "last"
+    assert isinstance(ended["clash"], IntegrityError)
+    assert labels(dialect) == ["first", "item 1", "item 2", "item 3", "last"]
+
+
+def test_sqlite_store_calls_made_together_share_one_commit(db_url: str) -> None:
+    if not db_url.startswith("sqlite"):
+        pytest.skip("PostgreSQL's store calls each run on a thread of their own")
+    dialect = open_dialect(db_url)
+    with dialect.write() as conn:
+        metadata.create_all(conn)
+    commits: list[object] = []
+    listener = partial(lambda seen, conn: seen.append(conn), commits)
+    event.listen(Engine, "commit", listener)
+
+    def add(item: int) -> None:
+        with dialect.write_internal() as conn:
+            conn.execute(insert(items).values(id=item, label=f"item {item}"))
+
+    async def main() -> None:
+        async with anyio.create_task_group() as tg:
+            for item in range(20):
+                tg.start_soon(dialect.call, partial(add, item))
+
+    try:
+        anyio.run(main)
+    finally:
+        event.remove(Engine, "commit", listener)
+    try:
+        assert len(labels(dialect)) == 20
+        assert len(commits) == 1  # one BEGIN ... COMMIT for the twenty
+    finally:
+        dialect.dispose()
 
 
 def test_transient_errors_are_told_from_bugs() -> None:
