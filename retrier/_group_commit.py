@@ -1,12 +1,13 @@
 """Group commit: the store calls an event loop makes in the same moment share one
 write transaction.
 
-Each call's function runs in a savepoint of its own, so a call that raises undoes only
-its own writes; the transaction then commits once for all of them: one BEGIN and one
+Calls that arrive in the same pass of the loop wait for the next pass, then share a
+transaction (a lone call on a quiet loop runs at once: see `GroupCommit.call`). Each
+call's function runs in a savepoint of its own, so a call that raises undoes only its
+own writes; the transaction then commits once for all of them: one BEGIN and one
 COMMIT (on SQLite at `synchronous=FULL`, one fsync) where each call paid its own. No
 call returns before that commit. Under load, 200 workflows that each take their next
-step write it together; under a trickle a group holds one call and costs one more pass
-of the event loop.
+step write it together; under a trickle each call runs at once, as alone.
 
 The dialect runs a group (`RunGroup`): on the loop if the database is free now, else,
 after a short wait, on a thread. A store function sees the group's connection through
@@ -18,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
+import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -34,6 +36,8 @@ JOINED: contextvars.ContextVar[Connection | None] = contextvars.ContextVar(
 # How long a group waits, retrying on the loop, for a database another writer holds,
 # before it runs on a thread, where waiting does not stall the loop.
 _LOOP_PATIENCE_S = 0.25
+# How many passes in a row that bring one call at most make a loop quiet again.
+_QUIET_PASSES = 16
 
 
 class GroupBroken(Exception):
@@ -46,6 +50,11 @@ class Ended:
 
     value: Any = None
     error: BaseException | None = None
+
+    def unwrap(self) -> Any:
+        if self.error is not None:
+            raise self.error
+        return self.value
 
 
 class RunGroup(Protocol):
@@ -64,6 +73,7 @@ class _Call:
 @dataclass(slots=True)
 class _Open:
     calls: list[_Call] = field(default_factory=list)
+    calls_before: int = 0  # the pass's first call, run at once
 
 
 class GroupCommit:
@@ -73,9 +83,20 @@ class GroupCommit:
     def __init__(self, run: RunGroup) -> None:
         self._run = run
         self._open: dict[asyncio.AbstractEventLoop, _Open] = {}
+        # Loops where a recent pass brought more than one call: theirs all wait for a
+        # group, until `_QUIET_PASSES` passes in a row have brought one at most.
+        self._busy: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, int] = (
+            weakref.WeakKeyDictionary()
+        )
 
     async def call(self, fn: Callable[[], Any]) -> Any:
-        """Run `fn` in the next group of this loop; its value once the group commits.
+        """Run `fn` in a group of this loop; its value once the group commits.
+
+        On a quiet loop the first call of a pass runs at once, alone, if the
+        database is free: a lone caller waits for nobody. The calls after it in the
+        same pass, and every call while passes bring more (until `_QUIET_PASSES`
+        passes in a row have brought one at most), wait for the next pass and run
+        there as one group.
 
         Cancellation waits for the group (as a call on a thread would): a caller
         never leaves a write it started half-known. A call cancelled before its group
@@ -85,6 +106,11 @@ class GroupCommit:
         if group is None:
             group = self._open[loop] = _Open()
             loop.call_soon(self._flush, loop, group)
+            if loop not in self._busy:
+                ended = self._run([fn], wait=False)
+                if ended is not None:
+                    group.calls_before = 1
+                    return ended[0].unwrap()
         call = _Call(fn, loop.create_future())
         group.calls.append(call)
         with anyio.CancelScope(shield=True):
@@ -93,6 +119,12 @@ class GroupCommit:
     def _flush(self, loop: asyncio.AbstractEventLoop, group: _Open) -> None:
         if self._open.get(loop) is group:
             del self._open[loop]
+        if group.calls_before + len(group.calls) > 1:
+            self._busy[loop] = _QUIET_PASSES
+        elif loop in self._busy:
+            self._busy[loop] -= 1
+            if self._busy[loop] <= 0:
+                del self._busy[loop]
         calls = _pending(group.calls)
         if calls and not self._run_now(calls):
             loop.create_task(self._run_later(calls))

@@ -3,6 +3,7 @@ SQLite and PostgreSQL alike. A new backend passes these before anything else."""
 
 from __future__ import annotations
 
+import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -26,6 +27,7 @@ from sqlalchemy import (
 from sqlalchemy.exc import IntegrityError, OperationalError
 
 from retrier._dialects import CANCEL, WAKE, Dialect, is_transient, open_dialect
+from retrier._sqlite import WriterTurns
 from retrier._waiting import loop_caller
 
 metadata = MetaData()
@@ -264,9 +266,49 @@ def test_sqlite_store_calls_made_together_share_one_commit(db_url: str) -> None:
         event.remove(Engine, "commit", listener)
     try:
         assert len(labels(dialect)) == 20
-        assert len(commits) == 1  # one BEGIN ... COMMIT for the twenty
+        # The first ran at once, alone (the loop had been quiet); the nineteen others
+        # shared one BEGIN ... COMMIT.
+        assert len(commits) == 2
     finally:
         dialect.dispose()
+
+
+def test_a_thread_waiting_to_write_goes_before_the_loops_next_try() -> None:
+    # An app's write from its own thread is not starved by an in-process worker
+    # whose event loop writes back to back (it only ever tries the lock).
+    turns = WriterTurns(timeout=5.0)
+    assert turns.acquire(blocking=False)  # the loop holds it
+    waited: list[bool] = []
+    thread = threading.Thread(target=lambda: waited.append(turns.acquire(blocking=True)))
+    thread.start()
+    deadline = time.monotonic() + 5
+    while turns.acquire(blocking=False):  # reentrant until the thread waits
+        turns.release()
+        assert time.monotonic() < deadline, "the thread never waited"
+        time.sleep(0.001)
+    turns.release()
+    thread.join(5)
+    assert waited == [True]
+    assert not turns.acquire(blocking=False)  # the thread holds it now
+
+
+def test_a_thread_that_waits_too_long_to_write_is_told_the_database_is_locked() -> None:
+    turns = WriterTurns(timeout=0.05)
+    assert turns.acquire(blocking=False)
+    failed: list[BaseException] = []
+
+    def wait() -> None:
+        try:
+            turns.acquire(blocking=True)
+        except sqlite3.OperationalError as exc:
+            failed.append(exc)
+
+    thread = threading.Thread(target=wait)
+    thread.start()
+    thread.join(5)
+    turns.release()
+    assert [str(e) for e in failed] == ["database is locked"]
+    assert turns.acquire(blocking=False)  # nobody waits any more
 
 
 def test_transient_errors_are_told_from_bugs() -> None:
