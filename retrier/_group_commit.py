@@ -9,9 +9,10 @@ COMMIT (on SQLite at `synchronous=FULL`, one fsync) where each call paid its own
 call returns before that commit. Under load, 200 workflows that each take their next
 step write it together; under a trickle each call runs at once, as alone.
 
-The dialect runs a group (`RunGroup`): on the loop if the database is free now, else,
-after a short wait, on a thread. A store function sees the group's connection through
-`JOINED`: its `read()` and `write()` use it, and a write becomes a savepoint.
+The dialect runs a group (`RunGroup`) or a lone call (`RunAlone`): on the loop if the
+database is free now, else, after a short wait, on a thread. A store function sees the
+group's connection through `JOINED`: its `read()` and `write()` use it, and a write
+becomes a savepoint.
 """
 
 from __future__ import annotations
@@ -64,6 +65,13 @@ class RunGroup(Protocol):
         ...
 
 
+class RunAlone(Protocol):
+    def __call__(self, call: Callable[[], Any]) -> Ended | None:
+        """Run `call` in its own transaction(s), as if no group existed; None (having
+        done nothing) if the database is locked."""
+        ...
+
+
 @dataclass(slots=True)
 class _Call:
     fn: Callable[[], Any]
@@ -80,8 +88,9 @@ class GroupCommit:
     """Collects the calls of each event loop until its next pass, then runs them as
     one group."""
 
-    def __init__(self, run: RunGroup) -> None:
+    def __init__(self, run: RunGroup, run_alone: RunAlone) -> None:
         self._run = run
+        self._run_alone = run_alone
         self._open: dict[asyncio.AbstractEventLoop, _Open] = {}
         # Loops where a recent pass brought more than one call: theirs all wait for a
         # group, until `_QUIET_PASSES` passes in a row have brought one at most.
@@ -92,8 +101,9 @@ class GroupCommit:
     async def call(self, fn: Callable[[], Any]) -> Any:
         """Run `fn` in a group of this loop; its value once the group commits.
 
-        On a quiet loop the first call of a pass runs at once, alone, if the
-        database is free: a lone caller waits for nobody. The calls after it in the
+        On a quiet loop the first call of a pass runs at once, alone (its own
+        transaction, with its reads before the write lock), if the database is free:
+        a lone caller waits for nobody. The calls after it in the
         same pass, and every call while passes bring more (until `_QUIET_PASSES`
         passes in a row have brought one at most), wait for the next pass and run
         there as one group.
@@ -107,10 +117,10 @@ class GroupCommit:
             group = self._open[loop] = _Open()
             loop.call_soon(self._flush, loop, group)
             if loop not in self._busy:
-                ended = self._run([fn], wait=False)
-                if ended is not None:
+                alone = self._run_alone(fn)
+                if alone is not None:
                     group.calls_before = 1
-                    return ended[0].unwrap()
+                    return alone.unwrap()
         call = _Call(fn, loop.create_future())
         group.calls.append(call)
         with anyio.CancelScope(shield=True):

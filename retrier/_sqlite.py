@@ -86,7 +86,7 @@ class SQLiteDialect:
         self._pings = Pings(url.database) if Pings.available() else None
         self.can_notify = self._pings is not None
         self.default_poll_interval = timedelta(milliseconds=100 if self.can_notify else 25)
-        self._groups = GroupCommit(self._run_group)
+        self._groups = GroupCommit(self._run_group, self._run_alone)
 
     @contextlib.contextmanager
     def read(self) -> Iterator[Connection]:
@@ -198,6 +198,19 @@ class SQLiteDialect:
         """
         value: T = await self._groups.call(partial(fn, *args, **kwargs))
         return value
+
+    def _run_alone(self, call: Callable[[], Any]) -> Ended | None:
+        """A lone call on the loop, in the transaction it opens: None if that found
+        the database locked (WouldBlock, raised before it has done anything)."""
+        token = ON_LOOP.set(True)
+        try:
+            return Ended(value=call())
+        except WouldBlock:
+            return None
+        except Exception as exc:
+            return Ended(error=exc)
+        finally:
+            ON_LOOP.reset(token)
 
     def _run_group(self, calls: list[Callable[[], Any]], *, wait: bool) -> list[Ended] | None:
         """One write transaction for `calls` (see `GroupCommit`); None if the database
