@@ -103,10 +103,10 @@ class GroupCommit:
 
         On a quiet loop the first call of a pass runs at once, alone (its own
         transaction, with its reads before the write lock), if the database is free:
-        a lone caller waits for nobody. The calls after it in the
-        same pass, and every call while passes bring more (until `_QUIET_PASSES`
-        passes in a row have brought one at most), wait for the next pass and run
-        there as one group.
+        a lone caller waits for nobody. The calls after it in the same pass, and
+        every call while passes bring more (until `_QUIET_PASSES` passes in a row
+        have brought one at most), wait for the next pass and run there as one
+        group.
 
         Cancellation waits for the group (as a call on a thread would): a caller
         never leaves a write it started half-known. A call cancelled before its group
