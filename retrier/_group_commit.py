@@ -109,8 +109,8 @@ class GroupCommit:
         group.
 
         Cancellation waits for the group (as a call on a thread would): a caller
-        never leaves a write it started half-known. A call cancelled before its group
-        starts does not run."""
+        never leaves a write it started half-known. (A call whose task asyncio
+        cancels natively before its group runs is dropped, unrun.)"""
         loop = asyncio.get_running_loop()
         group = self._open.get(loop)
         if group is None:
