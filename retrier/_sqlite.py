@@ -78,8 +78,8 @@ class SQLiteDialect:
             event.listen(engine, "connect", partial(_sqlite_connect, durability, timeout))
             event.listen(engine, "begin", _begin_waiting_up_to(timeout))
         self._timeout = timeout
-        # SQLite admits one writer at a time. This process's engine-internal writers
-        # queue on a lock of our own, which hands over at once (see write_internal).
+        # SQLite admits one writer at a time. This process's writers take turns on a
+        # lock of our own first (see WriterTurns and write_internal).
         self._write_lock = WriterTurns(timeout)
         # Other processes' workers learn of new runs from pings (see _pings), and
         # else by polling: a cheap read.
@@ -194,7 +194,9 @@ class SQLiteDialect:
         A short SQLite transaction is CPU work under the GIL wherever it runs, so a
         group runs right here on the event loop when the database is free: a worker
         thread would add only two thread hand-overs (measured: a third of a workflow
-        step's cost). `fn` writes in its group's transaction, in a savepoint.
+        step's cost). `fn` writes in its group's transaction, in a savepoint; run
+        alone, it must open at most one write transaction (a locked database raises
+        WouldBlock before it has done anything, and the call joins the next group).
         """
         value: T = await self._groups.call(partial(fn, *args, **kwargs))
         return value
