@@ -218,24 +218,19 @@ class SQLiteDialect:
         """One write transaction for `calls` (see `GroupCommit`); None if the database
         is locked and `wait` is False (on the loop, where waiting would stall it)."""
         token = ON_LOOP.set(not wait)
+        ended: list[Ended] | None = None
         try:
-            if not self._write_lock.acquire(blocking=wait):
-                return None
-            ended: list[Ended] | None = None
-            try:
-                with self._transaction(self._internal) as conn:
-                    ended = run_joined(conn, calls)
-            except WouldBlock:
-                if ended is None:
-                    return None  # BEGIN found another process's writer
-                raise
-            except Exception as exc:  # the commit failed, or a savepoint broke the rest
-                return failed_all(ended, len(calls), exc)
-            finally:
-                self._write_lock.release()
-            return ended
+            with self.write_internal() as conn:
+                ended = run_joined(conn, calls)
+        except WouldBlock:
+            if ended is None:
+                return None  # this process's lock, or BEGIN, found another writer
+            raise
+        except Exception as exc:  # the commit failed, or a savepoint broke the rest
+            return failed_all(ended, len(calls), exc)
         finally:
             ON_LOOP.reset(token)
+        return ended
 
     def create_extras(self, conn: Connection) -> None:
         pass
