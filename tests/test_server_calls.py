@@ -6,6 +6,7 @@ take."""
 from __future__ import annotations
 
 import re
+import threading
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -20,7 +21,8 @@ from tests.support import drain
 from workflow import WorkflowContext, WorkflowManager
 from workflow._models import steps_t, workflows_t
 from workflow._server_calls import ServerCalls
-from workflow.migrations.versions.workflow_0005_step_function import STEP_FUNCTION
+from workflow.migrations.versions import workflow_0005_step_function as step_v1
+from workflow.migrations.versions import workflow_0007_step_handoff as step_v2
 from workpool import Workpool
 
 MakeRetrier = Callable[..., Retrier]
@@ -167,6 +169,94 @@ def test_a_pool_with_other_limits_takes_the_general_path_once_told(
     assert [e["name"] for e in entries] == ["s[0]", "s[1]", "s[2]", "s[3]"]
 
 
+class _PoolLockHolder:
+    """Another transaction holding a pool's row locked (as a worker's claim does),
+    from `hold()` until `release()` or 5 s."""
+
+    def __init__(self, retrier: Retrier, pool: str) -> None:
+        self.retrier, self.pool = retrier, pool
+        self.locked, self.released = threading.Event(), threading.Event()
+        self.timed_out = False
+        self._thread = threading.Thread(target=self._hold, daemon=True)
+
+    def hold(self) -> None:
+        self._thread.start()
+        assert self.locked.wait(5)
+
+    def release(self) -> None:
+        self.released.set()
+        self._thread.join(10)
+
+    def _hold(self) -> None:
+        with self.retrier.engine.begin() as conn:
+            conn.execute(
+                text("SELECT 1 FROM tiers_queues WHERE name = :q FOR UPDATE"), {"q": self.pool}
+            )
+            self.locked.set()
+            self.timed_out = not self.released.wait(5)
+
+
+@on_postgresql
+def test_a_step_after_an_inline_step_of_its_pool_takes_over_its_slot_unlocked(
+    make_retrier: MakeRetrier, calls: list[str]
+) -> None:
+    """Completing the previous inline step frees the slot the next step takes in the
+    same transaction (no count changes), so the next step's start does not wait for
+    the pool's lock (`tiers_step_v2`): here it is held elsewhere from the first step
+    to the workflow's end."""
+    retrier, workflows = _build(make_retrier, server=True)
+    holder = _PoolLockHolder(retrier, "steps")
+
+    @retrier.action
+    def lock_the_pool() -> str:
+        holder.hold()
+        return "locked"
+
+    @workflows.define
+    async def three(ctx: WorkflowContext) -> list[Any]:
+        first = await ctx.step("first", lock_the_pool, {})
+        return [first] + [await ctx.step("s", shape, {"i": i}) for i in (1, 3)]
+
+    shape = "shape"
+    wf_id = workflows.start("three", {})
+    drain(retrier)
+    ended_while_held = not holder.released.is_set() and not holder.timed_out
+    holder.release()
+    assert ended_while_held, "a step's start waited for the pool's lock"
+    assert calls == ["took"] * 3 + ["ended"], calls
+    assert workflows.status(wf_id) == Completed(Success(["locked", "text", 3]))
+
+
+@on_postgresql
+def test_a_slot_taken_over_still_respects_a_lowered_cap(
+    make_retrier: MakeRetrier, calls: list[str]
+) -> None:
+    """A pool whose cap was lowered while a step ran inline: the next step's start
+    frees the slot but finds no room (another worker's run fills the new cap), so its
+    run waits in the pool, as a start that locked the pool would have left it."""
+    retrier, workflows = _build(make_retrier, server=True, max_parallelism=4)
+
+    @retrier.action
+    def lower_the_cap() -> str:
+        with retrier.engine.begin() as conn:
+            row = new_row(_new_run("held", "elsewhere"), 0)
+            conn.execute(runs.insert(), [{**row, **running_values("other", 60_000, 0)}])
+            conn.execute(text("UPDATE tiers_queues SET max_parallelism = 1 WHERE name = 'steps'"))
+        return "lowered"
+
+    @workflows.define
+    async def two(ctx: WorkflowContext) -> list[Any]:
+        return [await ctx.step("first", lower_the_cap, {}), await ctx.step("s", "shape", {"i": 1})]
+
+    wf_id = workflows.start("two", {})
+    drain(retrier)
+    assert calls[:2] == ["took", "pending"], calls
+    with retrier.engine.begin() as conn:
+        conn.execute(update(runs).where(runs.c.id == "held").values(state="completed"))
+    drain(retrier)
+    assert workflows.status(wf_id) == Completed(Success(["lowered", "text"]))
+
+
 def _canceled_meanwhile(make_retrier: MakeRetrier, *, server: bool) -> tuple[Any, Any]:
     """A workflow whose first step's run is asked to cancel while it runs inline:
     its status and journal once drained."""
@@ -214,11 +304,12 @@ def _new_run(run_id: str, fn: str) -> NewRun:
 
 def test_the_function_inserts_every_column_of_a_new_run() -> None:
     """A column added to new runs must be added to the function (a new version)."""
-    inserted = re.search(r"INSERT INTO tiers_runs \(([^)]*)\)", STEP_FUNCTION)
-    assert inserted is not None
-    columns = {c.strip() for c in inserted.group(1).split(",")}
     plain = new_row(_new_run("x", "f"), 0)
-    assert set(plain) | set(running_values("w", 1, 0)) == columns
+    for function in (step_v1.STEP_FUNCTION, step_v2.STEP_FUNCTION):
+        inserted = re.search(r"INSERT INTO tiers_runs \(([^)]*)\)", function)
+        assert inserted is not None
+        columns = {c.strip() for c in inserted.group(1).split(",")}
+        assert set(plain) | set(running_values("w", 1, 0)) == columns
 
 
 @on_postgresql
@@ -280,12 +371,13 @@ def test_the_server_functions_plan_their_statements_once_per_session(
             conn.execute(
                 text(
                     "SELECT p.proname, p.proconfig FROM pg_proc p"
-                    " WHERE p.proname IN ('tiers_claim_v6', 'tiers_step_v1', 'tiers_finish_v1')"
+                    " WHERE p.proname IN ('tiers_claim_v6', 'tiers_step_v1', 'tiers_step_v2',"
+                    " 'tiers_finish_v1')"
                     " AND p.pronamespace = current_schema()::regnamespace"
                 )
             ).all()
         )
     assert settings == {
         name: ["plan_cache_mode=force_generic_plan"]
-        for name in ("tiers_claim_v6", "tiers_step_v1", "tiers_finish_v1")
+        for name in ("tiers_claim_v6", "tiers_step_v1", "tiers_step_v2", "tiers_finish_v1")
     }

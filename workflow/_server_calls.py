@@ -1,5 +1,5 @@
 """An inline step's start, and a workflow's end, on PostgreSQL as one server-side call
-each (`tiers_step_v1`, `tiers_finish_v1`, created by migration workflow_0005): one
+each (`tiers_step_v2` of migration workflow_0007, `tiers_finish_v1` of workflow_0005): one
 round trip where the same transaction took nine from Python for a step (BEGIN, the
 workflow's lock, the previous step's completion and its journal entry, the new entry,
 the pool's lock and count, the new run, COMMIT), six for an end.
@@ -35,7 +35,7 @@ from ._journal_signals import Conflict, NotRunning
 from ._limits import result_columns
 
 _STEP = (
-    "SELECT tiers_step_v1(%(wf)s::text, %(now)s::bigint, %(channel)s::text,"
+    "SELECT tiers_step_v2(%(wf)s::text, %(now)s::bigint, %(channel)s::text,"
     " %(worker)s::text, %(lease_ms)s::bigint, %(prev_run)s::text,"
     " %(prev_fence)s::integer, %(prev_result)s::json, %(prev_started)s::bigint,"
     " %(prev_step)s::text, %(name)s::text, %(position)s::integer, %(fn)s::text,"
