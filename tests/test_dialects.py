@@ -14,6 +14,7 @@ import anyio
 import pytest
 from sqlalchemy import (
     Column,
+    Connection,
     Engine,
     Integer,
     MetaData,
@@ -340,6 +341,36 @@ def test_durability_sets_how_commits_reach_the_disk(db_url: str, durability: str
             assert (internal, app) == ({"full": "on", "normal": "off"}[durability], "on")
     finally:
         opened.dispose()
+
+
+@pytest.mark.parametrize("db_url", ["postgresql"], indirect=True)
+def test_the_engines_own_sessions_plan_lookups_by_index_at_any_table_size(
+    dialect: Dialect,
+) -> None:
+    """A statement prepared while its table is small keeps its generic plan for the
+    session. On the engine's own sessions that plan finds rows by index; on an
+    ordinary session (the control) the same plan scans the whole table, however
+    large it grows until an ANALYZE."""
+
+    def generic_plan(conn: Connection) -> str:
+        conn.exec_driver_sql("SET LOCAL plan_cache_mode = force_generic_plan")
+        conn.exec_driver_sql(
+            "PREPARE by_ids(int[]) AS UPDATE conformance_items SET label = label"
+            " FROM unnest($1) AS b(id) WHERE conformance_items.id = b.id"
+        )
+        try:
+            return "\n".join(
+                conn.exec_driver_sql("EXPLAIN EXECUTE by_ids('{1,2}')").scalars()
+            )
+        finally:
+            conn.exec_driver_sql("DEALLOCATE by_ids")
+
+    with dialect.write_internal() as conn:
+        internal = generic_plan(conn)
+    with dialect.write() as conn:
+        ordinary = generic_plan(conn)
+    assert "Seq Scan" in ordinary, ordinary
+    assert "Seq Scan" not in internal and "Index" in internal, internal
 
 
 def test_an_unknown_durability_is_refused(db_url: str) -> None:
