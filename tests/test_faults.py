@@ -626,7 +626,13 @@ def _until_a_writer_waits(retrier: Retrier) -> None:
 # -- 11. what a failure leaves behind, and the async twins ------------------------------------
 
 
-def test_each_failed_attempt_keeps_its_traceback(retrier: Retrier, db_url: str) -> None:
+def test_each_failed_attempt_keeps_its_traceback(
+    make_retrier: Callable[..., Retrier], db_url: str
+) -> None:
+    # A fake clock: the second attempt's backoff must not run out during the drain,
+    # however slow the machine (formatting the deep traceback takes a while).
+    retrier = make_retrier(clock=FakeClock())
+
     @retrier.action
     def explode(depth: int) -> None:
         def inner(n: int) -> None:
