@@ -11,19 +11,24 @@ settings: concurrency 16, durability normal). Two loads:
   (max_parallelism=10, bench.workpool_app);
 - plain: N no-op retrier runs (`retrier.run(..., session=s)`, one transaction), no pool.
 
-Order of a measurement: fresh schema; K workers start and register; after they have
-been idle a moment, pg_stat_database (xact_commit, xact_rollback of the database,
-read from a fresh connection to the `postgres` database, after
-pg_stat_clear_snapshot()) and each worker's CPU time (/proc/PID/stat) are read; the
-backlog is enqueued; this process polls for completion on one autocommit connection
-(those polls are counted and subtracted); then the workers' CPU is read again, they
-stop (a backend flushes its statistics when it exits) and pg_stat_database is read a
-second time. So commits/run counts the workers' claims, records, heartbeats and idle
-polls over the window, plus the enqueue's transaction and the workers' shutdown (a few
-commits in all, negligible over N). Throughput is N over the time from the first
-attempt's start to the last run's finish (engine stamps, no process start-up). CPU:
-the workers' CPU seconds over the window per 1,000 runs of the backlog, summed over the
-workers and for the busiest one, and each worker's seconds.
+Order of a measurement: fresh schema; K workers start and register; after they have been
+idle a moment, pg_stat_database (xact_commit, xact_rollback of the database, read from a
+fresh connection to the `postgres` database, after pg_stat_clear_snapshot()) and each
+worker's CPU time (/proc/PID/stat) are read; the backlog is enqueued; this process polls
+for completion on one autocommit connection (those polls are counted and subtracted);
+then the workers' CPU is read again, they stop (a backend flushes its statistics when it
+exits) and pg_stat_database is read a second time. So commits/run counts the workers'
+claims, records, heartbeats and idle polls over the window, plus the enqueue's
+transaction and the workers' shutdown (a few commits in all, negligible over N). It also
+counts one read-only transaction per notification per listening worker: a backend that
+LISTENs reads each NOTIFY it is sent inside a transaction of its own (PostgreSQL's
+async.c), so every wake-up a record sends shows up once per worker. "writing txns/run"
+leaves those out: the growth of the server's next transaction id over the same window
+(cluster-wide; ids go only to transactions that write or lock rows), the enqueue
+included. Throughput is N over the time from the first attempt's start to the last run's
+finish (engine stamps, no process start-up). CPU: the workers' CPU seconds over the
+window per 1,000 runs of the backlog, summed over the workers and for the busiest one,
+and each worker's seconds.
 
 The measurements use a database of their own (`tiers_bench_<pid>`, created and dropped
 by this script), so that other clients of the server's databases do not show up in
@@ -77,6 +82,17 @@ def xacts(datname: str) -> tuple[int, int]:
     return int(row[0]), int(row[1])
 
 
+def next_xid() -> int:
+    """The server's next transaction id (cluster-wide; reading it assigns none): its
+    growth counts the transactions that wrote (or locked rows), which read-only ones
+    never get."""
+    with psycopg.connect(in_db(LIBPQ, "postgres"), autocommit=True) as conn:
+        row = conn.execute("SELECT pg_snapshot_xmax(pg_current_snapshot())::text::bigint"
+                           ).fetchone()
+    assert row is not None
+    return int(row[0])
+
+
 def start_workers(url: str, n: int) -> list[subprocess.Popen[bytes]]:
     env = {**os.environ, "BENCH_DB_URL": url, "TIERS_LOG_LEVEL": "ERROR"}
     cmd = [sys.executable, "-m", "retrier", "worker", "bench.workpool_app:pool"]
@@ -107,6 +123,7 @@ def measure(mode: str, workers: int, runs: int) -> dict[str, Any]:
         time.sleep(1.5)  # idle, so their start-up statistics are flushed
         cpu0 = [cpu_seconds(p.pid) for p in procs]
         commits0, rollbacks0 = xacts(datname)
+        xid0 = next_xid()
         polls = 0
         start = time.perf_counter()
         if mode == "pool":
@@ -140,6 +157,7 @@ def measure(mode: str, workers: int, runs: int) -> dict[str, Any]:
         poll.close()
         time.sleep(1.0)
         commits1, rollbacks1 = xacts(datname)
+        xid1 = next_xid()
     finally:
         for p in procs:
             p.kill()
@@ -151,6 +169,7 @@ def measure(mode: str, workers: int, runs: int) -> dict[str, Any]:
         "runs_per_s": runs / max((last - first) / 1000, 1e-3), "wall_s": wall,
         "commits_per_run": (commits1 - commits0 - polls) / runs,
         "rollbacks_per_run": (rollbacks1 - rollbacks0) / runs,
+        "writes_per_run": (xid1 - xid0) / runs,
         "cpu_s_per_1k": 1000 * sum(cpu) / runs,
         "busiest_cpu_s_per_1k": 1000 * max(cpu) / runs,
         "worker_cpu_s": cpu,
@@ -178,12 +197,13 @@ def main(argv: list[str] | None = None) -> None:
         with psycopg.connect(in_db(LIBPQ, "postgres"), autocommit=True) as conn:
             conn.execute(f"DROP DATABASE IF EXISTS {BENCH_DB} WITH (FORCE)")
 
-    table = Table("load", "workers", "runs/s", "commits/run", "rollbacks/run",
+    table = Table("load", "workers", "runs/s", "commits/run", "writing txns/run", "rollbacks/run",
                   "worker CPU s / 1k runs", "busiest worker", "per worker CPU s",
                   title=f"PostgreSQL, {args.runs} no-op runs in a backlog, worker processes")
     for r in rows:
         table.add_row("pool of 10" if r["mode"] == "pool" else "plain runs", str(r["workers"]),
                       f"{r['runs_per_s']:,.0f}", f"{r['commits_per_run']:.2f}",
+                      f"{r['writes_per_run']:.3f}",
                       f"{r['rollbacks_per_run']:.3f}", f"{r['cpu_s_per_1k']:.2f}",
                       f"{r['busiest_cpu_s_per_1k']:.2f}",
                       " ".join(f"{c:.1f}" for c in r["worker_cpu_s"]))
@@ -193,13 +213,16 @@ def main(argv: list[str] | None = None) -> None:
         mine = [r for r in rows if r["mode"] == mode]
         rates = [r["runs_per_s"] for r in mine]
         commits = [r["commits_per_run"] for r in mine]
+        writes = [r["writes_per_run"] for r in mine]
         steady = all(b >= a * 0.95 for a, b in itertools.pairwise(rates))
         out.print(f"{mode}: runs/s {' -> '.join(f'{x:,.0f}' for x in rates)} "
                   f"({'non-decreasing' if steady else 'DECREASES'} within 5%); commits/run "
                   f"{' -> '.join(f'{x:.2f}' for x in commits)} "
-                  f"(max/min {max(commits) / min(commits):.2f})")
+                  f"(max/min {max(commits) / min(commits):.2f}); writing transactions/run "
+                  f"{' -> '.join(f'{x:.3f}' for x in writes)} "
+                  f"(max/min {max(writes) / min(writes):.2f})")
     out.print("Noisy 2-core machine shared with the database server: absolute figures vary "
-              "run to run; commits/run is the stable figure.")
+              "run to run; writing txns/run is the stable figure.")
     if args.json:
         print(json.dumps({"bench": "pg_scaling", "runs": args.runs, "rows": rows}))
 
