@@ -25,6 +25,9 @@ finish (--drain-timeout), the workers are stopped with SIGTERM, and it checks:
 - the pool's maximum overlap, of the actions themselves (a killed attempt ends when
   its process died) and of the slots (a lost attempt holds its slot until its lease
   is reaped): both at most the cap;
+- the steps' pool's maximum overlap (cap 10), from the engine's attempt stamps: a
+  step that starts by completing the step before it takes over that slot unlocked
+  (`tiers_step_v2`), and the cap must still hold;
 - steps re-run after being journaled: no step's action began after its result was
   journaled (a step whose worker died mid-action may run again: it began before);
 - workflows failed by an engine error: a workflow fails only because a step

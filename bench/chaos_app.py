@@ -49,6 +49,7 @@ from workpool import RetryBehavior, Workpool
 
 CAPPED_POOL = "chaos-capped"
 STEP_POOL = "chaos-steps"
+STEP_CAP = 10  # the steps' pool's max_parallelism
 WORKFLOW_STEPS = 4
 MAX_FAILURES = 6  # retrier runs: 0.3**6, about 1 in 1,400 runs, fail for good
 MAX_ATTEMPTS = 8  # pool items and workflow steps
@@ -117,7 +118,7 @@ def build(url: str, record_dir: Path, *, cap: int = 3, fail_pct: int = 30,
     retry = RetryBehavior(max_attempts=MAX_ATTEMPTS, initial_backoff_ms=20)
     pool = Workpool(retrier, CAPPED_POOL, max_parallelism=cap,
                     retry_actions_by_default=True, default_retry_behavior=retry)
-    steps = Workpool(retrier, STEP_POOL, max_parallelism=10,
+    steps = Workpool(retrier, STEP_POOL, max_parallelism=STEP_CAP,
                      retry_actions_by_default=True, default_retry_behavior=retry)
     workflows = WorkflowManager(steps)
     _register_actions(retrier, record_dir, fail_pct)

@@ -16,7 +16,7 @@ from typing import Any
 
 from sqlalchemy import Engine, text
 
-from bench.chaos_app import MAX_ATTEMPTS, MAX_FAILURES, WORKFLOW_STEPS
+from bench.chaos_app import MAX_ATTEMPTS, MAX_FAILURES, STEP_CAP, STEP_POOL, WORKFLOW_STEPS
 
 FINISHED_WORKFLOW = ("completed", "failed", "canceled")
 NOT_A_FAILURE = ("released", "canceled")  # attempt outcomes the policy does not count
@@ -338,6 +338,23 @@ def pool_overlap(records: PoolRecords, snap: Snapshot, expected: Expected,
     )
 
 
+def step_pool_overlap(snap: Snapshot) -> Check:
+    """The workflow steps' pool, by the engine's own stamps: its attempts' spans
+    overlap at most its cap. An inline step's start takes over the slot of the step
+    it completes without locking the pool (`tiers_step_v2`); a lost attempt's span
+    ends when its lease was reaped. Each span loses its last millisecond (stamps are
+    whole milliseconds, an end rounded up), so this is the cap's necessary condition,
+    never a false alarm; the attempts lie inside the slots' real spans."""
+    spans = [
+        (a.started_ms, a.finished_ms - 1)
+        for run_id, row in snap.runs.items() if row.queue == STEP_POOL
+        for a in snap.attempts.get(run_id, []) if a.finished_ms - 1 > a.started_ms
+    ]
+    most = max_overlap(spans)
+    return _check("steps' pool max overlap, attempts (engine stamps)", [],
+                  limit=f"<= {STEP_CAP}", value=str(most), ok=most <= STEP_CAP)
+
+
 # -- facts (not pass/fail) ----------------------------------------------------------------
 
 
@@ -365,6 +382,7 @@ def run_checks(engine: Engine, expected: Expected, record_dir: Path,
         attempts_over_policy(snap, records.starts),
         *stuck(snap),
         *pool_overlap(records, snap, expected, cap),
+        step_pool_overlap(snap),
         steps_rerun_after_journaled(snap, expected),
         workflows_failed_by_engine(snap, expected),
         beyond_at_least_once(snap, expected, records.ends),

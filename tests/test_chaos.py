@@ -5,7 +5,8 @@ of attempts failing, run on real `tiers worker` processes while a worker is SIGK
 every 0.2 s (one holding running runs when there is one) and replaced; on PostgreSQL
 the workers' backends are also terminated once. Every check of the long run must
 hold: nothing lost, no duplicate on_complete commit, no attempt over the policy,
-nothing stuck, the cap held, no step re-run after being journaled.
+nothing stuck, the caps held (the capped pool's and the steps' pool's), no step re-run
+after being journaled.
 `python -m bench.chaos` is the long version (100 kills on PostgreSQL).
 """
 
@@ -33,6 +34,6 @@ def test_a_short_sigkill_storm_loses_and_doubles_nothing(db_url: str, tmp_path: 
     lines: list[str] = []
     report = run_chaos(SHORT, database_for(db_url), tmp_path, say=lines.append)
     assert report.ok, "\n".join([*lines, report.render(), f"worker logs: {tmp_path / 'logs'}"])
-    assert len(report.checks) == 10
+    assert len(report.checks) == 11
     assert report.kills == SHORT.kills
     assert report.lost_attempts > 0, "the kills interrupted running attempts"
