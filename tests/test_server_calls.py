@@ -215,9 +215,8 @@ def test_a_step_after_an_inline_step_of_its_pool_takes_over_its_slot_unlocked(
     @workflows.define
     async def three(ctx: WorkflowContext) -> list[Any]:
         first = await ctx.step("first", lock_the_pool, {})
-        return [first] + [await ctx.step("s", shape, {"i": i}) for i in (1, 3)]
+        return [first] + [await ctx.step("s", "shape", {"i": i}) for i in (1, 3)]
 
-    shape = "shape"
     wf_id = workflows.start("three", {})
     drain(retrier)
     ended_while_held = not holder.released.is_set() and not holder.timed_out
