@@ -72,25 +72,19 @@ def in_db(url: str, datname: str) -> str:
     return url.rsplit("/", 1)[0] + "/" + datname
 
 
-def xacts(datname: str) -> tuple[int, int]:
-    """(xact_commit, xact_rollback) of `datname`, read from another database."""
-    with psycopg.connect(in_db(LIBPQ, "postgres"), autocommit=True) as conn:
-        conn.execute("SELECT pg_stat_clear_snapshot()")
-        row = conn.execute("SELECT xact_commit, xact_rollback FROM pg_stat_database "
-                           "WHERE datname = %s", (datname,)).fetchone()
-    assert row is not None
-    return int(row[0]), int(row[1])
-
-
-def next_xid() -> int:
-    """The server's next transaction id (cluster-wide; reading it assigns none): its
+def xacts(datname: str) -> tuple[int, int, int]:
+    """(xact_commit, xact_rollback) of `datname`, and the server's next transaction id,
+    read from another database. The id is cluster-wide and reading it assigns none: its
     growth counts the transactions that wrote (or locked rows), which read-only ones
     never get."""
     with psycopg.connect(in_db(LIBPQ, "postgres"), autocommit=True) as conn:
-        row = conn.execute("SELECT pg_snapshot_xmax(pg_current_snapshot())::text::bigint"
-                           ).fetchone()
+        conn.execute("SELECT pg_stat_clear_snapshot()")
+        row = conn.execute(
+            "SELECT xact_commit, xact_rollback,"
+            " pg_snapshot_xmax(pg_current_snapshot())::text::bigint"
+            " FROM pg_stat_database WHERE datname = %s", (datname,)).fetchone()
     assert row is not None
-    return int(row[0])
+    return int(row[0]), int(row[1]), int(row[2])
 
 
 def start_workers(url: str, n: int) -> list[subprocess.Popen[bytes]]:
@@ -122,8 +116,7 @@ def measure(mode: str, workers: int, runs: int) -> dict[str, Any]:
             time.sleep(0.1)
         time.sleep(1.5)  # idle, so their start-up statistics are flushed
         cpu0 = [cpu_seconds(p.pid) for p in procs]
-        commits0, rollbacks0 = xacts(datname)
-        xid0 = next_xid()
+        commits0, rollbacks0, xid0 = xacts(datname)
         polls = 0
         start = time.perf_counter()
         if mode == "pool":
@@ -156,8 +149,7 @@ def measure(mode: str, workers: int, runs: int) -> dict[str, Any]:
         procs = []
         poll.close()
         time.sleep(1.0)
-        commits1, rollbacks1 = xacts(datname)
-        xid1 = next_xid()
+        commits1, rollbacks1, xid1 = xacts(datname)
     finally:
         for p in procs:
             p.kill()
