@@ -69,7 +69,7 @@ def fresh_database(kind: str) -> Iterator[str]:
 @contextmanager
 def worker_processes(
     url: str, count: int, concurrency: int, durability: str = "normal", observe: bool = False
-) -> Iterator[None]:
+) -> Iterator[list[subprocess.Popen[bytes]]]:
     env = {**os.environ, "TIERS_BENCH_DB": url, "TIERS_BENCH_C": str(concurrency),
            "TIERS_BENCH_DURABILITY": durability, "TIERS_LOG_LEVEL": "WARNING",
            "TIERS_BENCH_OBSERVE": "1" if observe else "0"}
@@ -80,7 +80,7 @@ def worker_processes(
         for _ in range(count)
     ]
     try:
-        yield
+        yield procs
     finally:
         for p in procs:
             p.send_signal(signal.SIGTERM)
@@ -119,7 +119,7 @@ def _enqueue_and_wait(retrier: Retrier, n: int, fn: str) -> float:
             if i % 500 == 0:
                 progress.update(task, completed=i)
         progress.update(task, description="waiting for completion", completed=n)
-        _wait_completed(retrier, len(ids), timeout=600)
+        wait_completed(retrier, len(ids), timeout=600)
         rate = n / (time.perf_counter() - start)
         # CPU of this process (all of it with an in-process worker): steadier than
         # wall time on a machine that is busy with something else.
@@ -127,7 +127,7 @@ def _enqueue_and_wait(retrier: Retrier, n: int, fn: str) -> float:
         return rate
 
 
-def _wait_completed(retrier: Retrier, n: int, timeout: float) -> None:
+def wait_completed(retrier: Retrier, n: int, timeout: float) -> None:
     """Block until `n` runs have completed, counting them every 5 ms.
 
     The database is fresh, so every completed run is one of ours. `wait_all` would be
