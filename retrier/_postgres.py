@@ -14,12 +14,12 @@ from typing import Any
 import anyio
 import anyio.to_thread
 from anyio.abc import TaskStatus
-from anyio.lowlevel import RunVar
 from sqlalchemy import Connection, Engine, Insert, Table, create_engine, event, func, literal, text
 from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 from sqlalchemy.engine import URL
 from sqlalchemy.sql import ColumnElement, Select
 
+from ._call_threads import CallThreads
 from ._compiled import CompiledWrite, on_cursor, wrapped
 from ._dberrors import DRIVER_ERRORS, raise_translated
 from ._dialect import CANCEL, WAKE, Durability, Listener, P, T
@@ -34,18 +34,8 @@ from ._pg_groups import GROUP_BUDGET_FUNCTION
 
 log = logging.getLogger("tiers.store")
 
-# Per event loop: how many PostgreSQL store calls may run on threads at once.
-_PG_CALLS: RunVar[anyio.CapacityLimiter] = RunVar("tiers_pg_calls")
+# How many store calls from async code may run on threads at once (see `call`).
 _PG_CALL_THREADS = 8
-
-
-def _pg_call_limiter() -> anyio.CapacityLimiter:
-    try:
-        return _PG_CALLS.get()
-    except LookupError:
-        limiter = anyio.CapacityLimiter(_PG_CALL_THREADS)
-        _PG_CALLS.set(limiter)
-        return limiter
 
 
 # The engine's own statements find their rows through indexes: by id, or in a partial
@@ -120,6 +110,7 @@ class PostgresDialect:
         if durability == "normal":
             settings += ("SET synchronous_commit = off",)
         event.listen(self._internal, "connect", partial(_session_settings, settings))
+        self._calls = CallThreads(_PG_CALL_THREADS)
 
     @contextlib.contextmanager
     def read(self) -> Iterator[Connection]:
@@ -143,6 +134,7 @@ class PostgresDialect:
             yield conn
 
     def dispose(self) -> None:
+        self._calls.close()
         self.engine.dispose()
         self._internal.dispose()
 
@@ -207,9 +199,7 @@ class PostgresDialect:
         # Every statement is a network round trip, during which a thread frees the GIL.
         # A few threads suffice to keep the server busy; dozens only fight over the
         # GIL while some of them hold row locks that the others wait for.
-        return await anyio.to_thread.run_sync(
-            lambda: fn(*args, **kwargs), limiter=_pg_call_limiter()
-        )
+        return await self._calls.call(lambda: fn(*args, **kwargs))
 
     def lock_for_claim(self, stmt: Select[Any]) -> Select[Any]:
         return stmt.with_for_update(skip_locked=True)
