@@ -75,13 +75,16 @@ class CallThreads:
         while (job := self._jobs.get()) is not None:
             loop, future, context, fn = job
             try:
-                value = context.run(fn)
+                value, failed = context.run(fn), False
             except BaseException as exc:  # handed to the caller, as its own
-                _deliver(loop, future, exc, failed=True)
-            else:
-                _deliver(loop, future, value, failed=False)
+                value, failed = exc, True
+            # Idle before the caller hears: its next call then needs no new thread.
+            # (At the limit, calls queue and idle threads are counted loosely: a
+            # thread counted idle may take a queued call first, which only delays
+            # the next call as the queue would have.)
             with self._lock:
-                self._idle += 1
+                self._idle = min(self._idle + 1, self._threads)
+            _deliver(loop, future, value, failed=failed)
 
 
 def _deliver(loop: asyncio.AbstractEventLoop, future: asyncio.Future[Any], value: Any,
