@@ -27,6 +27,7 @@ wait for its poll).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import threading
 import time
@@ -144,7 +145,7 @@ def _measured(retrier: Retrier, kind: str, n: int, worker_pid: int) -> Split:
     server = _server_processes(worker_pid) if kind == "postgresql" else {}
     channel = retrier.store.dialect.wake_channel
     counter = _NotifyCounter(channel) if kind == "postgresql" else None
-    with counter or _Nothing():
+    with counter or contextlib.nullcontext():
         before = {p: _cpu(p) for p in [me, worker, *server]}
         busy = _machine_busy()
         start = time.perf_counter()
@@ -164,14 +165,6 @@ def _measured(retrier: Retrier, kind: str, n: int, worker_pid: int) -> Split:
         cpu_us={label: seconds / n * 1e6 for label, seconds in used.items()},
         notifies_per_run=None if counter is None else counter.count / n,
     )
-
-
-class _Nothing:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> None:
-        return None
 
 
 def main(argv: list[str] | None = None) -> None:
