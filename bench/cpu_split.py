@@ -31,6 +31,7 @@ import contextlib
 import os
 import threading
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import psutil
@@ -38,6 +39,7 @@ from rich.console import Console
 from rich.table import Table
 
 from bench.apps import build
+from bench.pg_scaling import cpu_seconds
 from bench.throughput import DURABILITIES, PG_URL, fresh_database, wait_completed, worker_processes
 from retrier import Retrier
 
@@ -53,12 +55,16 @@ class Split:
     notifies_per_run: float | None = None
 
 
-def _cpu(process: psutil.Process) -> float:
-    try:
-        times = process.cpu_times()
-    except psutil.NoSuchProcess:
-        return 0.0
-    return float(times.user + times.system)
+def _cpu_by_pid(pids: Iterable[int]) -> dict[int, float]:
+    """Each process's CPU seconds; one that has exited is left out (a pooled
+    connection closed during the window: its share is not known)."""
+    cpu: dict[int, float] = {}
+    for pid in pids:
+        try:
+            cpu[pid] = cpu_seconds(pid)
+        except (FileNotFoundError, ProcessLookupError):
+            pass
+    return cpu
 
 
 def _machine_busy() -> float:
@@ -66,7 +72,7 @@ def _machine_busy() -> float:
     return float(t.user + t.nice + t.system + t.irq + t.softirq)
 
 
-def _server_processes(worker_pid: int) -> dict[psutil.Process, str]:
+def _server_processes(worker_pid: int) -> dict[int, str]:
     """PostgreSQL's processes, each labelled by the part of the benchmark it serves."""
     import psycopg
 
@@ -76,7 +82,7 @@ def _server_processes(worker_pid: int) -> dict[psutil.Process, str]:
         ).fetchall()
     ours = {c.laddr.port for c in psutil.Process().net_connections()}
     worker = {c.laddr.port for c in psutil.Process(worker_pid).net_connections()}
-    labelled: dict[psutil.Process, str] = {}
+    labelled: dict[int, str] = {}
     for pid, backend_type, query, port in rows:
         if backend_type != "client backend":
             label = "server: background"
@@ -87,10 +93,7 @@ def _server_processes(worker_pid: int) -> dict[psutil.Process, str]:
             label = "server: worker's LISTEN" if listening else "server: worker's pool"
         else:
             label = "server: other clients"
-        try:
-            labelled[psutil.Process(pid)] = label
-        except psutil.NoSuchProcess:
-            pass  # this query's own backend, gone
+        labelled[pid] = label
     return labelled
 
 
@@ -141,22 +144,22 @@ def measure(kind: str, n: int, durability: str, insert_notify: bool = True) -> S
 
 
 def _measured(retrier: Retrier, kind: str, n: int, worker_pid: int) -> Split:
-    me, worker = psutil.Process(), psutil.Process(worker_pid)
-    server = _server_processes(worker_pid) if kind == "postgresql" else {}
+    parts = {os.getpid(): "producer (Python)", worker_pid: "worker (Python)"}
+    if kind == "postgresql":
+        parts |= _server_processes(worker_pid)
     channel = retrier.store.dialect.wake_channel
     counter = _NotifyCounter(channel) if kind == "postgresql" else None
     with counter or contextlib.nullcontext():
-        before = {p: _cpu(p) for p in [me, worker, *server]}
+        before = _cpu_by_pid(parts)
         busy = _machine_busy()
         start = time.perf_counter()
         for _ in range(n):
             retrier.run("noop_sync")
         wait_completed(retrier, n, timeout=600)
         wall = time.perf_counter() - start
-        used: dict[str, float] = {"producer (Python)": _cpu(me) - before[me],
-                                  "worker (Python)": _cpu(worker) - before[worker]}
-        for process, label in server.items():
-            used[label] = used.get(label, 0.0) + _cpu(process) - before[process]
+        used: dict[str, float] = {}
+        for pid, seconds in _cpu_by_pid(before).items():
+            used[parts[pid]] = used.get(parts[pid], 0.0) + seconds - before[pid]
         if kind == "sqlite":
             used["machine busy"] = _machine_busy() - busy
     return Split(
