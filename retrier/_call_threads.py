@@ -38,9 +38,9 @@ class CallThreads:
         self._limit = limit
         self._name = name
         self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # calls come from any loop's thread
         self._threads = 0
-        self._idle = 0
+        self._busy = 0  # calls not yet done: a thread starts when every one is busy
 
     async def call(self, fn: Callable[[], T]) -> T:
         """`fn()` on one of the threads; its value (or its exception) here."""
@@ -56,17 +56,15 @@ class CallThreads:
     def close(self) -> None:
         """Let the threads end once the calls they run are done (none waits)."""
         with self._lock:
-            threads, self._threads, self._idle = self._threads, 0, 0
+            threads, self._threads = self._threads, 0
         for _ in range(threads):
             self._jobs.put(None)
 
     def _start_thread_if_needed(self) -> None:
         with self._lock:
-            if self._idle > 0:
-                self._idle -= 1  # this call's: the next one counts on another
-                return
-            if self._threads >= self._limit:
-                return  # it queues for the next thread that is free
+            self._busy += 1
+            if self._busy <= self._threads or self._threads >= self._limit:
+                return  # a thread is free, or the call queues for the next one
             self._threads += 1
             number = self._threads
         threading.Thread(target=self._serve, name=f"{self._name}-{number}", daemon=True).start()
@@ -78,12 +76,9 @@ class CallThreads:
                 value, failed = context.run(fn), False
             except BaseException as exc:  # handed to the caller, as its own
                 value, failed = exc, True
-            # Idle before the caller hears: its next call then needs no new thread.
-            # (At the limit, calls queue and idle threads are counted loosely: a
-            # thread counted idle may take a queued call first, which only delays
-            # the next call as the queue would have.)
+            # Free before the caller hears: its next call then needs no new thread.
             with self._lock:
-                self._idle = min(self._idle + 1, self._threads)
+                self._busy -= 1
             _deliver(loop, future, value, failed=failed)
 
 
