@@ -305,25 +305,33 @@ def slot_spans(records: PoolRecords, snap: Snapshot, expected: Expected) -> list
     """Each attempt's interval, extended to when the engine freed its slot: an attempt
     the engine lost (its worker killed, or its outcome unrecorded) holds its slot until
     its lease is reaped, which the lost attempt's finished_ms stamps (read before the
-    reaping commits, so never after the slot is really free)."""
+    reaping commits, so never after the slot is really free).
+
+    A lost attempt's own interval is its worker's interval of the item that began at
+    or after the attempt's started_ms (the action starts after its claim stamps it, or
+    waits for it; a millisecond of slack for the stamp's rounding), never an earlier
+    attempt's of the same worker, whose slot was freed when that attempt failed (at
+    least a backoff before). A worker killed between its claim and its action's start
+    left no interval: its slot was held from the claim to the reaping all the same, a
+    span from started_ms (less its first millisecond, so never longer than the hold)."""
     run_of = {item: work_id for work_id, item in expected.items.items()}
     by_key: dict[tuple[int, int], list[int]] = defaultdict(list)  # (item, pid) -> indexes
     ordered = sorted(records.intervals, key=lambda i: i.start)
     for index, interval in enumerate(ordered):
         by_key[(interval.item, interval.pid)].append(index)
-    ends = [i.end for i in ordered]
+    spans = [(i.start, i.end) for i in ordered]
     for item, work_id in run_of.items():
         for a in snap.attempts.get(work_id, []):
             if a.outcome != "lost" or a.pid is None:
                 continue
-            # The lost attempt is that worker's last attempt of the item begun before
-            # the reaping.
-            candidates = [j for j in by_key[(item, a.pid)]
-                          if ordered[j].start <= a.finished_ms * 1_000_000]
-            if candidates:
-                j = candidates[-1]
-                ends[j] = max(ends[j], a.finished_ms * 1_000_000)
-    return [(i.start, end) for i, end in zip(ordered, ends, strict=True)]
+            began, reaped = (a.started_ms - 1) * 1_000_000, a.finished_ms * 1_000_000
+            own = [j for j in by_key[(item, a.pid)] if began <= ordered[j].start <= reaped]
+            if own:
+                start, end = spans[own[0]]
+                spans[own[0]] = (start, max(end, reaped))
+            elif a.finished_ms - 1 > a.started_ms:
+                spans.append(((a.started_ms + 1) * 1_000_000, reaped))
+    return spans
 
 
 def pool_overlap(records: PoolRecords, snap: Snapshot, expected: Expected,
