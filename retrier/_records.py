@@ -84,6 +84,9 @@ class Records:
             completing_with_attempt() if dialect.writes_in_cte else None
         )
         self._completing_success = CompiledQuery(COMPLETE_SUCCESS, sa_dialect)
+        # Whether freed slots are worth a wake-up: asked by many records under load.
+        self._sharing = CompiledQuery(SHARING, sa_dialect)
+        self._waiting = CompiledQuery(WAITING_IN, sa_dialect)
         # And a batch of plain successes with their attempts' rows, in one statement.
         self._completing_plain_batch = (
             CompiledQuery(completing_plain_batch(), sa_dialect) if dialect.writes_in_cte
@@ -377,9 +380,8 @@ class Records:
         return str(row.queue or "")
 
     def _waiting_in(self, conn: Connection, queues: set[str], now: int) -> bool:
-        sharing = set(conn.execute(SHARING, {"queues": sorted(queues)}).scalars())
-        found = conn.execute(WAITING_IN, {"now": now, "queues": sorted(queues | sharing)}).first()
-        return found is not None
+        sharing = {r.name for r in self._sharing.rows(conn, {"queues": sorted(queues)})}
+        return bool(self._waiting.rows(conn, {"now": now, "queues": sorted(queues | sharing)}))
 
     def decide(
         self, row: Row[Any], o: Outcome, now: int, lease_ms: int, worker: str

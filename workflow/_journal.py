@@ -151,6 +151,18 @@ _LOCK_WORKFLOW = select(
     workflows_t.c.created_ms,
 ).where(workflows_t.c.id == bindparam("wf"))
 
+# A workflow's end (its row's state, result or error, and when).
+_END_WORKFLOW = (
+    update(workflows_t)
+    .where(workflows_t.c.id == bindparam("b_wf"))
+    .values(  # bind names differ from column names, which UPDATE reserves
+        state=bindparam("b_state"),
+        result=bindparam("b_result", type_=workflows_t.c.result.type),
+        error=bindparam("b_error"),
+        finished_ms=bindparam("b_finished_ms"),
+    )
+)
+
 
 class Journal(JournalReads):
     """Workflow rows, journal entries and events of one database."""
@@ -159,6 +171,7 @@ class Journal(JournalReads):
         self.store = store
         self.dialect = store.dialect
         self.clock = store.clock
+        self.compile_reads()
         # Where the database can notify, locking a workflow's row also announces its
         # change to its watchers, if it has any: no extra round trip, and no
         # notification (which serializes commits on PostgreSQL) when nobody watches.
@@ -171,7 +184,11 @@ class Journal(JournalReads):
             self._notify_watched = select(notice).where(
                 workflows_t.c.id == bindparam("wf"), watched
             )
-        self._lock_workflow = self.dialect.lock_rows(_LOCK_WORKFLOW.add_columns(*extra))
+        # Locked by every workflow's end (and cancel, expiry, restart): on the driver.
+        self._lock_workflow = CompiledQuery(
+            self.dialect.lock_rows(_LOCK_WORKFLOW.add_columns(*extra)),
+            self.dialect.engine.dialect,
+        )
         # The same lock where only the state matters (no JSON to decode), taken by
         # every step's start: on the driver (see retrier's `_compiled`).
         self._lock_state = CompiledQuery(
@@ -190,6 +207,7 @@ class Journal(JournalReads):
         # A step's journal writes, on the driver directly (see retrier's `_compiled`).
         self._insert_step = CompiledWrite(_INSERT_STEP, store.engine.dialect)
         self._settle_step = CompiledWrite(_SETTLE_STEP, store.engine.dialect)
+        self._end_workflow = CompiledWrite(_END_WORKFLOW, store.engine.dialect)
         self.events = Events(self)
         self.progress = Progress(self)
         # PostgreSQL starts plain steps in one server-side call (migration workflow_0005).
@@ -561,10 +579,9 @@ class Journal(JournalReads):
         completion: Callable[[Any], NewRun | None],
     ) -> None:
         now = self.clock.now_ms()
-        conn.execute(
-            update(workflows_t)
-            .where(workflows_t.c.id == row.id)
-            .values(state=state, result=result, error=error, finished_ms=now)
+        self._end_workflow.run_in(
+            conn, [{"b_wf": row.id, "b_state": state, "b_result": result, "b_error": error,
+                    "b_finished_ms": now}]
         )
         if row.deadline_ms is not None:  # its deadline's run is moot now
             self.store.delete_pending_of(conn, row.id, deadline_name(row.pool))
@@ -624,7 +641,8 @@ class Journal(JournalReads):
         return self._lock(conn, workflow_id)
 
     def _lock(self, conn: Connection, workflow_id: str) -> Any:
-        return conn.execute(self._lock_workflow, self._lock_params(workflow_id)).first()
+        rows = self._lock_workflow.rows(conn, self._lock_params(workflow_id))
+        return rows[0] if rows else None
 
     def _lock_params(self, workflow_id: str) -> dict[str, Any]:
         if self._notice is None:

@@ -9,7 +9,7 @@ from typing import Any
 
 from sqlalchemy import bindparam, select
 
-from retrier.engine import Dialect, OwnedRun, Store
+from retrier.engine import CompiledQuery, Dialect, OwnedRun, Store
 
 from ._errors import WorkflowNotFound
 from ._limits import load_results
@@ -64,16 +64,22 @@ class JournalReads:
     store: Store
     dialect: Dialect
 
+    def compile_reads(self) -> None:
+        """A driver's journal, read at every pass: on the driver (retrier's `_compiled`)."""
+        sa_dialect = self.dialect.engine.dialect
+        self._workflow_by_id = CompiledQuery(_WORKFLOW_BY_ID, sa_dialect)
+        self._entries_of = CompiledQuery(_ENTRIES_OF, sa_dialect)
+
     def load(self, workflow_id: str) -> Loaded | None:
         with self.dialect.read() as conn:
-            row = (
-                conn.execute(_WORKFLOW_BY_ID, {"wf": workflow_id}).mappings().first()
-            )
-            if row is None:
+            rows = self._workflow_by_id.rows(conn, {"wf": workflow_id})
+            if not rows:
                 return None
-            rows = conn.execute(_ENTRIES_OF, {"wf": workflow_id})
-            entries = {r.name: Entry(*r) for r in rows}  # type: ignore[call-arg]  # 10 columns
-        return Loaded(WorkflowRow.model_validate(dict(row)), entries)
+            entries = {
+                r.name: Entry(*r)  # 10 columns
+                for r in self._entries_of.rows(conn, {"wf": workflow_id})
+            }
+        return Loaded(WorkflowRow.model_validate(rows[0]._asdict()), entries)
 
     def get(self, workflow_id: str) -> WorkflowRow:
         with self.dialect.read() as conn:
