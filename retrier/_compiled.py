@@ -49,12 +49,11 @@ class CompiledWrite:
         if found is None:
             found = self._compiled[keys] = self._compile(keys)
         sql, binds = found
-        values = [
-            (name, value if proc is None else proc(value))
-            for name, proc, default in binds
-            for value in (row.get(name, default),)
-        ]
-        return sql, _for_driver(self._dialect, values)
+        values = []
+        for _name, proc, default in binds:
+            value = row.get(_name, default)
+            values.append(value if proc is None else proc(value))
+        return sql, _for_driver(self._dialect, binds, values)
 
     def run_in(self, conn: Connection, rows: Sequence[dict[str, Any]]) -> int:
         """Execute the statement once per row of `rows` (which share their names), on
@@ -113,18 +112,23 @@ class CompiledQuery:
             self._columns = [
                 c.type.dialect_impl(dialect).result_processor(dialect, None) for c in columns
             ]
+        # The columns whose values need processing (JSON, booleans on SQLite), by index.
+        self._processed = [(i, proc) for i, proc in enumerate(self._columns) if proc is not None]
 
     def rows(self, conn: Connection, params: dict[str, Any]) -> list[Any]:
         """Execute with `params` (a value per parameter, a list for a list); the rows."""
         sql, values = self._sql_and_values(params)
         _, rows = on_cursor(conn, sql, [values], self._dialect, fetch=self._row is not None)
-        make, columns = self._row._make, self._columns
-        if not any(columns):
+        make, processed = self._row._make, self._processed
+        if not processed:
             return [make(r) for r in rows]
-        return [
-            make([v if proc is None else proc(v) for proc, v in zip(columns, r, strict=True)])
-            for r in rows
-        ]
+        made = []
+        for r in rows:
+            values = list(r)
+            for i, proc in processed:
+                values[i] = proc(values[i])
+            made.append(make(values))
+        return made
 
     def execute(self, conn: Connection, params: dict[str, Any]) -> int:
         """Execute with `params`; the rows changed."""
@@ -137,15 +141,16 @@ class CompiledQuery:
         if found is None:
             found = self._expanded[sizes] = self._expand(params)
         sql, binds = found
-        values = [
-            (expanded, value if proc is None else proc(value))
-            for expanded, name, index, constant, proc in binds
-            for value in (
-                constant if name not in params
-                else params[name] if index is None else params[name][index],
-            )
-        ]
-        return sql, _for_driver(self._dialect, values)
+        values = []
+        for _expanded, name, index, constant, proc in binds:
+            if name not in params:
+                value = constant
+            elif index is None:
+                value = params[name]
+            else:
+                value = params[name][index]
+            values.append(value if proc is None else proc(value))
+        return sql, _for_driver(self._dialect, binds, values)
 
     def _expand(self, params: dict[str, Any]) -> tuple[str, list[_Param]]:
         state = self._compiled.construct_expanded_state(params)
@@ -172,12 +177,13 @@ class CompiledQuery:
 
 
 def _for_driver(
-    dialect: SADialect, values: list[tuple[str, Any]]
+    dialect: SADialect, binds: Sequence[tuple[Any, ...]], values: list[Any]
 ) -> Sequence[Any] | dict[str, Any]:
-    """Named values as the driver takes them: in order (qmark, format) or by name."""
+    """The values of `binds` (each named by its first item) as the driver takes them:
+    in order (qmark, format) or by name."""
     if dialect.positional:
-        return [value for _, value in values]
-    return dict(values)
+        return values
+    return dict(zip((b[0] for b in binds), values, strict=True))
 
 
 def on_cursor(
@@ -202,7 +208,7 @@ def on_cursor(
             cursor.execute(sql, params[0])
         else:
             cursor.executemany(sql, params)  # type: ignore[arg-type]
-        rows = [tuple(r) for r in cursor.fetchall()] if fetch else []
+        rows = list(cursor.fetchall()) if fetch else []  # tuples, as both drivers make them
         return int(cursor.rowcount), rows
     except dialect.loaded_dbapi.Error as exc:
         lost = dialect.is_disconnect(exc, raw, cursor)
