@@ -50,8 +50,8 @@ class CompiledWrite:
             found = self._compiled[keys] = self._compile(keys)
         sql, binds = found
         values = []
-        for _name, proc, default in binds:
-            value = row.get(_name, default)
+        for name, proc, default in binds:
+            value = row.get(name, default)
             values.append(value if proc is None else proc(value))
         return sql, _for_driver(self._dialect, binds, values)
 
