@@ -25,59 +25,45 @@ def _success(claimed: Any) -> Outcome:
     )
 
 
-def _record_counting_wakes(
-    retrier: Retrier, claimed: Any, monkeypatch: pytest.MonkeyPatch
+def _wakes_after_freeing_a_slot(
+    retrier: Retrier, first: Workpool, second: Workpool, waiting: bool,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> list[str]:
+    """One item in `first` (and, if `waiting`, one in `second`, held back by the cap
+    they share), one claimed and its success recorded: the wake-ups the record sent."""
+
+    @retrier.action(name="work")
+    def work(n: int) -> int:
+        return n
+
+    first.enqueue(work, {"n": 1})
+    if waiting:
+        second.enqueue(work, {"n": 2})
+    claimed, _ = retrier.store.claim("w1", 10, 60_000)
+    assert len(claimed) == 1  # the cap's one slot, whichever item took it
+
     sent: list[str] = []
     dialect = retrier.store.dialect
     monkeypatch.setattr(dialect, "can_notify", True)
     monkeypatch.setattr(dialect, "notify", lambda _conn, kind, payload="": sent.append(kind))
     # The store's record claims nothing (claim_limit 0): the freed slot stays free.
-    retrier.store.record([_success(claimed)], "w1", 60_000)
+    retrier.store.record([_success(claimed[0])], "w1", 60_000)
     return sent
 
 
-@pytest.mark.parametrize("waiting", [True, False], ids=["an item waits", "nothing waits"])
-def test_a_freed_slot_wakes_others_only_for_a_waiting_run(
-    make_retrier: MakeRetrier, monkeypatch: pytest.MonkeyPatch, waiting: bool
+@pytest.mark.parametrize("waiting", [True, False], ids=["a run waits", "nothing waits"])
+@pytest.mark.parametrize("grouped", [False, True], ids=["one pool", "a sibling in its group"])
+def test_a_freed_slot_wakes_others_only_for_a_run_waiting_for_it(
+    make_retrier: MakeRetrier, monkeypatch: pytest.MonkeyPatch, waiting: bool, grouped: bool
 ) -> None:
     retrier = make_retrier(clock=FakeClock())
-    pool = Workpool(retrier, "capped", max_parallelism=1)
+    if grouped:  # the waiting run is in the other pool of the group
+        gpu = PoolGroup(retrier, "gpu", max_parallelism=1)
+        first = Workpool(retrier, "train", max_parallelism=1, group=gpu)
+        second = Workpool(retrier, "infer", max_parallelism=1, group=gpu)
+    else:
+        first = second = Workpool(retrier, "capped", max_parallelism=1)
 
-    @retrier.action(name="work")
-    def work(n: int) -> int:
-        return n
+    sent = _wakes_after_freeing_a_slot(retrier, first, second, waiting, monkeypatch)
 
-    pool.enqueue(work, {"n": 1})
-    if waiting:
-        pool.enqueue(work, {"n": 2})  # held back by the cap
-    claimed, _ = retrier.store.claim("w1", 10, 60_000)
-    assert len(claimed) == 1
-
-    assert _record_counting_wakes(retrier, claimed[0], monkeypatch) == (
-        ["wake"] if waiting else []
-    )
-
-
-@pytest.mark.parametrize("waiting", [True, False], ids=["a sibling waits", "nothing waits"])
-def test_a_slot_freed_in_a_pool_group_wakes_others_for_a_sibling_pools_run(
-    make_retrier: MakeRetrier, monkeypatch: pytest.MonkeyPatch, waiting: bool
-) -> None:
-    retrier = make_retrier(clock=FakeClock())
-    gpu = PoolGroup(retrier, "gpu", max_parallelism=1)
-    train = Workpool(retrier, "train", max_parallelism=1, group=gpu)
-    infer = Workpool(retrier, "infer", max_parallelism=1, group=gpu)
-
-    @retrier.action(name="work")
-    def work(n: int) -> int:
-        return n
-
-    train.enqueue(work, {"n": 1})
-    if waiting:
-        infer.enqueue(work, {"n": 2})  # one of the two is held back by the group's cap
-    claimed, _ = retrier.store.claim("w1", 10, 60_000)
-    assert len(claimed) == 1  # either pool's run: the group's one slot
-
-    assert _record_counting_wakes(retrier, claimed[0], monkeypatch) == (
-        ["wake"] if waiting else []
-    )
+    assert sent == (["wake"] if waiting else [])
