@@ -101,7 +101,6 @@ class CompiledQuery:
         self._lists = [name for name, bind in self._compiled.binds.items() if bind.expanding]
         self._expanded: dict[tuple[int, ...], tuple[str, list[_Param]]] = {}
         self._row: Any = None
-        self._columns: list[_Processor] = []
         columns = list(
             stmt.selected_columns
             if isinstance(stmt, Select | CompoundSelect)
@@ -109,11 +108,11 @@ class CompiledQuery:
         )
         if columns:
             self._row = namedtuple("Row", [str(c.key) for c in columns], rename=True)  # type: ignore[misc]
-            self._columns = [
-                c.type.dialect_impl(dialect).result_processor(dialect, None) for c in columns
-            ]
+        processors = (c.type.dialect_impl(dialect).result_processor(dialect, None) for c in columns)
         # The columns whose values need processing (JSON, booleans on SQLite), by index.
-        self._processed = [(i, proc) for i, proc in enumerate(self._columns) if proc is not None]
+        self._processed: list[tuple[int, Callable[[Any], Any]]] = [
+            (i, proc) for i, proc in enumerate(processors) if proc is not None
+        ]
 
     def rows(self, conn: Connection, params: dict[str, Any]) -> list[Any]:
         """Execute with `params` (a value per parameter, a list for a list); the rows."""
