@@ -36,6 +36,7 @@ from ._dialect import (
 )
 from ._errors import InvalidDatabaseURL
 from ._group_commit import JOINED, Ended, GroupCommit, failed_all, run_joined, savepoint
+from ._lone_connections import LoneConnections
 from ._pings import Pings
 
 # How long a write waits for another's lock before it fails with DatabaseBusy, unless
@@ -78,6 +79,7 @@ class SQLiteDialect:
             event.listen(engine, "connect", partial(_sqlite_connect, durability, timeout))
             event.listen(engine, "begin", _begin_waiting_up_to(timeout))
         self._timeout = timeout
+        self._lone = LoneConnections(self.engine)  # for an enqueue's lone INSERT
         # SQLite admits one writer at a time. This process's writers take turns on a
         # lock of our own first (see WriterTurns and write_internal).
         self._write_lock = WriterTurns(timeout)
@@ -148,23 +150,20 @@ class SQLiteDialect:
             with savepoint(joined):
                 joined.exec_driver_sql(sql, params)
             return
-        pooled = self.engine.raw_connection()
         try:
-            raw = pooled.driver_connection
-            assert raw is not None
-            _with_retry(raw, lambda: raw.execute(sql, params), self._timeout, self._timeout)
+            with self._lone.connection() as raw:
+                _retrying(lambda: raw.execute(sql, params), self._timeout)
         except sqlite3.Error as exc:
             error = wrapped(exc, sql, params, sqlite3.Error)
             if isinstance(exc, sqlite3.OperationalError):
                 raise_translated(error, self.engine.url)
             raise error from exc
-        finally:
-            pooled.close()
 
     def write_internal_one(self) -> contextlib.AbstractContextManager[Connection]:
         return self.write_internal()
 
     def dispose(self) -> None:
+        self._lone.close()
         self.engine.dispose()
         self._internal.dispose()
         if self._pings is not None:
@@ -367,32 +366,36 @@ def _begin_with_retry(raw: Any, begin: str, timeout: float, busy_timeout: float)
 def _with_retry(
     raw: Any, statement: Callable[[], object], timeout: float, busy_timeout: float
 ) -> None:
-    """Run `statement` (one that takes the write lock or does nothing), retrying a
-    locked database every ~0.1-2 ms.
+    """`_retrying`, on a connection whose busy handler is on: off for this one
+    statement, then back to `busy_timeout` (in seconds)."""
+    raw.execute("PRAGMA busy_timeout=0")
+    try:
+        _retrying(statement, timeout)
+    finally:
+        raw.execute(f"PRAGMA busy_timeout={round(busy_timeout * 1000)}")
+
+
+def _retrying(statement: Callable[[], object], timeout: float) -> None:
+    """Run `statement` (one that takes the write lock or does nothing, on a connection
+    whose busy handler is off), retrying a locked database every ~0.1-2 ms.
 
     SQLite's own busy handler sleeps 1, 2, 5, 10... ms between tries, so a writer
     waiting on a lock held for 100 us sleeps far past its release; under contention
-    between processes that halves throughput. We retry on a finer schedule instead,
-    with busy_timeout off for this one statement (then back to the connection's
-    `busy_timeout`, in seconds). A negative timeout means one try:
-    a locked database raises WouldBlock.
+    between processes that halves throughput. We retry on a finer schedule instead.
+    A negative timeout means one try: a locked database raises WouldBlock.
     """
-    raw.execute("PRAGMA busy_timeout=0")
-    try:
-        deadline = time.monotonic() + timeout
-        pause = 0.0001
-        while True:
-            try:
-                statement()
-                return
-            except sqlite3.OperationalError as exc:
-                if "locked" not in str(exc):
-                    raise
-                if timeout < 0:
-                    raise WouldBlock from None
-                if time.monotonic() > deadline:
-                    raise
-            time.sleep(pause)
-            pause = min(pause * 1.5, 0.002)
-    finally:
-        raw.execute(f"PRAGMA busy_timeout={round(busy_timeout * 1000)}")
+    deadline = time.monotonic() + timeout
+    pause = 0.0001
+    while True:
+        try:
+            statement()
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc):
+                raise
+            if timeout < 0:
+                raise WouldBlock from None
+            if time.monotonic() > deadline:
+                raise
+        time.sleep(pause)
+        pause = min(pause * 1.5, 0.002)
