@@ -75,9 +75,13 @@ class SQLiteDialect:
         self._internal = create_engine(
             url, pool_size=4, max_overflow=16, pool_timeout=60, pool_use_lifo=True
         )
-        for engine in (self.engine, self._internal):
-            event.listen(engine, "connect", partial(_sqlite_connect, durability, timeout))
-            event.listen(engine, "begin", _begin_waiting_up_to(timeout))
+        # An app's connections keep SQLite's busy handler for the statements it runs;
+        # the engine's own only ever wait at BEGIN IMMEDIATE (a transaction holding
+        # the write lock waits for nothing in WAL mode), so theirs is off for good.
+        for engine, busy_handler in ((self.engine, True), (self._internal, False)):
+            busy_ms = round(timeout * 1000) if busy_handler else 0
+            event.listen(engine, "connect", partial(_sqlite_connect, durability, busy_ms))
+            event.listen(engine, "begin", _begin_waiting_up_to(timeout, busy_handler))
         self._timeout = timeout
         self._lone = LoneConnections(self.engine)  # for an enqueue's lone INSERT
         # SQLite admits one writer at a time. This process's writers take turns on a
@@ -335,32 +339,36 @@ class WriterTurns:
 
 
 def _sqlite_connect(
-    durability: Durability, timeout: float, dbapi_conn: Any, _record: Any
+    durability: Durability, busy_ms: int, dbapi_conn: Any, _record: Any
 ) -> None:
     dbapi_conn.isolation_level = None  # we issue BEGIN ourselves
     cursor = dbapi_conn.cursor()
     cursor.execute("PRAGMA journal_mode=WAL")
-    cursor.execute(f"PRAGMA busy_timeout={round(timeout * 1000)}")
+    cursor.execute(f"PRAGMA busy_timeout={busy_ms}")
     cursor.execute(f"PRAGMA synchronous={durability.upper()}")
     cursor.close()
 
 
-def _begin_waiting_up_to(timeout: float) -> Callable[[Connection], None]:
+def _begin_waiting_up_to(timeout: float, busy_handler: bool) -> Callable[[Connection], None]:
     """The engine's "begin" listener (a plain function: SQLAlchemy inspects what it
-    is given, and a partial costs more per call)."""
+    is given, and a partial costs more per call). `busy_handler`: the connections have
+    SQLite's on, to be switched off while BEGIN waits on our schedule."""
 
     def begin(conn: Connection) -> None:
         mode = conn.get_execution_options().get("tiers_begin", "IMMEDIATE")
         raw = conn.connection.dbapi_connection
         assert raw is not None
-        _begin_with_retry(raw, f"BEGIN {mode}", -1.0 if ON_LOOP.get() else timeout, timeout)
+        if mode == "DEFERRED":
+            raw.execute("BEGIN DEFERRED")  # takes no lock: nothing to wait for
+            return
+        statement = partial(raw.execute, f"BEGIN {mode}")
+        wait = -1.0 if ON_LOOP.get() else timeout
+        if busy_handler:
+            _with_retry(raw, statement, wait, timeout)
+        else:
+            _retrying(statement, wait)
 
     return begin
-
-
-def _begin_with_retry(raw: Any, begin: str, timeout: float, busy_timeout: float) -> None:
-    """BEGIN, retrying a locked database every ~0.1-2 ms (see `_with_retry`)."""
-    _with_retry(raw, lambda: raw.execute(begin), timeout, busy_timeout)
 
 
 def _with_retry(

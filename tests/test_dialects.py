@@ -28,6 +28,7 @@ from sqlalchemy import (
 from sqlalchemy.exc import IntegrityError, OperationalError
 
 from retrier._dialects import CANCEL, WAKE, Dialect, is_transient, open_dialect
+from retrier._errors import DatabaseBusy
 from retrier._sqlite import WriterTurns
 from retrier._waiting import loop_caller
 
@@ -413,3 +414,44 @@ def test_topic_notices_arrive_at_commit_and_never_after_a_rollback(dialect: Dial
         assert not arrived.wait(0.5) and got == ["", "hello"]
     finally:
         subscription.close()
+
+
+def test_sqlite_writes_wait_for_another_connections_lock_at_begin_on_our_schedule(
+    tmp_path: object,
+) -> None:
+    """The engine's own connections have SQLite's busy handler off for good (a
+    transaction holding the write lock waits for nothing else in WAL mode); an
+    app's keep it for their statements. Both wait at BEGIN, by retrying, for a lock
+    another connection holds, up to the URL's timeout."""
+    path = f"{tmp_path}/x.db"
+    dialect = open_dialect(f"sqlite:///{path}?timeout=2")
+    try:
+        with dialect.write() as conn:
+            metadata.create_all(conn)
+            assert conn.exec_driver_sql("PRAGMA busy_timeout").scalar() == 2000
+        with dialect.write_internal() as conn:
+            assert conn.exec_driver_sql("PRAGMA busy_timeout").scalar() == 0
+        other = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        for write in (dialect.write, dialect.write_internal):
+            other.execute("BEGIN IMMEDIATE")
+            timer = threading.Timer(0.15, lambda: other.execute("COMMIT"))
+            timer.start()
+            began = time.monotonic()
+            with write() as conn:
+                conn.execute(insert(items), {"id": int(began * 1e6) % 10**9, "label": "x"})
+            assert time.monotonic() - began >= 0.1, "it waited for the other's commit"
+            timer.join()
+        other.close()
+    finally:
+        dialect.dispose()
+    short = open_dialect(f"sqlite:///{path}?timeout=0.05")
+    holder = sqlite3.connect(path, isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")
+    try:
+        for write in (short.write, short.write_internal):
+            with pytest.raises((sqlite3.OperationalError, DatabaseBusy), match="locked"), write():
+                pass
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+        short.dispose()
