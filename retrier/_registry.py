@@ -70,6 +70,8 @@ class Registered:
                 f"arguments for {self.name!r} must be a dict of parameter names, "
                 f"got {type(args).__name__}"
             )
+        if not args and not self.args_model.model_fields:
+            return {}  # no parameters, no arguments: nothing to check or convert
         try:
             model = self.args_model.model_validate(args or {})
             dumped: dict[str, Any] = model.model_dump(mode="json")
