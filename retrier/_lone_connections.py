@@ -1,44 +1,60 @@
-"""SQLite driver connections kept aside for statements that commit alone.
+"""Driver connections kept aside for statements that commit alone.
 
 `retrier.run()` enqueues with one INSERT in autocommit mode. Taken from the engine's
 pool, each such INSERT also paid the pool's checkout and check-in (reset, events,
-bookkeeping) and two PRAGMAs around it to switch SQLite's busy handler off and on
-again (see `_sqlite._retrying`): measured, a third of an enqueue's CPU. The
-connections here come from the same engine, so they are configured as the pool's
-are (WAL, synchronous, its `connect` events), then leave the pool for good with the
-busy handler off once: a lone statement waits for the write lock by retrying on our
-finer schedule instead.
+bookkeeping) and a switch of the connection into its lone-statement mode and back
+(SQLite: two PRAGMAs turning the busy handler off and on, see `_sqlite._retrying`;
+PostgreSQL: autocommit on and off): measured, a third of an enqueue's CPU on SQLite.
+The connections here come from the same engine, so they are configured as the
+pool's are (its `connect` events: WAL and synchronous, search_path), then leave the
+pool for good, switched into that mode once by the dialect's `prepare`.
 
 Spare connections are a stack shared by the process's threads (a connection is in
 use by one thread at a time, as with the pool); at most `keep` stay open while
-unused. A forked child never touches its parent's connections (SQLite forbids
-carrying one across a fork): it leaves them unclosed and opens its own.
+unused, and one given back unusable (`usable` says) is closed. A forked child never
+touches its parent's connections, to use or to close them (SQLite forbids carrying
+one across a fork; closing a PostgreSQL one would end the parent's session): it
+keeps them unused and opens its own.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
-import sqlite3
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import Any, Generic, TypeVar
 
 from sqlalchemy import Engine
 
+Raw = TypeVar("Raw")
 
-class LoneConnections:
-    """Driver connections, busy handler off, for statements that commit alone."""
 
-    def __init__(self, engine: Engine, keep: int = 4) -> None:
+class LoneConnections(Generic[Raw]):
+    """Driver connections, in lone-statement mode, for statements that commit alone."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        kind: type[Raw],
+        prepare: Callable[[Raw], None],
+        usable: Callable[[Raw], bool],
+        keep: int = 4,
+    ) -> None:
         self._engine = engine
+        self._kind = kind
+        self._prepare = prepare
+        self._usable = usable
         self._keep = keep
-        self._spare: list[sqlite3.Connection] = []
+        self._spare: list[Raw] = []
+        self._inherited: list[Raw] = []  # a forked child's: its parent's, left alone
         self._pid = os.getpid()
         self._generation = 0  # closing starts a new one: older connections are not kept
 
     @contextlib.contextmanager
-    def connection(self) -> Iterator[sqlite3.Connection]:
-        """A connection for one statement; one that raised is closed, not kept."""
-        if self._pid != os.getpid():  # a forked child: its parent's are not ours
+    def connection(self) -> Iterator[Raw]:
+        """A connection for one statement, given back after it (closed if unusable)."""
+        if self._pid != os.getpid():
+            self._inherited += self._spare
             self._spare, self._pid = [], os.getpid()
         try:
             raw = self._spare.pop()
@@ -47,20 +63,26 @@ class LoneConnections:
         generation = self._generation
         try:
             yield raw
-        except BaseException:
-            raw.close()
-            raise
-        if generation == self._generation and len(self._spare) < self._keep:
-            self._spare.append(raw)
-        else:
-            raw.close()
+        finally:
+            if (
+                generation == self._generation
+                and len(self._spare) < self._keep
+                and self._usable(raw)
+            ):
+                self._spare.append(raw)
+            else:
+                _close(raw)
 
-    def _open(self) -> sqlite3.Connection:
+    def _open(self) -> Raw:
         pooled = self._engine.raw_connection()  # configured by the engine's events
         raw = pooled.driver_connection
-        assert isinstance(raw, sqlite3.Connection)
+        assert isinstance(raw, self._kind)
         pooled.detach()  # ours now: the pool forgets it, and opens another when it needs one
-        raw.execute("PRAGMA busy_timeout=0")
+        try:
+            self._prepare(raw)
+        except BaseException:
+            _close(raw)
+            raise
         return raw
 
     def close(self) -> None:
@@ -69,4 +91,9 @@ class LoneConnections:
         spare, self._spare = self._spare, []
         if self._pid == os.getpid():
             for raw in spare:
-                raw.close()
+                _close(raw)
+
+
+def _close(raw: Any) -> None:
+    with contextlib.suppress(Exception):  # a broken connection may fail to close: gone anyway
+        raw.close()

@@ -24,6 +24,7 @@ from ._compiled import CompiledWrite, on_cursor, wrapped
 from ._dberrors import DRIVER_ERRORS, raise_translated
 from ._dialect import CANCEL, WAKE, Durability, Listener, P, T
 from ._errors import InvalidDatabaseURL
+from ._lone_connections import LoneConnections
 from ._pg_claim import (
     CLAIM_FUNCTION,
     KEY_CAP_FUNCTION,
@@ -86,7 +87,7 @@ class PostgresDialect:
                 f"use the psycopg (3) driver: postgresql+psycopg://..., not {url.drivername!r}"
             )
         try:
-            import psycopg  # noqa: F401
+            import psycopg
         except ImportError:
             raise InvalidDatabaseURL(
                 "PostgreSQL needs psycopg: pip install 'durable-tiers[postgres]'"
@@ -111,6 +112,9 @@ class PostgresDialect:
             settings += ("SET synchronous_commit = off",)
         event.listen(self._internal, "connect", partial(_session_settings, settings))
         self._calls = CallThreads(_PG_CALL_THREADS)
+        self._lone = LoneConnections(  # for an enqueue's lone INSERT
+            self.engine, psycopg.Connection, _autocommit_on, _idle
+        )
 
     @contextlib.contextmanager
     def read(self) -> Iterator[Connection]:
@@ -135,6 +139,7 @@ class PostgresDialect:
 
     def dispose(self) -> None:
         self._calls.close()
+        self._lone.close()
         self.engine.dispose()
         self._internal.dispose()
 
@@ -157,25 +162,18 @@ class PostgresDialect:
         import psycopg
 
         sql, params = insert.sql_and_params(row)
-        pooled = self.engine.raw_connection()
-        raw = pooled.driver_connection
-        assert raw is not None
-        try:
-            raw.autocommit = True
-            raw.execute(sql, params)
-        except psycopg.Error as exc:
-            lost = self.engine.dialect.is_disconnect(exc, pooled, None)  # type: ignore[arg-type]
-            if lost:  # the server restarted, or dropped us: so are the pool's others
-                pooled.invalidate(exc)
-                self.engine.dispose(close=False)
-            error = wrapped(exc, sql, params, psycopg.Error, invalidated=lost)
-            if isinstance(error, DRIVER_ERRORS):
-                raise_translated(error, self.engine.url)
-            raise error from exc
-        finally:
-            if not raw.closed:
-                raw.autocommit = False
-            pooled.close()
+        with self._lone.connection() as raw:  # closed, not kept, if this leaves it broken
+            try:
+                raw.execute(sql, params)
+            except psycopg.Error as exc:
+                lost = self.engine.dialect.is_disconnect(exc, raw, None)  # type: ignore[arg-type]
+                if lost:  # the server restarted, or dropped us: so are the others
+                    self._lone.close()
+                    self.engine.dispose(close=False)
+                error = wrapped(exc, sql, params, psycopg.Error, invalidated=lost)
+                if isinstance(error, DRIVER_ERRORS):
+                    raise_translated(error, self.engine.url)
+                raise error from exc
 
     def create_extras(self, conn: Connection) -> None:
         # New runs wake every listening worker: the server sends the NOTIFY itself,
@@ -340,3 +338,17 @@ class _PgListener:
                     return
                 log.warning("LISTEN connection lost (%s); reconnecting", exc)
                 self._stopped.wait(1.0)
+
+
+def _autocommit_on(raw: Any) -> None:
+    raw.autocommit = True
+
+
+def _idle(raw: Any) -> bool:
+    """Whether a connection can take another lone statement: open, not in a
+    transaction (an autocommit statement leaves none, unless the server went away)."""
+    from psycopg.pq import TransactionStatus
+
+    return bool(
+        not raw.closed and not raw.broken and raw.info.transaction_status == TransactionStatus.IDLE
+    )

@@ -83,7 +83,9 @@ class SQLiteDialect:
             event.listen(engine, "connect", partial(_sqlite_connect, durability, busy_ms))
             event.listen(engine, "begin", _begin_waiting_up_to(timeout, busy_handler))
         self._timeout = timeout
-        self._lone = LoneConnections(self.engine)  # for an enqueue's lone INSERT
+        self._lone = LoneConnections(  # for an enqueue's lone INSERT
+            self.engine, sqlite3.Connection, _busy_handler_off, _not_in_transaction
+        )
         # SQLite admits one writer at a time. This process's writers take turns on a
         # lock of our own first (see WriterTurns and write_internal).
         self._write_lock = WriterTurns(timeout)
@@ -347,6 +349,14 @@ def _sqlite_connect(
     cursor.execute(f"PRAGMA busy_timeout={busy_ms}")
     cursor.execute(f"PRAGMA synchronous={durability.upper()}")
     cursor.close()
+
+
+def _busy_handler_off(raw: sqlite3.Connection) -> None:
+    raw.execute("PRAGMA busy_timeout=0")
+
+
+def _not_in_transaction(raw: sqlite3.Connection) -> bool:
+    return not raw.in_transaction
 
 
 def _begin_waiting_up_to(timeout: float, busy_handler: bool) -> Callable[[Connection], None]:
