@@ -14,6 +14,14 @@ contention:
 Each prints runs/s (wall) and CPU microseconds per run of this process (for the
 PostgreSQL rows the server's CPU is not included). bench.throughput measures the two
 sides together, end to end, as the peers are measured.
+
+CPU time on a shared 2-core machine strays by 20% and more from run to run; counted
+instructions do not. To compare two versions of the enqueue, count them with
+valgrind at two sizes and divide the difference (start-up cancels out):
+
+    valgrind --tool=callgrind --callgrind-out-file=/dev/null \
+        python -m bench.hot_path --db sqlite --durability normal --no-drain --n 200
+    # ... again with --n 2200; instructions per enqueue = (I_2200 - I_200) / 2000
 """
 
 from __future__ import annotations
@@ -38,22 +46,24 @@ def _timed(fn: object) -> tuple[float, float]:
     return time.perf_counter() - start, time.process_time() - cpu
 
 
-def measure(kind: str, n: int, durability: str, fn: str) -> dict[str, float]:
+def measure(kind: str, n: int, durability: str, fn: str, drain: bool = True
+            ) -> dict[str, float]:
     with fresh_database(kind) as url:
         retrier = build(url, concurrency=10, durability=durability)
         try:
             for _ in range(50):  # warm up: connections, compiled statements
                 retrier.run(fn)
-            anyio.run(retrier.worker().run_until_idle)
+            if drain:
+                anyio.run(retrier.worker().run_until_idle)
             wall_e, cpu_e = _timed(lambda: [retrier.run(fn) for _ in range(n)])
-            worker = retrier.worker()
-            wall_d, cpu_d = _timed(lambda: anyio.run(worker.run_until_idle))
+            row = {"enqueue_per_s": n / wall_e, "enqueue_cpu_us": cpu_e / n * 1e6}
+            if drain:
+                worker = retrier.worker()
+                wall_d, cpu_d = _timed(lambda: anyio.run(worker.run_until_idle))
+                row.update(drain_per_s=n / wall_d, drain_cpu_us=cpu_d / n * 1e6)
         finally:
             retrier.close()
-    return {
-        "enqueue_per_s": n / wall_e, "enqueue_cpu_us": cpu_e / n * 1e6,
-        "drain_per_s": n / wall_d, "drain_cpu_us": cpu_d / n * 1e6,
-    }
+    return row
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -64,6 +74,8 @@ def main(argv: list[str] | None = None) -> None:
                         choices=DURABILITIES)
     parser.add_argument("--fn", nargs="+", default=["noop_sync"], choices=["noop_sync", "noop"])
     parser.add_argument("--n", type=int, default=4000)
+    parser.add_argument("--no-drain", action="store_true",
+                        help="the enqueue alone (no worker started): for counting instructions")
     parser.add_argument("--json", action="store_true", help="also one JSON line per row")
     args = parser.parse_args(argv)
     table = Table(title=f"one run's cost, producer alone and worker alone (n={args.n})")
@@ -73,10 +85,11 @@ def main(argv: list[str] | None = None) -> None:
     for kind in args.db:
         for durability in args.durability:
             for fn in args.fn:
-                row = measure(kind, args.n, durability, fn)
+                row = measure(kind, args.n, durability, fn, drain=not args.no_drain)
                 table.add_row(kind, durability, fn, f"{row['enqueue_per_s']:,.0f}",
-                              f"{row['enqueue_cpu_us']:,.0f}", f"{row['drain_per_s']:,.0f}",
-                              f"{row['drain_cpu_us']:,.0f}")
+                              f"{row['enqueue_cpu_us']:,.0f}",
+                              f"{row['drain_per_s']:,.0f}" if "drain_per_s" in row else "-",
+                              f"{row['drain_cpu_us']:,.0f}" if "drain_cpu_us" in row else "-")
                 if args.json:
                     print(json.dumps({"db": kind, "durability": durability, "fn": fn, **row}))
     console.print(table)
