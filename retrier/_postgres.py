@@ -37,6 +37,8 @@ log = logging.getLogger("tiers.store")
 
 # How many store calls from async code may run on threads at once (see `call`).
 _PG_CALL_THREADS = 8
+# The app's engine: its pool, and the connections for lone INSERTs beside it.
+_APP_POOL_SIZE, _APP_POOL_OVERFLOW, _POOL_TIMEOUT_S = 10, 30, 60.0
 
 
 # The engine's own statements find their rows through indexes: by id, or in a partial
@@ -97,7 +99,10 @@ class PostgresDialect:
         suffix = f"_{namespace}" if namespace else ""
         self.wake_channel = f"tiers_wake{suffix}"
         self._channels = {WAKE: self.wake_channel, CANCEL: f"tiers_cancel{suffix}"}
-        self.engine = create_engine(url, pool_size=10, max_overflow=30, pool_timeout=60)
+        self.engine = create_engine(
+            url, pool_size=_APP_POOL_SIZE, max_overflow=_APP_POOL_OVERFLOW,
+            pool_timeout=_POOL_TIMEOUT_S,
+        )
         # Every store call a thread may run at once, and the worker's claims, heartbeats
         # and timers beside them, keep a connection: one made per call (an overflow,
         # closed on return) costs a server process and a handshake.
@@ -112,8 +117,9 @@ class PostgresDialect:
             settings += ("SET synchronous_commit = off",)
         event.listen(self._internal, "connect", partial(_session_settings, settings))
         self._calls = CallThreads(_PG_CALL_THREADS)
-        self._lone = LoneConnections(  # for an enqueue's lone INSERT
-            self.engine, psycopg.Connection, _autocommit_on, _idle
+        self._lone = LoneConnections(  # for an enqueue's lone INSERT, bounded as the pool
+            self.engine, psycopg.Connection, _autocommit_on, _idle,
+            limit=_APP_POOL_SIZE + _APP_POOL_OVERFLOW, timeout=_POOL_TIMEOUT_S,
         )
 
     @contextlib.contextmanager

@@ -42,6 +42,8 @@ from ._pings import Pings
 # How long a write waits for another's lock before it fails with DatabaseBusy, unless
 # the URL says (`sqlite:///app.db?timeout=5`, in seconds, as sqlite3.connect takes it).
 _DEFAULT_TIMEOUT_S = 30.0
+# The app's engine: its pool, and the connections for lone INSERTs beside it.
+_APP_POOL_SIZE, _APP_POOL_OVERFLOW, _POOL_TIMEOUT_S = 8, 32, 60.0
 # Pings a SQLite transaction asked for (key in a connection's info), sent at commit.
 _PINGS = "tiers_pings"
 
@@ -67,7 +69,10 @@ class SQLiteDialect:
                 "give a file: sqlite:///tiers.db"
             )
         timeout = _timeout_of(url)
-        self.engine = create_engine(url, pool_size=8, max_overflow=32, pool_timeout=60)
+        self.engine = create_engine(
+            url, pool_size=_APP_POOL_SIZE, max_overflow=_APP_POOL_OVERFLOW,
+            pool_timeout=_POOL_TIMEOUT_S,
+        )
         self.update_returning = bool(self.engine.dialect.update_returning)  # SQLite >= 3.35
         # The engine's own writes (claims, records, workflow steps) have connections
         # of their own, reused most-recent-first: one that wrote last keeps its page
@@ -83,8 +88,9 @@ class SQLiteDialect:
             event.listen(engine, "connect", partial(_sqlite_connect, durability, busy_ms))
             event.listen(engine, "begin", _begin_waiting_up_to(timeout, busy_handler))
         self._timeout = timeout
-        self._lone = LoneConnections(  # for an enqueue's lone INSERT
-            self.engine, sqlite3.Connection, _busy_handler_off, _not_in_transaction
+        self._lone = LoneConnections(  # for an enqueue's lone INSERT, bounded as the pool
+            self.engine, sqlite3.Connection, _busy_handler_off, _not_in_transaction,
+            limit=_APP_POOL_SIZE + _APP_POOL_OVERFLOW, timeout=_POOL_TIMEOUT_S,
         )
         # SQLite admits one writer at a time. This process's writers take turns on a
         # lock of our own first (see WriterTurns and write_internal).

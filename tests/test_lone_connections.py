@@ -152,3 +152,24 @@ def test_a_forked_child_opens_its_own_connection_and_leaves_its_parents_alone(
             assert conn.exec_driver_sql("SELECT count(*) FROM tiers_runs").scalar() == 3
     finally:
         retrier.close()
+
+
+def test_at_most_limit_connections_are_in_use_at_once(db_url: str) -> None:
+    from sqlalchemy.exc import TimeoutError as PoolTimeout
+
+    retrier = Retrier(db_url)
+    dialect = retrier.store.dialect
+    own = lone_of(retrier)
+    lone = LoneConnections(
+        dialect.engine, own._kind, own._prepare, own._usable, limit=2, timeout=0.05
+    )
+    try:
+        with lone.connection(), lone.connection():
+            with pytest.raises(PoolTimeout, match="2 connections"), lone.connection():
+                pass
+        with lone.connection(), lone.connection():
+            pass  # both given back: free again
+        assert len(lone._spare) == 2
+    finally:
+        lone.close()
+        retrier.close()
