@@ -173,3 +173,32 @@ def test_at_most_limit_connections_are_in_use_at_once(db_url: str) -> None:
     finally:
         lone.close()
         retrier.close()
+
+
+def test_a_connection_opened_on_one_thread_serves_anothers_enqueues(db_url: str) -> None:
+    import threading
+
+    retrier = Retrier(db_url)
+    try:
+
+        @retrier.action
+        def work() -> None: ...
+
+        retrier.run(work)  # opens it on this thread
+        (opened,) = lone_of(retrier)._spare
+        failed: list[BaseException] = []
+
+        def enqueue() -> None:
+            try:
+                for _ in range(5):
+                    retrier.run(work)
+            except BaseException as exc:
+                failed.append(exc)
+
+        thread = threading.Thread(target=enqueue)
+        thread.start()
+        thread.join()
+        assert failed == []
+        assert lone_of(retrier)._spare == [opened], "the same connection, on the other thread"
+    finally:
+        retrier.close()
