@@ -75,26 +75,26 @@ class LoneConnections(Generic[Raw]):
                 f"{self._timeout:.0f} s"
             )
         try:
+            raw = self._take()
+            generation = self._generation
             try:
-                raw = self._spare.pop()
-            except IndexError:
-                raw = self._open()
-        except BaseException:
-            in_use.release()
-            raise
-        generation = self._generation
-        try:
-            yield raw
+                yield raw
+            finally:
+                self._give_back(raw, generation)
         finally:
             in_use.release()
-            if (
-                generation == self._generation
-                and len(self._spare) < self._keep
-                and self._usable(raw)
-            ):
-                self._spare.append(raw)
-            else:
-                _close(raw)
+
+    def _take(self) -> Raw:
+        try:
+            return self._spare.pop()  # atomic: another thread may have taken the last
+        except IndexError:
+            return self._open()
+
+    def _give_back(self, raw: Raw, generation: int) -> None:
+        if generation == self._generation and len(self._spare) < self._keep and self._usable(raw):
+            self._spare.append(raw)
+        else:
+            _close(raw)
 
     def _open(self) -> Raw:
         pooled = self._engine.raw_connection()  # configured by the engine's events
