@@ -392,7 +392,7 @@ def _with_retry(
 ) -> None:
     """`_retrying`, on a connection whose busy handler is on: off for this one
     statement, then back to `busy_timeout` (in seconds)."""
-    raw.execute("PRAGMA busy_timeout=0")
+    _busy_handler_off(raw)
     try:
         _retrying(statement, timeout)
     finally:
