@@ -2,15 +2,19 @@
 
     python -m bench.claim_scaling                       # SQLite and PostgreSQL
     python -m bench.claim_scaling --db sqlite --sizes 10000 100000 1000000
+    python -m bench.claim_scaling --db postgresql --sizes 0 --backlog 1000 20000 100000
 
 The table is filled with completed runs (the bulk of a real database, kept for the
 7-day retention) plus a backlog of pending ones; we then time claim(16) + record(16)
-pairs. Flat figures mean the indexes, not table scans, do the work.
+pairs. Flat figures mean the indexes, not table scans, do the work. `--backlog` sets
+how many pending runs wait (2,000 unless told; several sizes make several rows): the
+claims take the first 16 due of them, so their cost should not grow with it either.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import statistics
 import time
 import uuid
@@ -51,10 +55,12 @@ def fill(retrier: Any, total: int, progress: Progress) -> None:
         progress.update(task, advance=len(rows))
 
 
-def time_claims(retrier: Any, pairs: int = 100) -> tuple[float, float]:
+def time_claims(retrier: Any, backlog: int, pairs: int = 100) -> tuple[float, float]:
     store = retrier.store
-    for _ in range(BACKLOG):
-        retrier.run("noop")
+    with retrier.session() as session:
+        for _ in range(backlog):
+            retrier.run("noop", session=session)
+        session.commit()
     claim_ms, record_ms = [], []
     for _ in range(pairs):
         t = time.perf_counter()
@@ -71,12 +77,14 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--db", choices=["sqlite", "postgresql", "both"], default="both")
     parser.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000, 1_000_000])
+    parser.add_argument("--backlog", type=int, nargs="+", default=[BACKLOG],
+                        help="pending runs waiting to be claimed")
     args = parser.parse_args(argv)
     kinds = ["sqlite", "postgresql"] if args.db == "both" else [args.db]
-    table = Table("database", "stored runs", "claim(16) ms", "record(16) ms",
+    table = Table("database", "stored runs", "backlog", "claim(16) ms", "record(16) ms",
                   title="median cost per batch of 16")
     for kind in kinds:
-        for size in args.sizes:
+        for size, backlog in itertools.product(args.sizes, args.backlog):
             with fresh_database(kind) as url:
                 retrier = build(url)
                 try:
@@ -86,11 +94,12 @@ def main(argv: list[str] | None = None) -> None:
                         with retrier.engine.connect() as conn:
                             conn.exec_driver_sql("ANALYZE tiers_runs")
                             conn.commit()
-                    claim, record = time_claims(retrier)
+                    claim, record = time_claims(retrier, backlog)
                 finally:
                     retrier.close()
-            table.add_row(kind, f"{size:,}", f"{claim:.2f}", f"{record:.2f}")
-            console.print(f"{kind} {size:,}: claim {claim:.2f} ms, record {record:.2f} ms")
+            table.add_row(kind, f"{size:,}", f"{backlog:,}", f"{claim:.2f}", f"{record:.2f}")
+            console.print(f"{kind} {size:,} stored, {backlog:,} pending: claim {claim:.2f} ms,"
+                          f" record {record:.2f} ms")
     Console().print(table)
 
 

@@ -37,8 +37,12 @@ JIT, which would price them at the 1e10 the planner adds to a disabled scan): a
 generic plan is made once per session, and one made while `tiers_runs` was small
 leased the chosen runs by reading the whole table, at every later claim of that
 session (0.58 ms a claim at 5,000 stored runs, growing with them, until an ANALYZE).
+Nor with bitmap scans: such a plan, made at a worker's first claim beside an empty
+table, took the first due runs by collecting every due one and sorting them, so a
+claim of 16 from a backlog of 20,000 cost 5.6 ms of server time (0.64 ms without;
+`bench.claim_scaling --backlog`), and a large backlog drained slowest at its start.
 Its generic plans are then the index scans the custom ones are, at every table size
-(`bench.claim_scaling`, `bench.fair_claims`). Settings change no result, so they
+and backlog (`bench.claim_scaling`, `bench.fair_claims`). Settings change no result, so they
 are set in place, on the current version.
 """
 
@@ -190,7 +194,8 @@ CREATE OR REPLACE FUNCTION tiers_claim_v6(
     on_complete varchar, context json, outcome varchar, result json, error varchar,
     wake_ms bigint, trace varchar, due_ms bigint, timeout_ms bigint
 ) LANGUAGE plpgsql VOLATILE
-  SET plan_cache_mode = force_generic_plan SET enable_seqscan = off SET jit = off AS $fn$
+  SET plan_cache_mode = force_generic_plan SET enable_seqscan = off
+  SET enable_bitmapscan = off SET jit = off AS $fn$
 #variable_conflict use_column
 DECLARE
     v_now bigint := p_now;

@@ -378,7 +378,47 @@ def test_the_server_functions_plan_their_statements_once_per_session(
         )
     generic = ["plan_cache_mode=force_generic_plan"]
     assert settings == {
-        # The claim also never scans tiers_runs whole (`_pg_claim`).
-        "tiers_claim_v6": [*generic, "enable_seqscan=off", "jit=off"],
+        # The claim also never scans tiers_runs whole, nor collects and sorts every
+        # due run (`_pg_claim`).
+        "tiers_claim_v6": [*generic, "enable_seqscan=off", "enable_bitmapscan=off", "jit=off"],
         **{name: generic for name in ("tiers_step_v1", "tiers_step_v2", "tiers_finish_v1")},
     }
+
+
+@on_postgresql
+def test_a_claim_planned_beside_an_empty_table_takes_a_backlog_in_due_order_by_index(
+    make_retrier: MakeRetrier, db_url: str
+) -> None:
+    """A worker's session plans the claim once, at its first claim, often beside an
+    empty table. With bitmap scans allowed that plan collected every due run and
+    sorted them, at every later claim of the session (5.6 ms for 16 of 20,000)."""
+    import psycopg
+
+    retrier = make_retrier()
+
+    @retrier.action
+    def noop() -> None:
+        pass
+
+    claim = (
+        "SELECT kind, id FROM tiers_claim_v6('w', 16, 30000, %s, true, '{}'::text[],"
+        " '{}'::text[], true)"
+    )
+    with psycopg.connect(db_url.replace("postgresql+psycopg://", "postgresql://")) as conn:
+        assert conn.execute(claim, (retrier.clock.now_ms(),)).fetchall() == [("wake", None)]
+        conn.commit()
+        with retrier.session() as session:
+            ids = [retrier.run("noop", session=session) for _ in range(300)]
+            session.commit()
+        plans: list[str] = []
+        conn.add_notice_handler(lambda notice: plans.append(notice.message_primary or ""))
+        conn.execute("LOAD 'auto_explain'")
+        for setting in ("log_min_duration = 0", "log_nested_statements = on",
+                        "log_level = notice"):
+            conn.execute(f"SET auto_explain.{setting}")
+        claimed = conn.execute(claim, (retrier.clock.now_ms(),)).fetchall()
+        conn.rollback()
+    assert [run_id for kind, run_id in claimed if kind == "run"] == ids[:16]
+    plan = "\n".join(plans)
+    assert "Index Scan using ix_tiers_runs_claim" in plan, plan
+    assert "Bitmap Heap Scan on tiers_runs" not in plan, plan
