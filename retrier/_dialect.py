@@ -122,6 +122,36 @@ class NoSubscription:
         pass
 
 
+class AnnouncementWants(Protocol):
+    """What `Dialect.announcement_wants` returns: a worker's wish to hear of new runs."""
+
+    @property
+    def wished(self) -> bool:
+        """The latest wish."""
+        ...
+
+    def want(self, wanted: bool) -> None:
+        """Wish to hear of new runs, or not; never blocks, thread-safe."""
+        ...
+
+    def close(self) -> None:
+        """Stop; the wish no longer holds."""
+        ...
+
+
+class AlwaysWanting:
+    """Where inserts always announce themselves (SQLite's pings, which cost a
+    datagram): no wish to keep."""
+
+    wished = True
+
+    def want(self, wanted: bool) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
 class WouldBlock(Exception):
     """A write on the event loop found the database locked; redo it on a thread."""
 
@@ -212,6 +242,15 @@ class Dialect(Protocol):
         WAKE with no payload once listening. Where hints cannot arrive
         (`can_notify` False), it only waits to be cancelled."""
         ...
+    def announcement_wants(self, on_wanting: Callable[[], None]) -> AnnouncementWants:
+        """A worker's wish to hear of new runs. Where announcements cost (PostgreSQL:
+        an insert sends a NOTIFY only while some worker wants one, `_pg_wants`), a
+        worker that will look at the database soon anyway says it does not;
+        `on_wanting` is called (from a thread of the dialect's) each time the wish
+        holds again, and the worker must then claim: runs inserted meanwhile were not
+        announced. Elsewhere a no-op: inserts always announce themselves."""
+        ...
+
     # -- a higher tier's own notifications (topics) ------------------------------------
     #
     # Apart from the engine's WAKE and CANCEL, which they leave alone: one channel per

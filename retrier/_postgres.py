@@ -32,6 +32,7 @@ from ._pg_claim import (
     TAKE_KEY_FUNCTION,
 )
 from ._pg_groups import GROUP_BUDGET_FUNCTION
+from ._pg_wants import PgWants, wake_function
 
 log = logging.getLogger("tiers.store")
 
@@ -182,20 +183,21 @@ class PostgresDialect:
                 raise error from exc
 
     def create_extras(self, conn: Connection) -> None:
-        # New runs wake every listening worker: the server sends the NOTIFY itself,
-        # at commit, whoever inserted them (including a user's own session).
-        conn.execute(text(_WAKE_FUNCTION.replace("{channel}", self.wake_channel)))
+        # New runs wake every listening worker while one wants to hear of them (see
+        # `_pg_wants`): the server sends the NOTIFY itself, at commit, whoever inserted
+        # them (including a user's own session).
         conn.exec_driver_sql(KEY_CAP_FUNCTION)
         conn.exec_driver_sql(TAKE_KEY_FUNCTION)
         conn.exec_driver_sql(QUEUE_ORDER_FUNCTION)
         conn.exec_driver_sql(GROUP_BUDGET_FUNCTION)
         conn.exec_driver_sql(CLAIM_FUNCTION)
+        conn.execute(text(wake_function(self.wake_channel)))
         conn.execute(text("DROP TRIGGER IF EXISTS tiers_runs_wake ON tiers_runs"))
         conn.execute(
             text(
                 "CREATE TRIGGER tiers_runs_wake AFTER INSERT ON tiers_runs "
                 "REFERENCING NEW TABLE AS new_runs "
-                "FOR EACH STATEMENT EXECUTE FUNCTION tiers_notify_wake()"
+                "FOR EACH STATEMENT EXECUTE FUNCTION tiers_notify_wake_v2()"
             )
         )
 
@@ -245,6 +247,10 @@ class PostgresDialect:
                 await anyio.to_thread.run_sync(listener.stop)
 
 
+    def announcement_wants(self, on_wanting: Callable[[], None]) -> PgWants:
+        dsn = self.url.set(drivername="postgresql").render_as_string(hide_password=False)
+        return PgWants(dsn, self.wake_channel, on_wanting)
+
     topics_notify = True
 
     def topic_channel(self, topic: str) -> str:
@@ -289,19 +295,6 @@ def _search_path(namespace: str, dbapi_conn: Any, _record: Any) -> None:
 
 
 _NOTIFY = "SELECT pg_notify(%s, %s)"
-
-_WAKE_FUNCTION = """
-CREATE OR REPLACE FUNCTION tiers_notify_wake() RETURNS trigger AS $$
-BEGIN
-    -- Only claimable rows: a run inserted already running (a workflow's inline step)
-    -- would wake every worker for nothing.
-    IF EXISTS (SELECT 1 FROM new_runs WHERE state IN ('pending', 'finishing')) THEN
-        PERFORM pg_notify('{channel}', '');
-    END IF;
-    RETURN NULL;
-END
-$$ LANGUAGE plpgsql
-"""
 
 
 class _PgListener:

@@ -25,6 +25,7 @@ from ._dberrors import DRIVER_ERRORS, raise_translated
 from ._dialect import (
     ON_LOOP,
     WAKE,
+    AlwaysWanting,
     Durability,
     Listener,
     NoSubscription,
@@ -268,6 +269,9 @@ class SQLiteDialect:
     def announce(self, kind: str, payload: str = "") -> None:
         if self._pings is not None:
             self._pings.send(kind, stamped(kind, payload), fresh=kind != WAKE)
+
+    def announcement_wants(self, on_wanting: Callable[[], None]) -> AlwaysWanting:
+        return AlwaysWanting()
 
     topics_notify = False  # watchers poll: a read is cheap on a local file
 

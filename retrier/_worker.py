@@ -7,6 +7,7 @@ under a shielded cancel scope, so shutdown or cancellation never loses one.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 import os
@@ -30,7 +31,8 @@ from ._attempt_threads import AttemptThreads, Finished
 from ._attempts import EarlyEnds, attempt, attempt_blocking, runs_blocking
 from ._clock import to_ms
 from ._deliveries import Deliveries, finished_from
-from ._dialects import CANCEL, WouldBlock, is_transient, sent_at
+from ._dialect import AlwaysWanting, AnnouncementWants
+from ._dialects import CANCEL, WAKE, WouldBlock, is_transient, sent_at
 from ._errors import first_line
 from ._hints import NONE, UNKNOWN, Hints
 from ._log import run_extra
@@ -51,6 +53,9 @@ T = TypeVar("T")
 _BATCH = 256
 # How far ahead a claim may be made as of (a timer's lead, and some scheduling slack).
 _CLAIM_AHEAD_MS = 4 * WAKE_LEAD_MS
+# A worker that recorded outcomes this recently, with runs still in flight, expects
+# another record (whose refill claims what is due) soon: it needs no announcements.
+_CYCLING_S = 0.005
 
 current_worker: ContextVar[Worker | None] = ContextVar("tiers_current_worker", default=None)
 """The worker executing the current action, seen from inside the action (or None)."""
@@ -113,6 +118,11 @@ class Worker:
         self.next_look_ms: int | None = None  # when the last claim said to look again
         self._claim_at: int | None = None  # a timer's due time, for the next claim
         self._early_ends = EarlyEnds()  # so that this worker's retries start on time
+        # Whether to hear of new runs (`Dialect.announcement_wants`), and when a record
+        # last claimed; a timer asks again once records have paused.
+        self._wants: AnnouncementWants = AlwaysWanting()
+        self._recorded_at = 0.0
+        self._wants_check: asyncio.TimerHandle | None = None
         self.jobs = WorkerJobs(self)
         # `def` actions without a time limit run wholly on these threads (see
         # `_attempt_threads`); every other attempt is a task on the loop.
@@ -128,6 +138,7 @@ class Worker:
     async def serve(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Run until `stop()`; then finish (or release) running work and return."""
         self._bind_loop()
+        self._wants = self.store.dialect.announcement_wants(self._began_wanting)
         timers = Timers()
         self._timers = timers
         send, receive = anyio.create_memory_object_stream[Outcome](math.inf)
@@ -155,7 +166,11 @@ class Worker:
         finally:
             timers.shutdown()
             self._threads.close()
+            if self._wants_check is not None:
+                self._wants_check.cancel()
+            wants, self._wants = self._wants, AlwaysWanting()
             with anyio.CancelScope(shield=True):
+                await anyio.to_thread.run_sync(wants.close)
                 await anyio.to_thread.run_sync(self.jobs.retire_quietly)
             self._tg = None
             self._call_soon = None
@@ -535,6 +550,9 @@ class Worker:
             self._hold(f.id, f.fence)
             self._tg.start_soon(self._deliver, f)
         self._start(recorded.claimed, recorded.wake_at_ms)
+        if room > 0:
+            self._recorded_at = time.monotonic()  # its refill claimed what was due
+        self._update_wants()
         if recorded.completed:
             self._on_completed(recorded.completed)
 
@@ -580,8 +598,35 @@ class Worker:
         self._held.pop(run_id, None)
         if not self._held:
             self._idle.set()
+            if not self._hints.recording:  # (a record updates them once it ends)
+                self._update_wants()
         if wake:
             self.wake()
+
+    def _update_wants(self) -> None:
+        """Wish to hear of new runs (`Dialect.announcement_wants`) unless this worker
+        cannot take them, or a record coming soon will: with free slots, it does not
+        while it has runs in flight and recorded outcomes under `_CYCLING_S` ago, and
+        asks again once that is past. On the loop."""
+        if isinstance(self._wants, AlwaysWanting):
+            return
+        free = not self._stopping and len(self._held) < self.concurrency
+        since = time.monotonic() - self._recorded_at
+        cycling = bool(self._held) and since < _CYCLING_S
+        self._wants.want(free and not cycling)
+        if free and cycling and self._wants_check is None:
+            self._wants_check = asyncio.get_running_loop().call_later(
+                _CYCLING_S - since, self._wants_due
+            )
+
+    def _wants_due(self) -> None:
+        self._wants_check = None
+        self._update_wants()
+
+    def _began_wanting(self) -> None:
+        """This worker hears of new runs again (from the dialect's thread): runs
+        inserted while it did not were not announced, so claim as if they were."""
+        self._on_notify(WAKE, "")
 
     def _cancel_scope(self, run_id: str, reason: str) -> None:
         scope = self._scopes.get(run_id)
