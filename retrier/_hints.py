@@ -1,5 +1,5 @@
 """When another process announces new runs (a NOTIFY, a local ping), whether this
-worker should claim, and how soon.
+worker should claim, and how soon; and whether it wants to hear of them at all.
 
 Every worker hears every announcement; if each claimed at once, N idle workers would
 spend N claims on each new run, all but one finding nothing. So: a worker whose
@@ -14,6 +14,9 @@ began needs nothing: that claim (or a record's refill) saw its runs, and took th
 left them for a reason a new claim would find again (a full pool, a worker at
 capacity whose records will refill). Under a flood of enqueues this keeps a worker
 from answering each one with a claim of its own.
+
+Where an announcement costs enough to be sent only to workers that want one
+(PostgreSQL's NOTIFY, `_pg_wants`), `wants_announcements` says whether a worker does.
 """
 
 from __future__ import annotations
@@ -27,6 +30,24 @@ NONE = -math.inf
 
 _FIRST_BACKOFF_S = 0.001
 _LAST_BACKOFF_S = 0.02
+
+# A worker that recorded outcomes this recently, with runs still in flight, expects
+# another record soon, whose refill claims what is due: it needs no announcements.
+CYCLING_S = 0.005
+
+
+def wants_announcements(
+    held: int, concurrency: int, stopping: bool, since_record: float
+) -> tuple[bool, float | None]:
+    """Whether a worker wants to hear of new runs (`Dialect.announcement_wants`), and
+    in how many seconds to ask again (None: at its next record or release).
+
+    Not if it cannot take them (stopping, or no free slot), nor while a record coming
+    soon will: it holds runs and recorded outcomes under `CYCLING_S` ago; then it
+    asks again once that is past."""
+    free = not stopping and held < concurrency
+    cycling = held > 0 and since_record < CYCLING_S
+    return free and not cycling, (CYCLING_S - since_record if free and cycling else None)
 
 
 class Hints:

@@ -34,7 +34,7 @@ from ._deliveries import Deliveries, finished_from
 from ._dialect import AlwaysWanting, AnnouncementWants
 from ._dialects import CANCEL, WAKE, WouldBlock, is_transient, sent_at
 from ._errors import first_line
-from ._hints import NONE, UNKNOWN, Hints
+from ._hints import NONE, UNKNOWN, Hints, wants_announcements
 from ._log import run_extra
 from ._models import DELIVERING
 from ._registry import Registry
@@ -53,9 +53,6 @@ T = TypeVar("T")
 _BATCH = 256
 # How far ahead a claim may be made as of (a timer's lead, and some scheduling slack).
 _CLAIM_AHEAD_MS = 4 * WAKE_LEAD_MS
-# A worker that recorded outcomes this recently, with runs still in flight, expects
-# another record (whose refill claims what is due) soon: it needs no announcements.
-_CYCLING_S = 0.005
 
 current_worker: ContextVar[Worker | None] = ContextVar("tiers_current_worker", default=None)
 """The worker executing the current action, seen from inside the action (or None)."""
@@ -604,20 +601,16 @@ class Worker:
             self.wake()
 
     def _update_wants(self) -> None:
-        """Wish to hear of new runs (`Dialect.announcement_wants`) unless this worker
-        cannot take them, or a record coming soon will: with free slots, it does not
-        while it has runs in flight and recorded outcomes under `_CYCLING_S` ago, and
-        asks again once that is past. On the loop."""
+        """Wish to hear of new runs, or not (`wants_announcements`); on the loop."""
         if isinstance(self._wants, AlwaysWanting):
             return
-        free = not self._stopping and len(self._held) < self.concurrency
         since = time.monotonic() - self._recorded_at
-        cycling = bool(self._held) and since < _CYCLING_S
-        self._wants.want(free and not cycling)
-        if free and cycling and self._wants_check is None:
-            self._wants_check = asyncio.get_running_loop().call_later(
-                _CYCLING_S - since, self._wants_due
-            )
+        wanted, ask_again = wants_announcements(
+            len(self._held), self.concurrency, self._stopping, since
+        )
+        self._wants.want(wanted)
+        if ask_again is not None and self._wants_check is None:
+            self._wants_check = asyncio.get_running_loop().call_later(ask_again, self._wants_due)
 
     def _wants_due(self) -> None:
         self._wants_check = None
