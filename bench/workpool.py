@@ -23,6 +23,12 @@ Two measurements per configuration of the no-op table:
   rate well below capacity; enqueue -> start latency (started_ms - created_ms) p50/p95.
   (In a backlog the latency is just queueing time, which says nothing.)
 
+On PostgreSQL the backlog's row also shows pg_stat_database's commits per item and the
+transactions per item that wrote (the server's transaction ids), counted from the
+workers' start to the last completion (`bench.pg_scaling.xacts`; this process's
+completion polls roll back, so they are not commits): as workers are added, both
+should stay about the same.
+
 No-op items measure the engine: each worker's record-and-claim transaction costs about
 the same for 2 items as for 10, so the pool goes fastest when one process holds all of
 its slots. The CPU-bound table measures what more processes are for: actions whose
@@ -34,6 +40,7 @@ workers at the default concurrency (the first worker takes all ten slots) and at
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import statistics
 import subprocess
@@ -127,10 +134,12 @@ def run(
             else:
                 app.pool.enqueue_batch([("noop", {"i": i}) for i in range(items)])
             enqueue_s = time.perf_counter() - t
+            before = _xacts(kind)
             procs = start_workers(url, workers, concurrency)
             try:
                 while completed(app.retrier.engine, items) < items:
                     time.sleep(0.05)
+                after = _xacts(kind)
                 with app.retrier.engine.connect() as conn:
                     first, last = conn.execute(text(
                         "SELECT min(a.started_ms), max(r.finished_ms) FROM tiers_runs r "
@@ -151,9 +160,23 @@ def run(
                 stop(procs)
             app.retrier.close()
             return {"enqueue_s": enqueue_s, "items_per_s": rate,
-                    "p50_ms": pct(lat, 50), "p95_ms": pct(lat, 95)}
+                    "p50_ms": pct(lat, 50), "p95_ms": pct(lat, 95),
+                    "commits_per_item": (after[0] - before[0]) / items,
+                    "writing_per_item": (after[2] - before[2]) / items}
         finally:
             drop_db(schema)
+
+
+def _xacts(kind: str) -> tuple[float, float, float]:
+    """PostgreSQL's (commits, rollbacks, next transaction id) of the bench database;
+    NaN on SQLite."""
+    if kind == "sqlite":
+        return (math.nan,) * 3
+    from sqlalchemy.engine import make_url
+
+    from bench.pg_scaling import xacts  # (it imports this module)
+
+    return xacts(str(make_url(PG).database))
 
 
 def main() -> None:
@@ -176,12 +199,14 @@ def main() -> None:
         compare_orders(args, kinds)
         return
     print(f"{args.items} no-op items, pool of 10; latency from {args.trickle} trickled items")
-    print(f"{'db':<11}{'workers':>8}{'enqueue s':>11}{'items/s':>10}{'p50 ms':>9}{'p95 ms':>9}")
+    print(f"{'db':<11}{'workers':>8}{'enqueue s':>11}{'items/s':>10}{'p50 ms':>9}{'p95 ms':>9}"
+          f"{'commits/item':>14}{'writing/item':>14}")
     for kind in kinds:
         for n in args.workers:
             r = run(kind, n, args.items, args.trickle)
             print(f"{kind:<11}{n:>8}{r['enqueue_s']:>11.2f}{r['items_per_s']:>10.0f}"
-                  f"{r['p50_ms']:>9.1f}{r['p95_ms']:>9.1f}", flush=True)
+                  f"{r['p50_ms']:>9.1f}{r['p95_ms']:>9.1f}"
+                  f"{r['commits_per_item']:>14.3f}{r['writing_per_item']:>14.3f}", flush=True)
     if not args.cpu_items:
         return
     print(f"\n{args.cpu_items} CPU-bound items ({args.cpu_ms:g} ms of CPU each), pool of 10")
