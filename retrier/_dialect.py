@@ -125,11 +125,6 @@ class NoSubscription:
 class AnnouncementWants(Protocol):
     """What `Dialect.announcement_wants` returns: a worker's wish to hear of new runs."""
 
-    @property
-    def wished(self) -> bool:
-        """The latest wish."""
-        ...
-
     def want(self, wanted: bool) -> None:
         """Wish to hear of new runs, or not; never blocks, thread-safe."""
         ...
@@ -142,8 +137,6 @@ class AnnouncementWants(Protocol):
 class AlwaysWanting:
     """Where inserts always announce themselves (SQLite's pings, which cost a
     datagram): no wish to keep."""
-
-    wished = True
 
     def want(self, wanted: bool) -> None:
         pass

@@ -77,10 +77,6 @@ class PgWants:
         self._thread = threading.Thread(target=self._run, name="tiers-wants", daemon=True)
         self._thread.start()
 
-    @property
-    def wished(self) -> bool:
-        return self._wished
-
     def want(self, wanted: bool) -> None:
         if wanted == self._wished:
             return
