@@ -248,8 +248,7 @@ class PostgresDialect:
 
 
     def announcement_wants(self, on_wanting: Callable[[], None]) -> PgWants:
-        dsn = self.url.set(drivername="postgresql").render_as_string(hide_password=False)
-        return PgWants(dsn, self.wake_channel, on_wanting)
+        return PgWants(libpq_dsn(self.url), self.wake_channel, on_wanting)
 
     topics_notify = True
 
@@ -297,11 +296,17 @@ def _search_path(namespace: str, dbapi_conn: Any, _record: Any) -> None:
 _NOTIFY = "SELECT pg_notify(%s, %s)"
 
 
+def libpq_dsn(url: URL) -> str:
+    """`url` as psycopg connects to it directly (a connection outside the engine's
+    pool: LISTEN, the announcement lock), password included."""
+    return str(url.set(drivername="postgresql").render_as_string(hide_password=False))
+
+
 class _PgListener:
     """A thread holding one LISTEN connection; it reconnects if the server drops it."""
 
     def __init__(self, url: URL, channels: dict[str, str], on_notify: Listener) -> None:
-        self._dsn = url.set(drivername="postgresql").render_as_string(hide_password=False)
+        self._dsn = libpq_dsn(url)
         self._kinds = {channel: kind for kind, channel in channels.items()}
         self._on_notify = on_notify
         self._stopped = threading.Event()

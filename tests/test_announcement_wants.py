@@ -17,6 +17,7 @@ import pytest
 
 from retrier import Retrier
 from retrier._pg_wants import LOCK_CLASS, PgWants
+from retrier._postgres import libpq_dsn
 
 # Only PostgreSQL announces through the trigger (SQLite pings every insert).
 pytestmark = pytest.mark.parametrize("db_url", ["postgresql"], indirect=True)
@@ -33,8 +34,7 @@ def pg_retrier(db_url: str) -> Iterator[Retrier]:
 
 
 def _libpq(retrier: Retrier) -> str:
-    url = retrier.store.dialect.url  # type: ignore[attr-defined]
-    return str(url.set(drivername="postgresql").render_as_string(hide_password=False))
+    return libpq_dsn(retrier.store.dialect.url)  # type: ignore[attr-defined]
 
 
 class Channel:
