@@ -17,7 +17,6 @@ import argparse
 import itertools
 import statistics
 import time
-import uuid
 from typing import Any
 
 from rich.console import Console
@@ -28,21 +27,22 @@ from sqlalchemy import insert
 from bench.apps import build
 from bench.throughput import fresh_database
 from retrier._tables import runs
-from retrier.engine import Outcome
+from retrier.engine import Outcome, new_id
 
 console = Console(stderr=True)
 BACKLOG = 2000
 
 
 def fill(retrier: Any, total: int, progress: Progress) -> None:
-    """Insert `total` completed runs in chunks, as fast as the database allows."""
+    """Insert `total` completed runs in chunks, as fast as the database allows (with
+    ids as the library makes them)."""
     now = retrier.clock.now_ms()
     task = progress.add_task(f"filling {total:,} completed runs", total=total)
     chunk = 5000
     for start in range(0, total, chunk):
         rows = [
             {
-                "id": uuid.uuid4().hex, "fn": "noop", "args": {}, "state": "completed",
+                "id": new_id(), "fn": "noop", "args": {}, "state": "completed",
                 "outcome": "success", "attempts": 1, "failures": 0, "due_ms": 0, "priority": 0,
                 "queue": "", "fence": 1, "cancel_requested": False, "initial_backoff_ms": 250,
                 "base": 2.0, "max_failures": 4, "jitter": False, "max_backoff_ms": 3_600_000,

@@ -5,16 +5,21 @@
 
 1. One workflow of N sequential no-op steps (default 1,000): ms per step, measured
    from start to completion through an in-process worker.
-2. M concurrent 5-step workflows (default 1,000): workflows per second.
+2. M concurrent 5-step workflows (default 1,000): workflows per second, and (Linux)
+   the bytes the process wrote and read per workflow (/proc/self/io: SQLite's WAL
+   and database file, its checkpoints included; on PostgreSQL only the client's
+   sockets), and its CPU time per workflow.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import resource
 import time
 import uuid
 from collections.abc import Callable
+from pathlib import Path
 
 from bench.throughput import fresh_database
 from retrier import Retrier
@@ -64,6 +69,20 @@ def bench_concurrent(workflows: WorkflowManager, count: int) -> float:
     return count / (time.perf_counter() - t)
 
 
+def process_io() -> dict[str, int]:
+    """This process's I/O counters so far (Linux; empty elsewhere)."""
+    path = Path("/proc/self/io")
+    if not path.exists():
+        return {}
+    pairs = (line.split(": ") for line in path.read_text().splitlines() if line)
+    return {key: int(value) for key, value in pairs}
+
+
+def cpu_s() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
 def sequential_ms_per_step(kind: str, steps: int, durability: str = "normal") -> float:
     """ms per step of one workflow of `steps` sequential no-op steps, on a fresh database."""
     return _on_fresh_database(kind, durability, bench_sequential, warm_up=50, n=steps)
@@ -106,9 +125,15 @@ def main() -> None:
                 bench_sequential(workflows, 50)  # warm up
                 per_step = bench_sequential(workflows, args.steps)
                 print(f"{kind}: {args.steps} sequential no-op steps: {per_step:.3f} ms/step")
+                io_before, cpu_before = process_io(), cpu_s()
                 rate = bench_concurrent(workflows, args.workflows)
+                io_after, cpu_after = process_io(), cpu_s()
+                per = {k: (io_after[k] - io_before[k]) / args.workflows for k in io_after}
+                io = (f"; {per['wchar'] / 1024:.0f} KiB written, {per['rchar'] / 1024:.0f} KiB"
+                      f" read per workflow" if per.get("wchar") else "")
+                cpu_ms = (cpu_after - cpu_before) * 1000 / args.workflows
                 print(f"{kind}: {args.workflows} concurrent 5-step workflows: "
-                      f"{rate:.0f} workflows/s")
+                      f"{rate:.0f} workflows/s; CPU {cpu_ms:.2f} ms per workflow{io}")
             retrier.close()
 
 

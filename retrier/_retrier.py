@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import uuid
 from collections.abc import Callable, Sequence
 from datetime import datetime, timedelta
 from functools import partial
@@ -20,6 +19,7 @@ from ._clock import Clock, SystemClock, delay_ms, due_ms
 from ._dialects import WAKE, Durability, stamped
 from ._errors import InvalidArguments, InvalidSettings, WaitTimeout
 from ._explain import Why
+from ._ids import new_id
 from ._json import check_json
 from ._keys import Debounce, check_debounce, check_idempotency_key, check_once
 from ._log import configure_logging
@@ -377,7 +377,7 @@ class Retrier(Scheduling):
         handler = self.registry.handler(on_complete).name if on_complete is not None else None
         policy = policy or self.policy
         return NewRun(
-            id=run_id or uuid.uuid4().hex,
+            id=run_id or new_id(),
             fn=reg.name,
             args=stored_args,
             due_ms=self.clock.now_ms() if due_ms is None else due_ms,

@@ -12,7 +12,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import logging
-import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, tzinfo
@@ -26,6 +25,7 @@ from ._clock import Clock
 from ._cron import Cron, parse_cron, plan_ticks
 from ._dialects import WAKE, Dialect, reconnecting
 from ._errors import ScheduleNotFound, TiersError, first_line
+from ._ids import new_id
 from ._models import ScheduleRow
 from ._run_types import NewRun
 from ._tables import runs
@@ -248,7 +248,7 @@ class Schedules:
             if row is None:
                 raise ScheduleNotFound(name)
             new = dataclasses.replace(
-                _tick_run(row, self.clock.now_ms()), id=uuid.uuid4().hex
+                _tick_run(row, self.clock.now_ms()), id=new_id()
             )
             self._insert_runs([new], conn)
             return new.id

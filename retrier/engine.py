@@ -35,6 +35,7 @@ from ._dialects import Dialect, is_transient, partial_index
 from ._errors import describe as describe_error
 from ._errors import format_size
 from ._explain import Why
+from ._ids import new_id
 from ._json import check_json, check_size, json_size
 from ._keyed import Debounced
 from ._keys import check_debounce, check_idempotency_key, check_once, renamed_key
@@ -148,6 +149,7 @@ __all__ = [
     "is_transient",
     "json_size",
     "ms_to_datetime",
+    "new_id",
     "on_cursor",
     "or_exit",
     "partial_index",

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-import uuid
 from collections.abc import Awaitable, Callable, Coroutine
 from datetime import datetime, timedelta
 from functools import partial
@@ -31,6 +30,7 @@ from retrier.engine import (
     delay_ms,
     due_ms,
     is_transient,
+    new_id,
     unreadable,
 )
 
@@ -454,7 +454,7 @@ class WorkflowContext:
             return self._replayed(full, entry, child.decode_result)
         stored = child.validate_args(args)
         timeout_ms = None if timeout is None else check_timeout(timeout, "timeout", MAX_AHEAD)
-        child_id = uuid.uuid4().hex
+        child_id = new_id()
         child_row = self._driver.workflow_row(
             child_id,
             child.name,

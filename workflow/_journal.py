@@ -10,7 +10,6 @@ from __future__ import annotations
 import builtins
 import contextlib
 import dataclasses
-import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -33,6 +32,7 @@ from retrier.engine import (
     describe_error,
     format_limit,
     ms_to_datetime,
+    new_id,
 )
 
 from ._errors import WorkflowNotFinished, WorkflowNotFound
@@ -80,7 +80,7 @@ def driver_run(workflow_id: str, pool: str, due_ms: int, fn: str | None = None) 
     `fn`), due at `due_ms`, in the unlimited driver queue."""
     p = DRIVER_POLICY
     return NewRun(
-        id=uuid.uuid4().hex,
+        id=new_id(),
         fn=driver_name(pool) if fn is None else fn,
         args={"workflow_id": workflow_id},
         due_ms=due_ms,

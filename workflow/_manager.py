@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import builtins
-import uuid
 import warnings
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
@@ -41,6 +40,7 @@ from retrier.engine import (
     check_once,
     check_timeout,
     ms_to_datetime,
+    new_id,
     renamed_key,
     schedule_spec,
 )
@@ -254,7 +254,7 @@ class WorkflowManager:
         if on_complete is not None:
             handler = self.retrier.registry.handler(on_complete).name
         row = self._driver.workflow_row(
-            uuid.uuid4().hex,
+            new_id(),
             d.name,
             stored,
             on_complete=handler,
