@@ -112,13 +112,13 @@ def test_runs_filter_by_state_function_and_queue_and_hide_drivers(demo: Demo) ->
         assert "tiers.workflow.drive:" not in default
         assert "tiers.workflow.drive:" in c.get("/runs?internal=1").text
         failed = c.get("/runs?state=failed").text
-        assert ids["failed"][:12] in failed and ids["succeeded"][0][:12] not in failed
+        assert ids["failed"][-12:] in failed and ids["succeeded"][0][-12:] not in failed
         by_fn = c.get("/runs?fn=charge_card").text
-        assert ids["succeeded"][0][:12] in by_fn and ids["failed"][:12] not in by_fn
+        assert ids["succeeded"][0][-12:] in by_fn and ids["failed"][-12:] not in by_fn
         pooled = c.get("/runs?queue=emails").text
-        assert all(i[:12] in pooled for i in ids["pool_items"])
-        assert ids["scheduled"][:12] not in pooled
-        assert ids["scheduled"][:12] in c.get("/runs?queue=(retrier)").text
+        assert all(i[-12:] in pooled for i in ids["pool_items"])
+        assert ids["scheduled"][-12:] not in pooled
+        assert ids["scheduled"][-12:] in c.get("/runs?queue=(retrier)").text
         assert c.get("/runs?state=bogus").status_code == 400
 
 

@@ -17,7 +17,7 @@ from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
-from retrier.dashboard import Dashboard, Section, timeline
+from retrier.dashboard import Dashboard, Section, short_id, timeline
 
 from ._admin import cancel_stored, restart_stored, send_event_stored
 from ._errors import InvalidEvent, WorkflowNotFound
@@ -122,7 +122,7 @@ def section(dash: Dashboard) -> Section:
     def run_links(run: Any) -> list[tuple[str, str]]:
         if run.owner is None:
             return []
-        return [(f"workflow {run.owner[:12]}", f"/workflows/{run.owner}")]
+        return [(f"workflow {short_id(run.owner)}", f"/workflows/{run.owner}")]
 
     return Section(
         name="workflows",

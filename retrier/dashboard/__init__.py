@@ -16,7 +16,16 @@ from __future__ import annotations
 from ._app import create_app
 from ._charts import activity_chart, timeline
 from ._core import Dashboard
+from ._format import short_id
 from ._sections import Section
 from ._security import Authorize
 
-__all__ = ["Authorize", "Dashboard", "Section", "activity_chart", "create_app", "timeline"]
+__all__ = [
+    "Authorize",
+    "Dashboard",
+    "Section",
+    "activity_chart",
+    "create_app",
+    "short_id",
+    "timeline",
+]

@@ -54,10 +54,19 @@ def short(text: Any, width: int = 80) -> str:
     return first if len(first) <= width else first[: width - 1] + "…"
 
 
+def short_id(value: Any) -> str:
+    """A run's or workflow's id as a page shows it: its last 12 hex digits. Ids begin
+    with the time they were made (`retrier/_ids.py`), so their heads repeat across a
+    burst of work; their tails are random. (A caller's own id, shorter, shows whole.)"""
+    text = str(value)
+    return text[-12:]
+
+
 FILTERS = {
     "when": when,
     "duration": duration,
     "json": pretty_json,
     "compact": compact_json,
     "short": short,
+    "short_id": short_id,
 }
