@@ -160,9 +160,10 @@ Index(
     _runs.c.finished_ms,
     **partial_index("state = 'completed'"),
 )
-# Listing, newest first; and the runs of one owner (a workflow's steps).
+# Listing, newest first.
 Index("ix_tiers_runs_created", _runs.c.created_ms)
-Index("ix_tiers_runs_owner", _runs.c.owner)
+# The runs of one owner (a workflow's steps); runs without one stay out (engine_0010).
+Index("ix_tiers_runs_owner", _runs.c.owner, **partial_index("owner IS NOT NULL"))
 # Idempotency keys, one run per key in each queue (NULLs never conflict).
 Index(
     "ux_tiers_runs_idempotency",

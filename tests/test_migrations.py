@@ -31,6 +31,24 @@ def versions(retrier: Retrier) -> set[str]:
         return {r for (r,) in conn.execute(sa.text(f"SELECT version_num FROM {VERSION_TABLE}"))}
 
 
+def _partial_indexes(conn: sa.Connection) -> set[str]:
+    """The indexes in the database that have a WHERE (alembic's comparison does not
+    look at index predicates)."""
+    if conn.dialect.name == "sqlite":
+        tables = conn.exec_driver_sql("SELECT name FROM sqlite_master WHERE type = 'table'")
+        return {
+            row[1]
+            for (table,) in tables.all()
+            for row in conn.exec_driver_sql(f"PRAGMA index_list('{table}')")
+            if row[4]  # partial
+        }
+    return set(conn.exec_driver_sql(
+        "SELECT c.relname FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid"
+        " JOIN pg_namespace n ON n.oid = c.relnamespace"
+        " WHERE i.indpred IS NOT NULL AND n.nspname = current_schema()"
+    ).scalars())
+
+
 def test_the_migrations_build_exactly_the_models_schema(db_url: str) -> None:
     retrier = Retrier(db_url)
     WorkflowManager(Workpool(retrier, "p"))
@@ -41,10 +59,17 @@ def test_the_migrations_build_exactly_the_models_schema(db_url: str) -> None:
         with retrier.engine.connect() as conn:
             context = MigrationContext.configure(conn, opts={"compare_type": True})
             differences = compare_metadata(context, models)
+            partial = _partial_indexes(conn)
         # Only our version table is not a model.
         assert [d[0] for d in differences] == ["remove_table"]
         assert differences[0][1].name == VERSION_TABLE
-        assert versions(retrier) == {"engine_0009", "workflow_0007"}
+        assert partial == {
+            index.name
+            for table in models.tables.values()
+            for index in table.indexes
+            if index.dialect_options["sqlite"]["where"] is not None
+        }
+        assert versions(retrier) == {"engine_0010", "workflow_0007"}
     finally:
         retrier.close()
 
@@ -52,7 +77,7 @@ def test_the_migrations_build_exactly_the_models_schema(db_url: str) -> None:
 def test_an_engine_only_app_gets_no_workflow_tables(db_url: str) -> None:
     retrier = Retrier(db_url)
     try:
-        assert versions(retrier) == {"engine_0009"}
+        assert versions(retrier) == {"engine_0010"}
         with retrier.engine.connect() as conn:
             assert not sa.inspect(conn).has_table("tiers_workflows")
     finally:
@@ -79,7 +104,7 @@ def test_a_database_from_before_migrations_is_stamped_then_upgraded(db_url: str)
     engine.dispose()
     retrier = Retrier(db_url)
     try:
-        assert versions(retrier) == {"engine_0009"}
+        assert versions(retrier) == {"engine_0010"}
 
         @retrier.action(name="work")
         def work() -> str:
@@ -125,7 +150,7 @@ def test_processes_starting_at_once_migrate_once(db_url: str) -> None:
         t.join(30)
     try:
         assert errors == [] and len(made) == 4
-        assert versions(made[0]) == {"engine_0009"}
+        assert versions(made[0]) == {"engine_0010"}
     finally:
         for retrier in made:
             retrier.close()
@@ -141,7 +166,7 @@ def test_an_apps_own_alembic_history_is_left_alone(db_url: str) -> None:
             applied = upgrade(conn)
         assert applied == [
             "engine_0001", "engine_0002", "engine_0003", "engine_0004", "engine_0006",
-            "engine_0007", "engine_0008", "engine_0009",
+            "engine_0007", "engine_0008", "engine_0009", "engine_0010",
             "workflow_0001", "workflow_0002", "workflow_0003", "workflow_0004",
             "workflow_0005", "workflow_0006", "workflow_0007",
         ]
@@ -150,7 +175,7 @@ def test_an_apps_own_alembic_history_is_left_alone(db_url: str) -> None:
                 ("app_0007",)
             ]
         retrier = Retrier(db_url)
-        assert versions(retrier) == {"engine_0009", "workflow_0007"}
+        assert versions(retrier) == {"engine_0010", "workflow_0007"}
         retrier.close()
     finally:
         engine.dispose()
@@ -160,11 +185,11 @@ def test_the_db_commands(db_url: str, tmp_path: Any) -> None:
     cli = CliRunner()
     upgraded = cli.invoke(main, ["--db", db_url, "db", "upgrade"])
     assert upgraded.exit_code == 0, upgraded.output
-    assert "applied engine_0001" in upgraded.output and "15 migration(s)" in upgraded.output
+    assert "applied engine_0001" in upgraded.output and "16 migration(s)" in upgraded.output
     again = cli.invoke(main, ["--db", db_url, "db", "upgrade"])
     assert again.exit_code == 0 and "up to date" in again.output
     current = cli.invoke(main, ["--db", db_url, "db", "current"])
-    assert current.exit_code == 0 and "engine_0009" in current.output
+    assert current.exit_code == 0 and "engine_0010" in current.output
     history = cli.invoke(main, ["db", "history"])
     assert history.exit_code == 0 and "engine_0001" in history.output
     listed = cli.invoke(main, ["db", "history", "--json"])

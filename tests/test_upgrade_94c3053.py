@@ -100,11 +100,11 @@ def upgrade(db_url: str, clock: FakeClock) -> None:
         applied = store.migrate(migrations, list(migrations.branches))
         assert applied == [
             "engine_0002", "engine_0003", "engine_0004", "engine_0006", "engine_0007",
-            "engine_0008", "engine_0009", "workflow_0002", "workflow_0003", "workflow_0004",
-            "workflow_0005", "workflow_0006", "workflow_0007",
+            "engine_0008", "engine_0009", "engine_0010", "workflow_0002", "workflow_0003",
+            "workflow_0004", "workflow_0005", "workflow_0006", "workflow_0007",
         ], applied
         with store.dialect.read() as conn:
-            assert migrations.current(conn) == {"engine_0009", "workflow_0007"}
+            assert migrations.current(conn) == {"engine_0010", "workflow_0007"}
     finally:
         store.dispose()
 
