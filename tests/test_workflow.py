@@ -835,6 +835,58 @@ async def test_async_twins_with_an_in_process_worker(make_retrier: MakeRetrier) 
         assert await wf.wait_async(x, timeout=10) == Completed(Canceled())
 
 
+@pytest.mark.anyio
+async def test_async_starts_on_one_loop_share_commits_and_keep_starts_rules(
+    make_retrier: MakeRetrier,
+) -> None:
+    """`start_async` joins the calling loop's group commit (no thread per start):
+    starts made at once commit together on SQLite, and each keeps `start`'s rules."""
+    from sqlalchemy import event
+    from sqlalchemy.engine import Engine
+
+    from retrier import Debounce
+
+    retrier = make_retrier()
+    wf = WorkflowManager(Workpool(retrier, "async-starts", max_parallelism=2))
+
+    @wf.define(name="one")
+    async def one(ctx: WorkflowContext, n: int) -> int:
+        return n
+
+    commits: list[str] = []
+
+    def counted(conn: Any) -> None:
+        commits.append(str(conn.engine.url))
+
+    event.listen(Engine, "commit", counted)
+    try:
+        ids = await asyncio.gather(*(wf.start_async(one, {"n": i}) for i in range(30)))
+    finally:
+        event.remove(Engine, "commit", counted)
+    assert len(set(ids)) == 30
+    stored = wf.list(name="one", limit=100)
+    assert sorted(w.id for w in stored) == sorted(ids)
+    if retrier.engine.dialect.name == "sqlite":
+        assert len(commits) <= 3, commits  # the first alone, the rest in a group or two
+
+    with pytest.raises(InvalidArguments, match="n"):
+        await wf.start_async(one, {"m": 1})
+    assert len(wf.list(name="one", limit=100)) == 30  # nothing half-written
+
+    twice = await asyncio.gather(
+        *(wf.start_async(one, {"n": 7}, idempotency_key="same") for _ in range(3))
+    )
+    assert len(set(twice)) == 1
+    collapsed = await asyncio.gather(
+        *(
+            wf.start_async(one, {"n": i}, debounce=Debounce("d", timedelta(seconds=60)))
+            for i in range(3)
+        )
+    )
+    assert len(set(collapsed)) == 1
+    assert len(wf.list(name="one", limit=100)) == 32
+
+
 def test_in_process_worker_runs_sleeps_on_time(make_retrier: MakeRetrier) -> None:
     retrier = make_retrier()
     pool = Workpool(retrier, "timed", max_parallelism=4)

@@ -224,6 +224,23 @@ class WorkflowManager:
         while it sleeps or waits; its on_complete gets `Failed`, its unfinished steps
         and child workflows are canceled.
         """
+        row = self._checked_row(
+            workflow, args, on_complete, context, idempotency_key, debounce, key, timeout
+        )
+        return self._insert(row, session, debounce)
+
+    def _checked_row(
+        self,
+        workflow: Callable[..., Any] | str,
+        args: dict[str, Any] | None,
+        on_complete: Callable[..., Any] | str | None = None,
+        context: Any = None,
+        idempotency_key: str | None = None,
+        debounce: Debounce | None = None,
+        key: str | None = None,
+        timeout: timedelta | float | None = None,
+    ) -> dict[str, Any]:
+        """The row `start` stores for these arguments, every one of them checked."""
         idempotency_key = renamed_key(key, idempotency_key, "WorkflowManager.start")
         check_idempotency_key(idempotency_key)
         check_debounce(debounce)
@@ -233,10 +250,7 @@ class WorkflowManager:
         if context is not None:
             check_json(context, "the context", InvalidArguments)
         timeout_ms = None if timeout is None else check_timeout(timeout, "timeout", MAX_AHEAD)
-        return self._start(
-            d, stored, on_complete, context, idempotency_key, session, debounce,
-            timeout_ms=timeout_ms,
-        )
+        return self._row(d, stored, on_complete, context, idempotency_key, timeout_ms=timeout_ms)
 
     def _start(
         self,
@@ -250,10 +264,25 @@ class WorkflowManager:
         retrigger_of: str | None = None,
         timeout_ms: int | None = None,
     ) -> str:
+        row = self._row(
+            d, stored, on_complete, context, idempotency_key, retrigger_of, timeout_ms
+        )
+        return self._insert(row, session, debounce)
+
+    def _row(
+        self,
+        d: WorkflowDef,
+        stored: dict[str, Any],
+        on_complete: Callable[..., Any] | str | None,
+        context: Any,
+        idempotency_key: str | None,
+        retrigger_of: str | None = None,
+        timeout_ms: int | None = None,
+    ) -> dict[str, Any]:
         handler = None
         if on_complete is not None:
             handler = self.retrier.registry.handler(on_complete).name
-        row = self._driver.workflow_row(
+        return self._driver.workflow_row(
             new_id(),
             d.name,
             stored,
@@ -263,6 +292,12 @@ class WorkflowManager:
             retrigger_of=retrigger_of,
             timeout_ms=timeout_ms,
         )
+
+    def _insert(
+        self, row: dict[str, Any], session: Session | None, debounce: Debounce | None
+    ) -> str:
+        """Store a new workflow's row and its first driver run; wake the workers once
+        they are committed."""
         if session is None:
             workflow_id = self._journal.create(row, debounce=debounce)
             self.retrier.wake_workers()
@@ -557,7 +592,20 @@ class WorkflowManager:
     async def start_async(
         self, workflow: Callable[..., Any] | str, args: dict[str, Any] | None = None, **kw: Any
     ) -> str:
-        return await anyio.to_thread.run_sync(partial(self.start, workflow, args, **kw))
+        """`start` from async code. Without `session=`, its insert joins this event
+        loop's group commit (`Dialect.call`), as a workflow's steps do: no thread is
+        taken for it on SQLite, where it runs on the loop."""
+        session = kw.pop("session", None)
+        if session is not None:
+            return await anyio.to_thread.run_sync(
+                partial(self.start, workflow, args, session=session, **kw)
+            )
+        row = self._checked_row(workflow, args, **kw)
+        workflow_id: str = await self.retrier.store.dialect.call(
+            self._journal.create, row, None, kw.get("debounce")
+        )
+        self.retrier.wake_workers()
+        return workflow_id
 
     async def schedule_async(
         self,
