@@ -15,7 +15,10 @@ Same work: durable-tiers' noop job is the sync no-op (`noop_sync`, run on a work
 thread) as the peers' tasks are plain functions (`--fn noop` for the async one). Its
 end is seen by counting completed runs every 5 ms, as the peers' harnesses poll.
 DBOS's job is a queued workflow with one step (7 row writes per job); the "no step"
-rows enqueue a bare workflow (5). A durable-tiers run writes 4.
+rows enqueue a bare workflow (5). A durable-tiers run writes 4. Concurrent workflows:
+durable-tiers' harness starts its async workflows one by one with `start_async` from
+an event loop; DBOS's starts sync workflows with `DBOS.start_workflow` (its faster
+way here) and, in the "async" rows, async ones with `start_workflow_async`.
 
 Durability rows. A commit's durability costs more than anything else here, so each
 system runs at a stated setting and ratios pair only rows of equal durability:
@@ -98,10 +101,16 @@ SYSTEMS = [
     System("DBOS (SQLite, FULL = default, no step)", "dbos_peer", "sqlite", ("noop",),
            "rollback journal, synchronous FULL (SQLite default)", ("--extra", "nostep"),
            versus=OURS_SQLITE_FULL),
+    System("DBOS (SQLite, FULL = default, async)", "dbos_peer", "sqlite", ("workflows",),
+           "rollback journal, synchronous FULL (SQLite default)", ("--extra", "async"),
+           versus=OURS_SQLITE_FULL),
     System("DBOS (PostgreSQL, sync on = default)", "dbos_peer", "postgres", ALL,
            "synchronous_commit on (server default)", versus=OURS_PG_ON),
     System("DBOS (PostgreSQL, sync on = default, no step)", "dbos_peer", "postgres",
            ("noop",), "synchronous_commit on (server default)", ("--extra", "nostep"),
+           versus=OURS_PG_ON),
+    System("DBOS (PostgreSQL, sync on = default, async)", "dbos_peer", "postgres",
+           ("workflows",), "synchronous_commit on (server default)", ("--extra", "async"),
            versus=OURS_PG_ON),
     System("Huey (SQLite, FULL = default)", "huey_peer", "sqlite", QUEUES,
            "WAL, synchronous FULL (huey default: fsync=None)", versus=OURS_SQLITE_FULL),

@@ -8,6 +8,10 @@ and ``postgres`` (a fresh database, dropped afterwards).
 
 ``noop`` enqueues ``noop_workflow`` (a workflow that calls one ``@DBOS.step``);
 ``--extra nostep`` enqueues ``bare_workflow`` (a workflow with no step) instead.
+``workflows`` starts sync workflows with ``DBOS.start_workflow`` (each runs on a
+thread); ``--extra async`` starts async ones (async steps) with
+``DBOS.start_workflow_async`` from an event loop, one by one, as durable-tiers' harness
+starts its async workflows with ``start_async``.
 Checkpoints written per job, counted with SQLAlchemy statement events on SQLite:
 with the step, 7 row writes (workflow_status + workflow_input at enqueue, status
 updates at dequeue and at step start, one operation_outputs row, the final status
@@ -22,6 +26,7 @@ result as read back.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import random
 import sys
@@ -38,7 +43,7 @@ PEER = "dbos"
 QUEUE_NAME = "peers_bench"
 BACKENDS = ("sqlite", "postgres")
 HANDLE_POLL_S = 0.01
-EXTRAS = ("", "nostep")
+EXTRAS = ("", "nostep", "async")
 
 _attempts: dict[str, int] = {}
 _marks: dict[tuple[str, str], float] = {}
@@ -70,6 +75,18 @@ def steps_workflow(count: int) -> int:
 def five_steps_workflow() -> int:
     for _ in range(5):
         noop_step()
+    return 5
+
+
+@DBOS.step()
+async def noop_step_async() -> int:
+    return 1
+
+
+@DBOS.workflow()
+async def five_steps_workflow_async() -> int:
+    for _ in range(5):
+        await noop_step_async()
     return 5
 
 
@@ -164,6 +181,8 @@ def bench_steps(args: Args) -> JsonDict:
 def bench_workflows(args: Args) -> JsonDict:
     """`args.n` workflows of 5 steps started at once (DBOS runs each started workflow
     on a thread of the process), workflows/s until the last result is read."""
+    if args.extra == "async":
+        return asyncio.run(_bench_workflows_async(args.n))
     for handle in [DBOS.start_workflow(five_steps_workflow) for _ in range(20)]:  # warm up
         handle.get_result()
     watch = common.Stopwatch()
@@ -173,6 +192,19 @@ def bench_workflows(args: Args) -> JsonDict:
     elapsed = watch.elapsed()
     return {"elapsed_s": round(elapsed, 4), "workflows_per_s": round(args.n / elapsed, 2),
             "note": f"{args.n} workflows of 5 steps, DBOS.start_workflow"}
+
+
+async def _bench_workflows_async(n: int) -> JsonDict:
+    """The same with async workflows, started from an event loop."""
+    for handle in [await DBOS.start_workflow_async(five_steps_workflow_async) for _ in range(20)]:
+        await handle.get_result()
+    watch = common.Stopwatch()
+    handles = [await DBOS.start_workflow_async(five_steps_workflow_async) for _ in range(n)]
+    for handle in handles:
+        await handle.get_result()
+    elapsed = watch.elapsed()
+    return {"elapsed_s": round(elapsed, 4), "workflows_per_s": round(n / elapsed, 2),
+            "note": f"{n} async workflows of 5 async steps, DBOS.start_workflow_async"}
 
 
 def bench_backoff(args: Args) -> JsonDict:
