@@ -3,7 +3,8 @@ write transaction.
 
 Calls that arrive in the same pass of the loop wait for the next pass, then share a
 transaction (a lone call on a quiet loop runs at once: see `GroupCommit.call`). Each
-call's function runs in a savepoint of its own, so a call that raises undoes only its
+call's function runs in its caller's context (its trace, for one: the runs it inserts
+carry it) and in a savepoint of its own, so a call that raises undoes only its
 own writes; the transaction then commits once for all of them: one BEGIN and one
 COMMIT (on SQLite at `synchronous=FULL`, one fsync) where each call paid its own. No
 call returns before that commit. Under load, 200 workflows that each take their next
@@ -28,6 +29,8 @@ from typing import Any, Protocol
 import anyio
 import anyio.to_thread
 from sqlalchemy import Connection
+
+from ._dialect import ON_LOOP
 
 # The group transaction a store function runs in, if any (see `savepoint`).
 JOINED: contextvars.ContextVar[Connection | None] = contextvars.ContextVar(
@@ -76,6 +79,21 @@ class RunAlone(Protocol):
 class _Call:
     fn: Callable[[], Any]
     future: asyncio.Future[Any]
+    context: contextvars.Context  # the caller's, which the function runs in
+
+    def in_context(self) -> Any:
+        """Run the function in the caller's context, joined to the group's transaction
+        as the group runs it (`JOINED` and `ON_LOOP`, set in the group's context)."""
+        return self.context.run(_joined, JOINED.get(), ON_LOOP.get(), self.fn)
+
+
+def _joined(conn: Connection | None, on_loop: bool, fn: Callable[[], Any]) -> Any:
+    joined, looped = JOINED.set(conn), ON_LOOP.set(on_loop)
+    try:
+        return fn()
+    finally:
+        ON_LOOP.reset(looped)
+        JOINED.reset(joined)
 
 
 @dataclass(slots=True)
@@ -121,7 +139,7 @@ class GroupCommit:
                 if alone is not None:
                     group.calls_before = 1
                     return alone.unwrap()
-        call = _Call(fn, loop.create_future())
+        call = _Call(fn, loop.create_future(), contextvars.copy_context())
         group.calls.append(call)
         with anyio.CancelScope(shield=True):
             return await call.future
@@ -140,7 +158,7 @@ class GroupCommit:
             loop.create_task(self._run_later(calls))
 
     def _run_now(self, calls: list[_Call]) -> bool:
-        ended = self._run([c.fn for c in calls], wait=False)
+        ended = self._run([c.in_context for c in calls], wait=False)
         if ended is None:
             return False
         _resolve(calls, ended)
@@ -157,7 +175,7 @@ class GroupCommit:
             calls = _pending(calls)
             if not calls or self._run_now(calls):
                 return
-        fns = [c.fn for c in calls]
+        fns = [c.in_context for c in calls]
         try:
             ended = await anyio.to_thread.run_sync(lambda: self._run(fns, wait=True))
         except BaseException as exc:  # pragma: no cover - the run reports its own errors

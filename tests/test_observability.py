@@ -171,6 +171,48 @@ def test_an_attempt_is_a_child_of_the_request_that_enqueued_it(
     assert attempt.attributes is not None and attempt.attributes["tiers.run_id"] == run_id
 
 
+@pytest.mark.anyio
+async def test_workflows_started_together_each_keep_their_callers_trace(
+    make_retrier: Callable[..., Retrier], spans: tuple[TracerProvider, InMemorySpanExporter]
+) -> None:
+    """Starts that share a group commit (`start_async`) each stamp their own caller's
+    trace on their driver run: a grouped call runs in its caller's context."""
+    import asyncio
+
+    from sqlalchemy import select
+
+    from retrier._tables import runs
+    from workflow import WorkflowContext, WorkflowManager
+    from workpool import Workpool
+
+    provider, _ = spans
+    retrier = make_retrier()
+    retrier.enable_tracing(provider)
+    workflows = WorkflowManager(Workpool(retrier, "traced", max_parallelism=2))
+
+    @workflows.define(name="one")
+    async def one(ctx: WorkflowContext) -> int:
+        return 1
+
+    tracer = provider.get_tracer("test")
+
+    async def start_in_a_request(i: int) -> tuple[str, str]:
+        with tracer.start_as_current_span(f"request {i}") as request:
+            workflow_id = await workflows.start_async(one)
+        return workflow_id, format(request.get_span_context().trace_id, "032x")
+
+    started = await asyncio.gather(*(start_in_a_request(i) for i in range(10)))
+    with retrier.engine.connect() as conn:
+        rows = conn.execute(
+            select(runs.c.args, runs.c.trace).where(runs.c.fn.like("tiers.workflow.drive:%"))
+        ).all()
+    stamped = {r.args["workflow_id"]: r.trace for r in rows}
+    assert len(stamped) == 10
+    for workflow_id, trace_id in started:
+        assert stamped[workflow_id] is not None
+        assert stamped[workflow_id].split("-")[1] == trace_id, (workflow_id, stamped)
+
+
 @pytest.mark.processes
 def test_one_trace_from_the_request_to_the_last_step_run_by_another_process(
     db_url: str, tmp_path: Path, spans: tuple[TracerProvider, InMemorySpanExporter]
