@@ -270,6 +270,39 @@ class Retrier(Scheduling):
         `timeout` limits each attempt (a timedelta or seconds; default: the action's
         registered `timeout`, else none).
         """
+        new = self._new_run(
+            fn,
+            args,
+            on_complete=on_complete,
+            context=context,
+            initial_backoff_ms=initial_backoff_ms,
+            base=base,
+            max_failures=max_failures,
+            jitter=jitter,
+            max_backoff=max_backoff,
+            idempotency_key=idempotency_key,
+            debounce=debounce,
+            timeout=timeout,
+        )
+        return self.submit([new], session=session)[0]
+
+    def _new_run(
+        self,
+        fn: Fn | str,
+        args: dict[str, Any] | None = None,
+        *,
+        on_complete: Fn | str | None = None,
+        context: Any = None,
+        initial_backoff_ms: int | None = None,
+        base: float | None = None,
+        max_failures: int | None = None,
+        jitter: bool | None = None,
+        max_backoff: timedelta | None = None,
+        idempotency_key: str | None = None,
+        debounce: Debounce | None = None,
+        timeout: timedelta | float | None = None,
+    ) -> NewRun:
+        """The run `run` stores for these arguments, every one of them checked."""
         policy = self.policy.with_overrides(
             initial_backoff_ms=initial_backoff_ms,
             base=base,
@@ -277,7 +310,7 @@ class Retrier(Scheduling):
             jitter=jitter,
             max_backoff=max_backoff,
         )
-        new = self.prepare(
+        return self.prepare(
             fn,
             args,
             on_complete=on_complete,
@@ -287,7 +320,6 @@ class Retrier(Scheduling):
             debounce=debounce,
             timeout=timeout,
         )
-        return self.submit([new], session=session)[0]
 
     def run_at(
         self, when: datetime, fn: Fn | str, args: dict[str, Any] | None = None, **options: Any
@@ -407,12 +439,21 @@ class Retrier(Scheduling):
                 ids = self._submit(new, session)
         else:
             ids = self._submit(new, session)
-        if log.isEnabledFor(logging.DEBUG):
-            for r, run_id in zip(new, ids, strict=True):
-                log.debug(
-                    "run %s (%s) enqueued", run_id, r.fn,
-                    extra={"run_id": run_id, "fn": r.fn, "queue": r.queue},
-                )
+        _log_enqueued(new, ids)
+        return ids
+
+    async def submit_async(self, new: Sequence[NewRun]) -> list[str]:
+        """`submit` from async code, without a session: the insert joins this event
+        loop's group commit (`Dialect.call`), so enqueues made at once (concurrent
+        requests) commit together; on SQLite it runs on the loop when the database is
+        free, with no thread hop."""
+        if self.telemetry.tracing is not None:
+            with self.telemetry.enqueue_span([r.fn for r in new]):
+                ids = await self.store.dialect.call(self.store.insert_runs, new)
+        else:
+            ids = await self.store.dialect.call(self.store.insert_runs, new)
+        self.wake_workers()
+        _log_enqueued(new, ids)
         return ids
 
     def _submit(self, new: Sequence[NewRun], session: Session | None) -> list[str]:
@@ -537,7 +578,13 @@ class Retrier(Scheduling):
     # -- async twins ------------------------------------------------------------------
 
     async def run_async(self, fn: Fn | str, args: dict[str, Any] | None = None, **kw: Any) -> str:
-        return await anyio.to_thread.run_sync(partial(self.run, fn, args, **kw))
+        """`run` from async code; without `session=`, through `submit_async`."""
+        session = kw.pop("session", None)
+        if session is not None:
+            return await anyio.to_thread.run_sync(
+                partial(self.run, fn, args, session=session, **kw)
+            )
+        return (await self.submit_async([self._new_run(fn, args, **kw)]))[0]
 
     async def run_at_async(
         self, when: datetime, fn: Fn | str, args: dict[str, Any] | None = None, **kw: Any
@@ -662,6 +709,15 @@ class Retrier(Scheduling):
             await self._as_task.stop(exc_type, exc, tb)
         finally:
             self.forget_worker(self._as_task_worker)
+
+
+def _log_enqueued(new: Sequence[NewRun], ids: list[str]) -> None:
+    if log.isEnabledFor(logging.DEBUG):
+        for r, run_id in zip(new, ids, strict=True):
+            log.debug(
+                "run %s (%s) enqueued", run_id, r.fn,
+                extra={"run_id": run_id, "fn": r.fn, "queue": r.queue},
+            )
 
 
 _POLICY_OPTIONS = frozenset({"initial_backoff_ms", "base", "max_failures", "jitter", "max_backoff"})

@@ -20,7 +20,7 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import URL
 from sqlalchemy.sql import ColumnElement, Select
 
-from ._compiled import CompiledWrite, wrapped
+from ._compiled import CompiledWrite, on_cursor, wrapped
 from ._dberrors import DRIVER_ERRORS, raise_translated
 from ._dialect import (
     ON_LOOP,
@@ -159,13 +159,16 @@ class SQLiteDialect:
         # In autocommit mode (pysqlite's isolation_level=None) a lone INSERT is its own
         # transaction: it takes the write lock, writes and commits, or does nothing.
         sql, params = insert.sql_and_params(row)
-        if (joined := JOINED.get()) is not None:
+        if (joined := JOINED.get()) is not None:  # a group's call (`run_async`)
             with savepoint(joined):
-                joined.exec_driver_sql(sql, params)
+                on_cursor(joined, sql, [params], self.engine.dialect)
             return
         try:
             with self._lone.connection() as raw:
-                _retrying(lambda: raw.execute(sql, params), self._timeout)
+                # on the loop (a lone group call): one try, WouldBlock if locked
+                _retrying(
+                    lambda: raw.execute(sql, params), -1.0 if ON_LOOP.get() else self._timeout
+                )
         except sqlite3.Error as exc:
             error = wrapped(exc, sql, params, sqlite3.Error)
             if isinstance(exc, sqlite3.OperationalError):

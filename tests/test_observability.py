@@ -213,6 +213,33 @@ async def test_workflows_started_together_each_keep_their_callers_trace(
         assert stamped[workflow_id].split("-")[1] == trace_id, (workflow_id, stamped)
 
 
+@pytest.mark.anyio
+async def test_runs_enqueued_together_each_keep_their_callers_trace(
+    retrier: Retrier, spans: tuple[TracerProvider, InMemorySpanExporter]
+) -> None:
+    """`run_async` calls that share a group commit each stamp their own request's trace."""
+    import asyncio
+
+    provider, _ = spans
+    retrier.enable_tracing(provider)
+
+    @retrier.action(name="t.work")
+    async def work(i: int) -> int:
+        return i
+
+    tracer = provider.get_tracer("test")
+
+    async def enqueue_in_a_request(i: int) -> tuple[str, str]:
+        with tracer.start_as_current_span(f"request {i}") as request:
+            run_id = await retrier.run_async(work, {"i": i})
+        return run_id, format(request.get_span_context().trace_id, "032x")
+
+    enqueued = await asyncio.gather(*(enqueue_in_a_request(i) for i in range(10)))
+    for run_id, trace_id in enqueued:
+        stored = retrier.store.get(run_id).trace
+        assert stored is not None and stored.split("-")[1] == trace_id
+
+
 @pytest.mark.processes
 def test_one_trace_from_the_request_to_the_last_step_run_by_another_process(
     db_url: str, tmp_path: Path, spans: tuple[TracerProvider, InMemorySpanExporter]

@@ -816,6 +816,53 @@ def test_two_functions_cannot_share_a_name(retrier: Retrier) -> None:
 
 
 @pytest.mark.anyio
+async def test_async_enqueues_on_one_loop_share_commits_and_keep_runs_rules(
+    retrier: Retrier,
+) -> None:
+    """`run_async` joins the calling loop's group commit (no thread per enqueue):
+    enqueues made at once commit together on SQLite, each keeping `run`'s rules."""
+    import asyncio
+
+    from sqlalchemy import event
+    from sqlalchemy.engine import Engine
+
+    @retrier.action
+    async def add(a: int, b: int) -> int:
+        return a + b
+
+    commits: list[object] = []
+
+    def counted(conn: Any) -> None:
+        commits.append(conn)
+
+    event.listen(Engine, "commit", counted)
+    try:
+        ids = await asyncio.gather(*(retrier.run_async(add, {"a": i, "b": 1}) for i in range(30)))
+    finally:
+        event.remove(Engine, "commit", counted)
+    assert len(set(ids)) == 30
+    assert all(retrier.status(i) == InProgress() for i in ids)
+    if retrier.engine.dialect.name == "sqlite":
+        # The first alone (autocommit, on a connection of its own: no commit event),
+        # the rest in a group or two. (With a thread each, all 30 alone: none.)
+        assert 1 <= len(commits) <= 2, commits
+
+    with pytest.raises(InvalidArguments):
+        await retrier.run_async(add, {"a": "x", "b": 1})
+    with pytest.raises(InvalidSettings):
+        await retrier.run_async(add, {"a": 1, "b": 1}, max_failures=-1)
+    keyed = await asyncio.gather(
+        *(retrier.run_async(add, {"a": 1, "b": 1}, idempotency_key="k") for _ in range(3))
+    )
+    assert len(set(keyed)) == 1
+    with retrier.engine.connect() as conn:
+        assert conn.execute(text("SELECT count(*) FROM tiers_runs")).scalar() == 31
+    async with retrier:
+        await retrier.wait_all_async(ids, timeout=10)
+        assert retrier.status(ids[4]) == Completed(Success(5))
+
+
+@pytest.mark.anyio
 async def test_async_twins_and_async_with(retrier: Retrier) -> None:
     @retrier.action
     async def add(a: int, b: int) -> int:
