@@ -270,39 +270,6 @@ class Retrier(Scheduling):
         `timeout` limits each attempt (a timedelta or seconds; default: the action's
         registered `timeout`, else none).
         """
-        new = self._new_run(
-            fn,
-            args,
-            on_complete=on_complete,
-            context=context,
-            initial_backoff_ms=initial_backoff_ms,
-            base=base,
-            max_failures=max_failures,
-            jitter=jitter,
-            max_backoff=max_backoff,
-            idempotency_key=idempotency_key,
-            debounce=debounce,
-            timeout=timeout,
-        )
-        return self.submit([new], session=session)[0]
-
-    def _new_run(
-        self,
-        fn: Fn | str,
-        args: dict[str, Any] | None = None,
-        *,
-        on_complete: Fn | str | None = None,
-        context: Any = None,
-        initial_backoff_ms: int | None = None,
-        base: float | None = None,
-        max_failures: int | None = None,
-        jitter: bool | None = None,
-        max_backoff: timedelta | None = None,
-        idempotency_key: str | None = None,
-        debounce: Debounce | None = None,
-        timeout: timedelta | float | None = None,
-    ) -> NewRun:
-        """The run `run` stores for these arguments, every one of them checked."""
         policy = self.policy.with_overrides(
             initial_backoff_ms=initial_backoff_ms,
             base=base,
@@ -310,7 +277,7 @@ class Retrier(Scheduling):
             jitter=jitter,
             max_backoff=max_backoff,
         )
-        return self.prepare(
+        new = self.prepare(
             fn,
             args,
             on_complete=on_complete,
@@ -320,6 +287,7 @@ class Retrier(Scheduling):
             debounce=debounce,
             timeout=timeout,
         )
+        return self.submit([new], session=session)[0]
 
     def run_at(
         self, when: datetime, fn: Fn | str, args: dict[str, Any] | None = None, **options: Any
@@ -344,28 +312,44 @@ class Retrier(Scheduling):
         self, due_ms: int, fn: Fn | str, args: dict[str, Any] | None, options: dict[str, Any]
     ) -> str:
         session = options.pop("session", None)
+        new = self._from_options(fn, args, options, due_ms, given="session, ")
+        return self.submit([new], session=session)[0]
+
+    def _from_options(
+        self,
+        fn: Fn | str,
+        args: dict[str, Any] | None,
+        options: dict[str, Any],
+        due_ms: int | None = None,
+        *,
+        given: str,
+        debounce: bool = False,
+    ) -> NewRun:
+        """The run `run`'s keyword `options` (less `session`) make, each checked; with
+        `debounce`, that option too. `given`: the options taken before, for the error."""
         on_complete = options.pop("on_complete", None)
         context = options.pop("context", None)
         idempotency_key = options.pop("idempotency_key", None)
         timeout = options.pop("timeout", None)
+        debounced = options.pop("debounce", None) if debounce else None
         unknown = options.keys() - _POLICY_OPTIONS
         if unknown:
             raise InvalidSettings(
-                f"unknown option(s) {sorted(unknown)}; expected session, on_complete, "
-                f"context, idempotency_key, timeout or some of {sorted(_POLICY_OPTIONS)}"
+                f"unknown option(s) {sorted(unknown)}; expected {given}on_complete, "
+                f"context, idempotency_key, {'debounce, ' if debounce else ''}timeout or "
+                f"some of {sorted(_POLICY_OPTIONS)}"
             )
-        policy = self.policy.with_overrides(**options)
-        new = self.prepare(
+        return self.prepare(
             fn,
             args,
             on_complete=on_complete,
             context=context,
-            policy=policy,
+            policy=self.policy.with_overrides(**options),
             due_ms=due_ms,
             idempotency_key=idempotency_key,
+            debounce=debounced,
             timeout=timeout,
         )
-        return self.submit([new], session=session)[0]
 
     def prepare(
         self,
@@ -584,7 +568,8 @@ class Retrier(Scheduling):
             return await anyio.to_thread.run_sync(
                 partial(self.run, fn, args, session=session, **kw)
             )
-        return (await self.submit_async([self._new_run(fn, args, **kw)]))[0]
+        new = self._from_options(fn, args, kw, given="session, ", debounce=True)
+        return (await self.submit_async([new]))[0]
 
     async def run_at_async(
         self, when: datetime, fn: Fn | str, args: dict[str, Any] | None = None, **kw: Any

@@ -252,23 +252,6 @@ class WorkflowManager:
         timeout_ms = None if timeout is None else check_timeout(timeout, "timeout", MAX_AHEAD)
         return self._row(d, stored, on_complete, context, idempotency_key, timeout_ms=timeout_ms)
 
-    def _start(
-        self,
-        d: WorkflowDef,
-        stored: dict[str, Any],
-        on_complete: Callable[..., Any] | str | None,
-        context: Any,
-        idempotency_key: str | None,
-        session: Session | None,
-        debounce: Debounce | None = None,
-        retrigger_of: str | None = None,
-        timeout_ms: int | None = None,
-    ) -> str:
-        row = self._row(
-            d, stored, on_complete, context, idempotency_key, retrigger_of, timeout_ms
-        )
-        return self._insert(row, session, debounce)
-
     def _row(
         self,
         d: WorkflowDef,
@@ -379,16 +362,10 @@ class WorkflowManager:
         row = self._journal.get(workflow_id)
         d = self._defs.get(row.name)
         timeout_ms = None if row.deadline_ms is None else row.deadline_ms - row.created_ms
-        return self._start(
-            d,
-            row.args,
-            row.on_complete,
-            row.context,
-            None,
-            None,
-            retrigger_of=workflow_id,
-            timeout_ms=timeout_ms,
+        new = self._row(
+            d, row.args, row.on_complete, row.context, None, workflow_id, timeout_ms
         )
+        return self._insert(new, None, None)
 
     # -- status ------------------------------------------------------------------------
 
