@@ -563,24 +563,36 @@ class Retrier(Scheduling):
 
     async def run_async(self, fn: Fn | str, args: dict[str, Any] | None = None, **kw: Any) -> str:
         """`run` from async code; without `session=`, through `submit_async`."""
-        session = kw.pop("session", None)
-        if session is not None:
-            return await anyio.to_thread.run_sync(
-                partial(self.run, fn, args, session=session, **kw)
-            )
+        if kw.get("session") is not None:
+            return await anyio.to_thread.run_sync(partial(self.run, fn, args, **kw))
+        kw.pop("session", None)
         new = self._from_options(fn, args, kw, given="session, ", debounce=True)
         return (await self.submit_async([new]))[0]
 
     async def run_at_async(
         self, when: datetime, fn: Fn | str, args: dict[str, Any] | None = None, **kw: Any
     ) -> str:
-        return await anyio.to_thread.run_sync(partial(self.run_at, when, fn, args, **kw))
+        """`run_at` from async code; without `session=`, through `submit_async`."""
+        if kw.get("session") is not None:
+            return await anyio.to_thread.run_sync(partial(self.run_at, when, fn, args, **kw))
+        kw.pop("session", None)
+        due = due_ms(when, "run_at", self.clock.now_ms())
+        new = self._from_options(fn, args, kw, due, given="session, ")
+        return (await self.submit_async([new]))[0]
 
     async def run_after_async(
         self, delay: timedelta | float, fn: Fn | str, args: dict[str, Any] | None = None,
         **kw: Any,
     ) -> str:
-        return await anyio.to_thread.run_sync(partial(self.run_after, delay, fn, args, **kw))
+        """`run_after` from async code; without `session=`, through `submit_async`."""
+        if kw.get("session") is not None:
+            return await anyio.to_thread.run_sync(
+                partial(self.run_after, delay, fn, args, **kw)
+            )
+        kw.pop("session", None)
+        due = self.clock.now_ms() + delay_ms(delay, "run_after")
+        new = self._from_options(fn, args, kw, due, given="session, ")
+        return (await self.submit_async([new]))[0]
 
     async def status_async(self, run_id: str) -> RunStatus:
         return await anyio.to_thread.run_sync(self.status, run_id)

@@ -855,8 +855,27 @@ async def test_async_enqueues_on_one_loop_share_commits_and_keep_runs_rules(
         *(retrier.run_async(add, {"a": 1, "b": 1}, idempotency_key="k") for _ in range(3))
     )
     assert len(set(keyed)) == 1
+    # run_at_async and run_after_async take the same way, with their due times.
+    before = len(commits)
+    event.listen(Engine, "commit", counted)
+    try:
+        later = await asyncio.gather(
+            *(retrier.run_after_async(3600, add, {"a": i, "b": 0}) for i in range(5)),
+            *(
+                retrier.run_at_async(datetime.now(UTC) + timedelta(hours=1), add, {"a": 1, "b": i})
+                for i in range(5)
+            ),
+        )
+    finally:
+        event.remove(Engine, "commit", counted)
+    if retrier.engine.dialect.name == "sqlite":
+        assert 1 <= len(commits) - before <= 2, commits  # a group or two (none: threads)
+    now = retrier.clock.now_ms()
+    assert all(retrier.store.get(i).due_ms > now + 3_500_000 for i in later)
+    with pytest.raises(InvalidSettings, match="unknown option"):
+        await retrier.run_after_async(1, add, {"a": 1, "b": 1}, debounce=None, queue="x")
     with retrier.engine.connect() as conn:
-        assert conn.execute(text("SELECT count(*) FROM tiers_runs")).scalar() == 31
+        assert conn.execute(text("SELECT count(*) FROM tiers_runs")).scalar() == 41
     async with retrier:
         await retrier.wait_all_async(ids, timeout=10)
         assert retrier.status(ids[4]) == Completed(Success(5))
