@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from datetime import datetime, timedelta
 from functools import partial
 from types import TracebackType
@@ -312,7 +313,7 @@ class Retrier(Scheduling):
         self, due_ms: int, fn: Fn | str, args: dict[str, Any] | None, options: dict[str, Any]
     ) -> str:
         session = options.pop("session", None)
-        new = self._from_options(fn, args, options, due_ms, given="session, ")
+        new = self._from_options(fn, args, options, due_ms)
         return self.submit([new], session=session)[0]
 
     def _from_options(
@@ -322,11 +323,10 @@ class Retrier(Scheduling):
         options: dict[str, Any],
         due_ms: int | None = None,
         *,
-        given: str,
         debounce: bool = False,
     ) -> NewRun:
-        """The run `run`'s keyword `options` (less `session`) make, each checked; with
-        `debounce`, that option too. `given`: the options taken before, for the error."""
+        """The run `run`'s keyword `options` (less `session`, taken before) make, each
+        checked; with `debounce`, that option too."""
         on_complete = options.pop("on_complete", None)
         context = options.pop("context", None)
         idempotency_key = options.pop("idempotency_key", None)
@@ -335,7 +335,7 @@ class Retrier(Scheduling):
         unknown = options.keys() - _POLICY_OPTIONS
         if unknown:
             raise InvalidSettings(
-                f"unknown option(s) {sorted(unknown)}; expected {given}on_complete, "
+                f"unknown option(s) {sorted(unknown)}; expected session, on_complete, "
                 f"context, idempotency_key, {'debounce, ' if debounce else ''}timeout or "
                 f"some of {sorted(_POLICY_OPTIONS)}"
             )
@@ -418,10 +418,7 @@ class Retrier(Scheduling):
         """Store prepared runs in one transaction (the caller's, if `session` is given);
         the id each got, in order: its own, or, for one with an idempotency key or a
         debounce, that of the run stored before it collapses into."""
-        if self.telemetry.tracing is not None:
-            with self.telemetry.enqueue_span([r.fn for r in new]):
-                ids = self._submit(new, session)
-        else:
+        with self._enqueue_span(new):
             ids = self._submit(new, session)
         _log_enqueued(new, ids)
         return ids
@@ -431,14 +428,19 @@ class Retrier(Scheduling):
         loop's group commit (`Dialect.call`), so enqueues made at once (concurrent
         requests) commit together; on SQLite it runs on the loop when the database is
         free, with no thread hop."""
-        if self.telemetry.tracing is not None:
-            with self.telemetry.enqueue_span([r.fn for r in new]):
-                ids = await self.store.dialect.call(self.store.insert_runs, new)
-        else:
+        with self._enqueue_span(new):
             ids = await self.store.dialect.call(self.store.insert_runs, new)
         self.wake_workers()
         _log_enqueued(new, ids)
         return ids
+
+    def _enqueue_span(self, new: Sequence[NewRun]) -> AbstractContextManager[Any]:
+        """The enqueue's span (`Telemetry.enqueue_span`); without tracing, nothing, and
+        no list of names built for it."""
+        if self.telemetry.tracing is None:
+            return nullcontext()
+        span: AbstractContextManager[Any] = self.telemetry.enqueue_span([r.fn for r in new])
+        return span
 
     def _submit(self, new: Sequence[NewRun], session: Session | None) -> list[str]:
         if session is None:
@@ -563,35 +565,46 @@ class Retrier(Scheduling):
 
     async def run_async(self, fn: Fn | str, args: dict[str, Any] | None = None, **kw: Any) -> str:
         """`run` from async code; without `session=`, through `submit_async`."""
-        if kw.get("session") is not None:
-            return await anyio.to_thread.run_sync(partial(self.run, fn, args, **kw))
-        kw.pop("session", None)
-        new = self._from_options(fn, args, kw, given="session, ", debounce=True)
-        return (await self.submit_async([new]))[0]
+        sync = partial(self.run, fn, args, **kw)
+        return await self._run_async(sync, fn, args, kw, due=None, debounce=True)
 
     async def run_at_async(
         self, when: datetime, fn: Fn | str, args: dict[str, Any] | None = None, **kw: Any
     ) -> str:
         """`run_at` from async code; without `session=`, through `submit_async`."""
-        if kw.get("session") is not None:
-            return await anyio.to_thread.run_sync(partial(self.run_at, when, fn, args, **kw))
-        kw.pop("session", None)
-        due = due_ms(when, "run_at", self.clock.now_ms())
-        new = self._from_options(fn, args, kw, due, given="session, ")
-        return (await self.submit_async([new]))[0]
+        sync = partial(self.run_at, when, fn, args, **kw)
+        return await self._run_async(
+            sync, fn, args, kw, due=lambda: due_ms(when, "run_at", self.clock.now_ms())
+        )
 
     async def run_after_async(
         self, delay: timedelta | float, fn: Fn | str, args: dict[str, Any] | None = None,
         **kw: Any,
     ) -> str:
         """`run_after` from async code; without `session=`, through `submit_async`."""
-        if kw.get("session") is not None:
-            return await anyio.to_thread.run_sync(
-                partial(self.run_after, delay, fn, args, **kw)
-            )
-        kw.pop("session", None)
-        due = self.clock.now_ms() + delay_ms(delay, "run_after")
-        new = self._from_options(fn, args, kw, due, given="session, ")
+        sync = partial(self.run_after, delay, fn, args, **kw)
+        return await self._run_async(
+            sync, fn, args, kw, due=lambda: self.clock.now_ms() + delay_ms(delay, "run_after")
+        )
+
+    async def _run_async(
+        self,
+        sync: Callable[[], str],
+        fn: Fn | str,
+        args: dict[str, Any] | None,
+        options: dict[str, Any],
+        *,
+        due: Callable[[], int] | None,
+        debounce: bool = False,
+    ) -> str:
+        """An enqueue twin's one path: with `session=`, its sync twin (`sync`) on a
+        thread, in the session's transaction; else the run `options` make, due at
+        `due()` (now if None), through `submit_async`."""
+        if options.get("session") is not None:
+            return await anyio.to_thread.run_sync(sync)
+        options.pop("session", None)
+        due_at = None if due is None else due()
+        new = self._from_options(fn, args, options, due_at, debounce=debounce)
         return (await self.submit_async([new]))[0]
 
     async def status_async(self, run_id: str) -> RunStatus:
