@@ -23,6 +23,7 @@ from __future__ import annotations
 
 from collections import namedtuple
 from collections.abc import Callable, Sequence
+from operator import itemgetter
 from typing import Any
 
 from sqlalchemy import CompoundSelect, Connection, Delete, Insert, Select, Update
@@ -40,7 +41,7 @@ class CompiledWrite:
     def __init__(self, stmt: Insert | Update | Delete, dialect: SADialect) -> None:
         self._stmt = stmt
         self._dialect = dialect
-        self._compiled: dict[tuple[str, ...], tuple[str, list[_Bind]]] = {}
+        self._compiled: dict[tuple[str, ...], _Compiled] = {}
 
     def sql_and_params(self, row: dict[str, Any]) -> tuple[str, Sequence[Any] | dict[str, Any]]:
         """The statement's text and `row`'s values, as the driver takes them."""
@@ -48,11 +49,13 @@ class CompiledWrite:
         found = self._compiled.get(keys)
         if found is None:
             found = self._compiled[keys] = self._compile(keys)
-        sql, binds = found
-        values = []
-        for name, proc, default in binds:
-            value = row.get(name, default)
-            values.append(value if proc is None else proc(value))
+        sql, binds, take, processed = found
+        if take is None:  # the statement has values of its own
+            values = [row.get(name, default) for name, _, default in binds]
+        else:
+            values = list(take(row))
+        for i, proc in processed:
+            values[i] = proc(values[i])
         return sql, _for_driver(self._dialect, binds, values)
 
     def run_in(self, conn: Connection, rows: Sequence[dict[str, Any]]) -> int:
@@ -65,7 +68,7 @@ class CompiledWrite:
         params = [first, *(self.sql_and_params(row)[1] for row in rows[1:])]
         return on_cursor(conn, sql, params, self._dialect)[0]
 
-    def _compile(self, keys: tuple[str, ...]) -> tuple[str, list[_Bind]]:
+    def _compile(self, keys: tuple[str, ...]) -> _Compiled:
         compiled = self._stmt.compile(dialect=self._dialect, column_keys=list(keys))
         names = compiled.positiontup if self._dialect.positional else list(compiled.binds)
         assert names is not None
@@ -75,7 +78,30 @@ class CompiledWrite:
             processor = bind.type.dialect_impl(self._dialect).bind_processor(self._dialect)
             # A name the row lacks takes the statement's own value, as SQLAlchemy would.
             binds.append((name, processor, bind.effective_value))
-        return compiled.string, binds
+        processed = [(i, proc) for i, (_, proc, _) in enumerate(binds) if proc is not None]
+        return compiled.string, binds, _taker(names, keys), processed
+
+
+# A statement compiled for one set of names: its text, its parameters, what takes
+# their values from a row in order (None where the statement has values of its own)
+# and the processors to apply, by index.
+_Compiled = tuple[
+    str, list[_Bind], Callable[[dict[str, Any]], Sequence[Any]] | None,
+    list[tuple[int, Callable[[Any], Any]]],
+]
+
+
+def _taker(
+    names: Sequence[str], keys: tuple[str, ...]
+) -> Callable[[dict[str, Any]], Sequence[Any]] | None:
+    """A function giving the values of `names` from a row with `keys`, as a sequence;
+    None if some name is not among the keys."""
+    if not set(names) <= set(keys):
+        return None
+    if len(names) == 1:
+        name = names[0]
+        return lambda row: (row[name],)
+    return itemgetter(*names)
 
 
 # A parameter as the driver takes it: its name in the expanded statement, the name
