@@ -323,8 +323,7 @@ class Worker:
             outcome = await self._run_attempt(c)
         finally:
             current_worker.reset(token)
-            with anyio.CancelScope(shield=True):
-                await self._record(outcome)
+            self._record(outcome)
 
     def _attempt_blocking(self, c: Claimed) -> Outcome | None:
         """An attempt on one of `_threads` (called there)."""
@@ -471,9 +470,11 @@ class Worker:
             fn=c.fn,
         )
 
-    async def _record(self, outcome: Outcome) -> None:
+    def _record(self, outcome: Outcome) -> None:
+        """Hand `outcome` to the record loop: its stream has no bound, so this never
+        waits, and needs no shield from a cancellation (nor a checkpoint per run)."""
         assert self._outcomes is not None
-        await self._outcomes.send(outcome)
+        self._outcomes.send_nowait(outcome)
 
     async def _record_loop(self, receive: MemoryObjectReceiveStream[Outcome]) -> None:
         async with receive:
