@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timedelta
 
 from ._checks import check_duration, check_flag, check_integer, check_number
@@ -27,6 +27,7 @@ class RetryPolicy:
     max_failures: int = 4
     jitter: bool = False
     max_backoff: timedelta = timedelta(hours=1)
+    _max_backoff_ms: int = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         # Types are checked too: 1.5 ms or max_failures=True would otherwise be stored
@@ -36,10 +37,13 @@ class RetryPolicy:
         check_integer(self.max_failures, "max_failures", 1, 1000)
         check_flag(self.jitter, "jitter")
         check_duration(self.max_backoff, "max_backoff", timedelta(0), timedelta(days=30))
+        # Read on every enqueue: computed once.
+        ms = int(self.max_backoff / timedelta(milliseconds=1))
+        object.__setattr__(self, "_max_backoff_ms", ms)
 
     @property
     def max_backoff_ms(self) -> int:
-        return int(self.max_backoff / timedelta(milliseconds=1))
+        return self._max_backoff_ms
 
     def delay_ms(self, failures: int, rng: random.Random | None = None) -> int:
         """Delay after the `failures`-th failure, before the next attempt."""

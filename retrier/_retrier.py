@@ -379,9 +379,10 @@ class Retrier(Scheduling):
         `timeout` if given, else the action's registered one, else `default_timeout_ms`
         (a tier's default, already checked), else none.
         """
-        check_idempotency_key(idempotency_key)
-        check_debounce(debounce)
-        check_once(idempotency_key, debounce)
+        if idempotency_key is not None or debounce is not None:
+            check_idempotency_key(idempotency_key)
+            check_debounce(debounce)
+            check_once(idempotency_key, debounce)
         reg = self.registry.action(fn)
         if timeout is not None:
             timeout_ms: int | None = attempt_timeout_ms(timeout)
