@@ -187,6 +187,11 @@ class Dialect(Protocol):
     def write_one(self) -> contextlib.AbstractContextManager[Connection]:
         """A connection for a single atomic statement: autocommit where that is faster."""
         ...
+    def read_one(self) -> contextlib.AbstractContextManager[Connection]:
+        """A connection for a single statement that only reads: autocommit where that
+        saves the BEGIN and COMMIT round trips (PostgreSQL: one statement sees one
+        snapshot either way)."""
+        ...
     def write_internal_one(self) -> contextlib.AbstractContextManager[Connection]:
         """`write_one`, for one of the engine's own statements (see `write_internal`)."""
         ...

@@ -164,6 +164,9 @@ class PostgresDialect:
         except DRIVER_ERRORS as exc:  # unreachable, locked, no tables: a TiersError
             raise_translated(exc, self.engine.url)
 
+    def read_one(self) -> contextlib.AbstractContextManager[Connection]:
+        return self.write_one()  # autocommit: the statement is its own snapshot
+
     def insert_alone(self, insert: CompiledWrite, row: dict[str, Any]) -> None:
         # One statement in autocommit mode: one round trip, on the driver directly.
         import psycopg

@@ -155,6 +155,9 @@ class SQLiteDialect:
     def write_one(self) -> contextlib.AbstractContextManager[Connection]:
         return self.write()
 
+    def read_one(self) -> contextlib.AbstractContextManager[Connection]:
+        return self.read()  # a local read: no round trips to save
+
     def insert_alone(self, insert: CompiledWrite, row: dict[str, Any]) -> None:
         # In autocommit mode (pysqlite's isolation_level=None) a lone INSERT is its own
         # transaction: it takes the write lock, writes and commits, or does nothing.

@@ -7,7 +7,7 @@ import builtins
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import bindparam, select
+from sqlalchemy import CompoundSelect, bindparam, cast, literal_column, null, select, union_all
 
 from retrier.engine import CompiledQuery, Dialect, OwnedRun, Store
 
@@ -54,8 +54,19 @@ _ENTRY_COLUMNS = (
 )
 
 
-_WORKFLOW_BY_ID = select(workflows_t).where(workflows_t.c.id == bindparam("wf"))
-_ENTRIES_OF = select(*_ENTRY_COLUMNS).where(steps_t.c.workflow_id == bindparam("wf"))
+
+def _with_journal() -> CompoundSelect[Any]:
+    """A workflow's row and its journal in one statement (one round trip, one
+    snapshot): the row first (`part` 0), then one row per entry (`part` 1), each
+    with the other's columns NULL."""
+    nulls = [cast(null(), c.type) for c in (*workflows_t.c, *_ENTRY_COLUMNS)]
+    workflow = len(workflows_t.c)
+    return union_all(
+        select(literal_column("0").label("part"), *workflows_t.c, *nulls[workflow:])
+        .where(workflows_t.c.id == bindparam("wf")),
+        select(literal_column("1"), *nulls[:workflow], *_ENTRY_COLUMNS)
+        .where(steps_t.c.workflow_id == bindparam("wf")),
+    )
 
 
 class JournalReads:
@@ -67,19 +78,18 @@ class JournalReads:
     def compile_reads(self) -> None:
         """A driver's journal, read at every pass: on the driver (retrier's `_compiled`)."""
         sa_dialect = self.dialect.engine.dialect
-        self._workflow_by_id = CompiledQuery(_WORKFLOW_BY_ID, sa_dialect)
-        self._entries_of = CompiledQuery(_ENTRIES_OF, sa_dialect)
+        self._with_journal = CompiledQuery(_with_journal(), sa_dialect)
 
     def load(self, workflow_id: str) -> Loaded | None:
-        with self.dialect.read() as conn:
-            rows = self._workflow_by_id.rows(conn, {"wf": workflow_id})
-            if not rows:
-                return None
-            entries = {
-                r.name: Entry(*r)  # 10 columns
-                for r in self._entries_of.rows(conn, {"wf": workflow_id})
-            }
-        return Loaded(WorkflowRow.model_validate(rows[0]._asdict()), entries)
+        with self.dialect.read_one() as conn:
+            rows = self._with_journal.rows(conn, {"wf": workflow_id})
+        workflow = len(workflows_t.c)
+        row = next((r for r in rows if r[0] == 0), None)
+        if row is None:
+            return None
+        entries = {r[workflow + 1]: Entry(*r[workflow + 1 :]) for r in rows if r[0] == 1}
+        columns = dict(zip(workflows_t.c.keys(), row[1 : workflow + 1], strict=True))
+        return Loaded(WorkflowRow.model_validate(columns), entries)
 
     def get(self, workflow_id: str) -> WorkflowRow:
         with self.dialect.read() as conn:
