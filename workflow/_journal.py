@@ -53,6 +53,7 @@ from ._models import (
 )
 from ._progress import Progress
 from ._server_calls import NotSimple, ServerCalls, SimpleSettle
+from ._start_alone import StartAlone
 
 DRIVER_QUEUE = "tiers.workflow"
 # The Dialect topic a change to a watched workflow is announced on (its id the
@@ -208,6 +209,8 @@ class Journal(JournalReads):
         self._insert_step = CompiledWrite(_INSERT_STEP, store.engine.dialect)
         self._settle_step = CompiledWrite(_SETTLE_STEP, store.engine.dialect)
         self._end_workflow = CompiledWrite(_END_WORKFLOW, store.engine.dialect)
+        # A plain start outside a session, in one statement where writes nest.
+        self._start_alone = StartAlone(store) if self.dialect.writes_in_cte else None
         self.events = Events(self)
         self.progress = Progress(self)
         # PostgreSQL starts plain steps in one server-side call (migration workflow_0005).
@@ -274,6 +277,11 @@ class Journal(JournalReads):
         period after this call (no later than `max_wait` after the first)."""
         if conn is not None:
             return self._create(conn, row, debounce)
+        plain = debounce is None and row.get("key") is None and row.get("deadline_ms") is None
+        if plain and self._start_alone is not None:
+            driver = driver_run(row["id"], row["pool"], row["created_ms"])
+            self._start_alone.insert(row, self.store.pending_row(driver, self.clock.now_ms()))
+            return str(row["id"])
         with self.dialect.write() as own:
             return self._create(own, row, debounce)
 
