@@ -4,6 +4,7 @@
     python -m bench.raw_loop --db sqlite --full       # adds SQLite synchronous=FULL
     python -m bench.raw_loop --db postgresql --connections 10 --n 5000
     python -m bench.raw_loop --json                   # also one JSON line on stdout
+    python -m bench.raw_loop --db sqlite --rounds 5   # medians of 5 alternating rounds
 
 The raw loop uses the drivers directly (sqlite3, psycopg), no durable-tiers code, on a
 table shaped like `tiers_runs` (text id, name, args json, state, due_ms, attempts,
@@ -46,6 +47,7 @@ import argparse
 import json
 import os
 import sqlite3
+import statistics
 import tempfile
 import threading
 import time
@@ -230,6 +232,12 @@ PG_SETTINGS = [
 
 # -- main --------------------------------------------------------------------------------
 
+def _median_and_range(values: list[float]) -> str:
+    if len(values) == 1:
+        return f"{values[0]:,.0f}"
+    return f"{statistics.median(values):,.0f} ({min(values):,.0f}-{max(values):,.0f})"
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--db", choices=["sqlite", "postgresql", "both"], default="both")
@@ -241,6 +249,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--concurrency", type=int, default=10)
     parser.add_argument("--tiers-workers", type=int, default=1,
                         help="durable-tiers worker processes (0: in-process)")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="measure each loop this many times, alternating; medians")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
     kinds = ["sqlite", "postgresql"] if args.db == "both" else [args.db]
@@ -252,36 +262,53 @@ def main(argv: list[str] | None = None) -> None:
         return throughput(kind, args.n, args.tiers_workers, "noop", args.concurrency,
                           durability)
 
+    # Each round measures every loop once, in turn (the machine's drift hits all of
+    # them); the table shows medians and the ratio of medians.
     for kind in kinds:
         if kind == "sqlite":
             for sync, durability in [("NORMAL", "normal")] + ([("FULL", "full")] if args.full
                                                               else []):
-                console.print(f"raw SQLite synchronous={sync} ...")
-                serial = sqlite_loop(args.n, sync, 1)
-                batched = sqlite_loop(args.n, sync, args.batch)
-                ours = tiers(kind, durability)
+                serial, batched, ours = [], [], []
+                commits = 0.0
+                for _ in range(args.rounds):
+                    console.print(f"raw SQLite synchronous={sync} ...")
+                    serial.append(sqlite_loop(args.n, sync, 1)["jobs_per_s"])
+                    both = sqlite_loop(args.n, sync, args.batch)
+                    batched.append(both["jobs_per_s"])
+                    commits = both["commits_per_job"]
+                    ours.append(tiers(kind, durability))
                 rows.append({"db": kind, "setting": f"synchronous={sync}",
-                             "durability": durability,
-                             "raw_serial": serial["jobs_per_s"],
-                             "raw_batched": batched["jobs_per_s"],
-                             "batched_commits_per_job": batched["commits_per_job"],
-                             "tiers": ours})
+                             "durability": durability, "raw_serial_rounds": serial,
+                             "raw_batched_rounds": batched, "tiers_rounds": ours,
+                             "batched_commits_per_job": commits})
         else:
-            measured: dict[str, float] = {}
-            for enqueue_sync, work_sync, durability, setting in PG_SETTINGS:
-                console.print(f"raw PostgreSQL {setting} ...")
-                raw = pg_loop(args.n, args.connections, enqueue_sync, work_sync)
-                if durability not in measured:  # ours once per durability
-                    measured[durability] = tiers(kind, durability)
-                rows.append({"db": kind, "setting": setting,
-                             "durability": durability, "raw_serial": raw["jobs_per_s"],
-                             "raw_batched": None, "tiers": measured[durability]})
+            raws: dict[str, list[float]] = {s[3]: [] for s in PG_SETTINGS}
+            measured: dict[str, list[float]] = {}
+            for _ in range(args.rounds):
+                for enqueue_sync, work_sync, durability, setting in PG_SETTINGS:
+                    console.print(f"raw PostgreSQL {setting} ...")
+                    raws[setting].append(
+                        pg_loop(args.n, args.connections, enqueue_sync, work_sync)["jobs_per_s"]
+                    )
+                    if len(measured.get(durability, [])) < len(raws[setting]):
+                        # ours once per durability and round
+                        measured.setdefault(durability, []).append(tiers(kind, durability))
+            for _, _, durability, setting in PG_SETTINGS:
+                rows.append({"db": kind, "setting": setting, "durability": durability,
+                             "raw_serial_rounds": raws[setting], "raw_batched_rounds": None,
+                             "tiers_rounds": measured[durability]})
+    for r in rows:
+        r["raw_serial"] = statistics.median(r["raw_serial_rounds"])
+        r["raw_batched"] = (statistics.median(r["raw_batched_rounds"])
+                            if r["raw_batched_rounds"] else None)
+        r["tiers"] = statistics.median(r["tiers_rounds"])
 
     where = ("in-process worker" if args.tiers_workers == 0
              else f"{args.tiers_workers} worker process(es)")
     table = Table("database", Column("setting", no_wrap=True), "durability", "raw jobs/s",
                   f"raw batched {args.batch}", "tiers runs/s", "tiers / raw", "/ batched",
-                  title=(f"{args.n} no-op jobs: raw SQL loop vs durable-tiers ({where}, "
+                  title=(f"{args.n} no-op jobs, median of {args.rounds} round(s) (min-max): "
+                         f"raw SQL loop vs durable-tiers ({where}, "
                          f"concurrency {args.concurrency}); PostgreSQL raw loop on "
                          f"{args.connections} connections"))
     for r in rows:
@@ -289,9 +316,9 @@ def main(argv: list[str] | None = None) -> None:
         r["pct_of_batched"] = 100 * r["tiers"] / r["raw_batched"] if r["raw_batched"] else None
         table.add_row(
             r["db"], r["setting"], r["durability"],
-            f"{r['raw_serial']:,.0f}",
-            f"{r['raw_batched']:,.0f}" if r["raw_batched"] else "-",
-            f"{r['tiers']:,.0f}", f"{r['pct_of_raw']:.0f}%",
+            _median_and_range(r["raw_serial_rounds"]),
+            _median_and_range(r["raw_batched_rounds"]) if r["raw_batched"] else "-",
+            _median_and_range(r["tiers_rounds"]), f"{r['pct_of_raw']:.0f}%",
             f"{r['pct_of_batched']:.0f}%" if r["pct_of_batched"] else "-")
     out = Console(width=max(Console().width, 110))
     out.print(table)
