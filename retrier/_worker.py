@@ -278,6 +278,7 @@ class Worker:
         if claimed:
             self._found_work_at = time.monotonic()
         assert self._tg is not None
+        on_loop = []
         for c in claimed:
             self._hold(c.id, c.fence)
             if c.state == DELIVERING:
@@ -285,7 +286,11 @@ class Worker:
             elif not self.telemetry.active and runs_blocking(self.registry, c):
                 self._threads.submit(c)
             else:
-                self._tg.start_soon(self._execute, c)
+                on_loop.append(c)
+        if len(on_loop) == 1:
+            self._tg.start_soon(self._execute, on_loop[0])
+        elif on_loop:
+            self._tg.start_soon(self._execute_all, on_loop)
         self.next_look_ms = wake_at_ms  # a due time, or when a rate limit lets more start
         if claimed and self._claims_left is not None:  # run_until_idle: no refills past it
             self._claims_left -= 1
@@ -315,6 +320,25 @@ class Worker:
         return at if now < at <= now + _CLAIM_AHEAD_MS else None
 
     # -- executing --------------------------------------------------------------------
+
+    async def _execute_all(self, claimed: list[Claimed]) -> None:
+        """Execute claimed runs at once, each in an asyncio task of its own, under one
+        task of the worker's group: anyio's bookkeeping per task costs more than a
+        no-op's whole attempt. Cancelled (a forced shutdown), it cancels them and
+        waits until each has recorded its interruption, as `_execute` does alone."""
+        loop = asyncio.get_running_loop()
+        tasks = [loop.create_task(self._execute(c)) for c in claimed]
+        try:
+            await asyncio.wait(tasks)
+        except BaseException:
+            for task in tasks:
+                task.cancel()
+            with anyio.CancelScope(shield=True):
+                await asyncio.wait(tasks)
+            raise
+        for task in tasks:  # as a task group would: an error here is the worker's
+            if not task.cancelled() and (error := task.exception()) is not None:
+                raise error
 
     async def _execute(self, c: Claimed) -> None:
         token = current_worker.set(self)
