@@ -361,16 +361,10 @@ class Worker:
         """Attempts that ended on `_threads`, to be recorded (called on the loop).
         One whose run was cancelled or whose lease was lost meanwhile ends as
         interrupted, as an attempt on the loop whose scope was cancelled does."""
-        outcomes = self._outcomes
         for c, outcome in finished:
             if outcome is None or c.id in self._cancel_reason:
                 outcome = self._interrupted(c)
-            if outcomes is None:  # the worker stopped meanwhile: the lease expires
-                continue
-            try:
-                outcomes.send_nowait(outcome)
-            except (anyio.ClosedResourceError, anyio.BrokenResourceError):
-                log.warning("run %s ended after its worker stopped; it will run again", c.id)
+            self._record(outcome)
 
     async def attempt_claimed(self, c: Claimed, session_handler: SessionHandler) -> Outcome:
         """Execute a run this worker holds (from `Store.insert_running`) here and now,
@@ -497,8 +491,14 @@ class Worker:
     def _record(self, outcome: Outcome) -> None:
         """Hand `outcome` to the record loop: its stream has no bound, so this never
         waits, and needs no shield from a cancellation (nor a checkpoint per run)."""
-        assert self._outcomes is not None
-        self._outcomes.send_nowait(outcome)
+        if self._outcomes is None:  # never served
+            return
+        try:
+            self._outcomes.send_nowait(outcome)
+        except (anyio.ClosedResourceError, anyio.BrokenResourceError):
+            # The worker stopped meanwhile (cancelled from outside, its record loop
+            # first): the run's lease expires, as for any worker that stopped short.
+            log.warning("run %s ended after its worker stopped; it will run again", outcome.run_id)
 
     async def _record_loop(self, receive: MemoryObjectReceiveStream[Outcome]) -> None:
         async with receive:

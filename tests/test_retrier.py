@@ -943,6 +943,46 @@ def test_log_level_comes_from_the_environment(
 # -- graceful shutdown -------------------------------------------------------------------------
 
 
+def test_async_runs_claimed_together_end_cleanly_when_the_worker_is_cancelled(
+    make_retrier: MakeRetrier,
+) -> None:
+    # Claimed in one batch, they run as tasks of one task of the worker's group: a
+    # cancellation from outside reaches each attempt, and none takes the worker down
+    # (recording into the stopped record loop once raised BrokenResourceError).
+    retrier = make_retrier()
+    started: list[int] = []
+    cancelled: list[int] = []
+    all_started = threading.Event()
+
+    @retrier.action
+    async def hangs(i: int) -> None:
+        started.append(i)
+        if len(started) == 3:
+            all_started.set()
+        try:
+            await anyio.sleep(3600)
+        except BaseException:
+            cancelled.append(i)
+            raise
+
+    async def scenario() -> list[str]:
+        ids = [retrier.run(hangs, {"i": i}) for i in range(3)]  # stored before any claim
+        worker = retrier.worker(concurrency=5)
+        with anyio.fail_after(20):
+            async with anyio.create_task_group() as tg:
+                await tg.start(worker.serve)
+                await anyio.to_thread.run_sync(all_started.wait, 10)
+                tg.cancel_scope.cancel()
+        retrier.forget_worker(worker)
+        return ids
+
+    ids = anyio.run(scenario)
+    assert sorted(cancelled) == [0, 1, 2]
+    # Not failed: each lease expires and the run is attempted again.
+    rows = [retrier.store.get(run_id) for run_id in ids]
+    assert [(r.state, r.failures) for r in rows] == [("running", 0)] * 3
+
+
 def test_shutdown_finishes_sync_work_and_releases_async_work(make_retrier: MakeRetrier) -> None:
     retrier = make_retrier()
     sync_started = threading.Event()
