@@ -34,7 +34,7 @@ class Entry:
 
 @dataclass(slots=True)
 class Loaded:
-    """A workflow and its whole journal, read in one transaction."""
+    """A workflow and its whole journal, read in one statement."""
 
     workflow: WorkflowRow
     entries: dict[str, Entry]
@@ -52,7 +52,6 @@ _ENTRY_COLUMNS = (
     steps_t.c.child_id,
     steps_t.c.result_size,
 )
-
 
 
 def _with_journal() -> CompoundSelect[Any]:
