@@ -54,16 +54,20 @@ _ENTRY_COLUMNS = (
 )
 
 
+# The columns of a workflow's row, in the order `_with_journal` returns them.
+_WORKFLOW_KEYS = tuple(workflows_t.c.keys())
+
+
 def _with_journal() -> CompoundSelect[Any]:
     """A workflow's row and its journal in one statement (one round trip, one
-    snapshot): the row first (`part` 0), then one row per entry (`part` 1), each
-    with the other's columns NULL."""
+    snapshot): the row first (`part` 0, then `_WORKFLOW_KEYS`), then one row per
+    entry (`part` 1, the workflow's columns NULL, then `_ENTRY_COLUMNS`)."""
     nulls = [cast(null(), c.type) for c in (*workflows_t.c, *_ENTRY_COLUMNS)]
-    workflow = len(workflows_t.c)
+    width = len(_WORKFLOW_KEYS)
     return union_all(
-        select(literal_column("0").label("part"), *workflows_t.c, *nulls[workflow:])
+        select(literal_column("0").label("part"), *workflows_t.c, *nulls[width:])
         .where(workflows_t.c.id == bindparam("wf")),
-        select(literal_column("1"), *nulls[:workflow], *_ENTRY_COLUMNS)
+        select(literal_column("1"), *nulls[:width], *_ENTRY_COLUMNS)
         .where(steps_t.c.workflow_id == bindparam("wf")),
     )
 
@@ -82,12 +86,12 @@ class JournalReads:
     def load(self, workflow_id: str) -> Loaded | None:
         with self.dialect.read_one() as conn:
             rows = self._with_journal.rows(conn, {"wf": workflow_id})
-        workflow = len(workflows_t.c)
         row = next((r for r in rows if r[0] == 0), None)
         if row is None:
             return None
-        entries = {r[workflow + 1]: Entry(*r[workflow + 1 :]) for r in rows if r[0] == 1}
-        columns = dict(zip(workflows_t.c.keys(), row[1 : workflow + 1], strict=True))
+        entry = 1 + len(_WORKFLOW_KEYS)  # where an entry's columns begin
+        entries = {r[entry]: Entry(*r[entry:]) for r in rows if r[0] == 1}
+        columns = dict(zip(_WORKFLOW_KEYS, row[1:entry], strict=True))
         return Loaded(WorkflowRow.model_validate(columns), entries)
 
     def get(self, workflow_id: str) -> WorkflowRow:
