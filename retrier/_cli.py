@@ -19,6 +19,7 @@ from typing import Any, NoReturn
 
 import anyio
 import click
+from anyio.abc import TaskStatus
 from rich import box
 from rich.console import Console
 from rich.markup import escape
@@ -236,19 +237,42 @@ def worker(
         options["poll_interval"] = timedelta(seconds=poll)
     the_worker = retrier.worker(**options)
 
+    stopped_now = False
+
+    async def on_signals(
+        serving: anyio.CancelScope, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED
+    ) -> None:
+        nonlocal stopped_now
+        with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            task_status.started()  # before the worker starts: no signal may kill it
+            async for _ in signals:
+                if not the_worker.stopping:
+                    err_console.print(
+                        "stopping: finishing running work (signal again to stop now)"
+                    )
+                    the_worker.stop()
+                elif not stopped_now:
+                    err_console.print(
+                        "second signal: stopping now, async work released to other "
+                        "workers (signal again to exit at once)"
+                    )
+                    stopped_now = True
+                    serving.cancel()
+                else:
+                    err_console.print("third signal: exiting at once")
+                    os._exit(1)
+
     async def serve() -> None:
         async with anyio.create_task_group() as tg:
-            await tg.start(the_worker.serve)
-            with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-                async for _ in signals:
-                    if the_worker.stopping:
-                        err_console.print("second signal: exiting now")
-                        os._exit(1)
-                    err_console.print("stopping: finishing running work (signal again to force)")
-                    the_worker.stop()
-                    break
+            serving = anyio.CancelScope()
+            await tg.start(on_signals, serving)
+            with serving:
+                await the_worker.serve()
+            tg.cancel_scope.cancel()
 
     anyio.run(serve)
+    if stopped_now:
+        sys.exit(1)  # stopped short: its `def` attempts' runs wait for their leases
 
 
 @main.command()

@@ -8,6 +8,7 @@ under a shielded cancel scope, so shutdown or cancellation never loses one.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 import os
@@ -161,6 +162,7 @@ class Worker:
                 send.close()
                 listening.cancel()
         finally:
+            await self._record_leftovers(receive)
             timers.shutdown()
             self._threads.close()
             if self._wants_check is not None:
@@ -199,6 +201,7 @@ class Worker:
                 if self._stopping:  # the rounds are spent
                     break
             send.close()
+        receive.close()
         self._threads.close()
         self._tg = None
         return idle
@@ -496,31 +499,67 @@ class Worker:
         try:
             self._outcomes.send_nowait(outcome)
         except (anyio.ClosedResourceError, anyio.BrokenResourceError):
-            # The worker stopped meanwhile (cancelled from outside, its record loop
-            # first): the run's lease expires, as for any worker that stopped short.
+            # The worker has stopped (an attempt on a thread that ended after a
+            # cancellation from outside): the run's lease expires, as for any worker
+            # that stopped short.
             log.warning("run %s ended after its worker stopped; it will run again", outcome.run_id)
 
     async def _record_loop(self, receive: MemoryObjectReceiveStream[Outcome]) -> None:
-        async with receive:
-            async for first in receive:
-                batch = [first]
-                _take_ready(receive, batch)
-                self._hints.recording = True  # announcements now wait for its refill
-                wait = self.store.dialect.straggler_wait_s
-                try:
-                    with anyio.CancelScope(shield=True):
-                        # A few of the batch's attempts still running on threads
-                        # (ending a moment later, they would take a record of their
-                        # own, and their refills would stay apart from the batch's ever
-                        # after): wait for them.
-                        if wait and 0 < len(self._threads.running) * 4 <= len(batch):
-                            await anyio.sleep(wait)
-                            _take_ready(receive, batch)
-                        await self._record_batch(batch)
-                finally:
-                    self._hints.recording = False
-                if self._hints.record_done(bool(receive.statistics().current_buffer_used)):
-                    self.wake()
+        """Record outcomes in batches until `receive`'s sender closes. Cancelled, it
+        leaves `receive` open: the attempts cancelled with it still hand their
+        interruptions on, for `_record_leftovers`."""
+        async for first in receive:
+            batch = [first]
+            _take_ready(receive, batch)
+            self._hints.recording = True  # announcements now wait for its refill
+            wait = self.store.dialect.straggler_wait_s
+            try:
+                with anyio.CancelScope(shield=True):
+                    # A few of the batch's attempts still running on threads (ending a
+                    # moment later, they would take a record of their own, and their
+                    # refills would stay apart from the batch's ever after): wait for
+                    # them.
+                    if wait and 0 < len(self._threads.running) * 4 <= len(batch):
+                        await anyio.sleep(wait)
+                        _take_ready(receive, batch)
+                    await self._record_batch(batch)
+            finally:
+                self._hints.recording = False
+            if self._hints.record_done(bool(receive.statistics().current_buffer_used)):
+                self.wake()
+
+    async def _record_leftovers(self, receive: MemoryObjectReceiveStream[Outcome]) -> None:
+        """Record what the record loop left when the worker was cancelled from
+        outside (its interrupted attempts, released), then close `receive`: their runs
+        are free to run elsewhere at once, not leased until their lease expires.
+        Shielded, for at most `shutdown_grace`; nothing is claimed or delivered."""
+        batch: list[Outcome] = []
+        with contextlib.suppress(anyio.WouldBlock, anyio.EndOfStream):
+            while True:
+                batch.append(receive.receive_nowait())
+        receive.close()  # an attempt ending later (on a thread) logs that it was left
+        if not batch:
+            return
+        record = partial(
+            self.store.record, batch, self.id, self.lease_ms, self._deliveries.in_session,
+            claim_limit=0, runnable=self.runnable(),
+        )
+        recorded: Recorded | None = None
+        with anyio.CancelScope(shield=True) as scope:
+            scope.deadline = anyio.current_time() + self.shutdown_grace.total_seconds()
+            try:
+                recorded = await self._persist(
+                    partial(anyio.to_thread.run_sync, record),
+                    f"recording {len(batch)} outcome(s) on the way out",
+                )
+            except Exception:
+                log.exception("could not record %d outcome(s) as the worker stopped; "
+                              "their leases will expire, then they run again", len(batch))
+        if recorded is None:
+            return
+        outcomes_recorded(self.telemetry, batch, recorded)
+        if recorded.completed:
+            self._on_completed(recorded.completed)
 
     async def _record_batch(self, batch: list[Outcome], *, refill: bool = True) -> None:
         """Store a batch of outcomes, retrying through a database blip; one outcome

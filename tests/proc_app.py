@@ -12,6 +12,7 @@ from datetime import timedelta
 from functools import cache
 from typing import Any
 
+import anyio
 from sqlalchemy import insert, select
 from sqlmodel import Field, Session, SQLModel, func
 
@@ -60,6 +61,10 @@ def build(url: str) -> Retrier:
         if n % 5 == 0 and seen == 1:
             raise RuntimeError(f"injected failure of {n}")
         return n
+
+    @retrier.action(name="hangs")
+    async def hangs(n: int) -> None:
+        await anyio.sleep(3600)  # until the worker stops it
 
     @retrier.on_complete(name="completed")
     def completed(run_id: str, result: RunResult, context: Any, session: Session) -> None:

@@ -100,3 +100,35 @@ def test_sigkilled_worker_loses_nothing_and_doubles_nothing(db_url: str) -> None
         for w in workers[1:]:
             assert w.wait(30) == 0, "a worker did not shut down cleanly on SIGTERM"
         app.close()
+
+
+def test_a_second_signal_stops_the_worker_now_and_releases_its_async_attempts(
+    db_url: str,
+) -> None:
+    """SIGTERM lets running work finish (async work for up to the grace period); a
+    second SIGTERM stops the worker now: its async attempts are interrupted and
+    recorded as released, so the runs are pending again at once, held by no one, as if
+    never started, instead of leased until their leases expire (on the code before,
+    the second signal exited with the runs still running)."""
+    app = build(db_url)
+    worker = start_worker(db_url)
+    try:
+        ids = [app.run("hangs", {"n": n}) for n in range(3)]
+        wait_for(lambda: scalar(app, "SELECT count(*) FROM tiers_runs WHERE state = 'running'")
+                 == 3, 60, "the worker to start the runs")
+        worker.send_signal(signal.SIGTERM)
+        time.sleep(0.5)  # the first signal only stops claiming: the runs hang on
+        assert worker.poll() is None, f"the worker waits for its running work ({worker.poll()})"
+        assert scalar(app, "SELECT count(*) FROM tiers_runs WHERE state = 'running'") == 3
+        worker.send_signal(signal.SIGTERM)
+        assert worker.wait(20) == 1, "a forced stop exits with status 1"
+    finally:
+        if worker.poll() is None:
+            worker.kill()
+            worker.wait(10)
+    rows = [app.store.get(run_id) for run_id in ids]
+    # As if never started: no attempt counted or stored.
+    assert [(r.state, r.attempts, r.failures, r.lease_owner) for r in rows] == [
+        ("pending", 0, 0, None)
+    ] * 3
+    assert scalar(app, "SELECT count(*) FROM tiers_attempts") == 0

@@ -947,8 +947,10 @@ def test_async_runs_claimed_together_end_cleanly_when_the_worker_is_cancelled(
     make_retrier: MakeRetrier,
 ) -> None:
     # Claimed in one batch, they run as tasks of one task of the worker's group: a
-    # cancellation from outside reaches each attempt, and none takes the worker down
-    # (recording into the stopped record loop once raised BrokenResourceError).
+    # cancellation from outside reaches each attempt, none takes the worker down
+    # (recording into the stopped record loop once raised BrokenResourceError), and
+    # the worker records their interruptions on its way out: the runs are free to run
+    # elsewhere at once, not leased until their leases expire.
     retrier = make_retrier()
     started: list[int] = []
     cancelled: list[int] = []
@@ -978,9 +980,10 @@ def test_async_runs_claimed_together_end_cleanly_when_the_worker_is_cancelled(
 
     ids = anyio.run(scenario)
     assert sorted(cancelled) == [0, 1, 2]
-    # Not failed: each lease expires and the run is attempted again.
+    # Released, not failed: pending again, held by no one, due at once.
     rows = [retrier.store.get(run_id) for run_id in ids]
-    assert [(r.state, r.failures) for r in rows] == [("running", 0)] * 3
+    assert [(r.state, r.failures, r.lease_owner) for r in rows] == [("pending", 0, None)] * 3
+    assert all(r.due_ms <= retrier.store.clock.now_ms() for r in rows)
 
 
 def test_shutdown_finishes_sync_work_and_releases_async_work(make_retrier: MakeRetrier) -> None:
