@@ -58,6 +58,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Column, Table
 
+from bench.compare import shown
 from bench.throughput import PG_URL, throughput
 
 LIBPQ = PG_URL.replace("postgresql+psycopg://", "postgresql://")
@@ -232,12 +233,6 @@ PG_SETTINGS = [
 
 # -- main --------------------------------------------------------------------------------
 
-def _median_and_range(values: list[float]) -> str:
-    if len(values) == 1:
-        return f"{values[0]:,.0f}"
-    return f"{statistics.median(values):,.0f} ({min(values):,.0f}-{max(values):,.0f})"
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--db", choices=["sqlite", "postgresql", "both"], default="both")
@@ -316,9 +311,9 @@ def main(argv: list[str] | None = None) -> None:
         r["pct_of_batched"] = 100 * r["tiers"] / r["raw_batched"] if r["raw_batched"] else None
         table.add_row(
             r["db"], r["setting"], r["durability"],
-            _median_and_range(r["raw_serial_rounds"]),
-            _median_and_range(r["raw_batched_rounds"]) if r["raw_batched"] else "-",
-            _median_and_range(r["tiers_rounds"]), f"{r['pct_of_raw']:.0f}%",
+            shown(r["raw_serial_rounds"]),
+            shown(r["raw_batched_rounds"]) if r["raw_batched"] else "-",
+            shown(r["tiers_rounds"]), f"{r['pct_of_raw']:.0f}%",
             f"{r['pct_of_batched']:.0f}%" if r["pct_of_batched"] else "-")
     out = Console(width=max(Console().width, 110))
     out.print(table)

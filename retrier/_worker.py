@@ -8,7 +8,6 @@ under a shielded cancel scope, so shutdown or cancellation never loses one.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import math
 import os
@@ -534,9 +533,7 @@ class Worker:
         are free to run elsewhere at once, not leased until their lease expires.
         Shielded, for at most `shutdown_grace`; nothing is claimed or delivered."""
         batch: list[Outcome] = []
-        with contextlib.suppress(anyio.WouldBlock, anyio.EndOfStream):
-            while True:
-                batch.append(receive.receive_nowait())
+        _take_ready(receive, batch, limit=math.inf)
         receive.close()  # an attempt ending later (on a thread) logs that it was left
         if not batch:
             return
@@ -778,10 +775,13 @@ class Worker:
         await self._wait_idle()
 
 
-def _take_ready(receive: MemoryObjectReceiveStream[Outcome], batch: list[Outcome]) -> None:
-    """Add the outcomes already waiting in `receive` to `batch` (512 at most)."""
-    while len(batch) < 512:
+def _take_ready(
+    receive: MemoryObjectReceiveStream[Outcome], batch: list[Outcome], limit: float = 512
+) -> None:
+    """Add the outcomes already waiting in `receive` to `batch` (`limit` at most);
+    none left, or the sender gone, ends it."""
+    while len(batch) < limit:
         try:
             batch.append(receive.receive_nowait())
-        except anyio.WouldBlock:
+        except (anyio.WouldBlock, anyio.EndOfStream):
             break
