@@ -8,7 +8,9 @@
 2. M concurrent 5-step workflows (default 1,000): workflows per second, and (Linux)
    the bytes the process wrote and read per workflow (/proc/self/io: SQLite's WAL
    and database file, its checkpoints included; on PostgreSQL only the client's
-   sockets), and its CPU time per workflow.
+   sockets), and its CPU time per workflow; on PostgreSQL also the server's (the CPU
+   of every `postgres` process of this machine, so run it beside a local server with
+   nothing else to do).
 """
 
 from __future__ import annotations
@@ -83,6 +85,21 @@ def cpu_s() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
+def server_cpu_s() -> float:
+    """CPU seconds of this machine's `postgres` processes so far (those alive now)."""
+    import psutil
+
+    total = 0.0
+    for proc in psutil.process_iter(["name"]):
+        if (proc.info["name"] or "").startswith("postgres"):
+            try:
+                times = proc.cpu_times()
+            except psutil.Error:
+                continue
+            total += times.user + times.system
+    return total
+
+
 def sequential_ms_per_step(kind: str, steps: int, durability: str = "normal") -> float:
     """ms per step of one workflow of `steps` sequential no-op steps, on a fresh database."""
     return _on_fresh_database(kind, durability, bench_sequential, warm_up=50, n=steps)
@@ -125,15 +142,17 @@ def main() -> None:
                 bench_sequential(workflows, 50)  # warm up
                 per_step = bench_sequential(workflows, args.steps)
                 print(f"{kind}: {args.steps} sequential no-op steps: {per_step:.3f} ms/step")
-                io_before, cpu_before = process_io(), cpu_s()
+                io_before, cpu_before, server_before = process_io(), cpu_s(), server_cpu_s()
                 rate = bench_concurrent(workflows, args.workflows)
-                io_after, cpu_after = process_io(), cpu_s()
+                io_after, cpu_after, server_after = process_io(), cpu_s(), server_cpu_s()
                 per = {k: (io_after[k] - io_before[k]) / args.workflows for k in io_after}
                 io = (f"; {per['wchar'] / 1024:.0f} KiB written, {per['rchar'] / 1024:.0f} KiB"
                       f" read per workflow" if per.get("wchar") else "")
                 cpu_ms = (cpu_after - cpu_before) * 1000 / args.workflows
+                server_ms = (server_after - server_before) * 1000 / args.workflows
+                server = f"; server CPU {server_ms:.2f} ms" if kind == "postgresql" else ""
                 print(f"{kind}: {args.workflows} concurrent 5-step workflows: "
-                      f"{rate:.0f} workflows/s; CPU {cpu_ms:.2f} ms per workflow{io}")
+                      f"{rate:.0f} workflows/s; CPU {cpu_ms:.2f} ms per workflow{server}{io}")
             retrier.close()
 
 

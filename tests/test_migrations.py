@@ -69,7 +69,7 @@ def test_the_migrations_build_exactly_the_models_schema(db_url: str) -> None:
             for index in table.indexes
             if index.dialect_options["sqlite"]["where"] is not None
         }
-        assert versions(retrier) == {"engine_0010", "workflow_0007"}
+        assert versions(retrier) == {"engine_0010", "workflow_0008"}
     finally:
         retrier.close()
 
@@ -168,14 +168,14 @@ def test_an_apps_own_alembic_history_is_left_alone(db_url: str) -> None:
             "engine_0001", "engine_0002", "engine_0003", "engine_0004", "engine_0006",
             "engine_0007", "engine_0008", "engine_0009", "engine_0010",
             "workflow_0001", "workflow_0002", "workflow_0003", "workflow_0004",
-            "workflow_0005", "workflow_0006", "workflow_0007",
+            "workflow_0005", "workflow_0006", "workflow_0007", "workflow_0008",
         ]
         with engine.connect() as conn:
             assert conn.execute(sa.text("SELECT version_num FROM alembic_version")).all() == [
                 ("app_0007",)
             ]
         retrier = Retrier(db_url)
-        assert versions(retrier) == {"engine_0010", "workflow_0007"}
+        assert versions(retrier) == {"engine_0010", "workflow_0008"}
         retrier.close()
     finally:
         engine.dispose()
@@ -185,7 +185,7 @@ def test_the_db_commands(db_url: str, tmp_path: Any) -> None:
     cli = CliRunner()
     upgraded = cli.invoke(main, ["--db", db_url, "db", "upgrade"])
     assert upgraded.exit_code == 0, upgraded.output
-    assert "applied engine_0001" in upgraded.output and "16 migration(s)" in upgraded.output
+    assert "applied engine_0001" in upgraded.output and "17 migration(s)" in upgraded.output
     again = cli.invoke(main, ["--db", db_url, "db", "upgrade"])
     assert again.exit_code == 0 and "up to date" in again.output
     current = cli.invoke(main, ["--db", db_url, "db", "current"])

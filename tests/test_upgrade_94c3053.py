@@ -102,9 +102,10 @@ def upgrade(db_url: str, clock: FakeClock) -> None:
             "engine_0002", "engine_0003", "engine_0004", "engine_0006", "engine_0007",
             "engine_0008", "engine_0009", "engine_0010", "workflow_0002", "workflow_0003",
             "workflow_0004", "workflow_0005", "workflow_0006", "workflow_0007",
+            "workflow_0008",
         ], applied
         with store.dialect.read() as conn:
-            assert migrations.current(conn) == {"engine_0010", "workflow_0007"}
+            assert migrations.current(conn) == {"engine_0010", "workflow_0008"}
     finally:
         store.dispose()
 

@@ -242,13 +242,11 @@ class WorkflowContext:
         worker = self._worker
         taken = self.inline.take()
         try:
-            claimed = await self._driver.store_call(
-                self._driver.journal.start_step,
+            claimed = await self._driver.start_step(
                 self.workflow_id,
                 row,
                 new,
-                None if worker is None else worker.id,
-                0 if worker is None else worker.lease_ms,
+                worker,
                 self.inline.settler(taken, starts_step=True),
                 self.inline.simple(taken),
             )

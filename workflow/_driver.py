@@ -12,12 +12,22 @@ function with `Suspend`. A waiting workflow is only rows.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Any
 
 import anyio.to_thread
+from sqlalchemy import Connection
 
 from retrier import HandBack, Retrier, RetryPolicy, ValueTooLarge
-from retrier.engine import NewRun, ResultNotSerializable, check_size, current_worker, to_ms
+from retrier.engine import (
+    Claimed,
+    NewRun,
+    ResultNotSerializable,
+    Worker,
+    check_size,
+    current_worker,
+    to_ms,
+)
 from retrier.engine import describe_error as describe
 
 from ._context import Interrupted, Suspend, WorkflowContext, step_failed_event
@@ -28,6 +38,8 @@ from ._journal_signals import Unsettled
 from ._limits import MAX_RESULT
 from ._listeners import Listeners, WorkflowEvent
 from ._models import COMPLETED, FAILED, RUNNING, WorkflowRow
+from ._server_calls import NotSimple, SimpleSettle
+from ._step_batches import StepBatches
 from ._stopping import expire
 
 log = logging.getLogger("tiers.workflow")
@@ -65,6 +77,8 @@ class Driver:
         self.journal = Journal(retrier.store)
         # Runs a journal call (one transaction) from the driver's async code.
         self.store_call = retrier.store.dialect.call
+        server = self.journal.server_calls
+        self._step_batches = None if server is None else StepBatches(server, self.store_call)
 
     # -- rows ------------------------------------------------------------------------
 
@@ -122,6 +136,43 @@ class Driver:
                 )
             self._policies[retry] = policy
         return policy
+
+    # -- a step's start ------------------------------------------------------------------
+
+    async def start_step(
+        self,
+        workflow_id: str,
+        entry: dict[str, Any],
+        new: NewRun,
+        worker: Worker | None,
+        before: Callable[[Connection], None] | None,
+        simple: SimpleSettle | None,
+    ) -> Claimed | None:
+        """`Journal.start_step`, from async code: with the other drivers' starts of this
+        pass in one server-side call where the start is plain enough (`_step_batches`),
+        else alone."""
+        batches = self._step_batches
+        if batches is not None and simple is not None and worker is not None:
+            try:
+                start = batches.server.prepare(
+                    workflow_id, entry, new, worker.id, worker.lease_ms, simple.previous
+                )
+                claimed = await batches.start(start)
+            except NotSimple:
+                simple = None  # the general path stores the previous outcome, by `before`
+            else:
+                simple.stored()
+                return claimed
+        return await self.store_call(
+            self.journal.start_step,
+            workflow_id,
+            entry,
+            new,
+            None if worker is None else worker.id,
+            0 if worker is None else worker.lease_ms,
+            before,
+            simple,
+        )
 
     # -- the driver action -----------------------------------------------------------
 

@@ -221,6 +221,11 @@ class Journal(JournalReads):
             else None
         )
 
+    @property
+    def server_calls(self) -> ServerCalls | None:
+        """The server-side calls that start steps and end workflows, where there are."""
+        return self._server
+
     # -- watching ------------------------------------------------------------------
 
     def notify(self, conn: Connection, workflow_id: str) -> None:

@@ -11,6 +11,10 @@ for an end, a workflow without a deadline, an on_complete or a parent. Anything 
 (`NotSimple`) goes the general way (`Journal.start_step`, `Journal.finish`), which
 writes nothing twice: the call that refused wrote nothing. A pool the step function
 sent back for its limits is not tried again in this process.
+
+Steps that many workflows start at the same moment go together (`start_many`, through
+`tiers_steps_v1` of workflow_0008, sent by `_step_batches`): one call and one commit,
+each start answered as if it had been made alone.
 """
 
 from __future__ import annotations
@@ -47,6 +51,10 @@ _FINISH = (
     " %(prev_result)s::json, %(prev_started)s::bigint, %(prev_step)s::text,"
     " %(state)s::text, %(result)s::json, %(error)s::text)"
 )
+# At most this many starts per `tiers_steps_v1` call: each is a subtransaction, and a
+# backend keeps 64 of them in shared memory (see migration workflow_0008).
+MOST_PER_CALL = 32
+_STEPS = "SELECT tiers_steps_v1(%(channel)s::text, %(items)s::json)"
 _NOT_SIMPLE = "TS001"  # the previous outcome cannot simply complete
 _NOT_RUNNING = "TS002"
 _GENERAL = "TS003"  # limits of the pool, or ways of the workflow, left to the general path
@@ -54,6 +62,11 @@ _GENERAL = "TS003"  # limits of the pool, or ways of the workflow, left to the g
 
 class NotSimple(Exception):
     """The general path must start this step (nothing was written)."""
+
+
+class TryAlone(Exception):
+    """A start failed in a batch with an error of its own (nothing of it was written):
+    made alone (`start_one`), it raises that error for its own workflow only."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,6 +112,19 @@ class ServerCalls:
         """`Journal.start_step` in one call: the new run, held by `worker` if the pool
         had room (the caller runs it inline), else None (pending in the pool).
         `NotSimple` if the general path must do it; `NotRunning`, `Conflict` as there."""
+        return self.start_one(self.prepare(workflow_id, entry, new, worker, lease_ms, previous))
+
+    def prepare(
+        self,
+        workflow_id: str,
+        entry: dict[str, Any],
+        new: NewRun,
+        worker: str,
+        lease_ms: int,
+        previous: Previous | None,
+    ) -> StepStart:
+        """A step's start for `start_one` or `start_many`; `NotSimple` if the general
+        path must make it."""
         if not new.plain or new.key is not None or new.queue in self._general_pools:
             raise NotSimple
         now = self.store.clock.now_ms()
@@ -110,17 +136,53 @@ class ServerCalls:
             "position": entry["position"],
             "fn": entry.get("fn"),
             "started": entry["started_ms"],
-            "run": json.dumps(row),
+            "run": row,
+        }
+        return StepStart(new, row, params)
+
+    def start_one(self, start: StepStart) -> Claimed | None:
+        """One prepared start, through `tiers_step_v2`."""
+        params = start.params | {
+            "run": json.dumps(start.row),
+            "prev_result": _json_text(start.params),
         }
         try:
             took = self._call(_STEP, params, internal=True)
         except _General:
-            self._general_pools.add(new.queue)
+            self._general_pools.add(start.new.queue)
             raise NotSimple from None
-        if not took:
+        return start.claimed() if took else None
+
+    def start_many(self, starts: list[StepStart]) -> str:
+        """Prepared starts (of any workflows, at most `MOST_PER_CALL`) in one call of
+        `tiers_steps_v1` that commits once: one answer each, for `answered`."""
+        items = json.dumps([s.params for s in starts])
+        dialect = self.store.dialect
+        with dialect.write_internal_one() as conn:
+            _, rows = on_cursor(
+                conn, _STEPS, [{"channel": self.channel, "items": items}],
+                self.store.engine.dialect, fetch=True,
+            )
+        answers = str(rows[0][0])
+        assert len(answers) == len(starts), answers
+        return answers
+
+    def answered(self, start: StepStart, answer: str) -> Claimed | None:
+        """What `start_one` would have returned or raised, from `start`'s answer in
+        `start_many`; `TryAlone` if only `start_one` can tell (an error of its own)."""
+        if answer == "r":
+            return start.claimed()
+        if answer == "p":
             return None
-        row.update(running_values(worker, lease_ms, now))
-        return claimed_inline(new, row)
+        if answer == "2":
+            raise NotRunning(start.params["wf"])
+        if answer == "c":
+            raise Conflict(f"step {start.params['name']!r} is journaled already")
+        if answer == "e":
+            raise TryAlone
+        if answer == "3":
+            self._general_pools.add(start.new.queue)
+        raise NotSimple  # "1" (the previous outcome), "3" (the pool's limits)
 
     def finish(
         self,
@@ -136,7 +198,12 @@ class ServerCalls:
         `NotSimple` if the general path must do it."""
         now = self.store.clock.now_ms()
         params = self._common(workflow_id, now, worker, previous)
-        params |= {"state": state, "result": json.dumps(result), "error": error}
+        params |= {
+            "prev_result": _json_text(params),
+            "state": state,
+            "result": json.dumps(result),
+            "error": error,
+        }
         try:
             return self._call(_FINISH, params, internal=False)
         except _General:
@@ -146,13 +213,14 @@ class ServerCalls:
         self, workflow_id: str, now: int, worker: str, previous: Previous | None
     ) -> dict[str, Any]:
         """The parameters both functions take: the workflow, the time, its watchers'
-        channel, the worker, and the previous inline step's success, if any."""
+        channel, the worker, and the previous inline step's success, if any (its
+        result as a value: `_json_text` makes it a parameter of its own)."""
         prev_result = None
         if previous is not None:
             columns = result_columns(previous.result, f"the result of step {previous.step!r}")
             if columns["result_size"] is not None:
                 raise NotSimple  # kept in the side table: the general path writes it
-            prev_result = json.dumps(previous.result)
+            prev_result = previous.result
         return {
             "wf": workflow_id,
             "now": now,
@@ -188,3 +256,25 @@ class ServerCalls:
 
 class _General(Exception):
     """The function left this case to the general path (`TS003`)."""
+
+
+@dataclass(frozen=True, slots=True)
+class StepStart:
+    """A step's start, prepared (`ServerCalls.prepare`): its new run, the run's row,
+    and the parameters of `tiers_step_v2` (the row and the previous result as values,
+    which a batch's JSON array takes as they are)."""
+
+    new: NewRun
+    row: dict[str, Any]
+    params: dict[str, Any]
+
+    def claimed(self) -> Claimed:
+        """The new run, held by the worker that started it."""
+        p = self.params
+        self.row.update(running_values(p["worker"], p["lease_ms"], p["now"]))
+        return claimed_inline(self.new, self.row)
+
+
+def _json_text(params: dict[str, Any]) -> str | None:
+    """The previous result as a json parameter: NULL without a previous step."""
+    return None if params["prev_run"] is None else json.dumps(params["prev_result"])

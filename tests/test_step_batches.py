@@ -1,0 +1,309 @@
+"""Steps that a worker's drivers start in the same moment go to PostgreSQL in one call
+(`workflow._step_batches`, `ServerCalls.start_many`, `tiers_steps_v1`): each start is
+answered as if it had been made alone, a start the call refuses undoes only its own
+writes, and the lanes send what waits together, a few calls at a time."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import anyio
+import pytest
+from sqlalchemy import select, text
+from sqlalchemy.exc import DataError
+
+from retrier import Completed, Retrier, Success
+from retrier._tables import runs
+from retrier.engine import RUNNING, NewRun
+from retrier.testing import FakeClock
+from tests.support import drain
+from workflow import WorkflowContext, WorkflowManager
+from workflow._journal_signals import Conflict, NotRunning
+from workflow._models import steps_t
+from workflow._server_calls import (
+    MOST_PER_CALL,
+    NotSimple,
+    Previous,
+    ServerCalls,
+    StepStart,
+    TryAlone,
+)
+from workflow._step_batches import MOST_CALLS, StepBatches
+from workpool import Workpool
+
+MakeRetrier = Callable[..., Retrier]
+on_postgresql = pytest.mark.parametrize("db_url", ["postgresql"], indirect=True)
+
+
+@pytest.fixture
+def batch_sizes(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[int]]:
+    """How many starts each `start_many` call took."""
+    sizes: list[int] = []
+    start_many = ServerCalls.start_many
+
+    def counted(self: ServerCalls, starts: list[StepStart]) -> str:
+        sizes.append(len(starts))
+        return start_many(self, starts)
+
+    monkeypatch.setattr(ServerCalls, "start_many", counted)
+    yield sizes
+
+
+def _build(make_retrier: MakeRetrier, *, batches: bool) -> tuple[Retrier, WorkflowManager]:
+    retrier = make_retrier(clock=FakeClock(), concurrency=40)
+    workflows = WorkflowManager(Workpool(retrier, "steps", max_parallelism=100))
+    if not batches:  # the general path, in Python
+        workflows._journal._server = None
+        workflows._driver._step_batches = None
+
+    @retrier.action
+    def shape(i: int) -> Any:
+        return [None, "text", {"i": i, "nested": [1.5, True, None]}, i][i % 4]
+
+    @workflows.define
+    async def steps(ctx: WorkflowContext, n: int, k: int) -> list[Any]:
+        return [await ctx.step("s", shape, {"i": i + k}) for i in range(n)]
+
+    return retrier, workflows
+
+
+def _journal_and_runs(retrier: Retrier, wf_ids: list[str]) -> list[Any]:
+    """Each workflow's journal entries and step runs, without ids and times."""
+    found = []
+    with retrier.engine.connect() as conn:
+        for wf_id in wf_ids:
+            entries = conn.execute(
+                select(steps_t.c.name, steps_t.c.position, steps_t.c.state, steps_t.c.result,
+                       steps_t.c.attempts)
+                .where(steps_t.c.workflow_id == wf_id).order_by(steps_t.c.position)
+            ).all()
+            step_runs = conn.execute(
+                select(runs.c.fn, runs.c.args, runs.c.state, runs.c.outcome, runs.c.result,
+                       runs.c.attempts, runs.c.queue)
+                .where(runs.c.owner == wf_id, runs.c.fn.like("%shape%"))
+                .order_by(runs.c.created_ms, runs.c.id)
+            ).all()
+            attempts = conn.execute(
+                text("SELECT count(*) FROM tiers_attempts WHERE run_id IN "
+                     "(SELECT id FROM tiers_runs WHERE owner = :wf AND fn LIKE '%shape%')"),
+                {"wf": wf_id},
+            ).scalar_one()
+            found.append(([tuple(e) for e in entries],
+                          sorted((tuple(r) for r in step_runs), key=repr), attempts))
+    return found
+
+
+@on_postgresql
+def test_steps_started_together_write_what_each_started_alone_writes(
+    make_retrier: MakeRetrier, batch_sizes: list[int]
+) -> None:
+    stored = []
+    for batches in (True, False):
+        retrier, workflows = _build(make_retrier, batches=batches)
+        wf_ids = [workflows.start("steps", {"n": 5, "k": k}) for k in range(30)]
+        drain(retrier)
+        for k, wf_id in enumerate(wf_ids):
+            expected = [[None, "text", {"i": i, "nested": [1.5, True, None]}, i][i % 4]
+                        for i in range(k, k + 5)]
+            assert workflows.status(wf_id) == Completed(Success(expected))
+        stored.append(_journal_and_runs(retrier, wf_ids))
+        if batches:
+            # The drivers moved in step: their starts went together.
+            assert batch_sizes and max(batch_sizes) > 1, batch_sizes
+            assert sum(batch_sizes) > 30, batch_sizes
+            assert max(batch_sizes) <= MOST_PER_CALL
+    assert stored[0] == stored[1]
+
+
+def _prepared(
+    retrier: Retrier, server: ServerCalls, wf_id: str, *, name: str = "s[0]",
+    previous: Previous | None = None, run_id: str | None = None,
+) -> StepStart:
+    new = NewRun(
+        id=run_id or f"run-{wf_id[:8]}-{name}", fn="shape", args={"i": 1}, due_ms=0,
+        initial_backoff_ms=250, base=2.0, max_failures=1, jitter=False,
+        max_backoff_ms=60_000, queue="steps", owner=wf_id,
+    )
+    entry = {"name": name, "position": 0, "fn": "shape", "started_ms": 0}
+    return server.prepare(wf_id, entry, new, "this-worker", 30_000, previous)
+
+
+@on_postgresql
+def test_a_start_refused_in_a_batch_undoes_only_its_own_writes(make_retrier: MakeRetrier) -> None:
+    """Five starts in one call: one plain, one of a canceled workflow (TS002), one whose
+    journal entry exists already (a conflict), one whose previous step's run does not
+    stand as it says (TS001), one that fails with an error of its own (a run id too
+    long for its column). Only the first is written; each answer raises what a start
+    alone would have, and the last is made again alone, where its error is its own."""
+    retrier, workflows = _build(make_retrier, batches=True)
+    server = workflows._journal.server_calls
+    assert server is not None
+    plain, canceled, journaled, stale, bad = (
+        workflows.start("steps", {"n": 1, "k": k}) for k in range(5)
+    )
+    workflows.cancel(canceled)
+    with retrier.engine.begin() as conn:
+        conn.execute(steps_t.insert(), [{
+            "workflow_id": journaled, "name": "s[0]", "position": 0, "kind": "step",
+            "state": "running", "fn": "shape", "run_id": "elsewhere", "attempts": 0,
+            "started_ms": 0,
+        }])
+    starts = [
+        _prepared(retrier, server, plain),
+        _prepared(retrier, server, canceled),
+        _prepared(retrier, server, journaled),
+        _prepared(retrier, server, stale, name="s[1]",
+                  previous=Previous("no-such-run", 1, "x", 0, "s[0]")),
+        _prepared(retrier, server, bad, run_id="x" * 41),
+    ]
+    answers = server.start_many(starts)
+    assert answers == "r2c1e"
+    claimed = server.answered(starts[0], answers[0])
+    assert claimed is not None and claimed.id == f"run-{plain[:8]}-s[0]"
+    with pytest.raises(NotRunning):
+        server.answered(starts[1], answers[1])
+    with pytest.raises(Conflict):
+        server.answered(starts[2], answers[2])
+    with pytest.raises(NotSimple):
+        server.answered(starts[3], answers[3])
+    with pytest.raises(TryAlone):
+        server.answered(starts[4], answers[4])
+    with pytest.raises(DataError):
+        server.start_one(starts[4])
+    with retrier.engine.connect() as conn:
+        new_runs = conn.execute(
+            select(runs.c.id, runs.c.state, runs.c.lease_owner).where(runs.c.fn == "shape")
+        ).all()
+        entries = conn.execute(
+            select(steps_t.c.workflow_id, steps_t.c.name, steps_t.c.run_id)
+        ).all()
+    assert new_runs == [(f"run-{plain[:8]}-s[0]", RUNNING, "this-worker")]
+    assert sorted(entries) == sorted([
+        (plain, "s[0]", f"run-{plain[:8]}-s[0]"), (journaled, "s[0]", "elsewhere"),
+    ])
+
+
+class _FakeServer:
+    """Answers starts at once ('r' each: the start's name), counting calls."""
+
+    def __init__(self) -> None:
+        self.calls: list[list[str]] = []
+        self.under_way = 0
+        self.most_under_way = 0
+        self.fail: Exception | None = None
+
+    def start_one(self, start: Any) -> Any:
+        if self.fail is not None:
+            raise self.fail
+        return f"alone:{start}"
+
+    def start_many(self, starts: list[Any]) -> str:
+        if self.fail is not None:
+            raise self.fail
+        return "r" * len(starts)
+
+    def answered(self, start: Any, answer: str) -> Any:
+        if start.startswith("bad"):
+            raise TryAlone  # an error of its own: made again alone
+        return f"{answer}:{start}"
+
+
+def _batches(fake: _FakeServer, gate: anyio.Event | None = None) -> StepBatches:
+    async def call(fn: Callable[..., Any], sent: Any) -> Any:
+        fake.calls.append(list(sent) if isinstance(sent, list) else [sent])
+        fake.under_way += 1
+        fake.most_under_way = max(fake.most_under_way, fake.under_way)
+        try:
+            if gate is not None:
+                await gate.wait()
+            await asyncio.sleep(0)
+            return fn(sent)
+        finally:
+            fake.under_way -= 1
+
+    return StepBatches(fake, call)  # type: ignore[arg-type]
+
+
+@pytest.mark.anyio
+async def test_starts_of_one_pass_go_as_one_call_and_a_lone_one_alone() -> None:
+    fake = _FakeServer()
+    batches = _batches(fake)
+    got = await asyncio.gather(*(batches.start(f"s{i}") for i in range(5)))  # type: ignore[arg-type]
+    assert got == [f"r:s{i}" for i in range(5)]
+    assert fake.calls == [[f"s{i}" for i in range(5)]]
+    assert await batches.start("lone") == "alone:lone"  # type: ignore[arg-type]
+    assert fake.calls[-1] == ["lone"]
+
+
+@pytest.mark.anyio
+async def test_starts_asked_for_during_a_call_wait_for_it_and_go_together() -> None:
+    """A call under way: the next starts wait for it (unless a full call's worth
+    waits), so they go as one call; never more than MOST_CALLS calls at once."""
+    fake = _FakeServer()
+    gate = anyio.Event()
+    batches = _batches(fake, gate)
+    first = asyncio.ensure_future(batches.start("first"))  # type: ignore[arg-type]
+    for _ in range(3):
+        await asyncio.sleep(0)
+    assert fake.under_way == 1
+    rest = [asyncio.ensure_future(batches.start(f"s{i}")) for i in range(7)]  # type: ignore[arg-type]
+    for _ in range(3):
+        await asyncio.sleep(0)
+    assert fake.calls == [["first"]]  # the seven wait for the call under way
+    gate.set()
+    assert await first == "alone:first"
+    assert await asyncio.gather(*rest) == [f"r:s{i}" for i in range(7)]
+    assert fake.calls[1] == [f"s{i}" for i in range(7)]
+
+    fake.calls.clear()
+    gate = anyio.Event()
+    batches = _batches(fake, gate)
+    many = [asyncio.ensure_future(batches.start(f"m{i}")) for i in range(MOST_PER_CALL * 6)]  # type: ignore[arg-type]
+    for _ in range(5):
+        await asyncio.sleep(0)
+    assert fake.most_under_way == MOST_CALLS
+    gate.set()
+    await asyncio.gather(*many)
+    assert all(len(c) <= MOST_PER_CALL for c in fake.calls)
+    assert sum(len(c) for c in fake.calls) == MOST_PER_CALL * 6
+
+
+@pytest.mark.anyio
+async def test_a_start_with_an_error_of_its_own_is_made_again_alone() -> None:
+    fake = _FakeServer()
+    batches = _batches(fake)
+    got = await asyncio.gather(*(batches.start(s) for s in ("s0", "bad", "s2")))  # type: ignore[arg-type]
+    assert got == ["r:s0", "alone:bad", "r:s2"]
+    assert fake.calls == [["s0", "bad", "s2"], ["bad"]]
+
+
+@pytest.mark.anyio
+async def test_a_failed_call_fails_each_of_its_starts() -> None:
+    fake = _FakeServer()
+    fake.fail = ConnectionError("the server went away")
+    batches = _batches(fake)
+    got = await asyncio.gather(
+        *(batches.start(f"s{i}") for i in range(3)), return_exceptions=True  # type: ignore[arg-type]
+    )
+    assert [type(g) for g in got] == [ConnectionError] * 3
+
+
+@pytest.mark.anyio
+async def test_a_start_cancelled_while_its_call_is_under_way_waits_for_its_answer() -> None:
+    fake = _FakeServer()
+    gate = anyio.Event()
+    batches = _batches(fake, gate)
+    answer: list[Any] = []
+
+    async def start() -> None:
+        answer.append(await batches.start("s"))  # type: ignore[arg-type]
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(start)
+        for _ in range(3):
+            await asyncio.sleep(0)
+        tg.cancel_scope.cancel()
+        gate.set()
+    assert answer == ["alone:s"]  # its write is never left half-known
