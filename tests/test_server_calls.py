@@ -57,7 +57,7 @@ def _build(
     workflows = WorkflowManager(pool)
     if not server:
         workflows._journal._server = None
-        workflows._driver._step_batches = None
+        workflows._driver._batches = None
 
     @retrier.action
     def shape(i: int) -> Any:

@@ -30,6 +30,7 @@ from retrier.engine import (
 )
 from retrier.engine import describe_error as describe
 
+from ._batched_calls import BatchedCalls
 from ._context import Interrupted, Suspend, WorkflowContext, step_failed_event
 from ._definitions import Definitions
 from ._errors import UnregisteredWorkflow
@@ -39,7 +40,6 @@ from ._limits import MAX_RESULT
 from ._listeners import Listeners, WorkflowEvent
 from ._models import COMPLETED, FAILED, RUNNING, WorkflowRow
 from ._server_calls import NotSimple, SimpleSettle
-from ._step_batches import StepBatches
 from ._stopping import expire
 
 log = logging.getLogger("tiers.workflow")
@@ -78,7 +78,7 @@ class Driver:
         # Runs a journal call (one transaction) from the driver's async code.
         self.store_call = retrier.store.dialect.call
         server = self.journal.server_calls
-        self._step_batches = None if server is None else StepBatches(server, self.store_call)
+        self._batches = None if server is None else BatchedCalls(server, self.store_call)
 
     # -- rows ------------------------------------------------------------------------
 
@@ -137,7 +137,7 @@ class Driver:
             self._policies[retry] = policy
         return policy
 
-    # -- a step's start ------------------------------------------------------------------
+    # -- a step's start, a workflow's end ---------------------------------------------
 
     async def start_step(
         self,
@@ -149,15 +149,15 @@ class Driver:
         simple: SimpleSettle | None,
     ) -> Claimed | None:
         """`Journal.start_step`, from async code: with the other drivers' starts of this
-        pass in one server-side call where the start is plain enough (`_step_batches`),
+        pass in one server-side call where the start is plain enough (`_batched_calls`),
         else alone."""
-        batches = self._step_batches
+        batches = self._batches
         if batches is not None and simple is not None and worker is not None:
             try:
                 start = batches.server.prepare(
                     workflow_id, entry, new, worker.id, worker.lease_ms, simple.previous
                 )
-                claimed = await batches.start(start)
+                claimed: Claimed | None = await batches.make(start)
             except NotSimple:
                 simple = None  # the general path stores the previous outcome, by `before`
             else:
@@ -171,6 +171,36 @@ class Driver:
             None if worker is None else worker.id,
             0 if worker is None else worker.lease_ms,
             before,
+            simple,
+        )
+
+    async def _finish(
+        self,
+        workflow_id: str,
+        state: str,
+        result: Any,
+        error: str | None,
+        before: Callable[[Connection], None] | None,
+        simple: SimpleSettle | None,
+    ) -> bool:
+        """`Journal.finish`, from async code: with the other drivers' writes of this
+        pass in one server-side call where the end is plain enough (`_batched_calls`),
+        else alone."""
+        batches = self._batches
+        if batches is not None and simple is not None:
+            try:
+                end = batches.server.prepare_end(
+                    workflow_id, state, result, error, simple.worker, simple.previous
+                )
+                ended: bool = await batches.make(end)
+            except NotSimple:
+                simple = None  # the general path stores the previous outcome, by `before`
+            else:
+                if ended:
+                    simple.stored()
+                return ended
+        return await self.store_call(
+            self.journal.finish, workflow_id, state, result, error, self.completion, before,
             simple,
         )
 
@@ -260,15 +290,8 @@ class Driver:
         # The last inline steps' outcomes are stored with the end, or not at all.
         taken = ctx.inline.take()
         try:
-            ended = await self.store_call(
-                self.journal.finish,
-                wf.id,
-                state,
-                result,
-                error,
-                self.completion,
-                ctx.inline.settler(taken),
-                ctx.inline.simple(taken),
+            ended = await self._finish(
+                wf.id, state, result, error, ctx.inline.settler(taken), ctx.inline.simple(taken)
             )
         except Unsettled:
             await ctx.inline.settle_alone(taken)

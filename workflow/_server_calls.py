@@ -12,9 +12,9 @@ for an end, a workflow without a deadline, an on_complete or a parent. Anything 
 writes nothing twice: the call that refused wrote nothing. A pool the step function
 sent back for its limits is not tried again in this process.
 
-Steps that many workflows start at the same moment go together (`start_many`, through
-`tiers_steps_v1` of workflow_0008, sent by `_step_batches`): one call and one commit,
-each start answered as if it had been made alone.
+Starts and ends that many workflows make at the same moment go together (`many`,
+through `tiers_batch_v1` of workflow_0008, sent by `_batched_calls`): one call and one
+commit, each answered as if it had been made alone.
 """
 
 from __future__ import annotations
@@ -51,10 +51,10 @@ _FINISH = (
     " %(prev_result)s::json, %(prev_started)s::bigint, %(prev_step)s::text,"
     " %(state)s::text, %(result)s::json, %(error)s::text)"
 )
-# At most this many starts per `tiers_steps_v1` call: each is a subtransaction, and a
+# At most this many items per `tiers_batch_v1` call: each is a subtransaction, and a
 # backend keeps 64 of them in shared memory (see migration workflow_0008).
 MOST_PER_CALL = 32
-_STEPS = "SELECT tiers_steps_v1(%(channel)s::text, %(items)s::json)"
+_BATCH = "SELECT tiers_batch_v1(%(channel)s::text, %(items)s::json)"
 _NOT_SIMPLE = "TS001"  # the previous outcome cannot simply complete
 _NOT_RUNNING = "TS002"
 _GENERAL = "TS003"  # limits of the pool, or ways of the workflow, left to the general path
@@ -65,8 +65,8 @@ class NotSimple(Exception):
 
 
 class TryAlone(Exception):
-    """A start failed in a batch with an error of its own (nothing of it was written):
-    made alone (`start_one`), it raises that error for its own workflow only."""
+    """An item failed in a batch with an error of its own (nothing of it was written):
+    made alone (`one`), it raises that error for its own workflow only."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,7 +123,7 @@ class ServerCalls:
         lease_ms: int,
         previous: Previous | None,
     ) -> StepStart:
-        """A step's start for `start_one` or `start_many`; `NotSimple` if the general
+        """A step's start for `start_one` or `many`; `NotSimple` if the general
         path must make it."""
         if not new.plain or new.key is not None or new.queue in self._general_pools:
             raise NotSimple
@@ -153,37 +153,6 @@ class ServerCalls:
             raise NotSimple from None
         return start.claimed() if took else None
 
-    def start_many(self, starts: list[StepStart]) -> str:
-        """Prepared starts (of any workflows, at most `MOST_PER_CALL`) in one call of
-        `tiers_steps_v1` that commits once: one answer each, for `answered`."""
-        items = json.dumps([s.params for s in starts])
-        dialect = self.store.dialect
-        with dialect.write_internal_one() as conn:
-            _, rows = on_cursor(
-                conn, _STEPS, [{"channel": self.channel, "items": items}],
-                self.store.engine.dialect, fetch=True,
-            )
-        answers = str(rows[0][0])
-        assert len(answers) == len(starts), answers
-        return answers
-
-    def answered(self, start: StepStart, answer: str) -> Claimed | None:
-        """What `start_one` would have returned or raised, from `start`'s answer in
-        `start_many`; `TryAlone` if only `start_one` can tell (an error of its own)."""
-        if answer == "r":
-            return start.claimed()
-        if answer == "p":
-            return None
-        if answer == "2":
-            raise NotRunning(start.params["wf"])
-        if answer == "c":
-            raise Conflict(f"step {start.params['name']!r} is journaled already")
-        if answer == "e":
-            raise TryAlone
-        if answer == "3":
-            self._general_pools.add(start.new.queue)
-        raise NotSimple  # "1" (the previous outcome), "3" (the pool's limits)
-
     def finish(
         self,
         workflow_id: str,
@@ -196,18 +165,76 @@ class ServerCalls:
         """`Journal.finish` in one call, for a workflow without a deadline, an
         on_complete or a parent: False if it had ended already (nothing written).
         `NotSimple` if the general path must do it."""
-        now = self.store.clock.now_ms()
-        params = self._common(workflow_id, now, worker, previous)
-        params |= {
-            "prev_result": _json_text(params),
-            "state": state,
-            "result": json.dumps(result),
-            "error": error,
+        return self.end_one(self.prepare_end(workflow_id, state, result, error, worker, previous))
+
+    def prepare_end(
+        self,
+        workflow_id: str,
+        state: str,
+        result: Any,
+        error: str | None,
+        worker: str,
+        previous: Previous | None,
+    ) -> WorkflowEnd:
+        """A workflow's end for `end_one` or `many`; `NotSimple` if the general path
+        must make it."""
+        params = self._common(workflow_id, self.store.clock.now_ms(), worker, previous)
+        params |= {"end": True, "state": state, "result": result, "error": error}
+        return WorkflowEnd(params)
+
+    def end_one(self, end: WorkflowEnd) -> bool:
+        """One prepared end, through `tiers_finish_v1`."""
+        params = end.params | {
+            "prev_result": _json_text(end.params),
+            "result": json.dumps(end.params["result"]),
         }
         try:
             return self._call(_FINISH, params, internal=False)
         except _General:
             raise NotSimple from None
+
+    # -- many at once ------------------------------------------------------------------
+
+    def one(self, item: StepStart | WorkflowEnd) -> Claimed | bool | None:
+        """`start_one` or `end_one`, as `item` is."""
+        if isinstance(item, StepStart):
+            return self.start_one(item)
+        return self.end_one(item)
+
+    def many(self, items: list[StepStart | WorkflowEnd]) -> str:
+        """Prepared starts and ends (of any workflows, at most `MOST_PER_CALL`) in one
+        call of `tiers_batch_v1` that commits once: one answer each, for `answered`.
+        With an end among them it commits as an end does (the user's durability)."""
+        text = json.dumps([item.params for item in items])
+        dialect = self.store.dialect
+        ends = any(isinstance(item, WorkflowEnd) for item in items)
+        with dialect.write_one() if ends else dialect.write_internal_one() as conn:
+            _, rows = on_cursor(
+                conn, _BATCH, [{"channel": self.channel, "items": text}],
+                self.store.engine.dialect, fetch=True,
+            )
+        answers = str(rows[0][0])
+        assert len(answers) == len(items), answers
+        return answers
+
+    def answered(self, item: StepStart | WorkflowEnd, answer: str) -> Claimed | bool | None:
+        """What `one(item)` would have returned or raised, from its answer in `many`;
+        `TryAlone` if only `one` can tell (an error of its own)."""
+        if answer == "r" and isinstance(item, StepStart):
+            return item.claimed()
+        if answer == "p":
+            return None
+        if answer in ("t", "f"):
+            return answer == "t"
+        if answer == "2":
+            raise NotRunning(item.params["wf"])
+        if answer == "c":
+            raise Conflict(f"step {item.params.get('name')!r} is journaled already")
+        if answer == "e":
+            raise TryAlone
+        if answer == "3" and isinstance(item, StepStart):
+            self._general_pools.add(item.new.queue)
+        raise NotSimple  # "1" (the previous outcome), "3" (the pool's or workflow's ways)
 
     def _common(
         self, workflow_id: str, now: int, worker: str, previous: Previous | None
@@ -273,6 +300,14 @@ class StepStart:
         p = self.params
         self.row.update(running_values(p["worker"], p["lease_ms"], p["now"]))
         return claimed_inline(self.new, self.row)
+
+
+@dataclass(frozen=True, slots=True)
+class WorkflowEnd:
+    """A workflow's end, prepared (`ServerCalls.prepare_end`): the parameters of
+    `tiers_finish_v1`, its result and the previous result as values."""
+
+    params: dict[str, Any]
 
 
 def _json_text(params: dict[str, Any]) -> str | None:
