@@ -159,7 +159,7 @@ class Driver:
                 )
                 claimed: Claimed | None = await batches.make(start)
             except NotSimple:
-                simple = None  # the general path stores the previous outcome, by `before`
+                pass  # the general path stores the previous outcome, by `before`
             else:
                 simple.stored()
                 return claimed
@@ -171,7 +171,6 @@ class Driver:
             None if worker is None else worker.id,
             0 if worker is None else worker.lease_ms,
             before,
-            simple,
         )
 
     async def _finish(
@@ -194,14 +193,13 @@ class Driver:
                 )
                 ended: bool = await batches.make(end)
             except NotSimple:
-                simple = None  # the general path stores the previous outcome, by `before`
+                pass  # the general path stores the previous outcome, by `before`
             else:
                 if ended:
                     simple.stored()
                 return ended
         return await self.store_call(
-            self.journal.finish, workflow_id, state, result, error, self.completion, before,
-            simple,
+            self.journal.finish, workflow_id, state, result, error, self.completion, before
         )
 
     # -- the driver action -----------------------------------------------------------

@@ -52,7 +52,7 @@ from ._models import (
     workflows_t,
 )
 from ._progress import Progress
-from ._server_calls import NotSimple, ServerCalls, SimpleSettle
+from ._server_calls import ServerCalls
 from ._start_alone import StartAlone
 
 DRIVER_QUEUE = "tiers.workflow"
@@ -352,23 +352,12 @@ class Journal(JournalReads):
         worker: str | None,
         lease_ms: int,
         before: Callable[[Connection], None] | None = None,
-        simple: SimpleSettle | None = None,
     ) -> Claimed | None:
         """Journal a new step and store its run: claimed by `worker` if its pool has
         room now (the caller runs it inline), else pending in the pool. `before`
         writes first in the same transaction (the outcomes of earlier inline steps).
-        `simple`: what `before` stores, where it is plain enough for the server-side
-        start (`_server_calls`), which is tried first where there is one."""
-        if simple is not None and worker is not None and self._server is not None:
-            try:
-                claimed = self._server.start(
-                    workflow_id, entry, new, worker, lease_ms, simple.previous
-                )
-            except NotSimple:
-                pass
-            else:
-                simple.stored()
-                return claimed
+        (On PostgreSQL the driver makes a plain start server-side first:
+        `Driver.start_step`.)"""
         # Internal: lost in a database crash, the step simply runs again.
         with self.write(internal=True) as conn:
             self.lock_running(conn, workflow_id)
@@ -508,22 +497,11 @@ class Journal(JournalReads):
         error: str | None,
         completion: Callable[[Any], NewRun | None],
         before: Callable[[Connection], None] | None = None,
-        simple: SimpleSettle | None = None,
     ) -> bool:
         """Record a workflow's end: its row, its on_complete run, and its parent's
         journal entry. False if it had already ended (canceled, or another driver).
-        `before` writes first in the same transaction; `simple` as in `start_step`."""
-        if simple is not None and self._server is not None:
-            try:
-                ended = self._server.finish(
-                    workflow_id, state, result, error, simple.worker, simple.previous
-                )
-            except NotSimple:
-                pass
-            else:
-                if ended:
-                    simple.stored()
-                return ended
+        `before` writes first in the same transaction. (On PostgreSQL the driver makes
+        a plain end server-side first: `Driver._finish`.)"""
         with self.dialect.write() as conn:
             row = self._lock(conn, workflow_id)
             if row is None or row.state != RUNNING:

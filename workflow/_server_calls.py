@@ -100,20 +100,6 @@ class ServerCalls:
         self.channel = channel
         self._general_pools: set[str] = set()
 
-    def start(
-        self,
-        workflow_id: str,
-        entry: dict[str, Any],
-        new: NewRun,
-        worker: str,
-        lease_ms: int,
-        previous: Previous | None,
-    ) -> Claimed | None:
-        """`Journal.start_step` in one call: the new run, held by `worker` if the pool
-        had room (the caller runs it inline), else None (pending in the pool).
-        `NotSimple` if the general path must do it; `NotRunning`, `Conflict` as there."""
-        return self.start_one(self.prepare(workflow_id, entry, new, worker, lease_ms, previous))
-
     def prepare(
         self,
         workflow_id: str,
@@ -123,8 +109,10 @@ class ServerCalls:
         lease_ms: int,
         previous: Previous | None,
     ) -> StepStart:
-        """A step's start for `start_one` or `many`; `NotSimple` if the general
-        path must make it."""
+        """A step's start (`Journal.start_step`'s plain case), for `start_one` or
+        `many`: its new run, held by `worker` if the pool has room (the caller runs it
+        inline), else pending in the pool. `NotSimple` if the general path must make
+        it; `NotRunning` and `Conflict` as there, once made."""
         if not new.plain or new.key is not None or new.queue in self._general_pools:
             raise NotSimple
         now = self.store.clock.now_ms()
@@ -153,20 +141,6 @@ class ServerCalls:
             raise NotSimple from None
         return start.claimed() if took else None
 
-    def finish(
-        self,
-        workflow_id: str,
-        state: str,
-        result: Any,
-        error: str | None,
-        worker: str,
-        previous: Previous | None,
-    ) -> bool:
-        """`Journal.finish` in one call, for a workflow without a deadline, an
-        on_complete or a parent: False if it had ended already (nothing written).
-        `NotSimple` if the general path must do it."""
-        return self.end_one(self.prepare_end(workflow_id, state, result, error, worker, previous))
-
     def prepare_end(
         self,
         workflow_id: str,
@@ -176,8 +150,9 @@ class ServerCalls:
         worker: str,
         previous: Previous | None,
     ) -> WorkflowEnd:
-        """A workflow's end for `end_one` or `many`; `NotSimple` if the general path
-        must make it."""
+        """A workflow's end (`Journal.finish`'s plain case: no deadline, on_complete or
+        parent), for `end_one` or `many`: True once written, False if it had ended
+        already (nothing written). `NotSimple` if the general path must make it."""
         params = self._common(workflow_id, self.store.clock.now_ms(), worker, previous)
         params |= {"end": True, "state": state, "result": result, "error": error}
         return WorkflowEnd(params)
