@@ -8,6 +8,9 @@ import threading
 from typing import IO, Any
 
 from retrier import Retrier, testing
+from retrier.testing import FakeClock
+from workflow import WorkflowContext, WorkflowManager
+from workpool import Workpool
 
 
 def drain(retrier: Retrier) -> None:
@@ -45,3 +48,28 @@ def stop_processes(procs: list[subprocess.Popen[Any]], logs: list[IO[Any]]) -> N
             proc.kill()
     for log in logs:
         log.close()
+
+
+def shapes_app(
+    make_retrier: Any, *, server: bool, concurrency: int | None = None, **pool_options: Any
+) -> tuple[Retrier, WorkflowManager]:
+    """A retrier on a fake clock with the workflow `steps(n, k=0)`: n steps of
+    `shape(i)` (None, text, nested JSON, a number, by i) in the pool "steps" (a cap of
+    4 unless told). `server=False`: PostgreSQL's workflows take the Python path, with
+    no server-side calls, for comparison."""
+    options: dict[str, Any] = {} if concurrency is None else {"concurrency": concurrency}
+    retrier = make_retrier(clock=FakeClock(), **options)
+    pool = Workpool(retrier, "steps", **{"max_parallelism": 4, **pool_options})
+    workflows = WorkflowManager(pool)
+    if not server:
+        workflows._driver._batches = None
+
+    @retrier.action
+    def shape(i: int) -> Any:
+        return [None, "text", {"i": i, "nested": [1.5, True, None]}, i][i % 4]
+
+    @workflows.define
+    async def steps(ctx: WorkflowContext, n: int, k: int = 0) -> list[Any]:
+        return [await ctx.step("s", shape, {"i": i + k}) for i in range(n)]
+
+    return retrier, workflows

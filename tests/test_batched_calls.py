@@ -18,9 +18,8 @@ from sqlalchemy.exc import DataError
 from retrier import Completed, Retrier, Success
 from retrier._tables import runs
 from retrier.engine import RUNNING, NewRun
-from retrier.testing import FakeClock
-from tests.support import drain
-from workflow import WorkflowContext, WorkflowManager
+from tests.support import drain, shapes_app
+from workflow import WorkflowManager
 from workflow._batched_calls import MOST_CALLS, BatchedCalls
 from workflow._journal_signals import Conflict, NotRunning
 from workflow._models import steps_t, workflows_t
@@ -32,7 +31,6 @@ from workflow._server_calls import (
     StepStart,
     TryAlone,
 )
-from workpool import Workpool
 
 MakeRetrier = Callable[..., Retrier]
 on_postgresql = pytest.mark.parametrize("db_url", ["postgresql"], indirect=True)
@@ -53,21 +51,7 @@ def batch_sizes(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[list[str]]]:
 
 
 def _build(make_retrier: MakeRetrier, *, batches: bool) -> tuple[Retrier, WorkflowManager]:
-    retrier = make_retrier(clock=FakeClock(), concurrency=40)
-    workflows = WorkflowManager(Workpool(retrier, "steps", max_parallelism=100))
-    if not batches:  # the general path, in Python
-        workflows._journal._server = None
-        workflows._driver._batches = None
-
-    @retrier.action
-    def shape(i: int) -> Any:
-        return [None, "text", {"i": i, "nested": [1.5, True, None]}, i][i % 4]
-
-    @workflows.define
-    async def steps(ctx: WorkflowContext, n: int, k: int) -> list[Any]:
-        return [await ctx.step("s", shape, {"i": i + k}) for i in range(n)]
-
-    return retrier, workflows
+    return shapes_app(make_retrier, server=batches, concurrency=40, max_parallelism=100)
 
 
 def _journal_and_runs(retrier: Retrier, wf_ids: list[str]) -> list[Any]:

@@ -16,14 +16,12 @@ from sqlalchemy import select, text, update
 from retrier import Completed, Retrier, Success
 from retrier._tables import new_row, runs
 from retrier.engine import RUNNING, NewRun, running_values
-from retrier.testing import FakeClock
-from tests.support import drain
+from tests.support import drain, shapes_app
 from workflow import WorkflowContext, WorkflowManager
 from workflow._models import steps_t, workflows_t
 from workflow._server_calls import ServerCalls
 from workflow.migrations.versions import workflow_0005_step_function as step_v1
 from workflow.migrations.versions import workflow_0007_step_handoff as step_v2
-from workpool import Workpool
 
 MakeRetrier = Callable[..., Retrier]
 on_postgresql = pytest.mark.parametrize("db_url", ["postgresql"], indirect=True)
@@ -52,22 +50,7 @@ def calls(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[str]]:
 def _build(
     make_retrier: MakeRetrier, *, server: bool, **pool_options: Any
 ) -> tuple[Retrier, WorkflowManager]:
-    retrier = make_retrier(clock=FakeClock())
-    pool = Workpool(retrier, "steps", **{"max_parallelism": 4, **pool_options})
-    workflows = WorkflowManager(pool)
-    if not server:
-        workflows._journal._server = None
-        workflows._driver._batches = None
-
-    @retrier.action
-    def shape(i: int) -> Any:
-        return [None, "text", {"i": i, "nested": [1.5, True, None]}, i][i % 4]
-
-    @workflows.define
-    async def steps(ctx: WorkflowContext, n: int) -> list[Any]:
-        return [await ctx.step("s", shape, {"i": i}) for i in range(n)]
-
-    return retrier, workflows
+    return shapes_app(make_retrier, server=server, **pool_options)
 
 
 _VOLATILE_RUN = {"id", "owner", "created_ms", "started_ms", "finished_ms", "due_ms", "trace"}
