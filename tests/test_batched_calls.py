@@ -132,8 +132,8 @@ def test_an_item_refused_in_a_batch_undoes_only_its_own_writes(
     start and end are written; each answer gives or raises what the item alone would
     have, and the erring one is made again alone, where its error is its own."""
     retrier, workflows = _build(make_retrier, batches=True)
-    server = workflows._journal.server_calls
-    assert server is not None
+    assert workflows._driver._batches is not None
+    server = workflows._driver._batches.server
     plain, canceled, journaled, stale, bad, ending, ended, called_back = (
         workflows.start("steps", {"n": 1, "k": k}) for k in range(8)
     )

@@ -34,12 +34,12 @@ from ._batched_calls import BatchedCalls
 from ._context import Interrupted, Suspend, WorkflowContext, step_failed_event
 from ._definitions import Definitions
 from ._errors import UnregisteredWorkflow
-from ._journal import DRIVER_QUEUE, Journal, deadline_name, driver_name
+from ._journal import DRIVER_QUEUE, TOPIC, Journal, deadline_name, driver_name
 from ._journal_signals import Unsettled
 from ._limits import MAX_RESULT
 from ._listeners import Listeners, WorkflowEvent
 from ._models import COMPLETED, FAILED, RUNNING, WorkflowRow
-from ._server_calls import NotSimple, SimpleSettle
+from ._server_calls import NotSimple, ServerCalls, SimpleSettle
 from ._stopping import expire
 
 log = logging.getLogger("tiers.workflow")
@@ -77,8 +77,15 @@ class Driver:
         self.journal = Journal(retrier.store)
         # Runs a journal call (one transaction) from the driver's async code.
         self.store_call = retrier.store.dialect.call
-        server = self.journal.server_calls
-        self._batches = None if server is None else BatchedCalls(server, self.store_call)
+        # PostgreSQL makes plain steps' starts and workflows' ends server-side, many in
+        # one call (`_server_calls`, `_batched_calls`); the workflows' watchers hear of
+        # them on the journal's channel.
+        channel = retrier.store.dialect.topic_channel(TOPIC)
+        self._batches = (
+            BatchedCalls(ServerCalls(retrier.store, channel), self.store_call)
+            if retrier.store.dialect.name == "postgresql" and channel is not None
+            else None
+        )
 
     # -- rows ------------------------------------------------------------------------
 

@@ -52,7 +52,6 @@ from ._models import (
     workflows_t,
 )
 from ._progress import Progress
-from ._server_calls import ServerCalls
 from ._start_alone import StartAlone
 
 DRIVER_QUEUE = "tiers.workflow"
@@ -213,18 +212,6 @@ class Journal(JournalReads):
         self._start_alone = StartAlone(store) if self.dialect.writes_in_cte else None
         self.events = Events(self)
         self.progress = Progress(self)
-        # PostgreSQL starts plain steps in one server-side call (migration workflow_0005).
-        channel = self.dialect.topic_channel(TOPIC)
-        self._server = (
-            ServerCalls(store, channel)
-            if self.dialect.name == "postgresql" and channel is not None
-            else None
-        )
-
-    @property
-    def server_calls(self) -> ServerCalls | None:
-        """The server-side calls that start steps and end workflows, where there are."""
-        return self._server
 
     # -- watching ------------------------------------------------------------------
 
